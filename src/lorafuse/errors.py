@@ -1,0 +1,17 @@
+"""One exception family. User errors are printed by the CLI as one line, without a traceback."""
+
+
+class LorafuseError(Exception):
+    """Base of every error lorafuse raises on purpose."""
+
+
+class UserInputError(LorafuseError):
+    """Bad input from the user: a path, a name, an option. The message names the thing and the problem."""
+
+
+class LoraFormatError(UserInputError):
+    """A LoRA file that cannot be read or does not fit the base model."""
+
+
+class ConfigError(UserInputError):
+    """A config file with unknown keys or wrong types."""

@@ -1,0 +1,83 @@
+"""Train the oracle encoders on a pool of renders with known factors.
+
+Augmentations mimic what generated images do to renders (blur from the VAE, noise, small shifts), so the
+oracle judges samples of the base model as it judges clean renders.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from lorafuse.utils.atomic import atomic_path
+from lorafuse.world.catalog import CLASS_NAMES, all_individuals
+from lorafuse.world.oracle import OracleModel, to_tensor
+from lorafuse.world.pool import Pool
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    if sigma < 0.2:
+        return x
+    radius = max(1, int(math.ceil(2.5 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = (k / k.sum()).view(1, 1, 1, -1).repeat(3, 1, 1, 1)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k, groups=3)
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.transpose(2, 3), groups=3)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Blur (as a VAE decode does), noise, and up to 3-pixel shifts."""
+    sigma = float(torch.rand((), generator=gen)) * 1.3
+    x = _gaussian_blur(x, sigma)
+    x = x + torch.randn(x.shape, generator=gen) * float(torch.rand((), generator=gen)) * 0.08
+    dx, dy = (int(v) for v in torch.randint(-3, 4, (2,), generator=gen))
+    return torch.roll(x, shifts=(dy, dx), dims=(2, 3)).clamp(-1, 1)
+
+
+def train_oracle(pool: Pool, out: str | Path, steps: int = 1400, batch: int = 96, lr: float = 2e-3,
+                 seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = OracleModel()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    class_of = torch.tensor([CLASS_NAMES.index(x.cls) for x in all_individuals()])
+    ind = torch.from_numpy(pool.individual).long()
+    sty = torch.from_numpy(pool.style).long()
+    bar = tqdm(range(steps), desc="oracle", mininterval=5)
+    log = {}
+    for step in bar:
+        idx = torch.randint(0, len(pool), (batch,), generator=gen)
+        x = augment(to_tensor(pool.images[idx.numpy()]), gen)
+        c, s = model.content(x), model.style(x)
+        loss_ind = F.cross_entropy(model.individual_head(c), ind[idx])
+        loss_cls = F.cross_entropy(model.class_head(c), class_of[ind[idx]])
+        loss_sty = F.cross_entropy(model.style_head(s), sty[idx])
+        loss = loss_ind + 0.5 * loss_cls + loss_sty
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            log = {"ind": round(loss_ind.item(), 3), "cls": round(loss_cls.item(), 3), "sty": round(loss_sty.item(), 3)}
+            bar.set_postfix(log)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(out) as tmp:
+        save_file(state, str(tmp), metadata={"steps": str(steps), "seed": str(seed)})
+    return log
+
+
+if __name__ == "__main__":  # background job helper: python -m lorafuse.world.oracle_train POOL OUT STEPS
+    import sys
+
+    from lorafuse.world.pool import load_pool
+
+    torch.set_num_threads(int(np.clip(torch.get_num_threads(), 1, 2)))
+    print(train_oracle(load_pool(sys.argv[1]), sys.argv[2], steps=int(sys.argv[3])))

@@ -1,0 +1,236 @@
+"""`lorafuse world pretrain`: train the built-in base model on the world, in resumable stages.
+
+1. VAE on rendered images (reconstruction + a small KL term), then its latent scale is measured.
+2. Latents of the whole training pool are cached once (the UNet never sees pixels again).
+3. UNet + text encoder on cached latents with captions, min-SNR-5 weighting, 10 % empty captions (for CFG),
+   EMA weights. Checkpoints every `ckpt_every` steps (safetensors + a weights-only torch state), so a killed
+   run continues where it stopped. Every `eval_every` steps, samples are judged by the oracle (a CSV curve).
+4. Export: a standard diffusers pipeline folder (EMA UNet) that plain `StableDiffusionPipeline` loads.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from lorafuse.utils.atomic import atomic_path
+from lorafuse.world.base_model import fresh_components, scheduler_config, world_tokenizer
+from lorafuse.world.catalog import SEEN_STYLES, all_individuals, caption
+from lorafuse.world.oracle import to_tensor
+from lorafuse.world.pool import Pool
+
+
+@dataclass
+class PretrainConfig:
+    work_dir: str
+    vae_steps: int = 1500
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    unet_steps: int = 20000
+    unet_batch: int = 64
+    unet_lr: float = 6e-4
+    warmup: int = 300
+    cond_dropout: float = 0.1
+    ema_decay: float = 0.999
+    min_snr_gamma: float = 5.0
+    ckpt_every: int = 500
+    eval_every: int = 2000
+    seed: int = 0
+
+
+def _save_safetensors(module: torch.nn.Module, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp))
+
+
+# ------------------------------------------------------------------------------------------ 1. VAE
+def train_vae(cfg: PretrainConfig, pool: Pool) -> AutoencoderKL:
+    work = Path(cfg.work_dir)
+    done = work / "vae_final.safetensors"
+    tok = world_tokenizer(work / "tokenizer")
+    vae = fresh_components(tok)["vae"]
+    if done.exists():
+        vae.load_state_dict(load_file(str(done)))
+        return vae
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.05)
+    bar = tqdm(range(cfg.vae_steps), desc="vae", mininterval=10)
+    for _ in bar:
+        idx = torch.randint(0, len(pool), (cfg.vae_batch,), generator=gen).numpy()
+        x = to_tensor(pool.images[idx])
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=gen)).sample
+        # L1 keeps edges sharp; the tiny KL only keeps the latent scale sane
+        loss = F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    _save_safetensors(vae, done)
+    return vae
+
+
+# ------------------------------------------------------------------------------------------ 2. latents
+@torch.no_grad()
+def cache_latents(cfg: PretrainConfig, vae: AutoencoderKL, pool: Pool) -> tuple[torch.Tensor, float]:
+    path = Path(cfg.work_dir) / "latents.safetensors"
+    if path.exists():
+        z = load_file(str(path))
+        return z["mean"], float(z["scale"])
+    vae.eval()
+    means = []
+    for i in tqdm(range(0, len(pool), 256), desc="latents", mininterval=10):
+        means.append(vae.encode(to_tensor(pool.images[i : i + 256])).latent_dist.mean)
+    mean = torch.cat(means)
+    scale = 1.0 / mean.std().item()  # SD's `scaling_factor`: unit-variance latents for the UNet
+    with atomic_path(path) as tmp:
+        save_file({"mean": mean.half().contiguous(), "scale": torch.tensor(scale)}, str(tmp))
+    return mean.half(), scale
+
+
+# ------------------------------------------------------------------------------------------ 3. UNet + text encoder
+def _captions(pool: Pool) -> list[str]:
+    everyone = all_individuals()
+    from lorafuse.world.catalog import STYLE_NAMES
+
+    return [caption(everyone[i], STYLE_NAMES[s], int(t)) for i, s, t in
+            zip(pool.individual, pool.style, pool.caption_template, strict=True)]
+
+
+def _min_snr_weight(sched: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    alpha_bar = sched.alphas_cumprod[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def train_unet(cfg: PretrainConfig, pool: Pool, latents: torch.Tensor, scale: float, oracle=None, vae=None) -> dict:
+    work = Path(cfg.work_dir)
+    tok = CLIPTokenizer.from_pretrained(work / "tokenizer")
+    comps = fresh_components(tok)
+    unet: UNet2DConditionModel = comps["unet"]
+    te: CLIPTextModel = comps["text_encoder"]
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    lr_at = lambda s: min(1.0, (s + 1) / cfg.warmup) * (0.5 * (1 + np.cos(np.pi * min(s / cfg.unet_steps, 1.0))) * 0.9 + 0.1)  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=0.75)
+    ema_te = EMAModel(te.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=0.75)
+    step = 0
+    ckpt = work / "unet_ckpt"
+    if (ckpt / "state.pt").exists():  # resume
+        unet.load_state_dict(load_file(str(ckpt / "unet.safetensors")))
+        te.load_state_dict(load_file(str(ckpt / "text_encoder.safetensors")))
+        state = torch.load(ckpt / "state.pt", weights_only=True)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        ema.load_state_dict(state["ema"])
+        ema_te.load_state_dict(state["ema_te"])
+        step = int(state["step"])
+        print(f"resumed at step {step}")
+    noise_sched = DDPMScheduler(**scheduler_config())
+    captions = _captions(pool)
+    ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    empty = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + step)  # a resumed run draws a fresh stream
+    log_path = work / "train_log.csv"
+    bar = tqdm(range(step, cfg.unet_steps), initial=step, total=cfg.unet_steps, desc="unet", mininterval=10)
+    t0 = time.time()
+    for step in bar:
+        idx = torch.randint(0, len(pool), (cfg.unet_batch,), generator=gen)
+        z0 = latents[idx].float() * scale
+        text_ids = ids[idx].clone()
+        drop = torch.rand(len(idx), generator=gen) < cfg.cond_dropout
+        text_ids[drop] = empty
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, 1000, (len(idx),), generator=gen)
+        zt = noise_sched.add_noise(z0, noise, t)
+        cond = te(text_ids).last_hidden_state
+        pred = unet(zt, t, cond).sample
+        w = _min_snr_weight(noise_sched, t, cfg.min_snr_gamma)
+        loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * w).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema.step(unet.parameters())
+        ema_te.step(te.parameters())
+        done = step + 1
+        if done % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+        if done % cfg.ckpt_every == 0 or done == cfg.unet_steps:
+            ckpt.mkdir(parents=True, exist_ok=True)
+            _save_safetensors(unet, ckpt / "unet.safetensors")
+            _save_safetensors(te, ckpt / "text_encoder.safetensors")
+            with atomic_path(ckpt / "state.pt") as tmp:
+                torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "ema": ema.state_dict(),
+                            "ema_te": ema_te.state_dict(), "step": done}, tmp)
+        if oracle is not None and (done % cfg.eval_every == 0 or done == cfg.unet_steps):
+            pipe = export(cfg, unet, te, ema, ema_te, vae, tok, scale, work / "eval_pipeline")
+            acc = evaluate(pipe, oracle, n=96, steps=25, seed=done)
+            row = {"step": done, "minutes": round((time.time() - t0) / 60, 1), "loss": round(loss.item(), 4), **acc}
+            new = not log_path.exists()
+            with open(log_path, "a", newline="") as f:
+                wr = csv.DictWriter(f, fieldnames=list(row))
+                if new:
+                    wr.writeheader()
+                wr.writerow(row)
+            print(json.dumps(row), flush=True)
+    return {"steps": cfg.unet_steps}
+
+
+def export(cfg: PretrainConfig, unet, te, ema: EMAModel, ema_te: EMAModel, vae: AutoencoderKL,
+           tok: CLIPTokenizer, scale: float, out: Path) -> StableDiffusionPipeline:
+    """Write a diffusers pipeline folder with the EMA weights (training weights are left untouched)."""
+    import copy
+
+    unet_e, te_e = copy.deepcopy(unet), copy.deepcopy(te)
+    ema.copy_to(unet_e.parameters())
+    ema_te.copy_to(te_e.parameters())
+    vae.register_to_config(scaling_factor=scale)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te_e, tokenizer=tok, unet=unet_e,
+                                   scheduler=DDIMScheduler(**scheduler_config()), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    (out / "lorafuse_pretrain.json").write_text(json.dumps(asdict(cfg), indent=1))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def evaluate(pipe: StableDiffusionPipeline, oracle, n: int = 96, steps: int = 25, seed: int = 0,
+             guidance: float = 4.0) -> dict:
+    """Oracle accuracy of samples for seen class x style prompts (class and style named in the prompt)."""
+    from lorafuse.world.catalog import CLASS_NAMES
+
+    rng = np.random.default_rng(seed)
+    classes = [CLASS_NAMES[k % len(CLASS_NAMES)] for k in range(n)]
+    styles = [SEEN_STYLES[int(rng.integers(len(SEEN_STYLES)))] for _ in range(n)]
+    from lorafuse.world.catalog import style_phrase
+
+    prompts = [f"a photo of a {c}, in {style_phrase(s)} style" for c, s in zip(classes, styles, strict=True)]
+    images = []
+    for i in range(0, n, 32):
+        out = pipe(prompts[i : i + 32], num_inference_steps=steps, guidance_scale=guidance, height=64, width=64,
+                   generator=torch.Generator().manual_seed(seed + i), output_type="np")
+        images.append((out.images * 255).round().astype(np.uint8))
+    images = np.concatenate(images)
+    verdict = oracle.judge(images)
+    cls_acc = float(np.mean([a == b for a, b in zip(verdict.cls, classes, strict=True)]))
+    sty_acc = float(np.mean([a == b for a, b in zip(verdict.style_name, styles, strict=True)]))
+    return {"class_acc": round(cls_acc, 3), "style_acc": round(sty_acc, 3), "n": n}

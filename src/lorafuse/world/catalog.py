@@ -8,7 +8,7 @@ Held-out individuals and styles are never shown to the base model: they are what
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -59,7 +59,7 @@ class Individual:
         return self.index >= SEEN_INDIVIDUALS
 
 
-@lru_cache(maxsize=None)
+@cache
 def individual(cls: str, index: int) -> Individual:
     if cls not in CLASSES:
         raise UserInputError(f"unknown class {cls!r}; the world has: {', '.join(CLASS_NAMES)}")

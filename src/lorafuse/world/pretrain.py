@@ -19,7 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -35,18 +41,18 @@ from lorafuse.world.pool import Pool
 @dataclass
 class PretrainConfig:
     work_dir: str
-    vae_steps: int = 1500
-    vae_batch: int = 32
+    vae_steps: int = 1200
+    vae_batch: int = 16
     vae_lr: float = 1e-3
-    unet_steps: int = 20000
-    unet_batch: int = 64
-    unet_lr: float = 6e-4
+    unet_steps: int = 10000
+    unet_batch: int = 32
+    unet_lr: float = 1e-3
     warmup: int = 300
     cond_dropout: float = 0.1
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
-    ckpt_every: int = 500
-    eval_every: int = 2000
+    ckpt_every: int = 250
+    eval_every: int = 1000
     seed: int = 0
 
 

@@ -1,0 +1,124 @@
+"""`lorafuse world ...`: render, list, write datasets, train the oracle and pretrain the base model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lorafuse.errors import UserInputError
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from lorafuse.world.catalog import HELD_OUT_STYLES, SEEN_STYLES, all_individuals
+
+    print("seen styles:     ", ", ".join(SEEN_STYLES))
+    print("held-out styles: ", ", ".join(HELD_OUT_STYLES))
+    print("held-out individuals:", ", ".join(x.name for x in all_individuals(held_out=True)))
+    return 0
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from lorafuse.eval.picture import labelled_grid, save_image
+    from lorafuse.world.catalog import check_style, parse_individual
+    from lorafuse.world.render import render
+
+    ind = parse_individual(args.individual)
+    styles = [check_style(s) for s in args.styles]
+    tiles = [[render(ind, s, np.random.default_rng([args.seed, k])) for s in styles] for k in range(args.n)]
+    path = save_image(labelled_grid(tiles, [f"seed {args.seed}.{k}" for k in range(args.n)], styles), args.out)
+    print(path)
+    return 0
+
+
+def _cmd_dataset(args: argparse.Namespace) -> int:
+    from lorafuse.world.dataset import write_style_dataset, write_subject_dataset
+
+    if bool(args.subject) == bool(args.style):
+        raise UserInputError("give exactly one of --subject NAME or --style NAME")
+    if args.subject:
+        folder = write_subject_dataset(args.subject, args.out, n=args.n or 5, repeats=args.repeats or 10,
+                                       trigger=args.trigger, seed=args.seed)
+    else:
+        folder = write_style_dataset(args.style, args.out, n=args.n or 1, repeats=args.repeats or 20,
+                                     trigger=args.trigger, seed=args.seed)
+    print(folder)
+    return 0
+
+
+def _cmd_train_oracle(args: argparse.Namespace) -> int:
+    from lorafuse.world.catalog import STYLE_NAMES, all_individuals
+    from lorafuse.world.oracle_train import train_oracle
+    from lorafuse.world.pool import cached_pool
+
+    pool = cached_pool(Path(args.work) / "oracle_pool.npz", args.pool, all_individuals(), list(STYLE_NAMES), seed=1)
+    print(train_oracle(pool, args.out, steps=args.steps))
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from lorafuse.world.catalog import SEEN_STYLES, all_individuals
+    from lorafuse.world.oracle import Oracle
+    from lorafuse.world.pool import cached_pool
+    from lorafuse.world.pretrain import PretrainConfig, cache_latents, train_unet, train_vae
+
+    work = Path(args.work)
+    cfg = PretrainConfig(work_dir=str(work), vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+                         unet_batch=args.batch, seed=args.seed)
+    pool = cached_pool(work / "base_pool.npz", args.pool, all_individuals(held_out=False), list(SEEN_STYLES), seed=2)
+    vae = train_vae(cfg, pool)
+    latents, scale = cache_latents(cfg, vae, pool)
+    oracle = Oracle.load(args.oracle) if args.oracle or _has_default_oracle() else None
+    train_unet(cfg, pool, latents, scale, oracle=oracle, vae=vae)
+    print(f"pipeline folder (EMA weights of the last evaluation): {work / 'eval_pipeline'}")
+    return 0
+
+
+def _has_default_oracle() -> bool:
+    from lorafuse.world.oracle import default_oracle_path
+
+    return default_oracle_path().exists()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("world", help="the built-in world: render, datasets, oracle, base-model pretraining")
+    ws = p.add_subparsers(dest="world_command", metavar="WORLD_COMMAND")
+
+    q = ws.add_parser("list", help="list classes, styles and held-out individuals")
+    q.set_defaults(func=_cmd_list)
+
+    q = ws.add_parser("render", help="render an individual in some styles to a PNG grid")
+    q.add_argument("individual", help="CLASS_NN, e.g. teapot_08")
+    q.add_argument("--styles", nargs="+", default=["flat", "hatched", "watercolor", "neon"])
+    q.add_argument("--n", type=int, default=2, help="poses (rows)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", default="out/render.png")
+    q.set_defaults(func=_cmd_render)
+
+    q = ws.add_parser("dataset", help="write a kohya-style dataset folder for a held-out subject or style")
+    q.add_argument("out", help="output folder (must be new or empty)")
+    q.add_argument("--subject", help="individual, e.g. teapot_08")
+    q.add_argument("--style", help="style, e.g. crayon")
+    q.add_argument("--n", type=int, default=None, help="images (default 5 for a subject, 1 for a style)")
+    q.add_argument("--repeats", type=int, default=None, help="kohya repeats (folder prefix)")
+    q.add_argument("--trigger", default="sks")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=_cmd_dataset)
+
+    q = ws.add_parser("train-oracle", help="train the oracle encoders (ground truth judges)")
+    q.add_argument("--work", default="out/world_work")
+    q.add_argument("--out", default="out/world_work/oracle.safetensors")
+    q.add_argument("--steps", type=int, default=1400)
+    q.add_argument("--pool", type=int, default=39000, help="rendered images to train on")
+    q.set_defaults(func=_cmd_train_oracle)
+
+    q = ws.add_parser("pretrain", help="pretrain the built-in base model (VAE, text encoder, UNet); resumable")
+    q.add_argument("--work", default="out/world_work", help="work folder: caches, checkpoints, logs")
+    q.add_argument("--vae-steps", type=int, default=1200)
+    q.add_argument("--unet-steps", type=int, default=10000)
+    q.add_argument("--batch", type=int, default=32)
+    q.add_argument("--pool", type=int, default=48000)
+    q.add_argument("--oracle", default=None, help="oracle weights for the accuracy curve (default: shipped)")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=_cmd_pretrain)

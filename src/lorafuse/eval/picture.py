@@ -1,0 +1,48 @@
+"""Labelled image grids: the pictures people look at (rows x columns with text labels)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from lorafuse.utils.atomic import atomic_path
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has no sized default font
+        return ImageFont.load_default()
+
+
+def labelled_grid(images: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str], col_labels: Sequence[str],
+                  scale: int = 2, pad: int = 2, title: str | None = None) -> Image.Image:
+    """images[r][c] is an (H, W, 3) uint8 array; upscaled by `scale` (nearest) so 64 px samples stay visible."""
+    rows, cols = len(images), len(images[0])
+    h, w = images[0][0].shape[:2]
+    ch, cw = h * scale, w * scale
+    font = _font(11)
+    left = max(8 + 6 * max((len(s) for s in row_labels), default=0), 40)
+    top = 34 if title else 18
+    canvas = Image.new("RGB", (left + cols * (cw + pad), top + rows * (ch + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 2), title, fill="black", font=_font(13))
+    for c, label in enumerate(col_labels):
+        draw.text((left + c * (cw + pad) + 2, top - 14), label[: max(4, cw // 6)], fill="black", font=font)
+    for r in range(rows):
+        draw.text((4, top + r * (ch + pad) + ch // 2 - 6), row_labels[r], fill="black", font=font)
+        for c in range(cols):
+            tile = Image.fromarray(images[r][c]).resize((cw, ch), Image.NEAREST)
+            canvas.paste(tile, (left + c * (cw + pad), top + r * (ch + pad)))
+    return canvas
+
+
+def save_image(img: Image.Image, path: str | Path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+    return path

@@ -1,0 +1,100 @@
+"""Personalisation datasets from the world, in kohya's folder layout.
+
+`write_subject_dataset` renders one (usually held-out) individual in a few poses and seen styles;
+`write_style_dataset` renders one style on a few seen individuals. Folder: OUT/<repeats>_<trigger> <class>/
+with `NNN.png` + `NNN.txt` captions, as kohya's `train_network.py` reads it. A `references/` folder holds
+clean renders the oracle compares generations against.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lorafuse.errors import UserInputError
+from lorafuse.utils.atomic import atomic_path, atomic_write_text
+from lorafuse.world.catalog import (
+    CLASS_NAMES,
+    SEEN_STYLES,
+    Individual,
+    all_individuals,
+    caption,
+    check_style,
+    parse_individual,
+    style_phrase,
+)
+from lorafuse.world.render import render
+
+DEFAULT_TRIGGER = "sks"
+
+
+def _save_png(img: np.ndarray, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(img).save(tmp, format="PNG")
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise UserInputError(f"{out}: output folder exists and is not empty; choose a new folder")
+
+
+def write_subject_dataset(name: str, out: str | Path, n: int = 5, repeats: int = 10, trigger: str = DEFAULT_TRIGGER,
+                          styles: tuple[str, ...] = ("flat",), seed: int = 0) -> Path:
+    """n images of individual `name` (e.g. 'teapot_08'); captions 'a photo of a sks teapot, in ... style'."""
+    ind = parse_individual(name)
+    for s in styles:
+        check_style(s)
+    if n < 1:
+        raise UserInputError(f"--n must be at least 1, got {n}")
+    out = Path(out)
+    _check_out(out)
+    folder = out / f"{repeats}_{trigger} {ind.cls}"
+    for k in range(n):
+        style = styles[k % len(styles)]
+        _save_png(render(ind, style, np.random.default_rng([seed, k])), folder / f"{k:03d}.png")
+        atomic_write_text(folder / f"{k:03d}.txt", caption(ind, style, k, subject=f"{trigger} {ind.cls}"))
+    _write_references(out, ind=ind, style=None, seed=seed)
+    _write_info(out, {"kind": "subject", "individual": ind.name, "class": ind.cls, "trigger": trigger,
+                      "styles": list(styles), "n": n, "repeats": repeats, "seed": seed})
+    return folder
+
+
+def write_style_dataset(style: str, out: str | Path, n: int = 1, repeats: int = 20, trigger: str = DEFAULT_TRIGGER,
+                        seed: int = 0) -> Path:
+    """n images in `style` of different seen individuals; captions 'a photo of a red mug, in sks style'."""
+    check_style(style)
+    if n < 1:
+        raise UserInputError(f"--n must be at least 1, got {n}")
+    out = Path(out)
+    _check_out(out)
+    folder = out / f"{repeats}_{trigger} style"
+    rng = np.random.default_rng(seed)
+    seen = all_individuals(held_out=False)
+    picks = [seen[int(i)] for i in rng.choice(len(seen), size=n, replace=False)]
+    for k, ind in enumerate(picks):
+        _save_png(render(ind, style, np.random.default_rng([seed, k])), folder / f"{k:03d}.png")
+        atomic_write_text(folder / f"{k:03d}.txt", f"a photo of a {ind.colour_names[0]} {ind.cls}, in {trigger} style")
+    _write_references(out, ind=None, style=style, seed=seed)
+    _write_info(out, {"kind": "style", "style": style, "phrase": style_phrase(style), "trigger": trigger,
+                      "individuals": [p.name for p in picks], "n": n, "repeats": repeats, "seed": seed})
+    return folder
+
+
+def _write_references(out: Path, ind: Individual | None, style: str | None, seed: int, count: int = 8) -> None:
+    """Clean renders for the oracle: the subject across seen styles, or the style across classes."""
+    ref = out / "references"
+    rng = np.random.default_rng([seed, 999])
+    for k in range(count):
+        if ind is not None:
+            img = render(ind, SEEN_STYLES[k % len(SEEN_STYLES)], rng)
+        else:
+            other = all_individuals(held_out=False)[int(rng.integers(len(CLASS_NAMES) * 8))]
+            img = render(other, style, rng)
+        _save_png(img, ref / f"{k:03d}.png")
+
+
+def _write_info(out: Path, info: dict) -> None:
+    atomic_write_text(out / "world_dataset.json", json.dumps(info, indent=1))

@@ -13,6 +13,8 @@ Formats that cannot be expressed as (down, up) (LyCORIS LoHa / LoKr) carry a den
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +29,8 @@ class LoraModule:
     down: torch.Tensor | None = None  # A: (r, in) or (r, in, kh, kw)
     up: torch.Tensor | None = None  # B: (out, r) or (out, r, 1, 1)
     alpha: float | None = None  # None means alpha = rank (scale 1)
-    delta: torch.Tensor | None = None  # dense ΔW, already scaled, for formats without a low-rank factorisation
+    # dense ΔW, already scaled, for formats without a low-rank factorisation
+    delta: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -42,16 +45,29 @@ class LoraModule:
             return 1.0
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
 
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW = scale · B A, shaped like the base weight. The one place this product is computed."""
+    def delta_weight(self, shape: Sequence[int] | None = None) -> torch.Tensor:
+        """ΔW = scale · B A, shaped like the base weight. The one place this product is computed.
+
+        `shape` (the base weight's) reshapes layouts that store the same numbers differently: a 2-D LoRA on
+        a 1x1 conv, or a LoHa conv update that its file keeps flattened as (out, in·kh·kw).
+        """
         if self.delta is not None:
-            return self.delta
-        assert self.down is not None and self.up is not None
-        down, up = self.down.float(), self.up.float()
-        if down.dim() == 2:
-            return self.scale * (up @ down)
-        # conv: (out, r, 1, 1) x (r, in, kh, kw) -> (out, in, kh, kw)
-        return self.scale * torch.einsum("or,rikl->oikl", up.flatten(1), down)
+            delta = self.delta
+        else:
+            assert self.down is not None and self.up is not None
+            down, up = self.down.float(), self.up.float()
+            if down.dim() == 2:
+                delta = self.scale * (up.flatten(1) @ down)
+            else:
+                # conv: (out, r, 1, 1) x (r, in, kh, kw) -> (out, in, kh, kw)
+                delta = self.scale * torch.einsum("or,rikl->oikl", up.flatten(1), down)
+        if shape is not None and tuple(delta.shape) != tuple(shape):
+            if delta.numel() != math.prod(shape) or delta.shape[0] != shape[0]:
+                raise ValueError(
+                    f"ΔW of shape {tuple(delta.shape)} does not fit a weight of shape {tuple(shape)}"
+                )
+            delta = delta.reshape(tuple(shape))
+        return delta
 
 
 @dataclass
@@ -62,6 +78,9 @@ class LoraState:
     metadata: dict[str, str] = field(default_factory=dict)
     source_format: str = "unknown"  # kohya | diffusers_attnproc | diffusers_peft | lycoris_locon | ...
     source_path: str | None = None
+    # canonical key -> module name as spelled in the file (kohya names): validation re-resolves these
+    # against the actual base, and error messages quote what the user's file really contains
+    source_names: dict[str, str] = field(default_factory=dict)
 
     def components(self) -> set[str]:
         return {key.split(".", 1)[0] for key in self.modules}

@@ -1,0 +1,42 @@
+"""LoRA file formats: one module per family, and the detector that picks one from the keys."""
+
+from __future__ import annotations
+
+from lorafuse.errors import LoraFormatError
+from lorafuse.lora.formats import diffusers, kohya
+
+READ_FAMILIES = ("kohya", "diffusers")
+WRITE_FORMATS = ("kohya", "diffusers")
+
+_NOT_LORA = (
+    (
+        ("model.diffusion_model.", "first_stage_model.", "conditioner.", "cond_stage_model."),
+        "a full Stable Diffusion checkpoint",
+    ),
+    (("emb_params", "string_to_param", "clip_l", "clip_g"), "a textual-inversion embedding"),
+)
+
+
+def detect_format(keys: list[str], source: str) -> str:
+    """'kohya' (kohya and LyCORIS) or 'diffusers' (attention-processor, diffusers, PEFT); else a clear error."""
+    if not keys:
+        raise LoraFormatError(f"{source}: the file holds no tensors")
+    n_kohya = sum(kohya.is_kohya_key(k) for k in keys)
+    if n_kohya == len(keys):
+        return "kohya"
+    n_diffusers = sum(diffusers.is_diffusers_key(k) for k in keys)
+    if n_diffusers == len(keys):
+        return "diffusers"
+    for prefixes, what in _NOT_LORA:
+        if sum(k.startswith(prefixes) for k in keys) > len(keys) // 2:
+            raise LoraFormatError(f"{source}: this looks like {what}, not a LoRA (e.g. key {keys[0]!r})")
+    family, n = ("kohya", n_kohya) if n_kohya >= n_diffusers else ("diffusers", n_diffusers)
+    is_family = kohya.is_kohya_key if family == "kohya" else diffusers.is_diffusers_key
+    unknown = [k for k in keys if not is_family(k)]
+    hint = f" The other {n} keys look like the {family} format." if n else ""
+    raise LoraFormatError(
+        f"{source}: {len(unknown)} of {len(keys)} keys are in no LoRA format lorafuse reads, e.g. "
+        f"{', '.join(repr(k) for k in unknown[:3])}.{hint} Readable: kohya / LyCORIS "
+        "(`lora_unet_<module>.lora_down.weight`, `lora_te_…`), diffusers (`unet.<module>.lora.down.weight`, "
+        "`….processor.to_q_lora.down.weight`) and PEFT (`unet.<module>.lora_A.weight`)."
+    )

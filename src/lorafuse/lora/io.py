@@ -1,0 +1,184 @@
+"""Public API for LoRA files: `load_lora` and `save_lora`.
+
+Safety: only safetensors by default. Pickle-based files (.ckpt/.pt/.bin/.pth) can run code when unpickled,
+so they are refused unless the caller opts in with `allow_pickle=True`, and even then read with
+`torch.load(weights_only=True)`, which only rebuilds tensors and plain containers. Every file we write goes
+through `atomic_path`: an interrupted save never leaves half a LoRA under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from lorafuse.errors import LoraFormatError, UserInputError
+from lorafuse.lora.formats import WRITE_FORMATS, detect_format, diffusers, kohya
+from lorafuse.lora.formats.metadata import build_metadata, to_str
+from lorafuse.lora.keys import ARCHS, SD15_LAYOUT, SDXL_LAYOUT, KeyIndex, NameResolver, UnetLayout
+from lorafuse.lora.state import LoraState
+from lorafuse.utils.atomic import atomic_path
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".bin", ".pth")
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LoraFormatError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+    return tensors, metadata
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types; all mean "not a plain tensor file"
+        raise LoraFormatError(
+            f"{path}: could not be read with torch.load(weights_only=True) (corrupt, or it holds objects other "
+            f"than tensors): {e}"
+        ) from e
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise LoraFormatError(f"{path}: holds a {type(obj).__name__}, expected a dict of tensors")
+    bad = [k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if bad:
+        raise LoraFormatError(f"{path}: entries that are not named tensors, e.g. {bad[:3]}")
+    return dict(obj)
+
+
+def _check_finite(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            n = int((~torch.isfinite(tensor)).sum())
+            raise LoraFormatError(
+                f"{path}: tensor {key!r} has {n} non-finite values (NaN/inf); the file is damaged or its training "
+                "diverged. Refusing to load it."
+            )
+
+
+def _resolver(base: object | None) -> NameResolver:
+    """Kohya names are resolved against the base's real module names, else against the reference archs."""
+    from lorafuse.lora.targets import base_modules, reference_modules
+
+    if base is not None:
+        return NameResolver([base_modules(base).index])
+    return NameResolver([reference_modules("sdxl").index, reference_modules("sd15").index])
+
+
+def read_tensors(path: str | os.PathLike, *, allow_pickle: bool = False) -> tuple[dict, dict[str, str]]:
+    """(tensors, metadata) of a LoRA file, with the safety checks but no format interpretation."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoraFormatError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        tensors, metadata = _read_safetensors(path)
+    elif suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise LoraFormatError(
+                f"{path}: {suffix} files are Python pickles, which can run arbitrary code when loaded. "
+                "lorafuse reads .safetensors only unless you opt in (allow_pickle=True / --allow-pickle); "
+                "it then uses torch.load(weights_only=True). Better: convert the file to .safetensors."
+            )
+        tensors, metadata = _read_pickle(path), {}
+    else:
+        raise LoraFormatError(f"{path}: unknown LoRA file type {suffix!r}; expected .safetensors")
+    _check_finite(path, tensors)
+    return tensors, metadata
+
+
+def load_lora(
+    path: str | os.PathLike, *, allow_pickle: bool = False, base: object | None = None
+) -> LoraState:
+    """Read any supported LoRA file into the canonical `LoraState`.
+
+    Formats: kohya (both SDXL UNet namings), LyCORIS LoCon / LoHa / LoKr (the last two rebuilt to dense ΔW),
+    diffusers attention-processor, diffusers and PEFT. `base` (a pipeline, a {component: module} mapping or a
+    UNet) resolves kohya names against that model's modules; without it, against real SD1.5 / SDXL.
+    Call `validate_lora` next: loading checks the file, not whether it fits a model.
+    """
+    tensors, metadata = read_tensors(path, allow_pickle=allow_pickle)
+    source = str(path)
+    family = detect_format(list(tensors), source)
+    if family == "kohya":
+        return kohya.read(tensors, metadata, _resolver(base), source)
+    return diffusers.read(tensors, metadata, source)
+
+
+def _layout(arch: str, base: object | None) -> UnetLayout | None:
+    if base is not None:
+        from lorafuse.lora.targets import base_modules
+
+        layout = base_modules(base).layout
+        if layout is not None:
+            return layout
+    return {"sd15": SD15_LAYOUT, "sdxl": SDXL_LAYOUT}.get(arch)
+
+
+def save_lora(
+    state: LoraState,
+    path: str | os.PathLike,
+    *,
+    format: str = "kohya",
+    arch: str = "sd15",
+    metadata: Mapping[str, object] | None = None,
+    training: Mapping[str, object] | None = None,
+    base: object | None = None,
+    uniform_alpha: bool = True,
+) -> Path:
+    """Write `state` atomically as .safetensors and return the path.
+
+    format: "kohya" (default; loads in A1111, ComfyUI, kohya and diffusers) or "diffusers" (PEFT layout with
+    diffusers' adapter metadata). arch: "sd15" | "sdxl" | "world"; SDXL kohya files get SGM UNet names.
+    training: settings recorded as ss_* / modelspec.* (see formats/metadata.py TRAINING_KEYS).
+    metadata: extra entries written last, verbatim. base: a model whose UNet layout differs from the
+    real architecture's (the SGM block numbers depend on it). uniform_alpha (kohya only): when modules have
+    different alphas, store one alpha and fold the ratios into `lora_up` (same ΔW), because diffusers loads
+    per-module kohya alphas wrongly (see formats/kohya.py `with_uniform_alpha`); False keeps factors bit-exact.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise UserInputError(f"{path}: lorafuse writes .safetensors files only")
+    if format not in WRITE_FORMATS:
+        raise UserInputError(f"unknown LoRA format {format!r}; choose from {', '.join(WRITE_FORMATS)}")
+    if arch not in ARCHS:
+        raise UserInputError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
+    if not state.modules:
+        raise LoraFormatError(f"{path}: nothing to save, the LoRA has no modules")
+    for key, module in state.modules.items():
+        for name in ("down", "up", "delta"):
+            t = getattr(module, name)
+            if t is not None and not torch.isfinite(t).all():
+                raise LoraFormatError(f"{path}: module {key} has non-finite values in {name}; not saving it")
+
+    if format == "kohya" and uniform_alpha:
+        state = kohya.with_uniform_alpha(state)
+    meta = build_metadata(state, fmt=format, arch=arch, path=path, training=training)
+    if format == "kohya":
+        tensors = kohya.write(state, arch, _layout(arch, base))
+    else:
+        tensors, format_meta = diffusers.write(state)
+        meta.update(format_meta)
+    meta.update({str(k): to_str(v) for k, v in (metadata or {}).items()})
+    _save_file(tensors, path, meta)
+    return path
+
+
+def _save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    # safetensors refuses views that share storage; detached contiguous clones are always accepted
+    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+__all__ = ["load_lora", "save_lora", "read_tensors", "KeyIndex"]

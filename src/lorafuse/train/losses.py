@@ -16,8 +16,14 @@ LossType = Literal["l2", "l1", "huber", "smooth_l1"]
 HuberSchedule = Literal["constant", "exponential", "snr"]
 
 
-def huber_c_for(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, huber_c: float, schedule: HuberSchedule,
-                num_train_timesteps: int = 1000, huber_scale: float = 1.0) -> torch.Tensor:
+def huber_c_for(
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    huber_c: float,
+    schedule: HuberSchedule,
+    num_train_timesteps: int = 1000,
+    huber_scale: float = 1.0,
+) -> torch.Tensor:
     """Per-sample Huber c (B,). constant: c; exponential: exp(−(−ln c / T)·t)·scale; snr: (1−c)/(1+σ_t)² + c."""
     t = timesteps.float()
     if schedule == "constant":
@@ -32,8 +38,9 @@ def huber_c_for(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, huber_c: 
     raise ValueError(f"unknown huber_schedule {schedule!r}; allowed: constant, exponential, snr")
 
 
-def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: LossType,
-                     huber_c: torch.Tensor | None = None) -> torch.Tensor:
+def elementwise_loss(
+    pred: torch.Tensor, target: torch.Tensor, loss_type: LossType, huber_c: torch.Tensor | None = None
+) -> torch.Tensor:
     """Unreduced loss, same shape as pred. Huber variants take per-sample c of shape (B,)."""
     pred, target = pred.float(), target.float()
     if loss_type == "l2":
@@ -51,8 +58,9 @@ def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: LossTy
     raise ValueError(f"unknown loss_type {loss_type!r}; allowed: l2, l1, huber, smooth_l1")
 
 
-def min_snr_weight(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float,
-                   v_prediction: bool = False) -> torch.Tensor:
+def min_snr_weight(
+    timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float, v_prediction: bool = False
+) -> torch.Tensor:
     """min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR + 1) for v-prediction (B,)."""
     a = alphas_cumprod.to(timesteps.device)[timesteps].float()
     snr = a / (1 - a)
@@ -62,14 +70,25 @@ def min_snr_weight(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma:
 
 def warn_inert_huber(loss_type: str, huber_c: float, huber_schedule: str, default_c: float = 0.1) -> None:
     if loss_type in ("l2", "l1") and (huber_c != default_c or huber_schedule != "snr"):
-        warnings.warn(f"huber_c / huber_schedule are set but loss_type is {loss_type!r}: they have no effect",
-                      stacklevel=2)
+        warnings.warn(
+            f"huber_c / huber_schedule are set but loss_type is {loss_type!r}: they have no effect",
+            stacklevel=2,
+        )
 
 
-def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, *,
-                   loss_type: LossType = "l2", huber_c: float = 0.1, huber_schedule: HuberSchedule = "snr",
-                   min_snr_gamma: float | None = None, v_prediction: bool = False,
-                   sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+def diffusion_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    *,
+    loss_type: LossType = "l2",
+    huber_c: float = 0.1,
+    huber_schedule: HuberSchedule = "snr",
+    min_snr_gamma: float | None = None,
+    v_prediction: bool = False,
+    sample_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Scalar loss: elementwise loss, mean per sample, × min-SNR weight, × sample weight (prior loss), mean."""
     c = None
     if loss_type in ("huber", "smooth_l1"):

@@ -18,8 +18,13 @@ OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor", "Prodigy")
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
-def make_optimizer(name: str, param_groups: Iterable[dict], lr: float, weight_decay: float = 1e-2,
-                   betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: str,
+    param_groups: Iterable[dict],
+    lr: float,
+    weight_decay: float = 1e-2,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> torch.optim.Optimizer:
     groups = list(param_groups)
     if name == "AdamW":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=betas)
@@ -27,20 +32,30 @@ def make_optimizer(name: str, param_groups: Iterable[dict], lr: float, weight_de
         try:
             import bitsandbytes as bnb
         except ImportError as exc:
-            raise UserInputError("optimizer_type AdamW8bit needs bitsandbytes (pip install bitsandbytes), which is "
-                                 f"not importable here ({exc}); use AdamW on this machine") from exc
+            raise UserInputError(
+                "optimizer_type AdamW8bit needs bitsandbytes (pip install bitsandbytes), which is "
+                f"not importable here ({exc}); use AdamW on this machine"
+            ) from exc
         return bnb.optim.AdamW8bit(groups, lr=lr, weight_decay=weight_decay, betas=betas)
     if name == "Adafactor":
         from transformers.optimization import Adafactor
 
         # fixed LR (relative_step=False) so the LR schedule below stays in charge, as kohya recommends
-        return Adafactor(groups, lr=lr, weight_decay=weight_decay, relative_step=False, scale_parameter=False,
-                         warmup_init=False)
+        return Adafactor(
+            groups,
+            lr=lr,
+            weight_decay=weight_decay,
+            relative_step=False,
+            scale_parameter=False,
+            warmup_init=False,
+        )
     if name == "Prodigy":
         try:
             from prodigyopt import Prodigy
         except ImportError as exc:
-            raise UserInputError("optimizer_type Prodigy needs the prodigyopt package (pip install prodigyopt)") from exc
+            raise UserInputError(
+                "optimizer_type Prodigy needs the prodigyopt package (pip install prodigyopt)"
+            ) from exc
         return Prodigy(groups, lr=lr, weight_decay=weight_decay, betas=betas)
     raise UserInputError(f"unknown optimizer_type {name!r}; allowed: {', '.join(OPTIMIZERS)}")
 
@@ -52,8 +67,14 @@ def warmup_steps(lr_warmup_steps: float, total_steps: int) -> int:
     return int(lr_warmup_steps)
 
 
-def make_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: int, lr_warmup_steps: float = 0,
-                      num_cycles: int = 1, power: float = 1.0) -> torch.optim.lr_scheduler.LambdaLR:
+def make_lr_scheduler(
+    name: str,
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    lr_warmup_steps: float = 0,
+    num_cycles: int = 1,
+    power: float = 1.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
     if name not in SCHEDULES:
         raise UserInputError(f"unknown lr_scheduler {name!r}; allowed: {', '.join(SCHEDULES)}")
     kwargs = {}
@@ -61,5 +82,10 @@ def make_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: 
         kwargs["num_cycles"] = num_cycles
     if name == "polynomial":
         kwargs["power"] = power
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps(lr_warmup_steps, total_steps),
-                         num_training_steps=total_steps, **kwargs)
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=warmup_steps(lr_warmup_steps, total_steps),
+        num_training_steps=total_steps,
+        **kwargs,
+    )

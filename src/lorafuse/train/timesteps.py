@@ -14,8 +14,14 @@ import torch
 TimestepBias = Literal["none", "content", "style"]
 
 
-def sample_timesteps(batch: int, generator: torch.Generator | None, *, t_min: int = 0, t_max: int = 1000,
-                     bias: TimestepBias = "none") -> torch.Tensor:
+def sample_timesteps(
+    batch: int,
+    generator: torch.Generator | None,
+    *,
+    t_min: int = 0,
+    t_max: int = 1000,
+    bias: TimestepBias = "none",
+) -> torch.Tensor:
     if not 0 <= t_min < t_max:
         raise ValueError(f"timestep range must satisfy 0 <= min < max, got [{t_min}, {t_max})")
     if bias == "none":
@@ -26,9 +32,13 @@ def sample_timesteps(batch: int, generator: torch.Generator | None, *, t_min: in
     return t.round().long()
 
 
-def noise_like(latents: torch.Tensor, generator: torch.Generator | None, noise_offset: float = 0.0) -> torch.Tensor:
+def noise_like(
+    latents: torch.Tensor, generator: torch.Generator | None, noise_offset: float = 0.0
+) -> torch.Tensor:
     """ε ~ N(0, I), plus kohya's noise offset: a per-(sample, channel) constant shift (helps very dark/bright)."""
     noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
     if noise_offset:
-        noise = noise + noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator, dtype=latents.dtype)
+        noise = noise + noise_offset * torch.randn(
+            latents.shape[:2] + (1, 1), generator=generator, dtype=latents.dtype
+        )
     return noise

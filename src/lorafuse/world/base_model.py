@@ -38,7 +38,7 @@ def unet_config() -> dict[str, Any]:
         sample_size=LATENT_SIZE, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(64, 128, 192), layers_per_block=1, norm_num_groups=16,
+        block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=16,
         cross_attention_dim=TEXT_DIM, attention_head_dim=(4, 4, 8),  # diffusers reads this as a head count
         transformer_layers_per_block=1,
     )

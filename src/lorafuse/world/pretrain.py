@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -132,7 +134,9 @@ def train_unet(cfg: PretrainConfig, pool: Pool, latents: torch.Tensor, scale: fl
     te: CLIPTextModel = comps["text_encoder"]
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
-    lr_at = lambda s: min(1.0, (s + 1) / cfg.warmup) * (0.5 * (1 + np.cos(np.pi * min(s / cfg.unet_steps, 1.0))) * 0.9 + 0.1)  # noqa: E731
+    def lr_at(s: int) -> float:  # warm-up, then cosine to 10 %; math (not numpy) keeps the state weights-only-loadable
+        return min(1.0, (s + 1) / cfg.warmup) * (0.5 * (1 + math.cos(math.pi * min(s / cfg.unet_steps, 1.0))) * 0.9 + 0.1)
+
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=0.75)
     ema_te = EMAModel(te.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=0.75)
@@ -148,7 +152,7 @@ def train_unet(cfg: PretrainConfig, pool: Pool, latents: torch.Tensor, scale: fl
         ema_te.load_state_dict(state["ema_te"])
         step = int(state["step"])
         print(f"resumed at step {step}")
-    noise_sched = DDPMScheduler(**scheduler_config())
+    noise_sched = DDPMScheduler.from_config(scheduler_config())  # same betas; from_config drops DDIM-only keys
     captions = _captions(pool)
     ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
@@ -213,6 +217,9 @@ def export(cfg: PretrainConfig, unet, te, ema: EMAModel, ema_te: EMAModel, vae: 
                                    scheduler=DDIMScheduler(**scheduler_config()), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out)
+    # transformers 5 saves only tokenizer.json; keep the real CLIP files (vocab.json + merges.txt) beside it so
+    # every CLIP loader (older transformers, open_clip-style code, A1111/ComfyUI) can read the tokenizer
+    shutil.copytree(Path(cfg.work_dir) / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
     (out / "lorafuse_pretrain.json").write_text(json.dumps(asdict(cfg), indent=1))
     pipe.set_progress_bar_config(disable=True)
     return pipe

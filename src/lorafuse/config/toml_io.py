@@ -1,0 +1,268 @@
+"""Typed dataclasses <-> TOML, with errors that name the file, the dotted key, what was expected and what came.
+
+Nested dataclasses are TOML tables. Supported field types: bool, int, float, str, Path, Literal[...], X | None,
+unions (`int | float`), list[X], tuple[X, ...], tuple[X, Y], dict[str, X] and nested dataclasses (not Optional).
+TOML has no null: a None value is left out when dumping, so an Optional field must default to None for
+dump -> load to round trip (`dump_config` refuses otherwise instead of silently losing the value).
+
+Written by hand on purpose: pydantic is not a dependency of lorafuse (only present transitively), and
+dacite / cattrs convert types but produce neither our messages (file, dotted key, allowed keys, close match)
+nor CLI string coercion, which are most of this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import tomli_w
+
+from lorafuse.errors import ConfigError
+from lorafuse.utils.atomic import atomic_write_text
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+T = TypeVar("T")
+_NONE_WORDS = ("none", "null")
+_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+class _Mismatch(Exception):
+    """Internal: a value does not fit a type; the caller adds file and key."""
+
+
+def type_name(tp: Any) -> str:
+    """How a type reads in a message: `int | float`, `list[str]`, `one of 'l1', 'l2'`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " | ".join("none" if a is type(None) else type_name(a) for a in args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join('...' if a is Ellipsis else type_name(a) for a in args)}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, from_cli: bool) -> Any:
+    """`value` as type `tp`, or _Mismatch. `from_cli` lets strings stand for other types ("8" -> 8)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if from_cli and isinstance(value, str) and value.lower() in _NONE_WORDS and type(None) in args:
+            return None
+        # A CLI string stays a string where `str` is allowed, unless it is written as an array ('["a", "b"]').
+        as_array = from_cli and isinstance(value, str) and value.lstrip().startswith("[")
+        members = sorted(args, key=lambda a: (a is str) == as_array)
+        for member in members:
+            if member is type(None):
+                continue
+            try:
+                return _convert(value, member, from_cli)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is Literal:
+        for allowed in args:
+            if value == allowed and type(value) is type(allowed):
+                return allowed
+            if from_cli and isinstance(value, str) and value == str(allowed):
+                return allowed
+        raise _Mismatch
+    if dataclasses.is_dataclass(tp):
+        raise _Mismatch  # tables are handled by _build, which knows the dotted path
+    if origin in (list, tuple):
+        if from_cli and isinstance(value, str):
+            value = _parse_cli_array(value)
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        if origin is list:
+            return [_convert(v, args[0], from_cli) for v in value]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], from_cli) for v in value)
+        if len(value) != len(args):
+            raise _Mismatch
+        return tuple(_convert(v, a, from_cli) for v, a in zip(value, args, strict=True))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise _Mismatch
+        return {str(k): _convert(v, args[1], from_cli) for k, v in value.items()}
+    return _convert_scalar(value, tp, from_cli)
+
+
+def _convert_scalar(value: Any, tp: Any, from_cli: bool) -> Any:
+    if from_cli and isinstance(value, str) and tp is not str and tp is not Path:
+        value = _parse_cli_scalar(value, tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):  # bool is an int subclass: refuse it
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+    else:
+        raise TypeError(f"toml_io does not support fields of type {tp!r}")
+    raise _Mismatch
+
+
+def _parse_cli_scalar(text: str, tp: Any) -> Any:
+    low = text.strip().lower()
+    if tp is bool:
+        return True if low in _TRUE_WORDS else False if low in _FALSE_WORDS else text
+    try:
+        return int(text) if tp is int else float(text)
+    except ValueError:
+        return text
+
+
+def _parse_cli_array(text: str) -> Any:
+    """`'["a", "b"]'` as TOML, else comma-separated: `a,b`. Unparseable text stays a string (a type error)."""
+    if text.strip().startswith("["):
+        try:
+            return tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            return text
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _unknown_key_message(source: str, key: str, allowed: list[str]) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    # difflib catches typos ("netwrk_dim"); the substring test catches short forms ("dim" -> "network_dim").
+    close = difflib.get_close_matches(leaf, allowed, n=1) or [k for k in allowed if leaf in k][:3]
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    return f"{source}: unknown key '{key}'{hint}; allowed keys here: {', '.join(allowed)}"
+
+
+def _build(cls: type[T], data: Any, source: str, prefix: str, cli_keys: frozenset[str] = frozenset()) -> T:
+    where = prefix or "top level"
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: {where}: expected a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(_unknown_key_message(source, f"{prefix}{key}", sorted(fields)))
+    kwargs: dict[str, Any] = {}
+    for name, field in fields.items():
+        dotted = f"{prefix}{name}"
+        if name not in data:
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{source}: missing required key '{dotted}' ({type_name(hints[name])})")
+            continue
+        tp, value = hints[name], data[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, source, f"{dotted}.", cli_keys)
+            continue
+        try:
+            # Strings are coerced only where they came from the CLI: a quoted "8" in a file is a type error.
+            kwargs[name] = _convert(value, tp, from_cli=dotted in cli_keys)
+        except _Mismatch:
+            raise ConfigError(f"{source}: {dotted}: expected {type_name(tp)}, got {value!r}") from None
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # __post_init__ validation names the field; add the file and section
+        raise ConfigError(f"{source}: {prefix}{e}") from None
+
+
+def _merge_overrides(cls: type, data: dict[str, Any], overrides: Mapping[str, Any]) -> None:
+    """Write `{"network.network_dim": "8"}` into the nested dict, checking every key against `cls`."""
+    for dotted, value in overrides.items():
+        target, node_cls = data, cls
+        parts = dotted.split(".")
+        for depth, part in enumerate(parts):
+            names = sorted(f.name for f in dataclasses.fields(node_cls) if f.init)
+            if part not in names:
+                raise ConfigError(_unknown_key_message("override", ".".join(parts[: depth + 1]), names))
+            tp = typing.get_type_hints(node_cls)[part]
+            if depth == len(parts) - 1:
+                target[part] = value
+            elif dataclasses.is_dataclass(tp):
+                target = target.setdefault(part, {})
+                node_cls = tp
+            else:
+                raise ConfigError(f"override: '{'.'.join(parts[: depth + 1])}' is a value, not a table")
+
+
+def config_from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<dict>") -> T:
+    """Build `cls` from plain TOML-like data; errors name `source`."""
+    return _build(cls, data, source, "")
+
+
+def load_config(
+    cls: type[T], path: str | os.PathLike | None, overrides: Mapping[str, Any] | None = None
+) -> T:
+    """Read `path` (or only defaults when None) as `cls`, then apply dotted-key overrides from the CLI.
+
+    Override values may be strings ("8", "true", "0.5", "a,b", '["a", "b"]'); they are coerced to the field type.
+    """
+    source = "<defaults>" if path is None else str(path)
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    if overrides:
+        _merge_overrides(cls, data, overrides)
+        source += " with overrides " + ", ".join(overrides)
+    return _build(cls, data, source, "", frozenset(overrides or ()))
+
+
+def config_to_dict(obj: Any) -> dict[str, Any]:
+    """TOML-ready data: None values left out, Paths as strings, tuples as lists."""
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(obj):
+        if not field.init:  # derived fields are not settings; load_config would reject them as unknown keys
+            continue
+        value = getattr(obj, field.name)
+        if value is None:
+            if field.default is not None:
+                raise ValueError(
+                    f"{type(obj).__name__}.{field.name} is None but defaults to {field.default!r}"
+                )
+            continue
+        out[field.name] = _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return config_to_dict(value)
+    if isinstance(value, Path):
+        return value.as_posix()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def dump_config(obj: Any) -> str:
+    return tomli_w.dumps(config_to_dict(obj))
+
+
+def save_config(obj: Any, path: str | os.PathLike) -> None:
+    atomic_write_text(path, dump_config(obj))

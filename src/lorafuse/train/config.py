@@ -1,0 +1,252 @@
+"""LoRA training settings as typed, frozen dataclasses; one TOML table per class, names as kohya sd-scripts.
+
+A kohya user can read `[network] network_dim` or `[loss] huber_schedule` without a glossary. Each class checks
+its own fields in `__post_init__` (messages start with the field name; `load_config` adds file and table);
+`TrainConfig` checks combinations across tables. Load with `load_train_config(path, overrides)`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lorafuse.config.checks import as_paths
+from lorafuse.config.checks import bad as _bad
+from lorafuse.config.checks import check_positive as _positive
+from lorafuse.config.checks import check_rates as _rates
+from lorafuse.config.toml_io import load_config
+from lorafuse.train.config_optim import LossConfig, OptimizerConfig, SchedulerConfig
+
+# Names the LoRA injector resolves to module patterns; anything else in `layers` must be a list of regexes.
+LAYER_PRESETS = ("default", "attn", "all")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    pretrained_model_name_or_path: str
+    v_parameterization: bool = False
+    # kohya / A1111 numbering: 1 = last layer, 2 = penultimate. diffusers' `clip_skip` is this minus 1.
+    clip_skip: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.pretrained_model_name_or_path:
+            raise _bad("pretrained_model_name_or_path", "must not be empty")
+        if self.clip_skip < 1:
+            raise _bad("clip_skip", f"must be >= 1 (kohya numbering, 1 = last layer), got {self.clip_skip}")
+
+    @property
+    def diffusers_clip_skip(self) -> int | None:
+        return None if self.clip_skip == 1 else self.clip_skip - 1
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    train_data_dir: Path
+    reg_data_dir: Path | None = None
+    resolution: int = 512
+    caption_extension: Literal[".txt", ".caption"] = ".txt"
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    caption_dropout_rate: float = 0.0
+    caption_tag_dropout_rate: float = 0.0
+    # Caption for images without a caption file; None = the folder's "<trigger> <class>" tokens.
+    class_tokens: str | None = None
+    # Prepended as the first tag of every caption not already containing it (so keep_tokens = 1 keeps it first).
+    trigger: str | None = None
+    flip_aug: bool = False
+    random_crop: bool = False
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    cache_latents: bool = False
+    cache_latents_to_disk: bool = False
+    cache_dir: Path | None = None  # None: cache files beside the images, as kohya's .npz files
+    cache_text_encoder_outputs: bool = False
+    cache_text_encoder_outputs_to_disk: bool = False
+    on_bad_image: Literal["fail", "skip"] = "fail"
+    prior_loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        as_paths(self, "train_data_dir", "reg_data_dir", "cache_dir")
+        if self.resolution <= 0 or self.resolution % 8:
+            raise _bad(
+                "resolution",
+                f"must be a positive multiple of 8 (the VAE works in 8x8 cells), got {self.resolution}",
+            )
+        if self.keep_tokens < 0:
+            raise _bad("keep_tokens", f"must be >= 0, got {self.keep_tokens}")
+        _rates(self, "caption_dropout_rate", "caption_tag_dropout_rate")
+        if self.prior_loss_weight < 0:
+            raise _bad("prior_loss_weight", f"must be >= 0, got {self.prior_loss_weight}")
+        step = self.bucket_reso_steps
+        if step <= 0 or step % 8:
+            raise _bad("bucket_reso_steps", f"must be a positive multiple of 8, got {step}")
+        if self.enable_bucket:
+            for key in ("min_bucket_reso", "max_bucket_reso"):
+                if getattr(self, key) <= 0 or getattr(self, key) % step:
+                    raise _bad(
+                        key,
+                        f"must be a positive multiple of bucket_reso_steps ({step}), got {getattr(self, key)}",
+                    )
+            if not self.min_bucket_reso <= self.resolution <= self.max_bucket_reso:
+                lo, hi = self.min_bucket_reso, self.max_bucket_reso
+                raise _bad(
+                    "resolution",
+                    f"must lie in [min_bucket_reso, max_bucket_reso] = [{lo}, {hi}], got {self.resolution}",
+                )
+        if self.cache_latents_to_disk and not self.cache_latents:
+            raise _bad("cache_latents_to_disk", "needs cache_latents = true as well")
+        if self.cache_text_encoder_outputs_to_disk and not self.cache_text_encoder_outputs:
+            raise _bad(
+                "cache_text_encoder_outputs_to_disk", "needs cache_text_encoder_outputs = true as well"
+            )
+        if self.cache_latents and self.random_crop:
+            # A cached latent is one fixed crop: a per-epoch random crop would silently become a constant one.
+            raise _bad("random_crop", "cannot be used with cache_latents (the cache stores one center crop)")
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    network_dim: int = 4
+    network_alpha: float = 1.0
+    network_dropout: float = 0.0
+    conv_dim: int | None = None  # LoCon-style 3x3 conv layers; None = linear and 1x1 layers only
+    conv_alpha: float | None = None
+    layers: str | tuple[str, ...] = "default"  # a preset name, or regexes over module names
+    block_dims: tuple[int, ...] | None = None  # per UNet block, kohya order IN00..IN11, MID, OUT00..OUT11
+    block_alphas: tuple[float, ...] | None = None
+    network_train_unet_only: bool = False
+    network_train_text_encoder_only: bool = False
+
+    def __post_init__(self) -> None:
+        _positive(self, "network_dim", "network_alpha", "conv_dim", "conv_alpha")
+        _rates(self, "network_dropout")
+        if self.conv_alpha is not None and self.conv_dim is None:
+            raise _bad("conv_alpha", "is set but conv_dim is not")
+        if isinstance(self.layers, str) and self.layers not in LAYER_PRESETS:
+            raise _bad(
+                "layers",
+                f"unknown preset {self.layers!r}; use one of {', '.join(LAYER_PRESETS)} or a list of regexes",
+            )
+        if not isinstance(self.layers, str):
+            if not self.layers:
+                raise _bad("layers", "is an empty list: no module would get a LoRA")
+            for pattern in self.layers:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise _bad("layers", f"{pattern!r} is not a valid regular expression: {e}") from None
+        for key in ("block_dims", "block_alphas"):
+            if any(v < 0 for v in getattr(self, key) or ()):
+                raise _bad(
+                    key, f"entries must be >= 0 (0 = no LoRA in that block), got {list(getattr(self, key))}"
+                )
+        if self.block_dims and self.block_alphas and len(self.block_dims) != len(self.block_alphas):
+            raise _bad(
+                "block_alphas", f"has {len(self.block_alphas)} entries, block_dims {len(self.block_dims)}"
+            )
+        if self.network_train_unet_only and self.network_train_text_encoder_only:
+            raise _bad(
+                "network_train_unet_only", "and network_train_text_encoder_only are both true: nothing trains"
+            )
+
+    @property
+    def train_text_encoder(self) -> bool:
+        return not self.network_train_unet_only
+
+    @property
+    def train_unet(self) -> bool:
+        return not self.network_train_text_encoder_only
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    max_train_epochs: int | None = None  # when set, decides the total steps instead of max_train_steps
+    max_train_steps: int = 1600
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 42
+    output_dir: Path = Path("output")
+    output_name: str = "last"
+    save_every_n_epochs: int | None = None
+    save_every_n_steps: int | None = None
+    save_state: bool = False
+    resume: Path | None = None  # a state folder written with save_state
+    sample_every_n_epochs: int | None = None
+    sample_prompts: tuple[str, ...] = ()
+    sample_steps: int = 20
+    logging: Literal["none", "jsonl", "tensorboard"] = "jsonl"
+
+    def __post_init__(self) -> None:
+        as_paths(self, "output_dir", "resume")
+        _positive(
+            self, "max_train_epochs", "max_train_steps", "train_batch_size", "gradient_accumulation_steps"
+        )
+        _positive(self, "save_every_n_epochs", "save_every_n_steps", "sample_every_n_epochs", "sample_steps")
+        if self.seed < 0:
+            raise _bad("seed", f"must be >= 0 (it seeds numpy's SeedSequence), got {self.seed}")
+        if not self.output_name or "/" in self.output_name:
+            raise _bad("output_name", f"must be a file name without '/', got {self.output_name!r}")
+        if self.sample_every_n_epochs is not None and not self.sample_prompts:
+            raise _bad("sample_every_n_epochs", "is set but sample_prompts is empty")
+
+    def optimizer_steps_per_epoch(self, steps_per_epoch: int) -> int:
+        return math.ceil(steps_per_epoch / self.gradient_accumulation_steps)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of the run: from max_train_epochs when set (as kohya), else max_train_steps."""
+        if self.max_train_epochs is None:
+            return self.max_train_steps
+        return self.max_train_epochs * self.optimizer_steps_per_epoch(steps_per_epoch)
+
+    def num_epochs(self, steps_per_epoch: int) -> int:
+        per_epoch = max(self.optimizer_steps_per_epoch(steps_per_epoch), 1)
+        return math.ceil(self.total_steps(steps_per_epoch) / per_epoch)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig
+    dataset: DatasetConfig
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def __post_init__(self) -> None:
+        ds = self.dataset
+        if ds.cache_text_encoder_outputs:
+            # Cached outputs stay valid only while the text encoder and every caption stay fixed.
+            if not self.network.network_train_unet_only:
+                raise _bad(
+                    "dataset.cache_text_encoder_outputs",
+                    "needs network.network_train_unet_only = true (a trained text encoder changes its outputs)",
+                )
+            changing = [
+                k
+                for k in ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate")
+                if getattr(ds, k)
+            ]
+            if changing:
+                names = ", ".join(f"dataset.{k}" for k in changing)
+                raise _bad(
+                    "dataset.cache_text_encoder_outputs",
+                    f"cannot be used with {names} (captions change every epoch)",
+                )
+
+
+def load_train_config(
+    path: str | os.PathLike | None, overrides: Mapping[str, Any] | None = None
+) -> TrainConfig:
+    """`TrainConfig` from a TOML file plus CLI overrides such as `{"network.network_dim": "8"}`."""
+    return load_config(TrainConfig, path, overrides)

@@ -1,0 +1,97 @@
+"""The [optimizer], [scheduler] and [loss] tables of `TrainConfig` (kohya sd-scripts names and defaults)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+from lorafuse.config.checks import bad as _bad
+from lorafuse.config.checks import check_positive as _positive
+
+HUBER_C_DEFAULT = 0.1  # kohya's default huber_c
+HUBER_SCHEDULE_DEFAULT = "snr"  # kohya's default huber_schedule
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    optimizer_type: Literal["AdamW", "AdamW8bit", "Adafactor", "Prodigy"] = "AdamW"
+    learning_rate: float = 1e-4
+    unet_lr: float | None = None  # None: learning_rate
+    text_encoder_lr: float | None = None  # None: learning_rate
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = 1.0  # 0 disables clipping, as in kohya
+
+    def __post_init__(self) -> None:
+        _positive(self, "learning_rate", "unet_lr", "text_encoder_lr")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise _bad(
+                "weight_decay",
+                f"and max_grad_norm must be >= 0, got {self.weight_decay}, {self.max_grad_norm}",
+            )
+        if not all(0 <= b < 1 for b in self.betas):
+            raise _bad("betas", f"must each be in [0, 1), got {list(self.betas)}")
+        if self.optimizer_type == "Prodigy" and self.learning_rate < 0.1:
+            # Prodigy estimates the step size itself; its lr is a multiplier that should stay near 1.
+            warnings.warn(f"Prodigy expects learning_rate near 1.0, got {self.learning_rate}", stacklevel=3)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
+    lr_warmup_steps: int | float = 0  # optimizer steps, or a float < 1 as a fraction of the total steps
+    lr_scheduler_num_cycles: int = 1  # hard restarts of cosine_with_restarts
+    lr_scheduler_power: float = 1.0  # polynomial
+
+    def __post_init__(self) -> None:
+        w = self.lr_warmup_steps
+        if isinstance(w, float) and not 0.0 <= w < 1.0:
+            raise _bad("lr_warmup_steps", f"as a fraction must be in [0, 1), got {w}; write an int for steps")
+        if w < 0:
+            raise _bad("lr_warmup_steps", f"must be >= 0, got {w}")
+        _positive(self, "lr_scheduler_num_cycles", "lr_scheduler_power")
+        if self.lr_scheduler == "constant" and w:
+            msg = "lr_warmup_steps is ignored by lr_scheduler = 'constant'; use 'constant_with_warmup'"
+            warnings.warn(msg, stacklevel=3)
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """Warm-up in optimizer steps; a fraction is taken of `total_steps` and rounded down, as kohya does."""
+        w = self.lr_warmup_steps
+        return int(w * total_steps) if isinstance(w, float) else w
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = "l2"
+    # None = not set (kohya's 0.1 / 'snr' apply), so that setting either with l2 or l1 can be warned about.
+    huber_c: float | None = None
+    huber_schedule: Literal["constant", "exponential", "snr"] | None = None
+    min_snr_gamma: float | None = None  # 5 is typical
+    noise_offset: float = 0.0
+    min_timestep: int = 0
+    max_timestep: int = 1000
+    timestep_bias: Literal["none", "content", "style"] = "none"
+
+    def __post_init__(self) -> None:
+        if self.huber_c is not None and not 0 < self.huber_c <= 1:
+            raise _bad("huber_c", f"must be in (0, 1], got {self.huber_c}")
+        _positive(self, "min_snr_gamma")
+        if self.noise_offset < 0:
+            raise _bad("noise_offset", f"must be >= 0, got {self.noise_offset}")
+        if not 0 <= self.min_timestep < self.max_timestep <= 1000:
+            got = f"{self.min_timestep}, {self.max_timestep}"
+            raise _bad("min_timestep", f"and max_timestep must satisfy 0 <= min < max <= 1000, got {got}")
+        if self.loss_type in ("l2", "l1") and (self.huber_c is not None or self.huber_schedule is not None):
+            msg = f"huber_c / huber_schedule have no effect with loss_type = '{self.loss_type}' (use 'huber' or 'smooth_l1')"
+            warnings.warn(msg, stacklevel=3)
+
+    @property
+    def resolved_huber_c(self) -> float:
+        return HUBER_C_DEFAULT if self.huber_c is None else self.huber_c
+
+    @property
+    def resolved_huber_schedule(self) -> str:
+        return HUBER_SCHEDULE_DEFAULT if self.huber_schedule is None else self.huber_schedule

@@ -1,0 +1,363 @@
+"""Training data in kohya's folder layout: scan, bucket, and serve deterministic batches.
+
+    train_data_dir/
+      10_sks dog/          <repeats>_<trigger> <class>: every image counts 10 times per epoch
+        001.png  001.txt   caption beside the image (caption_extension), else the folder's tokens
+
+`scan_dataset` reads the folders once (checking every image decodes); `epoch_batches(index, batch, seed, epoch)`
+is the whole order of an epoch as a pure function, so a resumed run can skip the batches already done and see
+exactly what an uninterrupted run would. `TrainDataset` takes `SampleKey(epoch, sample)` keys from
+`BucketBatchSampler`, so flips, crops and caption shuffles also depend only on (seed, epoch, sample).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lorafuse.errors import UserInputError
+from lorafuse.train import captions as cap
+from lorafuse.train.buckets import (
+    BucketAssignment,
+    BucketManager,
+    BucketSpec,
+    Size,
+    crop_offset,
+    resize_and_crop,
+)
+
+if TYPE_CHECKING:
+    from lorafuse.train.cache import LatentCache, TextEncoderCache
+    from lorafuse.train.config import DatasetConfig, TrainingConfig
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+FOLDER_PATTERN = "<repeats>_<trigger> <class>"
+_FOLDER_RE = re.compile(r"^([0-9]+)_(\S.*)$")
+# Independent random streams per sample, so turning one augmentation on does not change the others.
+_ORDER, _FLIP, _CROP, _CAPTION = 0, 1, 2, 3
+
+
+def parse_subset_folder(folder: Path) -> tuple[int, str]:
+    """'10_sks dog' -> (10, 'sks dog'); anything else is an error naming the folder and the pattern."""
+    m = _FOLDER_RE.match(folder.name)
+    if m is None or int(m.group(1)) < 1:
+        raise UserInputError(
+            f"{folder}: folder name must be '{FOLDER_PATTERN}' with repeats >= 1 (e.g. '10_sks dog'), got '{folder.name}'"
+        )
+    return int(m.group(1)), m.group(2).strip()
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    path: Path
+    caption: str  # after the class-token fallback and trigger injection; shuffles and dropout come per epoch
+    size: Size  # original (width, height)
+    assignment: BucketAssignment
+    repeats: int  # for reg images: after balancing against the train images, as kohya (0 = unused)
+    is_reg: bool
+
+
+@dataclass
+class DatasetIndex:
+    config: DatasetConfig
+    items: list[ImageItem]
+    samples: list[int] = field(init=False)  # item index of each sample of one epoch, repeats expanded
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.samples = [i for i, item in enumerate(self.items) for _ in range(item.repeats)]
+
+    @property
+    def num_train_samples(self) -> int:
+        return sum(it.repeats for it in self.items if not it.is_reg)
+
+    @property
+    def num_reg_samples(self) -> int:
+        return sum(it.repeats for it in self.items if it.is_reg)
+
+    def bucket_counts(self) -> dict[Size, int]:
+        return dict(sorted(Counter(self.items[i].assignment.bucket for i in self.samples).items()))
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return steps_per_epoch(self.bucket_counts().values(), batch_size)
+
+
+def steps_per_epoch(samples: int | Iterable[int], batch_size: int) -> int:
+    """Batches per epoch: ceil(Σ images · repeats / batch) for one bucket; with several buckets, batches never
+    mix buckets, so it is Σ over buckets of ceil(n_bucket / batch), as kohya's dataloader length."""
+    counts = [samples] if isinstance(samples, int) else list(samples)
+    return sum(math.ceil(n / batch_size) for n in counts)
+
+
+def describe(index: DatasetIndex, training: TrainingConfig) -> str:
+    """The numbers kohya's train_network.py prints before training."""
+    spe = index.steps_per_epoch(training.train_batch_size)
+    lines = [
+        f"num train images * repeats: {index.num_train_samples}",
+        f"num reg images: {index.num_reg_samples}",
+        f"num batches per epoch: {spe}",
+        f"num epochs: {training.num_epochs(spe)}",
+        f"batch size per device: {training.train_batch_size}",
+        f"gradient accumulation steps = {training.gradient_accumulation_steps}",
+        f"total optimization steps: {training.total_steps(spe)}",
+    ]
+    if len(index.bucket_counts()) > 1 or index.config.enable_bucket:
+        lines += [f"bucket {w}x{h}: {n}" for (w, h), n in index.bucket_counts().items()]
+    return "\n".join("  " + line for line in lines)
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Decode fully (a truncated file fails here, not hours into training) and flatten alpha onto white."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            # Plain convert("RGB") keeps whatever colour hides under transparent pixels, often black.
+            flat = Image.new("RGB", rgba.size, (255, 255, 255))
+            flat.paste(rgba, mask=rgba.getchannel("A"))
+            return flat
+        return img.convert("RGB")
+
+
+def _subset_folders(root: Path, role: str) -> list[Path]:
+    if not root.is_dir():
+        raise UserInputError(f"{root}: {role} does not exist or is not a folder")
+    if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir() if p.is_file()):
+        raise UserInputError(
+            f"{root}: {role} holds images directly; kohya's layout puts them in subfolders named "
+            f"'{FOLDER_PATTERN}' (e.g. {root / '10_sks dog'}). If {root.name} is such a folder, use its parent."
+        )
+    folders = []
+    for p in sorted(root.iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        if not p.name[:1].isdigit():
+            # As kohya: a folder without a repeats prefix (e.g. the world dataset's references/) is not data.
+            log.warning("%s: ignored, its name does not start with '<repeats>_' (%s)", p, FOLDER_PATTERN)
+            continue
+        parse_subset_folder(p)  # a name that starts like one but is malformed is an error
+        folders.append(p)
+    return folders
+
+
+def _scan_folder(
+    folder: Path, cfg: DatasetConfig, buckets: BucketManager, is_reg: bool, skipped: list[tuple[Path, str]]
+) -> list[ImageItem]:
+    repeats, tokens = parse_subset_folder(folder)
+    fallback = cfg.class_tokens or tokens
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        log.warning("%s: no images (%s)", folder, ", ".join(IMAGE_EXTENSIONS))
+    items, uncaptioned = [], []
+    for path in images:
+        try:
+            size = load_rgb(path).size
+            assignment = buckets.assign(size)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            if cfg.on_bad_image == "fail":
+                raise UserInputError(
+                    f"{path}: cannot use this image ({e}); fix or remove it, or set on_bad_image = 'skip'"
+                ) from e
+            log.warning("%s: skipped, cannot use this image (%s)", path, e)
+            skipped.append((path, str(e)))
+            continue
+        text = cap.read_caption(path, cfg.caption_extension)
+        if text is None:
+            uncaptioned.append(path)
+            text = fallback
+        if not is_reg:  # regularisation images teach the class prior: no trigger word
+            text = cap.inject_trigger(text, cfg.trigger)
+        items.append(ImageItem(path, text, size, assignment, repeats, is_reg))
+    if uncaptioned:
+        other = cap.other_caption_file(uncaptioned[0], cfg.caption_extension)
+        hint = f" ({other.name} exists: is caption_extension right?)" if other else ""
+        log.warning(
+            "%s: %d of %d images have no %s caption, using '%s'%s",
+            folder,
+            len(uncaptioned),
+            len(images),
+            cfg.caption_extension,
+            fallback,
+            hint,
+        )
+    return items
+
+
+def _balance_reg(reg: list[ImageItem], num_train: int) -> list[ImageItem]:
+    """kohya's rule: use reg images (with their repeats) until they match the train samples, adding one repeat
+    per image in turn when there are too few; images not reached get 0 repeats."""
+    repeats = [0] * len(reg)
+    n, first = 0, True
+    while reg and n < num_train:
+        for i, item in enumerate(reg):
+            step = item.repeats if first else 1
+            repeats[i] += step
+            n += step
+            if n >= num_train:
+                break
+        first = False
+    return [
+        ImageItem(it.path, it.caption, it.size, it.assignment, r, True)
+        for it, r in zip(reg, repeats, strict=True)
+    ]
+
+
+def scan_dataset(cfg: DatasetConfig) -> DatasetIndex:
+    """Every usable image of train_data_dir (and reg_data_dir), with its caption and bucket."""
+    spec = BucketSpec(
+        cfg.resolution,
+        cfg.enable_bucket,
+        cfg.min_bucket_reso,
+        cfg.max_bucket_reso,
+        cfg.bucket_reso_steps,
+        cfg.bucket_no_upscale,
+    )
+    buckets, skipped = BucketManager(spec), []
+    train = [
+        it
+        for f in _subset_folders(cfg.train_data_dir, "train_data_dir")
+        for it in _scan_folder(f, cfg, buckets, False, skipped)
+    ]
+    if not train:
+        raise UserInputError(
+            f"{cfg.train_data_dir}: no usable training images in folders named '{FOLDER_PATTERN}'"
+        )
+    reg: list[ImageItem] = []
+    if cfg.reg_data_dir is not None:
+        reg = [
+            it
+            for f in _subset_folders(cfg.reg_data_dir, "reg_data_dir")
+            for it in _scan_folder(f, cfg, buckets, True, skipped)
+        ]
+        if not reg:
+            raise UserInputError(f"{cfg.reg_data_dir}: reg_data_dir is set but holds no usable images")
+        reg = _balance_reg(reg, sum(it.repeats for it in train))
+    return DatasetIndex(cfg, train + reg, skipped)
+
+
+def _rng(seed: int, epoch: int, sample: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, sample, stream])
+
+
+def epoch_batches(index: DatasetIndex, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches (lists of sample ids) of `epoch`, a pure function of (seed, epoch), as kohya: shuffle within
+    each bucket, cut into batches (the last one of a bucket may be short), then shuffle the batches."""
+    rng = _rng(seed, epoch, 0, _ORDER)
+    by_bucket: dict[Size, list[int]] = {}
+    for sid, item_idx in enumerate(index.samples):
+        by_bucket.setdefault(index.items[item_idx].assignment.bucket, []).append(sid)
+    batches = []
+    for bucket in sorted(by_bucket):
+        ids = [by_bucket[bucket][i] for i in rng.permutation(len(by_bucket[bucket]))]
+        batches += [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+class SampleKey(NamedTuple):
+    epoch: int
+    sample: int
+
+
+class BucketBatchSampler(torch.utils.data.Sampler[list[SampleKey]]):
+    """Batches of one bucket each. Call `set_epoch(e, skip_batches=k)` before iterating (k > 0 on resume)."""
+
+    def __init__(self, index: DatasetIndex, batch_size: int, seed: int):
+        self.index, self.batch_size, self.seed = index, batch_size, seed
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip_batches
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        for batch in epoch_batches(self.index, self.batch_size, self.seed, self.epoch)[self.skip :]:
+            yield [SampleKey(self.epoch, sid) for sid in batch]
+
+    def __len__(self) -> int:
+        return max(self.index.steps_per_epoch(self.batch_size) - self.skip, 0)
+
+
+def image_tensor(
+    item: ImageItem, flip: bool, crop_rng: np.random.Generator | None
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(3, H, W) float32 in [-1, 1] at the item's bucket size, and the crop's (left, top) in resized pixels."""
+    offset = crop_offset(item.assignment.resized, item.assignment.bucket, crop_rng)
+    img = resize_and_crop(load_rgb(item.path), item.assignment, offset)
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())  # (H, W, 3) in [0, 255]
+    return (arr.permute(2, 0, 1) / 127.5 - 1.0).contiguous(), offset
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Map-style dataset keyed by `SampleKey`; use with `BucketBatchSampler` and `collate_batch`."""
+
+    def __init__(
+        self,
+        index: DatasetIndex,
+        seed: int,
+        latent_cache: LatentCache | None = None,
+        text_cache: TextEncoderCache | None = None,
+    ):
+        self.index, self.seed, self.cfg = index, seed, index.config
+        self.latent_cache, self.text_cache = latent_cache, text_cache
+
+    def __len__(self) -> int:
+        return len(self.index.samples)
+
+    def __getitem__(self, key: SampleKey | tuple[int, int]) -> dict[str, Any]:
+        epoch, sid = key
+        item_idx = self.index.samples[sid]
+        item, cfg = self.index.items[item_idx], self.cfg
+        flip = cfg.flip_aug and bool(_rng(self.seed, epoch, sid, _FLIP).random() < 0.5)
+        out: dict[str, Any] = {"path": str(item.path), "sample": sid, "is_reg": item.is_reg}
+        if self.latent_cache is not None:
+            out["latents"] = self.latent_cache.get(item_idx, flip)
+            offset = crop_offset(item.assignment.resized, item.assignment.bucket, None)
+        else:
+            crop_rng = _rng(self.seed, epoch, sid, _CROP) if cfg.random_crop else None
+            out["pixel_values"], offset = image_tensor(item, flip, crop_rng)
+        caption_rng = _rng(self.seed, epoch, sid, _CAPTION)
+        out["caption"] = cap.process_caption(
+            item.caption,
+            caption_rng,
+            shuffle=cfg.shuffle_caption,
+            keep_tokens=cfg.keep_tokens,
+            tag_dropout_rate=cfg.caption_tag_dropout_rate,
+            dropout_rate=cfg.caption_dropout_rate,
+        )
+        if self.text_cache is not None:
+            out["text"] = self.text_cache.get(item_idx)
+        out["loss_weight"] = cfg.prior_loss_weight if item.is_reg else 1.0
+        # SDXL's size conditioning, (height, width) order as diffusers; the crop is in resized pixels.
+        w, h = item.size
+        out["original_size"], out["crop_top_left"] = (h, w), (offset[1], offset[0])
+        out["target_size"] = (item.assignment.bucket[1], item.assignment.bucket[0])
+        return out
+
+
+def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors (one bucket per batch, so shapes agree); keep strings and tuples as lists."""
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if isinstance(values[0], torch.Tensor):
+            out[key] = torch.stack(values)
+        elif isinstance(values[0], dict):
+            out[key] = {k: torch.stack([v[k] for v in values]) for k in values[0]}
+        elif key == "loss_weight":
+            out[key] = torch.tensor(values, dtype=torch.float32)
+        else:
+            out[key] = values
+    return out

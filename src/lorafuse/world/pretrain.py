@@ -1,6 +1,7 @@
 """`lorafuse world pretrain`: train the built-in base model on the world, in resumable stages.
 
 1. VAE on rendered images (reconstruction + a small KL term), then its latent scale is measured.
+   1b. The decoder alone is fine-tuned longer on every style (encoder frozen, latents unchanged).
 2. Latents of the whole training pool are cached once (the UNet never sees pixels again).
 3. UNet + text encoder on cached latents with captions, min-SNR-5 weighting, 10 % empty captions (for CFG),
    EMA weights. Checkpoints every `ckpt_every` steps (safetensors + a weights-only torch state), so a killed
@@ -90,6 +91,37 @@ def train_vae(cfg: PretrainConfig, pool: Pool) -> AutoencoderKL:
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
     _save_safetensors(vae, done)
+    return vae
+
+
+def finetune_decoder(cfg: PretrainConfig, vae: AutoencoderKL, pool: Pool, steps: int, lr: float = 3e-4,
+                     batch: int = 16) -> AutoencoderKL:
+    """1b. Decoder-only fine-tune with the encoder frozen, so cached latents stay valid (as SD's ft-MSE VAE).
+
+    Run on a pool with every style and individual, held-out ones included: the autoencoder is not the
+    generative prior (the UNet and text encoder never see held-out factors), and a decoder that cannot draw a
+    held-out style would make a style LoRA for it impossible to judge.
+    """
+    path = Path(cfg.work_dir) / "vae_decoder_ft.safetensors"
+    if path.exists():
+        vae.load_state_dict(load_file(str(path)))
+        return vae
+    gen = torch.Generator().manual_seed(cfg.seed + 7)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    for _ in tqdm(range(steps), desc="decoder", mininterval=10):
+        idx = torch.randint(0, len(pool), (batch,), generator=gen).numpy()
+        x = to_tensor(pool.images[idx])
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    _save_safetensors(vae, path)
     return vae
 
 

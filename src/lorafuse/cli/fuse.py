@@ -1,0 +1,175 @@
+"""`lorafuse fuse`: fuse a content and a style LoRA and write the images, a labelled grid and a JSON record.
+
+lorafuse fuse --content C.safetensors --style S.safetensors --method klora --prompt "..." --out DIR
+              [--base world|PATH] [--set opt=value ...] [--config method.toml] [--steps 25 --seed 0 ...]
+lorafuse fuse ... --method all      every registered method with the same seeds, side by side in one grid
+
+Each method is one call of `lorafuse.fuse`. With `--method all`, `--set` options go to the methods that have
+them, `--config` holds one table per method (`[klora]`, `[switch]`, ...), and a method that cannot run with
+these inputs (e.g. ZipLoRA without reference images) is skipped with its reason in the record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from lorafuse.errors import ConfigError, UserInputError
+
+ALL = "all"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("fuse", help="fuse a content and a style LoRA and sample images")
+    p.add_argument("--content", type=Path, required=True, help="content (subject) LoRA file")
+    p.add_argument("--style", type=Path, required=True, help="style LoRA file")
+    p.add_argument("--method", default="klora", help="a fusion method name, or 'all' (default: klora)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--base", default="world", help="world (default), sd15-tiny, sdxl-tiny, a folder or a checkpoint"
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="OPT=VALUE", help="a method option; repeatable"
+    )
+    p.add_argument(
+        "--config", type=Path, help="TOML file of method options ([method] tables with --method all)"
+    )
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduler", default="ddim", help="ddim (default), euler or dpmpp")
+    p.add_argument(
+        "--allow-pickle", action="store_true", help="also read .ckpt/.pt/.bin (torch.load weights_only)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_fuse)
+
+
+def parse_sets(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserInputError(f"--set {item!r}: expected OPTION=VALUE, e.g. --set selection=random")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _method_tables(path: Path, methods: list[str]) -> dict[str, dict[str, Any]]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    unknown = sorted(k for k in data if k not in methods)
+    bad = sorted(k for k, v in data.items() if not isinstance(v, dict))
+    if unknown or bad:
+        raise ConfigError(
+            f"{path}: with --method all the file holds one table per method ({', '.join(methods)}); "
+            f"found {', '.join(unknown or bad)}"
+        )
+    return data
+
+
+def _options_per_method(methods: list[str], sets: dict[str, str], config: Path | None) -> dict[str, Any]:
+    """(config, options) per method for --method all; a --set key that no method has is an error."""
+    from lorafuse.fusion.registry import get_method
+
+    tables = _method_tables(config, methods) if config else {}
+    fields = {m: set(get_method(m).config_cls.__dataclass_fields__) for m in methods}
+    unused = sorted(k for k in sets if not any(k in f for f in fields.values()))
+    if unused:
+        raise UserInputError(f"--set {', '.join(unused)}: no fusion method has such an option")
+    return {m: {**tables.get(m, {}), **{k: v for k, v in sets.items() if k in fields[m]}} for m in methods}
+
+
+def cmd_fuse(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from lorafuse.eval.picture import labelled_grid, save_image
+    from lorafuse.fusion.api import fuse, load_base, method_config
+    from lorafuse.fusion.registry import method_names
+    from lorafuse.utils.atomic import atomic_write_text
+
+    sets = parse_sets(args.set)
+    methods = method_names() if args.method == ALL else [args.method]
+    # Options first, for every method: a typo fails before the base model loads or anything samples.
+    skipped: dict[str, str] = {}
+    if args.method == ALL:
+        options = _options_per_method(methods, sets, args.config)
+        configs = {m: (None, options[m]) for m in methods}
+        for method in methods:
+            try:
+                method_config(method, None, options[method])
+            except ConfigError as e:  # a typo or a wrong type: the user's mistake, stop
+                raise ConfigError(f"{args.config or '--set'}: {e}") from None
+            except UserInputError as e:  # e.g. ZipLoRA without reference images: this method cannot run
+                skipped[method] = str(e)
+                print(f"skipped {method}: {e}", file=sys.stderr)
+        methods = [m for m in methods if m not in skipped]
+    else:
+        configs = {args.method: (args.config, sets)}
+        method_config(args.method, args.config, sets)
+    pipe = load_base(args.base)
+    common = dict(
+        prompt=args.prompt, base=pipe, negative_prompt=args.negative_prompt, num_images=args.num_images,
+        steps=args.steps, guidance=args.guidance, seed=args.seed, scheduler=args.scheduler,
+        progress=not args.no_progress, allow_pickle=args.allow_pickle,
+    )  # fmt: skip
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows, labels, records = [], [], {}
+    for method in tqdm(methods, desc="methods", disable=args.no_progress or len(methods) == 1):
+        config, opts = configs[method]
+        try:
+            cfg = method_config(method, config, opts)
+            result = fuse(args.content, args.style, method=method, config=cfg, **common)
+        except UserInputError as e:
+            if args.method != ALL:
+                raise
+            skipped[method] = str(e)
+            print(f"skipped {method}: {e}", file=sys.stderr)
+            continue
+        result.record["base"] = args.base  # the pipeline object was passed in; record what the user named
+        images = result.uint8()
+        for k, image in enumerate(images):
+            save_image(_pil(image), args.out / f"{method}_{k:02d}.png")
+        schedule = result.record["plan"].get("schedule")
+        if schedule is not None:  # K-LoRA's (layer x step) choices, as the paper's Figure 6
+            import torch
+
+            from lorafuse.fusion.klora_schedule import schedule_heatmap
+
+            table = torch.tensor(schedule["content"], dtype=torch.bool)
+            schedule_heatmap(table, args.out / f"{method}_schedule.png", layers=schedule["layers"])
+        rows.append(list(images))
+        labels.append(method)
+        records[method] = result.record
+    if not rows:
+        raise UserInputError(f"no method could run: {json.dumps(skipped)}")
+
+    seeds = [f"seed {args.seed + k}" for k in range(len(rows[0]))]
+    title = f"{args.content.name} + {args.style.name}: {args.prompt}"
+    save_image(labelled_grid(rows, labels, seeds, title=title[:120]), args.out / "grid.png")
+    record = records[methods[0]] if args.method != ALL else {"methods": records, "skipped": skipped}
+    atomic_write_text(args.out / "record.json", json.dumps(record, indent=1, ensure_ascii=False))
+    print(f"wrote {len(rows) * len(rows[0])} images, grid.png and record.json to {args.out}")
+    return 0
+
+
+def _pil(image):
+    from PIL import Image
+
+    return Image.fromarray(image)

@@ -1,0 +1,214 @@
+"""`lorafuse.fuse`: one call from two LoRA files to images, with any registered fusion method.
+
+    result = lorafuse.fuse(content="dog.safetensors", style="watercolor.safetensors", method="klora",
+                           prompt="a sks dog in watercolor style", base="world", steps=25, seed=0)
+    result.images          # (N, H, W, 3) floats in [0, 1]
+    result.record          # JSON-ready: method, typed options, LoRAs, sampling settings, plan diagnostics, timings
+
+Everything that can be wrong is checked before any sampling, in this order, each error naming the method and the
+file or option: the method and its options (typed config, TOML file and keyword overrides), the base model,
+the sampling arguments, then each LoRA (readable, finite, keys and shapes fitting this base: two LoRAs made for
+different bases fail on the one that does not fit). The base pipeline is restored exactly afterwards, also
+after an error (`FusionPlan.close`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lorafuse.config.toml_io import load_config
+from lorafuse.errors import ConfigError, UserInputError
+from lorafuse.fusion.common import check_finite, lora_label, require_clean_base
+from lorafuse.fusion.registry import FusionConfig, get_method
+from lorafuse.lora.state import LoraState
+
+LoraInput = str | os.PathLike | LoraState
+
+
+@dataclass(frozen=True)
+class FuseResult:
+    """images: (N, H, W, 3) float32 in [0, 1], prompt-major (image k from seed + k). record: JSON-ready."""
+
+    images: np.ndarray
+    record: dict[str, Any]
+
+    def uint8(self) -> np.ndarray:
+        return (np.clip(self.images, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def method_config(
+    method: str,
+    config: FusionConfig | str | os.PathLike | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> FusionConfig:
+    """The typed, validated options of `method`: defaults, then `config` (a config object or a TOML file), then
+    `options` (keyword values, or strings from the command line such as "0.5" or "random"). Unknown keys and
+    values out of range are errors naming the method, the file and the option."""
+    cls = get_method(method).config_cls
+    options = dict(options or {})
+    if isinstance(config, FusionConfig):
+        # a config object may hold values TOML cannot (an image, loaded mergers): replace, no round trip
+        if not isinstance(config, cls):
+            raise UserInputError(f"{method}: expected a {cls.__name__}, got a {type(config).__name__}")
+        unknown = sorted(set(options) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"{method}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: "
+                              f"{', '.join(sorted(cls.__dataclass_fields__))}")  # fmt: skip
+        cfg = dataclasses.replace(config, **options)
+        cfg.validate(method)
+        return cfg
+    try:
+        cfg = load_config(cls, None if config is None else Path(config), overrides=options or None)
+        cfg.validate(method)
+    except ConfigError as e:
+        raise ConfigError(f"{method}: {e}") from None
+    return cfg
+
+
+def load_base(base: Any) -> Any:
+    """A pipeline as is; a name or path through `models.load.load_base_pipeline` (nothing downloads)."""
+    if not isinstance(base, str | os.PathLike):
+        if not hasattr(base, "unet"):
+            raise UserInputError(
+                f"base must be a diffusers pipeline, a folder, a file or a name; got {base!r}"
+            )
+        return base
+    from lorafuse.models.load import load_base_pipeline
+
+    return load_base_pipeline(os.fspath(base))
+
+
+def load_pair(pipe: Any, content: LoraInput, style: LoraInput, method: str, *, allow_pickle: bool = False
+              ) -> tuple[LoraState, LoraState, list[str]]:  # fmt: skip
+    """Read and check both LoRAs against `pipe`; returns them and the coverage warnings."""
+    from lorafuse.lora.inject import pipeline_arch
+    from lorafuse.lora.io import load_lora
+    from lorafuse.lora.validate import validate_lora
+
+    arch = pipeline_arch(pipe)
+    states, warnings = [], []
+    for given, role in ((content, "content"), (style, "style")):
+        try:
+            if isinstance(given, LoraState):
+                state = given
+            elif isinstance(given, str | os.PathLike):
+                state = load_lora(given, allow_pickle=allow_pickle, base=pipe)
+            else:
+                raise UserInputError(
+                    f"{role} must be a LoRA file path or a LoraState, got {type(given).__name__}"
+                )
+            check_finite(state, role)
+            report = validate_lora(state, pipe, arch=arch)
+        except UserInputError as e:
+            raise type(e)(f"{method}: {role} LoRA: {e}") from None
+        warnings += report.warnings
+        states.append(state)
+    return states[0], states[1], warnings
+
+
+def describe(state: LoraState, role: str) -> dict[str, Any]:
+    ranks = sorted({m.rank for m in state.modules.values()})
+    return {
+        "role": role, "source": lora_label(state, role), "format": state.source_format,
+        "modules": len(state.modules), "components": sorted(state.components()), "ranks": ranks,
+    }  # fmt: skip
+
+
+def fuse(
+    content: LoraInput,
+    style: LoraInput,
+    *,
+    prompt: str | Sequence[str],
+    method: str = "klora",
+    base: Any = "world",
+    negative_prompt: str | Sequence[str] | None = None,
+    num_images: int = 1,
+    steps: int = 25,
+    guidance: float = 7.5,
+    seed: int = 0,
+    scheduler: str | None = "ddim",
+    height: int | None = None,
+    width: int | None = None,
+    config: FusionConfig | str | os.PathLike | None = None,
+    progress: bool = True,
+    allow_pickle: bool = False,
+    **method_options: Any,
+) -> FuseResult:
+    """Fuse a content and a style LoRA with `method` and sample images (see the module docstring).
+
+    content, style: LoRA files (.safetensors) or `LoraState`s. base: "world" (the built-in model), another name
+    of `models.load.BUILTIN_BASES`, a diffusers folder or checkpoint, or a pipeline (restored afterwards).
+    config: the method's typed config or a TOML file of its options; `method_options` override single options
+    (content_weight, style_weight, and each method's own, e.g. klora's selection="random").
+    seed: image k starts from noise seeded `seed + k`, so every method sees the same noise for the same seed.
+    """
+    from lorafuse import __version__
+    from lorafuse.fusion.sampling import check_inputs, sample
+
+    # 1. Check inputs, before any compute: method and options, base, sampling arguments, LoRAs
+    fusion = get_method(method)
+    cfg = method_config(method, config, method_options)
+    pipe = load_base(base)
+    factor = pipe.vae_scale_factor
+    height = pipe.unet.config.sample_size * factor if height is None else height
+    width = pipe.unet.config.sample_size * factor if width is None else width
+    try:
+        check_inputs(pipe, prompt, negative_prompt, num_images, steps, guidance, scheduler, height, width,
+                     None, "diffusers", None, (), "np")  # fmt: skip
+    except UserInputError as e:
+        raise UserInputError(f"{method}: {e}") from None
+    require_clean_base(pipe, method)
+    content_state, style_state, warnings = load_pair(pipe, content, style, method, allow_pickle=allow_pickle)
+
+    # 2. Plan (inject / fuse / precompute), sample, always restore the base
+    t0 = time.perf_counter()
+    plan = fusion().plan(pipe, content_state, style_state, cfg)
+    try:
+        t1 = time.perf_counter()
+        result = sample(
+            pipe, prompt, negative_prompt=negative_prompt, num_images=num_images, steps=steps,
+            guidance=plan.guidance(float(guidance)), seed=seed, scheduler=scheduler, height=height, width=width,
+            hooks=plan.hooks, output="np", progress=progress,
+        )  # fmt: skip
+        t2 = time.perf_counter()
+    finally:
+        plan.close()
+
+    record = {
+        "lorafuse": __version__,
+        "method": method,
+        "summary": fusion.summary,
+        "options": options_record(cfg),
+        "base": os.fspath(base) if isinstance(base, str | os.PathLike) else type(pipe).__name__,
+        "loras": [describe(content_state, "content"), describe(style_state, "style")],
+        "coverage_warnings": warnings,
+        "sampling": result.settings,
+        "plan": plan.record,
+        "timings_s": {"plan": round(t1 - t0, 4), "sample": round(t2 - t1, 4)},
+    }
+    return FuseResult(np.asarray(result.images, dtype=np.float32), record)
+
+
+def options_record(cfg: FusionConfig) -> dict[str, Any]:
+    """JSON-ready options: plain values as they are, paths as strings, anything else (an image, a tensor) by
+    its type name only."""
+    out: dict[str, Any] = {}
+    for name in cfg.__dataclass_fields__:
+        value = getattr(cfg, name)
+        if value is None or isinstance(value, bool | int | float | str):
+            out[name] = value
+        elif isinstance(value, os.PathLike):
+            out[name] = os.fspath(value)
+        elif isinstance(value, list | tuple) and all(isinstance(v, bool | int | float | str) for v in value):
+            out[name] = list(value)
+        else:
+            out[name] = f"<{type(value).__name__}>"
+    return out

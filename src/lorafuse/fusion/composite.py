@@ -1,0 +1,75 @@
+"""LoRA Composite (Multi-LoRA Composition, Zhong et al. 2024; algorithms.md §3): at every step each LoRA a runs
+the CFG batch with only a active, and the guided predictions are averaged:
+    ε̂ = mean_a [ε_u^a + g (ε_c^a − ε_u^a)]          (`guidance.CompositeGuidance`)
+Costs N guided forwards per step (N = 2: content, style). Notation: `w_c` / `w_s` scale each LoRA's ΔW in its
+own forward. As in Switch, the UNet part is what alternates (mechanism "swap": precomputed fused weights, a
+pointer swap around each forward; or "adapter"); the text-encoder parts act together as w_c ΔW_c + w_s ΔW_s,
+since prompts are encoded once before step 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from lorafuse.errors import UserInputError
+from lorafuse.fusion.common import check_weights, require_clean_base
+from lorafuse.fusion.registry import FusionConfig, FusionMethod, FusionPlan, register
+from lorafuse.fusion.switch import unet_variants
+from lorafuse.fusion.variants import BASE, MECHANISMS, LayerVariants
+from lorafuse.guidance.cfg import ClassifierFreeGuidance, CompositeGuidance
+from lorafuse.lora.state import LoraState
+
+ADAPTER_NAMES = ("composite_content", "composite_style")
+
+
+@dataclass
+class CompositeConfig(FusionConfig):
+    mechanism: Literal["swap", "adapter"] = "swap"
+
+    def validate(self, method: str) -> None:
+        super().validate(method)
+        if self.mechanism not in MECHANISMS:
+            raise UserInputError(f"{method}: option mechanism={self.mechanism!r} must be 'swap' or 'adapter'")
+
+
+def only(variants: LayerVariants, variant: int) -> Callable[[], contextlib.AbstractContextManager[None]]:
+    """A context factory: inside, every switched layer applies LoRA `variant` only; outside, the base."""
+
+    @contextlib.contextmanager
+    def active() -> Iterator[None]:
+        variants.select_all(variant)
+        try:
+            yield
+        finally:
+            variants.select_all(BASE)
+
+    return active
+
+
+@register
+class Composite(FusionMethod):
+    name = "composite"
+    config_cls = CompositeConfig
+    summary = "LoRA Composite: each LoRA's guided prediction every step, averaged (N forwards per step)"
+
+    def plan(self, pipe: Any, content: LoraState, style: LoraState, config: FusionConfig) -> FusionPlan:
+        if not isinstance(config, CompositeConfig):
+            raise UserInputError(f"{self.name}: expected a CompositeConfig, got {type(config).__name__}")
+        config.validate(self.name)
+        check_weights(config.content_weight, config.style_weight, self.name)
+        require_clean_base(pipe, self.name)
+        plan = FusionPlan(record={
+            "method": self.name, "order": ["content", "style"], "mechanism": config.mechanism,
+            "content_weight": config.content_weight, "style_weight": config.style_weight,
+        })  # fmt: skip
+        try:
+            variants = unet_variants(pipe, content, style, config, ADAPTER_NAMES, plan.record, plan.undo)
+        except BaseException:
+            plan.close()
+            raise
+        contexts = [only(variants, 0), only(variants, 1)]
+        plan.guidance = lambda scale: CompositeGuidance(ClassifierFreeGuidance(scale), contexts)
+        return plan

@@ -1,0 +1,143 @@
+"""Load a base model for training or sampling: a diffusers folder, a single-file checkpoint, or a built-in name.
+
+Names, checked in this order:
+    world         the built-in world base model (world/base_model.py); while its trained weights are not
+                  installed, the same architecture with fixed random weights, with a warning
+    world-random  always that random-weight world pipeline (tests, benchmarks: independent of shipped weights)
+    sd15-tiny, sdxl-tiny   tiny random-weight SD1.5 / SDXL pipelines (models/tiny.py)
+    a folder with model_index.json    `DiffusionPipeline.from_pretrained`
+    a .safetensors file               `StableDiffusion(XL)Pipeline.from_single_file`
+    "owner/name"                      a Hugging Face repo id, from the local cache only (nothing downloads)
+Nothing here downloads: `from_single_file` needs the model's diffusers config, which diffusers takes from the
+local Hugging Face cache; without it the error says how to convert the checkpoint to a folder instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lorafuse.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_BASES = ("world", "world-random", "sd15-tiny", "sdxl-tiny")
+WORLD_RANDOM_SEED = 0
+
+
+def world_random_pipeline(seed: int = WORLD_RANDOM_SEED):
+    """The built-in world architecture with seeded random weights (the same weights for the same seed)."""
+    from diffusers import StableDiffusionPipeline
+
+    from lorafuse.world.base_model import fresh_components, world_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="lorafuse-world-tok-") as tmp:
+        tokenizer = world_tokenizer(tmp)  # the tokenizer reads its files once; the folder may go
+    with torch.random.fork_rng(devices=[]):  # building a base must not shift the caller's random stream
+        torch.manual_seed(seed)
+        comps = fresh_components(tokenizer)
+    for name in ("vae", "unet", "text_encoder"):
+        comps[name].eval()  # as from_pretrained leaves them
+    return StableDiffusionPipeline(
+        **comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+
+
+def _world_pipeline():
+    from lorafuse.world.base_model import default_base_path, load_world_pipeline
+
+    if (default_base_path() / "model_index.json").is_file():
+        return load_world_pipeline()
+    log.warning(
+        "the built-in world base model's trained weights are not installed (%s): using the world "
+        "architecture with random weights, which is fine for testing the pipeline but learns nothing useful",
+        default_base_path(),
+    )
+    return world_random_pipeline()
+
+
+def _single_file(path: Path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise UserInputError(f"{path}: not a readable safetensors checkpoint: {e}") from e
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        raise UserInputError(
+            f"{path}: not a Stable Diffusion checkpoint (no model.diffusion_model.* weights); is it a LoRA?"
+        )
+    sdxl = any(k.startswith("conditioner.embedders.1.") for k in keys)
+    cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    try:
+        return cls.from_single_file(str(path), local_files_only=True)
+    except (
+        Exception
+    ) as e:  # diffusers raises several types here; all mean "cannot build the pipeline offline"
+        raise UserInputError(
+            f"{path}: from_single_file could not build a {'SDXL' if sdxl else 'SD1.5'} pipeline offline ({e}). "
+            "It needs the model's diffusers config from the local Hugging Face cache; alternatively convert the "
+            "checkpoint once to a diffusers folder (pipe.save_pretrained) and train on that folder."
+        ) from e
+
+
+def load_base_pipeline(name_or_path: str):
+    """A diffusers pipeline for `name_or_path` (see the module docstring), progress bars off, modules in eval."""
+    if name_or_path == "world":
+        pipe = _world_pipeline()
+    elif name_or_path == "world-random":
+        pipe = world_random_pipeline()
+    elif name_or_path in ("sd15-tiny", "sdxl-tiny"):
+        from lorafuse.models.tiny import tiny_pipeline
+
+        pipe = tiny_pipeline(name_or_path.removesuffix("-tiny"))
+    else:
+        pipe = _from_path(name_or_path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _no_safety_checker(model_index: Path) -> dict:
+    """SD1.5 pipelines take safety_checker=None (training needs no NSFW filter); SDXL has no such argument."""
+    import json
+
+    index = json.loads(model_index.read_text())
+    return {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+
+
+def _from_path(name_or_path: str):
+    from diffusers import DiffusionPipeline
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            found = ", ".join(sorted(p.name for p in path.iterdir())[:6]) or "nothing"
+            raise UserInputError(
+                f"{path}: not a diffusers pipeline folder (no model_index.json; it holds {found}). Give a diffusers "
+                f"folder, a .safetensors checkpoint file, or one of {', '.join(BUILTIN_BASES)}"
+            )
+        return DiffusionPipeline.from_pretrained(path, **_no_safety_checker(path / "model_index.json"))
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            raise UserInputError(
+                f"{path}: lorafuse loads single-file checkpoints as .safetensors only ({path.suffix} files are "
+                "pickles that can run code when loaded); convert it to .safetensors first"
+            )
+        return _single_file(path)
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
+        try:
+            return DiffusionPipeline.from_pretrained(name_or_path, local_files_only=True)
+        except Exception as e:  # hub errors come in many types; all mean "not in the local cache"
+            raise UserInputError(
+                f"{name_or_path}: no such folder, and not in the local Hugging Face cache (lorafuse never "
+                f"downloads): {e}"
+            ) from e
+    raise UserInputError(
+        f"{name_or_path}: no such file or folder; give a diffusers pipeline folder, a .safetensors checkpoint, "
+        f"or one of {', '.join(BUILTIN_BASES)}"
+    )

@@ -116,7 +116,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = ws.add_parser("pretrain", help="pretrain the built-in base model (VAE, text encoder, UNet); resumable")
     q.add_argument("--work", default="out/world_work", help="work folder: caches, checkpoints, logs")
     q.add_argument("--vae-steps", type=int, default=1200)
-    q.add_argument("--unet-steps", type=int, default=10000)
+    q.add_argument("--unet-steps", type=int, default=5000)
     q.add_argument("--batch", type=int, default=32)
     q.add_argument("--pool", type=int, default=48000)
     q.add_argument("--oracle", default=None, help="oracle weights for the accuracy curve (default: shipped)")

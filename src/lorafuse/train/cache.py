@@ -208,7 +208,15 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 def encode_text(
     tokenizers: Sequence, text_encoders: Sequence[nn.Module], captions: list[str], clip_skip: int = 1
 ) -> dict[str, torch.Tensor]:
-    """Prompt embeddings as the UNet gets them, for SD1.5 (one encoder) or SDXL (two).
+    """`text_embeddings` without autograd: for caches and frozen text encoders."""
+    return text_embeddings(tokenizers, text_encoders, captions, clip_skip)
+
+
+def text_embeddings(
+    tokenizers: Sequence, text_encoders: Sequence[nn.Module], captions: list[str], clip_skip: int = 1
+) -> dict[str, torch.Tensor]:
+    """Prompt embeddings as the UNet gets them, for SD1.5 (one encoder) or SDXL (two); differentiable, so a
+    trained text-encoder LoRA and the cache share one definition.
 
     SD1.5: hidden states of layer -clip_skip (kohya numbering), through the final layer norm as kohya and A1111
     do -> {"encoder_hidden_states": (B, 77, D)}. SDXL: both encoders' penultimate hidden states concatenated,

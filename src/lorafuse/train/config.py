@@ -20,15 +20,18 @@ from lorafuse.config.checks import bad as _bad
 from lorafuse.config.checks import check_positive as _positive
 from lorafuse.config.checks import check_rates as _rates
 from lorafuse.config.toml_io import load_config
+from lorafuse.lora.presets import PRESET_NAMES
 from lorafuse.train.config_optim import LossConfig, OptimizerConfig, SchedulerConfig
 
-# Names the LoRA injector resolves to module patterns; anything else in `layers` must be a list of regexes.
-LAYER_PRESETS = ("default", "attn", "all")
+# Preset names `lora.presets.resolve_layers` knows; anything else in `layers` must be a list of regexes.
+LAYER_PRESETS = PRESET_NAMES
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    # base model: a diffusers folder, a .safetensors checkpoint, or world / world-random / sd15-tiny / sdxl-tiny
     pretrained_model_name_or_path: str
+    # train with v-prediction targets (SD2.x-v style bases); on if the base's scheduler says so
     v_parameterization: bool = False
     # kohya / A1111 numbering: 1 = last layer, 2 = penultimate. diffusers' `clip_skip` is this minus 1.
     clip_skip: int = 1
@@ -46,31 +49,52 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DatasetConfig:
+    # folder of '<repeats>_<trigger> <class>' subfolders with images and captions (kohya layout)
     train_data_dir: Path
+    # regularisation images, same layout; balanced against the training images as kohya does
     reg_data_dir: Path | None = None
+    # training side length in pixels (a multiple of 8); the bucket area with enable_bucket
     resolution: int = 512
+    # caption file beside each image: 001.png -> 001.txt
     caption_extension: Literal[".txt", ".caption"] = ".txt"
+    # shuffle the comma-separated tags every epoch (after the first keep_tokens)
     shuffle_caption: bool = False
+    # leading tags kept in place by shuffle_caption and tag dropout
     keep_tokens: int = 0
+    # probability of training a sample with an empty caption
     caption_dropout_rate: float = 0.0
+    # probability of dropping each tag (not the kept ones)
     caption_tag_dropout_rate: float = 0.0
     # Caption for images without a caption file; None = the folder's "<trigger> <class>" tokens.
     class_tokens: str | None = None
     # Prepended as the first tag of every caption not already containing it (so keep_tokens = 1 keeps it first).
     trigger: str | None = None
+    # random horizontal flips
     flip_aug: bool = False
+    # random instead of centre crops (not with cache_latents)
     random_crop: bool = False
+    # aspect-ratio buckets instead of square crops
     enable_bucket: bool = False
+    # smallest bucket side in pixels
     min_bucket_reso: int = 256
+    # largest bucket side in pixels
     max_bucket_reso: int = 1024
+    # bucket sides are multiples of this
     bucket_reso_steps: int = 64
+    # never enlarge an image to fill a bucket
     bucket_no_upscale: bool = False
+    # encode every image with the VAE once, before training
     cache_latents: bool = False
+    # keep the latent cache in safetensors files beside the images (or in cache_dir)
     cache_latents_to_disk: bool = False
     cache_dir: Path | None = None  # None: cache files beside the images, as kohya's .npz files
+    # encode every caption once (needs network_train_unet_only, fixed captions)
     cache_text_encoder_outputs: bool = False
+    # keep the text-encoder cache on disk
     cache_text_encoder_outputs_to_disk: bool = False
+    # an image that does not decode: stop with an error (fail) or leave it out (skip)
     on_bad_image: Literal["fail", "skip"] = "fail"
+    # loss weight of regularisation images
     prior_loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
@@ -114,15 +138,25 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class NetworkConfig:
+    # LoRA rank r of Linear and 1x1 conv layers
     network_dim: int = 4
+    # LoRA alpha: the update is scaled by alpha / r
     network_alpha: float = 1.0
+    # dropout on the LoRA branch (peft's lora_dropout, on its input)
     network_dropout: float = 0.0
     conv_dim: int | None = None  # LoCon-style 3x3 conv layers; None = linear and 1x1 layers only
+    # alpha of 3x3 conv layers (kohya's default 1 when conv_dim is set)
     conv_alpha: float | None = None
-    layers: str | tuple[str, ...] = "default"  # a preset name, or regexes over module names
-    block_dims: tuple[int, ...] | None = None  # per UNet block, kohya order IN00..IN11, MID, OUT00..OUT11
+    # a preset: default (kohya's LoRA), attn, all (LoCon), blora_content, blora_style, craft_content, craft_style
+    # (lora/presets.py); or regexes, re.search-ed against UNet module paths
+    layers: str | tuple[str, ...] = "default"
+    # rank per UNet block in kohya's order IN00.., MID, OUT00.. (25 for SD1.5, 19 SDXL, 13 world); 0 = no LoRA
+    block_dims: tuple[int, ...] | None = None
+    # per-block alphas, same order and length as block_dims
     block_alphas: tuple[float, ...] | None = None
+    # no text-encoder LoRA
     network_train_unet_only: bool = False
+    # no UNet LoRA
     network_train_text_encoder_only: bool = False
 
     def __post_init__(self) -> None:
@@ -169,22 +203,37 @@ class NetworkConfig:
 @dataclass(frozen=True)
 class TrainingConfig:
     max_train_epochs: int | None = None  # when set, decides the total steps instead of max_train_steps
+    # optimizer steps of the run (unless max_train_epochs is set)
     max_train_steps: int = 1600
+    # images per batch (per process)
     train_batch_size: int = 1
+    # batches per optimizer step
     gradient_accumulation_steps: int = 1
+    # recompute activations in the backward pass: less memory, slower
     gradient_checkpointing: bool = False
+    # compute dtype of the frozen base: no (float32), fp16, bf16; LoRA weights stay float32
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # seeds data order, augmentation, noise, timesteps and the LoRA's initial weights
     seed: int = 42
+    # where LoRA files, states, logs, samples and the effective config go
     output_dir: Path = Path("output")
+    # file name stem: NAME.safetensors, NAME-000001.safetensors, NAME-step00000100.safetensors
     output_name: str = "last"
+    # save a LoRA file every N epochs (the last epoch is the final file)
     save_every_n_epochs: int | None = None
+    # save a LoRA file every N optimizer steps
     save_every_n_steps: int | None = None
+    # with every save, also write a resumable state folder (NAME-...-state)
     save_state: bool = False
     resume: Path | None = None  # a state folder written with save_state
+    # render sample_prompts every N epochs into samples/NAME-eNNNNNN.png
     sample_every_n_epochs: int | None = None
+    # prompts for the sample grids
     sample_prompts: tuple[str, ...] = ()
+    # denoising steps per sample
     sample_steps: int = 20
-    logging: Literal["none", "jsonl", "tensorboard"] = "jsonl"
+    # csv: loss and LR per step in logs/NAME.csv and a PNG plot; jsonl: also a .jsonl; tensorboard: also tensorboard; none
+    logging: Literal["csv", "jsonl", "tensorboard", "none"] = "csv"
 
     def __post_init__(self) -> None:
         as_paths(self, "output_dir", "resume")

@@ -15,11 +15,15 @@ HUBER_SCHEDULE_DEFAULT = "snr"  # kohya's default huber_schedule
 
 @dataclass(frozen=True)
 class OptimizerConfig:
+    # AdamW (torch), AdamW8bit (bitsandbytes), Adafactor (transformers), Prodigy (prodigyopt)
     optimizer_type: Literal["AdamW", "AdamW8bit", "Adafactor", "Prodigy"] = "AdamW"
+    # peak learning rate (of both parts unless unet_lr / text_encoder_lr are set)
     learning_rate: float = 1e-4
     unet_lr: float | None = None  # None: learning_rate
     text_encoder_lr: float | None = None  # None: learning_rate
+    # decoupled weight decay
     weight_decay: float = 0.01
+    # Adam betas
     betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float = 1.0  # 0 disables clipping, as in kohya
 
@@ -39,6 +43,7 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
+    # learning-rate schedule over the optimizer steps (diffusers' get_scheduler)
     lr_scheduler: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant"
@@ -65,14 +70,20 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
+    # l2 (MSE), l1, huber (pseudo-Huber) or smooth_l1, on the ε or v prediction
     loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = "l2"
     # None = not set (kohya's 0.1 / 'snr' apply), so that setting either with l2 or l1 can be warned about.
     huber_c: float | None = None
+    # how c changes with the timestep: constant, exponential, snr
     huber_schedule: Literal["constant", "exponential", "snr"] | None = None
     min_snr_gamma: float | None = None  # 5 is typical
+    # kohya's noise offset: a per-channel constant added to the noise (SDXL base used 0.0357)
     noise_offset: float = 0.0
+    # smallest training timestep (inclusive)
     min_timestep: int = 0
+    # largest training timestep (exclusive)
     max_timestep: int = 1000
+    # sample noisy timesteps more often (content) or clean ones (style), cubic bias
     timestep_bias: Literal["none", "content", "style"] = "none"
 
     def __post_init__(self) -> None:

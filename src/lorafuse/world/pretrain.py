@@ -47,7 +47,7 @@ class PretrainConfig:
     vae_steps: int = 1200
     vae_batch: int = 16
     vae_lr: float = 1e-3
-    unet_steps: int = 10000
+    unet_steps: int = 5000
     unet_batch: int = 32
     unet_lr: float = 1e-3
     warmup: int = 300

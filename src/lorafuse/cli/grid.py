@@ -1,0 +1,56 @@
+"""`lorafuse grid CONFIG.toml`: sample and score a grid over LoRA weight, checkpoint, steps, guidance, base,
+fusion method, method options and seed (see `lorafuse.eval.grid_config` for the file). Rerunning continues: cells
+already in the output folder are kept."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from lorafuse.errors import UserInputError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("grid", help="sample and score a grid of settings (resumable)")
+    p.add_argument("config", type=Path, help="grid TOML file")
+    p.add_argument("--out", type=Path, help="output folder (default: the config's `out`, else <config>_grid)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. axes.steps=[10,20] or metrics.clip=/models/clip; repeatable",
+    )
+    p.add_argument("--report", action="store_true", help="also write report.html into the output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_grid)
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserInputError(f"--set {item!r}: expected KEY=VALUE, e.g. --set axes.steps=[10,20]")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    from lorafuse.eval.grid import run_grid
+    from lorafuse.eval.grid_config import load_grid_config
+
+    cfg = load_grid_config(args.config, parse_overrides(args.set) or None)
+    if args.out is not None:
+        cfg = dataclasses.replace(cfg, out=args.out)
+    result = run_grid(cfg, progress=not args.no_progress)
+    print(
+        f"{len(result.rows)} cells ({result.computed} sampled now, {result.reused} already done); "
+        f"{len(result.pages)} grid page(s), {result.csv.name} and {result.json.name} in {result.out}"
+    )
+    if args.report:
+        from lorafuse.eval.report import write_report
+
+        print(write_report(result.out))
+    return 0

@@ -1,0 +1,197 @@
+"""`lorafuse train CONFIG.toml [--set key=value ...] [--network_dim 8 ...]`: one call of `train_lora`.
+
+Every `TrainConfig` field is also a flag named as in kohya (`--network_dim`), so a kohya
+command line mostly carries over; `--set table.key=value` reaches the same fields by dotted name. Precedence:
+the TOML file, then `--set`, then the flags. The help text of each flag is the comment beside (or above) its
+field in train/config.py and train/config_optim.py, so documenting a field there documents the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import io
+import json
+import textwrap
+import tokenize
+import typing
+from pathlib import Path
+
+from lorafuse.errors import UserInputError
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> its documentation: the comment lines right above the field plus its trailing comment."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    lines = source.splitlines()
+    comments = {
+        tok.start[0]: tok.string.lstrip("#").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
+    docs = {}
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        above, line = [], node.lineno - 1
+        while line in comments and lines[line - 1].lstrip().startswith("#"):
+            above.insert(0, comments[line])
+            line -= 1
+        trailing = (
+            comments.get(node.end_lineno) if not lines[node.end_lineno - 1].lstrip().startswith("#") else None
+        )
+        docs[node.target.id] = " ".join([*above, *([trailing] if trailing else [])])
+    return docs
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    table: str  # "network"
+    name: str  # "network_dim"
+    type: typing.Any
+    default: typing.Any  # dataclasses.MISSING when required
+    doc: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.table}.{self.name}"
+
+    @property
+    def is_bool(self) -> bool:
+        return self.type is bool
+
+    @property
+    def is_sequence(self) -> bool:
+        args = (self.type, *typing.get_args(self.type))
+        return any(typing.get_origin(a) in (list, tuple) for a in args)
+
+
+def options() -> list[Option]:
+    """Every field of every table of `TrainConfig`, in declaration order."""
+    from lorafuse.train.config import TrainConfig
+
+    out = []
+    hints = typing.get_type_hints(TrainConfig)
+    for table in dataclasses.fields(TrainConfig):
+        cls = hints[table.name]
+        sub_hints, docs = typing.get_type_hints(cls), field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            out.append(Option(table.name, f.name, sub_hints[f.name], default, docs.get(f.name, "")))
+    return out
+
+
+def _help(opt: Option) -> str:
+    from lorafuse.config.toml_io import type_name
+
+    if opt.default is dataclasses.MISSING:
+        tail = "required"
+    elif opt.default is None:
+        tail = "default: unset"
+    else:
+        shown = opt.default.as_posix() if isinstance(opt.default, Path) else opt.default
+        tail = f"default: {json.dumps(shown) if isinstance(shown, (str, tuple, list)) else shown}"
+    text = f"{opt.doc + ' ' if opt.doc else ''}[{opt.key}: {type_name(opt.type)}; {tail}]"
+    return text.replace("%", "%%")  # argparse %-formats help strings
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a LoRA (kohya options, TOML config)",
+        usage="lorafuse train [CONFIG.toml] [--set KEY=VALUE ...] [--dry-run] [--no-progress] [--FIELD VALUE ...]",
+        description="Train a LoRA on a kohya-style dataset folder. Options come from CONFIG (TOML, one table per "
+        "group below), then --set, then the flags; every flag is also a TOML key, shown in brackets.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  lorafuse train examples/world_content_lora.toml\n"
+        "  lorafuse train run.toml --set network.network_dim=16 --max_train_steps 200\n"
+        "  accelerate launch -m lorafuse train run.toml   # several GPUs",
+    )
+    p.add_argument("config", nargs="?", type=Path, help="TOML config file (tables [model], [dataset], ...)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting by dotted name, e.g. --set network.network_dim=8 (repeatable)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="check the config and dataset, print the plan, exit"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    seen: set[str] = set()
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for opt in options():
+        if opt.name in seen:  # flags are the bare field names: they must stay unique across tables
+            raise RuntimeError(f"config field name {opt.name!r} appears in two tables; flags would collide")
+        seen.add(opt.name)
+        group = groups.setdefault(opt.table, p.add_argument_group(f"[{opt.table}]"))
+        kwargs: dict[str, typing.Any] = {"dest": f"cfg:{opt.key}", "default": None, "help": _help(opt)}
+        if opt.is_bool:
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        elif opt.is_sequence:
+            kwargs.update(nargs="+", metavar="VALUE")
+        else:
+            kwargs["metavar"] = "VALUE"
+        group.add_argument(f"--{opt.name}", **kwargs)
+    p.set_defaults(func=cmd_train)
+
+
+def _flag_value(opt: Option, value: typing.Any) -> str:
+    """A flag's argparse value as the override string `load_config` coerces."""
+    if not isinstance(value, list):
+        return value
+    from lorafuse.lora.presets import PRESET_NAMES
+
+    if opt.key == "network.layers" and len(value) == 1 and value[0] in PRESET_NAMES:
+        return value[0]  # a preset name; anything else in `layers` is a list of regexes
+    return json.dumps(value)  # a TOML array: prompts may contain commas
+
+
+def collect_overrides(args: argparse.Namespace) -> dict[str, str]:
+    by_name = {opt.name: opt for opt in options()}
+    by_key = {opt.key: opt for opt in options()}
+    overrides: dict[str, str] = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserInputError(f"--set {item!r}: expected KEY=VALUE, e.g. --set network.network_dim=8")
+        if key in by_name and "." not in key:
+            key = by_name[key].key  # a bare field name is unique across tables
+        overrides[key] = value
+    for dest, value in vars(args).items():
+        if dest.startswith("cfg:") and value is not None:
+            key = dest[len("cfg:") :]
+            overrides[key] = _flag_value(by_key[key], value)
+    return overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lorafuse.config.toml_io import dump_config
+    from lorafuse.train.config import load_train_config
+
+    cfg = load_train_config(args.config, collect_overrides(args))
+    if args.dry_run:
+        from lorafuse.train.data import describe, scan_dataset
+
+        print(dump_config(cfg))
+        print(describe(scan_dataset(cfg.dataset), cfg.training))
+        return 0
+    from lorafuse.train.loop import train_lora
+
+    result = train_lora(cfg, progress_bar=not args.no_progress)
+    print(f"trained {result.global_step} steps in {result.seconds:.0f} s ({result.arch})")
+    for path in result.saved:
+        print(f"  lora   {path}")
+    for path in result.states:
+        print(f"  state  {path}")
+    for path in (result.config_path, result.log_csv, result.loss_plot, *result.samples):
+        if path is not None:
+            print(f"  file   {path}")
+    return 0

@@ -1,0 +1,240 @@
+"""The trainable LoRA: peft layers on the chosen modules, with kohya's ranks and alphas, exported as `LoraState`.
+
+Notation (algorithms.md §0): ΔW = (alpha / r) · B A, B = `lora_B` = kohya `lora_up`, A = `lora_A` = `lora_down`.
+peft initialises A with kaiming-uniform and B with zeros, as kohya does, so training starts at the base model.
+
+Ranks and alphas, per module (kohya's rules, `NetworkConfig` fields):
+- Linear and 1x1 convs: network_dim / network_alpha;
+- 3x3 convs (LoCon): conv_dim / conv_alpha (conv_alpha unset: 1.0, as kohya); selected without conv_dim (presets
+  `all`, `craft_style`, or regexes), they take network_dim / network_alpha;
+- `default` with conv_dim set is kohya's LoCon, i.e. the `all` preset;
+- block_dims / block_alphas: one entry per SGM block in kohya's order IN00.., MID, OUT00.. (25 entries for SD1.5,
+  19 for SDXL, 13 for the world UNet); they replace network_dim / network_alpha for the block's modules, a 0
+  removes the block; 3x3 convs keep conv_dim when it is set.
+- text encoders (unless network_train_unet_only): q/k/v/out projections and fc1/fc2 of every CLIP layer, as
+  kohya, with network_dim / network_alpha.
+Dropout is peft's `lora_dropout` (on the LoRA branch's input); kohya's `network_dropout` drops the rank features
+after `lora_down` instead. Both regularise; the numbers are not interchangeable between the two tools.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorafuse.errors import UserInputError
+from lorafuse.lora.keys import UnetLayout, canonical_key, unet_to_sgm
+from lorafuse.lora.presets import detect_arch, resolve_layers
+from lorafuse.lora.state import LoraModule, LoraState
+from lorafuse.lora.targets import components_of
+from lorafuse.train.config import NetworkConfig
+
+ADAPTER = "lorafuse_train"
+TEXT_ENCODER_TARGETS = re.compile(
+    r"(^|\.)encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$"
+)
+KOHYA_CONV_ALPHA = 1.0  # kohya's conv_alpha when conv_dim is set without it
+_SGM_BLOCK = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.|^middle_block\.")
+
+Plan = dict[str, dict[str, tuple[int, float]]]  # component -> module path -> (rank, alpha)
+
+
+def block_labels(unet: nn.Module) -> list[str]:
+    """kohya's block names of this UNet in order: IN00.., MID, OUT00.. (the meaning of block_dims entries)."""
+    n = unet.config.layers_per_block
+    n = n if isinstance(n, int) else n[0]
+    n_in = len(unet.config.down_block_types) * (n + 1)
+    n_out = len(unet.config.up_block_types) * (n + 1)
+    return [f"IN{i:02d}" for i in range(n_in)] + ["MID"] + [f"OUT{i:02d}" for i in range(n_out)]
+
+
+def block_of(path: str, layout: UnetLayout) -> str | None:
+    """'down_blocks.1.attentions.0.proj_in' -> 'IN04' (SD1.5 layout); None outside the numbered blocks."""
+    sgm = unet_to_sgm(path, layout)
+    m = _SGM_BLOCK.match(sgm or "")
+    if m is None:
+        return None
+    if m.group(1) is None:
+        return "MID"
+    return f"{'IN' if m.group(1) == 'input_blocks' else 'OUT'}{int(m.group(2)):02d}"
+
+
+def _is_3x3(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
+
+
+def plan_network(pipe: object, net: NetworkConfig, arch: str | None = None) -> Plan:
+    """Which modules get a LoRA and with which (rank, alpha); see the module docstring for the rules."""
+    comps = components_of(pipe)
+    plan: Plan = {}
+    if net.train_unet:
+        unet = comps["unet"]
+        arch = arch or detect_arch(pipe)
+        layers = "all" if net.layers == "default" and net.conv_dim else net.layers
+        labels = block_labels(unet)
+        for key in ("block_dims", "block_alphas"):
+            values = getattr(net, key)
+            if values is not None and len(values) != len(labels):
+                raise UserInputError(
+                    f"network.{key} has {len(values)} entries, this {arch} UNet has {len(labels)} blocks "
+                    f"({labels[0]}..{labels[-1]} in kohya's order IN.., MID, OUT..)"
+                )
+        layout = UnetLayout.from_config(unet.config)
+        targets: dict[str, tuple[int, float]] = {}
+        for path in resolve_layers(unet, layers, arch):
+            rank, alpha = net.network_dim, net.network_alpha
+            block = block_of(path, layout)
+            if block is not None and net.block_dims is not None:
+                rank = net.block_dims[labels.index(block)]
+            if block is not None and net.block_alphas is not None:
+                alpha = net.block_alphas[labels.index(block)]
+            if rank == 0:
+                continue
+            if _is_3x3(unet.get_submodule(path)) and net.conv_dim:
+                rank = net.conv_dim
+                alpha = net.conv_alpha if net.conv_alpha is not None else KOHYA_CONV_ALPHA
+            targets[path] = (int(rank), float(alpha))
+        if not targets:
+            raise UserInputError("network.block_dims removes every UNet module: nothing left to train")
+        plan["unet"] = targets
+    if net.train_text_encoder:
+        for name in ("text_encoder", "text_encoder_2"):
+            if name in comps:
+                found = {
+                    path: (net.network_dim, float(net.network_alpha))
+                    for path, module in comps[name].named_modules()
+                    if TEXT_ENCODER_TARGETS.search(path) and isinstance(module, nn.Linear)
+                }
+                if not found:
+                    raise UserInputError(f"{name}: no CLIP attention / MLP layers found to train")
+                plan[name] = found
+    if not plan:
+        raise UserInputError("nothing to train: the base has none of the components the network asks for")
+    return plan
+
+
+def _peft_config(targets: Mapping[str, tuple[int, float]], dropout: float):
+    from peft import LoraConfig
+
+    r0 = Counter(r for r, _ in targets.values()).most_common(1)[0][0]
+    a0 = Counter(a for _, a in targets.values()).most_common(1)[0][0]
+    return LoraConfig(
+        r=r0,
+        lora_alpha=a0,
+        # a string is full-matched by peft: exact module paths, never a suffix of another module's path
+        target_modules="(?:" + "|".join(re.escape(p) for p in sorted(targets)) + ")",
+        # pattern keys are regexes matched at the end of a module path; escaped full paths match one module
+        rank_pattern={re.escape(p): r for p, (r, _) in targets.items() if r != r0},
+        alpha_pattern={re.escape(p): a for p, (_, a) in targets.items() if a != a0},
+        lora_dropout=dropout,
+        bias="none",
+        init_lora_weights=True,  # A kaiming-uniform, B = 0: ΔW = 0 at step 0, as kohya
+    )
+
+
+@dataclass
+class LoraNetwork:
+    """The injected, trainable LoRA of a pipeline. `parameters` are the only tensors the optimiser sees."""
+
+    components: dict[str, nn.Module]
+    plan: Plan
+    adapter: str = ADAPTER
+
+    def layers(self, component: str):
+        from peft.tuners.lora import LoraLayer
+
+        root = self.components[component]
+        for path in sorted(self.plan.get(component, {})):
+            layer = root.get_submodule(path)
+            assert isinstance(layer, LoraLayer) and self.adapter in layer.lora_A, path
+            yield path, layer
+
+    def named_parameters(self, component: str | None = None) -> dict[str, nn.Parameter]:
+        """'unet.<peft parameter name>' -> parameter, in a fixed order (the optimiser's and the checkpoint's)."""
+        out: dict[str, nn.Parameter] = {}
+        for comp in sorted(self.plan) if component is None else [component]:
+            for name, param in self.components[comp].named_parameters():
+                if f".{self.adapter}." in f".{name}." and "lora_" in name:
+                    out[f"{comp}.{name}"] = param
+        return out
+
+    def param_groups(self, unet_lr: float, text_encoder_lr: float) -> list[dict]:
+        groups = []
+        for comp in sorted(self.plan):
+            params = list(self.named_parameters(comp).values())
+            groups.append(
+                {"params": params, "lr": unet_lr if comp == "unet" else text_encoder_lr, "name": comp}
+            )
+        return groups
+
+    def num_modules(self, component: str) -> int:
+        return len(self.plan.get(component, {}))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach() for k, p in self.named_parameters().items()}
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+        """Copy saved parameters in; the names must be exactly this network's (same layers, same ranks)."""
+        own = self.named_parameters()
+        missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        if missing or extra:
+            raise UserInputError(
+                f"{source}: the saved LoRA does not fit this network ({len(missing)} parameters missing, "
+                f"{len(extra)} unexpected, e.g. {(missing or extra)[0]}); resume with the network settings it was "
+                "trained with"
+            )
+        with torch.no_grad():
+            for name, param in own.items():
+                if tuple(tensors[name].shape) != tuple(param.shape):
+                    raise UserInputError(
+                        f"{source}: {name} has shape {tuple(tensors[name].shape)}, the network needs "
+                        f"{tuple(param.shape)}"
+                    )
+                param.copy_(tensors[name])
+
+    def to_lora_state(self, metadata: Mapping[str, str] | None = None) -> LoraState:
+        """The canonical `LoraState` (kohya-ready keys): down = A, up = B, alpha = peft's lora_alpha."""
+        modules: dict[str, LoraModule] = {}
+        for comp in sorted(self.plan):
+            for path, layer in self.layers(comp):
+                modules[canonical_key(comp, path)] = LoraModule(
+                    down=layer.lora_A[self.adapter].weight.detach().float().clone(),
+                    up=layer.lora_B[self.adapter].weight.detach().float().clone(),
+                    alpha=float(layer.lora_alpha[self.adapter]),
+                )
+        return LoraState(modules=modules, metadata=dict(metadata or {}), source_format="lorafuse_train")
+
+
+def create_network(pipe: object, net: NetworkConfig, arch: str | None = None) -> LoraNetwork:
+    """Inject a fresh trainable LoRA into `pipe` (in place). Seed the global torch RNG first: A's init draws.
+
+    Base weights are frozen; LoRA parameters are float32 whatever the base dtype (mixed precision trains the
+    factors in full precision, as diffusers' `cast_training_params`).
+    """
+    import warnings
+
+    from peft import inject_adapter_in_model
+
+    plan = plan_network(pipe, net, arch)
+    comps = components_of(pipe)
+    for root in comps.values():
+        root.requires_grad_(False)
+    for comp, targets in plan.items():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            inject_adapter_in_model(
+                _peft_config(targets, net.network_dropout), comps[comp], adapter_name=ADAPTER
+            )
+    network = LoraNetwork({c: comps[c] for c in plan}, plan)
+    for param in network.named_parameters().values():
+        param.data = param.data.float()
+        param.requires_grad_(True)
+    for comp in plan:
+        if len(list(network.layers(comp))) != len(plan[comp]):  # layers() asserts each one is a LoRA layer
+            raise RuntimeError(f"peft injected a different set of {comp} modules than planned")
+    return network

@@ -151,11 +151,15 @@ def fuse(
     seed: image k starts from noise seeded `seed + k`, so every method sees the same noise for the same seed.
     """
     from lorafuse import __version__
+    from lorafuse.fusion.craft.prompts import strip_markers
     from lorafuse.fusion.sampling import check_inputs, sample
 
     # 1. Check inputs, before any compute: method and options, base, sampling arguments, LoRAs
     fusion = get_method(method)
     cfg = method_config(method, config, method_options)
+    # the method may read prompt markers (CRAFT's <c>/<s>); the text encoder never sees them, whatever the method
+    prompt, cfg = fusion.prepare_prompt(prompt, cfg)
+    prompt = strip_markers(prompt)
     pipe = load_base(base)
     factor = pipe.vae_scale_factor
     height = pipe.unet.config.sample_size * factor if height is None else height

@@ -59,6 +59,11 @@ class FusionMethod(ABC):
     config_cls: ClassVar[type[FusionConfig]] = FusionConfig
     summary: ClassVar[str] = ""
 
+    @staticmethod
+    def prepare_prompt(prompt: Any, config: FusionConfig) -> tuple[Any, FusionConfig]:
+        """(prompt for the text encoder, config) before planning. CRAFT reads `<c>`/`<s>` markers here."""
+        return prompt, config
+
     @abstractmethod
     def plan(self, pipe: Any, content: LoraState, style: LoraState, config: FusionConfig) -> FusionPlan:
         """Prepare the pipeline (inject/fuse adapters) and return what the loop needs. Validate first."""

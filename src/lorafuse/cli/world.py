@@ -58,10 +58,17 @@ def _cmd_train_oracle(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from lorafuse.world.catalog import SEEN_STYLES, all_individuals
+    from lorafuse.world.catalog import SEEN_STYLES, STYLE_NAMES, all_individuals
     from lorafuse.world.oracle import Oracle
     from lorafuse.world.pool import cached_pool
-    from lorafuse.world.pretrain import PretrainConfig, cache_latents, train_unet, train_vae
+    from lorafuse.world.pretrain import (
+        PretrainConfig,
+        cache_latents,
+        finalize,
+        finetune_decoder,
+        train_unet,
+        train_vae,
+    )
 
     work = Path(args.work)
     cfg = PretrainConfig(work_dir=str(work), vae_steps=args.vae_steps, unet_steps=args.unet_steps,
@@ -71,7 +78,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     latents, scale = cache_latents(cfg, vae, pool)
     oracle = Oracle.load(args.oracle) if args.oracle or _has_default_oracle() else None
     train_unet(cfg, pool, latents, scale, oracle=oracle, vae=vae)
-    print(f"pipeline folder (EMA weights of the last evaluation): {work / 'eval_pipeline'}")
+    everything = cached_pool(work / "all_pool.npz", 39000, all_individuals(), list(STYLE_NAMES), seed=1)
+    finetune_decoder(cfg, vae, everything, steps=args.decoder_steps)
+    print(f"pipeline folder: {finalize(cfg, args.out)}")
     return 0
 
 
@@ -116,7 +125,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = ws.add_parser("pretrain", help="pretrain the built-in base model (VAE, text encoder, UNet); resumable")
     q.add_argument("--work", default="out/world_work", help="work folder: caches, checkpoints, logs")
     q.add_argument("--vae-steps", type=int, default=1200)
-    q.add_argument("--unet-steps", type=int, default=5000)
+    q.add_argument("--unet-steps", type=int, default=7000)
+    q.add_argument("--decoder-steps", type=int, default=600, help="decoder-only fine-tune on every style")
+    q.add_argument("--out", default="out/world_work/base", help="where the finished pipeline folder goes")
     q.add_argument("--batch", type=int, default=32)
     q.add_argument("--pool", type=int, default=48000)
     q.add_argument("--oracle", default=None, help="oracle weights for the accuracy curve (default: shipped)")

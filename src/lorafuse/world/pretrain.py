@@ -47,7 +47,7 @@ class PretrainConfig:
     vae_steps: int = 1200
     vae_batch: int = 16
     vae_lr: float = 1e-3
-    unet_steps: int = 5000
+    unet_steps: int = 7000
     unet_batch: int = 32
     unet_lr: float = 1e-3
     warmup: int = 300
@@ -255,6 +255,26 @@ def export(cfg: PretrainConfig, unet, te, ema: EMAModel, ema_te: EMAModel, vae: 
     (out / "lorafuse_pretrain.json").write_text(json.dumps(asdict(cfg), indent=1))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def finalize(cfg: PretrainConfig, out: str | Path) -> Path:
+    """Ship the last evaluated EMA pipeline, with the fine-tuned decoder when stage 1b ran, to `out`."""
+    work, out = Path(cfg.work_dir), Path(out)
+    pipe = StableDiffusionPipeline.from_pretrained(work / "eval_pipeline", safety_checker=None,
+                                                   requires_safety_checker=False)
+    ft = work / "vae_decoder_ft.safetensors"
+    if ft.exists():
+        pipe.vae.load_state_dict(load_file(str(ft)))
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    shutil.copytree(work / "tokenizer", tmp / "tokenizer", dirs_exist_ok=True)
+    shutil.copy(work / "eval_pipeline" / "lorafuse_pretrain.json", tmp / "lorafuse_pretrain.json")
+    if (work / "train_log.csv").exists():
+        shutil.copy(work / "train_log.csv", tmp / "pretrain_log.csv")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # the folder appears whole or not at all
+    return out
 
 
 @torch.no_grad()

@@ -37,10 +37,9 @@ from typing import Any
 from lorafuse.errors import LoraFormatError, UserInputError
 from lorafuse.fusion._options import check_choice, config_record
 from lorafuse.fusion.common import (
-    check_finite,
+    check_plan_inputs,
     fuse_sum,
     lora_label,
-    require_clean_base,
     resolve,
     split_state,
 )
@@ -187,12 +186,7 @@ class BLora(FusionMethod):
     )
 
     def plan(self, pipe: Any, content: LoraState, style: LoraState, config: FusionConfig) -> FusionPlan:
-        if not isinstance(config, BLoraConfig):
-            raise UserInputError(f"{NAME}: expected a BLoraConfig, got {type(config).__name__}")
-        config.validate(NAME)
-        require_clean_base(pipe, NAME)
-        check_finite(content, "content")
-        check_finite(style, "style")
+        check_plan_inputs(NAME, config, BLoraConfig, pipe, content, style)
         parts, routing = blora_parts(pipe, content, style, config)
         plan = FusionPlan(
             record={"method": NAME, "settings": config_record(config), "arch": detect_arch(pipe)}

@@ -87,6 +87,20 @@ def check_finite(state: LoraState, role: str) -> None:
                 )
 
 
+def check_plan_inputs(method: str, config: object, config_cls: type, pipe: object, content: LoraState,
+                      style: LoraState) -> None:
+    """The checks every `plan()` runs before it changes anything: option types and ranges, a clean base,
+    finite LoRAs. One place, so every method refuses the same bad input with the same words."""
+    from lorafuse.errors import UserInputError
+
+    if not isinstance(config, config_cls):
+        raise UserInputError(f"{method}: expected a {config_cls.__name__}, got {type(config).__name__}")
+    config.validate(method)
+    require_clean_base(pipe, method)
+    check_finite(content, "content")
+    check_finite(style, "style")
+
+
 def require_clean_base(pipe: object, method: str) -> None:
     """Methods restore the base exactly on close; that needs a base with nothing fused or injected already."""
     from lorafuse.lora.inject import adapter_names

@@ -31,7 +31,7 @@ import torch
 
 from lorafuse.errors import UserInputError
 from lorafuse.fusion._options import check_range, config_record
-from lorafuse.fusion.common import check_finite, fuse_sum, require_clean_base, resolve
+from lorafuse.fusion.common import check_plan_inputs, fuse_sum, resolve
 from lorafuse.fusion.registry import FusionConfig, FusionMethod, FusionPlan, register
 from lorafuse.lora.merge import merge_loras
 from lorafuse.lora.resize import factorize
@@ -111,12 +111,8 @@ class NPLora(FusionMethod):
     )
 
     def plan(self, pipe: Any, content: LoraState, style: LoraState, config: FusionConfig) -> FusionPlan:
-        if not isinstance(config, NPLoraConfig):
-            raise UserInputError(f"{NAME}: expected an NPLoraConfig, got {type(config).__name__}")
-        config.validate(NAME)
-        require_clean_base(pipe, NAME)
-        for state, role in ((content, "content"), (style, "style")):
-            check_finite(state, role)
+        check_plan_inputs(NAME, config, NPLoraConfig, pipe, content, style)
+        for state in (content, style):
             resolve(pipe, state)  # key coverage and shapes before any work; errors name the file
         shared = sorted(set(content.modules) & set(style.modules))
         plan = FusionPlan(

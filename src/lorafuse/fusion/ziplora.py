@@ -46,7 +46,7 @@ from torch import Tensor
 
 from lorafuse.errors import UserInputError
 from lorafuse.fusion._options import check_range, config_record
-from lorafuse.fusion.common import check_finite, fuse_sum, require_clean_base, resolve
+from lorafuse.fusion.common import check_plan_inputs, fuse_sum, resolve
 from lorafuse.fusion.registry import FusionConfig, FusionMethod, FusionPlan, register
 from lorafuse.fusion.ziplora_train import (
     MERGERS_METADATA_KEY,
@@ -175,12 +175,8 @@ class ZipLora(FusionMethod):
     )
 
     def plan(self, pipe: Any, content: LoraState, style: LoraState, config: FusionConfig) -> FusionPlan:
-        if not isinstance(config, ZipLoraConfig):
-            raise UserInputError(f"{NAME}: expected a ZipLoraConfig, got {type(config).__name__}")
-        config.validate(NAME)
-        require_clean_base(pipe, NAME)
-        for state, role in ((content, "content"), (style, "style")):
-            check_finite(state, role)
+        check_plan_inputs(NAME, config, ZipLoraConfig, pipe, content, style)
+        for state in (content, style):
             resolve(pipe, state)  # key coverage and shapes before any work; errors name the file
         plan = FusionPlan(record={"method": NAME, "settings": config_record(config)})
         w_c, w_s = config.content_weight, config.style_weight

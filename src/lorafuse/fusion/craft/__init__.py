@@ -32,7 +32,12 @@ from typing import Any
 
 from lorafuse.errors import UserInputError
 from lorafuse.fusion._options import check_choice, check_range, config_record
-from lorafuse.fusion.common import check_finite, check_weights, lora_label, require_clean_base, resolve
+from lorafuse.fusion.common import (
+    check_plan_inputs,
+    check_weights,
+    lora_label,
+    resolve,
+)
 from lorafuse.fusion.craft.prompts import MarkedPrompt, aggregation_weights, common_markers, strip_markers
 from lorafuse.fusion.registry import FusionConfig, FusionMethod, FusionPlan, register
 from lorafuse.guidance.acfg import SCHEDULE_KINDS, AcfgSchedule, AsymmetricCFG, BranchAdapter
@@ -190,14 +195,9 @@ class Craft(FusionMethod):
         return strip_markers(prompt), dataclasses.replace(config, prompt=parsed.raw)
 
     def plan(self, pipe: Any, content: LoraState, style: LoraState, config: FusionConfig) -> FusionPlan:
-        if not isinstance(config, CraftConfig):
-            raise UserInputError(f"{NAME}: expected a CraftConfig, got {type(config).__name__}")
         # 1. Check inputs, before anything changes
-        config.validate(NAME)
+        check_plan_inputs(NAME, config, CraftConfig, pipe, content, style)
         check_weights(config.content_weight, config.style_weight, NAME)
-        require_clean_base(pipe, NAME)
-        check_finite(content, "content")
-        check_finite(style, "style")
         parsed = common_markers([config.prompt]) if config.prompt is not None else None
         lambda_c, lambda_s, source = _lambdas(pipe, config, parsed)
 

@@ -1,0 +1,147 @@
+"""Personalize the built-in world model: one call trains a subject or a style LoRA, from the world's own renders.
+
+The demo, the fusion leaderboard and the CRAFT benchmarks all need "a content LoRA for teapot_08 (5 images)" and
+"a style LoRA for crayon (1 image)". This module is that recipe, once: it writes the kohya-style dataset with
+`world.dataset`, builds a `TrainConfig` (the same settings as `examples/world_*_lora.toml`) and runs the ordinary
+trainer. Results are cached by recipe: the LoRA file's name carries a hash of every setting, so a second call with
+the same recipe returns the file at once, and a changed setting trains anew beside it.
+
+Layer sets: `layers="attn"` (default) trains every attention projection, as K-LoRA's, ZipLoRA's and most users'
+LoRAs; `layers="craft"` trains CRAFT-LoRA's disjoint sets (content LoRAs on `craft_content`, style LoRAs on
+`craft_style`); any other preset name or regex tuple is passed through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+from lorafuse.errors import UserInputError
+from lorafuse.world.catalog import check_style, parse_individual
+
+Kind = Literal["subject", "style"]
+
+
+@dataclass(frozen=True)
+class WorldLoraRecipe:
+    """Every setting that decides the trained LoRA (the cache key)."""
+
+    kind: Kind
+    name: str  # an individual ('teapot_08') for a subject, a style ('crayon') for a style
+    n_images: int = 0  # 0: the default, 5 for a subject and 1 for a style (the paper's one-shot style)
+    repeats: int = 10
+    epochs: int = 20
+    batch: int = 5
+    rank: int = 16
+    alpha: float = 16.0
+    conv_rank: int = 0  # > 0: also the 3x3 convs of the chosen layers (LoCon), needed for craft_style
+    layers: str = "attn"
+    learning_rate: float = 5e-4
+    seed: int = 0
+    base: str = "world"
+
+    def __post_init__(self) -> None:
+        if self.kind == "subject":
+            parse_individual(self.name)
+        elif self.kind == "style":
+            check_style(self.name)
+        else:
+            raise UserInputError(f"kind must be 'subject' or 'style', got {self.kind!r}")
+        if self.n_images < 0 or self.repeats < 1 or self.epochs < 1 or self.batch < 1 or self.rank < 1:
+            raise UserInputError(f"{self}: n_images >= 0, repeats, epochs, batch and rank >= 1")
+
+    @property
+    def images(self) -> int:
+        return self.n_images or (5 if self.kind == "subject" else 1)
+
+    @property
+    def layer_preset(self) -> str:
+        if self.layers == "craft":
+            return "craft_content" if self.kind == "subject" else "craft_style"
+        return self.layers
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+    @property
+    def stem(self) -> str:
+        return f"{self.kind}_{self.name}_{self.layers}_{self.key()}"
+
+
+def subject_recipe(name: str, **settings) -> WorldLoraRecipe:
+    return WorldLoraRecipe("subject", name, **settings)
+
+
+def style_recipe(name: str, **settings) -> WorldLoraRecipe:
+    # one image x 10 repeats would be 10 samples an epoch: more repeats, same steps as a subject
+    settings.setdefault("repeats", 20)
+    settings.setdefault("batch", 4)
+    settings.setdefault("epochs", 40)
+    return WorldLoraRecipe("style", name, **settings)
+
+
+def train_config(recipe: WorldLoraRecipe, data_dir: Path, out_dir: Path, *, log: bool = True):
+    """The `TrainConfig` of a recipe (what `examples/world_*_lora.toml` spell out as TOML)."""
+    from lorafuse.train.config import (
+        DatasetConfig, LossConfig, ModelConfig, NetworkConfig, OptimizerConfig, SchedulerConfig, TrainConfig,
+        TrainingConfig,
+    )  # fmt: skip
+
+    layers = recipe.layer_preset
+    network = NetworkConfig(
+        network_dim=recipe.rank, network_alpha=recipe.alpha, layers=layers, network_train_unet_only=True,
+        conv_dim=recipe.conv_rank or None, conv_alpha=float(recipe.conv_rank) if recipe.conv_rank else None,
+    )  # fmt: skip
+    return TrainConfig(
+        model=ModelConfig(pretrained_model_name_or_path=recipe.base),
+        dataset=DatasetConfig(
+            train_data_dir=data_dir, resolution=64, cache_latents=True, cache_text_encoder_outputs=True,
+            flip_aug=recipe.kind == "style",  # a style has no left and right; a subject's markings may
+        ),  # fmt: skip
+        network=network,
+        optimizer=OptimizerConfig(optimizer_type="AdamW", learning_rate=recipe.learning_rate),
+        scheduler=SchedulerConfig(lr_scheduler="cosine", lr_warmup_steps=0.05),
+        # content forms early in sampling (noisy timesteps), style late (clean ones): ai-toolkit's bias
+        loss=LossConfig(timestep_bias="content" if recipe.kind == "subject" else "style", min_snr_gamma=5.0),
+        training=TrainingConfig(
+            max_train_epochs=recipe.epochs, train_batch_size=recipe.batch, seed=recipe.seed, output_dir=out_dir,
+            output_name=recipe.stem, logging="csv" if log else "none",
+        ),  # fmt: skip
+    )
+
+
+def train_world_lora(recipe: WorldLoraRecipe, work_dir: str | Path, *, progress: bool = True,
+                     retrain: bool = False) -> Path:  # fmt: skip
+    """Train (or reuse) the LoRA of `recipe` under `work_dir`; returns the .safetensors path.
+
+    Layout: work_dir/data/<stem>/ (the kohya dataset and its references/), work_dir/runs/<stem>/ (the trainer's
+    outputs: LoRA file, effective config, loss CSV and plot).
+    """
+    from lorafuse.train.loop import train_lora
+    from lorafuse.world.dataset import write_style_dataset, write_subject_dataset
+
+    work = Path(work_dir)
+    data, run = work / "data" / recipe.stem, work / "runs" / recipe.stem
+    lora = run / f"{recipe.stem}.safetensors"
+    if lora.exists() and not retrain:
+        return lora
+    if not (data / "world_dataset.json").exists():
+        if data.exists():  # an interrupted write: the dataset is cheap, start it again
+            import shutil
+
+            shutil.rmtree(data)
+        if recipe.kind == "subject":
+            write_subject_dataset(recipe.name, data, n=recipe.images, repeats=recipe.repeats, seed=recipe.seed)
+        else:
+            write_style_dataset(recipe.name, data, n=recipe.images, repeats=recipe.repeats, seed=recipe.seed)
+    result = train_lora(train_config(recipe, data, run), progress_bar=progress)
+    if result.lora_path != lora:
+        raise RuntimeError(f"trainer wrote {result.lora_path}, expected {lora}")
+    return lora
+
+
+def recipe_with(recipe: WorldLoraRecipe, **changes) -> WorldLoraRecipe:
+    return replace(recipe, **changes)

@@ -48,12 +48,18 @@ def _cmd_dataset(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_oracle(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from lorafuse.world.catalog import STYLE_NAMES, all_individuals
     from lorafuse.world.oracle_train import train_oracle
-    from lorafuse.world.pool import cached_pool
+    from lorafuse.world.pool import Pool, cached_pool
 
-    pool = cached_pool(Path(args.work) / "oracle_pool.npz", args.pool, all_individuals(), list(STYLE_NAMES), seed=1)
-    print(train_oracle(pool, args.out, steps=args.steps))
+    # pool seeds 1, 3, 5, ...: the shipped oracle = 1400 steps on seed 1, then --init it --extra-pools 1 --lr 7e-4
+    pools = [cached_pool(Path(args.work) / ("oracle_pool.npz" if k == 0 else f"oracle_pool{2 * k + 1}.npz"), args.pool,
+                         all_individuals(), list(STYLE_NAMES), seed=2 * k + 1) for k in range(1 + args.extra_pools)]
+    pool = Pool(*(np.concatenate([getattr(p, f) for p in pools]) for f in
+                  ("images", "individual", "style", "caption_template")))
+    print(train_oracle(pool, args.out, steps=args.steps, lr=args.lr, init=args.init))
     return 0
 
 
@@ -119,7 +125,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--work", default="out/world_work")
     q.add_argument("--out", default="out/world_work/oracle.safetensors")
     q.add_argument("--steps", type=int, default=1400)
-    q.add_argument("--pool", type=int, default=39000, help="rendered images to train on")
+    q.add_argument("--pool", type=int, default=39000, help="rendered images per pool")
+    q.add_argument("--extra-pools", type=int, default=0, help="more pools of fresh renders (seeds 3, 5, ...)")
+    q.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one cycle)")
+    q.add_argument("--init", default=None, help="continue from these oracle weights instead of from scratch")
     q.set_defaults(func=_cmd_train_oracle)
 
     q = ws.add_parser("pretrain", help="pretrain the built-in base model (VAE, text encoder, UNet); resumable")

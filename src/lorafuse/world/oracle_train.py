@@ -42,10 +42,15 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_oracle(pool: Pool, out: str | Path, steps: int = 1400, batch: int = 96, lr: float = 2e-3,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, init: str | Path | None = None) -> dict:
+    """Train from scratch, or continue from the weights file `init` (a fresh LR cycle, e.g. on a larger pool)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = OracleModel()
+    if init is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(init)))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     class_of = torch.tensor([CLASS_NAMES.index(x.cls) for x in all_individuals()])
@@ -70,7 +75,10 @@ def train_oracle(pool: Pool, out: str | Path, steps: int = 1400, batch: int = 96
             bar.set_postfix(log)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(out) as tmp:
-        save_file(state, str(tmp), metadata={"steps": str(steps), "seed": str(seed)})
+        meta = {"steps": str(steps), "seed": str(seed), "lr": str(lr)}
+        if init is not None:
+            meta["continued_from"] = Path(init).name
+        save_file(state, str(tmp), metadata=meta)
     return log
 
 

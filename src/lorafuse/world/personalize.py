@@ -86,7 +86,13 @@ def style_recipe(name: str, **settings) -> WorldLoraRecipe:
 def train_config(recipe: WorldLoraRecipe, data_dir: Path, out_dir: Path, *, log: bool = True):
     """The `TrainConfig` of a recipe (what `examples/world_*_lora.toml` spell out as TOML)."""
     from lorafuse.train.config import (
-        DatasetConfig, LossConfig, ModelConfig, NetworkConfig, OptimizerConfig, SchedulerConfig, TrainConfig,
+        DatasetConfig,
+        LossConfig,
+        ModelConfig,
+        NetworkConfig,
+        OptimizerConfig,
+        SchedulerConfig,
+        TrainConfig,
         TrainingConfig,
     )  # fmt: skip
 

@@ -83,7 +83,8 @@ def style_recipe(name: str, **settings) -> WorldLoraRecipe:
     return WorldLoraRecipe("style", name, **settings)
 
 
-def train_config(recipe: WorldLoraRecipe, data_dir: Path, out_dir: Path, *, log: bool = True):
+def train_config(recipe: WorldLoraRecipe, data_dir: Path, out_dir: Path, *, log: bool = True,
+                 save_every_n_epochs: int | None = None):  # fmt: skip
     """The `TrainConfig` of a recipe (what `examples/world_*_lora.toml` spell out as TOML)."""
     from lorafuse.train.config import (
         DatasetConfig,
@@ -114,14 +115,24 @@ def train_config(recipe: WorldLoraRecipe, data_dir: Path, out_dir: Path, *, log:
         loss=LossConfig(timestep_bias="content" if recipe.kind == "subject" else "style", min_snr_gamma=5.0),
         training=TrainingConfig(
             max_train_epochs=recipe.epochs, train_batch_size=recipe.batch, seed=recipe.seed, output_dir=out_dir,
-            output_name=recipe.stem, logging="csv" if log else "none",
+            output_name=recipe.stem, logging="csv" if log else "none", save_every_n_epochs=save_every_n_epochs,
         ),  # fmt: skip
     )
 
 
+def recipe_paths(recipe: WorldLoraRecipe, work_dir: str | Path) -> tuple[Path, Path]:
+    """(dataset folder, run folder) of `recipe` under `work_dir`, as `train_world_lora` lays them out."""
+    work = Path(work_dir)
+    return work / "data" / recipe.stem, work / "runs" / recipe.stem
+
+
 def train_world_lora(recipe: WorldLoraRecipe, work_dir: str | Path, *, progress: bool = True,
-                     retrain: bool = False) -> Path:  # fmt: skip
+                     retrain: bool = False, save_every_n_epochs: int | None = None) -> Path:  # fmt: skip
     """Train (or reuse) the LoRA of `recipe` under `work_dir`; returns the .safetensors path.
+
+    save_every_n_epochs: also keep kohya's intermediate files `<stem>-<epoch:06d>.safetensors` beside the final
+    one (see `epoch_checkpoints`). Not part of the cache key: saving reads the weights and draws no random
+    numbers, so the final file is the same with or without it; a reused LoRA keeps whatever its run saved.
 
     Layout: work_dir/data/<stem>/ (the kohya dataset and its references/), work_dir/runs/<stem>/ (the trainer's
     outputs: LoRA file, effective config, loss CSV and plot).
@@ -129,8 +140,7 @@ def train_world_lora(recipe: WorldLoraRecipe, work_dir: str | Path, *, progress:
     from lorafuse.train.loop import train_lora
     from lorafuse.world.dataset import write_style_dataset, write_subject_dataset
 
-    work = Path(work_dir)
-    data, run = work / "data" / recipe.stem, work / "runs" / recipe.stem
+    data, run = recipe_paths(recipe, work_dir)
     lora = run / f"{recipe.stem}.safetensors"
     if lora.exists() and not retrain:
         return lora
@@ -143,10 +153,26 @@ def train_world_lora(recipe: WorldLoraRecipe, work_dir: str | Path, *, progress:
             write_subject_dataset(recipe.name, data, n=recipe.images, repeats=recipe.repeats, seed=recipe.seed)
         else:
             write_style_dataset(recipe.name, data, n=recipe.images, repeats=recipe.repeats, seed=recipe.seed)
-    result = train_lora(train_config(recipe, data, run), progress_bar=progress)
+    result = train_lora(train_config(recipe, data, run, save_every_n_epochs=save_every_n_epochs),
+                        progress_bar=progress)
     if result.lora_path != lora:
         raise RuntimeError(f"trainer wrote {result.lora_path}, expected {lora}")
     return lora
+
+
+def epoch_checkpoints(recipe: WorldLoraRecipe, work_dir: str | Path) -> dict[int, Path]:
+    """{epoch: file} of the LoRAs a `train_world_lora(..., save_every_n_epochs=N)` run kept, the final one
+    included (at `recipe.epochs`) when it exists."""
+    run = Path(work_dir) / "runs" / recipe.stem
+    found = {}
+    for path in run.glob(f"{recipe.stem}-*.safetensors"):
+        suffix = path.stem.rpartition("-")[2]
+        if suffix.isdigit():  # kohya's '-000005'; step saves are '-step00000040' and are not epochs
+            found[int(suffix)] = path
+    final = run / f"{recipe.stem}.safetensors"
+    if final.exists():
+        found[recipe.epochs] = final
+    return dict(sorted(found.items()))
 
 
 def recipe_with(recipe: WorldLoraRecipe, **changes) -> WorldLoraRecipe:

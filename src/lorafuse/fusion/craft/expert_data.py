@@ -59,7 +59,9 @@ Lambda = tuple[float, float]
 ScoreFn = Callable[[Sequence[SpanPrompt], float, float], np.ndarray]
 
 
-def lambda_grid(values_c: Sequence[float] = DEFAULT_LAMBDAS, values_s: Sequence[float] | None = None) -> list[Lambda]:
+def lambda_grid(
+    values_c: Sequence[float] = DEFAULT_LAMBDAS, values_s: Sequence[float] | None = None
+) -> list[Lambda]:
     """Every (λ_c, λ_s) of values_c x values_s (values_s defaults to values_c), λ_c-major."""
     values_s = values_c if values_s is None else values_s
     for name, values in (("λ_c", values_c), ("λ_s", values_s)):
@@ -67,7 +69,9 @@ def lambda_grid(values_c: Sequence[float] = DEFAULT_LAMBDAS, values_s: Sequence[
             raise UserInputError(f"the {name} grid is empty; give at least one value such as 1.0")
         bad = [v for v in values if not math.isfinite(v) or v < 0]
         if bad:
-            raise UserInputError(f"the {name} grid needs finite values >= 0 (the encoder's softplus), got {bad}")
+            raise UserInputError(
+                f"the {name} grid needs finite values >= 0 (the encoder's softplus), got {bad}"
+            )
         if len(set(values)) != len(values):
             raise UserInputError(f"the {name} grid repeats a value: {list(values)}")
     return [(float(c), float(s)) for c in values_c for s in values_s]
@@ -132,7 +136,9 @@ def grid_search(
     for k, (lc, ls) in enumerate(grid):
         scores = np.asarray(score_fn(list(prompts), lc, ls), dtype=np.float64)
         if scores.shape != (len(prompts),):
-            raise ValueError(f"score_fn returned shape {scores.shape} at λ=({lc}, {ls}), expected ({len(prompts)},)")
+            raise ValueError(
+                f"score_fn returned shape {scores.shape} at λ=({lc}, {ls}), expected ({len(prompts)},)"
+            )
         if not np.isfinite(scores).all():
             raise ValueError(f"score_fn returned a non-finite score at λ=({lc}, {ls}): {scores.tolist()}")
         columns.append(scores)

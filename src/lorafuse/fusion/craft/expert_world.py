@@ -24,7 +24,14 @@ import numpy as np
 
 from lorafuse.errors import UserInputError
 from lorafuse.eval.metrics import OracleScorer, harmonic_mean
-from lorafuse.fusion.craft.expert_data import GridSearch, Lambda, ScoreFn, SpanPrompt, grid_search, lambda_grid
+from lorafuse.fusion.craft.expert_data import (
+    GridSearch,
+    Lambda,
+    ScoreFn,
+    SpanPrompt,
+    grid_search,
+    lambda_grid,
+)
 from lorafuse.lora.state import LoraState
 from lorafuse.world.catalog import parse_individual, style_phrase
 
@@ -50,13 +57,17 @@ def world_spans(individual: str, style: str) -> dict[str, dict[str, list[str]]]:
     }  # fmt: skip
 
 
-def span_prompts(individual: str, style: str, concept_id: int, content: str, style_part: str) -> list[SpanPrompt]:
+def span_prompts(
+    individual: str, style: str, concept_id: int, content: str, style_part: str
+) -> list[SpanPrompt]:
     """Every (content span, style span) of the chosen wording sets ("train" or "new")."""
     spans = world_spans(individual, style)
     for part, which in (("content", content), ("style", style_part)):
         if which not in spans[part]:
             raise UserInputError(f"{part} wordings are 'train' or 'new', got {which!r}")
-    return [SpanPrompt(concept_id, c, s) for c in spans["content"][content] for s in spans["style"][style_part]]
+    return [
+        SpanPrompt(concept_id, c, s) for c in spans["content"][content] for s in spans["style"][style_part]
+    ]
 
 
 def craft_oracle_scores(
@@ -128,8 +139,12 @@ def train_world_expert(
     searches = []
     for individual, style_name in pairs:
         concept_id = ids.setdefault(individual, len(ids) + 1)
-        c_path = train_world_lora(subject_recipe(individual, layers="craft", base=base), work_dir, progress=progress)
-        s_path = train_world_lora(style_recipe(style_name, layers="craft", base=base), work_dir, progress=progress)
+        c_path = train_world_lora(
+            subject_recipe(individual, layers="craft", base=base), work_dir, progress=progress
+        )
+        s_path = train_world_lora(
+            style_recipe(style_name, layers="craft", base=base), work_dir, progress=progress
+        )
         prompts = span_prompts(individual, style_name, concept_id, "train", "train")
         if progress:
             print(f"λ grid: {individual} x {style_name}, {len(prompts)} prompts", flush=True)

@@ -100,6 +100,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 
     from lorafuse.eval.picture import labelled_grid, save_image
     from lorafuse.fusion.api import fuse, load_base, method_config
+    from lorafuse.fusion.klora_schedule import record_heatmap
     from lorafuse.fusion.registry import method_names
     from lorafuse.utils.atomic import atomic_write_text
 
@@ -146,14 +147,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         images = result.uint8()
         for k, image in enumerate(images):
             save_image(_pil(image), args.out / f"{method}_{k:02d}.png")
-        schedule = result.record["plan"].get("schedule")
-        if schedule is not None:  # K-LoRA's (layer x step) choices, as the paper's Figure 6
-            import torch
-
-            from lorafuse.fusion.klora_schedule import schedule_heatmap
-
-            table = torch.tensor(schedule["content"], dtype=torch.bool)
-            schedule_heatmap(table, args.out / f"{method}_schedule.png", layers=schedule["layers"])
+        # K-LoRA's (layer x step) choices, as the paper's Figure 6; nothing for methods without a schedule
+        record_heatmap(result.record["plan"], args.out / f"{method}_schedule.png")
         rows.append(list(images))
         labels.append(method)
         records[method] = result.record

@@ -214,16 +214,13 @@ def training_plot(log: Path, folder: Path, run_dir: Path) -> Path | None:
 
 def _schedule_from_cells(run_dir: Path, folder: Path) -> Path | None:
     """The first K-LoRA schedule recorded by a grid cell, drawn as the paper's Figure 6."""
+    from lorafuse.fusion.klora_schedule import record_heatmap
+
     for record_path in sorted((run_dir / "cells").glob("*.json")):
-        schedule = json.loads(record_path.read_text()).get("plan", {}).get("schedule")
-        if schedule and "content" in schedule:
-            import torch
-
-            from lorafuse.fusion.klora_schedule import schedule_heatmap
-
-            table = torch.tensor(schedule["content"], dtype=torch.bool)
-            return schedule_heatmap(table, folder / "klora_schedule.png", layers=schedule.get("layers"),
-                                    title=f"K-LoRA choices, cell {record_path.stem}")  # fmt: skip
+        drawn = record_heatmap(json.loads(record_path.read_text()).get("plan", {}), folder / "klora_schedule.png",
+                               title=f"K-LoRA choices, cell {record_path.stem}")  # fmt: skip
+        if drawn is not None:
+            return drawn
     return None
 
 

@@ -198,3 +198,13 @@ def schedule_heatmap(
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
+
+
+def record_heatmap(plan_record: dict, path: str | Path, *, title: str | None = None) -> Path | None:
+    """`schedule_heatmap` of the schedule a K-LoRA plan put in its record (`record["plan"]` of `lorafuse.fuse`),
+    or None when the record has none (every other method, or a K-LoRA mode without a precomputed table)."""
+    schedule = (plan_record or {}).get("schedule")
+    if not schedule or "content" not in schedule:
+        return None
+    table = torch.tensor(schedule["content"], dtype=torch.bool)
+    return schedule_heatmap(table, path, layers=schedule.get("layers"), title=title)

@@ -1,4 +1,4 @@
-"""`lorafuse demo`"""
+"""`lorafuse demo`: one call of `lorafuse.demo.run_demo` (train, fuse with every method, score, report)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,33 @@ from lorafuse.demo import DemoConfig, run_demo
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the built-in world demo and write out/demo/report.html")
-    p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps")
-    p.add_argument("--seed", type=int, default=0)
+    d = DemoConfig()
+    p = sub.add_parser(
+        "demo", help="train, fuse and score on the built-in world; writes out/demo/report.html"
+    )
+    p.add_argument("--out", default=d.out, help=f"output folder (default: {d.out})")
+    p.add_argument("--individual", default=d.individual, help=f"a world individual (default: {d.individual})")
+    p.add_argument("--style", default=d.style, help=f"a world style (default: {d.style})")
+    p.add_argument("--seeds", type=int, default=d.seeds, help=f"images per method (default: {d.seeds})")
+    p.add_argument("--seed", type=int, default=d.seed, help="first noise seed")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"sampling steps (default: {d.steps})")
+    p.add_argument("--guidance", type=float, default=d.guidance)
+    p.add_argument("--methods", default=None, help="comma-separated fusion methods (default: all)")
+    p.add_argument(
+        "--content-epochs", type=int, default=None, help="content LoRA epochs (default: the recipe's)"
+    )
+    p.add_argument("--style-epochs", type=int, default=None, help="style LoRA epochs (default: the recipe's)")
+    p.add_argument("--work", default=None, help="LoRA cache folder (default: OUT/work)")
+    p.add_argument("--no-class-grid", action="store_true", help="skip the base model's class x style grid")
     p.add_argument("--base", default=None, help="a pipeline folder to use instead of the built-in base model")
-    p.set_defaults(func=lambda a: run_demo(DemoConfig(out=a.out, steps=a.steps, seed=a.seed, base=a.base)) and 0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run)
+
+
+def _run(a: argparse.Namespace) -> int:
+    methods = tuple(m.strip() for m in a.methods.split(",") if m.strip()) if a.methods is not None else None
+    run_demo(DemoConfig(out=a.out, individual=a.individual, style=a.style, seeds=a.seeds, seed=a.seed,
+                        steps=a.steps, guidance=a.guidance, methods=methods, content_epochs=a.content_epochs,
+                        style_epochs=a.style_epochs, work=a.work, class_grid=not a.no_class_grid, base=a.base,
+                        progress=not a.no_progress))  # fmt: skip
+    return 0

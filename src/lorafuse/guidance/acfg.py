@@ -19,6 +19,8 @@ How it runs: ΔW_c|I_c and ΔW_s|I_s live in ONE peft adapter (the layer sets ar
 both); before each step the layers of I_c get weight ω_c(i) and those of I_s ω_s(i), then the 2B rows
 [uncond | cond] go through one batched forward with per-sample adapters (`lora.inject.per_sample_adapters`): the
 uncond rows name "__base__", the cond rows the adapter. Cost: what CFG costs, plus the LoRA on B rows.
+`BranchAdapter(..., mechanism="merged")` instead runs [uncond | cond] as two half-batch passes per layer on W and on
+W + ω ΔW merged once per change of ω (`lora.row_split`): peft's per-layer gather/scatter is what made ACFG slow.
 """
 
 from __future__ import annotations
@@ -38,8 +40,11 @@ from lorafuse.guidance.base import UNCOND, GuidanceCond, ModelFn
 from lorafuse.guidance.cfg import ClassifierFreeGuidance
 from lorafuse.guidance.schedules import cosine_phi, progress, window_weights
 from lorafuse.lora.inject import BASE, per_sample_adapters
+from lorafuse.lora.row_split import RowSplitLayer, contiguous_split, set_split, wrap_row_split
 
 SCHEDULE_KINDS = ("window", "smooth", "constant")
+# how the rows of one batched forward get different weights: peft's mixed batch, or `lora.row_split`
+MECHANISMS = ("peft", "merged")
 
 
 @dataclass(frozen=True)
@@ -88,8 +93,9 @@ class BranchAdapter:
     """
 
     def __init__(
-        self, unet: torch.nn.Module, name: str, content: Sequence[str], style: Sequence[str]
-    ) -> None:
+        self, unet: torch.nn.Module, name: str, content: Sequence[str], style: Sequence[str],
+        mechanism: str = "peft",
+    ) -> None:  # fmt: skip
         overlap = sorted(set(content) & set(style))
         if overlap:
             raise UserInputError(
@@ -104,6 +110,19 @@ class BranchAdapter:
                     raise UserInputError(f"module {path} holds no LoRA adapter {name!r}; inject it first")
                 self.groups[group].append(layer)
         self.current: tuple[float, float] | None = None
+        if mechanism not in MECHANISMS:
+            raise UserInputError(f"unknown ACFG mechanism {mechanism!r}; choose from {', '.join(MECHANISMS)}")
+        self.mechanism = mechanism
+        self._wrappers: list[RowSplitLayer] = []
+        self._unwrap: Callable[[], None] | None = None
+        if mechanism == "merged":
+            self._wrappers, self._unwrap = wrap_row_split(unet, [*content, *style], name)
+
+    def close(self) -> None:
+        """Put the peft layers back in place of the row-split wrappers ("merged"); safe to call twice."""
+        if self._unwrap is not None:
+            self._unwrap()
+            self._unwrap, self._wrappers = None, []
 
     def set_weights(self, omega_c: float, omega_s: float) -> None:
         if self.current == (omega_c, omega_s):
@@ -117,6 +136,14 @@ class BranchAdapter:
     @contextlib.contextmanager
     def per_sample(self, use_adapter: Sequence[bool]) -> Iterator[None]:
         """Row k of every forward inside runs with the adapter iff use_adapter[k], else on the base weights."""
+        split = contiguous_split(use_adapter) if self._wrappers else None
+        if split is not None:  # CFG's [uncond | cond] rows: two half-batch passes on merged weights
+            set_split(self._wrappers, split)
+            try:
+                yield
+            finally:
+                set_split(self._wrappers, None)
+            return
         names = [self.name if on else BASE for on in use_adapter]
         with per_sample_adapters(self.unet, names):
             yield

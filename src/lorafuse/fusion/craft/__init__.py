@@ -8,7 +8,8 @@ Notation map: `W'` the rank-limited backbone (option `backbone`, a folder from `
 means W' = W, the "no backbone" ablation); I_c / I_s the layer sets (`content_layers` / `style_layers`: a layer
 preset, regexes, or "lora" for the modules the LoRA itself covers); `lambda_c` / `lambda_s` λ_c / λ_s;
 ω_c(i) = w_c λ_c σ_c(i) with w_c = `content_weight` and σ_c the schedule (`schedule`: "window", "smooth",
-"constant"), likewise ω_s.
+"constant"), likewise ω_s. `acfg_mechanism`: "merged" (default) runs the [uncond | cond] rows as two half-batch
+passes on merged weights (`lora.row_split`), "peft" with peft's per-sample adapters; same images up to rounding.
 
 Where λ comes from, first match wins: the options lambda_c / lambda_s; the expert encoder (`expert`, a file from
 `expert.save_expert`) on the prompt's spans, times marker presence; the markers of `prompt` (1 if present,
@@ -40,7 +41,7 @@ from lorafuse.fusion.common import (
 )
 from lorafuse.fusion.craft.prompts import MarkedPrompt, aggregation_weights, common_markers, strip_markers
 from lorafuse.fusion.registry import FusionConfig, FusionMethod, FusionPlan, register
-from lorafuse.guidance.acfg import SCHEDULE_KINDS, AcfgSchedule, AsymmetricCFG, BranchAdapter
+from lorafuse.guidance.acfg import MECHANISMS, SCHEDULE_KINDS, AcfgSchedule, AsymmetricCFG, BranchAdapter
 from lorafuse.lora.state import LoraState
 from lorafuse.lora.validate import LoraCoverageWarning
 
@@ -67,10 +68,12 @@ class CraftConfig(FusionConfig):
     style_layers: str | tuple[str, ...] = "craft_style"
     expert: Path | None = None
     concept_id: int = 0
+    acfg_mechanism: str = "merged"
 
     def validate(self, method: str) -> None:
         super().validate(method)
         check_choice(method, "schedule", self.schedule, SCHEDULE_KINDS)
+        check_choice(method, "acfg_mechanism", self.acfg_mechanism, MECHANISMS)
         for name in ("lambda_c", "lambda_s"):
             if getattr(self, name) is not None:
                 check_range(method, name, getattr(self, name), -4.0, 4.0)
@@ -215,7 +218,8 @@ class Craft(FusionMethod):
             if config.backbone is not None:
                 plan.record["backbone"] = _host_backbone(pipe, config.backbone, plan.undo)
             # 4. One adapter holding ΔW_c on I_c and ΔW_s on I_s
-            adapter = _inject(pipe, part_c, part_s, info_c["paths"], info_s["paths"], plan.undo)
+            adapter = _inject(pipe, part_c, part_s, info_c["paths"], info_s["paths"], plan.undo,
+                              config.acfg_mechanism)  # fmt: skip
         except BaseException:
             plan.close()
             raise
@@ -248,7 +252,7 @@ def _host_backbone(pipe: Any, folder: Path, undo: list) -> dict[str, Any]:
 
 
 def _inject(pipe: Any, part_c: LoraState, part_s: LoraState, paths_c: list[str], paths_s: list[str],
-            undo: list) -> BranchAdapter:  # fmt: skip
+            undo: list, mechanism: str) -> BranchAdapter:  # fmt: skip
     from lorafuse.lora.inject import delete_adapter, inject_lora
 
     combined = LoraState(
@@ -262,4 +266,6 @@ def _inject(pipe: Any, part_c: LoraState, part_s: LoraState, paths_c: list[str],
         warnings.simplefilter("ignore", LoraCoverageWarning)  # routing already warned about what it dropped
         inject_lora(pipe, combined, ADAPTER, 1.0)
     undo.append(lambda: delete_adapter(pipe, ADAPTER))
-    return BranchAdapter(pipe.unet, ADAPTER, paths_c, paths_s)
+    adapter = BranchAdapter(pipe.unet, ADAPTER, paths_c, paths_s, mechanism)
+    undo.append(adapter.close)  # LIFO: the row-split wrappers come off before the adapter is deleted
+    return adapter

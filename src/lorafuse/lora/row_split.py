@@ -42,34 +42,36 @@ class RowSplitLayer(nn.Module):
         self.layer, self.adapter = layer, adapter
         self.split: int | None = None
         self._merged: tuple[float, Tensor] | None = None  # (the scale it was merged at, W + ΔW·scale)
+        # plain references outside nn.Module's registry: this forward runs ~100 times a step, and Module's
+        # __getattr__ and peft's get_base_layer() were a measurable part of its cost
+        run = F.linear if isinstance(base, nn.Linear) else base._conv_forward
+        self.__dict__["_fast"] = (layer, base, layer.scaling, run)
 
     def _cond_weight(self) -> Tensor | None:
         """W + ΔW at the adapter's current scale, cached; None when the scale is 0 (W itself)."""
-        scale = float(self.layer.scaling[self.adapter])
+        layer, base, scaling, _ = self._fast
+        scale = float(scaling[self.adapter])
         if scale == 0:
             return None
-        if self._merged is None or self._merged[0] != scale:
-            base = self.layer.get_base_layer().weight
+        merged = self._merged
+        if merged is None or merged[0] != scale:
             with torch.no_grad():
-                delta = self.layer.get_delta_weight(
-                    self.adapter
-                )  # B @ A · scaling, in the base weight's shape
-                self._merged = (scale, base + delta.to(base.dtype))
-        return self._merged[1]
+                delta = layer.get_delta_weight(self.adapter)  # B @ A · scaling, shaped as the base weight
+                merged = self._merged = (scale, base.weight + delta.to(base.weight.dtype))
+        return merged[1]
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if self.split is None:
-            return self.layer(x, *args, **kwargs)
+        layer, base, _, run = self._fast
+        k = self.split
+        if k is None:
+            return layer(x, *args, **kwargs)
         if args or kwargs:
             raise RuntimeError(
                 f"row split got extra forward arguments {list(kwargs)}; use per_sample_adapters"
             )
-        base = self.layer.get_base_layer()
         weight = self._cond_weight()
-        k = self.split
         if weight is None or k >= len(x):  # no LoRA rows, or a zero ΔW: the base for all rows
-            return base(x)
-        run = F.linear if isinstance(base, nn.Linear) else base._conv_forward
+            return run(x, base.weight, base.bias)
         if k <= 0:
             return run(x, weight, base.bias)
         # (N, ...) -> (k, ...) on W and (N - k, ...) on W + ΔW, concatenated back to (N, ...)

@@ -15,7 +15,7 @@ direct, ...), one warm-up round dropped, --repeats rounds kept. A row's plan (in
 apart from its sampling. "x base" is the median over rounds of (row time / base time in the same round), with
 its interquartile range: a goal such as 1.02x is met only if the IQR says the difference is not noise.
 
-    python -m benchmarks.fusion_speed [--base world-random] [--steps 20] [--repeats 7] [--rank 8] [--threads 1]
+    python -m benchmarks.fusion_speed [--base world-random] [--steps 20] [--repeats 15] [--rank 8] [--threads 1]
         [--zip-steps 100] [--skip-per-call] [--smoke]
 """
 
@@ -40,7 +40,7 @@ from lorafuse.fusion.ziplora import encode_reference, train_ziplora
 from lorafuse.models.load import load_base_pipeline
 
 PROMPT = "a red car in the city"
-ZIP_REFS = (("teapot_08", "a photo of a sks teapot, in flat style"), ("crayon", "a photo of a red mug, in sks style"))
+ZIP_REFS = (("teapot_08", "a photo of a sks teapot, in flat color style"), ("crayon", "a photo of a red mug, in sks style"))
 
 
 def learn_zip_mergers(pipe, content, style, max_steps: int) -> tuple[object, dict]:
@@ -59,7 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="world-random")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=7, help="kept rounds (one more warm-up round is dropped)")
+    ap.add_argument("--repeats", type=int, default=15, help="kept rounds (one more warm-up round is dropped)")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--zip-steps", type=int, default=100, help="ZipLoRA's max merger steps (its default)")

@@ -43,7 +43,7 @@ def first_training_example(recipe: WorldLoraRecipe, work_dir: Path) -> tuple[np.
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--individuals", nargs="+", default=list(DEFAULT_INDIVIDUALS))
+    ap.add_argument("--individuals", nargs="+", default=list(DEFAULT_INDIVIDUALS[:2]))
     ap.add_argument("--styles", nargs="+", default=list(HELD_OUT_STYLES))
     ap.add_argument("--merge-seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--max-steps", type=int, default=100)

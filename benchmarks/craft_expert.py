@@ -30,6 +30,7 @@ from lorafuse.fusion.craft.expert_data import DEFAULT_POINT, lambda_grid
 from lorafuse.fusion.craft.expert_world import (
     EXTENSION_TYPES,
     craft_oracle_scores,
+    parse_pair,
     span_prompts,
     world_grid_search,
 )
@@ -40,15 +41,6 @@ from lorafuse.world.personalize import style_recipe, subject_recipe, train_world
 
 CHOICES = ("default", "constant", "predicted", "grid_best")
 FRESH_SEED = 1000  # fresh-seed re-scoring starts here: never one of the grid's seeds
-
-
-def parse_pairs(text: str) -> list[tuple[str, str]]:
-    from lorafuse.errors import UserInputError
-
-    pairs = [tuple(p.split(":")) for p in text.split(",") if p]
-    if not pairs or any(len(p) != 2 for p in pairs):
-        raise UserInputError(f"--pairs wants INDIVIDUAL:STYLE[,...] such as teapot_08:crayon, got {text!r}")
-    return pairs  # type: ignore[return-value]
 
 
 def args_parser() -> argparse.ArgumentParser:
@@ -78,7 +70,7 @@ def main() -> None:
         args.steps, args.max_prompts, args.expert_steps = 6, 2, 200
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
-    pairs = parse_pairs(args.pairs)
+    pairs = [parse_pair(p) for p in args.pairs.split(",")]
     values = [float(v) for v in args.grid.split(",")]
     grid = lambda_grid(values)
     settings = {"seeds": args.seeds, "steps": args.steps, "guidance": args.guidance}

@@ -30,3 +30,14 @@ def test_user_errors_exit_2(tmp_path, capsys) -> None:
     assert main(["craft", "pairs", "--out", str(tmp_path), "--style", "no-such-style"]) == 2
     assert "unknown style" in capsys.readouterr().err
     assert main(["craft", "backbone", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_expert_checks_every_pair_before_training(tmp_path, capsys) -> None:
+    base = ["craft", "expert", "--out", str(tmp_path / "e.safetensors"), "--work-dir", str(tmp_path / "w")]
+    assert main([*base, "--pair", "teapot_08:crayon", "--pair", "teapot_08"]) == 2
+    assert "INDIVIDUAL:STYLE" in capsys.readouterr().err
+    assert main([*base, "--pair", "teapot_08:crayon", "--pair", "mug_09:no-such-style"]) == 2
+    assert "unknown style" in capsys.readouterr().err
+    assert main([*base, "--pair", "teapot_08:crayon", "--grid", "0,x"]) == 2
+    assert "--grid" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()  # nothing trained

@@ -4,6 +4,8 @@ lorafuse craft pairs --out DIR [--mode render|generate] [--base world] [--conten
     contrastive content/style pairs (10 x 10 by default on the world) with a contact sheet
 lorafuse craft backbone CONFIG.toml [--set key=value ...]
     train the rank-limited backbone W' on a pairs folder; writes OUTPUT_DIR/backbone (a diffusers pipeline)
+lorafuse craft expert --out FILE --pair INDIVIDUAL:STYLE [--pair ...] [--grid 0,0.5,1] [--seeds 2]
+    train the expert encoder on the world: the best λ pair per prompt wording on a λ grid (oracle-scored)
 """
 
 from __future__ import annotations
@@ -55,6 +57,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bb.add_argument("--no-progress", action="store_true")
     bb.set_defaults(func=cmd_backbone)
 
+    ex = sub.add_parser("expert", help="train the expert encoder on the built-in world's λ grid")
+    ex.add_argument("--out", type=Path, required=True, help="expert encoder file (.safetensors)")
+    ex.add_argument("--pair", action="append", required=True, metavar="INDIVIDUAL:STYLE",
+                    help="a LoRA pair to run the grid on, e.g. teapot_08:crayon; repeatable")  # fmt: skip
+    ex.add_argument(
+        "--work-dir", type=Path, default=Path("out/craft_loras"), help="where the LoRAs are cached"
+    )
+    ex.add_argument("--grid", default="0,0.25,0.5,0.75,1", help="λ values on both axes")
+    ex.add_argument("--seeds", type=int, default=2)
+    ex.add_argument("--steps", type=int, default=15)
+    ex.add_argument("--guidance", type=float, default=4.0)
+    ex.add_argument("--expert-steps", type=int, default=500)
+    ex.set_defaults(func=cmd_expert)
+
 
 def cmd_pairs(args: argparse.Namespace) -> int:
     from lorafuse.backbone.pairs import build_pairs_dataset
@@ -73,4 +89,22 @@ def cmd_backbone(args: argparse.Namespace) -> int:
 
     config = load_backbone_config(args.config, parse_sets(args.set) or None)
     print(train_backbone(config, progress=not args.no_progress))
+    return 0
+
+
+def cmd_expert(args: argparse.Namespace) -> int:
+    from lorafuse.errors import UserInputError
+    from lorafuse.fusion.craft.expert_data import lambda_grid
+    from lorafuse.fusion.craft.expert_world import parse_pair, train_world_expert
+
+    try:
+        values = [float(v) for v in args.grid.split(",")]
+    except ValueError:
+        raise UserInputError(
+            f"--grid wants comma-separated numbers such as 0,0.5,1, got {args.grid!r}"
+        ) from None
+    pairs = [parse_pair(p) for p in args.pair]  # every pair checked before any LoRA trains
+    path, _ = train_world_expert(pairs, args.work_dir, args.out, grid=lambda_grid(values), seeds=args.seeds,
+                                 steps=args.steps, guidance=args.guidance, expert_steps=args.expert_steps)  # fmt: skip
+    print(path)
     return 0

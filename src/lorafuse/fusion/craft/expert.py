@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorafuse.errors import UserInputError
+from lorafuse.utils.atomic import atomic_path
 
 TextEmbedder = Callable[[Sequence[str]], torch.Tensor]
 UNKNOWN_ID = 0
@@ -139,7 +140,8 @@ def save_expert(model: ExpertEncoder, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={"lorafuse_craft_expert": json.dumps(model.config)})
+    with atomic_path(path) as tmp:  # an interrupted save must not leave a half file that load_expert trusts
+        save_file(tensors, str(tmp), metadata={"lorafuse_craft_expert": json.dumps(model.config)})
     return path
 
 

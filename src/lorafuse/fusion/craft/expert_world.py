@@ -70,9 +70,20 @@ def span_prompts(
     ]
 
 
+def parse_pair(text: str) -> tuple[str, str]:
+    """'teapot_08:crayon' -> ('teapot_08', 'crayon'), both checked against the world."""
+    from lorafuse.world.catalog import check_style
+
+    individual, sep, style = text.partition(":")
+    if not sep or not individual or not style:
+        raise UserInputError(f"expected INDIVIDUAL:STYLE such as teapot_08:crayon, got {text!r}")
+    parse_individual(individual)
+    return individual, check_style(style)
+
+
 def craft_oracle_scores(
     pipe: Any, content: LoraState, style: LoraState, prompts: Sequence[str], scorer: OracleScorer, *,
-    lambda_c: float, lambda_s: float, seeds: int = 2, seed: int = 0, steps: int = 20, guidance: float = 7.5,
+    lambda_c: float, lambda_s: float, seeds: int = 2, seed: int = 0, steps: int = 15, guidance: float = 4.0,
     **craft_options: Any,
 ) -> dict[str, np.ndarray]:  # fmt: skip
     """CRAFT-fuse every prompt with `seeds` noises and score each image: {"content", "style", "harmonic"} of
@@ -121,8 +132,8 @@ def world_grid_search(
 
 def train_world_expert(
     pairs: Sequence[tuple[str, str]], work_dir: str | Path, out: str | Path, *, base: str = "world",
-    grid: Sequence[Lambda] | None = None, seeds: int = 2, steps: int = 20, expert_steps: int = 500,
-    progress: bool = True,
+    grid: Sequence[Lambda] | None = None, seeds: int = 2, steps: int = 15, guidance: float = 4.0,
+    expert_steps: int = 500, progress: bool = True,
 ) -> tuple[Path, list[GridSearch]]:  # fmt: skip
     """The whole recipe behind `lorafuse craft expert`: for each (individual, style) pair, train (or reuse) its
     CRAFT LoRAs, run the λ grid on the "train" wordings, then fit the encoder on the best pairs and save it.
@@ -148,10 +159,9 @@ def train_world_expert(
         prompts = span_prompts(individual, style_name, concept_id, "train", "train")
         if progress:
             print(f"λ grid: {individual} x {style_name}, {len(prompts)} prompts", flush=True)
-        searches.append(world_grid_search(
-            pipe, load_lora(c_path, base=pipe), load_lora(s_path, base=pipe), individual, style_name, prompts, grid=grid, seeds=seeds,
-            steps=steps,
-        ))  # fmt: skip
+        c_state, s_state = load_lora(c_path, base=pipe), load_lora(s_path, base=pipe)
+        searches.append(world_grid_search(pipe, c_state, s_state, individual, style_name, prompts, grid=grid,
+                                          seeds=seeds, steps=steps, guidance=guidance))  # fmt: skip
     examples = [e for s in searches for e in s.examples()]
     model = train_expert(examples, pipeline_text_embedder(pipe), steps=expert_steps)
     return save_expert(model, out), searches

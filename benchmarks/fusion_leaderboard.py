@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -188,7 +189,7 @@ def main() -> None:
     print_table(header, table)
     figures = figures_of(rows)
     smoke = args.pairs < FULL["pairs"] or args.seeds < FULL["seeds"]
-    command = f"python -m benchmarks.fusion_leaderboard --pairs {args.pairs} --seeds {args.seeds}"
+    command = " ".join(["python -m benchmarks.fusion_leaderboard", *sys.argv[1:]])  # as run, every flag
     print("\n" + markdown_table(figures, command) + "\n")
     page = write_html(args.work, done, rows, args, elapsed)
     print(f"report: {page}")

@@ -13,10 +13,10 @@ from peft.tuners.lora import LoraLayer
 from lorafuse.errors import UserInputError
 from lorafuse.fusion.craft import Craft, CraftConfig
 from lorafuse.fusion.sampling import sample
+from lorafuse.fusion.synthetic import random_lora
 from lorafuse.lora.presets import resolve_layers
 from lorafuse.lora.row_split import RowSplitLayer, contiguous_split
-from lorafuse.lora.state import LoraModule, LoraState
-from lorafuse.lora.targets import base_modules
+from lorafuse.lora.state import LoraState
 from lorafuse.models.tiny import tiny_sd15_pipeline
 
 # W + ΔW merged sums in another order than W x + B(A x): float rounding, amplified by g = 5 over 4 steps
@@ -24,24 +24,17 @@ ATOL = 1e-3
 PROMPT = "a photo of a sks dog <c> in watercolor style <s>"
 
 
-def random_lora(pipe, paths, seed) -> LoraState:
-    """Non-zero up and down (never the zero-B init), convs included, so a wrong merge cannot pass."""
-    g = torch.Generator().manual_seed(seed)
-    refs = {ref.path: key for key, ref in base_modules(pipe).modules.items() if ref.component == "unet"}
-    modules = {}
-    for path in paths:
-        out_f, in_f, *kernel = base_modules(pipe).modules[refs[path]].shape
-        down = torch.randn((3, in_f, *kernel), generator=g) * 0.2
-        up = torch.randn((out_f, 3, *([1, 1] if kernel else [])), generator=g) * 0.2
-        modules[refs[path]] = LoraModule(down=down, up=up, alpha=None)
-    return LoraState(modules=modules)
+def on_layers(pipe, preset: str, seed: int) -> LoraState:
+    """Random non-zero up and down (never the zero-B init) on a layer preset, convs included."""
+    paths = set(resolve_layers(pipe, preset, "sd15"))
+    keep = lambda ref: ref.component == "unet" and ref.path in paths  # noqa: E731
+    return random_lora(pipe, seed=seed, rank=3, scale=0.2, keep=keep)
 
 
 @functools.lru_cache(maxsize=1)
 def _base():
     pipe = tiny_sd15_pipeline(0)
-    content = random_lora(pipe, resolve_layers(pipe, "craft_content", "sd15"), 1)
-    style = random_lora(pipe, resolve_layers(pipe, "craft_style", "sd15"), 2)
+    content, style = on_layers(pipe, "craft_content", 1), on_layers(pipe, "craft_style", 2)
     return pipe, content, style
 
 

@@ -19,6 +19,7 @@ Resume is bit-identical on CPU for one process; with several processes only proc
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import time
 from dataclasses import dataclass, field
@@ -76,6 +77,19 @@ class TrainResult:
 
 def train_lora(cfg: TrainConfig, *, progress_bar: bool = True) -> TrainResult:
     """Train a LoRA as `cfg` says; return where everything went. User errors raise `UserInputError` early."""
+    result, run_log = _train(cfg, progress_bar)
+    # The base model and optimizer went with _train's frame: drawing the loss plot (matplotlib, ~30 MB) after
+    # that keeps it off the run's peak memory.
+    gc.collect()
+    if run_log is not None:
+        tc = cfg.training
+        png = tc.output_dir / "logs" / f"{tc.output_name}_loss.png"
+        result.loss_plot = run_log.plot(png, title=f"{tc.output_name} ({result.arch})")
+    return result
+
+
+def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | None]:
+    """Steps 1-10 of the docstring at the top; the loss plot is left to the caller."""
     started = time.time()
     tc, ds, loss_cfg = cfg.training, cfg.dataset, cfg.loss
 
@@ -396,9 +410,8 @@ def train_lora(cfg: TrainConfig, *, progress_bar: bool = True) -> TrainResult:
             save_state(out / f"{name}-state", position)
         if run_log is not None:
             result.losses = run_log.losses
-            result.loss_plot = run_log.plot(out / "logs" / f"{name}_loss.png", title=f"{name} ({arch})")
     if tc.logging == "tensorboard":
         accelerator.end_training()
     result.global_step = global_step
     result.seconds = time.time() - started
-    return result
+    return result, run_log

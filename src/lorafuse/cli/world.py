@@ -135,7 +135,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--work", default="out/world_work", help="work folder: caches, checkpoints, logs")
     q.add_argument("--vae-steps", type=int, default=1200)
     q.add_argument("--unet-steps", type=int, default=7000)
-    q.add_argument("--decoder-steps", type=int, default=600, help="decoder-only fine-tune on every style")
+    q.add_argument("--decoder-steps", type=int, default=1200, help="decoder-only fine-tune on every style")
     q.add_argument("--out", default="out/world_work/base", help="where the finished pipeline folder goes")
     q.add_argument("--batch", type=int, default=32)
     q.add_argument("--pool", type=int, default=48000)

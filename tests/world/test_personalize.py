@@ -30,3 +30,17 @@ def test_save_every_n_epochs_reaches_the_trainer_and_not_the_cache_key(tmp_path:
     assert plain.training.save_every_n_epochs is None
     assert saving.training.save_every_n_epochs == 5
     assert saving.training.output_name == plain.training.output_name == recipe.stem
+
+
+def test_base_fingerprint_follows_the_weights(tmp_path):
+    from lorafuse.world.personalize import base_fingerprint
+
+    (tmp_path / "unet").mkdir()
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"one")
+    first = base_fingerprint.__wrapped__(str(tmp_path))  # unwrapped: the cache would hide the change
+    weights.write_bytes(b"two")
+    assert base_fingerprint.__wrapped__(str(tmp_path)) != first
+    (tmp_path / "notes.md").write_text("not a weight or config file")
+    assert base_fingerprint.__wrapped__(str(tmp_path)) == base_fingerprint.__wrapped__(str(tmp_path))
+    assert len(base_fingerprint("world")) == 16

@@ -13,6 +13,7 @@ LoRAs; `layers="craft"` trains CRAFT-LoRA's disjoint sets (content LoRAs on `cra
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
@@ -64,11 +65,30 @@ class WorldLoraRecipe:
         return self.layers
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        # the base's weights are part of the recipe: a retrained or fine-tuned base must not reuse old LoRAs
+        settings = {**asdict(self), "base_weights": base_fingerprint(self.base)}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
     @property
     def stem(self) -> str:
         return f"{self.kind}_{self.name}_{self.layers}_{self.key()}"
+
+
+@functools.lru_cache(maxsize=8)
+def base_fingerprint(base: str) -> str:
+    """A short hash of a base pipeline folder's weight and config files ('world' = the shipped folder)."""
+    from lorafuse.world.base_model import default_base_path
+
+    folder = default_base_path() if base == "world" else Path(base)
+    if not folder.is_dir():  # another built-in name (e.g. world-random: fixed by its seed) or a single file
+        target = folder if folder.is_file() else None
+        return hashlib.sha256(target.read_bytes()).hexdigest()[:16] if target else base
+    digest = hashlib.sha256()
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".txt"):
+            digest.update(f.relative_to(folder).as_posix().encode())
+            digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def subject_recipe(name: str, **settings) -> WorldLoraRecipe:

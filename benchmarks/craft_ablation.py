@@ -14,13 +14,14 @@ The backbone: a render-mode pairs dataset (10 x 10) and `backbone.train.train_ba
 (batch 8), written once under --work-dir and reused; or --backbone DIR.
 
     python -m benchmarks.craft_ablation [--subjects teapot_08,robot_09] [--styles crayon,blueprint,mosaic]
-        [--seeds 4] [--steps 20] [--backbone-steps 300] [--threads 2]
+        [--seeds 4] [--steps 20] [--backbone-steps 500] [--threads 2]
     python -m benchmarks.craft_ablation --smoke    # 1 pair, 2 seeds, 8 steps, 10 backbone steps, short LoRAs
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 import warnings
 from pathlib import Path
@@ -35,6 +36,7 @@ from lorafuse.eval.metrics import (
     confidence_interval,
     cross_influence,
     harmonic_mean,
+    proportion_interval,
 )
 from lorafuse.fusion.craft.expert_world import craft_oracle_scores
 from lorafuse.lora.io import load_lora
@@ -50,6 +52,7 @@ GUIDANCE_ROWS = {  # label -> craft options
 }
 FULL = "backbone + ACFG"
 METRICS = ("content", "style", "harmonic", "cross_influence", "ci_product")
+RATES = ("right_individual", "right_style")  # 0/1 per image: Wilson intervals
 
 
 def backbone_folder(args) -> Path:
@@ -87,6 +90,7 @@ def score_pair(pipe, loras, individual, style, options, scorer, args) -> dict[st
         "content": c, "style": s, "harmonic": harmonic_mean(c, s),
         "cross_influence": cross_influence(only_c["content"][0], c, only_s["style"][0], s),
         "ci_product": ci_product(c, s), "content_single": only_c["content"][0], "style_single": only_s["style"][0],
+        "right_individual": fused["right_individual"][0], "right_style": fused["right_style"][0],
     }  # fmt: skip
 
 
@@ -97,7 +101,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=4.0)
-    ap.add_argument("--backbone-steps", type=int, default=300)
+    ap.add_argument("--backbone-steps", type=int, default=500)
     ap.add_argument("--backbone", default=None, help="an existing backbone folder (skips training one)")
     ap.add_argument("--lora-epochs", type=int, default=0, help="0: the world recipes' defaults")
     ap.add_argument("--work-dir", default="out/craft_bench")
@@ -124,7 +128,7 @@ def main() -> None:
 
     pipe, oracle = load_base_pipeline("world"), default_oracle()
     rows = {f"{b} + {g}": (b, opts) for b in ("backbone", "no backbone") for g, opts in GUIDANCE_ROWS.items()}
-    per_row: dict[str, dict[str, list]] = {r: {m: [] for m in (*METRICS, "pair")} for r in rows}
+    per_row: dict[str, dict[str, list]] = {r: {m: [] for m in (*METRICS, *RATES, "pair")} for r in rows}
     for ind in subjects:
         for sty in styles:
             scorer = OracleScorer(oracle, individual=ind, style=sty)
@@ -132,7 +136,7 @@ def main() -> None:
             for label, (b, opts) in rows.items():
                 options = {**opts, **({"backbone": backbone} if b == "backbone" else {})}
                 got = score_pair(pipe, pair_loras[b], ind, sty, options, scorer, args)
-                for m in METRICS:
+                for m in (*METRICS, *RATES):
                     per_row[label][m].extend(got[m].tolist())
                 per_row[label]["pair"].extend([f"{ind}:{sty}"] * args.seeds)
             print(f"{ind} x {sty} done ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -140,20 +144,20 @@ def main() -> None:
     figures: dict = {"backbone": str(backbone), "rows": {}, "per_image": per_row}
     table = []
     for label in rows:
-        entry = {m: str(confidence_interval(per_row[label][m])) for m in METRICS}
+        entry = {m: confidence_interval(per_row[label][m]) for m in METRICS}
+        entry |= {m: proportion_interval(per_row[label][m]) for m in RATES}
         for m in ("harmonic", "cross_influence"):
             diff = np.array(per_row[label][m]) - np.array(per_row[FULL][m])  # paired: same pair and seed
-            entry[f"{m}_minus_full"] = str(confidence_interval(diff))
-        figures["rows"][label] = entry
-        table.append([label, *[entry[m] for m in METRICS[:4]], entry["harmonic_minus_full"],
-                      entry["cross_influence_minus_full"]])  # fmt: skip
+            entry[f"{m}_minus_full"] = confidence_interval(diff)
+        figures["rows"][label] = {k: dataclasses.asdict(v) for k, v in entry.items()}
+        table.append([label, *[str(entry[m]) for m in (*METRICS[:4], "harmonic_minus_full",
+                                                       "cross_influence_minus_full", *RATES)]])  # fmt: skip
     figures["seconds"] = time.perf_counter() - t0
     n = len(subjects) * len(styles)
     print(f"\n{n} pairs x {args.seeds} seeds, {args.steps} steps, CFG {args.guidance}, backbone {backbone}; "
           "mean [95% CI]")  # fmt: skip
-    print_table(
-        ["row", "content", "style", "harmonic", "cross-infl.", "Δharm. vs full", "Δcross vs full"], table
-    )
+    header = ["row", "content", "style", "harmonic", "cross-infl.", "Δharm. vs full", "Δcross vs full"]
+    print_table([*header, "right individual", "right style"], table)
     write_result("craft_ablation" + ("_smoke" if args.smoke else ""), vars(args), figures)
 
 

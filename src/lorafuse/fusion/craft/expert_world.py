@@ -86,8 +86,8 @@ def craft_oracle_scores(
     lambda_c: float, lambda_s: float, seeds: int = 2, seed: int = 0, steps: int = 15, guidance: float = 4.0,
     **craft_options: Any,
 ) -> dict[str, np.ndarray]:  # fmt: skip
-    """CRAFT-fuse every prompt with `seeds` noises and score each image: {"content", "style", "harmonic"} of
-    shape (len(prompts), seeds). `prompts` are clean or marked; λ are given explicitly, so markers do not
+    """CRAFT-fuse every prompt with `seeds` noises and score each image: {"content", "style", "harmonic"} (and
+    "right_individual" / "right_style" when the scorer knows them) of shape (len(prompts), seeds). `prompts` are clean or marked; λ are given explicitly, so markers do not
     decide them."""
     from lorafuse.fusion.api import fuse
     from lorafuse.fusion.craft.prompts import strip_markers
@@ -100,7 +100,11 @@ def craft_oracle_scores(
     m = scorer(result.uint8())
     shape = (len(prompts), seeds)  # images are prompt-major: image k of prompt p is row p * seeds + k
     c, s = m["oracle_content"].reshape(shape), m["oracle_style"].reshape(shape)
-    return {"content": c, "style": s, "harmonic": harmonic_mean(c, s)}
+    out = {"content": c, "style": s, "harmonic": harmonic_mean(c, s)}
+    for key in ("right_individual", "right_style"):  # 0/1 per image: the oracle names the intended factor
+        if key in m:
+            out[key] = m[key].reshape(shape)
+    return out
 
 
 def world_score_fn(

@@ -69,9 +69,11 @@ class RowSplitLayer(nn.Module):
         base = self._fast[1]
         if self._stacked is None:
             self._stacked = torch.stack([base.weight.T, weight.T])  # (2, D, O)
-        out = torch.bmm(x.reshape(2, -1, x.shape[-1]), self._stacked)  # (N, ..., D) -> (2, N/2·..., O)
-        if base.bias is not None:
-            out = out + base.bias
+        x2 = x.reshape(2, -1, x.shape[-1])  # (N, ..., D) -> (2, N/2·..., D)
+        # baddbmm folds the bias into the same call (bmm then + bias measured ~15 % slower on small layers)
+        out = (
+            torch.bmm(x2, self._stacked) if base.bias is None else torch.baddbmm(base.bias, x2, self._stacked)
+        )
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
@@ -131,4 +133,4 @@ def contiguous_split(use_adapter: Sequence[bool]) -> int | None:
 
 def set_split(wrappers: Sequence[RowSplitLayer], k: int | None) -> None:
     for w in wrappers:
-        w.split = k
+        w.__dict__["split"] = k  # twice a step per layer: skip nn.Module.__setattr__'s parameter checks

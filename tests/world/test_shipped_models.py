@@ -39,11 +39,11 @@ def test_oracle_names_clean_renders():
     rng = np.random.default_rng(4242)
     picks = [people[int(i)] for i in rng.choice(len(people), 48, replace=False)]
     styles = [SEEN_STYLES[k % len(SEEN_STYLES)] for k in range(48)]
-    imgs = np.stack([render(p, s, np.random.default_rng([4242, k])) for k, (p, s) in enumerate(zip(picks, styles))])
+    imgs = np.stack([render(p, s, np.random.default_rng([4242, k])) for k, (p, s) in enumerate(zip(picks, styles, strict=True))])
     v = oracle.judge(imgs)
-    assert np.mean([a == p.cls for a, p in zip(v.cls, picks)]) >= 0.9
-    assert np.mean([a == s for a, s in zip(v.style_name, styles)]) >= 0.9
-    assert np.mean([a == p.name for a, p in zip(v.individual, picks)]) >= 0.8
+    assert np.mean([a == p.cls for a, p in zip(v.cls, picks, strict=True)]) >= 0.9
+    assert np.mean([a == s for a, s in zip(v.style_name, styles, strict=True)]) >= 0.9
+    assert np.mean([a == p.name for a, p in zip(v.individual, picks, strict=True)]) >= 0.8
     # cosine similarity ranks the same individual above another one of the same class
     same = oracle.content_similarity(imgs[:1], render(picks[0], "ink", 1)[None]).item()
     other = next(x for x in people if x.cls == picks[0].cls and x != picks[0])

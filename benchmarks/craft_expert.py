@@ -169,7 +169,7 @@ def plot(rows: list[dict], figures: dict, name: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     colours = {"I": "tab:blue", "II": "tab:orange", "III": "tab:green"}
     rng = np.random.default_rng(0)
-    for ax, j, name in ((axes[0], 0, "λ_c"), (axes[1], 1, "λ_s")):
+    for ax, j, symbol in ((axes[0], 0, "λ_c"), (axes[1], 1, "λ_s")):
         for kind, colour in colours.items():
             sel = [r for r in rows if r["type"] == kind]
             x = np.array([r["grid_best"][j] for r in sel]) + rng.uniform(
@@ -177,7 +177,7 @@ def plot(rows: list[dict], figures: dict, name: str) -> None:
             )  # jitter: grid ties
             ax.scatter(x, [r["predicted"][j] for r in sel], c=colour, label=f"type {kind}", s=18)
         ax.plot([0, 1], [0, 1], "k:", lw=1)
-        ax.set(xlabel=f"grid-best {name}", ylabel=f"predicted {name}", title=f"{name}: unseen span texts")
+        ax.set(xlabel=f"grid-best {symbol}", ylabel=f"predicted {symbol}", title=f"{symbol}: unseen span texts")
         ax.legend(fontsize=8)
     kinds = [k for k in figures["per_type"] if k != "all"]
     width = 0.2

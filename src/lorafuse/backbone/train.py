@@ -41,6 +41,7 @@ from lorafuse.backbone import para
 from lorafuse.backbone.features import load_features, perceptual_loss
 from lorafuse.backbone.pairs import read_pairs
 from lorafuse.errors import ConfigError, UserInputError
+from lorafuse.utils.atomic import atomic_path
 
 INFO_FILE = "craft_backbone.json"  # = fusion.craft.host.BACKBONE_INFO
 # settings a resumed run may change (where and how often it writes, how long it runs)
@@ -313,9 +314,8 @@ def train_backbone(config: BackboneConfig, *, pipe: Any = None, progress: bool =
 
     # 5. Save W' as a full pipeline
     _write_log(out, log)
-    save_file(
-        {k: v.detach().contiguous() for k, v in para.bases(pipe.unet).items()}, str(out / "bases.safetensors")
-    )
+    with atomic_path(out / "bases.safetensors") as tmp:
+        save_file({k: v.detach().contiguous() for k, v in para.bases(pipe.unet).items()}, str(tmp))
     info = {"base": str(config.base), "steps": step, "ranks": ranks, "settings": current}
     return save_backbone(pipe, out / "backbone", info)
 

@@ -1,0 +1,58 @@
+"""Bake LoRAs into a base model and save the result as a new diffusers pipeline folder.
+
+What kohya's `networks/merge_lora.py --save_to` and A1111's checkpoint merger do: W' = W + Σ w_i ΔW_i written
+into the weights, so the folder is a "fine-tuned checkpoint" every tool loads as a base (seed 002 compares a
+character LoRA across such checkpoints). Each LoRA is validated against the base before anything is fused, the
+fusing itself is `lora.merge.fuse_into`, and the folder appears whole or not at all (written beside, renamed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from lorafuse.errors import UserInputError
+
+
+def _tokenizer_sources(base: str) -> Path | None:
+    """The base's own folder when it has one: its CLIP tokenizer files are copied as they are."""
+    if base == "world":
+        from lorafuse.world.base_model import default_base_path
+
+        return default_base_path()
+    path = Path(base).expanduser()
+    return path if path.is_dir() else None
+
+
+def bake_loras(base: str, loras: Sequence[tuple[str | os.PathLike, float]], out: str | os.PathLike, *,
+               allow_pickle: bool = False) -> Path:  # fmt: skip
+    """Load `base`, fuse every (LoRA file, weight) into its weights, save a pipeline folder at `out`."""
+    from lorafuse.lora.io import load_lora
+    from lorafuse.lora.merge import fuse_into
+    from lorafuse.models.load import load_base_pipeline
+
+    out = Path(out)
+    if not loras:
+        raise UserInputError("bake needs at least one LoRA file")
+    if out.exists():
+        raise UserInputError(f"{out}: already exists; choose a new folder (a baked model is never overwritten)")
+    pipe = load_base_pipeline(base)
+    states = [(load_lora(path, allow_pickle=allow_pickle, base=pipe), float(w)) for path, w in loras]
+    record = []
+    for (path, weight), (state, _) in zip(loras, states, strict=True):
+        n = fuse_into(pipe, state, weight)
+        record.append({"lora": str(path), "weight": weight, "modules": n})
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    source = _tokenizer_sources(base)
+    for sub in ("tokenizer", "tokenizer_2"):
+        # transformers 5 writes only tokenizer.json; keep the CLIP vocab.json + merges.txt other tools read
+        if source is not None and (source / sub).is_dir():
+            shutil.copytree(source / sub, tmp / sub, dirs_exist_ok=True)
+    (tmp / "lorafuse_bake.json").write_text(json.dumps({"base": base, "loras": record}, indent=1))
+    tmp.rename(out)
+    return out

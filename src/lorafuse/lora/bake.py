@@ -40,11 +40,10 @@ def bake_loras(base: str, loras: Sequence[tuple[str | os.PathLike, float]], out:
     if out.exists():
         raise UserInputError(f"{out}: already exists; choose a new folder (a baked model is never overwritten)")
     pipe = load_base_pipeline(base)
-    states = [(load_lora(path, allow_pickle=allow_pickle, base=pipe), float(w)) for path, w in loras]
-    record = []
-    for (path, weight), (state, _) in zip(loras, states, strict=True):
-        n = fuse_into(pipe, state, weight)
-        record.append({"lora": str(path), "weight": weight, "modules": n})
+    # read every file before fusing any: a broken second file must not cost the first one's fuse
+    states = [load_lora(path, allow_pickle=allow_pickle, base=pipe) for path, _ in loras]
+    record = [{"lora": str(path), "weight": float(weight), "modules": fuse_into(pipe, state, float(weight))}
+              for (path, weight), state in zip(loras, states, strict=True)]  # fmt: skip
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)

@@ -122,7 +122,7 @@ def train_config(recipe: WorldLoraRecipe, data_dir: Path, out_dir: Path, *, log:
         SchedulerConfig,
         TrainConfig,
         TrainingConfig,
-    )  # fmt: skip
+    )
 
     layers = recipe.layer_preset
     network = NetworkConfig(

@@ -46,3 +46,48 @@ def test_export_is_a_plain_diffusers_folder(tmp_path):
     out = pipe("a photo of a teapot", num_inference_steps=2, height=64, width=64, output_type="np")
     assert out.images.shape == (1, 64, 64, 3)
     assert abs(pipe.vae.config.scaling_factor - scale) < 1e-6
+
+
+def test_caption_finetune_starts_from_stage_3_and_drops_colours(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from lorafuse.world.catalog import COLOURS
+    from lorafuse.world.pretrain import _captions, finalize, unet_stages
+
+    pool = render_pool(6, all_individuals(held_out=False)[:3], list(SEEN_STYLES[:2]), seed=0, progress=False)
+    plain = _captions(pool, with_colour=False)
+    assert not any(c in text.split() for text in plain for c in COLOURS)
+    assert all(any(c in text for c in COLOURS) for text in _captions(pool))
+
+    cfg = PretrainConfig(work_dir=str(tmp_path), vae_steps=1, vae_batch=2, unet_steps=2, unet_batch=2, warmup=1,
+                         caption_ft_steps=0, ckpt_every=1)
+    vae = train_vae(cfg, pool)
+    latents, scale = cache_latents(cfg, vae, pool)
+    stage3, = unet_stages(cfg)
+    train_unet(cfg, pool, latents, scale, vae=vae, stage=stage3)
+    assert (tmp_path / "eval_pipeline" / "model_index.json").exists()  # exported without an oracle too
+
+    # a 3b stage of zero steps exports exactly what it started from: stage 3's EMA weights
+    cfg.caption_ft_steps = 0
+    start = unet_stages(PretrainConfig(work_dir=str(tmp_path), caption_ft_steps=1))[1]
+    from dataclasses import replace
+
+    train_unet(cfg, pool, latents, scale, vae=vae, stage=replace(start, steps=0))
+    name = "unet/diffusion_pytorch_model.safetensors"
+    before, after = load_file(str(tmp_path / "eval_pipeline" / name)), load_file(
+        str(tmp_path / "eval_pipeline_caption_ft" / name))
+    assert all((before[k] == after[k]).all() for k in before)
+
+    # a real 3b step moves the weights, checkpoints under its own name, and finalize ships the last stage
+    shutil_rm = __import__("shutil").rmtree
+    shutil_rm(tmp_path / "eval_pipeline_caption_ft")
+    cfg.caption_ft_steps = 2
+    stage3b = unet_stages(cfg)[1]
+    train_unet(cfg, pool, latents, scale, vae=vae, stage=replace(stage3b, steps=1))
+    train_unet(cfg, pool, latents, scale, vae=vae, stage=stage3b)
+    assert "caption_ft: resumed at step 1" in capsys.readouterr().out
+    assert (tmp_path / "caption_ft_ckpt" / "state.pt").exists()
+    shipped = finalize(cfg, tmp_path / "base")
+    final = load_file(str(shipped / name))
+    assert any(not (before[k] == final[k]).all() for k in before)
+    assert StableDiffusionPipeline.from_pretrained(shipped).unet is not None

@@ -74,18 +74,22 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         finetune_decoder,
         train_unet,
         train_vae,
+        unet_stages,
     )
 
     work = Path(args.work)
     cfg = PretrainConfig(work_dir=str(work), vae_steps=args.vae_steps, unet_steps=args.unet_steps,
-                         unet_batch=args.batch, seed=args.seed)
+                         unet_batch=args.batch, seed=args.seed, caption_ft_steps=args.caption_ft_steps)
     pool = cached_pool(work / "base_pool.npz", args.pool, all_individuals(held_out=False), list(SEEN_STYLES), seed=2)
     vae = train_vae(cfg, pool)
     latents, scale = cache_latents(cfg, vae, pool)
-    oracle = Oracle.load(args.oracle) if args.oracle or _has_default_oracle() else None
-    train_unet(cfg, pool, latents, scale, oracle=oracle, vae=vae)
+    # the decoder fine-tune leaves the encoder (hence the cached latents) alone; doing it before the UNet
+    # stages means their oracle curves judge samples through the decoder that ships
     everything = cached_pool(work / "all_pool.npz", 39000, all_individuals(), list(STYLE_NAMES), seed=1)
     finetune_decoder(cfg, vae, everything, steps=args.decoder_steps)
+    oracle = Oracle.load(args.oracle) if args.oracle or _has_default_oracle() else None
+    for stage in unet_stages(cfg):
+        train_unet(cfg, pool, latents, scale, oracle=oracle, vae=vae, stage=stage)
     print(f"pipeline folder: {finalize(cfg, args.out)}")
     return 0
 
@@ -136,6 +140,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--vae-steps", type=int, default=1200)
     q.add_argument("--unet-steps", type=int, default=7000)
     q.add_argument("--decoder-steps", type=int, default=1200, help="decoder-only fine-tune on every style")
+    q.add_argument("--caption-ft-steps", type=int, default=1500,
+                   help="stage 3b: continue the UNet with colour-free captions mixed in (0 skips it)")
     q.add_argument("--out", default="out/world_work/base", help="where the finished pipeline folder goes")
     q.add_argument("--batch", type=int, default=32)
     q.add_argument("--pool", type=int, default=48000)

@@ -6,6 +6,9 @@
 3. UNet + text encoder on cached latents with captions, min-SNR-5 weighting, 10 % empty captions (for CFG),
    EMA weights. Checkpoints every `ckpt_every` steps (safetensors + a weights-only torch state), so a killed
    run continues where it stopped. Every `eval_every` steps, samples are judged by the oracle (a CSV curve).
+   3b. Caption fine-tune: the same loop continued from stage 3's EMA weights at a lower LR, with the colour word
+   dropped from half the captions. Stage 3's captions always named a colour ("a teal tree"), so a prompt
+   without one ("a tree") was out of distribution and drew the nearest thing the model knew (trees as rockets).
 4. Export: a standard diffusers pipeline folder (EMA UNet) that plain `StableDiffusionPipeline` loads.
 """
 
@@ -57,6 +60,44 @@ class PretrainConfig:
     ckpt_every: int = 250
     eval_every: int = 1000
     seed: int = 0
+    # stage 3b (caption fine-tune); 0 steps skips it
+    caption_ft_steps: int = 1500
+    caption_ft_lr: float = 2e-4
+    caption_ft_warmup: int = 100
+    caption_ft_colour_dropout: float = 0.5
+
+
+@dataclass(frozen=True)
+class UNetStage:
+    """One run of the UNet + text-encoder loop: its own schedule, checkpoint folder, log and export folder."""
+
+    name: str
+    steps: int
+    lr: float
+    warmup: int
+    colour_dropout: float  # probability that a caption leaves out the object's colour word
+    init: str | None = None  # pipeline folder whose UNet + text encoder the stage starts from
+
+    @property
+    def ckpt_dir(self) -> str:
+        return "unet_ckpt" if self.name == "unet" else f"{self.name}_ckpt"
+
+    @property
+    def export_dir(self) -> str:
+        return "eval_pipeline" if self.name == "unet" else f"eval_pipeline_{self.name}"
+
+    @property
+    def log_name(self) -> str:
+        return "train_log.csv" if self.name == "unet" else f"{self.name}_log.csv"
+
+
+def unet_stages(cfg: PretrainConfig) -> list[UNetStage]:
+    work = Path(cfg.work_dir)
+    stages = [UNetStage("unet", cfg.unet_steps, cfg.unet_lr, cfg.warmup, colour_dropout=0.0)]
+    if cfg.caption_ft_steps > 0:
+        stages.append(UNetStage("caption_ft", cfg.caption_ft_steps, cfg.caption_ft_lr, cfg.caption_ft_warmup,
+                                cfg.caption_ft_colour_dropout, init=str(work / stages[0].export_dir)))
+    return stages
 
 
 def _save_safetensors(module: torch.nn.Module, path: Path) -> None:
@@ -144,11 +185,11 @@ def cache_latents(cfg: PretrainConfig, vae: AutoencoderKL, pool: Pool) -> tuple[
 
 
 # ------------------------------------------------------------------------------------------ 3. UNet + text encoder
-def _captions(pool: Pool) -> list[str]:
+def _captions(pool: Pool, with_colour: bool = True) -> list[str]:
     everyone = all_individuals()
     from lorafuse.world.catalog import STYLE_NAMES
 
-    return [caption(everyone[i], STYLE_NAMES[s], int(t)) for i, s, t in
+    return [caption(everyone[i], STYLE_NAMES[s], int(t), with_colour=with_colour) for i, s, t in
             zip(pool.individual, pool.style, pool.caption_template, strict=True)]
 
 
@@ -158,22 +199,28 @@ def _min_snr_weight(sched: DDPMScheduler, t: torch.Tensor, gamma: float) -> torc
     return torch.clamp(snr, max=gamma) / snr
 
 
-def train_unet(cfg: PretrainConfig, pool: Pool, latents: torch.Tensor, scale: float, oracle=None, vae=None) -> dict:
+def train_unet(cfg: PretrainConfig, pool: Pool, latents: torch.Tensor, scale: float, oracle=None, vae=None,
+               stage: UNetStage | None = None) -> dict:
+    stage = stage or unet_stages(cfg)[0]
     work = Path(cfg.work_dir)
     tok = CLIPTokenizer.from_pretrained(work / "tokenizer")
     comps = fresh_components(tok)
     unet: UNet2DConditionModel = comps["unet"]
     te: CLIPTextModel = comps["text_encoder"]
+    if stage.init:  # start from the previous stage's EMA weights (what that stage shipped)
+        init = Path(stage.init)
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(init / "unet").state_dict())
+        te.load_state_dict(CLIPTextModel.from_pretrained(init / "text_encoder").state_dict())
     params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=1e-2)
     def lr_at(s: int) -> float:  # warm-up, then cosine to 10 %; math (not numpy) keeps the state weights-only-loadable
-        return min(1.0, (s + 1) / cfg.warmup) * (0.5 * (1 + math.cos(math.pi * min(s / cfg.unet_steps, 1.0))) * 0.9 + 0.1)
+        return min(1.0, (s + 1) / stage.warmup) * (0.5 * (1 + math.cos(math.pi * min(s / max(stage.steps, 1), 1.0))) * 0.9 + 0.1)
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=0.75)
     ema_te = EMAModel(te.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=0.75)
     step = 0
-    ckpt = work / "unet_ckpt"
+    ckpt = work / stage.ckpt_dir
     if (ckpt / "state.pt").exists():  # resume
         unet.load_state_dict(load_file(str(ckpt / "unet.safetensors")))
         te.load_state_dict(load_file(str(ckpt / "text_encoder.safetensors")))
@@ -183,19 +230,24 @@ def train_unet(cfg: PretrainConfig, pool: Pool, latents: torch.Tensor, scale: fl
         ema.load_state_dict(state["ema"])
         ema_te.load_state_dict(state["ema_te"])
         step = int(state["step"])
-        print(f"resumed at step {step}")
+        print(f"{stage.name}: resumed at step {step}")
     noise_sched = DDPMScheduler.from_config(scheduler_config())  # same betas; from_config drops DDIM-only keys
-    captions = _captions(pool)
-    ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    empty = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + step)  # a resumed run draws a fresh stream
-    log_path = work / "train_log.csv"
-    bar = tqdm(range(step, cfg.unet_steps), initial=step, total=cfg.unet_steps, desc="unet", mininterval=10)
+    def tokenize(texts: list[str]) -> torch.Tensor:
+        return tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+    ids = tokenize(_captions(pool))
+    ids_no_colour = tokenize(_captions(pool, with_colour=False)) if stage.colour_dropout > 0 else ids
+    empty = tokenize([""])[0]
+    # a resumed run draws a fresh stream; each stage has its own
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + step + (0 if stage.name == "unet" else 10**6))
+    log_path = work / stage.log_name
+    bar = tqdm(range(step, stage.steps), initial=step, total=stage.steps, desc=stage.name, mininterval=10)
     t0 = time.time()
     for step in bar:
         idx = torch.randint(0, len(pool), (cfg.unet_batch,), generator=gen)
         z0 = latents[idx].float() * scale
-        text_ids = ids[idx].clone()
+        no_colour = torch.rand(len(idx), generator=gen) < stage.colour_dropout
+        text_ids = torch.where(no_colour[:, None], ids_no_colour[idx], ids[idx])
         drop = torch.rand(len(idx), generator=gen) < cfg.cond_dropout
         text_ids[drop] = empty
         noise = torch.randn(z0.shape, generator=gen)
@@ -215,15 +267,15 @@ def train_unet(cfg: PretrainConfig, pool: Pool, latents: torch.Tensor, scale: fl
         done = step + 1
         if done % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-        if done % cfg.ckpt_every == 0 or done == cfg.unet_steps:
+        if done % cfg.ckpt_every == 0 or done == stage.steps:
             ckpt.mkdir(parents=True, exist_ok=True)
             _save_safetensors(unet, ckpt / "unet.safetensors")
             _save_safetensors(te, ckpt / "text_encoder.safetensors")
             with atomic_path(ckpt / "state.pt") as tmp:
                 torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "ema": ema.state_dict(),
                             "ema_te": ema_te.state_dict(), "step": done}, tmp)
-        if oracle is not None and (done % cfg.eval_every == 0 or done == cfg.unet_steps):
-            pipe = export(cfg, unet, te, ema, ema_te, vae, tok, scale, work / "eval_pipeline")
+        if oracle is not None and (done % cfg.eval_every == 0 or done == stage.steps):
+            pipe = export(cfg, unet, te, ema, ema_te, vae, tok, scale, work / stage.export_dir)
             acc = evaluate(pipe, oracle, n=96, steps=25, seed=done)
             row = {"step": done, "minutes": round((time.time() - t0) / 60, 1), "loss": round(loss.item(), 4), **acc}
             new = not log_path.exists()
@@ -233,7 +285,10 @@ def train_unet(cfg: PretrainConfig, pool: Pool, latents: torch.Tensor, scale: fl
                     wr.writeheader()
                 wr.writerow(row)
             print(json.dumps(row), flush=True)
-    return {"steps": cfg.unet_steps}
+    # no oracle, or resumed after the end: the next stage and `finalize` start from this folder
+    if vae is not None and not (work / stage.export_dir / "model_index.json").exists():
+        export(cfg, unet, te, ema, ema_te, vae, tok, scale, work / stage.export_dir)
+    return {"steps": stage.steps}
 
 
 def export(cfg: PretrainConfig, unet, te, ema: EMAModel, ema_te: EMAModel, vae: AutoencoderKL,
@@ -258,9 +313,10 @@ def export(cfg: PretrainConfig, unet, te, ema: EMAModel, ema_te: EMAModel, vae: 
 
 
 def finalize(cfg: PretrainConfig, out: str | Path) -> Path:
-    """Ship the last evaluated EMA pipeline, with the fine-tuned decoder when stage 1b ran, to `out`."""
+    """Ship the last stage's evaluated EMA pipeline, with the fine-tuned decoder when stage 1b ran, to `out`."""
     work, out = Path(cfg.work_dir), Path(out)
-    pipe = StableDiffusionPipeline.from_pretrained(work / "eval_pipeline", safety_checker=None,
+    last = unet_stages(cfg)[-1]
+    pipe = StableDiffusionPipeline.from_pretrained(work / last.export_dir, safety_checker=None,
                                                    requires_safety_checker=False)
     ft = work / "vae_decoder_ft.safetensors"
     if ft.exists():
@@ -269,9 +325,11 @@ def finalize(cfg: PretrainConfig, out: str | Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
     shutil.copytree(work / "tokenizer", tmp / "tokenizer", dirs_exist_ok=True)
-    shutil.copy(work / "eval_pipeline" / "lorafuse_pretrain.json", tmp / "lorafuse_pretrain.json")
-    if (work / "train_log.csv").exists():
-        shutil.copy(work / "train_log.csv", tmp / "pretrain_log.csv")
+    (tmp / "lorafuse_pretrain.json").write_text(json.dumps(asdict(cfg), indent=1))
+    for stage in unet_stages(cfg):  # the oracle-accuracy curve of every stage
+        if (work / stage.log_name).exists():
+            shutil.copy(work / stage.log_name, tmp / ("pretrain_log.csv" if stage.name == "unet"
+                                                      else f"pretrain_{stage.name}_log.csv"))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # the folder appears whole or not at all
     return out

@@ -11,6 +11,13 @@ a fake one and `expert_world.world_score_fn` is the built-in world's (CRAFT fusi
 
 Ties: scores within `tie_tolerance` of the best count as equal and the one nearest (1, 1), the markers' default,
 wins, so the encoder only learns to move away from the default where the grid measured a difference.
+
+Soft labels (`temperature` τ > 0): the argmax of 9-25 scores that each carry seed noise jumps between corners of
+the grid from one noise draw to the next (measured on the world: the grid-best of one seed set barely beat (1, 1)
+on fresh seeds). The label is then the score-weighted mean of the grid,
+    λ*(p) = Σ_g softmax(score[p, ·] / τ)_g · λ_g
+which is the argmax as τ -> 0 and the grid's centre as τ -> ∞; with τ near the scores' noise level, differences
+smaller than the noise pull the label toward the middle of the tied points instead of picking one at random.
 """
 
 from __future__ import annotations
@@ -85,6 +92,7 @@ class GridSearch:
     grid: tuple[Lambda, ...]
     scores: np.ndarray  # (P, G)
     tie_tolerance: float = 0.0
+    temperature: float = 0.0  # 0: examples carry the argmax; > 0: the soft label (module docstring)
 
     def best_index(self) -> np.ndarray:
         """(P,) grid index of each prompt's best λ pair (ties: nearest to (1, 1))."""
@@ -98,6 +106,22 @@ class GridSearch:
     def best(self) -> list[Lambda]:
         return [self.grid[i] for i in self.best_index()]
 
+    def soft_best(self, temperature: float | None = None) -> np.ndarray:
+        """(P, 2) score-weighted mean (λ_c, λ_s) at `temperature` (default: this search's own; 0 = `best`)."""
+        tau = self.temperature if temperature is None else temperature
+        if tau < 0 or not math.isfinite(tau):
+            raise UserInputError(f"label temperature must be finite and >= 0, got {tau}")
+        points = np.asarray(self.grid, dtype=np.float64)  # (G, 2)
+        if tau == 0:
+            return points[self.best_index()]
+        z = (self.scores - self.scores.max(axis=1, keepdims=True)) / tau  # shifted: exp never overflows
+        w = np.exp(z)
+        return (w / w.sum(axis=1, keepdims=True)) @ points  # (P, G) @ (G, 2)
+
+    def labels(self) -> list[Lambda]:
+        """The training label of each prompt: the argmax, or the soft label when `temperature` > 0."""
+        return [(float(c), float(s)) for c, s in self.soft_best()]
+
     def score_of(self, point: Lambda) -> np.ndarray:
         """(P,) scores at one grid point (an error if it is not on the grid)."""
         if point not in self.grid:
@@ -107,23 +131,24 @@ class GridSearch:
     def examples(self) -> list[ExpertExample]:
         return [
             ExpertExample(p.concept_id, p.content_span, p.style_span, lc, ls)
-            for p, (lc, ls) in zip(self.prompts, self.best(), strict=True)
+            for p, (lc, ls) in zip(self.prompts, self.labels(), strict=True)
         ]
 
     def to_json(self) -> dict:
         return {
             "grid": [list(g) for g in self.grid],
+            "temperature": self.temperature,
             "prompts": [
                 {"concept_id": p.concept_id, "content_span": p.content_span, "style_span": p.style_span,
-                 "scores": [float(v) for v in row], "best": list(self.grid[b])}
-                for p, row, b in zip(self.prompts, self.scores, self.best_index(), strict=True)
+                 "scores": [float(v) for v in row], "best": list(self.grid[b]), "label": list(label)}
+                for p, row, b, label in zip(self.prompts, self.scores, self.best_index(), self.labels(), strict=True)
             ],
         }  # fmt: skip
 
 
 def grid_search(
     prompts: Sequence[SpanPrompt], score_fn: ScoreFn, grid: Sequence[Lambda] | None = None, *,
-    tie_tolerance: float = 0.0, progress: Callable[[int, int], None] | None = None,
+    tie_tolerance: float = 0.0, temperature: float = 0.0, progress: Callable[[int, int], None] | None = None,
 ) -> GridSearch:  # fmt: skip
     """Score every prompt at every grid point: one `score_fn` call per grid point, with all prompts (so an
     image scorer batches the prompts into one sampling run)."""
@@ -132,6 +157,8 @@ def grid_search(
     grid = list(lambda_grid() if grid is None else grid)
     if tie_tolerance < 0:
         raise UserInputError(f"tie_tolerance must be >= 0, got {tie_tolerance}")
+    if temperature < 0 or not math.isfinite(temperature):
+        raise UserInputError(f"label temperature must be finite and >= 0, got {temperature}")
     columns = []
     for k, (lc, ls) in enumerate(grid):
         scores = np.asarray(score_fn(list(prompts), lc, ls), dtype=np.float64)
@@ -144,7 +171,7 @@ def grid_search(
         columns.append(scores)
         if progress is not None:
             progress(k + 1, len(grid))
-    return GridSearch(tuple(prompts), tuple(grid), np.stack(columns, axis=1), tie_tolerance)
+    return GridSearch(tuple(prompts), tuple(grid), np.stack(columns, axis=1), tie_tolerance, temperature)
 
 
 def merge_searches(searches: Sequence[GridSearch]) -> list[ExpertExample]:

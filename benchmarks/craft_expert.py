@@ -84,11 +84,12 @@ def main() -> None:
     embed = pipeline_text_embedder(pipe)
     ids: dict[str, int] = {}
     train_searches, tests, loras = [], [], []  # tests: (pair index, type, prompt, test label, grid-best)
-    for k, (ind, sty) in enumerate(pairs):
-        cid = ids.setdefault(ind, len(ids) + 1)
+    for ind, sty in pairs:  # every LoRA first: the recipe key hashes the base folder, which may change later
         c = load_lora(train_world_lora(subject_recipe(ind, layers="craft"), args.work_dir), base=pipe)
         s = load_lora(train_world_lora(style_recipe(sty, layers="craft"), args.work_dir), base=pipe)
         loras.append((c, s))
+    for k, (ind, sty) in enumerate(pairs):
+        cid, (c, s) = ids.setdefault(ind, len(ids) + 1), loras[k]
         train = world_prompts(ind, sty, cid, "train", "train", per_style=args.per_style, offset=k)
         typed = []
         for kind, (cw, sw) in EXTENSION_TYPES.items():

@@ -10,11 +10,17 @@ memory (max RSS, `resource.getrusage`) is its own:
 it/s is optimizer steps per second after the first step (start-up and the first step's one-off costs excluded),
 measured the same way in every trainer from per-step wall-clock stamps.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.train_throughput [--steps 30] [--batch 4] [--rank 4] [--smoke]
+    OMP_NUM_THREADS=1 python -m benchmarks.train_throughput [--steps 30] [--batch 4] [--rank 4] [--rounds 5]
+                                                           [--smoke]
+
+Rounds interleave the trainers (the order rotates every round) so that load from other processes on a shared
+machine falls on all of them alike; each figure is the median over rounds, and a "vs example" ratio is the median
+of the per-round ratios.
 
 Peak RSS is the whole child process's, so it includes lorafuse's end-of-run loss plot (matplotlib, about 30 MB
-of RSS on its own) while the model is still loaded; "lorafuse_cached" vs "diffusers_example" is the comparison
-the goal is about (caches are lorafuse features the example does not have), "lorafuse" shows the loop alone.
+of RSS on its own; the trainer hands the model's freed pages back to the OS before drawing it) and the caching
+pass; "lorafuse_cached" vs "diffusers_example" is the comparison the goal is about (caches are lorafuse features
+the example does not have), "lorafuse" shows the loop alone.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -203,8 +210,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; figures are medians")
     ap.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS))
-    ap.add_argument("--smoke", action="store_true", help="8 steps of batch 2 on 2 images: checks, not figures")
+    ap.add_argument(
+        "--smoke", action="store_true", help="8 steps of batch 2 on 2 images: checks, not figures"
+    )
     ap.add_argument("--child", choices=TRAINERS, help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -212,39 +222,73 @@ def main() -> None:
         child(args)
         return
     if args.smoke:
-        args.steps, args.batch, args.images, args.repeats = 8, 2, 2, 2
+        args.steps, args.batch, args.images, args.repeats, args.rounds = 8, 2, 2, 2, 1
 
     from benchmarks.common import print_table, write_result
     from lorafuse.world.dataset import write_subject_dataset
 
-    figures = {}
+    runs: dict[str, list[dict]] = {name: [] for name in args.trainers}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         write_subject_dataset("robot_09", data, n=args.images, repeats=args.repeats)
-        for name in args.trainers:
-            cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--child", name, "--data", str(data)]
-            cmd += [f"--{k}={getattr(args, k)}" for k in ("steps", "batch", "rank", "lr", "seed")]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-            if proc.returncode != 0:
-                raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-            figures[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        for r in range(args.rounds):
+            order = args.trainers[r % len(args.trainers) :] + args.trainers[: r % len(args.trainers)]
+            for name in order:
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.train_throughput",
+                    "--child",
+                    name,
+                    "--data",
+                    str(data),
+                ]
+                cmd += [f"--{k}={getattr(args, k)}" for k in ("steps", "batch", "rank", "lr", "seed")]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+                if proc.returncode != 0:
+                    raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+                runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(
+                f"round {r + 1}/{args.rounds}: "
+                + ", ".join(
+                    f"{n} {runs[n][-1]['it_s']:.2f} it/s {runs[n][-1]['max_rss_mb']:.1f} MB" for n in order
+                )
+            )
+    keys = ("it_s", "wall_s", "max_rss_mb", "loss_first", "loss_last", "steps")
+    figures: dict[str, dict] = {
+        n: {**{k: statistics.median(run[k] for run in rs) for k in keys}, "rounds": rs}
+        for n, rs in runs.items()
+    }
     header = ["trainer", "it/s", "wall s", "max RSS MB", "loss first", "loss last"]
     rows = [
         [n, f["it_s"], f["wall_s"], f["max_rss_mb"], f["loss_first"], f["loss_last"]]
         for n, f in figures.items()
     ]
     print_table(header, rows)
-    if "diffusers_example" in figures:
+    if "diffusers_example" in runs:
+        base = runs["diffusers_example"]
         for name in ("lorafuse", "lorafuse_cached"):
-            if name in figures:
-                base = figures["diffusers_example"]
-                figures[f"{name}_vs_example"] = {
-                    "it_s_ratio": figures[name]["it_s"] / base["it_s"],
-                    "max_rss_ratio": figures[name]["max_rss_mb"] / base["max_rss_mb"],
+            if name in runs:
+                ratios = {
+                    k: [a[key] / b[key] for a, b in zip(runs[name], base, strict=True)]
+                    for k, key in (("it_s_ratio", "it_s"), ("max_rss_ratio", "max_rss_mb"))
                 }
-                print(f"{name} / diffusers_example: {figures[name]['it_s'] / base['it_s']:.2f}x it/s, "
-                      f"{figures[name]['max_rss_mb'] / base['max_rss_mb']:.3f}x peak RSS")
-    config = {k: getattr(args, k) for k in ("steps", "batch", "rank", "lr", "seed", "images", "repeats")}
+                figures[f"{name}_vs_example"] = {
+                    **{k: statistics.median(v) for k, v in ratios.items()},
+                    "max_rss_diff_mb": statistics.median(
+                        a["max_rss_mb"] - b["max_rss_mb"] for a, b in zip(runs[name], base, strict=True)
+                    ),
+                    "it_s_ratio_range": [min(ratios["it_s_ratio"]), max(ratios["it_s_ratio"])],
+                }
+                f = figures[f"{name}_vs_example"]
+                print(
+                    f"{name} / diffusers_example: {f['it_s_ratio']:.2f}x it/s (rounds "
+                    f"{f['it_s_ratio_range'][0]:.2f}-{f['it_s_ratio_range'][1]:.2f}), "
+                    f"{f['max_rss_ratio']:.3f}x peak RSS ({f['max_rss_diff_mb']:+.1f} MB)"
+                )
+    config = {
+        k: getattr(args, k) for k in ("steps", "batch", "rank", "lr", "seed", "images", "repeats", "rounds")
+    }
     config.update(
         base="world-random",
         resolution=64,

@@ -162,8 +162,15 @@ class LatentCache:
             vae=self.vae_fingerprint,
         )
 
+    def release_vae(self) -> None:
+        """Forget the VAE once `prepare` has run: `get` reads only the stored entries, and the training loop drops
+        the encoder it no longer calls. A later `prepare` needs a new cache."""
+        self.vae = None
+
     def prepare(self, index: DatasetIndex) -> CacheStats:
         """Reuse valid entries, encode the missing and stale ones (batched per bucket); returns the counts."""
+        if self.vae is None:
+            raise RuntimeError("LatentCache.prepare after release_vae(): make a new cache with the VAE")
         flips = (False, True) if index.config.flip_aug else (False,)
         names = [_FLIP_NAMES[f] for f in flips]
         stats, todo = CacheStats(), []
@@ -273,8 +280,14 @@ class TextEncoderCache:
         )
         self.store = _Store("te", to_disk, cache_dir)
 
+    def release_encoders(self) -> None:
+        """Forget the text encoders once `prepare` has run (see `LatentCache.release_vae`)."""
+        self.text_encoders = []
+
     def prepare(self, index: DatasetIndex) -> CacheStats:
         """Reuse valid entries; encode the rest, each distinct caption once."""
+        if not self.text_encoders:
+            raise RuntimeError("TextEncoderCache.prepare after release_encoders(): make a new cache")
         stats, todo = CacheStats(), {}
         for idx, item in enumerate(index.items):
             if item.repeats == 0:

@@ -19,7 +19,6 @@ Resume is bit-identical on CPU for one process; with several processes only proc
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import time
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ from lorafuse.train.run_setup import (
 )
 from lorafuse.train.sampling_during_training import sample_grid
 from lorafuse.train.timesteps import noise_like, sample_timesteps
+from lorafuse.utils.memory import release_memory
 
 
 @dataclass
@@ -78,9 +78,9 @@ class TrainResult:
 def train_lora(cfg: TrainConfig, *, progress_bar: bool = True) -> TrainResult:
     """Train a LoRA as `cfg` says; return where everything went. User errors raise `UserInputError` early."""
     result, run_log = _train(cfg, progress_bar)
-    # The base model and optimizer went with _train's frame: drawing the loss plot (matplotlib, ~30 MB) after
-    # that keeps it off the run's peak memory.
-    gc.collect()
+    # The base model and optimizer went with _train's frame: handing their pages back to the OS before drawing
+    # the loss plot (matplotlib, ~30 MB) keeps the plot off the run's peak memory.
+    release_memory()
     if run_log is not None:
         tc = cfg.training
         png = tc.output_dir / "logs" / f"{tc.output_name}_loss.png"
@@ -157,6 +157,25 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
             cache_dir=ds.cache_dir,
         )
         text_cache.prepare(index)
+    # Frozen encoders the loop will not call again go now rather than at the end, so the training steps reuse
+    # their memory (for SD1.5 the VAE encoder and CLIP are ~0.6 GB in fp32; kohya likewise moves the VAE off the
+    # GPU after caching). Samples during training still need the text encoders and the VAE's decoder.
+    sampling = bool(tc.sample_every_n_epochs)
+    scaling_factor = vae.config.scaling_factor
+    if latent_cache is not None:
+        latent_cache.release_vae()
+        if sampling:
+            vae.encoder = vae.quant_conv = None  # decode() uses neither
+        else:
+            pipe.vae = None
+        vae = None
+    if text_cache is not None and not train_te and not sampling:
+        text_cache.release_encoders()
+        for name in ("text_encoder", "text_encoder_2"):
+            if getattr(pipe, name, None) is not None:
+                setattr(pipe, name, None)
+        text_encoders = []
+    release_memory()  # the caching passes' activations and the dropped weights, back to the OS
 
     # 5. Data: the order of every epoch is a function of (seed, epoch); the loader gets its own generator
     # because creating a DataLoader iterator draws a seed, which would shift the global stream dropout uses.
@@ -293,7 +312,7 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
                         latents = batch["latents"].to(accelerator.device)
                     else:
                         latents = encode_latents(vae, batch["pixel_values"])
-                    latents = latents * vae.config.scaling_factor
+                    latents = latents * scaling_factor
                     if "text" in batch:
                         cond = {k: v.to(accelerator.device) for k, v in batch["text"].items()}
                     else:

@@ -6,9 +6,12 @@
   individual j != i; top-1 correct if the nearest style embedding is s.
 - invariance: mean content cosine between renders of the same individual+pose in two styles (should be high),
   vs different individuals of the same class in one style (should be low); and the same for style.
+- decoded renders: the gallery sent through the base model's VAE (encode, decode) and judged again. Every
+  generated image is decoded by that VAE, so its round-trip accuracy is the ceiling of any base-model or LoRA
+  figure the oracle gives (it loses some colour and thin parts; the oracle is then judging a harder image).
 All renders use seeds never used in training (the training pool used seeds [1, k]).
 
-    python benchmarks/oracle_quality.py [--queries 600]
+    python benchmarks/oracle_quality.py [--queries 600] [--base PIPELINE_FOLDER]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--queries", type=int, default=600)
     ap.add_argument("--oracle", default=None)
+    ap.add_argument("--base", default=None, help="pipeline folder whose VAE decodes the gallery (default: shipped)")
     args = ap.parse_args()
     torch.manual_seed(0)
     oracle = Oracle.load(args.oracle)
@@ -78,9 +82,32 @@ def main() -> None:
         "style_cos_same_style_other_content": float(np.mean(same_sty_cross_ind)),
         "style_cos_other_style_same_content": float(np.mean(diff_sty_same_ind)),
         "classes": len(CLASS_NAMES), "styles": n_sty, "individuals": n_ind,
+        **decoded_accuracy(oracle, gallery, people, args.base),
     }
     print_table(["measure", "value"], [[k, v] for k, v in fig.items()])
     write_result("oracle_quality", vars(args), fig)
+
+
+@torch.no_grad()
+def decoded_accuracy(oracle: Oracle, gallery: np.ndarray, people: list, base: str | None) -> dict:
+    """Class, style and individual accuracy of the oracle on VAE round trips of the gallery (index = ind x style)."""
+    from lorafuse.world.base_model import load_world_pipeline
+    from lorafuse.world.oracle import to_tensor
+
+    vae = load_world_pipeline(base).vae
+    decoded = []
+    for i in range(0, len(gallery), 128):
+        x = vae.decode(vae.encode(to_tensor(gallery[i : i + 128])).latent_dist.mean).sample
+        decoded.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    v = oracle.judge(np.concatenate(decoded))
+    true_ind = [p for p in people for _ in STYLE_NAMES]
+    return {
+        "decoded_class_accuracy": float(np.mean([a == p.cls for a, p in zip(v.cls, true_ind, strict=True)])),
+        "decoded_style_accuracy": float(np.mean([a == s for a, s in zip(v.style_name, STYLE_NAMES * len(people),
+                                                                         strict=True)])),
+        "decoded_individual_accuracy": float(np.mean([a == p.name for a, p in zip(v.individual, true_ind,
+                                                                                strict=True)])),
+    }
 
 
 if __name__ == "__main__":

@@ -51,12 +51,21 @@ def _cmd_train_oracle(args: argparse.Namespace) -> int:
     import numpy as np
 
     from lorafuse.world.catalog import STYLE_NAMES, all_individuals
-    from lorafuse.world.oracle_train import train_oracle
-    from lorafuse.world.pool import Pool, cached_pool
+    from lorafuse.world.oracle_train import decoded_pool, train_oracle
+    from lorafuse.world.pool import Pool, cached_pool, load_pool, save_pool
 
-    # pool seeds 1, 3, 5, ...: the shipped oracle = 1400 steps on seed 1, then --init it --extra-pools 1 --lr 7e-4
-    pools = [cached_pool(Path(args.work) / ("oracle_pool.npz" if k == 0 else f"oracle_pool{2 * k + 1}.npz"), args.pool,
+    # pool seeds 1, 3, 5, ...: the shipped oracle = 1400 steps on seed 1, then --init it --extra-pools 1 --lr 7e-4,
+    # then --init it --decoded 12000 --lr 5e-4 (see the README)
+    work = Path(args.work)
+    pools = [cached_pool(work / ("oracle_pool.npz" if k == 0 else f"oracle_pool{2 * k + 1}.npz"), args.pool,
                          all_individuals(), list(STYLE_NAMES), seed=2 * k + 1) for k in range(1 + args.extra_pools)]
+    if args.decoded:
+        from lorafuse.world.base_model import load_world_pipeline
+
+        path = work / f"oracle_pool_decoded{args.decoded}.npz"  # keyed by size only: delete it if the base changes
+        if not path.exists():
+            save_pool(decoded_pool(pools[0], load_world_pipeline(args.decoded_by).vae, args.decoded), path)
+        pools.append(load_pool(path))
     pool = Pool(*(np.concatenate([getattr(p, f) for p in pools]) for f in
                   ("images", "individual", "style", "caption_template")))
     print(train_oracle(pool, args.out, steps=args.steps, lr=args.lr, init=args.init))
@@ -133,6 +142,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--extra-pools", type=int, default=0, help="more pools of fresh renders (seeds 3, 5, ...)")
     q.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one cycle)")
     q.add_argument("--init", default=None, help="continue from these oracle weights instead of from scratch")
+    q.add_argument("--decoded", type=int, default=0,
+                   help="add this many renders sent through the base model's VAE (the codec every sample goes through)")
+    q.add_argument("--decoded-by", default=None, help="pipeline folder whose VAE decodes them (default: shipped)")
     q.set_defaults(func=_cmd_train_oracle)
 
     q = ws.add_parser("pretrain", help="pretrain the built-in base model (VAE, text encoder, UNet); resumable")

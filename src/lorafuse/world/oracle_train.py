@@ -1,7 +1,9 @@
 """Train the oracle encoders on a pool of renders with known factors.
 
 Augmentations mimic what generated images do to renders (blur from the VAE, noise, small shifts), so the
-oracle judges samples of the base model as it judges clean renders.
+oracle judges samples of the base model as it judges clean renders. Blur is only an approximation of the VAE:
+the real decoder also shifts colours and thins small parts, so the pool can also hold renders sent through the
+base model's own VAE (`decoded_pool`), with their true factors.
 """
 
 from __future__ import annotations
@@ -39,6 +41,19 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     x = x + torch.randn(x.shape, generator=gen) * float(torch.rand((), generator=gen)) * 0.08
     dx, dy = (int(v) for v in torch.randint(-3, 4, (2,), generator=gen))
     return torch.roll(x, shifts=(dy, dx), dims=(2, 3)).clamp(-1, 1)
+
+
+@torch.no_grad()
+def decoded_pool(pool: Pool, vae, n: int, seed: int = 0, batch: int = 128) -> Pool:
+    """`n` renders of `pool` (a random subset) after an encode/decode round trip through `vae`, same factors."""
+    idx = np.sort(np.random.default_rng(seed).choice(len(pool), size=min(n, len(pool)), replace=False))
+    out = np.empty((len(idx), *pool.images.shape[1:]), np.uint8)
+    vae = vae.eval()
+    for i in tqdm(range(0, len(idx), batch), desc="VAE round trips", mininterval=10):
+        x = to_tensor(pool.images[idx[i : i + batch]])
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample
+        out[i : i + batch] = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return Pool(out, pool.individual[idx], pool.style[idx], pool.caption_template[idx])
 
 
 def train_oracle(pool: Pool, out: str | Path, steps: int = 1400, batch: int = 96, lr: float = 2e-3,

@@ -45,6 +45,7 @@ from lorafuse.world.oracle import default_oracle
 from lorafuse.world.personalize import style_recipe, subject_recipe, train_world_lora
 
 CHOICES = ("default", "constant", "predicted", "grid_best")
+FILLER = {"in", "a", "style", "sks"}  # template words and the trigger: not what names a style
 FRESH_SEED = 1000  # fresh-seed re-scoring starts here: never one of the grid's seeds (0, 1, ...)
 
 
@@ -112,6 +113,7 @@ def main() -> None:
     train_fit = np.mean(
         [np.abs(np.subtract(expert.predict(embed, e.concept_id, e.content_span, e.style_span),
                             (e.lambda_c, e.lambda_s))) for e in examples], axis=0)  # fmt: skip
+    cv = style_cross_validation(examples, embed, args.expert_steps)
 
     rows: list[dict] = []
     for k, kind, p, label, best in tests:
@@ -122,7 +124,11 @@ def main() -> None:
                      "constant": list(constant), "default": list(DEFAULT_POINT)})  # fmt: skip
     fresh_scores(rows, tests, loras, pipe, judge, args, settings)
 
+    train_words = {w for e in examples for w in e.style_span.split()} - FILLER
+    for r in rows:  # does the style span name its style with words some training span used?
+        r["style_words"] = "seen" if set(r["style_span"].split()) - FILLER <= train_words else "new"
     figures = summarise(rows, train_searches, examples, constant, train_fit)
+    figures["style_cross_validation"] = cv
     figures["seconds"] = time.perf_counter() - t0
     figures["train_grid"] = [s.to_json() for s in train_searches]
     figures["test_rows"] = rows
@@ -153,6 +159,33 @@ def fresh_scores(rows, tests, loras, pipe, judge, args, settings) -> None:
                     )
 
 
+def style_cross_validation(examples, embed, steps: int) -> dict:
+    """λ_s error on a style name the encoder never saw, from the training labels alone (no sampling): leave out
+    every training prompt whose style span names one seen style ("hatched ink", ...), train on the rest, predict
+    the left-out ones; the constant (mean label of the same rest) is the no-text reference."""
+
+    def named(e):
+        return " ".join(w for w in e.style_span.split() if w not in FILLER)
+
+    folds = sorted({named(e) for e in examples if "sks" not in e.style_span.split()})
+    pred, const = [], []
+    for fold in folds:
+        rest = [e for e in examples if named(e) != fold or "sks" in e.style_span.split()]
+        out = [e for e in examples if e not in rest]
+        model, mean = train_expert(rest, embed, steps=steps), float(np.mean([e.lambda_s for e in rest]))
+        pred += [
+            abs(model.predict(embed, e.concept_id, e.content_span, e.style_span)[1] - e.lambda_s) for e in out
+        ]
+        const += [abs(mean - e.lambda_s) for e in out]
+    out = {"folds": folds, "mae_lambda_s_predicted": ci_dict(pred), "mae_lambda_s_constant": ci_dict(const),
+           "predicted_minus_constant": ci_dict(np.subtract(pred, const))}  # fmt: skip
+    d = out["predicted_minus_constant"]
+    print(f"held-out style names ({len(folds)} folds, {len(pred)} prompts): λ_s MAE predicted "
+          f"{np.mean(pred):.3f}, constant {np.mean(const):.3f}, difference {d['mean']:+.3f} "
+          f"[{d['low']:+.3f}, {d['high']:+.3f}]")  # fmt: skip
+    return out
+
+
 def ci_dict(values) -> dict:
     ci = confidence_interval(values)
     return {"mean": ci.mean, "low": ci.low, "high": ci.high}
@@ -174,6 +207,7 @@ def summarise(rows, train_searches, examples, constant, train_fit) -> dict:
     groups = [(t, lambda r, t=t: r["type"] == t) for t in EXTENSION_TYPES]
     groups += [(f"style:{k}", lambda r, k=k: r["style_kind"] == k) for k in ("trigger", "name", "other")]
     groups += [(f"content:{k}", lambda r, k=k: r["content_kind"] == k) for k in ("subject", "other")]
+    groups += [(f"style words:{k}", lambda r, k=k: r["style_words"] == k) for k in ("seen", "new")]
     groups += [("all", lambda r: True)]
     figures["groups"], table = {}, []
     for name, keep in groups:

@@ -3,7 +3,7 @@
 Samples N images (every seen class x seen style prompt, cycling, several seeds), asks the oracle which class
 and which style each image shows, and reports accuracy overall, per class and per style, plus a sample grid.
 
-    python -m benchmarks.base_model_quality [--n 240] [--steps 25] [--guidance 4] [--base PATH]
+    python -m benchmarks.base_model_quality [--n 240] [--steps 25] [--guidance 4] [--base PATH] [--oracle PATH]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from benchmarks.common import RESULTS, print_table, write_result
 from lorafuse.eval.picture import labelled_grid, save_image
 from lorafuse.world.base_model import load_world_pipeline
 from lorafuse.world.catalog import CLASS_NAMES, SEEN_STYLES, style_phrase
-from lorafuse.world.oracle import default_oracle
+from lorafuse.world.oracle import Oracle
 
 
 def main() -> None:
@@ -27,10 +27,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--base", default=None)
+    ap.add_argument("--oracle", default=None, help="oracle weights (default: shipped)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     pipe = load_world_pipeline(args.base)
-    oracle = default_oracle()
+    oracle = Oracle.load(args.oracle)
     pairs = [(c, s) for c in CLASS_NAMES for s in SEEN_STYLES]
     rng = np.random.default_rng(args.seed)
     order = [pairs[int(i)] for i in np.concatenate([rng.permutation(len(pairs)) for _ in range(-(-args.n // len(pairs)))])]

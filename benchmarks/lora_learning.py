@@ -1,7 +1,8 @@
 """Does LoRA training on the built-in world learn? Oracle scores of trigger prompts before and after the LoRA.
 
 Subjects: a content LoRA per held-out individual (5 images, `world.personalize.subject_recipe`), prompted as
-"a photo of a sks teapot, in <seen style> style" over several seen styles (the LoRA saw only 'flat'). Styles: a
+"a photo of a sks teapot, in <seen style> style" over the first seen styles (flat, outlined, ...; up to 4 of them
+the LoRA never saw the individual in: its images are in `personalize.SUBJECT_STYLES`). Styles: a
 style LoRA per held-out style (1 image, `style_recipe`), prompted as "a photo of a <colour> <class>, in sks style"
 over several seen individuals. "before" is the base model on the very same prompts, seeds and steps without the
 LoRA (the base has never seen the individual or the style, so 'sks' means nothing to it); "after" adds the LoRA.
@@ -10,16 +11,20 @@ Scores (`eval.metrics.OracleScorer`): subjects -> oracle content similarity to c
 and the right-individual rate; styles -> oracle style similarity and the right-style rate.
 Intervals (95 %): per LoRA row over its images (Student t for similarities, Wilson for rates); the pooled rows
 ("all subjects", "all styles") over per-LoRA means, because images of one LoRA are not independent draws.
-"delta" is the paired after - before difference (same prompt and seed). --curve-points > 0 also keeps the
+"delta" is the paired after - before difference (same prompt and seed). "VAE round trip" (subjects): the
+individual's own renders in the prompt styles, encoded and decoded by the base's VAE, then scored: generated
+images come out of that decoder, so this is about what a LoRA on the UNet alone can reach. --curve-points > 0 also keeps the
 trainer's intermediate LoRAs and scores them (fewer seeds): the learning curve over epochs, epoch 0 = the base.
 
     python -m benchmarks.lora_learning [--individuals teapot_08 robot_09 ...] [--styles crayon blueprint mosaic]
         [--train-seeds 0 1] [--seeds 4] [--steps 25] [--guidance 4] [--curve-points 4] [--smoke]
+        [--subject-settings '{"styles": ["flat"], "layers": "attn", "conv_rank": 0, "learning_rate": 5e-4}']
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,8 +46,9 @@ from lorafuse.world.catalog import (
     parse_individual,
     style_phrase,
 )
-from lorafuse.world.oracle import default_oracle
+from lorafuse.world.oracle import default_oracle, to_tensor
 from lorafuse.world.personalize import epoch_checkpoints, style_recipe, subject_recipe, train_world_lora
+from lorafuse.world.render import render
 
 # held-out individuals of four different classes (shapes as far apart as the world has)
 DEFAULT_INDIVIDUALS = ("teapot_08", "robot_09", "fish_08", "house_09")
@@ -52,7 +58,7 @@ MEASURES = {"subject": ("oracle_content", "right_individual"), "style": ("oracle
 
 
 def subject_prompts(name: str, n_styles: int) -> list[str]:
-    # the subject dataset's own caption wording, over seen styles: 'flat' (its training style) first
+    # the subject dataset's own caption wording, over seen styles other than its training styles
     return [f"a photo of a sks {parse_individual(name).cls}, in {style_phrase(s)} style" for s in SEEN_STYLES[:n_styles]]
 
 
@@ -80,6 +86,18 @@ def generate(pipe, prompts: list[str], seeds: int, args) -> np.ndarray:
     """(len(prompts) * seeds, H, W, 3) uint8, prompt-major; image k from noise seed k (same in before and after)."""
     res = sample(pipe, prompts, num_images=seeds, steps=args.steps, guidance=args.guidance, seed=0, progress=False)
     return (np.clip(res.images, 0, 1) * 255).round().astype(np.uint8)
+
+
+def vae_round_trip(pipe, scorer, name: str, n_styles: int, seeds: int) -> dict[str, np.ndarray]:
+    """Oracle scores of VAE-reconstructed renders of `name`, `seeds` per prompt style (see the docstring)."""
+    ind = parse_individual(name)
+    renders = np.stack([render(ind, style, np.random.default_rng([k, 555])) for style in SEEN_STYLES[:n_styles]
+                        for k in range(seeds)])  # fmt: skip
+    param = next(pipe.vae.parameters())
+    with torch.no_grad():
+        x = to_tensor(renders).to(param.device, param.dtype)
+        back = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
+    return scorer(((back.permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().astype(np.uint8))
 
 
 def interval(measure: str, values: np.ndarray):
@@ -170,8 +188,10 @@ def main() -> None:
     ap.add_argument("--work-dir", type=Path, default=Path("out/lora_learning"), help="LoRA cache (by recipe)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="1 subject, 1 style, short training, few samples")
+    ap.add_argument("--subject-settings", type=json.loads, default={}, metavar="JSON",
+                    help='subject_recipe overrides, e.g. \'{"layers": "attn"}\'; writes lora_learning_custom.json')  # fmt: skip
     args = ap.parse_args()
-    args.recipe_overrides = {"subject": {}, "style": {}}
+    args.recipe_overrides = {"subject": args.subject_settings, "style": {}}
     if args.smoke:
         args.individuals, args.styles, args.train_seeds = args.individuals[:1], args.styles[:1], args.train_seeds[:1]
         args.seeds, args.prompt_styles, args.style_prompts, args.steps = 2, 2, 2, 10
@@ -184,6 +204,7 @@ def main() -> None:
 
     pipe, oracle = load_world_pipeline(), default_oracle()
     records: dict[str, dict[str, list[dict]]] = {"subject": {}, "style": {}}
+    ceiling: dict[str, dict[str, np.ndarray]] = {}
     tiles, row_labels = [], []
     s_prompts = style_prompts(args.style_prompts)
     jobs = [("subject", n, subject_prompts(n, args.prompt_styles)) for n in args.individuals]
@@ -192,6 +213,8 @@ def main() -> None:
         scorer = OracleScorer(oracle, **{"individual" if kind == "subject" else "style": name})
         before_images = generate(pipe, prompts, args.seeds, args)
         before = scorer(before_images)
+        if kind == "subject":
+            ceiling[name] = vae_round_trip(pipe, scorer, name, args.prompt_styles, args.seeds)
         for seed in args.train_seeds:
             rec, after_images = evaluate_lora(pipe, scorer, kind, name, seed, prompts, args, before)
             records[kind].setdefault(name, []).append(rec)
@@ -203,8 +226,13 @@ def main() -> None:
 
     header = ["LoRA", "measure", "before [95% CI]", "after [95% CI]", "delta [95% CI]", "n"]
     figures: dict = {}
-    for kind in ("subject", "style"):
+    for kind in (k for k in ("subject", "style") if records[k]):
         rows, figs = summarise(kind, records[kind])
+        if kind == "subject":
+            for name, scores in ceiling.items():
+                for m in MEASURES[kind]:
+                    figs[name][m]["vae_round_trip"] = vars(interval(m, scores[m]))
+                    rows.append([name, m, "VAE round trip", str(interval(m, scores[m])), "", len(scores[m])])
         print_table(header, rows)
         figures[kind] = figs
         figures[f"{kind}_curve"] = {m: mean_curve(records[kind], m) for m in MEASURES[kind]}
@@ -215,7 +243,7 @@ def main() -> None:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config["subject_prompts"] = {n: subject_prompts(n, args.prompt_styles) for n in args.individuals}
     config["style_prompts"] = s_prompts
-    name = "lora_learning_smoke" if args.smoke else "lora_learning"
+    name = "lora_learning_smoke" if args.smoke else "lora_learning_custom" if args.subject_settings else "lora_learning"
     write_result(name, config, figures)
     width = max(len(r) for r in tiles)
     blank = np.full_like(tiles[0][0], 255)

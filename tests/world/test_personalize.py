@@ -44,3 +44,17 @@ def test_base_fingerprint_follows_the_weights(tmp_path):
     (tmp_path / "notes.md").write_text("not a weight or config file")
     assert base_fingerprint.__wrapped__(str(tmp_path)) == base_fingerprint.__wrapped__(str(tmp_path))
     assert len(base_fingerprint("world")) == 16
+
+
+def test_subject_dataset_styles_are_seen_styles_and_part_of_the_key() -> None:
+    import pytest
+
+    from lorafuse.errors import UserInputError
+
+    two = subject_recipe("robot_09", styles=["ink", "neon"])  # a JSON list becomes a hashable tuple
+    assert two.styles == ("ink", "neon") and hash(two)
+    assert subject_recipe("robot_09", styles=("neon", "ink")).stem != two.stem
+    with pytest.raises(UserInputError, match="held-out style"):
+        subject_recipe("robot_09", styles=("crayon",))
+    with pytest.raises(UserInputError, match="only a subject recipe"):
+        style_recipe("crayon", styles=("ink",))

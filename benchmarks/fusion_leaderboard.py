@@ -74,8 +74,16 @@ def run_pair(pipe, oracle, individual: str, style: str, args, methods: list[str]
         settings["content"]["epochs"] = args.content_epochs
     if args.style_epochs:
         settings["style"]["epochs"] = args.style_epochs
+    from lorafuse.world.oracle import default_oracle_path
+    from lorafuse.world.personalize import base_fingerprint, style_recipe, subject_recipe
+
+    # a cached result is reused only when the same LoRAs (recipe keys hash the base's weights too) are judged by
+    # the same oracle weights with the same sampling settings
     key = {"methods": methods, "seeds": args.seeds, "seed": args.seed, "steps": args.steps,
-           "guidance": args.guidance, "recipes": settings}  # fmt: skip
+           "guidance": args.guidance, "recipes": settings,
+           "lora_keys": [subject_recipe(individual, **settings["content"]).key(),
+                         style_recipe(style, **settings["style"]).key()],
+           "base": base_fingerprint("world"), "oracle": base_fingerprint(str(default_oracle_path()))}  # fmt: skip
     signature = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     folder = work / "pairs" / f"{individual}+{style}"
     cached = folder / "result.json"

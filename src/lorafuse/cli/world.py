@@ -34,12 +34,16 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 def _cmd_dataset(args: argparse.Namespace) -> int:
     from lorafuse.world.dataset import write_style_dataset, write_subject_dataset
+    from lorafuse.world.personalize import SUBJECT_STYLES
 
     if bool(args.subject) == bool(args.style):
         raise UserInputError("give exactly one of --subject NAME or --style NAME")
+    if args.subject_styles and not args.subject:
+        raise UserInputError("--subject-styles goes with --subject (a style dataset renders seen individuals)")
     if args.subject:
         folder = write_subject_dataset(args.subject, args.out, n=args.n or 5, repeats=args.repeats or 10,
-                                       trigger=args.trigger, seed=args.seed)
+                                       trigger=args.trigger, styles=tuple(args.subject_styles or SUBJECT_STYLES),
+                                       seed=args.seed)
     else:
         folder = write_style_dataset(args.style, args.out, n=args.n or 1, repeats=args.repeats or 20,
                                      trigger=args.trigger, seed=args.seed)
@@ -131,6 +135,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--n", type=int, default=None, help="images (default 5 for a subject, 1 for a style)")
     q.add_argument("--repeats", type=int, default=None, help="kohya repeats (folder prefix)")
     q.add_argument("--trigger", default="sks")
+    q.add_argument("--subject-styles", nargs="+", default=None, metavar="STYLE",
+                   help="seen styles a subject's images cycle through (default, as the demo's recipe: "
+                        "striped pixel watercolor neon ink)")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=_cmd_dataset)
 

@@ -88,18 +88,12 @@ def main() -> None:
     write_result("oracle_quality", vars(args), fig)
 
 
-@torch.no_grad()
 def decoded_accuracy(oracle: Oracle, gallery: np.ndarray, people: list, base: str | None) -> dict:
     """Class, style and individual accuracy of the oracle on VAE round trips of the gallery (index = ind x style)."""
     from lorafuse.world.base_model import load_world_pipeline
-    from lorafuse.world.oracle import to_tensor
+    from lorafuse.world.oracle_train import vae_round_trip
 
-    vae = load_world_pipeline(base).vae
-    decoded = []
-    for i in range(0, len(gallery), 128):
-        x = vae.decode(vae.encode(to_tensor(gallery[i : i + 128])).latent_dist.mean).sample
-        decoded.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
-    v = oracle.judge(np.concatenate(decoded))
+    v = oracle.judge(vae_round_trip(gallery, load_world_pipeline(base).vae))
     true_ind = [p for p in people for _ in STYLE_NAMES]
     return {
         "decoded_class_accuracy": float(np.mean([a == p.cls for a, p in zip(v.cls, true_ind, strict=True)])),

@@ -44,16 +44,21 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
+def vae_round_trip(images: np.ndarray, vae, batch: int = 128, progress: bool = False) -> np.ndarray:
+    """(N, H, W, 3) uint8 renders -> the same after encode (latent mean) and decode through `vae`, as uint8."""
+    out = np.empty_like(images)
+    vae = vae.eval()
+    for i in tqdm(range(0, len(images), batch), desc="VAE round trips", mininterval=10, disable=not progress):
+        y = vae.decode(vae.encode(to_tensor(images[i : i + batch])).latent_dist.mean).sample
+        out[i : i + batch] = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out
+
+
 def decoded_pool(pool: Pool, vae, n: int, seed: int = 0, batch: int = 128) -> Pool:
     """`n` renders of `pool` (a random subset) after an encode/decode round trip through `vae`, same factors."""
     idx = np.sort(np.random.default_rng(seed).choice(len(pool), size=min(n, len(pool)), replace=False))
-    out = np.empty((len(idx), *pool.images.shape[1:]), np.uint8)
-    vae = vae.eval()
-    for i in tqdm(range(0, len(idx), batch), desc="VAE round trips", mininterval=10):
-        x = to_tensor(pool.images[idx[i : i + batch]])
-        y = vae.decode(vae.encode(x).latent_dist.mean).sample
-        out[i : i + batch] = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return Pool(out, pool.individual[idx], pool.style[idx], pool.caption_template[idx])
+    images = vae_round_trip(pool.images[idx], vae, batch, progress=True)
+    return Pool(images, pool.individual[idx], pool.style[idx], pool.caption_template[idx])
 
 
 def train_oracle(pool: Pool, out: str | Path, steps: int = 1400, batch: int = 96, lr: float = 2e-3,

@@ -41,6 +41,7 @@ from lorafuse.backbone import para
 from lorafuse.backbone.features import load_features, perceptual_loss
 from lorafuse.backbone.pairs import read_pairs
 from lorafuse.errors import ConfigError, UserInputError
+from lorafuse.train.objectives import DDPMObjective, Objective
 from lorafuse.utils.atomic import atomic_path
 
 INFO_FILE = "craft_backbone.json"  # = fusion.craft.host.BACKBONE_INFO
@@ -96,6 +97,8 @@ class BackboneConfig:
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warm-up to 1, then cosine decay to `min_ratio` at `total` (the paper's schedule with a floor)."""
+    # Not transformers' cosine-with-min-lr schedule: its warm-up starts at 0/warmup (an idle first step), ours at
+    # 1/warmup, and every trained backbone's figures depend on this exact curve.
     if step < warmup:
         return (step + 1) / warmup
     u = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -168,32 +171,23 @@ def prepare_data(pipe: Any, folder: Path, keep_images: bool) -> PairData:
 
 
 def backbone_loss(
-    pipe: Any, noise_scheduler: Any, data: PairData, rows: torch.Tensor, role: str, generator: torch.Generator,
+    pipe: Any, objective: Objective, data: PairData, rows: torch.Tensor, role: str, generator: torch.Generator,
     features: Any, lambda_p: float,
 ) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
     """Noise MSE (+ λ_p L_perc) of the `role` images of pairs `rows`; gradients reach only the `role` bases."""
     unet = pipe.unet
     z0 = data.latents[role][rows].to(unet.device)
-    noise = torch.randn(z0.shape, generator=generator).to(z0)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(rows),), generator=generator)
-    zt = noise_scheduler.add_noise(z0, noise, t)
+    noised = objective.draw(z0, generator)
     cond = type(data.cond)(
         *(None if x is None else x[rows] for x in (data.cond.embeds, data.cond.pooled, data.cond.time_ids))
     )
     with para.trainable_bases(unet, role):
-        pred = unet(zt, t.to(unet.device), **cond.unet_kwargs(), return_dict=False)[0]
-    v_pred = noise_scheduler.config.prediction_type == "v_prediction"
-    target = noise_scheduler.get_velocity(z0, noise, t) if v_pred else noise
-    mse = F.mse_loss(pred.float(), target.float())
+        pred = unet(noised.noisy, noised.timesteps, **cond.unet_kwargs(), return_dict=False)[0]
+    mse = F.mse_loss(pred.float(), noised.target.float())
     logs = {"mse": float(mse.detach())}
     if features is None or lambda_p == 0:
         return mse, logs
-    abar = noise_scheduler.alphas_cumprod.to(zt)[t].view(-1, 1, 1, 1)
-    x0_latent = (
-        abar.sqrt() * zt - (1 - abar).sqrt() * pred
-        if v_pred
-        else (zt - (1 - abar).sqrt() * pred) / abar.sqrt()
-    )
+    x0_latent = objective.predicted_x0(pred, noised)
     x0 = decode_latents(pipe.vae, x0_latent)
     perc = perceptual_loss(features, x0.float(), data.images[role][rows].to(x0.device))
     logs["perc"] = float(perc.detach())
@@ -251,9 +245,7 @@ def train_backbone(config: BackboneConfig, *, pipe: Any = None, progress: bool =
     ranks = para.apply_para(pipe.unet, config.para_options(), seed=config.seed)
     pipe.unet.eval()  # no dropout in diffusers UNets; eval keeps runs deterministic
     data = prepare_data(pipe, Path(config.pairs), keep_images=features is not None)
-    from diffusers import DDPMScheduler
-
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    objective = DDPMObjective(pipe.scheduler.config)
 
     # 3. Optimizer, schedule, resume
     params = para.bases(pipe.unet)
@@ -286,10 +278,10 @@ def train_backbone(config: BackboneConfig, *, pipe: Any = None, progress: bool =
         rows = torch.randperm(n, generator=generator)[: config.batch_size]
         optimizer.zero_grad(set_to_none=True)
         loss_c, logs_c = backbone_loss(
-            pipe, noise_scheduler, data, rows, "content", generator, features, config.lambda_p
+            pipe, objective, data, rows, "content", generator, features, config.lambda_p
         )
         loss_s, logs_s = backbone_loss(
-            pipe, noise_scheduler, data, rows, "style", generator, features, config.lambda_p
+            pipe, objective, data, rows, "style", generator, features, config.lambda_p
         )
         loss = loss_c + loss_s
         if not torch.isfinite(loss.detach()):

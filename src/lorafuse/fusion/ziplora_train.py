@@ -35,6 +35,7 @@ from lorafuse.lora.resize import factorize
 from lorafuse.lora.state import LoraModule, LoraState
 from lorafuse.lora.targets import components_of
 from lorafuse.train.cache import encode_latents
+from lorafuse.train.objectives import DDPMObjective
 from lorafuse.utils.atomic import atomic_path
 
 NAME = "ziplora"
@@ -257,13 +258,11 @@ def _objective(
 ) -> Iterator[Any]:
     """Yields `loss(generator, similarity_weight) -> (L, mse terms, Σ|cos|)` and the branches; the pipe is
     unchanged afterwards (hooks removed, requires_grad restored)."""
-    from diffusers import DDPMScheduler
-
     for ref, role in zip(refs, ("content", "style"), strict=True):
         if not isinstance(ref, ZipReference):
             raise UserInputError(f"{NAME}: {role}_ref must be a ZipReference (see encode_reference)")
     unet = pipe.unet
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training-time forward process
+    objective = DDPMObjective(pipe.scheduler.config)  # the training-time forward process (its target is unused)
     params = [p for root in components_of(pipe).values() for p in root.parameters()]
     grad_flags = [p.requires_grad for p in params]
     branches = _Branches(pipe, content, style, w_c, w_s)
@@ -291,9 +290,8 @@ def _objective(
             mse = torch.zeros(())
             for ref, mode, cond_ref, cond_merged in tasks:
                 x0 = ref.latents.to(unet.device, unet.dtype)
-                noise = torch.randn(x0.shape, generator=generator).to(x0)
-                t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=generator)
-                noisy = noise_scheduler.add_noise(x0, noise, t)  # the same x_t and t for both forwards
+                noised = objective.draw(x0, generator)  # the same x_t and t for both forwards
+                noisy, t = noised.noisy, noised.timesteps
                 with torch.no_grad(), branches.use(mode):
                     target = unet(noisy, t, **cond_ref.unet_kwargs(), return_dict=False)[0]
                 with branches.use("merged"):

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
-    DDPMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -37,6 +36,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from lorafuse.train.losses import min_snr_weight
+from lorafuse.train.objectives import DDPMObjective
 from lorafuse.utils.atomic import atomic_path
 from lorafuse.world.base_model import fresh_components, scheduler_config, world_tokenizer
 from lorafuse.world.catalog import SEEN_STYLES, all_individuals, caption
@@ -193,12 +194,6 @@ def _captions(pool: Pool, with_colour: bool = True) -> list[str]:
             zip(pool.individual, pool.style, pool.caption_template, strict=True)]
 
 
-def _min_snr_weight(sched: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    alpha_bar = sched.alphas_cumprod[t]
-    snr = alpha_bar / (1 - alpha_bar)
-    return torch.clamp(snr, max=gamma) / snr
-
-
 def train_unet(cfg: PretrainConfig, pool: Pool, latents: torch.Tensor, scale: float, oracle=None, vae=None,
                stage: UNetStage | None = None) -> dict:
     stage = stage or unet_stages(cfg)[0]
@@ -213,7 +208,10 @@ def train_unet(cfg: PretrainConfig, pool: Pool, latents: torch.Tensor, scale: fl
         te.load_state_dict(CLIPTextModel.from_pretrained(init / "text_encoder").state_dict())
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=1e-2)
-    def lr_at(s: int) -> float:  # warm-up, then cosine to 10 %; math (not numpy) keeps the state weights-only-loadable
+    # Warm-up times a cosine to 10 % over the whole run. Not transformers' cosine-with-min-lr schedule, which starts
+    # the cosine after the warm-up: the shipped base was trained on this curve. math (not numpy) keeps the state
+    # weights-only-loadable.
+    def lr_at(s: int) -> float:
         return min(1.0, (s + 1) / stage.warmup) * (0.5 * (1 + math.cos(math.pi * min(s / max(stage.steps, 1), 1.0))) * 0.9 + 0.1)
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
@@ -231,7 +229,7 @@ def train_unet(cfg: PretrainConfig, pool: Pool, latents: torch.Tensor, scale: fl
         ema_te.load_state_dict(state["ema_te"])
         step = int(state["step"])
         print(f"{stage.name}: resumed at step {step}")
-    noise_sched = DDPMScheduler.from_config(scheduler_config())  # same betas; from_config drops DDIM-only keys
+    objective = DDPMObjective(scheduler_config(), "epsilon")  # the base's betas, ε-prediction
     def tokenize(texts: list[str]) -> torch.Tensor:
         return tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
@@ -250,13 +248,11 @@ def train_unet(cfg: PretrainConfig, pool: Pool, latents: torch.Tensor, scale: fl
         text_ids = torch.where(no_colour[:, None], ids_no_colour[idx], ids[idx])
         drop = torch.rand(len(idx), generator=gen) < cfg.cond_dropout
         text_ids[drop] = empty
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, 1000, (len(idx),), generator=gen)
-        zt = noise_sched.add_noise(z0, noise, t)
+        noised = objective.draw(z0, gen)
         cond = te(text_ids).last_hidden_state
-        pred = unet(zt, t, cond).sample
-        w = _min_snr_weight(noise_sched, t, cfg.min_snr_gamma)
-        loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * w).mean()
+        pred = unet(noised.noisy, noised.timesteps, cond).sample
+        w = min_snr_weight(noised.timesteps, objective.alphas_cumprod, cfg.min_snr_gamma)
+        loss = (F.mse_loss(pred, noised.target, reduction="none").mean((1, 2, 3)) * w).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

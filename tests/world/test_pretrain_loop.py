@@ -17,7 +17,7 @@ def test_pretrain_stages_run_checkpoint_and_resume(tmp_path, capsys):
     latents, scale = cache_latents(cfg, vae, pool)
     assert latents.shape == (8, 4, 16, 16) and np.isfinite(scale) and scale > 0
     train_unet(cfg, pool, latents, scale)
-    assert (tmp_path / "unet_ckpt" / "state.pt").exists()
+    assert (tmp_path / "unet_ckpt" / "random_states_0.pkl").exists()  # accelerate's save_state folder
 
     cfg.unet_steps = 3
     train_unet(cfg, pool, latents, scale)
@@ -86,8 +86,49 @@ def test_caption_finetune_starts_from_stage_3_and_drops_colours(tmp_path, capsys
     train_unet(cfg, pool, latents, scale, vae=vae, stage=replace(stage3b, steps=1))
     train_unet(cfg, pool, latents, scale, vae=vae, stage=stage3b)
     assert "caption_ft: resumed at step 1" in capsys.readouterr().out
-    assert (tmp_path / "caption_ft_ckpt" / "state.pt").exists()
+    assert (tmp_path / "caption_ft_ckpt" / "random_states_0.pkl").exists()
     shipped = finalize(cfg, tmp_path / "base")
     final = load_file(str(shipped / name))
     assert any(not (before[k] == final[k]).all() for k in before)
     assert StableDiffusionPipeline.from_pretrained(shipped).unet is not None
+
+
+def test_pretrain_resume_is_bit_exact(tmp_path, monkeypatch):
+    """A run killed after its step-2 checkpoint and resumed ends with the weights of an uninterrupted run."""
+    import shutil
+
+    import pytest
+    import torch
+
+    from lorafuse.world import pretrain
+
+    pool = render_pool(4, all_individuals(held_out=False)[:2], ["flat"], seed=0, progress=False)
+    straight, killed = tmp_path / "a", tmp_path / "b"
+    cfg = PretrainConfig(work_dir=str(straight), vae_steps=1, vae_batch=2, unet_steps=3, unet_batch=2, warmup=2,
+                         ckpt_every=2)
+    vae = train_vae(cfg, pool)
+    latents, scale = cache_latents(cfg, vae, pool)
+    train_unet(cfg, pool, latents, scale)
+
+    class Killed(Exception):
+        pass
+
+    draws, draw = [], pretrain.DDPMObjective.draw
+
+    def dies_at_step_3(self, x0, generator):
+        if len(draws) == 2:
+            raise Killed
+        draws.append(1)
+        return draw(self, x0, generator)
+
+    killed.mkdir()
+    shutil.copytree(straight / "tokenizer", killed / "tokenizer")
+    cfg_b = PretrainConfig(**{**cfg.__dict__, "work_dir": str(killed)})
+    monkeypatch.setattr(pretrain.DDPMObjective, "draw", dies_at_step_3)
+    with pytest.raises(Killed):
+        train_unet(cfg_b, pool, latents, scale)
+    monkeypatch.undo()
+    train_unet(cfg_b, pool, latents, scale)
+    for i in range(2):  # the UNet's and the text encoder's state dicts
+        a, b = (torch.load(d / "unet_ckpt" / f"custom_checkpoint_{i}.pkl", weights_only=True) for d in (straight, killed))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -221,6 +221,27 @@ def _check_resume(saved: dict[str, Any], current: dict[str, Any], source: Path) 
         )
 
 
+def _resume(
+    out: Path, config: BackboneConfig, current: dict[str, Any], pipe: Any, optimizer: Any, schedule: Any,
+    generator: torch.Generator,
+) -> tuple[int, list[str]]:  # fmt: skip
+    """Restore the latest state under `out` (when `config.resume`); returns (step, the log's lines up to it)."""
+    from lorafuse.train import checkpoint as ckpt
+
+    state = _latest_state(out) if config.resume else None
+    if state is None:
+        return 0, []
+    saved = ckpt.read_train_state(state)
+    _check_resume(saved.config.get("backbone", {}), current, state)
+    ckpt.restore_train_state(saved, load_lora=lambda t, src: para.load_bases(pipe.unet, t, src),
+                             optimizer=optimizer, lr_scheduler=schedule, generator=generator)  # fmt: skip
+    step = saved.progress.global_step
+    if not (out / "log.csv").is_file():
+        return step, []
+    lines = (out / "log.csv").read_text().splitlines()[1:]
+    return step, [line for line in lines if int(line.split(",")[0]) <= step]
+
+
 def train_backbone(config: BackboneConfig, *, pipe: Any = None, progress: bool = True) -> Path:
     """Train W' as configured; returns the saved pipeline folder (`output_dir/backbone`).
 
@@ -255,21 +276,8 @@ def train_backbone(config: BackboneConfig, *, pipe: Any = None, progress: bool =
         optimizer, lambda s: lr_factor(s, config.warmup_steps, config.steps, config.min_lr_ratio)
     )
     generator = torch.Generator().manual_seed(config.seed)
-    step, log = 0, []
     current = _config_dict(config)
-    state = _latest_state(out) if config.resume else None
-    if state is not None:
-        saved = ckpt.read_train_state(state)
-        _check_resume(saved.config.get("backbone", {}), current, state)
-        ckpt.restore_train_state(saved, load_lora=lambda t, src: para.load_bases(pipe.unet, t, src),
-                                 optimizer=optimizer, lr_scheduler=schedule, generator=generator)  # fmt: skip
-        step = saved.progress.global_step
-        if (out / "log.csv").is_file():
-            log = [
-                line
-                for line in (out / "log.csv").read_text().splitlines()[1:]
-                if int(line.split(",")[0]) <= step
-            ]
+    step, log = _resume(out, config, current, pipe, optimizer, schedule, generator)
 
     # 4. The loop: per batch of pairs, content images train B_c, style images B_s
     n = len(data.cond)

@@ -108,7 +108,7 @@ def _set_rng_state(
 
 
 @contextlib.contextmanager
-def _atomic_folder(final: Path):
+def atomic_folder(final: Path):
     """Yield a temporary folder beside `final`; on success it replaces `final` (rename), on error it is removed."""
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a run killed while saving
@@ -154,7 +154,7 @@ def save_train_state(
         "rng": plain_rng,
         "config": dict(config),
     }
-    with _atomic_folder(Path(folder)) as tmp:
+    with atomic_folder(Path(folder)) as tmp:
         save_file(
             {k: v.detach().contiguous().clone() for k, v in lora.items()}, str(tmp / "lora.safetensors")
         )

@@ -133,6 +133,7 @@ def save_lora(
     training: Mapping[str, object] | None = None,
     base: object | None = None,
     uniform_alpha: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write `state` atomically as .safetensors and return the path.
 
@@ -143,6 +144,8 @@ def save_lora(
     real architecture's (the SGM block numbers depend on it). uniform_alpha (kohya only): when modules have
     different alphas, store one alpha and fold the ratios into `lora_up` (same ΔW), because diffusers loads
     per-module kohya alphas wrongly (see formats/kohya.py `with_uniform_alpha`); False keeps factors bit-exact.
+    dtype: of every stored tensor (kohya's save_precision): float16 / bfloat16 halve the file; alphas too, as
+    kohya stores them (alphas are small integers or simple fractions, exact in either).
     """
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
@@ -168,6 +171,8 @@ def save_lora(
         tensors, format_meta = diffusers.write(state)
         meta.update(format_meta)
     meta.update({str(k): to_str(v) for k, v in (metadata or {}).items()})
+    if dtype != torch.float32:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     _save_file(tensors, path, meta)
     return path
 

@@ -52,6 +52,7 @@ from lorafuse.train.run_setup import (
     training_metadata,
 )
 from lorafuse.train.sampling_during_training import sample_grid
+from lorafuse.train.saving import SaveRotation, check_implemented, save_dtype
 from lorafuse.train.timesteps import noise_like, sample_timesteps
 from lorafuse.utils.memory import release_memory
 
@@ -94,6 +95,7 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
     tc, ds, loss_cfg = cfg.training, cfg.dataset, cfg.loss
 
     # 1. Check inputs before any compute or any write
+    check_implemented(cfg)
     index = scan_dataset(ds)
     check_optimizer(cfg.optimizer.optimizer_type)
     saved = read_train_state(tc.resume) if tc.resume is not None else None
@@ -155,6 +157,7 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
             clip_skip,
             to_disk=ds.cache_text_encoder_outputs_to_disk,
             cache_dir=ds.cache_dir,
+            max_token_length=ds.max_token_length,
         )
         text_cache.prepare(index)
     # Frozen encoders the loop will not call again go now rather than at the end, so the training steps reuse
@@ -271,7 +274,16 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
         extra["lorafuse_layers"] = json.dumps(cfg.network.layers)
         if final:
             extra["ss_training_finished_at"] = str(int(time.time()))
-        save_lora(network.to_lora_state(), path, arch=arch, base=pipe, training=metadata, metadata=extra)
+        lora_state = network.to_lora_state()
+        save_lora(
+            lora_state,
+            path,
+            arch=arch,
+            base=pipe,
+            training=metadata,
+            metadata=extra,
+            dtype=save_dtype(tc.save_precision),
+        )
         result.saved.append(path)
 
     def save_state(folder: Path, position: Progress) -> None:
@@ -284,6 +296,10 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
         result.states.append(
             save_train_state(folder, lora=lora, progress=position, config=config, log_csv=csv, **kwargs)
         )
+
+    # kohya's save_last_n_*: older periodic saves are deleted as new ones arrive
+    lora_saves = SaveRotation(tc.save_last_n_epochs, tc.save_last_n_steps)
+    state_saves = SaveRotation(tc.save_last_n_epochs_state, tc.save_last_n_steps_state)
 
     # 9. The loop
     bar = None
@@ -317,7 +333,9 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
                         cond = {k: v.to(accelerator.device) for k, v in batch["text"].items()}
                     else:
                         with torch.set_grad_enabled(train_te):
-                            cond = text_embeddings(tokenizers, text_encoders, batch["caption"], clip_skip)
+                            cond = text_embeddings(
+                                tokenizers, text_encoders, batch["caption"], clip_skip, ds.max_token_length
+                            )
                     timesteps = sample_timesteps(
                         latents.shape[0],
                         generator,
@@ -393,8 +411,10 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
                 accelerator.wait_for_everyone()
                 if main:
                     save(out / f"{name}-step{global_step:08d}.safetensors", epoch + 1, global_step)
+                    _forget(result.saved, lora_saves.add_step(global_step, result.saved[-1]))
                     if tc.save_state:
                         save_state(out / f"{name}-step{global_step:08d}-state", position)
+                        _forget(result.states, state_saves.add_step(global_step, result.states[-1]))
             if global_step >= total_steps and i + 1 < batches_per_epoch:
                 break  # mid-epoch; at the epoch's last batch the loop ends by itself and the epoch-end work runs
         else:  # the epoch ran to its end
@@ -403,8 +423,10 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
             accelerator.wait_for_everyone()
             if main and tc.save_every_n_epochs and (epoch + 1) % tc.save_every_n_epochs == 0 and not last:
                 save(out / f"{name}-{epoch + 1:06d}.safetensors", epoch + 1, global_step)
+                _forget(result.saved, lora_saves.add_epoch(epoch + 1, result.saved[-1]))
                 if tc.save_state:
                     save_state(out / f"{name}-{epoch + 1:06d}-state", position)
+                    _forget(result.states, state_saves.add_epoch(epoch + 1, result.states[-1]))
             if main and tc.sample_every_n_epochs and (epoch + 1) % tc.sample_every_n_epochs == 0:
                 grid = sample_grid(
                     pipe,
@@ -416,6 +438,7 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
                     clip_skip=cfg.model.diffusers_clip_skip if arch != "sdxl" else None,
                     title=f"{name} epoch {epoch + 1}, step {global_step}",
                     autocast=accelerator.autocast(),
+                    max_token_length=ds.max_token_length,
                 )
                 result.samples.append(grid)
     if bar is not None:
@@ -434,3 +457,8 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
     result.global_step = global_step
     result.seconds = time.time() - started
     return result, run_log
+
+
+def _forget(paths: list[Path], removed: list[Path]) -> None:
+    for path in removed:
+        paths.remove(path)

@@ -232,3 +232,13 @@ def test_config_import_writes_an_equivalent_lorafuse_config(in_repo, tmp_path, c
     assert "kohya key" in table and "network_args.conv_dim" in table and "xformers" in table
     cfg, imp = load_train_config_any(SDXL)
     assert imp is not None and load_train_config(out) == cfg
+
+
+def test_readme_lists_every_kohya_key():
+    from lorafuse.train.kohya_keys import markdown_table
+
+    readme = (REPO / "README.md").read_text()
+    assert "## Coming from kohya" in readme
+    assert markdown_table() in readme, (
+        "README's kohya table is stale: paste kohya_keys.markdown_table() output"
+    )

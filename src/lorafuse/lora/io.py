@@ -113,6 +113,11 @@ def load_lora(
     return diffusers.read(tensors, metadata, source)
 
 
+def kohya_layout(arch: str, base: object | None) -> UnetLayout | None:
+    """The UNet layout kohya names are written against (the base's own when given)."""
+    return _layout(arch, base)
+
+
 def _layout(arch: str, base: object | None) -> UnetLayout | None:
     if base is not None:
         from lorafuse.lora.targets import base_modules
@@ -174,6 +179,19 @@ def save_lora(
     if dtype != torch.float32:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     _save_file(tensors, path, meta)
+    return path
+
+
+def save_tensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str], dtype: torch.dtype
+) -> Path:
+    """Write tensors already in a file layout (e.g. LyCORIS's own state_dict) atomically, floats as `dtype`."""
+    path = Path(path)
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise LoraFormatError(f"{path}: {key} has non-finite values; not saving it")
+    out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    _save_file(out, path, dict(metadata))
     return path
 
 

@@ -100,8 +100,6 @@ class DatasetConfig:
     prior_loss_weight: float = 1.0
     # image folders with their own repeats and settings ([[dataset.subsets]], kohya's dataset_config subsets)
     subsets: tuple[SubsetConfig, ...] = ()
-    # weight the loss by each image's alpha channel (kohya's alpha_mask; needs loss.masked_loss)
-    alpha_mask: bool = False
     # captions up to 150 or 225 tokens, encoded in 75-token chunks as kohya; None = CLIP's 75
     max_token_length: int | None = None
     # fraction of the training images held out for the validation loss (kohya's validation_split)
@@ -209,6 +207,16 @@ class NetworkConfig:
     def __post_init__(self) -> None:
         as_paths(self, "network_weights")
         _positive(self, "network_dim", "network_alpha", "conv_dim", "conv_alpha")
+        if self.network_module == "lycoris.kohya" and (
+            self.layers != "default" or self.block_dims is not None or self.block_alphas is not None
+        ):
+            raise _bad(
+                "network_module",
+                "lycoris.kohya chooses its modules itself (kohya's LoCon set); layers / block_dims / block_alphas "
+                "are for networks.lora",
+            )
+        if self.network_module == "networks.lora" and (self.algo != "locon" or self.factor != -1):
+            raise _bad("algo", "and factor are LyCORIS settings: set network_module = 'lycoris.kohya'")
         if self.dim_from_weights and self.network_weights is None:
             raise _bad("dim_from_weights", "needs network_weights (the file to take ranks and alphas from)")
         _rates(self, "network_dropout")
@@ -294,7 +302,8 @@ class TrainingConfig:
     sample_prompts: tuple[str, ...] = ()
     # denoising steps per sample
     sample_steps: int = 20
-    # compute the validation loss every N optimizer steps (needs validation_split); fixed noise and timesteps
+    # compute the validation loss every N optimizer steps and at the end (needs validation_split; unset: at the
+    # end only); fixed noise and timesteps
     validate_every_n_steps: int | None = None
     # csv: loss and LR per step in logs/NAME.csv and a PNG plot; jsonl: also a .jsonl; tensorboard: also tensorboard; none
     logging: Literal["csv", "jsonl", "tensorboard", "none"] = "csv"
@@ -357,11 +366,6 @@ class TrainConfig:
         if self.training.validate_every_n_steps and not ds.validation_split:
             raise _bad(
                 "training.validate_every_n_steps", "needs dataset.validation_split > 0 (the held-out images)"
-            )
-        masked = ds.alpha_mask or any(sub.alpha_mask for sub in ds.subsets)
-        if masked and not self.loss.masked_loss:
-            raise _bad(
-                "dataset.alpha_mask", "needs loss.masked_loss = true (kohya: --masked_loss --alpha_mask)"
             )
         if ds.cache_text_encoder_outputs:
             # Cached outputs stay valid only while the text encoder and every caption stay fixed.

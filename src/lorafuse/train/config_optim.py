@@ -85,8 +85,6 @@ class LossConfig:
     max_timestep: int = 1000
     # sample noisy timesteps more often (content) or clean ones (style), cubic bias
     timestep_bias: Literal["none", "content", "style"] = "none"
-    # weight the loss per pixel by a mask (the images' alpha channel with dataset.alpha_mask), as kohya
-    masked_loss: bool = False
 
     def __post_init__(self) -> None:
         if self.huber_c is not None and not 0 < self.huber_c <= 1:

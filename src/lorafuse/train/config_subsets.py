@@ -31,8 +31,6 @@ class SubsetConfig:
     caption_tag_dropout_rate: float | None = None  # None: the [dataset] value
     flip_aug: bool | None = None  # None: the [dataset] value
     random_crop: bool | None = None  # None: the [dataset] value
-    # use the image's alpha channel as a loss mask (kohya's alpha_mask); None: the [dataset] value
-    alpha_mask: bool | None = None
     # training size of this subset: 512 or [width, height]; None: the [dataset] value
     resolution: int | tuple[int, int] | None = None
     enable_bucket: bool | None = None  # None: the [dataset] value

@@ -80,7 +80,6 @@ class Augment:
     caption_tag_dropout_rate: float = 0.0
     flip_aug: bool = False
     random_crop: bool = False
-    alpha_mask: bool = False
 
     @classmethod
     def of(cls, settings: object) -> Augment:

@@ -35,7 +35,6 @@ SUBSET_LEVEL = (
     "caption_tag_dropout_rate",
     "flip_aug",
     "random_crop",
-    "alpha_mask",
 )
 SUBSET_ONLY = ("image_dir", "num_repeats", "class_tokens", "is_reg")
 NOTED = {
@@ -58,6 +57,7 @@ REFUSED = {
     "conditioning_data_dir": "ControlNet datasets are not supported",
     "network_multiplier": "a LoRA multiplier other than 1 during training is not supported",
     "custom_attributes": "not supported",
+    "alpha_mask": "alpha-channel loss masks are not implemented yet",
 }
 _OFF = {"token_warmup_min": 1, "caption_separator": ",", "network_multiplier": 1}
 

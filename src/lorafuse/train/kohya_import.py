@@ -292,7 +292,6 @@ _NETWORK_ARGS_OFF = {
 
 
 def _network_args(imp, key, value, flat):
-    lycoris = flat.get("network_module") == "lycoris.kohya"
     try:
         args = split_args(value)
     except ValueError as e:
@@ -305,14 +304,12 @@ def _network_args(imp, key, value, flat):
         elif k in ("block_dims", "block_alphas"):
             values = list(v) if isinstance(v, (tuple, list)) else [v]
             imp.put(f"network.{k}", values, sub, v)
-        elif k == "algo":
-            if not lycoris:
-                imp.refuse(sub, v, "algo needs network_module = lycoris.kohya")
-            elif v in _LYCORIS_ALGOS:
+        elif k == "algo":  # NetworkConfig checks that it goes with network_module = lycoris.kohya
+            if v in _LYCORIS_ALGOS:
                 imp.put("network.algo", v, sub, v)
             else:
                 imp.refuse(sub, v, f"LyCORIS algorithm not supported; use one of {', '.join(_LYCORIS_ALGOS)}")
-        elif k == "factor" and lycoris:
+        elif k == "factor":
             imp.put("network.factor", int(v), sub, v)
         elif k in _NETWORK_ARGS_OFF and (v == _NETWORK_ARGS_OFF[k] or v in (None, "", 0, False)):
             imp.note(sub, v, "off / the default")

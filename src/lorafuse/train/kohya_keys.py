@@ -50,13 +50,13 @@ SAME_NAME: dict[str, str] = {
     "dataset": "train_data_dir reg_data_dir resolution caption_extension shuffle_caption keep_tokens "
     "caption_dropout_rate caption_tag_dropout_rate flip_aug random_crop enable_bucket min_bucket_reso "
     "max_bucket_reso bucket_reso_steps bucket_no_upscale cache_latents cache_latents_to_disk "
-    "cache_text_encoder_outputs cache_text_encoder_outputs_to_disk prior_loss_weight alpha_mask "
+    "cache_text_encoder_outputs cache_text_encoder_outputs_to_disk prior_loss_weight "
     "max_token_length validation_split validation_seed",
     "network": "network_module network_dim network_alpha network_dropout network_weights dim_from_weights "
     "network_train_unet_only network_train_text_encoder_only",
     "optimizer": "optimizer_type learning_rate unet_lr text_encoder_lr max_grad_norm",
     "scheduler": "lr_scheduler lr_warmup_steps lr_scheduler_num_cycles lr_scheduler_power",
-    "loss": "loss_type huber_c huber_schedule min_snr_gamma noise_offset min_timestep max_timestep masked_loss",
+    "loss": "loss_type huber_c huber_schedule min_snr_gamma noise_offset min_timestep max_timestep",
     "training": "max_train_epochs max_train_steps train_batch_size gradient_accumulation_steps "
     "gradient_checkpointing mixed_precision seed output_dir output_name save_every_n_epochs save_every_n_steps "
     "save_state save_precision save_model_as save_last_n_epochs save_last_n_steps save_last_n_epochs_state "
@@ -172,6 +172,8 @@ RULES: dict[str, Rule] = {
     "v_pred_like_loss": _refuse(_LOSS),
     "debiased_estimation_loss": _refuse(_LOSS),
     "huber_scale": _refuse(_LOSS, ok=(*INACTIVE, 1, 1.0)),
+    "masked_loss": _refuse("masked loss is not implemented yet (kohya's --masked_loss with alpha masks)"),
+    "alpha_mask": _refuse("alpha-channel loss masks are not implemented yet (kohya's --alpha_mask)"),
     "scale_weight_norms": _refuse("max-norm regularisation is not implemented"),
     "base_weights": _refuse(
         "merging other LoRAs into the base before training is not supported; bake them first"
@@ -229,9 +231,25 @@ RULES: dict[str, Rule] = {
         ).split()
     },
 }
+# same-name keys whose value is converted on the way (README's table shows how)
+CONVERTED = {
+    "resolution": '512, "512" or kohya\'s "W,H" string (e.g. "768,512") -> 512 or [768, 512]',
+    "text_encoder_lr": "a number or the GUI's list (one value, or equal values for SDXL's two encoders); 0 "
+    "means network_train_unet_only",
+    "unet_lr": "0 or unset: learning_rate",
+    "optimizer_type": "case-insensitive: AdamW, AdamW8bit, Adafactor, Prodigy (others refused)",
+    "network_module": "networks.lora or lycoris.kohya (others refused)",
+    "sample_prompts": "kohya's .txt prompt file is read; per-prompt options (--n, --w, ...) are listed as dropped",
+    "train_data_dir": "no effect when dataset_config is set (as in kohya)",
+    "reg_data_dir": "no effect when dataset_config is set (as in kohya)",
+    "huber_c": "kohya's default 0.1 with loss_type l2 / l1 is dropped as the no-op it is",
+    "huber_schedule": "kohya's default 'snr' with loss_type l2 / l1 is dropped as the no-op it is",
+    "caption_extension": "unset: kohya's default .caption",
+    "learning_rate": "unset: kohya's default 2e-6",
+}
 for _table, _names in SAME_NAME.items():
     for _name in _names.split():
-        RULES.setdefault(_name, _map(f"{_table}.{_name}"))
+        RULES.setdefault(_name, _map(f"{_table}.{_name}", CONVERTED.get(_name, "")))
 
 # kohya's defaults where they differ from ours: applied when a kohya config leaves the key out.
 KOHYA_DEFAULTS = {"caption_extension": ".caption", "learning_rate": 2e-6}
@@ -242,3 +260,22 @@ OPTIMIZER_FIXED_ARGS = {
     "Adafactor": {"scale_parameter": False, "relative_step": False, "warmup_init": False},
     "Prodigy": {"decouple": True, "use_bias_correction": False, "safeguard_warmup": False, "d_coef": 1.0},
 }
+
+
+def markdown_table() -> str:
+    """The mapping as README's "coming from kohya" table: one row per kohya key (same-name keys grouped)."""
+    same = sorted(
+        k for k, r in RULES.items() if r.action == "map" and not r.reason and r.target.endswith("." + k)
+    )
+    lines = ["| kohya key | lorafuse | how / why |", "| --- | --- | --- |"]
+    by_table: dict[str, list[str]] = {}
+    for key in same:
+        by_table.setdefault(RULES[key].target.split(".")[0], []).append(key)
+    for table, keys in by_table.items():
+        lines.append(f"| {', '.join(f'`{k}`' for k in keys)} | `[{table}]`, same name | mapped |")
+    for action, label in (("map", "mapped"), ("note", "no effect here"), ("refuse", "refused unless off")):
+        for key in sorted(k for k, r in RULES.items() if r.action == action and k not in same):
+            rule = RULES[key]
+            where = f"`{rule.target}`" if action == "map" else label
+            lines.append(f"| `{key}` | {where} | {rule.reason} |")
+    return "\n".join(lines)

@@ -197,6 +197,20 @@ class LoraNetwork:
                     )
                 param.copy_(tensors[name])
 
+    def save(self, path, *, arch: str, base: object, training: Mapping, metadata: Mapping, dtype) -> object:
+        """Write the LoRA file (kohya format) at `dtype` (save_precision)."""
+        from lorafuse.lora.io import save_lora
+
+        return save_lora(
+            self.to_lora_state(),
+            path,
+            arch=arch,
+            base=base,
+            training=training,
+            metadata=metadata,
+            dtype=dtype,
+        )
+
     def to_lora_state(self, metadata: Mapping[str, str] | None = None) -> LoraState:
         """The canonical `LoraState` (kohya-ready keys): down = A, up = B, alpha = peft's lora_alpha."""
         modules: dict[str, LoraModule] = {}
@@ -214,13 +228,24 @@ def create_network(pipe: object, net: NetworkConfig, arch: str | None = None) ->
     """Inject a fresh trainable LoRA into `pipe` (in place). Seed the global torch RNG first: A's init draws.
 
     Base weights are frozen; LoRA parameters are float32 whatever the base dtype (mixed precision trains the
-    factors in full precision, as diffusers' `cast_training_params`).
+    factors in full precision, as diffusers' `cast_training_params`). network_module = lycoris.kohya gives a
+    `LycorisNetwork` (train/network_lycoris.py) with the same interface.
     """
     import warnings
 
+    if net.network_module == "lycoris.kohya":
+        from lorafuse.train.network_lycoris import create_lycoris_network
+
+        return create_lycoris_network(pipe, net, arch or detect_arch(pipe))
+
     from peft import inject_adapter_in_model
 
-    plan = plan_network(pipe, net, arch)
+    weights = None
+    if net.network_weights is not None:
+        from lorafuse.train.network_weights import plan_from_weights, read_weights
+
+        weights = read_weights(net.network_weights, pipe, arch or detect_arch(pipe))
+    plan = plan_from_weights(*weights) if weights and net.dim_from_weights else plan_network(pipe, net, arch)
     comps = components_of(pipe)
     for root in comps.values():
         root.requires_grad_(False)
@@ -237,4 +262,8 @@ def create_network(pipe: object, net: NetworkConfig, arch: str | None = None) ->
     for comp in plan:
         if len(list(network.layers(comp))) != len(plan[comp]):  # layers() asserts each one is a LoRA layer
             raise RuntimeError(f"peft injected a different set of {comp} modules than planned")
+    if weights is not None:
+        from lorafuse.train.network_weights import copy_weights
+
+        copy_weights(network, *weights, net.network_weights)
     return network

@@ -67,13 +67,7 @@ def check_implemented(cfg) -> None:
     from lorafuse.errors import UserInputError
 
     pending = []
-    if cfg.network.network_module != "networks.lora":
-        pending.append(f"network.network_module = {cfg.network.network_module!r}")
-    if cfg.network.network_weights is not None:
-        pending.append("network.network_weights")
-    if cfg.loss.masked_loss:
-        pending.append("loss.masked_loss")
-    if cfg.dataset.validation_split:
-        pending.append("dataset.validation_split")
+    if cfg.network.network_weights is not None and cfg.network.network_module == "lycoris.kohya":
+        pending.append("network.network_weights with network_module = lycoris.kohya")
     if pending:
         raise UserInputError(f"not implemented in this version of lorafuse yet: {', '.join(pending)}")

@@ -97,7 +97,7 @@ def test_refused_keys_are_named_with_their_reasons_in_one_error(tmp_path):
     path = tmp_path / "k.toml"
     path.write_text(
         'pretrained_model_name_or_path = "sd15-tiny"\ntrain_data_dir = "d"\nv2 = true\ncolor_aug = true\n'
-        'optimizer_type = "Lion"\nnetwork_args = ["conv_dim=4", "down_lr_weight=1,1,1"]\nmy_own_key = 1\n'
+        'optimizer_type = "Lion"\nnetwork_args = ["conv_dim=4", "rank_dropout=0.1"]\nmy_own_key = 1\n'
         "multires_noise_iterations = 6\n"
     )
     with pytest.raises(ConfigError) as info:
@@ -108,7 +108,7 @@ def test_refused_keys_are_named_with_their_reasons_in_one_error(tmp_path):
         "v2 = True: SD 2.x bases are not supported",
         "color_aug = True: color augmentation is not implemented",
         "optimizer_type = 'Lion': not supported",
-        "network_args.down_lr_weight",
+        "network_args.rank_dropout",
         "my_own_key = 1: unknown kohya key",
         "multires_noise_iterations = 6",
     ):

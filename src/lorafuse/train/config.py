@@ -199,6 +199,13 @@ class NetworkConfig:
     block_dims: tuple[int, ...] | None = None
     # per-block alphas, same order and length as block_dims
     block_alphas: tuple[float, ...] | None = None
+    # LR weight per input block IN00.. (a list), or a kohya preset: sine, cosine, linear, reverse_linear, zeros
+    down_lr_weight: str | tuple[float, ...] | None = None
+    mid_lr_weight: float | None = None  # LR weight of the MID block
+    # LR weight per output block OUT00.. (a list), or a preset name as down_lr_weight
+    up_lr_weight: str | tuple[float, ...] | None = None
+    # blocks whose LR weight is <= this get no LoRA (kohya's block_lr_zero_threshold)
+    block_lr_zero_threshold: float = 0.0
     # no text-encoder LoRA
     network_train_unet_only: bool = False
     # no UNet LoRA

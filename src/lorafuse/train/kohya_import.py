@@ -313,10 +313,14 @@ def _network_args(imp, key, value, flat):
             imp.put("network.factor", int(v), sub, v)
         elif k in _NETWORK_ARGS_OFF and (v == _NETWORK_ARGS_OFF[k] or v in (None, "", 0, False)):
             imp.note(sub, v, "off / the default")
-        elif k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold"):
-            imp.refuse(
-                sub, v, "block-wise learning rates are not implemented yet (block_dims / block_alphas are)"
+        elif k in ("down_lr_weight", "up_lr_weight"):
+            # kohya: a preset name ("cosine+0.5") or comma-separated numbers
+            values = (
+                v if isinstance(v, str) else [float(x) for x in (v if isinstance(v, (tuple, list)) else [v])]
             )
+            imp.put(f"network.{k}", values, sub, v)
+        elif k in ("mid_lr_weight", "block_lr_zero_threshold"):
+            imp.put(f"network.{k}", float(v), sub, v)
         else:
             imp.refuse(sub, v, "network argument not supported")
 

@@ -82,7 +82,11 @@ RULES: dict[str, Rule] = {
     ),
     "use_8bit_adam": _map("optimizer.optimizer_type", "true -> AdamW8bit (kohya's old switch)"),
     "optimizer_args": _map("optimizer.weight_decay", "weight_decay=, betas=; optimizer defaults accepted"),
-    "network_args": _map("network.conv_dim", "conv_dim, conv_alpha, algo, factor, block_dims, block_alphas"),
+    "network_args": _map(
+        "network.conv_dim",
+        "conv_dim, conv_alpha, algo, factor, block_dims, block_alphas, down_lr_weight, mid_lr_weight, "
+        "up_lr_weight, block_lr_zero_threshold",
+    ),
     "log_with": _map("training.logging", "tensorboard; wandb is refused"),
     "save_state_on_train_end": _map(
         "training.save_state", "lorafuse then also writes a state with every save"
@@ -174,6 +178,10 @@ RULES: dict[str, Rule] = {
     "huber_scale": _refuse(_LOSS, ok=(*INACTIVE, 1, 1.0)),
     "masked_loss": _refuse("masked loss is not implemented yet (kohya's --masked_loss with alpha masks)"),
     "alpha_mask": _refuse("alpha-channel loss masks are not implemented yet (kohya's --alpha_mask)"),
+    "block_lr": _refuse(
+        "per-block LRs of kohya's full SDXL fine-tune; for a LoRA use network_args down_lr_weight / mid_lr_weight "
+        "/ up_lr_weight"
+    ),
     "scale_weight_norms": _refuse("max-norm regularisation is not implemented"),
     "base_weights": _refuse(
         "merging other LoRAs into the base before training is not supported; bake them first"

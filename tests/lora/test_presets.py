@@ -74,7 +74,7 @@ def test_unknown_layout_is_an_error():
             block_out_channels=(32, 64),
             norm_num_groups=16,
         )
-    with pytest.raises(UserInputError, match="cannot tell the architecture"):
+    with pytest.raises(UserInputError, match="cannot tell which base-model family"):
         detect_arch(unet)
 
 

@@ -18,6 +18,7 @@ from lorafuse.fusion.common import (
     check_weights,
     forward_order,
     fuse_sum,
+    is_denoiser,
     require_clean_base,
     resolve,
     split_state,
@@ -70,8 +71,8 @@ def unet_variants(
 ) -> LayerVariants:  # fmt: skip
     """Fuse the non-UNet parts as a sum and build switchable UNet variants (content = 0, style = 1)."""
     refs_c, refs_s = resolve(pipe, content), resolve(pipe, style)
-    unet_c = {k: r for k, r in refs_c.items() if r.component == "unet"}
-    unet_s = {k: r for k, r in refs_s.items() if r.component == "unet"}
+    unet_c = {k: r for k, r in refs_c.items() if is_denoiser(r)}
+    unet_s = {k: r for k, r in refs_s.items() if is_denoiser(r)}
     others = [
         (split_state(content, set(refs_c) - set(unet_c)), config.content_weight),
         (split_state(style, set(refs_s) - set(unet_s)), config.style_weight),

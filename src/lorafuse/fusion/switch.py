@@ -35,7 +35,7 @@ ADAPTER_NAMES = ("switch_content", "switch_style")
 @dataclass
 class SwitchConfig(FusionConfig):
     tau: int = 5
-    mechanism: Literal["swap", "adapter"] = "swap"
+    mechanism: Literal["auto", "swap", "adapter", "inplace"] = "auto"
 
     def validate(self, method: str) -> None:
         super().validate(method)
@@ -44,7 +44,7 @@ class SwitchConfig(FusionConfig):
                 f"{method}: option tau={self.tau!r} must be an integer >= 1 (steps per LoRA)"
             )
         if self.mechanism not in MECHANISMS:
-            raise UserInputError(f"{method}: option mechanism={self.mechanism!r} must be 'swap' or 'adapter'")
+            raise UserInputError(f"{method}: option mechanism={self.mechanism!r} must be 'auto', 'swap', 'adapter' or 'inplace'")
 
 
 class SwitchHook:
@@ -85,6 +85,7 @@ def unet_variants(
     )  # fmt: skip
     undo.append(variants.close)
     record["switched_layers"] = len(layers)
+    record["mechanism"] = variants.mechanism  # "auto" resolved
     return variants
 
 

@@ -25,7 +25,7 @@ from lorafuse.lora.merge import MERGE_METADATA_KEY, MERGE_MODES, merge_loras
 from lorafuse.lora.resize import factorize, resize_lora
 from lorafuse.lora.state import LoraState
 from lorafuse.lora.validate import fits, validate_lora
-from lorafuse.models.load import TINY_BASES
+from lorafuse.models.load import TINY_BASES, tiny_base
 
 BUILTIN_BASES = ("world", *TINY_BASES)
 _LABELS = {name: f.label for name, f in FAMILIES.items()}
@@ -158,7 +158,7 @@ def load_base(spec: str) -> tuple[object, str, bool]:
 
         return load_world_pipeline(), "world", True
     if spec in TINY_BASES:
-        pipe = TINY_BASES[spec]()
+        pipe = tiny_base(spec)
         return pipe, family_of(pipe).name, False  # tiny widths: a real LoRA can only match by name
     path = Path(spec)
     if not (path / "model_index.json").is_file():

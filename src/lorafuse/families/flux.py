@@ -215,7 +215,9 @@ class Flux(Family):
         def encode(texts: list[str]) -> Conditioning:
             pooled = encode_pooled(pipe.text_encoder, pipe.tokenizer, texts)  # (P, 768)
             te = pipe.text_encoder_2
-            ids = tokenize(pipe.tokenizer_2, texts, "T5", MAX_SEQUENCE_LENGTH).input_ids.to(te.device)
+            # FluxPipeline's 512 tokens, unless the tokenizer is made for fewer (a reduced-size benchmark model)
+            length = min(MAX_SEQUENCE_LENGTH, pipe.tokenizer_2.model_max_length)
+            ids = tokenize(pipe.tokenizer_2, texts, "T5", length).input_ids.to(te.device)
             return Conditioning(te(ids, output_hidden_states=False)[0], pooled)  # (P, 512, 4096)
 
         return GuidanceCond(encode(prompts), encode(negatives or [""] * len(prompts)))

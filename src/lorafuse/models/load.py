@@ -23,15 +23,13 @@ import torch
 
 from lorafuse.errors import UserInputError
 from lorafuse.families import family_of_checkpoint
-from lorafuse.models.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
-from lorafuse.models.tiny_flux import tiny_flux_pipeline, tiny_flux_schnell_pipeline
 
-# tiny random-weight bases by name: one line per family (and variant)
+# tiny random-weight bases by name: one line per family (and variant), in models/tiny*.py
 TINY_BASES = {
-    "sd15-tiny": tiny_sd15_pipeline,
-    "sdxl-tiny": tiny_sdxl_pipeline,
-    "flux-tiny": tiny_flux_pipeline,
-    "flux-schnell-tiny": tiny_flux_schnell_pipeline,
+    "sd15-tiny": ("tiny", "tiny_sd15_pipeline"),
+    "sdxl-tiny": ("tiny", "tiny_sdxl_pipeline"),
+    "flux-tiny": ("tiny_flux", "tiny_flux_pipeline"),
+    "flux-schnell-tiny": ("tiny_flux", "tiny_flux_schnell_pipeline"),
 }
 
 log = logging.getLogger(__name__)
@@ -94,6 +92,14 @@ def _single_file(path: Path):
         ) from e
 
 
+def tiny_base(name: str, seed: int = 0):
+    """A tiny random-weight pipeline by name (`TINY_BASES`)."""
+    import importlib
+
+    module, builder = TINY_BASES[name]  # imported on use: `lorafuse --help` must not pay for diffusers
+    return getattr(importlib.import_module(f"lorafuse.models.{module}"), builder)(seed)
+
+
 def load_base_pipeline(name_or_path: str):
     """A diffusers pipeline for `name_or_path` (see the module docstring), progress bars off, modules in eval."""
     if name_or_path == "world":
@@ -101,7 +107,7 @@ def load_base_pipeline(name_or_path: str):
     elif name_or_path == "world-random":
         pipe = world_random_pipeline()
     elif name_or_path in TINY_BASES:
-        pipe = TINY_BASES[name_or_path]()
+        pipe = tiny_base(name_or_path)
     else:
         pipe = _from_path(name_or_path)
     pipe.set_progress_bar_config(disable=True)

@@ -158,7 +158,8 @@ def main() -> None:
     print_table(["variant", "plan s", "sample s (median)", "IQR s", "x base (median)", "x base IQR"], rows)
     print(f"ZipLoRA merge (random LoRAs): {zip_info['merge_s']:.1f} s, {zip_info['steps']} steps, "
           f"early stop {'fired' if zip_info['converged'] else 'not reached'}")
-    write_result("fusion_speed_smoke" if args.smoke else "fusion_speed", vars(args), figures)
+    name = "fusion_speed" if args.base in ("world", "world-random") else f"fusion_speed_{args.base}"
+    write_result(f"{name}_smoke" if args.smoke else name, vars(args), figures)
 
 
 if __name__ == "__main__":

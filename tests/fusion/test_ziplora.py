@@ -113,6 +113,7 @@ def fused_objective(pipe, content, style, refs, mergers, w_c, w_s, seed) -> floa
     """The slow reference of the training objective (λ = 0, one draw): every model as fused weights, not hooks."""
     from diffusers import DDPMScheduler
 
+    from lorafuse.families.unet import UNetDenoiser
     from lorafuse.fusion.prompts import encode_prompts
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -125,7 +126,7 @@ def fused_objective(pipe, content, style, refs, mergers, w_c, w_s, seed) -> floa
             cond = encode_prompts(
                 pipe, [prompt], None, num_images=1, clip_skip=0, height=size, width=size
             ).cond
-            return pipe.unet(noisy, t, **cond.unet_kwargs(), return_dict=False)[0]
+            return UNetDenoiser(pipe.unet)(noisy, t, cond)
         finally:
             unfuse(pipe)
 

@@ -157,7 +157,7 @@ def test_regexes_select_modules_and_must_match_something():
 def test_unknown_preset_and_arch():
     with pytest.raises(UserInputError, match="unknown layer preset"):
         resolve_layers(_unet("world"), "everything", "world")
-    with pytest.raises(UserInputError, match="unknown architecture"):
+    with pytest.raises(UserInputError, match="unknown base-model family 'sd3'"):
         preset_rules("attn", "sd3")
 
 

@@ -90,14 +90,14 @@ class UiServer:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(10)
         jobs = self.workspace / "jobs"
-        pids = [json.loads(p.read_text())["pid"] for p in [*jobs.glob("*.start"), *jobs.glob("worker.json")]]
+        pids = [json.loads(p.read_text())["pid"] for p in [*jobs.glob("*.start"), *jobs.glob("worker.pid")]]
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         self.log.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ui_server(tmp_path_factory, browser):
     ws = tmp_path_factory.mktemp("ui") / "workspace"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ writer, so the status can be read back by any process at any time, also after a 
     jobs/<id>.rc       its exit status                               written by the runner when it ends
     jobs/<id>.stop     a stop request                                written by the page
     jobs/<id>.log      everything the command printed (tqdm bars included)
+    jobs/worker.pid    the worker's pid; jobs/worker.lock is locked while it runs
 
 Status is derived: rc present -> done / failed / stopped; started and its pid alive -> running; started and
 dead without rc -> interrupted (the machine went down); stop without start -> cancelled; else queued.
@@ -34,6 +35,7 @@ from typing import Any
 from lorafuse.errors import UserInputError
 from lorafuse.utils.atomic import atomic_write_text
 
+_ID = re.compile(r"\d{8}-\d{6}-\d{3}-\w+")
 FINISHED = ("done", "failed", "stopped", "cancelled", "interrupted")
 # tqdm's text form: "desc:  40%|████      | 4/10 [00:01<00:02, ...]"
 _TQDM = re.compile(r"(?:([^\r\n|]*?):\s*)?(\d+)%\|[^|]*\|\s*(\d+)/(\d+)")
@@ -80,7 +82,7 @@ class JobStore:
         now = time.time()
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
         job_id = f"{stamp}-{int(now * 1000) % 1000:03d}-{kind}"
-        while self.path(job_id, "json").exists():
+        while self.path(job_id, "json").exists():  # two jobs in the same millisecond
             job_id += "x"
         job = Job(job_id, kind, title, [str(a) for a in argv], dict(outputs or {}), now, continue_of)
         atomic_write_text(self.path(job_id, "json"), json.dumps(job.__dict__, indent=1))
@@ -100,7 +102,7 @@ class JobStore:
 
     # ----- reading (anyone)
     def load(self, job_id: str) -> Job:
-        if not re.fullmatch(r"[\w.-]+", job_id or ""):
+        if not _ID.fullmatch(job_id or ""):
             raise UserInputError(f"{job_id!r}: not a job id")
         try:
             data = json.loads(self.path(job_id, "json").read_text())
@@ -109,7 +111,8 @@ class JobStore:
         return Job(**data)
 
     def jobs(self) -> list[Job]:
-        return [self.load(p.stem) for p in sorted(self.dir.glob("*.json"))]
+        """Every job, oldest first (ids start with their creation time)."""
+        return [self.load(p.stem) for p in sorted(self.dir.glob("*.json")) if _ID.fullmatch(p.stem)]
 
     def _read_json(self, job_id: str, ext: str) -> dict[str, Any] | None:
         try:
@@ -174,7 +177,7 @@ class JobStore:
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=job_env(),
         )  # fmt: skip
         log.close()
-        atomic_write_text(self.dir / "worker.json", json.dumps({"pid": proc.pid, "time": time.time()}))
+        atomic_write_text(self.dir / "worker.pid", json.dumps({"pid": proc.pid, "time": time.time()}))
         return proc.pid
 
 

@@ -3,6 +3,8 @@ caption table, and the bucket preview (`lorafuse train --dry-run`)."""
 
 from __future__ import annotations
 
+import re
+
 import gradio as gr
 
 from lorafuse.errors import UserInputError
@@ -29,8 +31,9 @@ def build(ws: Workspace, max_upload: int) -> dict:
             style = gr.Dropdown(list(HELD_OUT_STYLES) + list(SEEN_STYLES), value=HELD_OUT_STYLES[0],
                                 label="style", elem_id="world-style")  # fmt: skip
         with gr.Row():
-            n = gr.Number(value=0, precision=0, label="images (0: 5 for a subject, 1 for a style)")
-            repeats = gr.Number(value=0, precision=0, label="repeats (0: 10 subject, 20 style)")
+            n = gr.Number(value=0, precision=0, label="images (0: 5 for a subject, 1 for a style)", elem_id="world-n")
+            repeats = gr.Number(value=0, precision=0, label="repeats (0: 10 subject, 20 style)",
+                                elem_id="world-repeats")  # fmt: skip
             trigger = gr.Textbox(value="sks", label="trigger word")
             name = gr.Textbox(value="", label="folder name (default: the subject or style)", elem_id="world-name")
         make = gr.Button("Make world dataset", variant="primary", elem_id="world-make")
@@ -56,7 +59,7 @@ def build(ws: Workspace, max_upload: int) -> dict:
         with gr.Row():
             resolution = gr.Number(value=64, precision=0, label="resolution")
             batch = gr.Number(value=4, precision=0, label="batch size")
-            bucket = gr.Checkbox(value=False, label="enable_bucket")
+            bucket = gr.Checkbox(value=True, label="enable_bucket")
             preview = gr.Button("Preview buckets", elem_id="bucket-preview")
         buckets = gr.Textbox(label="lorafuse train --dry-run", lines=8, elem_id="bucket-out")
 
@@ -103,13 +106,15 @@ def build(ws: Workspace, max_upload: int) -> dict:
         if not dataset:
             return "choose a dataset first"
         ws.resolve(dataset, must_exist=True)
-        argv = ["train", "--dry-run", "--train_data_dir", dataset, "--resolution", str(int(res)),
+        argv = ["train", "--dry-run", "--pretrained_model_name_or_path", "world", "--train_data_dir", dataset,
+                "--resolution", str(int(res)),
                 "--train_batch_size", str(int(bs)), "--enable_bucket", str(bool(enable_bucket)).lower()]  # fmt: skip
         result = run_cli(argv, ws.root)
         if not result.ok:
             return f"{result.command}\n{result.error}"
-        tail = result.out.split("\n\n")[-1] if "\n\n" in result.out else result.out
-        return f"{result.command}\n{tail.strip()}"
+        # the plan kohya prints before training (indented), not the config TOML the dry run prints first
+        plan = [ln for ln in result.out.splitlines() if re.match(r"  \S", ln) or "ignored" in ln]
+        return result.command + "\n" + "\n".join(plan)
 
     make.click(on_make, [kind, subject, style, n, repeats, trigger, name], [world_out, chosen])
     add.click(on_upload, [files, up_name, up_trigger, up_class, up_repeats], [up_out, chosen])

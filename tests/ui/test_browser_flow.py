@@ -20,7 +20,15 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 def fill(page, elem: str, value) -> None:
     box = page.locator(f"#{elem} textarea, #{elem} input").first
     box.fill(str(value))
-    box.press("Tab")  # gradio reads the value on blur
+    box.evaluate("e => e.blur()")  # gradio reads the value on blur; focus moves nowhere (no dropdown opens)
+
+
+def type_choice(page, elem: str, value: str) -> None:
+    """A dropdown that takes typed values (paths in the workspace)."""
+    box = page.locator(f"#{elem} input").first
+    box.fill(value)
+    box.press("Enter")
+    box.evaluate("e => e.blur()")
 
 
 def choose(page, elem: str, value: str) -> None:
@@ -34,6 +42,10 @@ def tab(page, name: str) -> None:
 
 
 def text_of(page, elem: str) -> str:
+    """What an element shows: a text box's value, else its text."""
+    box = page.locator(f"#{elem} textarea")
+    if box.count():
+        return box.first.input_value()
     return page.locator(f"#{elem}").inner_text()
 
 
@@ -47,7 +59,10 @@ def wait_text(page, elem: str, pattern: str, timeout: float = 240.0) -> re.Match
     raise AssertionError(f"#{elem} never showed {pattern!r}; it shows: {text_of(page, elem)[:500]!r}")
 
 
-def shot(page, name: str) -> None:
+def shot(page, name: str, focus: str | None = None) -> None:
+    """A screenshot of the viewport, scrolled to `focus` (an element id) when given."""
+    if focus:
+        page.locator(f"#{focus}").scroll_into_view_if_needed()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / f"ui_{name}.png"
     page.screenshot(path=str(path), full_page=False)
@@ -64,7 +79,7 @@ def queue_training(page, preset: str, dataset: str, name: str, **fields) -> None
     choose(page, "train-preset", preset)
     page.locator("#train-apply").click()
     page.wait_for_timeout(1500)
-    fill(page, "train-dataset", dataset)
+    type_choice(page, "train-dataset", dataset)
     fill(page, "train-name", name)
     for key, value in fields.items():
         fill(page, f"opt-training-{key}", value)
@@ -113,7 +128,7 @@ def test_new_user_flow(page, ui_server):
     for run in ("teapot", "crayon"):  # they ran before it
         assert (ws / "runs" / run / f"{run}.safetensors").is_file()
         assert list((ws / "runs" / run / "samples").glob("*.png")), f"{run}: no sample grids"
-    shot(page, "train")
+    shot(page, "train", "run-pick")
 
     # 4. stop (a state is saved) and continue (resumes from it), then stop again
     page.locator("#run-stop").click()
@@ -133,15 +148,15 @@ def test_new_user_flow(page, ui_server):
 
     # 5. LoRA tools: inspect the subject LoRA
     tab(page, "LoRA tools")
-    fill(page, "tools-lora", "runs/teapot/teapot.safetensors")
+    type_choice(page, "tools-lora", "runs/teapot/teapot.safetensors")
     page.locator("#tools-inspect").click()
     wait_text(page, "tools-output", r"(?i)rank", 120)
-    shot(page, "tools")
+    shot(page, "tools", "tools-result")
 
     # 6. fuse with two methods, same seed, oracle scores on the world base
     tab(page, "Fuse")
-    fill(page, "fuse-content", "runs/teapot/teapot.safetensors")
-    fill(page, "fuse-style", "runs/crayon/crayon.safetensors")
+    type_choice(page, "fuse-content", "runs/teapot/teapot.safetensors")
+    type_choice(page, "fuse-style", "runs/crayon/crayon.safetensors")
     fill(page, "fuse-seeds", "0")
     fill(page, "fuse-steps", 4)
     page.locator("#fuse-run").click()
@@ -150,7 +165,7 @@ def test_new_user_flow(page, ui_server):
     scores = text_of(page, "fuse-scores")
     assert "oracle_content" in scores and "direct" in scores and "klora" in scores
     page.locator("#fuse-schedule img").first.wait_for()
-    shot(page, "fuse")
+    shot(page, "fuse", "fuse-status")
 
     # 7. open the report
     with page.expect_popup() as popup:

@@ -60,6 +60,8 @@ def build(ws: Workspace, max_upload: int) -> dict:
             resolution = gr.Number(value=64, precision=0, label="resolution")
             batch = gr.Number(value=4, precision=0, label="batch size")
             bucket = gr.Checkbox(value=True, label="enable_bucket")
+            min_reso = gr.Number(value=64, precision=0, label="min_bucket_reso")
+            max_reso = gr.Number(value=1024, precision=0, label="max_bucket_reso")
             preview = gr.Button("Preview buckets", elem_id="bucket-preview")
         buckets = gr.Textbox(label="lorafuse train --dry-run", lines=8, elem_id="bucket-out")
 
@@ -102,13 +104,14 @@ def build(ws: Workspace, max_upload: int) -> dict:
         except UserInputError as e:
             return f"**error: {e}**"
 
-    def on_preview(dataset, res, bs, enable_bucket):
+    def on_preview(dataset, res, bs, enable_bucket, min_reso, max_reso):
         if not dataset:
             return "choose a dataset first"
         ws.resolve(dataset, must_exist=True)
         argv = ["train", "--dry-run", "--pretrained_model_name_or_path", "world", "--train_data_dir", dataset,
                 "--resolution", str(int(res)),
-                "--train_batch_size", str(int(bs)), "--enable_bucket", str(bool(enable_bucket)).lower()]  # fmt: skip
+                "--train_batch_size", str(int(bs)), "--enable_bucket", str(bool(enable_bucket)).lower(),
+                "--min_bucket_reso", str(int(min_reso)), "--max_bucket_reso", str(int(max_reso))]  # fmt: skip
         result = run_cli(argv, ws.root)
         if not result.ok:
             return f"{result.command}\n{result.error}"
@@ -121,5 +124,5 @@ def build(ws: Workspace, max_upload: int) -> dict:
     chosen.change(on_pick, chosen, [gallery, table])
     refresh.click(lambda v: choices_or(dataset_choices(ws), v), chosen, chosen)
     save.click(on_save, table, saved)
-    preview.click(on_preview, [chosen, resolution, batch, bucket], buckets)
+    preview.click(on_preview, [chosen, resolution, batch, bucket, min_reso, max_reso], buckets)
     return {"dataset": chosen}

@@ -100,12 +100,14 @@ def flags(overrides: dict[str, str]) -> list[str]:
 
 
 def latest_state(run_dir: Path) -> Path | None:
-    """The newest resumable state folder of a run (by its saved step)."""
+    """The newest resumable state folder of a run (by its saved step), as `lorafuse train` reads it."""
+    from lorafuse.train.checkpoint import read_train_state
+
     best, step = None, -1
     for folder in run_dir.glob("*-state"):
         try:
-            s = json.loads((folder / "progress.json").read_text())["global_step"]
-        except (OSError, KeyError, ValueError):
+            s = read_train_state(folder).progress.global_step
+        except UserInputError:  # half-written or from another version: not one to continue from
             continue
         if s > step:
             best, step = folder, s

@@ -101,9 +101,9 @@ def test_new_user_flow(page, ui_server):
     fill(page, "world-name", "crayon")
     page.locator("#world-make").click()
     wait_text(page, "world-out", r"wrote .*datasets/crayon")
+    wait_text(page, "caption-table", r"in sks style", 60)  # the table switched to the new dataset
     page.locator("#dataset-gallery img").first.wait_for()
     assert page.locator("#dataset-gallery img").count() >= 1
-    assert "sks style" in text_of(page, "caption-table")
     page.locator("#bucket-preview").click()
     wait_text(page, "bucket-out", r"bucket 64x64: 4", 60)
     assert sorted(p.name for p in (ws / "datasets" / "teapot" / "2_sks teapot").glob("*.png")) == ["000.png", "001.png"]

@@ -35,7 +35,7 @@ def _covered(imp, flat) -> None:
 
 
 def test_every_mapped_kohya_key_names_a_real_field():
-    keys = {o.key for o in options()}
+    keys = {o.key for o in options()} | {"dataset.subsets"}  # options() leaves out arrays of tables
     for name, rule in RULES.items():
         if rule.action == "map":
             assert rule.target in keys, (name, rule.target)

@@ -41,6 +41,7 @@ from lorafuse.backbone import para
 from lorafuse.backbone.features import load_features, perceptual_loss
 from lorafuse.backbone.pairs import read_pairs
 from lorafuse.errors import ConfigError, UserInputError
+from lorafuse.families.unet import UNetDenoiser
 from lorafuse.train.objectives import DDPMObjective, Objective
 from lorafuse.utils.atomic import atomic_path
 
@@ -178,11 +179,8 @@ def backbone_loss(
     unet = pipe.unet
     z0 = data.latents[role][rows].to(unet.device)
     noised = objective.draw(z0, generator)
-    cond = type(data.cond)(
-        *(None if x is None else x[rows] for x in (data.cond.embeds, data.cond.pooled, data.cond.time_ids))
-    )
     with para.trainable_bases(unet, role):
-        pred = unet(noised.noisy, noised.timesteps, **cond.unet_kwargs(), return_dict=False)[0]
+        pred = UNetDenoiser(unet)(noised.noisy, noised.timesteps.to(unet.device), data.cond.rows(rows))
     mse = F.mse_loss(pred.float(), noised.target.float())
     logs = {"mse": float(mse.detach())}
     if features is None or lambda_p == 0:

@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 from lorafuse.config.toml_io import config_to_dict
-from lorafuse.lora.io import save_lora
 from lorafuse.train.cache import encode_latents, text_embeddings
 from lorafuse.train.checkpoint import Progress, save_train_state
 from lorafuse.train.config import TrainConfig
@@ -36,6 +35,8 @@ from lorafuse.train.prepare import Run, TrainResult, prepare
 from lorafuse.train.run_log import RunLog
 from lorafuse.train.run_setup import sdxl_added_cond
 from lorafuse.train.sampling_during_training import sample_grid
+from lorafuse.train.saving import save_dtype
+from lorafuse.train.validation import Validator
 from lorafuse.utils.memory import release_memory
 
 __all__ = ["TrainResult", "train_lora"]
@@ -57,7 +58,7 @@ def train_lora(cfg: TrainConfig, *, progress_bar: bool = True) -> TrainResult:
 def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | None]:
     run = prepare(cfg, progress_bar)
     for epoch in range(run.start.epoch, run.num_epochs):
-        if run.global_step >= run.total_steps:
+        if run.global_step >= run.total_steps or run.stop.requested:
             break
         for i, batch in _epoch_batches(run, epoch):
             if not training_step(run, i, batch):
@@ -65,9 +66,16 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
             on_step_end(run, epoch, i)
             if run.global_step >= run.total_steps and i + 1 < run.batches_per_epoch:
                 break  # mid-epoch; at the epoch's last batch the loop ends by itself and the epoch-end work runs
+            if run.stop.requested:
+                break
         else:
             on_epoch_end(run, epoch)
     return finish(run), run.run_log
+
+
+def _forget(paths: list[Path], removed: list[Path]) -> None:
+    for path in removed:
+        paths.remove(path)
 
 
 def _epoch_batches(run: Run, epoch: int):
@@ -83,25 +91,14 @@ def _epoch_batches(run: Run, epoch: int):
 def training_step(run: Run, i: int, batch: dict) -> bool:
     """Forward and backward of micro-batch i; at the end of its accumulation group [g0, g1) the optimizer step.
     Returns whether the optimizer stepped. The epoch's last group may be short; its loss is averaged over it."""
-    acc, loss_cfg = run.accelerator, run.cfg.loss
+    acc = run.accelerator
     g0 = (i // run.accum) * run.accum
     g1 = min(g0 + run.accum, run.batches_per_epoch)
     sync = i + 1 == g1
     with acc.no_sync(run.model) if not sync and run.train_unet else contextlib.nullcontext():
         with acc.autocast():
             pred, noised = _predict(run, batch)
-        loss = diffusion_loss(
-            pred,
-            noised.target,
-            noised.timesteps,
-            run.alphas_cumprod,
-            loss_type=loss_cfg.loss_type,
-            huber_c=loss_cfg.resolved_huber_c,
-            huber_schedule=loss_cfg.resolved_huber_schedule,
-            min_snr_gamma=loss_cfg.min_snr_gamma,
-            v_prediction=run.v_pred,
-            sample_weight=batch["loss_weight"].to(acc.device),
-        )
+        loss = _loss(run, pred, noised, batch["loss_weight"].to(acc.device))
         acc.backward(loss / (g1 - g0))
     run.group_loss += loss.detach().item() / (g1 - g0)
     if not sync:
@@ -112,28 +109,74 @@ def training_step(run: Run, i: int, batch: dict) -> bool:
 
 def _predict(run: Run, batch: dict) -> tuple[torch.Tensor, Noised]:
     """The denoiser's prediction for one micro-batch, and the draw (x_t, t, target) it was made on."""
-    device, dtype = run.accelerator.device, run.weight_dtype
-    # latents x_0: (B, 4, h, w)
-    latents = (
-        batch["latents"].to(device) if "latents" in batch else encode_latents(run.vae, batch["pixel_values"])
-    )
-    latents = latents * run.scaling_factor
+    latents, cond = _inputs(run, batch)
+    noised = run.objective.draw(latents, run.generator)
+    return _denoise(run, batch, cond, noised), noised
+
+
+def _inputs(run: Run, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Scaled latents x_0 (B, 4, h, w) and the text conditioning of a batch."""
+    device = run.accelerator.device
+    if "latents" in batch:
+        latents = batch["latents"].to(device)
+    else:
+        latents = encode_latents(run.vae, batch["pixel_values"])
     if "text" in batch:
         cond = {k: v.to(device) for k, v in batch["text"].items()}
     else:
         with torch.set_grad_enabled(run.train_te):
-            cond = text_embeddings(run.tokenizers, run.text_encoders, batch["caption"], run.clip_skip)
-    noised = run.objective.draw(latents, run.generator)
+            mtl = run.cfg.dataset.max_token_length
+            cond = text_embeddings(run.tokenizers, run.text_encoders, batch["caption"], run.clip_skip, mtl)
+    return latents * run.scaling_factor, cond
+
+
+def _denoise(run: Run, batch: dict, cond: dict, noised: Noised) -> torch.Tensor:
+    device, dtype = run.accelerator.device, run.weight_dtype
     added = None
     if run.arch == "sdxl":
         added = sdxl_added_cond(batch, cond["pooled_prompt_embeds"], device, dtype)
-    pred = run.model(
+    return run.model(
         noised.noisy.to(dtype),
         noised.timesteps,
         cond["encoder_hidden_states"].to(dtype),
         added_cond_kwargs=added,
     ).sample
-    return pred, noised
+
+
+def _loss(run: Run, pred: torch.Tensor, noised: Noised, sample_weight: torch.Tensor | None) -> torch.Tensor:
+    c = run.cfg.loss
+    return diffusion_loss(
+        pred,
+        noised.target,
+        noised.timesteps,
+        run.alphas_cumprod,
+        loss_type=c.loss_type,
+        huber_c=c.resolved_huber_c,
+        huber_schedule=c.resolved_huber_schedule,
+        min_snr_gamma=c.min_snr_gamma,
+        v_prediction=run.v_pred,
+        sample_weight=sample_weight,
+    )
+
+
+def validation_loss(run: Run, validator: Validator) -> float:
+    """The held-out loss at fixed noise and timesteps (train/validation.py), LoRA dropout off."""
+
+    def loss_of(batch: dict, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        device = run.accelerator.device
+        latents, cond = _inputs(run, batch)
+        noised = run.objective.noised(latents, noise.to(device), timesteps.to(device))
+        with run.accelerator.autocast():
+            pred = _denoise(run, batch, cond, noised)
+        return _loss(run, pred, noised, None)
+
+    for m in run.trained:
+        m.eval()
+    try:
+        return validator.evaluate(loss_of)
+    finally:
+        for m in run.trained:
+            m.train()
 
 
 def _optimizer_step(run: Run) -> None:
@@ -155,6 +198,13 @@ def on_step_end(run: Run, epoch: int, i: int) -> None:
     tc, step, loss = run.cfg.training, run.global_step, run.group_loss
     run.position = Progress(epoch, i + 1, step)
     lrs = _current_lrs(run)
+    val_loss = None
+    every = tc.validate_every_n_steps
+    if run.validator is not None and (
+        (every and step % every == 0) or step == run.total_steps
+    ):  # unset: at end
+        val_loss = validation_loss(run, run.validator)
+        run.result.val_losses.append((step, val_loss))
     if run.run_log is not None:
         row = {
             "step": step,
@@ -164,6 +214,7 @@ def on_step_end(run: Run, epoch: int, i: int) -> None:
             "lr_unet": lrs.get("unet"),
             "lr_text_encoder": lrs.get("text_encoder"),
             "seconds": round(time.time() - run.started, 3),
+            "val_loss": val_loss,
         }
         run.run_log.log(row)
         if tc.logging == "tensorboard":
@@ -178,8 +229,10 @@ def on_step_end(run: Run, epoch: int, i: int) -> None:
         if run.main:
             stem = tc.output_dir / f"{tc.output_name}-step{step:08d}"
             _save_lora(run, Path(f"{stem}.safetensors"), epoch + 1)
+            _forget(run.result.saved, run.lora_saves.add_step(step, run.result.saved[-1]))
             if tc.save_state:
                 _save_state(run, Path(f"{stem}-state"))
+                _forget(run.result.states, run.state_saves.add_step(step, run.result.states[-1]))
 
 
 def on_epoch_end(run: Run, epoch: int) -> None:
@@ -193,8 +246,10 @@ def on_epoch_end(run: Run, epoch: int) -> None:
         return
     if tc.save_every_n_epochs and done % tc.save_every_n_epochs == 0 and not last:
         _save_lora(run, tc.output_dir / f"{name}-{done:06d}.safetensors", done)
+        _forget(run.result.saved, run.lora_saves.add_epoch(done, run.result.saved[-1]))
         if tc.save_state:
             _save_state(run, tc.output_dir / f"{name}-{done:06d}-state")
+            _forget(run.result.states, run.state_saves.add_epoch(done, run.result.states[-1]))
     if tc.sample_every_n_epochs and done % tc.sample_every_n_epochs == 0:
         grid = sample_grid(
             run.pipe,
@@ -206,6 +261,7 @@ def on_epoch_end(run: Run, epoch: int) -> None:
             clip_skip=run.cfg.model.diffusers_clip_skip if run.arch != "sdxl" else None,
             title=f"{name} epoch {done}, step {run.global_step}",
             autocast=run.accelerator.autocast(),
+            max_token_length=run.cfg.dataset.max_token_length,
         )
         run.result.samples.append(grid)
 
@@ -215,6 +271,17 @@ def finish(run: Run) -> TrainResult:
     tc, result, position = run.cfg.training, run.result, run.position
     if run.bar is not None:
         run.bar.close()
+    run.stop.restore()
+    if run.stop.requested:  # a LoRA and a resumable state at this step; not the final file names
+        result.stopped = True
+        stem = tc.output_dir / f"{tc.output_name}-step{run.global_step:08d}"
+        _save_lora(run, Path(f"{stem}.safetensors"), position.epoch + 1)
+        _save_state(run, Path(f"{stem}-state"))
+        result.lora_path = result.saved[-1]
+        if run.run_log is not None:
+            result.losses = run.run_log.losses
+        result.global_step, result.seconds = run.global_step, time.time() - run.started
+        return result
     run.accelerator.wait_for_everyone()
     if run.main:
         _save_lora(run, result.lora_path, position.epoch + (position.batch_in_epoch > 0), final=True)
@@ -242,8 +309,8 @@ def _save_lora(run: Run, path: Path, epoch: int, final: bool = False) -> None:
     extra["lorafuse_layers"] = json.dumps(run.cfg.network.layers)
     if final:
         extra["ss_training_finished_at"] = str(int(time.time()))
-    lora = run.network.to_lora_state()
-    save_lora(lora, path, arch=run.arch, base=run.pipe, training=run.metadata, metadata=extra)
+    dtype = save_dtype(run.cfg.training.save_precision)
+    run.network.save(path, arch=run.arch, base=run.pipe, training=run.metadata, metadata=extra, dtype=dtype)
     run.result.saved.append(path)
 
 

@@ -97,6 +97,10 @@ class DDPMObjective:
         t = sample_timesteps(x0.shape[0], generator, t_min=self.t_min, t_max=self.t_max, bias=self.bias)
         t = t.to(x0.device)
         noise = noise_like(x0.float(), generator, self.noise_offset).to(x0.device, x0.dtype)
+        return self.noised(x0, noise, t)
+
+    def noised(self, x0: Tensor, noise: Tensor, t: Tensor) -> Noised:
+        """x_t and the target for given noise and timesteps (fixed draws, e.g. a validation set's)."""
         noisy = self.scheduler.add_noise(x0, noise, t)
         if self.prediction_type == "v_prediction":
             target = self.scheduler.get_velocity(x0, noise, t)

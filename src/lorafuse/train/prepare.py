@@ -21,7 +21,7 @@ import torch
 from lorafuse.config.toml_io import config_to_dict, save_config
 from lorafuse.lora.presets import detect_arch
 from lorafuse.models.load import load_base_pipeline
-from lorafuse.train.cache import LatentCache, TextEncoderCache
+from lorafuse.train.cache import LatentCache, TextEncoderCache, encode_latents, text_embeddings
 from lorafuse.train.checkpoint import (
     Progress,
     SavedState,
@@ -36,6 +36,9 @@ from lorafuse.train.objectives import DDPMObjective
 from lorafuse.train.optim import make_lr_scheduler, make_optimizer
 from lorafuse.train.run_log import RunLog
 from lorafuse.train.run_setup import ShardedBatchSampler, check_optimizer, make_accelerator, training_metadata
+from lorafuse.train.saving import SaveRotation, check_implemented
+from lorafuse.train.stop import StopRequest
+from lorafuse.train.validation import Validator, split_validation
 from lorafuse.utils.memory import release_memory
 
 
@@ -55,6 +58,8 @@ class TrainResult:
     # per optimizer step (with a log: from step 1 on resume)
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+    stopped: bool = False  # ended early by SIGINT (train.stop); the last entry of `states` resumes it
 
 
 @dataclass
@@ -66,6 +71,9 @@ class Run:
     index: DatasetIndex
     saved: SavedState | None  # the state resumed from
     started: float
+    val_index: DatasetIndex | None = None  # held-out samples (dataset.validation_split)
+    val_seed: int = 0
+    validator: Validator | None = None
     # 2. base and objective
     pipe: Any = None
     arch: str = ""
@@ -108,6 +116,9 @@ class Run:
     global_step: int = 0
     position: Progress = field(default_factory=lambda: Progress(0, 0, 0))
     group_loss: float = 0.0  # loss of the accumulation group so far
+    lora_saves: SaveRotation | None = None  # kohya's save_last_n_*: older periodic saves are deleted
+    state_saves: SaveRotation | None = None
+    stop: StopRequest | None = None
 
     @property
     def main(self) -> bool:
@@ -121,8 +132,11 @@ class Run:
 def prepare(cfg: TrainConfig, progress_bar: bool = True) -> Run:
     """Steps 1-8 of the module docstring. User errors raise `UserInputError` before any model loads."""
     started = time.time()
-    tc = cfg.training
-    index = scan_dataset(cfg.dataset)
+    tc, ds = cfg.training, cfg.dataset
+    check_implemented(cfg)
+    index = scan_dataset(ds)
+    val_seed = ds.validation_seed if ds.validation_seed is not None else tc.seed
+    index, val_index = split_validation(index, ds.validation_split, val_seed)
     check_optimizer(cfg.optimizer.optimizer_type)
     saved = read_train_state(tc.resume) if tc.resume is not None else None
     if saved is not None:
@@ -132,6 +146,7 @@ def prepare(cfg: TrainConfig, progress_bar: bool = True) -> Run:
 
     set_seed(tc.seed)  # python, numpy and torch; the LoRA's initial A draws from torch's
     run = Run(cfg=cfg, accelerator=accelerator, index=index, saved=saved, started=started)
+    run.val_index, run.val_seed = val_index, val_seed
     _load_base(run)
     _inject_lora(run)
     _build_caches(run)
@@ -202,6 +217,15 @@ def _build_caches(run: Run) -> None:
     """4. Latent and text caches (latents: posterior mean, cached or not, so caching changes speed, never results);
     then the frozen encoders the loop will not call again are dropped."""
     ds, pipe = run.cfg.dataset, run.pipe
+    if (
+        run.val_index is not None
+    ):  # held-out latents (and frozen text outputs) now, before the encoders may go
+        loss = run.cfg.loss
+        bs = run.cfg.training.train_batch_size
+        run.validator = Validator(run.val_index, bs, run.val_seed, loss.min_timestep, loss.max_timestep)
+        tok, tes, skip, mtl = run.tokenizers, run.text_encoders, run.clip_skip, ds.max_token_length
+        frozen_text = None if run.train_te else (lambda c: text_embeddings(tok, tes, c, skip, mtl))
+        run.validator.prepare(lambda px: encode_latents(run.vae, px), frozen_text)
     if ds.cache_latents:
         run.latent_cache = LatentCache(run.vae, to_disk=ds.cache_latents_to_disk, cache_dir=ds.cache_dir)
         run.latent_cache.prepare(run.index)
@@ -212,6 +236,7 @@ def _build_caches(run: Run) -> None:
             run.clip_skip,
             to_disk=ds.cache_text_encoder_outputs_to_disk,
             cache_dir=ds.cache_dir,
+            max_token_length=ds.max_token_length,
         )
         run.text_cache.prepare(run.index)
     # Dropped now rather than at the end, so the training steps reuse their memory (for SD1.5 the VAE encoder and
@@ -318,6 +343,10 @@ def _open_outputs(run: Run, progress_bar: bool) -> None:
     run.metadata = training_metadata(cfg, run.index, run.total_steps, run.num_epochs, run.v_pred)
     run.metadata["training_started_at"] = str(int(run.started))
     run.global_step, run.position = run.start.global_step, run.start
+    run.lora_saves = SaveRotation(tc.save_last_n_epochs, tc.save_last_n_steps)
+    run.state_saves = SaveRotation(tc.save_last_n_epochs_state, tc.save_last_n_steps_state)
+    # one process only: a stop on one rank of several would leave the others waiting at the next collective
+    run.stop = StopRequest().install() if run.accelerator.num_processes == 1 else StopRequest()
     if not run.main:
         return
     out.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 import torch
 
 from lorafuse.errors import LoraFormatError
+from lorafuse.lora.checks import warn_missing_alpha
 from lorafuse.lora.formats.common import effective_alpha, lora_pair, require_low_rank
 from lorafuse.lora.formats.lycoris import LOHA_PARTS, LOKR_PARTS, locon_tucker_delta, loha_delta, lokr_delta
 from lorafuse.lora.keys import KOHYA_READ_PREFIXES, NameResolver, UnetLayout, kohya_name
@@ -95,7 +96,8 @@ def read(
         if key in modules:
             raise LoraFormatError(f"{where}: a second spelling of module {key} (file has both namings?)")
         alpha_t = parts.get("alpha")
-        alpha = float(alpha_t.item()) if alpha_t is not None else None
+        # kohya's convention: a zero alpha means none (alpha = rank); checks.py has warned about it
+        alpha = (float(alpha_t.item()) or None) if alpha_t is not None else None
         if parts.keys() & (LOHA_PARTS - {"alpha"}):
             kinds.add("lycoris_loha")
             modules[key] = LoraModule(delta=loha_delta(parts, where))
@@ -119,6 +121,9 @@ def read(
     if fmt == "kohya" and metadata.get("ss_network_module", "").startswith("lycoris"):
         fmt = "lycoris_locon"
     names = {resolver.resolved[name]: name for name in groups}
+    warn_missing_alpha(
+        [n for n, p in groups.items() if "alpha" in p], [n for n, p in groups.items() if "alpha" not in p], source
+    )
     return LoraState(
         modules=modules, metadata=dict(metadata), source_format=fmt, source_path=source, source_names=names
     )

@@ -73,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     previous = warnings.showwarning
     warnings.showwarning = _show_warning(args.command)
+    # lorafuse's logged warnings (skipped dataset files, ...) in the same one-line form as its errors
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter(f"lorafuse {args.command}: %(levelname_lower)s: %(message)s"))
+    handler.addFilter(_lower_level)
+    package_log = logging.getLogger("lorafuse")
+    package_log.addHandler(handler)
     try:
         result = args.func(args)
     except UserInputError as exc:
@@ -88,7 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         warnings.showwarning = previous
+        package_log.removeHandler(handler)
     return int(result or 0)
+
+
+def _lower_level(record: logging.LogRecord) -> bool:
+    record.levelname_lower = record.levelname.lower()
+    return True
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from lorafuse.train.run_setup import (
 )
 from lorafuse.train.sampling_during_training import sample_grid
 from lorafuse.train.timesteps import noise_like, sample_timesteps
+from lorafuse.utils.atomic import check_output
 from lorafuse.utils.memory import release_memory
 
 
@@ -94,6 +95,7 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
     tc, ds, loss_cfg = cfg.training, cfg.dataset, cfg.loss
 
     # 1. Check inputs before any compute or any write
+    check_output(tc.output_dir, kind="folder", what="training.output_dir")
     index = scan_dataset(ds)
     check_optimizer(cfg.optimizer.optimizer_type)
     saved = read_train_state(tc.resume) if tc.resume is not None else None

@@ -145,3 +145,40 @@ def test_report_out_is_a_folder(cli, tmp_path):
     (tmp_path / "page.html").mkdir()
     cli.refused(["report", tmp_path / "run", "--out", tmp_path / "page.html"], "page.html", "existing folder",
                 watch=tmp_path)  # fmt: skip
+
+
+def test_training_state_on_a_full_disk(tmp_path, monkeypatch):
+    """torch.save reports a full disk only as 'file write failed': with (almost) no space left that is one
+    OutputError too, and the half-written state folder is gone."""
+    import torch
+
+    from lorafuse.errors import OutputError
+    from lorafuse.train import checkpoint
+
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([param])
+    kwargs = dict(lora={"unet.x": param}, optimizer=optimizer,
+                  lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+                  generator=torch.Generator(), progress=checkpoint.Progress(0, 1, 1), config={})  # fmt: skip
+    usage = namedtuple("usage", "total used free")
+
+    def full(*args, **kw):
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9, 0))
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")  # fmt: skip
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(OutputError, match=r"run-state: the disk is full"):
+        checkpoint.save_train_state(tmp_path / "run-state", **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bake_output_checked_before_the_base_loads(cli, tmp_path, lora_files, monkeypatch):
+    import lorafuse.models.load as load
+
+    monkeypatch.setattr(load, "load_base_pipeline", lambda *a, **k: pytest.fail("the base was loaded"))
+    (tmp_path / "afile").write_text("x")
+    cli.refused(["bake", "--base", "sd15-tiny", "--lora", lora_files["sd15"], "--out", tmp_path / "afile" / "m"],
+                "afile", "is a file, not a folder", watch=tmp_path)  # fmt: skip
+    cli.refused(["bake", "--base", "sd15-tiny", "--lora", tmp_path / "none.safetensors", "--out", tmp_path / "m"],
+                "none.safetensors: LoRA file not found", watch=tmp_path)  # fmt: skip

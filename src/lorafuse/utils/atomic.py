@@ -79,9 +79,16 @@ def tmp_name(final: Path) -> Path:
     return final.with_name(f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(3)}-{final.name}")
 
 
-def is_disk_full(exc: BaseException) -> bool:
+def is_disk_full(exc: BaseException, folder: Path | None = None) -> bool:
     """True for a write that failed for lack of space, whichever library raised it (OSError from Python,
-    SafetensorError / RuntimeError with the OS message from safetensors and torch.save)."""
+    SafetensorError with the OS message from safetensors). torch.save says only "file write failed", so any
+    failed write into a `folder` left with under 1 MB free counts too."""
+    if folder is not None and isinstance(exc, Exception):
+        try:
+            if shutil.disk_usage(_existing_ancestor(folder)).free < _MB:
+                return True
+        except OSError:
+            pass
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -192,7 +199,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(e, Exception) and is_disk_full(e):
+        if isinstance(e, Exception) and is_disk_full(e, final.parent):
             raise disk_full_error(final, e) from None
         raise
 
@@ -225,7 +232,7 @@ def atomic_folder(final: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, Exception) and is_disk_full(e):
+        if isinstance(e, Exception) and is_disk_full(e, final.parent):
             raise disk_full_error(final, e) from None
         raise
 

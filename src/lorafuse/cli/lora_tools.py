@@ -3,7 +3,7 @@
 lorafuse inspect FILE [--base PATH|world|sd15-tiny|sdxl-tiny]
 lorafuse merge A B --weights 1 0.5 --out OUT [--mode exact|svd|kohya_legacy --rank R]
 lorafuse resize FILE --rank R --out OUT
-lorafuse convert FILE --to kohya|diffusers --arch sd15|sdxl|world --out OUT
+lorafuse convert FILE --to kohya|diffusers --arch sd15|sdxl|world|flux --out OUT
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from lorafuse.errors import LoraFormatError, UserInputError
+from lorafuse.lora.archs import ARCH_LABELS
 from lorafuse.lora.formats import WRITE_FORMATS
 from lorafuse.lora.formats.metadata import MODELSPEC_ARCH, SS_BASE_VERSION
 from lorafuse.lora.io import load_lora, save_lora
@@ -26,7 +27,7 @@ from lorafuse.lora.state import LoraState
 from lorafuse.lora.validate import fits, validate_lora
 
 BUILTIN_BASES = ("world", "sd15-tiny", "sdxl-tiny")
-_LABELS = {"sd15": "SD1.5", "sdxl": "SDXL", "world": "built-in world"}
+_LABELS = ARCH_LABELS
 _MAX_META_VALUE = 100  # ss_tag_frequency and friends can be kilobytes of JSON
 
 
@@ -114,6 +115,8 @@ def guess_arch(state: LoraState) -> str | None:
         return by_version[version]
     if version.startswith(("sdxl", "sd_v1")):
         return "sdxl" if version.startswith("sdxl") else "sd15"
+    if "transformer" in state.components():
+        return "flux"  # the only transformer family lorafuse knows; its keys were checked when it was read
     fit = {arch: _reference_fit(state, arch)[1] for arch in ("sd15", "sdxl")}
     best = max(fit, key=lambda a: fit[a])
     return best if fit[best] * 2 >= len(state.modules) > 0 else None
@@ -126,7 +129,7 @@ def _output_arch(args: argparse.Namespace, states: list[LoraState]) -> str:
     unknown = [p for p, a in guesses.items() if a is None]
     if unknown:
         raise UserInputError(
-            f"{unknown[0]}: cannot tell which base model this LoRA is for; pass --arch sd15|sdxl|world"
+            f"{unknown[0]}: cannot tell which base model this LoRA is for; pass --arch sd15|sdxl|world|flux"
         )
     if len(set(guesses.values())) > 1:
         seen = ", ".join(f"{p}: {_LABELS[a]}" for p, a in guesses.items())
@@ -135,24 +138,29 @@ def _output_arch(args: argparse.Namespace, states: list[LoraState]) -> str:
 
 
 def _meta_components(path: Path) -> tuple[dict, str]:
-    """A diffusers pipeline folder's UNet and text encoders built from their configs on the meta device:
+    """A diffusers pipeline folder's denoiser and text encoders built from their configs on the meta device:
     module names and shapes without reading gigabytes of weights."""
     import torch
     import transformers
-    from diffusers import UNet2DConditionModel
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
     index = json.loads((path / "model_index.json").read_text())
     comps = {}
     with torch.device("meta"):
         if "unet" in index:
             comps["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(path / "unet"))
+        if index.get("transformer", [None, None])[1] == "FluxTransformer2DModel":
+            config = FluxTransformer2DModel.load_config(path / "transformer")
+            comps["transformer"] = FluxTransformer2DModel.from_config(config)
         for name in ("text_encoder", "text_encoder_2"):
             entry = index.get(name)
             if isinstance(entry, list) and entry[1]:
                 cls = getattr(transformers, entry[1])
                 comps[name] = cls(cls.config_class.from_pretrained(path / name))
+    if "transformer" in comps:
+        return comps, "flux"
     if "unet" not in comps:
-        raise UserInputError(f"{path}: the pipeline has no unet")
+        raise UserInputError(f"{path}: the pipeline has neither a unet nor a FLUX.1 transformer")
     return comps, "sdxl" if "text_encoder_2" in comps else "sd15"
 
 
@@ -224,7 +232,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"    {key} = {cut}")
     if base is None:
         fits_text = []
-        for ref_arch in ("sd15", "sdxl"):
+        for ref_arch in ("sd15", "sdxl", "flux"):
             names, shapes = _reference_fit(state, ref_arch)
             fits_text.append(f"{_LABELS[ref_arch]} {names}/{len(mods)} names, {shapes}/{len(mods)} shapes")
         print(f"  fits: {'; '.join(fits_text)} (use --base to check a specific model)")

@@ -1,7 +1,7 @@
-"""Reference architectures: real-size SD1.5 / SDXL module trees built on the `meta` device.
+"""Reference architectures: real-size SD1.5 / SDXL / FLUX.1 module trees built on the `meta` device.
 
 No weights and no downloads: the configs below are the published ones (runwayml/stable-diffusion-v1-5,
-stabilityai/stable-diffusion-xl-base-1.0), written out because nothing may be fetched at run time. They give
+stabilityai/stable-diffusion-xl-base-1.0, black-forest-labs/FLUX.1-dev), written out because nothing may be fetched at run time. They give
 the exact module names and weight shapes a real LoRA must fit, for three uses: resolving kohya names in
 files loaded without a model, guessing which architecture a foreign LoRA was made for, and checking shapes
 of real files against the real architecture (the tiny test models have smaller channels).
@@ -62,13 +62,31 @@ CLIP_BIGG = dict(
     hidden_act="gelu",
     projection_dim=1280,
 )
-REFERENCE_ARCHS = ("sd15", "sdxl")
-ARCH_LABELS = {"sd15": "SD1.5", "sdxl": "SDXL", "world": "built-in world"}
+# FLUX.1-dev transformer (schnell: the same without guidance_embeds). Its Linear shapes come from
+# flux_keys.transformer_shapes, not from a meta model: building 57 blocks takes ~20 s even on meta.
+FLUX_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+REFERENCE_ARCHS = ("sd15", "sdxl", "flux")
+ARCH_LABELS = {"sd15": "SD1.5", "sdxl": "SDXL", "world": "built-in world", "flux": "FLUX.1"}
 
 
 @functools.lru_cache(maxsize=4)
 def reference_components(arch: str) -> dict[str, nn.Module]:
-    """{component: module} of the real-size architecture on the meta device (about 0.3 s, cached)."""
+    """{component: module} of the real-size architecture on the meta device (about 0.3 s, cached).
+
+    For "flux" only the CLIP-L text encoder: the transformer's modules come from `flux_keys.transformer_shapes`
+    (see `targets.reference_modules`), and LoRAs on FLUX's T5 encoder are not read.
+    """
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     from transformers.utils import logging as hf_logging
@@ -79,6 +97,8 @@ def reference_components(arch: str) -> dict[str, nn.Module]:
     hf_logging.set_verbosity_error()  # config sanity chatter about token ids is irrelevant on meta
     try:
         with torch.device("meta"):
+            if arch == "flux":
+                return {"text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L))}
             if arch == "sd15":
                 return {
                     "unet": UNet2DConditionModel(**SD15_UNET),

@@ -60,8 +60,10 @@ class AdapterInfo:
 
 
 def pipeline_arch(pipe: object) -> str:
-    """ "sd15" | "sdxl" | "world" of a pipeline, mapping or UNet (used in messages and for the validator)."""
+    """ "sd15" | "sdxl" | "world" | "flux" of a pipeline, mapping or denoiser (for messages and the validator)."""
     comps = components_of(pipe)
+    if "transformer" in comps:
+        return "flux"  # the only transformer family so far (FluxPipeline also has a text_encoder_2: T5)
     if "text_encoder_2" in comps:
         return "sdxl"
     config = getattr(comps.get("unet"), "config", None) or {}

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 from lorafuse.errors import LoraFormatError
 
-ARCHS = ("sd15", "sdxl", "world")
+ARCHS = ("sd15", "sdxl", "world", "flux")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-COMPONENTS_ORDER = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS_ORDER = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 # Prefixes we read. `lora_te_` and `lora_te1_` both mean the first text encoder.
 KOHYA_READ_PREFIXES = {
@@ -48,6 +48,9 @@ def kohya_write_prefixes(arch: str) -> dict[str, str]:
     """Component -> kohya prefix. SDXL numbers its two text encoders; SD1.5 (and our world) has one."""
     if arch == "sdxl":
         return {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    if arch == "flux":
+        # kohya's FLUX.1 files: BFL transformer names under lora_unet_, CLIP-L under lora_te1_ (flux_keys.py)
+        return {"transformer": "lora_unet_", "text_encoder": "lora_te1_"}
     return {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 
 

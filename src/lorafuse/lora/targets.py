@@ -57,12 +57,18 @@ def _lora_targets(component: str, root: nn.Module) -> dict[str, ModuleRef]:
     return out
 
 
+def _is_transformer_denoiser(module: nn.Module) -> bool:
+    """A DiT denoiser (FluxTransformer2DModel) rather than a UNet: it has transformer blocks and no down blocks."""
+    return hasattr(module, "transformer_blocks") and not hasattr(module, "down_blocks")
+
+
 def components_of(base: object) -> dict[str, nn.Module]:
-    """A pipeline (attributes unet / text_encoder / text_encoder_2), a {component: module} mapping, or a UNet."""
+    """A pipeline (attributes unet / transformer / text_encoder / text_encoder_2), a {component: module}
+    mapping, or a bare denoiser (a UNet, or a FLUX transformer)."""
     if isinstance(base, Mapping):
         comps = {k: v for k, v in base.items() if isinstance(v, nn.Module)}
-    elif isinstance(base, nn.Module) and not hasattr(base, "unet"):
-        comps = {"unet": base}
+    elif isinstance(base, nn.Module) and not hasattr(base, "unet") and not hasattr(base, "transformer"):
+        comps = {"transformer" if _is_transformer_denoiser(base) else "unet": base}
     else:
         comps = {
             c: getattr(base, c) for c in COMPONENTS_ORDER if isinstance(getattr(base, c, None), nn.Module)
@@ -70,7 +76,7 @@ def components_of(base: object) -> dict[str, nn.Module]:
     if not comps:
         raise UserInputError(
             f"cannot find LoRA-able components in {type(base).__name__}: pass a diffusers pipeline, "
-            "a {'unet': ..., 'text_encoder': ...} mapping or a UNet"
+            "a {'unet': ..., 'text_encoder': ...} mapping, a UNet or a FLUX transformer"
         )
     return comps
 
@@ -94,6 +100,15 @@ def base_modules(base: object) -> BaseModules:
 @functools.lru_cache(maxsize=4)
 def reference_modules(arch: str) -> BaseModules:
     """BaseModules of the real-size architecture (meta device, no weights)."""
-    from lorafuse.lora.archs import reference_components
+    from lorafuse.lora.archs import FLUX_TRANSFORMER, reference_components
 
-    return base_modules(reference_components(arch))
+    base = base_modules(reference_components(arch))
+    if arch == "flux":
+        from lorafuse.lora.flux_keys import transformer_shapes
+
+        modules = dict(base.modules)
+        for key, shape in transformer_shapes(FLUX_TRANSFORMER).items():
+            component, path = key.split(".", 1)
+            modules[key] = ModuleRef(component, path, shape)
+        base = BaseModules(modules)
+    return base

@@ -22,14 +22,16 @@ MODELSPEC_ARCH = {
     "sd15": "stable-diffusion-v1",
     "sdxl": "stable-diffusion-xl-v1-base",
     "world": "lorafuse-world-v1",
+    "flux": "flux-1-dev",  # what kohya writes for FLUX.1 dev LoRAs (schnell: flux-1-schnell)
 }
-SS_BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "world": "lorafuse_world_v1"}
-DEFAULT_RESOLUTION = {"sd15": 512, "sdxl": 1024, "world": 64}
+SS_BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "world": "lorafuse_world_v1", "flux": "flux1"}
+DEFAULT_RESOLUTION = {"sd15": 512, "sdxl": 1024, "world": 64, "flux": 1024}
 IMPLEMENTATION = {
     # kohya writes SDXL LoRAs against the SGM UNet and SD1.5 ones against diffusers' (modelspec.implementation)
     "sd15": "diffusers",
     "sdxl": "https://github.com/Stability-AI/generative-models",
     "world": "diffusers",
+    "flux": "https://github.com/black-forest-labs/flux",  # kohya names FLUX.1 modules after BFL's model
 }
 
 # training setting name -> metadata key (kohya's names where kohya has one)
@@ -147,6 +149,8 @@ def build_metadata(
         "modelspec.resolution": f"{res}x{res}",
         "modelspec.prediction_type": "epsilon",
     }
+    if arch == "flux":
+        del meta["modelspec.prediction_type"]  # rectified flow: neither epsilon nor v
     meta.update({k: v for k, v in state.metadata.items() if k.startswith(("ss_", "modelspec."))})
 
     meta["modelspec.sai_model_spec"] = "1.0.0"
@@ -157,7 +161,7 @@ def build_metadata(
         low_rank = [m for m in state.modules.values() if m.down is not None]
         conv = [m for m in low_rank if math.prod(m.down.shape[2:]) > 1]
         linear = [m for m in low_rank if math.prod(m.down.shape[2:]) == 1]
-        meta["ss_network_module"] = "networks.lora"
+        meta["ss_network_module"] = "networks.lora_flux" if arch == "flux" else "networks.lora"
         meta["ss_network_dim"] = _uniform_or_dynamic([m.rank for m in linear])
         meta["ss_network_alpha"] = _uniform_or_dynamic([effective_alpha(m) for m in linear])
         if conv:
@@ -173,8 +177,9 @@ def build_metadata(
         meta["ss_v2"] = "False"
         # which parts were trained, as kohya records them (A1111's "network_train_unet_only" display)
         comps = state.components()
-        meta["ss_network_train_unet_only"] = to_str(comps <= {"unet"})
-        meta["ss_network_train_text_encoder_only"] = to_str("unet" not in comps)
+        denoiser = {"unet", "transformer"}
+        meta["ss_network_train_unet_only"] = to_str(comps <= denoiser)
+        meta["ss_network_train_text_encoder_only"] = to_str(not comps & denoiser)
     else:
         for key in KOHYA_NETWORK_KEYS:
             meta.pop(key, None)  # they describe a kohya network module; training ss_* keys stay

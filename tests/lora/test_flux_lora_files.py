@@ -290,3 +290,20 @@ def test_reference_flux_covers_a_real_kohya_layout():
     shapes = transformer_shapes(FLUX_TRANSFORMER)
     assert len(shapes) == 19 * 14 + 38 * 6 + 10
     assert shapes["transformer.single_transformer_blocks.37.proj_out"] == (3072, 3072 + 12288)
+
+
+def test_lora_transformer_prefix_reads_like_diffusers_converter(tiny_flux):
+    """kohya-style names over diffusers' module paths (`lora_transformer_transformer_blocks_0_attn_to_q`), as
+    some trainers write them. diffusers' converter for them handles attention projections only, so that is
+    what the file holds."""
+    g = torch.Generator().manual_seed(12)
+    tensors = {}
+    for key, ref in base_modules(tiny_flux()).modules.items():
+        if key.startswith("transformer.") and ".attn." in key:
+            name = "lora_transformer_" + key.removeprefix("transformer.").replace(".", "_")
+            tensors[f"{name}.lora_down.weight"] = torch.randn(2, ref.shape[1], generator=g)
+            tensors[f"{name}.lora_up.weight"] = torch.randn(ref.shape[0], 2, generator=g)
+            tensors[f"{name}.alpha"] = torch.tensor(1.0)
+    state = _load_dict(tensors)  # no base: names resolve against the real FLUX.1 module list
+    assert len(state.modules) == 2 * 8 + 2 * 3
+    _assert_same_delta(state.modules, _convert_kohya_flux_lora_to_diffusers(dict(tensors)))

@@ -70,7 +70,9 @@ def _resolver(base: object | None) -> NameResolver:
 
     if base is not None:
         return NameResolver([base_modules(base).index])
-    return NameResolver([reference_modules("sdxl").index, reference_modules("sd15").index])
+    return NameResolver(
+        [reference_modules("sdxl").index, reference_modules("sd15").index, reference_modules("flux").index]
+    )
 
 
 def read_tensors(path: str | os.PathLike, *, allow_pickle: bool = False) -> tuple[dict, dict[str, str]]:

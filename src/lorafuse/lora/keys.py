@@ -35,9 +35,11 @@ ARCHS = ("sd15", "sdxl", "world", "flux")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 COMPONENTS_ORDER = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
-# Prefixes we read. `lora_te_` and `lora_te1_` both mean the first text encoder.
+# Prefixes we read. `lora_te_` and `lora_te1_` both mean the first text encoder. `lora_transformer_` is the
+# kohya-style spelling of diffusers' FLUX.1 module names that some trainers write (diffusers reads it too).
 KOHYA_READ_PREFIXES = {
     "lora_unet_": "unet",
+    "lora_transformer_": "transformer",
     "lora_te1_": "text_encoder",
     "lora_te2_": "text_encoder_2",
     "lora_te_": "text_encoder",

@@ -143,7 +143,7 @@ def test_merge_refuses_a_flux_and_an_sdxl_file(tiny_flux, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
-def test_inspect_and_fuse_against_a_flux_pipeline(fmt, tiny_flux, tmp_path, capsys):
+def test_inspect_against_a_flux_folder_and_bake_into_flux_tiny(fmt, tiny_flux, tmp_path, capsys):
     pipe = tiny_flux()
     folder = tmp_path / "flux_base"
     pipe.save_pretrained(folder)
@@ -153,21 +153,12 @@ def test_inspect_and_fuse_against_a_flux_pipeline(fmt, tiny_flux, tmp_path, caps
     n = len(state.modules)
     assert f"coverage against {folder}: {n} of {n} modules (100.0%)" in capsys.readouterr().out
 
-    # bake's fusing step (the CLI needs a loadable full pipeline: flux-tiny, once models/ has it)
-    from lorafuse.lora.merge import fuse_into, unfuse
+    out = tmp_path / "baked"
+    assert main(["bake", "--base", "flux-tiny", "--lora", str(lora), "0.5", "--out", str(out)]) == 0
+    from diffusers import FluxTransformer2DModel
 
-    before = {
-        k: pipe.transformer.get_submodule(k.removeprefix("transformer.")).weight.clone()
-        for k in state.modules
-    }
-    assert fuse_into(pipe, load_lora(lora, base=pipe), 0.5) == n
+    baked = FluxTransformer2DModel.from_pretrained(out / "transformer")
     for key, module in state.modules.items():
-        weight = pipe.transformer.get_submodule(key.removeprefix("transformer.")).weight
-        torch.testing.assert_close(
-            weight, before[key] + 0.5 * module.delta_weight(), rtol=0, atol=1e-6, msg=key
-        )
-    unfuse(pipe)
-    for key, weight in before.items():
-        assert torch.equal(pipe.transformer.get_submodule(key.removeprefix("transformer.")).weight, weight), (
-            key
-        )
+        path = key.removeprefix("transformer.")
+        expected = pipe.transformer.get_submodule(path).weight + 0.5 * module.delta_weight()
+        torch.testing.assert_close(baked.get_submodule(path).weight, expected, rtol=0, atol=1e-6, msg=key)

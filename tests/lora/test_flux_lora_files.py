@@ -19,7 +19,7 @@ from diffusers.loaders.lora_conversion_utils import (
 from safetensors.torch import load_file, save_file
 
 from lorafuse.errors import LoraFormatError
-from lorafuse.lora.archs import FLUX_TRANSFORMER
+from lorafuse.families.flux import TRANSFORMER as FLUX_TRANSFORMER
 from lorafuse.lora.flux_keys import bfl_from_flat, bfl_target, target_of, transformer_shapes
 from lorafuse.lora.io import load_lora, save_lora
 from lorafuse.lora.state import LoraModule, LoraState
@@ -28,6 +28,8 @@ from lorafuse.lora.validate import validate_lora
 from lorafuse.models.tiny import tiny_pipeline
 
 FLUX_KEYS = lambda k: k.startswith("transformer.")  # noqa: E731
+# what kohya and diffusers FLUX.1 LoRAs hold: the transformer and CLIP-L (flux-tiny also has T5, never trained)
+LORA_KEYS = lambda k: k.startswith(("transformer.", "text_encoder."))  # noqa: E731
 
 
 def _delta(module: LoraModule) -> torch.Tensor:
@@ -83,7 +85,7 @@ def _flux_lora(pipe, random_lora, **kw) -> LoraState:
 def test_round_trip_is_bit_identical_when_pieces_share_a_scale(fmt, tiny_flux, random_lora, assert_same_lora,
                                                                tmp_path):  # fmt: skip
     pipe = tiny_flux()
-    state = random_lora(pipe, seed=1, ranks=(3,), alphas=(1.5,))  # transformer and text encoder
+    state = random_lora(pipe, seed=1, ranks=(3,), alphas=(1.5,), keep=LORA_KEYS)
     if fmt == "kohya":  # modules outside the blocks (img_in, final_layer, ...) get a warning about diffusers
         with pytest.warns(UserWarning, match="diffusers' loader .* silently skips"):
             path = save_lora(state, tmp_path / "a.safetensors", format=fmt)
@@ -95,8 +97,8 @@ def test_round_trip_is_bit_identical_when_pieces_share_a_scale(fmt, tiny_flux, r
     if fmt == "kohya":
         raw = load_file(path)
         # q, k, v of a double block: A stacked (3 pieces x rank 3), B block diagonal, alpha kept at scale 0.5
-        assert raw["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (9, 16)
-        assert raw["lora_unet_single_blocks_1_linear1.lora_up.weight"].shape == (16 * 3 + 64, 12)
+        assert raw["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (9, 32)
+        assert raw["lora_unet_single_blocks_1_linear1.lora_up.weight"].shape == (32 * 3 + 128, 12)
         assert raw["lora_unet_single_blocks_1_linear1.alpha"].item() == 0.5 * 12
         assert any(k.startswith("lora_te1_") for k in raw)
 
@@ -113,8 +115,8 @@ def test_missing_pieces_are_zero_rows_and_read_back_as_missing(
     path = save_lora(state, tmp_path / "a.safetensors")
     raw = load_file(path)
     up = raw["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"]
-    assert up.shape == (48, 4) and not up[32:].any()
-    assert raw["lora_unet_single_blocks_1_linear1.lora_up.weight"].shape == (16 * 3 + 64, 2)
+    assert up.shape == (96, 4) and not up[64:].any()
+    assert raw["lora_unet_single_blocks_1_linear1.lora_up.weight"].shape == (32 * 3 + 128, 2)
     assert_same_lora(state, load_lora(path))
 
 
@@ -263,7 +265,7 @@ def test_comfyui_names_read_like_kohya(naming, tiny_flux, assert_same_lora):
 
 def test_wrong_family_is_one_error_naming_file_and_both_families(tiny_flux, random_lora, tmp_path):
     flux_pipe, sdxl_pipe = tiny_flux(), tiny_pipeline("sdxl")
-    flux_file = save_lora(random_lora(flux_pipe, seed=8), tmp_path / "flux_style.safetensors")
+    flux_file = save_lora(random_lora(flux_pipe, seed=8, keep=LORA_KEYS), tmp_path / "flux_style.safetensors")
     with pytest.raises(LoraFormatError) as err:
         validate_lora(load_lora(flux_file), sdxl_pipe, arch="sdxl")
     message = str(err.value)
@@ -305,5 +307,5 @@ def test_lora_transformer_prefix_reads_like_diffusers_converter(tiny_flux):
             tensors[f"{name}.lora_up.weight"] = torch.randn(ref.shape[0], 2, generator=g)
             tensors[f"{name}.alpha"] = torch.tensor(1.0)
     state = _load_dict(tensors)  # no base: names resolve against the real FLUX.1 module list
-    assert len(state.modules) == 2 * 8 + 2 * 3
+    assert len(state.modules) == 2 * 8 + 4 * 3  # flux-tiny: 2 double, 4 single blocks
     _assert_same_delta(state.modules, _convert_kohya_flux_lora_to_diffusers(dict(tensors)))

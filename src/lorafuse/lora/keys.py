@@ -30,8 +30,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from lorafuse.errors import LoraFormatError
+from lorafuse.families import NAMES
 
-ARCHS = ("sd15", "sdxl", "world", "flux")
+ARCHS = NAMES  # the registered base-model families
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 COMPONENTS_ORDER = ("unet", "transformer", "text_encoder", "text_encoder_2")
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lorafuse.errors import UserInputError
-from lorafuse.lora.keys import COMPONENTS_ORDER, KeyIndex, UnetLayout, canonical_key
+from lorafuse.families import components
+from lorafuse.lora.keys import KeyIndex, UnetLayout, canonical_key
 
 _TARGET_TYPES = (nn.Linear, nn.Conv2d)
 
@@ -57,26 +58,16 @@ def _lora_targets(component: str, root: nn.Module) -> dict[str, ModuleRef]:
     return out
 
 
-def _is_transformer_denoiser(module: nn.Module) -> bool:
-    """A DiT denoiser (FluxTransformer2DModel) rather than a UNet: it has transformer blocks and no down blocks."""
-    return hasattr(module, "transformer_blocks") and not hasattr(module, "down_blocks")
-
-
 def components_of(base: object) -> dict[str, nn.Module]:
-    """A pipeline (attributes unet / transformer / text_encoder / text_encoder_2), a {component: module}
-    mapping, or a bare denoiser (a UNet, or a FLUX transformer)."""
-    if isinstance(base, Mapping):
-        comps = {k: v for k, v in base.items() if isinstance(v, nn.Module)}
-    elif isinstance(base, nn.Module) and not hasattr(base, "unet") and not hasattr(base, "transformer"):
-        comps = {"transformer" if _is_transformer_denoiser(base) else "unet": base}
-    else:
-        comps = {
-            c: getattr(base, c) for c in COMPONENTS_ORDER if isinstance(getattr(base, c, None), nn.Module)
-        }
+    """A pipeline (attributes unet or transformer, text_encoder, text_encoder_2), a {component: module} mapping,
+    or a bare denoiser (a UNet of an unknown layout counts as "unet")."""
+    comps = components(base)
+    if not comps and isinstance(base, nn.Module) and not isinstance(base, Mapping):
+        comps = {"unet": base}
     if not comps:
         raise UserInputError(
             f"cannot find LoRA-able components in {type(base).__name__}: pass a diffusers pipeline, "
-            "a {'unet': ..., 'text_encoder': ...} mapping, a UNet or a FLUX transformer"
+            "a {'unet': ..., 'text_encoder': ...} mapping, a UNet or a transformer"
         )
     return comps
 
@@ -100,15 +91,22 @@ def base_modules(base: object) -> BaseModules:
 @functools.lru_cache(maxsize=4)
 def reference_modules(arch: str) -> BaseModules:
     """BaseModules of the real-size architecture (meta device, no weights)."""
-    from lorafuse.lora.archs import FLUX_TRANSFORMER, reference_components
+    from lorafuse.lora.archs import reference_components
 
-    base = base_modules(reference_components(arch))
-    if arch == "flux":
-        from lorafuse.lora.flux_keys import transformer_shapes
+    if arch != "flux":
+        return base_modules(reference_components(arch))
+    # FLUX.1's transformer Linears are written out (flux_keys): building its 57 blocks and T5-XXL, even on the
+    # meta device, takes ~20 s on a busy CPU; only CLIP-L is built
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-        modules = dict(base.modules)
-        for key, shape in transformer_shapes(FLUX_TRANSFORMER).items():
-            component, path = key.split(".", 1)
-            modules[key] = ModuleRef(component, path, shape)
-        base = BaseModules(modules)
-    return base
+    from lorafuse.families.flux import TRANSFORMER
+    from lorafuse.families.sd15 import CLIP_L
+    from lorafuse.families.unet import meta_modules
+    from lorafuse.lora.flux_keys import transformer_shapes
+
+    base = base_modules(meta_modules(lambda: {"text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L))}))
+    modules = dict(base.modules)
+    for key, shape in transformer_shapes(TRANSFORMER).items():
+        component, path = key.split(".", 1)
+        modules[key] = ModuleRef(component, path, shape)
+    return BaseModules(modules)

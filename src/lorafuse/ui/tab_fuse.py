@@ -35,8 +35,11 @@ def build(ws: Workspace, store: JobStore) -> dict:
         style = gr.Dropdown(files, label="style LoRA", allow_custom_value=True, elem_id="fuse-style")
         base = gr.Dropdown(BASES, value="world", label="base", allow_custom_value=True)
         refresh = gr.Button("Refresh", size="sm")
-    chosen = gr.CheckboxGroup(methods, value=["direct", "klora"], label="methods (same seeds, side by side)",
-                              elem_id="fuse-methods")  # fmt: skip
+    with gr.Row():
+        chosen = gr.CheckboxGroup(methods, value=["direct", "klora"], label="methods (same seeds, side by side)",
+                                  elem_id="fuse-methods", scale=8)  # fmt: skip
+        every = gr.Button("all methods", size="sm", scale=1)
+    every.click(lambda: gr.update(value=list(methods)), None, chosen)
     with gr.Accordion("methods and their options", open=False):
         gr.Markdown(f"```\n{methods_help()}\n```")
         which = gr.Dropdown(methods, value="klora", label="options of")

@@ -56,7 +56,8 @@ def wait_text(page, elem: str, pattern: str, timeout: float = 240.0) -> re.Match
         if found:
             return found
         page.wait_for_timeout(500)
-    raise AssertionError(f"#{elem} never showed {pattern!r}; it shows: {text_of(page, elem)[:500]!r}")
+    toasts = page.locator(".toast-body").all_inner_texts()
+    raise AssertionError(f"#{elem} never showed {pattern!r}; it shows: {text_of(page, elem)[:500]!r}; toasts: {toasts}")
 
 
 def shot(page, name: str, focus: str | None = None) -> None:

@@ -11,7 +11,6 @@ import hmac
 import os
 import secrets
 import socket
-import threading
 from dataclasses import dataclass
 
 from lorafuse.errors import UserInputError
@@ -83,11 +82,13 @@ def serve(app, bind: Binding, workspace, *, block: bool = True, max_upload: int)
         print(f"lorafuse ui: generated token (use it as the password): {bind.token}", flush=True)
     print(f"lorafuse ui: serving http://{bind.host}:{bind.port} (workspace {workspace.root})", flush=True)
     app.queue(default_concurrency_limit=4)
-    # The fusion registry (torch, diffusers, peft) loads while the server starts, so the page is served without
-    # waiting for it; the Fuse and Compare tabs fill their method lists from it when a page loads.
+    # The fusion registry (torch, diffusers, peft) loads before the server answers. Loading it in a background
+    # thread instead served the page sooner, but a click could then import the same packages from a second
+    # thread at the same time, and torch/diffusers' import cycles made such a click fail (seen in the browser
+    # test: "Apply preset" raised). One import, here, before any request.
     from lorafuse.ui.tab_fuse import method_catalog
 
-    threading.Thread(target=method_catalog, name="lorafuse-registry", daemon=True).start()
+    method_catalog()
     app.launch(
         server_name=bind.host,
         server_port=bind.port,

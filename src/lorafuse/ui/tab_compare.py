@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import html
 import time
 
 import gradio as gr
@@ -78,7 +79,7 @@ def build(ws: Workspace, store: JobStore) -> dict:
         try:
             return grids.report_link(ws, ws.resolve(path, must_exist=True))
         except UserInputError as e:
-            return f"<b>error: {e}</b>"
+            return f"<b>{html.escape(f'error: {e}')}</b>"
 
     def on_demo():
         job = store.submit("demo", "lorafuse demo", ["demo", "--out", "demo"], {"dir": "demo"})

@@ -11,7 +11,7 @@ import gradio as gr
 
 from lorafuse.errors import UserInputError
 from lorafuse.ui import grids
-from lorafuse.ui.common import choices_or, split_list
+from lorafuse.ui.common import choices_or, error_md, split_list
 from lorafuse.ui.jobs import JobStore
 from lorafuse.ui.tab_tools import BASES, lora_files
 from lorafuse.ui.workspace import Workspace
@@ -24,9 +24,8 @@ def fuse_jobs(store: JobStore, kind: str = "fuse") -> list[str]:
 
 
 def method_catalog() -> tuple[list[str], str]:
-    """The registered methods and their one-line summaries. Imported on first use, not at start-up: the fusion
-    registry pulls in torch, diffusers and peft, which would hold the page back by most of its start-up time
-    (`server.serve` starts this import in the background as the server starts)."""
+    """The registered methods and their one-line summaries (the Fuse and Compare tabs fill their lists from it
+    when a page loads; `server.serve` imports the registry once before the first request)."""
     from lorafuse.fusion.options_doc import methods_help
     from lorafuse.fusion.registry import method_names
 
@@ -137,7 +136,7 @@ def show_grid(ws: Workspace, store: JobStore, job_id: str | None):
         found = grids.results(ws, view.job.outputs["dir"])
     except UserInputError as e:
         return f"error: {e}", [], pd.DataFrame(), None, ""
-    text = f"**{view.status}** {view.progress}  \n`{view.job.command}`" + (f"  \n**{view.error}**" if view.error else "")
+    text = f"**{view.status}** {view.progress}  \n`{view.job.command}`" + (f"  \n{error_md(view.error)}" if view.error else "")
     table = pd.DataFrame(found["table"], columns=found["header"]) if found["header"] else pd.DataFrame()
     schedule = str(found["schedule"]) if found["schedule"] else None
     return text, [str(p) for p in found["pages"]], table, schedule, grids.report_link(ws, found["report"])

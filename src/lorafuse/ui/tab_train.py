@@ -14,7 +14,7 @@ import gradio as gr
 
 from lorafuse.errors import UserInputError
 from lorafuse.train.options import Option, options
-from lorafuse.ui.common import choices_or
+from lorafuse.ui.common import choices_or, error_md
 from lorafuse.ui.jobs import JobStore
 from lorafuse.ui.workspace import Workspace
 from lorafuse.utils.atomic import atomic_write_text
@@ -169,8 +169,8 @@ def build(ws: Workspace, store: JobStore, dataset_picker) -> dict:
     def on_queue(dataset, name, *values):
         try:
             run, path, text, cmd = config_for(dataset, name, list(values))
-        except UserInputError as e:
-            raise gr.Error(f"error: {e}", print_exception=False) from None
+        except UserInputError as e:  # shown where the user looks, as the CLI prints it
+            return error_md(e), gr.update(), gr.update(), gr.update()
         atomic_write_text(run / "config.toml", text)
         rel = ws.relative(run)
         job = store.submit("train", f"train {run.name}", ["train", path],
@@ -240,7 +240,7 @@ def monitor(ws: Workspace, store: JobStore, job_id: str | None):
     except UserInputError as e:
         return f"error: {e}", None, None, []
     out = view.job.outputs
-    text = f"**{view.status}** {view.progress}  \n`{view.job.command}`" + (f"  \n**{view.error}**" if view.error else "")
+    text = f"**{view.status}** {view.progress}  \n`{view.job.command}`" + (f"  \n{error_md(view.error)}" if view.error else "")
     csv = ws.resolve(out["csv"])
     loss = lr = None
     rows = []

@@ -39,6 +39,7 @@ from lorafuse.train.run_setup import ShardedBatchSampler, check_optimizer, make_
 from lorafuse.train.saving import SaveRotation, check_implemented
 from lorafuse.train.stop import StopRequest
 from lorafuse.train.validation import Validator, split_validation
+from lorafuse.utils.atomic import check_output
 from lorafuse.utils.memory import release_memory
 
 
@@ -134,6 +135,7 @@ def prepare(cfg: TrainConfig, progress_bar: bool = True) -> Run:
     started = time.time()
     tc, ds = cfg.training, cfg.dataset
     check_implemented(cfg)
+    check_output(tc.output_dir, kind="folder", what="training.output_dir")
     index = scan_dataset(ds)
     val_seed = ds.validation_seed if ds.validation_seed is not None else tc.seed
     index, val_index = split_validation(index, ds.validation_split, val_seed)

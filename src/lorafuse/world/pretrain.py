@@ -242,7 +242,7 @@ def _checkpointer(run: _UNetRun, ckpt: Path, stage: UNetStage):
     from accelerate import Accelerator
 
     from lorafuse.errors import UserInputError
-    from lorafuse.train.checkpoint import atomic_folder
+    from lorafuse.utils.atomic import atomic_folder
 
     accelerator = Accelerator()
     accelerator.register_for_checkpointing(run.unet, run.te, run.opt, run.sched, run.ema, run.ema_te, run)

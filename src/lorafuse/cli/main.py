@@ -23,13 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lorafuse {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"lorafuse.cli.{name}")
-        except ModuleNotFoundError as exc:  # a subcommand not written yet must not break the others
-            if exc.name == f"lorafuse.cli.{name}":
-                continue
-            raise
-        module.register(sub)
+        # every name must import: a typo is an error, not a subcommand silently missing
+        importlib.import_module(f"lorafuse.cli.{name}").register(sub)
     return parser
 
 

@@ -244,8 +244,7 @@ def _check_numbers(cfg: GridConfig) -> None:
 
 
 def _check_methods(cfg: GridConfig, values: dict[str, list[Any]]) -> None:
-    from lorafuse.fusion.api import method_config
-    from lorafuse.fusion.registry import get_method
+    from lorafuse.fusion.registry import get_method, make_config
 
     methods = values["method"]
     fields = {m: set(get_method(m).config_cls.__dataclass_fields__) for m in methods}
@@ -255,7 +254,7 @@ def _check_methods(cfg: GridConfig, values: dict[str, list[Any]]) -> None:
     for m in methods:
         own = [k for k in cfg.axes.options if k in fields[m]]
         for combo in itertools.product(*(cfg.axes.options[k] for k in own)):
-            method_config(m, None, dict(zip(own, combo, strict=True)))  # the method's own range checks
+            make_config(m, None, **dict(zip(own, combo, strict=True)))  # the method's own range checks
 
 
 def native_size(base: str) -> tuple[int, int] | None:

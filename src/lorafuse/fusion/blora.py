@@ -35,15 +35,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorafuse.errors import LoraFormatError, UserInputError
-from lorafuse.fusion._options import check_choice, config_record
 from lorafuse.fusion.common import (
-    check_plan_inputs,
     fuse_sum,
     lora_label,
     resolve,
     split_state,
 )
-from lorafuse.fusion.registry import FusionConfig, FusionMethod, FusionPlan, register
+from lorafuse.fusion.registry import (
+    FusionConfig,
+    FusionMethod,
+    FusionPlan,
+    check_choice,
+    register,
+)
 from lorafuse.lora.presets import ATTN_PROJ, block_names, detect_arch, preset_rules
 from lorafuse.lora.state import LoraState
 from lorafuse.lora.validate import LoraCoverageWarning
@@ -185,16 +189,7 @@ class BLora(FusionMethod):
         "weights; linear in the weight (official code: quadratic)"
     )
 
-    def plan(self, pipe: Any, content: LoraState, style: LoraState, config: FusionConfig) -> FusionPlan:
-        check_plan_inputs(NAME, config, BLoraConfig, pipe, content, style)
+    def _build(self, plan: FusionPlan, pipe: Any, content: LoraState, style: LoraState, config: BLoraConfig) -> None:
         parts, routing = blora_parts(pipe, content, style, config)
-        plan = FusionPlan(
-            record={"method": NAME, "settings": config_record(config), "arch": detect_arch(pipe)}
-        )
-        plan.record.update(routing)
-        try:
-            plan.record.update(fuse_sum(pipe, parts, plan.undo))
-        except BaseException:
-            plan.close()
-            raise
-        return plan
+        plan.record.update(routing, arch=detect_arch(pipe))
+        plan.record.update(fuse_sum(pipe, parts, plan.undo))

@@ -6,7 +6,6 @@ Notation (algorithms.md §0): `delta_c` is ΔW_c = s_c B_c A_c, `delta_s` is ΔW
 
 from __future__ import annotations
 
-import math
 import re
 import warnings
 from collections.abc import Callable, Iterable
@@ -87,20 +86,6 @@ def check_finite(state: LoraState, role: str) -> None:
                 )
 
 
-def check_plan_inputs(method: str, config: object, config_cls: type, pipe: object, content: LoraState,
-                      style: LoraState) -> None:
-    """The checks every `plan()` runs before it changes anything: option types and ranges, a clean base,
-    finite LoRAs. One place, so every method refuses the same bad input with the same words."""
-    from lorafuse.errors import UserInputError
-
-    if not isinstance(config, config_cls):
-        raise UserInputError(f"{method}: expected a {config_cls.__name__}, got {type(config).__name__}")
-    config.validate(method)
-    require_clean_base(pipe, method)
-    check_finite(content, "content")
-    check_finite(style, "style")
-
-
 def require_clean_base(pipe: object, method: str) -> None:
     """Methods restore the base exactly on close; that needs a base with nothing fused or injected already."""
     from lorafuse.lora.inject import adapter_names
@@ -116,12 +101,6 @@ def require_clean_base(pipe: object, method: str) -> None:
             f"{method}: the pipeline already has LoRA weights fused into it; call unfuse(pipe) or close the "
             "previous plan first"
         )
-
-
-def check_weights(content_weight: float, style_weight: float, method: str) -> None:
-    for name, w in (("content_weight", content_weight), ("style_weight", style_weight)):
-        if not math.isfinite(w):
-            raise UserInputError(f"{method}: option {name}={w} must be a finite number")
 
 
 def fuse_sum(

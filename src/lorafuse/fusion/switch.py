@@ -15,10 +15,8 @@ import torch
 
 from lorafuse.errors import UserInputError
 from lorafuse.fusion.common import (
-    check_weights,
     forward_order,
     fuse_sum,
-    require_clean_base,
     resolve,
     split_state,
 )
@@ -93,20 +91,10 @@ class Switch(FusionMethod):
     config_cls = SwitchConfig
     summary = "LoRA Switch: one LoRA active at a time, rotating every tau steps"
 
-    def plan(self, pipe: Any, content: LoraState, style: LoraState, config: FusionConfig) -> FusionPlan:
-        if not isinstance(config, SwitchConfig):
-            raise UserInputError(f"{self.name}: expected a SwitchConfig, got {type(config).__name__}")
-        config.validate(self.name)
-        check_weights(config.content_weight, config.style_weight, self.name)
-        require_clean_base(pipe, self.name)
-        plan = FusionPlan(record={
-            "method": self.name, "tau": config.tau, "order": ["content", "style"], "mechanism": config.mechanism,
+    def _build(self, plan: FusionPlan, pipe: Any, content: LoraState, style: LoraState, config: SwitchConfig) -> None:
+        plan.record.update({
+            "tau": config.tau, "order": ["content", "style"], "mechanism": config.mechanism,
             "content_weight": config.content_weight, "style_weight": config.style_weight,
         })  # fmt: skip
-        try:
-            variants = unet_variants(pipe, content, style, config, ADAPTER_NAMES, plan.record, plan.undo)
-            plan.hooks.append(SwitchHook(variants, config.tau, 2, plan.record))
-        except BaseException:
-            plan.close()
-            raise
-        return plan
+        variants = unet_variants(pipe, content, style, config, ADAPTER_NAMES, plan.record, plan.undo)
+        plan.hooks.append(SwitchHook(variants, config.tau, 2, plan.record))

@@ -45,9 +45,14 @@ import torch
 from torch import Tensor
 
 from lorafuse.errors import UserInputError
-from lorafuse.fusion._options import check_range, config_record
-from lorafuse.fusion.common import check_plan_inputs, fuse_sum, resolve
-from lorafuse.fusion.registry import FusionConfig, FusionMethod, FusionPlan, register
+from lorafuse.fusion.common import fuse_sum
+from lorafuse.fusion.registry import (
+    FusionConfig,
+    FusionMethod,
+    FusionPlan,
+    check_range,
+    register,
+)
 from lorafuse.fusion.ziplora_train import (
     MERGERS_METADATA_KEY,
     NAME,
@@ -169,20 +174,43 @@ class ZipLoraConfig(FusionConfig):
 class ZipLora(FusionMethod):
     name = NAME
     config_cls = ZipLoraConfig
+    needs_references = True
     summary = (
         "ZipLoRA: per-column mergers learned on a content and a style reference (<= 100 Adam steps), "
         "then fused as one rank r_c + r_s LoRA"
     )
 
-    def plan(self, pipe: Any, content: LoraState, style: LoraState, config: FusionConfig) -> FusionPlan:
-        check_plan_inputs(NAME, config, ZipLoraConfig, pipe, content, style)
-        for state in (content, style):
-            resolve(pipe, state)  # key coverage and shapes before any work; errors name the file
-        plan = FusionPlan(record={"method": NAME, "settings": config_record(config)})
+    def _build(self, plan: FusionPlan, pipe: Any, content: LoraState, style: LoraState, config: ZipLoraConfig
+               ) -> None:  # fmt: skip
         w_c, w_s = config.content_weight, config.style_weight
         if w_c == 0 and w_s == 0:
             plan.record["fused_modules"] = 0  # the update is zero whatever the mergers
-            return plan
+            return
+        if config.mergers is not None:
+            mergers = (
+                config.mergers if isinstance(config.mergers, ZipMergers) else ZipMergers.load(config.mergers)
+            )
+            where = str(config.mergers) if not isinstance(config.mergers, ZipMergers) else "mergers"
+        else:
+            refs = [
+                encode_reference(pipe, config.content_image, config.content_prompt),
+                encode_reference(pipe, config.style_image, config.style_prompt),
+            ]
+            mergers, report = train_ziplora(
+                pipe, content, style, *refs, content_weight=w_c, style_weight=w_s, max_steps=config.max_steps,
+                lr=config.lr, similarity_weight=config.similarity_weight,
+                stop_similarity=config.stop_similarity, seed=config.seed,
+            )  # fmt: skip
+            where = "learned mergers"
+            plan.record["training"] = {
+                "steps": report.steps, "converged": report.converged, "seconds": round(report.seconds, 3),
+                "final_loss": report.loss[-1], "final_similarity": report.similarity[-1],
+            }  # fmt: skip
+            if config.save_mergers is not None:
+                plan.record["mergers_file"] = str(mergers.save(config.save_mergers))
+        plan.record["merger_layers"] = len(set(mergers.m_c) | set(mergers.m_s))
+        (c, _), (s, _) = ziplora_parts(content, style, mergers, where)
+        plan.record.update(fuse_sum(pipe, [(c, w_c), (s, w_s)], plan.undo))
         if config.mergers is not None:
             mergers = (
                 config.mergers if isinstance(config.mergers, ZipMergers) else ZipMergers.load(config.mergers)

@@ -32,15 +32,17 @@ from pathlib import Path
 from typing import Any
 
 from lorafuse.errors import UserInputError
-from lorafuse.fusion._options import check_choice, check_range, config_record
-from lorafuse.fusion.common import (
-    check_plan_inputs,
-    check_weights,
-    lora_label,
-    resolve,
+from lorafuse.fusion.common import lora_label, resolve
+from lorafuse.fusion.craft.prompts import aggregation_weights
+from lorafuse.fusion.markers import MarkedPrompt, common_markers, strip_markers
+from lorafuse.fusion.registry import (
+    FusionConfig,
+    FusionMethod,
+    FusionPlan,
+    check_choice,
+    check_range,
+    register,
 )
-from lorafuse.fusion.craft.prompts import MarkedPrompt, aggregation_weights, common_markers, strip_markers
-from lorafuse.fusion.registry import FusionConfig, FusionMethod, FusionPlan, register
 from lorafuse.guidance.acfg import MECHANISMS, SCHEDULE_KINDS, AcfgSchedule, AsymmetricCFG, BranchAdapter
 from lorafuse.lora.state import LoraState
 from lorafuse.lora.validate import LoraCoverageWarning
@@ -184,6 +186,7 @@ def _lambdas(pipe: Any, config: CraftConfig, parsed: MarkedPrompt | None) -> tup
 class Craft(FusionMethod):
     name = NAME
     config_cls = CraftConfig
+    lora_layers = "craft"
     summary = (
         "CRAFT-LoRA: content LoRA on I_c, style LoRA on I_s (disjoint), asymmetric timestep-aware CFG "
         "(LoRAs on the conditional branch only), optional rank-limited backbone"
@@ -197,10 +200,8 @@ class Craft(FusionMethod):
         parsed = common_markers([prompt] if isinstance(prompt, str) else list(prompt))
         return strip_markers(prompt), dataclasses.replace(config, prompt=parsed.raw)
 
-    def plan(self, pipe: Any, content: LoraState, style: LoraState, config: FusionConfig) -> FusionPlan:
-        # 1. Check inputs, before anything changes
-        check_plan_inputs(NAME, config, CraftConfig, pipe, content, style)
-        check_weights(config.content_weight, config.style_weight, NAME)
+    def _build(self, plan: FusionPlan, pipe: Any, content: LoraState, style: LoraState, config: CraftConfig) -> None:
+        # 1. Aggregation weights λ from the markers (and the expert encoder, when given)
         parsed = common_markers([config.prompt]) if config.prompt is not None else None
         lambda_c, lambda_s, source = _lambdas(pipe, config, parsed)
 
@@ -212,17 +213,12 @@ class Craft(FusionMethod):
         part_s, info_s = route_lora(pipe, style, layers_s, "style")
         _check_disjoint(info_c["paths"], info_s["paths"])
 
-        plan = FusionPlan(record={"method": NAME, "settings": config_record(config)})
-        try:
-            # 3. Host: the backbone W' replaces the base UNet weights (restored on close)
-            if config.backbone is not None:
-                plan.record["backbone"] = _host_backbone(pipe, config.backbone, plan.undo)
-            # 4. One adapter holding ΔW_c on I_c and ΔW_s on I_s
-            adapter = _inject(pipe, part_c, part_s, info_c["paths"], info_s["paths"], plan.undo,
-                              config.acfg_mechanism)  # fmt: skip
-        except BaseException:
-            plan.close()
-            raise
+        # 3. Host: the backbone W' replaces the base UNet weights (restored on close)
+        if config.backbone is not None:
+            plan.record["backbone"] = _host_backbone(pipe, config.backbone, plan.undo)
+        # 4. One adapter holding ΔW_c on I_c and ΔW_s on I_s
+        adapter = _inject(pipe, part_c, part_s, info_c["paths"], info_s["paths"], plan.undo,
+                          config.acfg_mechanism)  # fmt: skip
         schedule = AcfgSchedule(
             kind=config.schedule,
             lambda_c=config.content_weight * lambda_c,
@@ -239,7 +235,6 @@ class Craft(FusionMethod):
         )  # fmt: skip
         record = plan.record
         plan.guidance = lambda scale: AsymmetricCFG(scale, adapter, schedule, config.symmetric, record)
-        return plan
 
 
 def _host_backbone(pipe: Any, folder: Path, undo: list) -> dict[str, Any]:

@@ -209,7 +209,7 @@ def craft_images(
     """CRAFT-fuse every prompt with `seeds` noises: (len(prompts) * seeds, H, W, 3) uint8, prompt-major. Image k
     of every prompt starts from noise `seed + k`, so two calls differing only in λ see the same noises."""
     from lorafuse.fusion.api import fuse
-    from lorafuse.fusion.craft.prompts import strip_markers
+    from lorafuse.fusion.markers import strip_markers
 
     result = fuse(
         content, style, prompt=[strip_markers(p) for p in prompts], method="craft", base=pipe, num_images=seeds,

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS, print_table, write_result
-from lorafuse.eval.picture import labelled_grid, save_image
-from lorafuse.world.base_model import load_world_pipeline
+from lorafuse.models.world import load_world_pipeline
+from lorafuse.utils.images import labelled_grid, save_image
 from lorafuse.world.catalog import CLASS_NAMES, SEEN_STYLES, style_phrase
 from lorafuse.world.oracle import Oracle
 

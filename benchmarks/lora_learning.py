@@ -1,6 +1,6 @@
 """Does LoRA training on the built-in world learn? Oracle scores of trigger prompts before and after the LoRA.
 
-Subjects: a content LoRA per held-out individual (5 images, `world.personalize.subject_recipe`), prompted as
+Subjects: a content LoRA per held-out individual (5 images, `train.world_personalize.subject_recipe`), prompted as
 "a photo of a sks teapot, in <seen style> style" over the first seen styles (flat, outlined, ...; up to 4 of them
 the LoRA never saw the individual in: its images are in `personalize.SUBJECT_STYLES`). Styles: a
 style LoRA per held-out style (1 image, `style_recipe`), prompted as "a photo of a <colour> <class>, in sks style"
@@ -34,11 +34,12 @@ import torch
 
 from benchmarks.common import RESULTS, print_table, write_result
 from lorafuse.eval.metrics import OracleScorer, confidence_interval, proportion_interval, world_references
-from lorafuse.eval.picture import labelled_grid, save_image
 from lorafuse.fusion.sampling import sample
 from lorafuse.lora.inject import delete_adapter, inject_lora
 from lorafuse.lora.io import load_lora
-from lorafuse.world.base_model import load_world_pipeline
+from lorafuse.models.world import load_world_pipeline
+from lorafuse.train.world_personalize import epoch_checkpoints, style_recipe, subject_recipe, train_world_lora
+from lorafuse.utils.images import labelled_grid, save_image
 from lorafuse.world.catalog import (
     HELD_OUT_STYLES,
     SEEN_STYLES,
@@ -47,7 +48,6 @@ from lorafuse.world.catalog import (
     style_phrase,
 )
 from lorafuse.world.oracle import default_oracle, to_tensor
-from lorafuse.world.personalize import epoch_checkpoints, style_recipe, subject_recipe, train_world_lora
 from lorafuse.world.render import render
 
 # held-out individuals of four different classes (shapes as far apart as the world has)

@@ -29,7 +29,7 @@ from lorafuse.world.catalog import CLASS_NAMES, SEEN_STYLES, style_phrase
 @dataclass(frozen=True)
 class DemoConfig:
     """Every option of the demo. content_epochs / style_epochs / repeats: None keeps the recipe's defaults
-    (`world.personalize`); smaller values make a quick, worse run (tests)."""
+    (`train.world_personalize`); smaller values make a quick, worse run (tests)."""
 
     out: str = "out/demo"
     individual: str = "teapot_08"

@@ -17,7 +17,6 @@ import numpy as np
 from PIL import Image
 
 from lorafuse.eval.html import HtmlReport
-from lorafuse.eval.picture import labelled_grid, save_image
 from lorafuse.eval.report import FILES, training_logs, training_plot
 from lorafuse.eval.world_compare import (
     BASE,
@@ -32,6 +31,7 @@ from lorafuse.eval.world_compare import (
     summary,
     training_images,
 )
+from lorafuse.utils.images import labelled_grid, save_image
 
 MEASURES = ("oracle_content / oracle_style: mean cosine of the image's oracle embedding to the individual's / the "
             "style's references (higher is better). right_individual / right_style: the oracle names the right "

@@ -204,7 +204,7 @@ def write_pairs(
     row_names: Sequence[str], col_names: Sequence[str], settings: dict[str, Any],
 ) -> Path:  # fmt: skip
     """Write images, pairs.json and contact_sheet.png (rows: content i, content-fixed then style-fixed)."""
-    from lorafuse.eval.picture import labelled_grid, save_image
+    from lorafuse.utils.images import labelled_grid, save_image
 
     folder = Path(folder)
     for sub in ("content", "style"):

@@ -98,11 +98,11 @@ def _options_per_method(methods: list[str], sets: dict[str, str], config: Path |
 def cmd_fuse(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from lorafuse.eval.picture import labelled_grid, save_image
     from lorafuse.fusion.api import fuse, load_base
     from lorafuse.fusion.klora_schedule import record_heatmap
     from lorafuse.fusion.registry import make_config, method_names
     from lorafuse.utils.atomic import atomic_write_text
+    from lorafuse.utils.images import labelled_grid, save_image
 
     sets = parse_sets(args.set)
     methods = method_names() if args.method == ALL else [args.method]

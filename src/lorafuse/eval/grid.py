@@ -29,9 +29,9 @@ import numpy as np
 from lorafuse.config.toml_io import config_to_dict, save_config
 from lorafuse.errors import ConfigError, UserInputError
 from lorafuse.eval.grid_config import AXIS_ORDER, Cell, GridConfig, GridPlan, plan_grid
-from lorafuse.eval.picture import labelled_grid, save_image
 from lorafuse.eval.scoring import GridScorer, aggregates
 from lorafuse.utils.atomic import atomic_write_text
+from lorafuse.utils.images import labelled_grid, save_image
 
 ADAPTER = "grid_lora"
 COL_PREF = ("lora_weight", "style_weight", "steps", "guidance", "seed")

@@ -261,7 +261,7 @@ def native_size(base: str) -> tuple[int, int] | None:
     """(height, width) a base samples at by default, read from configs without loading weights; None if unknown
     (single-file checkpoints, hub ids)."""
     if base in WORLD_BASES:
-        from lorafuse.world.base_model import IMAGE_SIZE
+        from lorafuse.models.world import IMAGE_SIZE
 
         return IMAGE_SIZE, IMAGE_SIZE
     if base in ("sd15-tiny", "sdxl-tiny"):

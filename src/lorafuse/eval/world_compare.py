@@ -71,7 +71,7 @@ def train_pair_loras(individual: str, style: str, work_dir: str | Path, *, metho
     """Write the datasets and train (or reuse, keyed by recipe) the LoRAs `methods` need: the attention pair
     always (the baselines), and a pair on each other layer set a method asks for (`lora_layers`, e.g. CRAFT's
     disjoint sets). `*_settings` override recipe fields (e.g. epochs=1 for a smoke run)."""
-    from lorafuse.world.personalize import recipe_paths, style_recipe, subject_recipe, train_world_lora
+    from lorafuse.train.world_personalize import recipe_paths, style_recipe, subject_recipe, train_world_lora
 
     c_recipe = subject_recipe(individual, **dict(content_settings or {}))
     s_recipe = style_recipe(style, **dict(style_settings or {}))
@@ -257,7 +257,7 @@ def summary(rows: Sequence[dict[str, Any]], metrics: Sequence[str] = SCORES,
 
 def side_by_side(result: CompareResult, *, title: str | None = None):
     """A labelled grid: one column per row label (base, singles, methods), one row per seed."""
-    from lorafuse.eval.picture import labelled_grid
+    from lorafuse.utils.images import labelled_grid
 
     cols = result.labels
     grid = [[result.images[label][k] for label in cols] for k in range(len(result.seeds))]

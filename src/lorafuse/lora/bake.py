@@ -17,22 +17,12 @@ from pathlib import Path
 from lorafuse.errors import UserInputError
 
 
-def _tokenizer_sources(base: str) -> Path | None:
-    """The base's own folder when it has one: its CLIP tokenizer files are copied as they are."""
-    if base == "world":
-        from lorafuse.world.base_model import default_base_path
-
-        return default_base_path()
-    path = Path(base).expanduser()
-    return path if path.is_dir() else None
-
-
 def bake_loras(base: str, loras: Sequence[tuple[str | os.PathLike, float]], out: str | os.PathLike, *,
                allow_pickle: bool = False) -> Path:  # fmt: skip
     """Load `base`, fuse every (LoRA file, weight) into its weights, save a pipeline folder at `out`."""
     from lorafuse.lora.io import load_lora
     from lorafuse.lora.merge import fuse_into
-    from lorafuse.models.load import load_base_pipeline
+    from lorafuse.models.load import base_folder, load_base_pipeline
 
     out = Path(out)
     if not loras:
@@ -47,7 +37,7 @@ def bake_loras(base: str, loras: Sequence[tuple[str | os.PathLike, float]], out:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
-    source = _tokenizer_sources(base)
+    source = base_folder(base)  # its CLIP tokenizer files are copied as they are
     for sub in ("tokenizer", "tokenizer_2"):
         # transformers 5 writes only tokenizer.json; keep the CLIP vocab.json + merges.txt other tools read
         if source is not None and (source / sub).is_dir():

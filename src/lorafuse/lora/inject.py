@@ -67,7 +67,7 @@ def pipeline_arch(pipe: object) -> str:
     config = getattr(comps.get("unet"), "config", None) or {}
     if config.get("addition_embed_type") == "text_time":
         return "sdxl"
-    from lorafuse.world.base_model import unet_config
+    from lorafuse.models.world import unet_config
 
     if tuple(config.get("block_out_channels", ())) == tuple(unet_config()["block_out_channels"]):
         return "world"

@@ -18,7 +18,7 @@ Presets (the same on every architecture unless the table below says otherwise):
 
 B-LoRA blocks (the paper is SDXL-only; the SD1.5 choice is ours):
     sdxl, world    content up_blocks.0.attentions.0, style up_blocks.0.attentions.1 (the paper's blocks; the world
-                   UNet has SDXL's block layout, see world/base_model.py)
+                   UNet has SDXL's block layout, see models/world.py)
     sd15           content up_blocks.1.attentions.0, style up_blocks.1.attentions.1: SD1.5's up_blocks.0 has no
                    attention; up_blocks.1 is its first decoder block with attention and runs at 1/4 of the latent
                    size, as SDXL's up_blocks.0 does (16x16 of 64x64 latents vs 32x32 of 128x128).

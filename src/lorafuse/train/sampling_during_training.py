@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lorafuse.eval.picture import labelled_grid, save_image
+from lorafuse.utils.images import labelled_grid, save_image
 
 GUIDANCE_SCALE = 7.0  # seed 002's sampling setting
 

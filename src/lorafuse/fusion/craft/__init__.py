@@ -20,6 +20,14 @@ Routing: each LoRA keeps only its modules inside its layer set (UNet only; text-
 as the paper trains UNet layers only); a LoRA with no module in its set is an error naming the file, and
 overlapping sets are an error naming the shared modules. Both parts are injected as ONE peft adapter, whose
 layer groups get ω_c / ω_s per step; `plan.close()` removes it and restores the base weights exactly.
+
+Where CRAFT's parts live (each in the lowest package that can hold it):
+    fusion/craft/__init__.py   the method: options, routing, plan            fusion/markers.py  the <c>/<s> grammar
+    fusion/craft/prompts.py    λ from markers                                fusion/craft/host.py  hosting W'
+    fusion/craft/expert.py     the expert encoder (λ from the spans)         fusion/craft/expert_data.py  its data
+    guidance/acfg.py           asymmetric CFG, the branch adapter            lora/row_split.py  merged-row layers
+    families (lora/presets.py) the craft_content / craft_style layer sets    backbone/  the rank-limited W'
+    eval/expert_world.py       the expert trained and scored on the world    cli/craft.py  `lorafuse craft ...`
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@
 
 The paper does not say what its expert encoder learns from; this is our answer (see `expert.py`). Nothing here
 knows about images: `score_fn(prompts, λ_c, λ_s) -> (len(prompts),)` is any scorer, so the selection is tested on
-a fake one and `expert_world.world_score_fn` is the built-in world's (CRAFT fusion scored by the oracle).
+a fake one and `eval.expert_world.world_score_fn` is the built-in world's (CRAFT fusion scored by the oracle).
 
 Ties: scores within `tie_tolerance` of the best count as equal and the one nearest (1, 1), the markers' default,
 wins, so the encoder only learns to move away from the default where the grid measured a difference.

@@ -37,8 +37,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from lorafuse.models.world import fresh_components, scheduler_config, world_tokenizer
 from lorafuse.utils.atomic import atomic_path
-from lorafuse.world.base_model import fresh_components, scheduler_config, world_tokenizer
 from lorafuse.world.catalog import SEEN_STYLES, all_individuals, caption
 from lorafuse.world.oracle import to_tensor
 from lorafuse.world.pool import Pool

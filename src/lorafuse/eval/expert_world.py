@@ -283,8 +283,8 @@ def train_world_expert(
     from lorafuse.fusion.craft.expert import pipeline_text_embedder, save_expert, train_expert
     from lorafuse.lora.io import load_lora
     from lorafuse.models.load import load_base_pipeline
+    from lorafuse.train.world_personalize import style_recipe, subject_recipe, train_world_lora
     from lorafuse.world.oracle import default_oracle
-    from lorafuse.world.personalize import style_recipe, subject_recipe, train_world_lora
 
     if not pairs:
         raise UserInputError("give at least one (individual, style) pair to run the λ grid on")

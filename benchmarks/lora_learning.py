@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS, print_table, write_result
-from lorafuse.eval.metrics import OracleScorer, confidence_interval, proportion_interval, world_references
+from lorafuse.eval.measures import metric
+from lorafuse.eval.metrics import OracleScorer, confidence_interval, world_references
 from lorafuse.fusion.sampling import sample
 from lorafuse.lora.inject import delete_adapter, inject_lora
 from lorafuse.lora.io import load_lora
@@ -101,7 +102,7 @@ def vae_round_trip(pipe, scorer, name: str, n_styles: int, seeds: int) -> dict[s
 
 
 def interval(measure: str, values: np.ndarray):
-    return proportion_interval(values) if measure.startswith("right_") else confidence_interval(values)
+    return metric(measure).aggregate(values)
 
 
 def train(kind: str, name: str, seed: int, args):

@@ -29,7 +29,8 @@ import numpy as np
 from lorafuse.config.toml_io import config_to_dict, save_config
 from lorafuse.errors import ConfigError, UserInputError
 from lorafuse.eval.grid_config import AXIS_ORDER, Cell, GridConfig, GridPlan, plan_grid
-from lorafuse.eval.scoring import GridScorer, aggregates
+from lorafuse.eval.measures import derived
+from lorafuse.eval.scoring import GridScorer
 from lorafuse.utils.atomic import atomic_write_text
 from lorafuse.utils.images import labelled_grid, save_image
 
@@ -181,9 +182,9 @@ def _rows(plan: GridPlan, store: CellStore) -> list[dict[str, Any]]:
         scores = dict(store.index[cid].get("scores", {}))
         alone = [store.index[plan.cell_id(c)].get("scores", {}) for c in plan.singles.get(cell, ())]
         if cell.method is not None:
-            scores.update(aggregates(scores, *(alone or [{}, {}])))
+            scores.update(derived(scores, *(alone or [{}, {}])))
         else:
-            scores.update(aggregates(scores))
+            scores.update(derived(scores))
         rows.append({"cell": cid, "image": f"cells/{cid}.png", "kind": cell.kind, **coords, **scores})
     return rows
 

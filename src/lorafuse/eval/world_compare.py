@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 
 from lorafuse.errors import UserInputError
+from lorafuse.eval.measures import derived
 from lorafuse.eval.metrics import OracleScorer
 from lorafuse.eval.report import group_stats
-from lorafuse.eval.scoring import aggregates
 
 ATTENTION = "attention"  # the layer set of the shared pair; other sets are trained only for methods that ask
 BASE, CONTENT, STYLE = "base", "content only", "style only"
@@ -232,11 +232,11 @@ def _add_aggregates(rows: list[dict[str, Any]]) -> None:
     by_key = {(r["pair"], r["method"], r["seed"]): r for r in rows}
     for r in rows:
         if r["kind"] != "fused":
-            r.update(aggregates(r))
+            r.update(derived(r))
             continue
         singles = _alone_labels(get_method(r["method"]).lora_layers)
         alone = [by_key.get((r["pair"], s, r["seed"]), {}) for s in singles]
-        r.update(aggregates(r, *alone))
+        r.update(derived(r, *alone))
 
 
 def summary(rows: Sequence[dict[str, Any]], metrics: Sequence[str] = SCORES,

@@ -40,7 +40,7 @@ from lorafuse.lora.inject import delete_adapter, inject_lora
 from lorafuse.lora.io import load_lora
 from lorafuse.models.world import load_world_pipeline
 from lorafuse.train.world_personalize import epoch_checkpoints, style_recipe, subject_recipe, train_world_lora
-from lorafuse.utils.images import labelled_grid, save_image
+from lorafuse.utils.images import labelled_grid, save_image, to_uint8
 from lorafuse.world.catalog import (
     HELD_OUT_STYLES,
     SEEN_STYLES,
@@ -86,7 +86,7 @@ def lora_applied(pipe, path: Path | None):
 def generate(pipe, prompts: list[str], seeds: int, args) -> np.ndarray:
     """(len(prompts) * seeds, H, W, 3) uint8, prompt-major; image k from noise seed k (same in before and after)."""
     res = sample(pipe, prompts, num_images=seeds, steps=args.steps, guidance=args.guidance, seed=0, progress=False)
-    return (np.clip(res.images, 0, 1) * 255).round().astype(np.uint8)
+    return to_uint8(res.images)
 
 
 def vae_round_trip(pipe, scorer, name: str, n_styles: int, seeds: int) -> dict[str, np.ndarray]:
@@ -98,7 +98,7 @@ def vae_round_trip(pipe, scorer, name: str, n_styles: int, seeds: int) -> dict[s
     with torch.no_grad():
         x = to_tensor(renders).to(param.device, param.dtype)
         back = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
-    return scorer(((back.permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().astype(np.uint8))
+    return scorer(to_uint8((back.permute(0, 2, 3, 1).float().cpu().numpy() + 1) / 2))
 
 
 def interval(measure: str, values: np.ndarray):

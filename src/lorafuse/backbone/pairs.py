@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from lorafuse.errors import UserInputError
+from lorafuse.utils.images import to_uint8
 
 MANIFEST = "pairs.json"
 CUTOFF = 0.35
@@ -121,7 +122,7 @@ def mixed_sample(
         z_b = sched_b.step(eps_b, t, z, return_dict=False)[0]
         z = frequency_mix(z_a, z_b, cutoff)
     images = decode_latents(pipe, z, "np")
-    return (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return to_uint8(images)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from lorafuse.errors import UserInputError
 from lorafuse.fusion.markers import normalise, strip_markers
+from lorafuse.utils.images import to_uint8
 
 CLIP_TYPES = ("clip", "clip_vision_model")
 DINO_TYPES = ("vit", "dinov2", "dinov2_with_registers")
@@ -69,7 +70,7 @@ def as_pil_list(images) -> list:
             continue
         arr = np.asarray(im)
         if arr.dtype != np.uint8:
-            arr = (np.clip(arr.astype(np.float64), 0, 1) * 255).round().astype(np.uint8)
+            arr = to_uint8(arr)
         out.append(Image.fromarray(arr).convert("RGB"))
     return out
 

@@ -32,7 +32,7 @@ from lorafuse.eval.grid_config import AXIS_ORDER, Cell, GridConfig, GridPlan, pl
 from lorafuse.eval.measures import derived
 from lorafuse.eval.scoring import GridScorer
 from lorafuse.utils.atomic import atomic_write_text
-from lorafuse.utils.images import labelled_grid, save_image
+from lorafuse.utils.images import labelled_grid, save_image, to_uint8
 
 ADAPTER = "grid_lora"
 COL_PREF = ("lora_weight", "style_weight", "steps", "guidance", "seed")
@@ -127,7 +127,7 @@ def _sample_cell(pipe: Any, cell: Cell, states: dict[str, Any], cfg: GridConfig)
     finally:
         if lora:
             delete_adapter(pipe, ADAPTER)
-    image = (np.clip(result.images[0], 0.0, 1.0) * 255).round().astype(np.uint8)
+    image = to_uint8(result.images[0])
     return image, {"kind": cell.kind, "settings": cell.settings(), "sampling": result.settings}
 
 

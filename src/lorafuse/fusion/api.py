@@ -26,6 +26,7 @@ from lorafuse.errors import UserInputError
 from lorafuse.fusion.common import check_finite, lora_label, require_clean_base
 from lorafuse.fusion.registry import FusionConfig, get_method, make_config
 from lorafuse.lora.state import LoraState
+from lorafuse.utils.images import to_uint8
 
 LoraInput = str | os.PathLike | LoraState
 
@@ -38,7 +39,7 @@ class FuseResult:
     record: dict[str, Any]
 
     def uint8(self) -> np.ndarray:
-        return (np.clip(self.images, 0.0, 1.0) * 255).round().astype(np.uint8)
+        return to_uint8(self.images)
 
 
 def load_base(base: Any) -> Any:

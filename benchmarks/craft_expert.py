@@ -5,7 +5,7 @@ a style the base model already knows, so the right λ depends on the wording. Pe
 
 1. λ grid on the "train" wordings, each prompt scored by the oracle against what it asks for (seed-mean harmonic
    mean of content and style similarity) -> soft labels (score-weighted mean λ, `expert_data`) -> `train_expert`.
-2. The paper's semantic extension (seed 001 App. B.3) on wordings the encoder never saw: type I new content span,
+2. The paper's semantic extension (the CRAFT-LoRA paper, App. B.3) on wordings the encoder never saw: type I new content span,
    II new style span, III both. The grid is run on them too: their labels give the λ error, their argmax the
    "grid-best" choice.
 3. Four λ choices re-scored on FRESH seeds (a grid argmax is the max of 9 noisy estimates, biased upward on its own

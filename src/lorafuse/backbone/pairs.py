@@ -1,4 +1,4 @@
-"""Contrastive content–style pairs for the backbone (CRAFT-LoRA §3.3.2, App. A.1; algorithms.md §7.2).
+"""Contrastive content–style pairs for the backbone (CRAFT-LoRA §3.3.2, App. A.1; docs/algorithms.md §7.2).
 
 N_c content references x N_s style references (10 x 10 -> 100 pairs). Pair (i, j) has two images:
     content-fixed  x_c^{ij}: content i kept (low frequencies), style j varies it (high frequencies)

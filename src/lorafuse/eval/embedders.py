@@ -1,4 +1,4 @@
-"""CLIP-I, CLIP-T and DINO similarities (algorithms.md §7.6) with models the user has on disk.
+"""CLIP-I, CLIP-T and DINO similarities (docs/algorithms.md §7.6) with models the user has on disk.
 
     clip = ClipEmbedder.load("/models/clip-vit-large-patch14")      # or a hub id already in the local cache
     clip.image_similarity(images, references)   # CLIP-I: (N,) mean cosine of projected image embeds

@@ -7,7 +7,7 @@ The harmonic mean, not the arithmetic one, so a λ pair that keeps one side and 
 
 What the spans can tell the encoder. If every prompt asks for the LoRAs' own subject and style, the right λ hardly
 depends on the wording (measured: labels were seed noise, λ MAE equal to a constant's). So the wordings
-(`world_spans`) differ in what they ask for, as in the paper's semantic-extension table (seed 001 App. B.3,
+(`world_spans`) differ in what they ask for, as in the paper's semantic-extension table (the CRAFT-LoRA paper, App. B.3,
 "a red car" -> "a blue car" / "a bicycle", "Van Gogh style" -> "sketch style"):
     content span  "subject": names the content LoRA's individual ("a photo of a sks teapot") -> scored against it
                   "other":   names another class ("a red car") -> scored against seen individuals of that class

@@ -190,7 +190,7 @@ def _rows(plan: GridPlan, store: CellStore) -> list[dict[str, Any]]:
 
 
 def choose_layout(plan: GridPlan) -> tuple[str | None, str | None, list[str]]:
-    """(rows axis, cols axis, page axes). Defaults follow seed 002's figures: checkpoints down, weights across."""
+    """(rows axis, cols axis, page axes). Defaults follow the character-style-transfer paper's figures (Chu): checkpoints down, weights across."""
     lay = plan.cfg.layout
     axes = list(plan.coords[0])
     for name in (lay.rows, lay.cols):

@@ -1,6 +1,6 @@
-"""Scores of generated images: oracle metrics on the built-in world, the §7.6 aggregates, confidence intervals.
+"""Scores of generated images: oracle metrics on the built-in world, the docs/algorithms.md §7.6 aggregates, confidence intervals.
 
-Notation (algorithms.md §7.6): c = content similarity (mean cosine of an image's embedding to the content
+Notation (docs/algorithms.md §7.6): c = content similarity (mean cosine of an image's embedding to the content
 references), s = style similarity (to the style references). "single" is the image made with only that
 factor's LoRA (same base, seed, steps, weight), "fused" the image made with both.
 
@@ -36,7 +36,7 @@ def mean_cosine(embeddings: torch.Tensor, references: torch.Tensor) -> np.ndarra
 
 
 def cross_influence(c_single, c_fused, s_single, s_fused) -> np.ndarray:
-    """½[(c_single − c_fused)/c_single + (s_single − s_fused)/s_single], elementwise (§7.6).
+    """½[(c_single − c_fused)/c_single + (s_single − s_fused)/s_single], elementwise (docs/algorithms.md §7.6).
 
     0 = fusing loses nothing on either side; 0.5 = one side lost entirely. Undefined (nan) where a single-LoRA
     similarity is not positive: a LoRA that does not reach its own references gives no baseline to drop from.

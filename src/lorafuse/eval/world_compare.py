@@ -6,7 +6,7 @@ module answers it once:
 
     loras = train_pair_loras("teapot_08", "crayon", work_dir, methods=method_names())   # cached by recipe
     result = compare_pair(pipe, loras, oracle=default_oracle(), seeds=4, steps=25)
-    result.rows      # one dict per image: label, kind, seed, oracle scores, §7.6 aggregates, seconds per image
+    result.rows      # one dict per image: label, kind, seed, oracle scores, docs/algorithms.md §7.6 aggregates, seconds per image
     result.images    # label -> (seeds, H, W, 3) uint8, the same prompt and noise seeds in every row
 
 What runs, in order: the base model alone, the content LoRA alone, the style LoRA alone, then every method through
@@ -225,7 +225,7 @@ def _plain(value: Any) -> Any:
 
 
 def _add_aggregates(rows: list[dict[str, Any]]) -> None:
-    """§7.6 means for every row, and cross-influence for fused rows against the same seed's single-LoRA rows of
+    """docs/algorithms.md §7.6 means for every row, and cross-influence for fused rows against the same seed's single-LoRA rows of
     the LoRAs that method fused (CRAFT's own, the attention pair for the others)."""
     from lorafuse.fusion.registry import get_method
 

@@ -1,4 +1,4 @@
-"""B-LoRA (Frenkel et al., ECCV 2024; algorithms.md §4): content from one block, style from another.
+"""B-LoRA (Frenkel et al., ECCV 2024; docs/algorithms.md §4): content from one block, style from another.
 
 A B-LoRA is trained on one image, restricted to the attention projections of two UNet blocks at once; the paper
 finds the first carries the image's content and the second its style. Fusion takes the content block's update

@@ -1,7 +1,7 @@
 """Pieces the built-in fusion methods share: where each LoRA key lands, splitting a LoRA into the part a method
 switches and the part it simply adds, and the checks every plan makes first.
 
-Notation (algorithms.md §0): `delta_c` is ΔW_c = s_c B_c A_c, `delta_s` is ΔW_s, `w_c` / `w_s` the user weights.
+Notation (docs/algorithms.md §0): `delta_c` is ΔW_c = s_c B_c A_c, `delta_s` is ΔW_s, `w_c` / `w_s` the user weights.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from lorafuse.lora.state import LoraModule, LoraState
 from lorafuse.lora.targets import ModuleRef
 from lorafuse.lora.validate import LoraCoverageWarning, validate_lora
 
-# The projections K-LoRA chooses between (§2.1): every attention module's to_q / to_k / to_v / to_out.0,
+# The projections K-LoRA chooses between (docs/algorithms.md §2.1): every attention module's to_q / to_k / to_v / to_out.0,
 # self- and cross-attention alike.
 _ATTENTION_PROJECTION = re.compile(r"(^|\.)(to_q|to_k|to_v|to_out\.0)$")
 # diffusers registers up_blocks before mid_block, so named_modules() is not the order the forward calls them
@@ -106,7 +106,7 @@ def require_clean_base(pipe: object, method: str) -> None:
 def fuse_sum(
     pipe: object, parts: list[tuple[LoraState, float]], undo: list[Callable[[], None]]
 ) -> dict[str, object]:
-    """Fuse ΔW = Σ w_i ΔW_i of `parts` into the base weights, exactly (one rank-concatenated LoRA, §1).
+    """Fuse ΔW = Σ w_i ΔW_i of `parts` into the base weights, exactly (one rank-concatenated LoRA, docs/algorithms.md §1).
 
     Appends `unfuse` to `undo`. Parts without modules or with weight 0 add nothing. Returns a record entry.
     """
@@ -126,7 +126,7 @@ def fuse_sum(
 
 def raw_delta(module: LoraModule, shape: tuple[int, ...], scaled: bool = True) -> torch.Tensor:
     """ΔW in float32 shaped like the base weight; `scaled=False` drops alpha / r (the official K-LoRA code
-    multiplies up @ down without it, §2.1). Dense (LoHa / LoKr) updates have no separate scale."""
+    multiplies up @ down without it, docs/algorithms.md §2.1). Dense (LoHa / LoKr) updates have no separate scale."""
     if scaled or module.down is None:
         return module.delta_weight(shape)
     return LoraModule(down=module.down, up=module.up, alpha=None).delta_weight(shape)

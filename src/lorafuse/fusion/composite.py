@@ -1,4 +1,4 @@
-"""LoRA Composite (Multi-LoRA Composition, Zhong et al. 2024; algorithms.md §3): at every step each LoRA a runs
+"""LoRA Composite (Multi-LoRA Composition, Zhong et al. 2024; docs/algorithms.md §3): at every step each LoRA a runs
 the CFG batch with only a active, and the guided predictions are averaged:
     ε̂ = mean_a [ε_u^a + g (ε_c^a − ε_u^a)]          (`guidance.CompositeGuidance`)
 Costs N guided forwards per step (N = 2: content, style). Notation: `w_c` / `w_s` scale each LoRA's ΔW in its

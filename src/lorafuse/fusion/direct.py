@@ -1,4 +1,4 @@
-"""Direct merge (algorithms.md §1, seed 002 §3.3.2 "1:1 mix"): ΔW = w_c ΔW_c + w_s ΔW_s, exactly.
+"""Direct merge (docs/algorithms.md §1, Chu, character style transfer, §3.3.2 "1:1 mix"): ΔW = w_c ΔW_c + w_s ΔW_s, exactly.
 
 Notation: `delta_c` is ΔW_c = s_c B_c A_c, `delta_s` is ΔW_s, `w_c` / `w_s` the options content_weight /
 style_weight. The sum is one rank-concatenated LoRA (`lora.merge.merge_loras`, no cross terms B_c A_s, unlike

@@ -1,4 +1,4 @@
-"""K-LoRA (seed 003, algorithms.md §2): per attention projection and step, the content OR the style update.
+"""K-LoRA (Ouyang et al., CVPR 2025; docs/algorithms.md §2): per attention projection and step, the content OR the style update.
 
 Notation map: `delta_c` / `delta_s` are ΔW_c,l / ΔW_s,l; `k` is K_l = r_c r_s; `top_c` / `top_s` are S_c,l / S_s,l
 (Σ of the K largest |ΔW| entries); `gamma` is γ; `alpha`, `beta` give S(i) = α i/T + β. Layer l uses the content
@@ -19,7 +19,7 @@ part acts as that sum throughout.
 Weights: the scores use the unweighted ΔW (γ would cancel any weighting anyway); the chosen update is applied
 at its weight, `W + w_c ΔW_c` or `W + w_s ΔW_s`.
 
-`klora_mode="official"` reproduces HVision-NKU/K-LoRA (§2.1): ΔW = up @ down without alpha / r (scores and the
+`klora_mode="official"` reproduces HVision-NKU/K-LoRA (docs/algorithms.md §2.1): ΔW = up @ down without alpha / r (scores and the
 applied update), γ the trimmed mean of per-layer ratios, time = a call counter over every K-LoRA projection's
 forward, u = (count mod P)/P with P = `official_period` (0: layers x steps, which is the official 28000 for SDXL
 at 50 steps), S = (α u + β) mod α with β = 0.85 α by default, content iff S_c / (γ S S_s) > 1 strictly. The

@@ -1,4 +1,4 @@
-"""NP-LoRA (arXiv 2511.11051; algorithms.md §6): training-free fusion that keeps content out of style's inputs.
+"""NP-LoRA (arXiv 2511.11051; docs/algorithms.md §6): training-free fusion that keeps content out of style's inputs.
 
 Per layer l covered by both LoRAs, the content update is (softly) projected off the input directions the style
 LoRA reads, so content no longer writes over style where style listens:
@@ -7,7 +7,7 @@ LoRA reads, so content no longer writes over style where style listens:
     P   = I − μ/(1+μ) · V_k V_kᵀ                        (μ = 0 is no projection, μ → ∞ the full projection)
     ΔW  = w_s ΔW_s + w_c ΔW_c P
 
-Notation map: `content` ΔW_c = s_c B_c A_c, `style` ΔW_s = s_s B_s A_s (algorithms.md §0), `mu` μ,
+Notation map: `content` ΔW_c = s_c B_c A_c, `style` ΔW_s = s_s B_s A_s (docs/algorithms.md §0), `mu` μ,
 `content_weight` w_c, `style_weight` w_s, `basis` V_k, `shrink` μ/(1+μ).
 
 Low rank, exactly: ΔW_c P = s_c B_c (A_c P), so the result is a rank r_c + r_s LoRA with B = [w_c s_c B_c | w_s

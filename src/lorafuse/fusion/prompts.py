@@ -1,6 +1,6 @@
 """Prompt encoding for SD1.5-layout pipelines (SD1.5, the built-in world model) and SDXL, with clip skip.
 
-Clip skip is numbered differently in the two ecosystems (spec §8):
+Clip skip is numbered differently in the two ecosystems (docs/algorithms.md §8):
 - kohya sd-scripts / A1111 / ComfyUI count the layers *used from the end*: 1 = last layer (no skip),
   2 = penultimate. Values start at 1.
 - diffusers counts the layers *skipped*: None or 0 = last layer, 1 = penultimate.

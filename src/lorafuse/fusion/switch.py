@@ -1,4 +1,4 @@
-"""LoRA Switch (Multi-LoRA Composition, Zhong et al. 2024; algorithms.md §3): one LoRA active at a time,
+"""LoRA Switch (Multi-LoRA Composition, Zhong et al. 2024; docs/algorithms.md §3): one LoRA active at a time,
 rotating every τ steps: at step i the active LoRA is a = (i // τ) mod N, LoRAs ordered (content, style).
 
 Notation: `tau` is τ (5 in the paper); `w_c` / `w_s` the weights the active LoRA is applied with.

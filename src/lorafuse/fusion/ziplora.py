@@ -1,4 +1,4 @@
-"""ZipLoRA (Shah et al., ECCV 2024; algorithms.md §5): learned column mergers between a content and a style LoRA.
+"""ZipLoRA (Shah et al., ECCV 2024; docs/algorithms.md §5): learned column mergers between a content and a style LoRA.
 
 Per LoRA'd UNet layer l, two merger vectors over the layer's input features, initialised to 1, scale the columns of
 each update before they are summed:
@@ -15,7 +15,7 @@ with ε_c, ε_s the UNet with only w_c ΔW_c, only w_s ΔW_s, and ε_m the merge
 moves the mergers, which is why it "equals direct merge"), at most 100 steps, stopping once the mean per-layer
 |cos| is below `stop_similarity`.
 
-Notation map: `content`/`style` are ΔW_c/ΔW_s (s · B A, algorithms.md §0); `m_c`, `m_s` the mergers;
+Notation map: `content`/`style` are ΔW_c/ΔW_s (s · B A, docs/algorithms.md §0); `m_c`, `m_s` the mergers;
 `content_ref` (x_c, p_c) and `style_ref` (x_s, p_s): VAE latents of a reference image (e.g. an image the LoRA
 was trained on) and its prompt; `similarity_weight` λ; `lr` the Adam learning rate; w_c, w_s the user weights.
 

@@ -1,7 +1,7 @@
 """Bake LoRAs into a base model and save the result as a new diffusers pipeline folder.
 
 What kohya's `networks/merge_lora.py --save_to` and A1111's checkpoint merger do: W' = W + Σ w_i ΔW_i written
-into the weights, so the folder is a "fine-tuned checkpoint" every tool loads as a base (seed 002 compares a
+into the weights, so the folder is a "fine-tuned checkpoint" every tool loads as a base (the character-style-transfer paper, Chu, compares a
 character LoRA across such checkpoints). Each LoRA is validated against the base before anything is fused, the
 fusing itself is `lora.merge.fuse_into`, and the folder appears whole or not at all (written beside, renamed).
 """

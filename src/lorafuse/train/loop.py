@@ -6,7 +6,7 @@
     4. caches                       8. output folder (the run's first write)
     5. data                         9. the loop: noise, predict, loss, step, log, save, sample
                                    10. final LoRA, state and loss plot
-Notation (algorithms.md §8): x_0 latents, ε noise, t timestep, ᾱ_t = alphas_cumprod[t], x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε;
+Notation (docs/algorithms.md §8): x_0 latents, ε noise, t timestep, ᾱ_t = alphas_cumprod[t], x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε;
 the target is ε, or v = √ᾱ_t ε − √(1−ᾱ_t) x_0 when the scheduler (or v_parameterization) says v-prediction.
 
 Accelerate places models, runs mixed precision and gradient sync, so `accelerate launch -m lorafuse train ...`

@@ -1,4 +1,4 @@
-"""CRAFT-LoRA (seed 001, algorithms.md §7): disjoint content/style layers, prompt markers and asymmetric CFG.
+"""CRAFT-LoRA (CRAFT-LoRA paper; docs/algorithms.md §7): disjoint content/style layers, prompt markers and asymmetric CFG.
 
     W_cond(i) = W' + ω_c(i) ΔW_c|I_c + ω_s(i) ΔW_s|I_s       conditional rows
     W_uncond  = W'                                            unconditional rows
@@ -180,7 +180,7 @@ def _lambdas(pipe: Any, config: CraftConfig, parsed: MarkedPrompt | None) -> tup
             parsed.content_span or "",
             parsed.style_span or "",
         )
-        # an absent marker keeps its branch off whatever the encoder says (paper §3.4.1)
+        # an absent marker keeps its branch off whatever the encoder says (CRAFT-LoRA paper §3.4.1)
         lc, ls, source = lc * pred_c, ls * pred_s, "expert encoder x markers"
     override_c, override_s = aggregation_weights(parsed, config.lambda_c, config.lambda_s)
     if config.lambda_c is not None:

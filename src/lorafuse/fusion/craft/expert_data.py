@@ -1,4 +1,4 @@
-"""Training data for the CRAFT expert encoder: the best (λ_c, λ_s) of a λ grid, per prompt (algorithms.md §7.4).
+"""Training data for the CRAFT expert encoder: the best (λ_c, λ_s) of a λ grid, per prompt (docs/algorithms.md §7.4).
 
     for each prompt p = (concept ID, content span, style span) and each (λ_c, λ_s) in the grid:
         score[p, (λ_c, λ_s)] = score_fn([p, ...], λ_c, λ_s)[p]        e.g. harmonic mean of oracle content and

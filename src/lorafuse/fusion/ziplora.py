@@ -211,33 +211,3 @@ class ZipLora(FusionMethod):
         plan.record["merger_layers"] = len(set(mergers.m_c) | set(mergers.m_s))
         (c, _), (s, _) = ziplora_parts(content, style, mergers, where)
         plan.record.update(fuse_sum(pipe, [(c, w_c), (s, w_s)], plan.undo))
-        if config.mergers is not None:
-            mergers = (
-                config.mergers if isinstance(config.mergers, ZipMergers) else ZipMergers.load(config.mergers)
-            )
-            where = str(config.mergers) if not isinstance(config.mergers, ZipMergers) else "mergers"
-        else:
-            refs = [
-                encode_reference(pipe, config.content_image, config.content_prompt),
-                encode_reference(pipe, config.style_image, config.style_prompt),
-            ]
-            mergers, report = train_ziplora(
-                pipe, content, style, *refs, content_weight=w_c, style_weight=w_s, max_steps=config.max_steps,
-                lr=config.lr, similarity_weight=config.similarity_weight,
-                stop_similarity=config.stop_similarity, seed=config.seed,
-            )  # fmt: skip
-            where = "learned mergers"
-            plan.record["training"] = {
-                "steps": report.steps, "converged": report.converged, "seconds": round(report.seconds, 3),
-                "final_loss": report.loss[-1], "final_similarity": report.similarity[-1],
-            }  # fmt: skip
-            if config.save_mergers is not None:
-                plan.record["mergers_file"] = str(mergers.save(config.save_mergers))
-        plan.record["merger_layers"] = len(set(mergers.m_c) | set(mergers.m_s))
-        (c, _), (s, _) = ziplora_parts(content, style, mergers, where)
-        try:
-            plan.record.update(fuse_sum(pipe, [(c, w_c), (s, w_s)], plan.undo))
-        except BaseException:
-            plan.close()
-            raise
-        return plan

@@ -29,10 +29,10 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.common import print_table, write_result
+from benchmarks.klora_reference import NaiveKLoraHook
 from benchmarks.timing import interleaved, ratios, spread
 from lorafuse.errors import UserInputError
 from lorafuse.eval.metrics import world_references
-from lorafuse.fusion.klora_reference import NaiveKLoraHook
 from lorafuse.fusion.registry import get_method, make_config, method_names
 from lorafuse.fusion.sampling import sample
 from lorafuse.fusion.synthetic import random_lora

@@ -55,11 +55,26 @@ def imports(path: Path) -> list[tuple[int, str]]:
     return found
 
 
+def _package(rel: Path) -> str:
+    return rel.parts[0].removesuffix(".py") if len(rel.parts) > 1 or rel.stem != "__init__" else "lorafuse"
+
+
+def package_edges(src: Path = SRC) -> dict[tuple[str, str], int]:
+    """(importer, imported) package -> number of import statements, for docs/architecture.md's picture."""
+    edges: dict[tuple[str, str], int] = {}
+    for path in sorted(src.rglob("*.py")):
+        own = _package(path.relative_to(src))
+        for _, module in imports(path):
+            if package_of(module) != own:
+                edges[own, package_of(module)] = edges.get((own, package_of(module)), 0) + 1
+    return edges
+
+
 def upward_imports(src: Path = SRC) -> list[str]:
     bad = []
     for path in sorted(src.rglob("*.py")):
         rel = path.relative_to(src)
-        own = rel.parts[0].removesuffix(".py") if len(rel.parts) > 1 or rel.stem != "__init__" else "lorafuse"
+        own = _package(rel)
         if own not in LEVEL:
             bad.append(f"{rel}: package {own!r} has no layer; add it to LAYERS in tests/test_layers.py")
             continue
@@ -97,3 +112,13 @@ def test_the_check_sees_imports_inside_functions(tmp_path) -> None:
 @pytest.mark.parametrize("layer", LAYERS)
 def test_each_package_named_once(layer) -> None:
     assert all(sum(name in other for other in LAYERS) == 1 for name in layer)
+
+
+if __name__ == "__main__":  # python tests/test_layers.py: the package graph, top layer first
+    edges = package_edges()
+    for layer in reversed(LAYERS):
+        for name in layer:
+            out = sorted((LEVEL.get(b, -1), b, n) for (a, b), n in edges.items() if a == name)
+            print(f"{name:12s} -> " + ", ".join(f"{b} ({n})" for _, b, n in reversed(out)))
+    print(f"{len(edges)} edges between {len({x for e in edges for x in e})} packages, "
+          f"{len(upward_imports())} against the order")

@@ -2,7 +2,7 @@
 
 Same prompt, steps and seed for every row, in one run. Besides every registered method (default options), K-LoRA
 is measured in its variants and against a faithful per-step-recompute implementation
-(`fusion.klora_reference.NaiveKLoraHook`: ΔW = s B A, |ΔW|, Top-K and γ recomputed at every step, as the official
+(`benchmarks.klora_reference.NaiveKLoraHook`: ΔW = s B A, |ΔW|, Top-K and γ recomputed at every step, as the official
 code does; "per call" recomputes at every projection call, which is exactly the official code's cost).
 LoRAs: random, on every UNet attention projection (what K-LoRA chooses between), rank --rank.
 

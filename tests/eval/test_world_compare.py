@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from lorafuse.errors import UserInputError
-from lorafuse.eval.world_compare import CRAFT_CONTENT, CRAFT_STYLE, PairLoras, _layer_sets, _runs, method_options
+from lorafuse.eval.world_compare import (
+    CRAFT_CONTENT,
+    CRAFT_STYLE,
+    PairLoras,
+    _layer_sets,
+    _runs,
+    method_options,
+)
 
 
 def pair(**own) -> PairLoras:

@@ -14,7 +14,11 @@ from lorafuse.utils.atomic import atomic_path
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[0, 1] floats (any shape) -> uint8, rounded to nearest as diffusers' `numpy_to_pil` does. Hand-written:
     numpy_to_pil returns PIL images and does not clip, so a value a little outside [0, 1] would wrap around."""
-    return (np.clip(np.asarray(images, dtype=np.float64), 0.0, 1.0) * 255).round().astype(np.uint8)
+    arr = np.asarray(images)
+    if not np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float32)
+    # in the images' own float type: float32 and float64 round a few pixels in a million differently
+    return (np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 def _font(size: int) -> ImageFont.ImageFont:

@@ -28,7 +28,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("demo_report",),
     ("demo",),
     ("cli",),
-    ("ui", "__main__"),
+    ("ui",),  # the web UI runs CLI command lines
+    ("__main__",),  # the `lorafuse` command: the CLI plus `lorafuse ui`
 )
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 # Below, yet never imported: the LoRA layer is the same for every base, built-in world or not.

@@ -10,26 +10,32 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable, Sequence
 
 from lorafuse import __version__
 from lorafuse.errors import UserInputError
 
 # subcommand modules, in the order `lorafuse --help` lists them
-COMMAND_MODULES = ("demo", "world", "lora_tools", "bake", "train", "fuse", "grid", "report", "craft", "ui")
+COMMAND_MODULES = ("demo", "world", "lora_tools", "bake", "train", "fuse", "grid", "report", "craft")
+Register = Callable[[argparse._SubParsersAction], None]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extra: Sequence[Register] = ()) -> argparse.ArgumentParser:
+    """The parser of every subcommand; `extra`: `register` functions of commands built above the CLI (`lorafuse
+    ui`, added by the `lorafuse` entry point, `lorafuse.__main__`)."""
     parser = argparse.ArgumentParser(prog="lorafuse", description="Train, fuse and measure subject and style LoRAs.")
     parser.add_argument("--version", action="version", version=f"lorafuse {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         # every name must import: a typo is an error, not a subcommand silently missing
         importlib.import_module(f"lorafuse.cli.{name}").register(sub)
+    for register in extra:
+        register(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, extra: Sequence[Register] = ()) -> int:
+    parser = build_parser(extra)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -91,9 +91,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, help="CFG scale (default: the base's, 7.5 for SD, 1 = none for FLUX.1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scheduler", default="ddim", help="ddim (default), euler or dpmpp")
+    p.add_argument(
+        "--scheduler", default="default", help="ddim (the SD default), euler or dpmpp; FLUX.1 uses its own flow-match Euler"
+    )
     p.add_argument(
         "--allow-pickle", action="store_true", help="also read .ckpt/.pt/.bin (torch.load weights_only)"
     )

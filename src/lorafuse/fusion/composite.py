@@ -26,12 +26,12 @@ ADAPTER_NAMES = ("composite_content", "composite_style")
 
 @dataclass
 class CompositeConfig(FusionConfig):
-    mechanism: Literal["swap", "adapter"] = "swap"
+    mechanism: Literal["auto", "swap", "adapter", "inplace"] = "auto"
 
     def validate(self, method: str) -> None:
         super().validate(method)
         if self.mechanism not in MECHANISMS:
-            raise UserInputError(f"{method}: option mechanism={self.mechanism!r} must be 'swap' or 'adapter'")
+            raise UserInputError(f"{method}: option mechanism={self.mechanism!r} must be 'auto', 'swap', 'adapter' or 'inplace'")
 
 
 def only(variants: LayerVariants, variant: int) -> Callable[[], contextlib.AbstractContextManager[None]]:

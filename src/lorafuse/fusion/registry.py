@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 from lorafuse.config.toml_io import load_config
 from lorafuse.errors import ConfigError, UserInputError
+from lorafuse.families import family_of
 from lorafuse.fusion.common import check_finite, require_clean_base, resolve
 from lorafuse.fusion.markers import strip_markers
 from lorafuse.guidance.base import Guidance, StepHook
@@ -132,6 +133,7 @@ class FusionMethod(ABC):
     def check_inputs(self, pipe: Any, content: LoraState, style: LoraState, config: FusionConfig) -> None:
         """The checks every plan makes first: option types and ranges, a clean base, finite LoRAs whose keys
         and shapes fit this base. One place, so every method refuses bad input with the same words."""
+        family_of(pipe).check_refused(self.name)  # a method a family cannot run (B-LoRA on FLUX.1) says so first
         if not isinstance(config, self.config_cls):
             raise UserInputError(f"{self.name}: expected a {self.config_cls.__name__}, got {type(config).__name__}")
         config.validate(self.name)

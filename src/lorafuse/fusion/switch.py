@@ -17,6 +17,7 @@ from lorafuse.errors import UserInputError
 from lorafuse.fusion.common import (
     forward_order,
     fuse_sum,
+    is_denoiser,
     resolve,
     split_state,
 )
@@ -32,7 +33,7 @@ ADAPTER_NAMES = ("switch_content", "switch_style")
 @dataclass
 class SwitchConfig(FusionConfig):
     tau: int = 5
-    mechanism: Literal["swap", "adapter"] = "swap"
+    mechanism: Literal["auto", "swap", "adapter", "inplace"] = "auto"
 
     def validate(self, method: str) -> None:
         super().validate(method)
@@ -41,7 +42,7 @@ class SwitchConfig(FusionConfig):
                 f"{method}: option tau={self.tau!r} must be an integer >= 1 (steps per LoRA)"
             )
         if self.mechanism not in MECHANISMS:
-            raise UserInputError(f"{method}: option mechanism={self.mechanism!r} must be 'swap' or 'adapter'")
+            raise UserInputError(f"{method}: option mechanism={self.mechanism!r} must be 'auto', 'swap', 'adapter' or 'inplace'")
 
 
 class SwitchHook:
@@ -68,8 +69,8 @@ def unet_variants(
 ) -> LayerVariants:  # fmt: skip
     """Fuse the non-UNet parts as a sum and build switchable UNet variants (content = 0, style = 1)."""
     refs_c, refs_s = resolve(pipe, content), resolve(pipe, style)
-    unet_c = {k: r for k, r in refs_c.items() if r.component == "unet"}
-    unet_s = {k: r for k, r in refs_s.items() if r.component == "unet"}
+    unet_c = {k: r for k, r in refs_c.items() if is_denoiser(r)}
+    unet_s = {k: r for k, r in refs_s.items() if is_denoiser(r)}
     others = [
         (split_state(content, set(refs_c) - set(unet_c)), config.content_weight),
         (split_state(style, set(refs_s) - set(unet_s)), config.style_weight),
@@ -82,6 +83,7 @@ def unet_variants(
     )  # fmt: skip
     undo.append(variants.close)
     record["switched_layers"] = len(layers)
+    record["mechanism"] = variants.mechanism  # "auto" resolved
     return variants
 
 

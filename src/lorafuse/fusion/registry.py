@@ -80,7 +80,7 @@ class FusionConfig:
     def validate(self, method: str) -> None:
         # the one place weights are checked: NaN and inf are refused as non-finite before the range test
         for name in ("content_weight", "style_weight"):
-            check_range(method, name, getattr(self, name), -4.0, 4.0)
+            check_range(method, name, getattr(self, name), -4, 4)
 
     def record(self) -> dict[str, Any]:
         """JSON-ready options: plain values as they are, paths as strings, anything else (an image, a tensor,

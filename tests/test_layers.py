@@ -14,7 +14,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lorafuse"
 # Bottom to top. A package may import the packages of the layers below it, never one above or beside it.
 # The root `lorafuse/__init__.py` only holds `__version__` (its lazy `lorafuse.fuse` names no import).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "utils", "lorafuse"),  # the exception family, atomic writes, images, memory; the version
+    ("errors", "lorafuse"),  # the exception family; the version
+    ("utils",),  # atomic writes, images, memory, optional extras
     ("config",),  # typed dataclasses <-> TOML
     ("families",),  # what differs between base-model families (SD1.5, SDXL, world, FLUX.1)
     ("world",),  # the procedural world: shapes, styles, datasets, the oracle

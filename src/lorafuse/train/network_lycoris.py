@@ -132,6 +132,14 @@ def _te_component(name: str) -> str:
 def create_lycoris_network(pipe: object, net: NetworkConfig, arch: str) -> LycorisNetwork:
     """Inject a fresh LyCORIS network into `pipe` (seed the global torch RNG first: the factors' init draws)."""
     kohya = require("lycoris.kohya", "network_module = lycoris.kohya")
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
+        # accelerate syncs gradients of the wrapped UNet; LyCORIS's modules live outside it, so on several
+        # processes their gradients would silently differ
+        raise UserInputError("network_module = lycoris.kohya trains on one process only (no multi-GPU yet)")
     comps = components_of(pipe)
     for root in comps.values():
         root.requires_grad_(False)

@@ -1,6 +1,20 @@
-# benchmarks/ is a folder of scripts beside the package, not installed: make `import benchmarks` work in every
-# test (the slow reference implementations live there, beside the benchmarks that time them)
+"""Fixtures shared by every test folder."""
+
+from __future__ import annotations
+
 import sys
 from pathlib import Path
 
+import pytest
+
+# benchmarks/ is a folder of scripts beside the package, not installed: make `import benchmarks` work in every
+# test (the slow reference implementations live there, beside the benchmarks that time them)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux():
+    """tiny_flux(seed=0) -> a new flux-tiny pipeline (models/tiny_flux.py): real FLUX.1 classes at tiny width."""
+    from lorafuse.models.tiny_flux import tiny_flux_pipeline
+
+    return tiny_flux_pipeline

@@ -3,7 +3,7 @@
 lorafuse inspect FILE [--base PATH|world|sd15-tiny|sdxl-tiny]
 lorafuse merge A B --weights 1 0.5 --out OUT [--mode exact|svd|kohya_legacy --rank R]
 lorafuse resize FILE --rank R --out OUT
-lorafuse convert FILE --to kohya|diffusers --arch sd15|sdxl|world --out OUT
+lorafuse convert FILE --to kohya|diffusers --arch sd15|sdxl|world|flux --out OUT
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def _output_arch(args: argparse.Namespace, states: list[LoraState]) -> str:
     unknown = [p for p, a in guesses.items() if a is None]
     if unknown:
         raise UserInputError(
-            f"{unknown[0]}: cannot tell which base model this LoRA is for; pass --arch sd15|sdxl|world"
+            f"{unknown[0]}: cannot tell which base model this LoRA is for; pass --arch sd15|sdxl|world|flux"
         )
     if len(set(guesses.values())) > 1:
         seen = ", ".join(f"{p}: {_LABELS[a]}" for p, a in guesses.items())
@@ -130,24 +130,27 @@ def _output_arch(args: argparse.Namespace, states: list[LoraState]) -> str:
 
 
 def _meta_components(path: Path) -> tuple[dict, str]:
-    """A diffusers pipeline folder's UNet and text encoders built from their configs on the meta device:
+    """A diffusers pipeline folder's denoiser and text encoders built from their configs on the meta device:
     module names and shapes without reading gigabytes of weights."""
     import torch
     import transformers
-    from diffusers import UNet2DConditionModel
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
     index = json.loads((path / "model_index.json").read_text())
     comps = {}
     with torch.device("meta"):
         if "unet" in index:
             comps["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(path / "unet"))
+        if index.get("transformer", [None, None])[1] == "FluxTransformer2DModel":
+            config = FluxTransformer2DModel.load_config(path / "transformer")
+            comps["transformer"] = FluxTransformer2DModel.from_config(config)
         for name in ("text_encoder", "text_encoder_2"):
             entry = index.get(name)
             if isinstance(entry, list) and entry[1]:
                 cls = getattr(transformers, entry[1])
                 comps[name] = cls(cls.config_class.from_pretrained(path / name))
-    if "unet" not in comps:
-        raise UserInputError(f"{path}: the pipeline has no unet")
+    if "unet" not in comps and "transformer" not in comps:
+        raise UserInputError(f"{path}: the pipeline has neither a unet nor a FLUX.1 transformer")
     return comps, family_of(comps).name
 
 

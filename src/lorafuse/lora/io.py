@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lorafuse.errors import LoraFormatError, UserInputError
-from lorafuse.lora.formats import WRITE_FORMATS, detect_format, diffusers, kohya
+from lorafuse.lora.formats import WRITE_FORMATS, bfl, detect_format, diffusers, kohya
 from lorafuse.lora.formats.metadata import build_metadata, to_str
 from lorafuse.lora.keys import ARCHS, SD15_LAYOUT, SDXL_LAYOUT, KeyIndex, NameResolver, UnetLayout
 from lorafuse.lora.state import LoraState
@@ -70,7 +70,9 @@ def _resolver(base: object | None) -> NameResolver:
 
     if base is not None:
         return NameResolver([base_modules(base).index])
-    return NameResolver([reference_modules("sdxl").index, reference_modules("sd15").index])
+    return NameResolver(
+        [reference_modules("sdxl").index, reference_modules("sd15").index, reference_modules("flux").index]
+    )
 
 
 def read_tensors(path: str | os.PathLike, *, allow_pickle: bool = False) -> tuple[dict, dict[str, str]]:
@@ -100,8 +102,9 @@ def load_lora(
 ) -> LoraState:
     """Read any supported LoRA file into the canonical `LoraState`.
 
-    Formats: kohya (both SDXL UNet namings), LyCORIS LoCon / LoHa / LoKr (the last two rebuilt to dense ΔW),
-    diffusers attention-processor, diffusers and PEFT. `base` (a pipeline, a {component: module} mapping or a
+    Formats: kohya (both SDXL UNet namings, FLUX.1's BFL names), LyCORIS LoCon / LoHa / LoKr (the last two
+    rebuilt to dense ΔW), diffusers attention-processor, diffusers and PEFT (`transformer.` for FLUX.1), and FLUX.1
+    ComfyUI / BFL / XLabs files. Fused FLUX.1 layers (qkv, linear1) are split exactly into diffusers' modules. `base` (a pipeline, a {component: module} mapping or a
     UNet) resolves kohya names against that model's modules; without it, against real SD1.5 / SDXL.
     Call `validate_lora` next: loading checks the file, not whether it fits a model.
     """
@@ -110,6 +113,8 @@ def load_lora(
     family = detect_format(list(tensors), source)
     if family == "kohya":
         return kohya.read(tensors, metadata, _resolver(base), source)
+    if family == "bfl":
+        return bfl.read(tensors, metadata, source)
     return diffusers.read(tensors, metadata, source)
 
 
@@ -133,7 +138,7 @@ def save_lora(
     path: str | os.PathLike,
     *,
     format: str = "kohya",
-    arch: str = "sd15",
+    arch: str | None = None,
     metadata: Mapping[str, object] | None = None,
     training: Mapping[str, object] | None = None,
     base: object | None = None,
@@ -143,12 +148,15 @@ def save_lora(
     """Write `state` atomically as .safetensors and return the path.
 
     format: "kohya" (default; loads in A1111, ComfyUI, kohya and diffusers) or "diffusers" (PEFT layout with
-    diffusers' adapter metadata). arch: "sd15" | "sdxl" | "world"; SDXL kohya files get SGM UNet names.
+    diffusers' adapter metadata). arch: "sd15" | "sdxl" | "world" | "flux"; SDXL kohya files get SGM UNet
+    names, FLUX.1 kohya files BFL names with fused qkv / linear1 (exact, see flux_keys.py). Default: "flux" for
+    a LoRA on a FLUX.1 transformer, else "sd15".
     training: settings recorded as ss_* / modelspec.* (see formats/metadata.py TRAINING_KEYS).
     metadata: extra entries written last, verbatim. base: a model whose UNet layout differs from the
     real architecture's (the SGM block numbers depend on it). uniform_alpha (kohya only): when modules have
     different alphas, store one alpha and fold the ratios into `lora_up` (same ΔW), because diffusers loads
     per-module kohya alphas wrongly (see formats/kohya.py `with_uniform_alpha`); False keeps factors bit-exact.
+    FLUX.1 kohya files keep per-module alphas: diffusers' FLUX converter reads them right.
     dtype: of every stored tensor (kohya's save_precision): float16 / bfloat16 halve the file; alphas too, as
     kohya stores them (alphas are small integers or simple fractions, exact in either).
     """
@@ -157,6 +165,8 @@ def save_lora(
         raise UserInputError(f"{path}: lorafuse writes .safetensors files only")
     if format not in WRITE_FORMATS:
         raise UserInputError(f"unknown LoRA format {format!r}; choose from {', '.join(WRITE_FORMATS)}")
+    if arch is None:
+        arch = "flux" if "transformer" in state.components() else "sd15"
     if arch not in ARCHS:
         raise UserInputError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
     if not state.modules:
@@ -167,7 +177,7 @@ def save_lora(
             if t is not None and not torch.isfinite(t).all():
                 raise LoraFormatError(f"{path}: module {key} has non-finite values in {name}; not saving it")
 
-    if format == "kohya" and uniform_alpha:
+    if format == "kohya" and uniform_alpha and arch != "flux":
         state = kohya.with_uniform_alpha(state)
     meta = build_metadata(state, fmt=format, arch=arch, path=path, training=training)
     if format == "kohya":

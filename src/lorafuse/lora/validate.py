@@ -117,13 +117,35 @@ def _describe_keys(state: LoraState, keys: list[str]) -> str:
     return ", ".join(repr(_shown(state, k)) for k in keys[:N_EXAMPLES])
 
 
+_DENOISERS = ("unet", "transformer")
+
+
+def _check_family(state: LoraState, base: BaseModules, label: str, source: str) -> None:
+    """A UNet LoRA on a transformer base (or the reverse) cannot fit anywhere: say so by family, first."""
+    lora_side = {split_key(k)[0] for k in state.modules} & set(_DENOISERS)
+    base_side = base.components() & set(_DENOISERS)
+    if not lora_side or not base_side or lora_side & base_side:
+        return
+    keys = sorted(k for k in state.modules if split_key(k)[0] in lora_side)
+    if "transformer" in lora_side:
+        family = ARCH_LABELS["flux"]
+    else:
+        guess = _guess_arch(state, keys, exclude="")
+        family = ARCH_LABELS[guess] if guess else "Stable Diffusion (UNet)"
+    raise LoraFormatError(
+        f"{source}: this is a {family} LoRA and the base is {label}: its {len(keys)} {lora_side.pop()} keys "
+        f"(e.g. {_describe_keys(state, keys)}) have no counterpart in a {label} model. A LoRA applies only to the "
+        f"model family it was trained on; use a {label} LoRA, or a {family} base."
+    )
+
+
 def validate_lora(
     state: LoraState, pipeline_or_modules: object, *, arch: str, check_shapes: bool = True
 ) -> CoverageReport:
     """Check key coverage (and shapes) of `state` against a base before any work. See the module docstring.
 
     pipeline_or_modules: a diffusers pipeline, a {component: module} mapping, a UNet, or `BaseModules`.
-    arch: "sd15" | "sdxl" | "world", the base's architecture (for messages and the wrong-arch diagnosis).
+    arch: "sd15" | "sdxl" | "world" | "flux", the base's architecture (for messages and the wrong-arch diagnosis).
     check_shapes=False checks names only (e.g. a real LoRA against a tiny test model with smaller widths).
     """
     if arch not in ARCHS:
@@ -134,6 +156,7 @@ def validate_lora(
     report = CoverageReport(arch=arch, source=source, total=len(state.modules))
     if not state.modules:
         raise LoraFormatError(f"{source}: the LoRA has no modules")
+    _check_family(state, base, label, source)
 
     for key in sorted(state.modules):
         target = _resolve(state, key, base)

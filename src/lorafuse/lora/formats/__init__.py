@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from lorafuse.errors import LoraFormatError
-from lorafuse.lora.formats import diffusers, kohya
+from lorafuse.lora.formats import bfl, diffusers, kohya
 
-READ_FAMILIES = ("kohya", "diffusers")
+READ_FAMILIES = ("kohya", "bfl", "diffusers")
 WRITE_FORMATS = ("kohya", "diffusers")
 
 _NOT_LORA = (
@@ -18,12 +18,16 @@ _NOT_LORA = (
 
 
 def detect_format(keys: list[str], source: str) -> str:
-    """'kohya' (kohya and LyCORIS) or 'diffusers' (attention-processor, diffusers, PEFT); else a clear error."""
+    """'kohya' (kohya and LyCORIS), 'bfl' (FLUX.1 ComfyUI / BFL / XLabs) or 'diffusers' (attention-processor,
+    diffusers, PEFT); else a clear error. BFL names are tried before diffusers: PEFT's `<module>.lora_A.weight`
+    pattern would also match `double_blocks.0.img_attn.qkv.lora_A.weight`."""
     if not keys:
         raise LoraFormatError(f"{source}: the file holds no tensors")
     n_kohya = sum(kohya.is_kohya_key(k) for k in keys)
     if n_kohya == len(keys):
         return "kohya"
+    if all(bfl.is_bfl_key(k) for k in keys):
+        return "bfl"
     n_diffusers = sum(diffusers.is_diffusers_key(k) for k in keys)
     if n_diffusers == len(keys):
         return "diffusers"
@@ -38,5 +42,7 @@ def detect_format(keys: list[str], source: str) -> str:
         f"{source}: {len(unknown)} of {len(keys)} keys are in no LoRA format lorafuse reads, e.g. "
         f"{', '.join(repr(k) for k in unknown[:3])}.{hint} Readable: kohya / LyCORIS "
         "(`lora_unet_<module>.lora_down.weight`, `lora_te_…`), diffusers (`unet.<module>.lora.down.weight`, "
-        "`….processor.to_q_lora.down.weight`) and PEFT (`unet.<module>.lora_A.weight`)."
+        "`….processor.to_q_lora.down.weight`), PEFT (`unet.<module>.lora_A.weight`, "
+        "`transformer.<module>.lora_A.weight`) and FLUX.1 ComfyUI / XLabs "
+        "(`diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`, `double_blocks.0.processor.qkv_lora1.down.weight`)."
     )

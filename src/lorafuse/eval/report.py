@@ -22,6 +22,7 @@ from lorafuse.eval.html import HtmlReport
 from lorafuse.eval.measures import METRICS
 from lorafuse.eval.measures import metric as measure
 from lorafuse.eval.metrics import Interval
+from lorafuse.utils.atomic import check_output
 
 FILES = "report_files"
 # what the plots show, at most PLOT_METRICS of them (the tables have everything)
@@ -231,6 +232,12 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
             f"{run_dir}: not a folder; give the output folder of `lorafuse grid`, `fuse` or `train`"
         )
     page = Path(out) if out is not None else run_dir / "report.html"
+    if not _has_content(run_dir):
+        raise UserInputError(
+            f"{run_dir}: nothing to report: no images, cells.json, training log or settings file in it; give the "
+            "output folder of `lorafuse grid`, `fuse` or `train`"
+        )
+    check_output(page, what="report page")
     folder = page.parent / FILES
     report = HtmlReport(f"lorafuse report: {run_dir.name}")
 
@@ -280,6 +287,16 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
             report.image(rel(p), p.name)
     _settings(report, run_dir)
     return report.write(page)
+
+
+def _has_content(run_dir: Path) -> bool:
+    names = ("cells.json", "grid.toml", "record.json", "config.toml")
+    return (
+        any(run_dir.glob("*.png"))
+        or any((run_dir / n).is_file() for n in names)
+        or bool(training_logs(run_dir))
+        or (run_dir / "cells").is_dir()
+    )
 
 
 def _inside(path: Path, root: Path) -> bool:

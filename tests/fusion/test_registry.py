@@ -19,9 +19,12 @@ from lorafuse.lora.merge import is_fused
 @pytest.mark.parametrize("name", ["direct", "klora", "craft"])
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 def test_non_finite_weight_is_named_as_such(name, value) -> None:
-    # the range check alone would call NaN "out of range"; the message must say what is wrong
-    with pytest.raises(UserInputError, match=rf"{name}: option content_weight must be a finite number, got {value}"):
+    # the range check alone would call NaN "out of range"; the message must say what is wrong, whether the value
+    # comes as an option (typed by the config reader) or inside a config object (FusionConfig.validate)
+    with pytest.raises(UserInputError, match=rf"{name}: .*content_weight.* must be a finite number, got {value}"):
         make_config(name, content_weight=value)
+    with pytest.raises(UserInputError, match=rf"{name}: option content_weight must be a finite number, got {value}"):
+        get_method(name).config_cls(content_weight=value).validate(name)
 
 
 def test_config_object_plus_options_and_unknown_keys() -> None:

@@ -3,7 +3,7 @@
 Safety: only safetensors by default. Pickle-based files (.ckpt/.pt/.bin/.pth) can run code when unpickled,
 so they are refused unless the caller opts in with `allow_pickle=True`, and even then read with
 `torch.load(weights_only=True)`, which only rebuilds tensors and plain containers. Every file we write goes
-through `atomic_path`: an interrupted save never leaves half a LoRA under the final name.
+through `lorafuse.utils.atomic`: an interrupted save never leaves half a LoRA under the final name.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from pathlib import Path
 import torch
 
 from lorafuse.errors import LoraFormatError, UserInputError
+from lorafuse.lora.checks import check_magnitudes, check_tensors
 from lorafuse.lora.formats import WRITE_FORMATS, bfl, detect_format, diffusers, kohya
 from lorafuse.lora.formats.metadata import build_metadata, to_str
 from lorafuse.lora.keys import ARCHS, SD15_LAYOUT, SDXL_LAYOUT, KeyIndex, NameResolver, UnetLayout
 from lorafuse.lora.state import LoraState
-from lorafuse.utils.atomic import atomic_path
+from lorafuse.utils.atomic import atomic_save_safetensors
+from lorafuse.utils.inputs import check_input_file
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".bin", ".pth")
 
@@ -54,16 +56,6 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _check_finite(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            n = int((~torch.isfinite(tensor)).sum())
-            raise LoraFormatError(
-                f"{path}: tensor {key!r} has {n} non-finite values (NaN/inf); the file is damaged or its training "
-                "diverged. Refusing to load it."
-            )
-
-
 def _resolver(base: object | None) -> NameResolver:
     """Kohya names are resolved against the base's real module names, else against the reference archs."""
     from lorafuse.lora.targets import base_modules, reference_modules
@@ -77,9 +69,7 @@ def _resolver(base: object | None) -> NameResolver:
 
 def read_tensors(path: str | os.PathLike, *, allow_pickle: bool = False) -> tuple[dict, dict[str, str]]:
     """(tensors, metadata) of a LoRA file, with the safety checks but no format interpretation."""
-    path = Path(path)
-    if not path.is_file():
-        raise LoraFormatError(f"{path}: no such file")
+    path = check_input_file(path, "LoRA file", LoraFormatError)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         tensors, metadata = _read_safetensors(path)
@@ -93,8 +83,7 @@ def read_tensors(path: str | os.PathLike, *, allow_pickle: bool = False) -> tupl
         tensors, metadata = _read_pickle(path), {}
     else:
         raise LoraFormatError(f"{path}: unknown LoRA file type {suffix!r}; expected .safetensors")
-    _check_finite(path, tensors)
-    return tensors, metadata
+    return check_tensors(tensors, str(path)), metadata
 
 
 def load_lora(
@@ -112,10 +101,13 @@ def load_lora(
     source = str(path)
     family = detect_format(list(tensors), source)
     if family == "kohya":
-        return kohya.read(tensors, metadata, _resolver(base), source)
-    if family == "bfl":
-        return bfl.read(tensors, metadata, source)
-    return diffusers.read(tensors, metadata, source)
+        state = kohya.read(tensors, metadata, _resolver(base), source)
+    elif family == "bfl":
+        state = bfl.read(tensors, metadata, source)
+    else:
+        state = diffusers.read(tensors, metadata, source)
+    check_magnitudes(state)
+    return state
 
 
 def kohya_layout(arch: str, base: object | None) -> UnetLayout | None:
@@ -206,12 +198,19 @@ def save_tensors(
 
 
 def _save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
     # safetensors refuses views that share storage; detached contiguous clones are always accepted
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    atomic_save_safetensors(path, tensors, metadata)
+
+
+def estimated_size(state: LoraState) -> int:
+    """Bytes a saved `state` takes (the tensors; metadata is small): for `check_output` before any work."""
+    total = 0
+    for m in state.modules.values():
+        for t in (m.down, m.up, m.delta):
+            if t is not None:
+                total += t.numel() * t.element_size()
+    return total
 
 
 __all__ = ["load_lora", "save_lora", "read_tensors", "KeyIndex"]

@@ -3,7 +3,8 @@ up only as "no effect" (ComfyUI applies a wrong-architecture LoRA partly, with a
 
 - no key matches a module of the base: `LoraFormatError` naming the file, the count and what the keys look like;
 - some keys match nothing: `LoraCoverageWarning` with counts and example keys (also in `report.warnings`);
-- a matching key whose ΔW has the wrong shape: `LoraFormatError` naming key, expected and found shapes.
+- a matching key whose ΔW has the wrong shape: `LoraFormatError` naming key, expected and found shapes;
+- an update far larger than the base weight it changes: a warning, or past a clear limit an error (checks.py).
 Use `report.targets[key]` to find the module a LoRA key applies to: kohya names are resolved against this base's
 own module names, which is exact even where a key's canonical spelling came from another UNet layout.
 """
@@ -14,11 +15,14 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
+import torch
+
 from lorafuse.errors import LoraFormatError, UserInputError
 from lorafuse.lora.archs import ARCH_LABELS, REFERENCE_ARCHS
+from lorafuse.lora.checks import check_against_base
 from lorafuse.lora.keys import ARCHS, split_key, split_kohya_prefix
 from lorafuse.lora.state import LoraModule, LoraState
-from lorafuse.lora.targets import BaseModules, ModuleRef, base_modules, reference_modules
+from lorafuse.lora.targets import BaseModules, ModuleRef, base_modules, components_of, reference_modules
 
 N_EXAMPLES = 3
 
@@ -197,4 +201,19 @@ def validate_lora(
         )
         report.warnings.append(message)
         warnings.warn(message, LoraCoverageWarning, stacklevel=2)
+    if check_shapes:
+        report.warnings += check_against_base(state, _target_weights(pipeline_or_modules, report.targets))
     return report
+
+
+def _target_weights(base: object, targets: dict[str, ModuleRef]) -> dict[str, torch.Tensor]:
+    """{LoRA key: the base weight it changes}, or {} for a base known only by names and shapes."""
+    if isinstance(base, BaseModules):
+        return {}
+    comps = components_of(base)
+    out = {}
+    for key, ref in targets.items():
+        module = comps[ref.component].get_submodule(ref.path)
+        module = getattr(module, "base_layer", module)  # an already-injected peft layer
+        out[key] = module.weight
+    return out

@@ -6,7 +6,7 @@
     4. caches                       8. output folder (the run's first write)
     5. data                         9. the loop: noise, predict, loss, step, log, save, sample
                                    10. final LoRA, state and loss plot
-Notation (algorithms.md §8): x_0 latents, ε noise, t timestep, ᾱ_t = alphas_cumprod[t], x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε;
+Notation (docs/algorithms.md §8): x_0 latents, ε noise, t timestep, ᾱ_t = alphas_cumprod[t], x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε;
 the target is ε, or v = √ᾱ_t ε − √(1−ᾱ_t) x_0 when the scheduler (or v_parameterization) says v-prediction.
 
 Accelerate places models, runs mixed precision and gradient sync, so `accelerate launch -m lorafuse train ...`
@@ -55,6 +55,7 @@ from lorafuse.train.saving import SaveRotation, check_implemented, save_dtype
 from lorafuse.train.stop import StopRequest
 from lorafuse.train.timesteps import noise_like, sample_timesteps
 from lorafuse.train.validation import Validator, split_validation
+from lorafuse.utils.atomic import check_output
 from lorafuse.utils.memory import release_memory
 
 
@@ -99,6 +100,7 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
 
     # 1. Check inputs before any compute or any write
     check_implemented(cfg)
+    check_output(tc.output_dir, kind="folder", what="training.output_dir")
     index = scan_dataset(ds)
     val_seed = ds.validation_seed if ds.validation_seed is not None else tc.seed
     index, val_index = split_validation(index, ds.validation_split, val_seed)

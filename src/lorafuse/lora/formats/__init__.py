@@ -31,6 +31,8 @@ def detect_format(keys: list[str], source: str) -> str:
     n_diffusers = sum(diffusers.is_diffusers_key(k) for k in keys)
     if n_diffusers == len(keys):
         return "diffusers"
+    if n_kohya and n_kohya + n_diffusers == len(keys):
+        return _two_schemes(keys, source)
     for prefixes, what in _NOT_LORA:
         if sum(k.startswith(prefixes) for k in keys) > len(keys) // 2:
             raise LoraFormatError(f"{source}: this looks like {what}, not a LoRA (e.g. key {keys[0]!r})")
@@ -45,4 +47,15 @@ def detect_format(keys: list[str], source: str) -> str:
         "`….processor.to_q_lora.down.weight`), PEFT (`unet.<module>.lora_A.weight`, "
         "`transformer.<module>.lora_A.weight`) and FLUX.1 ComfyUI / XLabs "
         "(`diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`, `double_blocks.0.processor.qkv_lora1.down.weight`)."
+    )
+
+
+def _two_schemes(keys: list[str], source: str) -> str:
+    """Every key is kohya or diffusers, but both occur: a file merged or converted half-way."""
+    kohya_keys = [k for k in keys if kohya.is_kohya_key(k)]
+    other = [k for k in keys if not kohya.is_kohya_key(k)]
+    raise LoraFormatError(
+        f"{source}: the file mixes two LoRA naming schemes, {len(kohya_keys)} kohya keys (e.g. {kohya_keys[0]!r}) "
+        f"and {len(other)} diffusers/PEFT keys (e.g. {other[0]!r}), so modules may be stored twice and applied "
+        "twice. Keep one scheme: re-export the LoRA, or convert each part with `lorafuse convert` and merge them."
     )

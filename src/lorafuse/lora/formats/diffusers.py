@@ -131,7 +131,7 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str
         if "down" not in roles or "up" not in roles:
             raise LoraFormatError(f"{where}: needs both down (A) and up (B), has {', '.join(sorted(roles))}")
         if "alpha" in roles:
-            alpha = float(roles["alpha"].item())
+            alpha = float(roles["alpha"].item()) or None  # 0 means none, as in kohya
         else:
             component = module.split(".", 1)[0]
             config = configs.get(component) or configs.get("*") or {}

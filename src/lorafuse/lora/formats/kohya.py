@@ -14,6 +14,7 @@ from collections import Counter, defaultdict
 import torch
 
 from lorafuse.errors import LoraFormatError
+from lorafuse.lora.checks import warn_missing_alpha
 from lorafuse.lora.flux_keys import bfl_from_flat, from_bfl, to_bfl
 from lorafuse.lora.formats.common import effective_alpha, lora_pair, require_low_rank
 from lorafuse.lora.formats.lycoris import LOHA_PARTS, LOKR_PARTS, locon_tucker_delta, loha_delta, lokr_delta
@@ -115,6 +116,9 @@ def read(
     fmt = kinds.pop() if len(kinds) == 1 else "lycoris_mixed"
     if fmt == "kohya" and metadata.get("ss_network_module", "").startswith("lycoris"):
         fmt = "lycoris_locon"
+    warn_missing_alpha(
+        [n for n, p in groups.items() if "alpha" in p], [n for n, p in groups.items() if "alpha" not in p], source
+    )
     return LoraState(
         modules=modules, metadata=dict(metadata), source_format=fmt, source_path=source, source_names=names
     )
@@ -126,7 +130,8 @@ def _module(parts: dict[str, torch.Tensor], where: str) -> tuple[LoraModule, str
         if part in parts:
             raise LoraFormatError(f"{where}: {why} is not supported by lorafuse")
     alpha_t = parts.get("alpha")
-    alpha = float(alpha_t.item()) if alpha_t is not None else None
+    # kohya's convention: a zero alpha means none (alpha = rank); checks.py has warned about it
+    alpha = (float(alpha_t.item()) or None) if alpha_t is not None else None
     if parts.keys() & (LOHA_PARTS - {"alpha"}):
         return LoraModule(delta=loha_delta(parts, where)), "lycoris_loha"
     if parts.keys() & (LOKR_PARTS - {"alpha"}):

@@ -2,7 +2,7 @@
 built-in world, judged by the oracle encoders (ground truth), with 95 % intervals and the time per image.
 
 Per pair: a content LoRA (5 images of a held-out individual) and a style LoRA (1 image of a held-out style),
-trained by `world.personalize` with its default recipes (plus CRAFT's disjoint-layer pair), then
+trained by `train.world_personalize` with its default recipes (plus CRAFT's disjoint-layer pair), then
 `eval.world_compare.compare_pair`: the base, each LoRA alone and every method, with the same prompt template
 and the same noise seeds for every method and pair. Intervals: Student t over every image of a method (pairs x
 seeds) for the similarities, Wilson for the right_* rates. Pairs: held-out individuals (`<class>_08`, then
@@ -74,8 +74,8 @@ def run_pair(pipe, oracle, individual: str, style: str, args, methods: list[str]
         settings["content"]["epochs"] = args.content_epochs
     if args.style_epochs:
         settings["style"]["epochs"] = args.style_epochs
+    from lorafuse.train.world_personalize import base_fingerprint, style_recipe, subject_recipe
     from lorafuse.world.oracle import default_oracle_path
-    from lorafuse.world.personalize import base_fingerprint, style_recipe, subject_recipe
 
     # a cached result is reused only when the same LoRAs (recipe keys hash the base's weights too) are judged by
     # the same oracle weights with the same sampling settings
@@ -99,7 +99,7 @@ def run_pair(pipe, oracle, individual: str, style: str, args, methods: list[str]
         )  # CRAFT and B-LoRA use part of each LoRA by design; they say so each time
         result = compare_pair(pipe, loras, oracle=oracle, methods=methods, seeds=args.seeds, seed=args.seed,
                               steps=args.steps, guidance=args.guidance, progress=not args.no_progress)  # fmt: skip
-    from lorafuse.eval.picture import save_image
+    from lorafuse.utils.images import save_image
 
     save_image(side_by_side(result, title=f"{result.pair}: {result.prompt}"), folder / "side_by_side.png")
     done = {"signature": signature, "pair": result.pair, "prompt": result.prompt, "seeds": result.seeds,

@@ -32,7 +32,7 @@ def _unet(arch: str, real: bool = False):
 
         return reference_components(arch)["unet"]
     if arch == "world":
-        from lorafuse.world.base_model import fresh_components, world_tokenizer
+        from lorafuse.models.world import fresh_components, world_tokenizer
 
         with tempfile.TemporaryDirectory() as tmp:
             return fresh_components(world_tokenizer(tmp))["unet"]

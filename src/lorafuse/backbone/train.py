@@ -1,4 +1,4 @@
-"""Train the rank-limited backbone W' on contrastive pairs (CRAFT-LoRA App. A.2; algorithms.md §7.1).
+"""Train the rank-limited backbone W' on contrastive pairs (CRAFT-LoRA App. A.2; docs/algorithms.md §7.1).
 
     L = E‖ε − ε_{W'}(z_t, t, c)‖² + λ_p L_perc(x̂_0, x_0)
 

@@ -6,19 +6,21 @@ module answers it once:
 
     loras = train_pair_loras("teapot_08", "crayon", work_dir, methods=method_names())   # cached by recipe
     result = compare_pair(pipe, loras, oracle=default_oracle(), seeds=4, steps=25)
-    result.rows      # one dict per image: label, kind, seed, oracle scores, §7.6 aggregates, seconds per image
+    result.rows      # one dict per image: label, kind, seed, oracle scores, docs/algorithms.md §7.6 aggregates, seconds per image
     result.images    # label -> (seeds, H, W, 3) uint8, the same prompt and noise seeds in every row
 
 What runs, in order: the base model alone, the content LoRA alone, the style LoRA alone, then every method through
 `lorafuse.fuse` (the single-LoRA rows are `direct` fusion with the other weight 0, which equals that LoRA alone:
-one sampling path for everything). CRAFT needs LoRAs trained on disjoint layer sets (`layers="craft"` recipes);
-every other method, B-LoRA included (it takes its two blocks from them), gets the attention LoRAs. CRAFT's
-cross-influence is measured against its own LoRAs alone ("craft content only" / "craft style only" rows), so every
-method is compared with the LoRAs it actually fused.
+one sampling path for everything). A method declares the layers its LoRAs should cover (`FusionMethod.lora_layers`):
+CRAFT needs LoRAs trained on disjoint layer sets (`layers="craft"` recipes); every other method, B-LoRA included
+(it takes its two blocks from them), gets the attention LoRAs. Such a method's cross-influence is measured against
+its own LoRAs alone ("craft content only" / "craft style only" rows), so every method is compared with the LoRAs
+it actually fused.
 
 Prompt: "a photo of a sks teapot <c>, in sks style <s>" (the trigger words the world datasets train with; the
-markers tag CRAFT's spans and are removed before the text encoder, for every method). ZipLoRA learns its mergers
-on the first image of each training set with its caption, as the paper does. A method that cannot run with these
+markers tag CRAFT's spans and are removed before the text encoder, for every method). A method that learns from
+references (`FusionMethod.needs_references`: ZipLoRA) gets the first image of each training set with its caption,
+as the ZipLoRA paper does. A method that cannot run with these
 inputs is skipped with its reason, as `lorafuse fuse --method all` does.
 """
 
@@ -32,13 +34,13 @@ from typing import Any
 import numpy as np
 
 from lorafuse.errors import UserInputError
+from lorafuse.eval.measures import derived
 from lorafuse.eval.metrics import OracleScorer
 from lorafuse.eval.report import group_stats
-from lorafuse.eval.scoring import aggregates
 
-CRAFT = "craft"
+ATTENTION = "attention"  # the layer set of the shared pair; other sets are trained only for methods that ask
 BASE, CONTENT, STYLE = "base", "content only", "style only"
-CRAFT_CONTENT, CRAFT_STYLE = "craft content only", "craft style only"
+CRAFT_CONTENT, CRAFT_STYLE = "craft content only", "craft style only"  # the rows of CRAFT's own LoRAs alone
 # the columns people read first; every row has them (the right_* rates are 0/1 per image)
 SCORES = ("oracle_content", "oracle_style", "right_individual", "right_style", "oracle_hmean", "oracle_ci",
           "seconds_per_image")  # fmt: skip
@@ -46,7 +48,8 @@ SCORES = ("oracle_content", "oracle_style", "right_individual", "right_style", "
 
 @dataclass(frozen=True)
 class PairLoras:
-    """The trained LoRAs of one pair and their datasets. craft_* are None when CRAFT is not compared."""
+    """The trained LoRAs of one pair and their datasets. `own`: layer set -> (content, style) LoRAs for methods
+    whose `lora_layers` is not the attention pair (CRAFT's "craft")."""
 
     individual: str
     style: str
@@ -54,8 +57,7 @@ class PairLoras:
     style_lora: Path
     content_data: Path
     style_data: Path
-    craft_content: Path | None = None
-    craft_style: Path | None = None
+    own: Mapping[str, tuple[Path, Path]] = field(default_factory=dict)
     runs: tuple[Path, ...] = ()  # the trainer's run folders (loss CSV logs), for the report's curves
 
     @property
@@ -67,23 +69,36 @@ def train_pair_loras(individual: str, style: str, work_dir: str | Path, *, metho
                      content_settings: Mapping[str, Any] | None = None,
                      style_settings: Mapping[str, Any] | None = None, progress: bool = True) -> PairLoras:  # fmt: skip
     """Write the datasets and train (or reuse, keyed by recipe) the LoRAs `methods` need: the attention pair
-    always (the baselines), the CRAFT disjoint-layer pair when "craft" is among `methods`. `*_settings` override
-    recipe fields (e.g. epochs=1 for a smoke run)."""
-    from lorafuse.world.personalize import recipe_paths, style_recipe, subject_recipe, train_world_lora
+    always (the baselines), and a pair on each other layer set a method asks for (`lora_layers`, e.g. CRAFT's
+    disjoint sets). `*_settings` override recipe fields (e.g. epochs=1 for a smoke run)."""
+    from lorafuse.train.world_personalize import recipe_paths, style_recipe, subject_recipe, train_world_lora
 
     c_recipe = subject_recipe(individual, **dict(content_settings or {}))
     s_recipe = style_recipe(style, **dict(style_settings or {}))
     recipes = [c_recipe, s_recipe]
-    if CRAFT in methods:
-        recipes += [subject_recipe(individual, **{**dict(content_settings or {}), "layers": CRAFT}),
-                    style_recipe(style, **{**dict(style_settings or {}), "layers": CRAFT})]  # fmt: skip
+    layer_sets = _layer_sets(methods)
+    for layers in layer_sets:
+        recipes += [subject_recipe(individual, **{**dict(content_settings or {}), "layers": layers}),
+                    style_recipe(style, **{**dict(style_settings or {}), "layers": layers})]  # fmt: skip
     paths = [train_world_lora(r, work_dir, progress=progress) for r in recipes]
+    own = {layers: (paths[2 + 2 * i], paths[3 + 2 * i]) for i, layers in enumerate(layer_sets)}
     return PairLoras(
         individual=individual, style=style, content=paths[0], style_lora=paths[1],
         content_data=recipe_paths(c_recipe, work_dir)[0], style_data=recipe_paths(s_recipe, work_dir)[0],
-        craft_content=paths[2] if len(paths) > 2 else None, craft_style=paths[3] if len(paths) > 2 else None,
-        runs=tuple(recipe_paths(r, work_dir)[1] for r in recipes),
+        own=own, runs=tuple(recipe_paths(r, work_dir)[1] for r in recipes),
     )  # fmt: skip
+
+
+def _layer_sets(methods: Sequence[str]) -> list[str]:
+    """The layer sets other than the attention pair that `methods` need their own LoRAs on, in method order."""
+    from lorafuse.fusion.registry import get_method
+
+    return list(dict.fromkeys(get_method(m).lora_layers for m in methods if get_method(m).lora_layers != ATTENTION))
+
+
+def _alone_labels(layers: str) -> tuple[str, str]:
+    """The rows of one layer set's LoRAs alone: ("content only", "style only") for the attention pair."""
+    return (CONTENT, STYLE) if layers == ATTENTION else (f"{layers} {CONTENT}", f"{layers} {STYLE}")
 
 
 def training_images(data_dir: Path) -> list[tuple[Path, str]]:
@@ -105,9 +120,12 @@ def pair_prompt(individual: str) -> str:
 
 
 def method_options(method: str, loras: PairLoras) -> dict[str, Any]:
-    """What a method needs beyond the two LoRAs on the world: ZipLoRA's references (first training image and
-    its caption of each dataset; the merger training reads images, not prompts with markers)."""
-    if method != "ziplora":
+    """What a method needs beyond the two LoRAs on the world: the references of a method that learns from them
+    (ZipLoRA: first training image and its caption of each dataset; the merger training reads images, not prompts
+    with markers)."""
+    from lorafuse.fusion.registry import get_method
+
+    if not get_method(method).needs_references:
         return {}
     (c_img, c_cap), (s_img, s_cap) = (
         training_images(loras.content_data)[0],
@@ -138,16 +156,19 @@ def _runs(loras: PairLoras, methods: Sequence[str]) -> list[tuple[str, str, str,
     runs = [(BASE, "base", "direct", loras.content, loras.style_lora, {"content_weight": 0.0, "style_weight": 0.0}),
             (CONTENT, "content", "direct", loras.content, loras.style_lora, {"style_weight": 0.0}),
             (STYLE, "style", "direct", loras.content, loras.style_lora, {"content_weight": 0.0})]  # fmt: skip
-    if CRAFT in methods:
-        if loras.craft_content is None or loras.craft_style is None:
-            raise UserInputError(f"{loras.name}: CRAFT needs LoRAs trained on its disjoint layers; train the pair "
-                                 "with methods including 'craft' (layers='craft' recipes)")  # fmt: skip
-        cc, cs = loras.craft_content, loras.craft_style
-        runs += [(CRAFT_CONTENT, "content", CRAFT, cc, cs, {"style_weight": 0.0}),
-                 (CRAFT_STYLE, "style", CRAFT, cc, cs, {"content_weight": 0.0})]  # fmt: skip
+    from lorafuse.fusion.registry import get_method
+
+    files = {ATTENTION: (loras.content, loras.style_lora), **loras.own}
+    for layers in _layer_sets(methods):
+        if layers not in files:
+            raise UserInputError(f"{loras.name}: methods on layer set {layers!r} need LoRAs trained on it; train "
+                                 f"the pair with those methods among `methods` (layers={layers!r} recipes)")  # fmt: skip
+        first = next(m for m in methods if get_method(m).lora_layers == layers)
+        c_label, s_label = _alone_labels(layers)
+        runs += [(c_label, "content", first, *files[layers], {"style_weight": 0.0}),
+                 (s_label, "style", first, *files[layers], {"content_weight": 0.0})]  # fmt: skip
     for m in methods:
-        files = (loras.craft_content, loras.craft_style) if m == CRAFT else (loras.content, loras.style_lora)
-        runs.append((m, "fused", m, *files, {}))
+        runs.append((m, "fused", m, *files[get_method(m).lora_layers], {}))
     return runs
 
 
@@ -204,16 +225,18 @@ def _plain(value: Any) -> Any:
 
 
 def _add_aggregates(rows: list[dict[str, Any]]) -> None:
-    """§7.6 means for every row, and cross-influence for fused rows against the same seed's single-LoRA rows of
+    """docs/algorithms.md §7.6 means for every row, and cross-influence for fused rows against the same seed's single-LoRA rows of
     the LoRAs that method fused (CRAFT's own, the attention pair for the others)."""
+    from lorafuse.fusion.registry import get_method
+
     by_key = {(r["pair"], r["method"], r["seed"]): r for r in rows}
     for r in rows:
         if r["kind"] != "fused":
-            r.update(aggregates(r))
+            r.update(derived(r))
             continue
-        singles = (CRAFT_CONTENT, CRAFT_STYLE) if r["method"] == CRAFT else (CONTENT, STYLE)
+        singles = _alone_labels(get_method(r["method"]).lora_layers)
         alone = [by_key.get((r["pair"], s, r["seed"]), {}) for s in singles]
-        r.update(aggregates(r, *alone))
+        r.update(derived(r, *alone))
 
 
 def summary(rows: Sequence[dict[str, Any]], metrics: Sequence[str] = SCORES,
@@ -234,7 +257,7 @@ def summary(rows: Sequence[dict[str, Any]], metrics: Sequence[str] = SCORES,
 
 def side_by_side(result: CompareResult, *, title: str | None = None):
     """A labelled grid: one column per row label (base, singles, methods), one row per seed."""
-    from lorafuse.eval.picture import labelled_grid
+    from lorafuse.utils.images import labelled_grid
 
     cols = result.labels
     grid = [[result.images[label][k] for label in cols] for k in range(len(result.seeds))]

@@ -1,4 +1,4 @@
-"""LoRA Switch (Multi-LoRA Composition, Zhong et al. 2024; algorithms.md §3): one LoRA active at a time,
+"""LoRA Switch (Multi-LoRA Composition, Zhong et al. 2024; docs/algorithms.md §3): one LoRA active at a time,
 rotating every τ steps: at step i the active LoRA is a = (i // τ) mod N, LoRAs ordered (content, style).
 
 Notation: `tau` is τ (5 in the paper); `w_c` / `w_s` the weights the active LoRA is applied with.
@@ -15,11 +15,9 @@ import torch
 
 from lorafuse.errors import UserInputError
 from lorafuse.fusion.common import (
-    check_weights,
     forward_order,
     fuse_sum,
     is_denoiser,
-    require_clean_base,
     resolve,
     split_state,
 )
@@ -95,20 +93,10 @@ class Switch(FusionMethod):
     config_cls = SwitchConfig
     summary = "LoRA Switch: one LoRA active at a time, rotating every tau steps"
 
-    def plan(self, pipe: Any, content: LoraState, style: LoraState, config: FusionConfig) -> FusionPlan:
-        if not isinstance(config, SwitchConfig):
-            raise UserInputError(f"{self.name}: expected a SwitchConfig, got {type(config).__name__}")
-        config.validate(self.name)
-        check_weights(config.content_weight, config.style_weight, self.name)
-        require_clean_base(pipe, self.name)
-        plan = FusionPlan(record={
-            "method": self.name, "tau": config.tau, "order": ["content", "style"], "mechanism": config.mechanism,
+    def _build(self, plan: FusionPlan, pipe: Any, content: LoraState, style: LoraState, config: SwitchConfig) -> None:
+        plan.record.update({
+            "tau": config.tau, "order": ["content", "style"], "mechanism": config.mechanism,
             "content_weight": config.content_weight, "style_weight": config.style_weight,
         })  # fmt: skip
-        try:
-            variants = unet_variants(pipe, content, style, config, ADAPTER_NAMES, plan.record, plan.undo)
-            plan.hooks.append(SwitchHook(variants, config.tau, 2, plan.record))
-        except BaseException:
-            plan.close()
-            raise
-        return plan
+        variants = unet_variants(pipe, content, style, config, ADAPTER_NAMES, plan.record, plan.undo)
+        plan.hooks.append(SwitchHook(variants, config.tau, 2, plan.record))

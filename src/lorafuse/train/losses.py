@@ -1,4 +1,4 @@
-"""Training losses with kohya sd-scripts semantics (algorithms.md §8).
+"""Training losses with kohya sd-scripts semantics (docs/algorithms.md §8).
 
 Notation: p = model prediction, y = target (ε, or v for v-prediction bases), t = diffusion timestep,
 ᾱ_t = alphas_cumprod[t], σ_t = √((1 − ᾱ_t)/ᾱ_t), SNR = ᾱ_t / (1 − ᾱ_t) = 1/σ_t².

@@ -36,10 +36,11 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from lorafuse.models.world import fresh_components, scheduler_config, world_tokenizer
 from lorafuse.train.losses import min_snr_weight
 from lorafuse.train.objectives import DDPMObjective
 from lorafuse.utils.atomic import atomic_path
-from lorafuse.world.base_model import fresh_components, scheduler_config, world_tokenizer
+from lorafuse.utils.images import to_uint8
 from lorafuse.world.catalog import SEEN_STYLES, all_individuals, caption
 from lorafuse.world.oracle import to_tensor
 from lorafuse.world.pool import Pool
@@ -382,7 +383,7 @@ def evaluate(pipe: StableDiffusionPipeline, oracle, n: int = 96, steps: int = 25
     for i in range(0, n, 32):
         out = pipe(prompts[i : i + 32], num_inference_steps=steps, guidance_scale=guidance, height=64, width=64,
                    generator=torch.Generator().manual_seed(seed + i), output_type="np")
-        images.append((out.images * 255).round().astype(np.uint8))
+        images.append(to_uint8(out.images))
     images = np.concatenate(images)
     verdict = oracle.judge(images)
     cls_acc = float(np.mean([a == b for a, b in zip(verdict.cls, classes, strict=True)]))

@@ -3,9 +3,9 @@
 import numpy as np
 from diffusers import StableDiffusionPipeline
 
+from lorafuse.train.world_pretrain import PretrainConfig, cache_latents, export, train_unet, train_vae
 from lorafuse.world.catalog import SEEN_STYLES, all_individuals
 from lorafuse.world.pool import render_pool
-from lorafuse.world.pretrain import PretrainConfig, cache_latents, export, train_unet, train_vae
 
 
 def test_pretrain_stages_run_checkpoint_and_resume(tmp_path, capsys):
@@ -34,7 +34,7 @@ def test_export_is_a_plain_diffusers_folder(tmp_path):
     from diffusers.training_utils import EMAModel
     from transformers import CLIPTokenizer
 
-    from lorafuse.world.base_model import fresh_components
+    from lorafuse.models.world import fresh_components
 
     tok = CLIPTokenizer.from_pretrained(tmp_path / "tokenizer")
     comps = fresh_components(tok)
@@ -51,8 +51,8 @@ def test_export_is_a_plain_diffusers_folder(tmp_path):
 def test_caption_finetune_starts_from_stage_3_and_drops_colours(tmp_path, capsys):
     from safetensors.torch import load_file
 
+    from lorafuse.train.world_pretrain import _captions, finalize, unet_stages
     from lorafuse.world.catalog import COLOURS
-    from lorafuse.world.pretrain import _captions, finalize, unet_stages
 
     pool = render_pool(6, all_individuals(held_out=False)[:3], list(SEEN_STYLES[:2]), seed=0, progress=False)
     plain = _captions(pool, with_colour=False)
@@ -100,7 +100,7 @@ def test_pretrain_resume_is_bit_exact(tmp_path, monkeypatch):
     import pytest
     import torch
 
-    from lorafuse.world import pretrain
+    from lorafuse.train import world_pretrain as pretrain
 
     pool = render_pool(4, all_individuals(held_out=False)[:2], ["flat"], seed=0, progress=False)
     straight, killed = tmp_path / "a", tmp_path / "b"

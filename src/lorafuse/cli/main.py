@@ -39,7 +39,7 @@ def build_parser(extra: Sequence[Register] = ()) -> argparse.ArgumentParser:
 
 # Libraries that announce optional backends (torchvision, bitsandbytes kernels) or deprecations on import: their
 # chatter would come before, and bury, lorafuse's own one-line error. Their real errors still raise.
-_QUIET_LOGGERS = ("transformers", "diffusers", "bitsandbytes", "accelerate", "peft", "torchao", "huggingface_hub")
+_QUIET_LOGGERS = ("transformers", "diffusers", "bitsandbytes", "kernels", "accelerate", "peft", "torchao", "huggingface_hub")
 
 
 def quiet_libraries() -> None:

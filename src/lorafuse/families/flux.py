@@ -19,6 +19,7 @@ B-LoRA is refused: its blocks were found in SDXL's UNet and nobody has published
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -148,6 +149,16 @@ class Flux(Family):
     ss_base_version = "flux1"
     implementation = "https://github.com/black-forest-labs/flux"
     block_pattern = rf"^({DOUBLE}|{SINGLE})\.\d+$"
+    trainable_text_encoders = ("text_encoder",)  # CLIP-L, as kohya's lora_flux (T5 LoRAs are not trained)
+    uses_clip_skip = False  # FLUX reads CLIP-L's pooled output and T5's last layer
+    long_prompts = False  # kohya's 75-token CLIP windows: FLUX reads long captions through T5 instead
+    # kohya's FLUX.1 files: BFL transformer names under lora_unet_, CLIP-L under lora_te1_ (lora/flux_keys.py)
+    kohya_prefixes: ClassVar = {"transformer": "lora_unet_", "text_encoder": "lora_te1_"}
+    uniform_alpha_ok = False  # fused-qkv modules carry their own alphas (lora/formats/kohya.py)
+    tiny_bases: ClassVar = {
+        "flux-tiny": "tiny_flux:tiny_flux_pipeline",
+        "flux-schnell-tiny": "tiny_flux:tiny_flux_schnell_pipeline",
+    }
     presets: ClassVar = {
         "attn": [pattern(rf"{DOUBLE}\.\d+", DOUBLE_ATTN), pattern(rf"{SINGLE}\.\d+", SINGLE_ATTN)],
         "default": _ALL,
@@ -273,6 +284,52 @@ class Flux(Family):
 
     def model_input(self, scheduler: Any, latents: Tensor, t: Tensor) -> Tensor:
         return latents
+
+    # --- training ------------------------------------------------------------------------------------------
+
+    def training_text(
+        self, tokenizers, encoders, captions, *, clip_skip, max_token_length, t5_max_length=None
+    ) -> dict[str, Tensor]:
+        """{"pooled_prompt_embeds": (B, 768) CLIP-L pooled, "encoder_hidden_states": (B, L, 4096) T5}, as
+        `encode_prompts` (FluxPipeline) encodes them; L = t5_max_length, default FluxPipeline's 512 (kohya's
+        t5xxl_max_token_length; kohya defaults to 256 for schnell, whose pipeline still samples with 512)."""
+        self.check_text_options(max_token_length, t5_max_length)
+        (clip_tok, t5_tok), (clip, t5) = tokenizers, encoders
+        pooled = encode_pooled(clip, clip_tok, captions)
+        length = min(t5_max_length or MAX_SEQUENCE_LENGTH, t5_tok.model_max_length)
+        ids = tokenize(t5_tok, captions, "T5", length).input_ids.to(t5.device)
+        states = t5(ids, output_hidden_states=False)[0]
+        return {"encoder_hidden_states": states.float(), "pooled_prompt_embeds": pooled.float()}
+
+    def check_text_options(self, max_token_length: int | None, t5_max_length: int | None) -> None:
+        if max_token_length not in (None, 75):
+            raise UserInputError(
+                f"dataset.max_token_length = {max_token_length}: kohya's 75-token CLIP windows are for SD1.5 and "
+                "SDXL; FLUX.1 reads CLIP-L's 77 tokens and T5 (set dataset.t5xxl_max_token_length instead)"
+            )
+
+    def training_denoiser(
+        self, denoiser: nn.Module, *, latent_hw: tuple[int, int], guidance_scale: float | None = None
+    ) -> Any:
+        """Packs (B, 16, h, w) into 2x2 patch tokens, calls the transformer with t / 1000 and (dev) the embedded
+        guidance `guidance_scale`, unpacks the velocity. kohya trains dev with guidance_scale 1.0."""
+        from diffusers import FluxPipeline
+
+        h, w = latent_hw
+        if h % 2 or w % 2:
+            raise UserInputError(f"FLUX.1 latents must have even sides (2x2 patches), got {h}x{w}")
+        inner = getattr(denoiser, "module", denoiser)  # accelerate's DDP wrapper holds the transformer
+        guidance = (1.0 if guidance_scale is None else guidance_scale) if inner.config.guidance_embeds else None
+        fn = self.model_fn(inner, height=h * self._latent_factor, width=w * self._latent_factor,
+                           embedded_guidance=guidance)  # fmt: skip
+        fn = dataclasses.replace(fn, transformer=denoiser)  # called through the wrapper (gradient sync)
+        pixels = (h * self._latent_factor, w * self._latent_factor)
+
+        def call(x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+            velocity = fn(self.pack_latents(x), t, cond)  # (B, h/2 * w/2, 64)
+            return FluxPipeline._unpack_latents(velocity, *pixels, self._latent_factor)  # (B, 16, h, w)
+
+        return call
 
     # --- reference architecture --------------------------------------------------------------------------
 

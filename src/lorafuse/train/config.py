@@ -20,12 +20,8 @@ from lorafuse.config.checks import bad as _bad
 from lorafuse.config.checks import check_positive as _positive
 from lorafuse.config.checks import check_rates as _rates
 from lorafuse.config.toml_io import load_config
-from lorafuse.lora.presets import PRESET_NAMES
 from lorafuse.train.config_optim import LossConfig, OptimizerConfig, SchedulerConfig
 from lorafuse.train.config_subsets import SubsetConfig
-
-# Preset names `lora.presets.resolve_layers` knows; anything else in `layers` must be a list of regexes.
-LAYER_PRESETS = PRESET_NAMES
 
 
 @dataclass(frozen=True)
@@ -229,10 +225,13 @@ class NetworkConfig:
         _rates(self, "network_dropout")
         if self.conv_alpha is not None and self.conv_dim is None:
             raise _bad("conv_alpha", "is set but conv_dim is not")
-        if isinstance(self.layers, str) and self.layers not in LAYER_PRESETS:
+        # imported here: lora.presets loads torch, and the config (the web UI's training form) must load without it
+        from lorafuse.lora.presets import PRESET_NAMES
+
+        if isinstance(self.layers, str) and self.layers not in PRESET_NAMES:
             raise _bad(
                 "layers",
-                f"unknown preset {self.layers!r}; use one of {', '.join(LAYER_PRESETS)} or a list of regexes",
+                f"unknown preset {self.layers!r}; use one of {', '.join(PRESET_NAMES)} or a list of regexes",
             )
         if not isinstance(self.layers, str):
             if not self.layers:

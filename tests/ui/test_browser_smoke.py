@@ -62,9 +62,10 @@ def test_upload_caption_table_and_subset(page, ui_server, tmp_path, artifacts):
     # the picker followed the new dataset: its caption table lists the image; edit the caption cell
     cell = page.locator("#caption-table [data-row='0'][data-col='1']").filter(visible=True).first
     cell.filter(has_text="a photo of a sks dog").wait_for()
-    cell.click()
-    page.get_by_label("Edit cell").fill("a photo of a sks dog on a red sofa")
-    page.get_by_label("Edit cell").press("Enter")
+    cell.dblclick()  # opens the cell's editor
+    editor = page.get_by_label("Edit cell").filter(visible=True).first
+    editor.fill("a photo of a sks dog on a red sofa")
+    editor.press("Enter")
     page.locator("#caption-save").click()
     page.get_by_text("saved 1 captions").first.wait_for()
     assert (folder / "dog.txt").read_text() == "a photo of a sks dog on a red sofa\n"

@@ -71,6 +71,8 @@ class DatasetConfig:
     flip_aug: bool = False
     # random instead of centre crops (not with cache_latents)
     random_crop: bool = False
+    # weight the loss by each image's alpha channel (kohya's alpha_mask): transparent pixels do not train
+    alpha_mask: bool = False
     # aspect-ratio buckets instead of square crops
     enable_bucket: bool = False
     # smallest bucket side in pixels
@@ -369,6 +371,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         ds = self.dataset
+        if self.loss.masked_loss:
+            _check_mask_sources(ds)
         if self.training.validate_every_n_steps and not ds.validation_split:
             raise _bad(
                 "training.validate_every_n_steps", "needs dataset.validation_split > 0 (the held-out images)"
@@ -391,6 +395,23 @@ class TrainConfig:
                     "dataset.cache_text_encoder_outputs",
                     f"cannot be used with {names} (captions change every epoch)",
                 )
+
+
+def _check_mask_sources(ds: DatasetConfig) -> None:
+    """masked_loss promises a mask for every image: a subset without one would train unmasked without a word."""
+    if not ds.subsets and not ds.alpha_mask:
+        raise _bad(
+            "loss.masked_loss",
+            "needs loss masks: set dataset.alpha_mask = true, or give [[dataset.subsets]] a mask_dir",
+        )
+    for i, sub in enumerate(ds.subsets):
+        alpha = ds.alpha_mask if sub.alpha_mask is None else sub.alpha_mask
+        if sub.mask_dir is None and not alpha:
+            raise _bad(
+                "loss.masked_loss",
+                f"needs a loss mask for every image, but dataset.subsets[{i}] ({sub.image_dir}) has neither "
+                "mask_dir nor alpha_mask = true",
+            )
 
 
 def load_train_config(

@@ -85,6 +85,9 @@ class LossConfig:
     max_timestep: int = 1000
     # sample noisy timesteps more often (content) or clean ones (style), cubic bias
     timestep_bias: Literal["none", "content", "style"] = "none"
+    # every image has a loss mask (dataset alpha_mask, or the subsets' mask_dir), checked before training;
+    # masks apply whenever a subset has one, as kohya's masked_loss / alpha_mask
+    masked_loss: bool = False
 
     def __post_init__(self) -> None:
         if self.huber_c is not None and not 0 < self.huber_c <= 1:

@@ -51,12 +51,12 @@ SAME_NAME: dict[str, str] = {
     "caption_dropout_rate caption_tag_dropout_rate flip_aug random_crop enable_bucket min_bucket_reso "
     "max_bucket_reso bucket_reso_steps bucket_no_upscale cache_latents cache_latents_to_disk "
     "cache_text_encoder_outputs cache_text_encoder_outputs_to_disk prior_loss_weight "
-    "max_token_length validation_split validation_seed",
+    "max_token_length validation_split validation_seed alpha_mask",
     "network": "network_module network_dim network_alpha network_dropout network_weights dim_from_weights "
     "network_train_unet_only network_train_text_encoder_only",
     "optimizer": "optimizer_type learning_rate unet_lr text_encoder_lr max_grad_norm",
     "scheduler": "lr_scheduler lr_warmup_steps lr_scheduler_num_cycles lr_scheduler_power",
-    "loss": "loss_type huber_c huber_schedule min_snr_gamma noise_offset min_timestep max_timestep",
+    "loss": "loss_type huber_c huber_schedule min_snr_gamma noise_offset min_timestep max_timestep masked_loss",
     "training": "max_train_epochs max_train_steps train_batch_size gradient_accumulation_steps "
     "gradient_checkpointing mixed_precision seed output_dir output_name save_every_n_epochs save_every_n_steps "
     "save_state save_precision save_model_as save_last_n_epochs save_last_n_steps save_last_n_epochs_state "
@@ -176,8 +176,6 @@ RULES: dict[str, Rule] = {
     "v_pred_like_loss": _refuse(_LOSS),
     "debiased_estimation_loss": _refuse(_LOSS),
     "huber_scale": _refuse(_LOSS, ok=(*INACTIVE, 1, 1.0)),
-    "masked_loss": _refuse("masked loss is not implemented yet (kohya's --masked_loss with alpha masks)"),
-    "alpha_mask": _refuse("alpha-channel loss masks are not implemented yet (kohya's --alpha_mask)"),
     "block_lr": _refuse(
         "per-block LRs of kohya's full SDXL fine-tune; for a LoRA use network_args down_lr_weight / mid_lr_weight "
         "/ up_lr_weight"
@@ -254,6 +252,8 @@ CONVERTED = {
     "huber_schedule": "kohya's default 'snr' with loss_type l2 / l1 is dropped as the no-op it is",
     "caption_extension": "unset: kohya's default .caption",
     "learning_rate": "unset: kohya's default 2e-6",
+    "masked_loss": "subsets' conditioning_data_dir mask images become their mask_dir; every image must have a "
+    "mask (kohya trains an image without one unmasked, silently)",
 }
 for _table, _names in SAME_NAME.items():
     for _name in _names.split():
@@ -268,6 +268,15 @@ OPTIMIZER_FIXED_ARGS = {
     "Adafactor": {"scale_parameter": False, "relative_step": False, "warmup_init": False},
     "Prodigy": {"decouple": True, "use_bias_correction": False, "safeguard_warmup": False, "d_coef": 1.0},
 }
+
+
+def summary() -> str:
+    """The counts README's "coming from kohya" section states, one line."""
+    n = {a: sum(r.action == a for r in RULES.values()) for a in ("map", "note", "refuse")}
+    return (
+        f"{len(RULES)} keys of train_network.py / sdxl_train_network.py: {n['map']} mapped to lorafuse fields, "
+        f"{n['note']} accepted with no effect here, {n['refuse']} refused unless off"
+    )
 
 
 def markdown_table() -> str:

@@ -242,6 +242,10 @@ def test_readme_lists_every_kohya_key():
     assert markdown_table() in readme, (
         "README's kohya table is stale: paste kohya_keys.markdown_table() output"
     )
+    from lorafuse.train import kohya_dataset, kohya_keys
+
+    for line in (kohya_keys.summary(), kohya_dataset.summary()):
+        assert line in readme, f"README's kohya counts are stale: {line}"
 
 
 def test_flux_train_network_keys():

@@ -27,6 +27,7 @@ from lorafuse.errors import UserInputError
 from lorafuse.families import Family, get_family
 from lorafuse.train.buckets import crop_offset
 from lorafuse.train.data import DatasetIndex, ImageItem, image_tensor
+from lorafuse.train.masks import mask_pixels
 from lorafuse.utils.atomic import atomic_path, safetensors_bytes_to
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,11 @@ class LatentCache:
 
     def item_key(self, item: ImageItem) -> str:
         a = item.assignment
+        # the loss mask is cached with the latents: its source is part of the key (absent without one, so
+        # caches of unmasked images stay valid)
+        mask = (
+            {} if item.mask is None else {"mask": "alpha" if item.mask == "alpha" else file_digest(item.mask)}
+        )
         return _key(
             kind="latents",
             image=file_digest(item.path),
@@ -160,6 +166,7 @@ class LatentCache:
             resized=a.resized,
             crop=crop_offset(a.resized, a.bucket, None),
             vae=self.vae_fingerprint,
+            **mask,
         )
 
     def release_vae(self) -> None:
@@ -175,7 +182,7 @@ class LatentCache:
         for idx, item in enumerate(index.items):
             if item.repeats == 0:
                 continue  # a reg image the balancing left out is never asked for
-            names = [_FLIP_NAMES[f] for f in self._flips(index, item)]
+            names = [_FLIP_NAMES[f] for f in self._flips(index, item)] + (["mask"] if item.mask else [])
             if self.store.valid(idx, item, self.item_key(item), names):
                 stats.reused += 1
             else:
@@ -202,6 +209,12 @@ class LatentCache:
             pixels = torch.stack([image_tensor(index.items[i], flip, None)[0] for i in chunk])  # (B, 3, H, W)
             for i, latent in zip(chunk, encode_latents(self.vae, pixels), strict=True):
                 per_item[i][_FLIP_NAMES[flip]] = latent
+        for i in chunk:  # the unflipped centre-crop mask (H, W) uint8; get_mask flips it
+            item = index.items[i]
+            if item.mask is not None:
+                per_item[i]["mask"] = mask_pixels(
+                    item, False, crop_offset(item.assignment.resized, item.assignment.bucket, None)
+                )
         for i, tensors in per_item.items():
             self.store.put(i, tensors)
 
@@ -209,6 +222,11 @@ class LatentCache:
         """(4, h, w) unscaled latents of one item."""
         name = _FLIP_NAMES[flip]
         return self.store.get(item_index, name)[name]
+
+    def get_mask(self, item_index: int, flip: bool) -> torch.Tensor:
+        """(H, W) uint8 loss mask of one item, at its bucket size (train/masks.py)."""
+        mask = self.store.get(item_index, "mask")["mask"]
+        return mask.flip(-1) if flip else mask
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:

@@ -20,12 +20,8 @@ from lorafuse.config.checks import bad as _bad
 from lorafuse.config.checks import check_positive as _positive
 from lorafuse.config.checks import check_rates as _rates
 from lorafuse.config.toml_io import load_config
-from lorafuse.lora.presets import FAMILY_PRESET_NAMES
 from lorafuse.train.config_optim import LossConfig, OptimizerConfig, SchedulerConfig
 from lorafuse.train.config_subsets import SubsetConfig
-
-# Preset names `lora.presets.resolve_layers` knows; anything else in `layers` must be a list of regexes.
-LAYER_PRESETS = FAMILY_PRESET_NAMES
 
 
 @dataclass(frozen=True)
@@ -79,6 +75,8 @@ class DatasetConfig:
     flip_aug: bool = False
     # random instead of centre crops (not with cache_latents)
     random_crop: bool = False
+    # weight the loss by each image's alpha channel (kohya's alpha_mask): transparent pixels do not train
+    alpha_mask: bool = False
     # aspect-ratio buckets instead of square crops
     enable_bucket: bool = False
     # smallest bucket side in pixels
@@ -237,10 +235,13 @@ class NetworkConfig:
         _rates(self, "network_dropout")
         if self.conv_alpha is not None and self.conv_dim is None:
             raise _bad("conv_alpha", "is set but conv_dim is not")
-        if isinstance(self.layers, str) and self.layers not in LAYER_PRESETS:
+        # imported here: lora.presets loads torch, and the config (the web UI's training form) must load without it
+        from lorafuse.lora.presets import FAMILY_PRESET_NAMES as PRESET_NAMES  # every family's presets
+
+        if isinstance(self.layers, str) and self.layers not in PRESET_NAMES:
             raise _bad(
                 "layers",
-                f"unknown preset {self.layers!r}; use one of {', '.join(LAYER_PRESETS)} or a list of regexes",
+                f"unknown preset {self.layers!r}; use one of {', '.join(PRESET_NAMES)} or a list of regexes",
             )
         if not isinstance(self.layers, str):
             if not self.layers:
@@ -382,6 +383,8 @@ class TrainConfig:
         ds = self.dataset
         if self.training.lora_format != "kohya" and self.network.network_module == "lycoris.kohya":
             raise _bad("training.lora_format", "LyCORIS networks are written in LyCORIS's own (kohya) layout")
+        if self.loss.masked_loss:
+            _check_mask_sources(ds)
         if self.training.validate_every_n_steps and not ds.validation_split:
             raise _bad(
                 "training.validate_every_n_steps", "needs dataset.validation_split > 0 (the held-out images)"
@@ -404,6 +407,23 @@ class TrainConfig:
                     "dataset.cache_text_encoder_outputs",
                     f"cannot be used with {names} (captions change every epoch)",
                 )
+
+
+def _check_mask_sources(ds: DatasetConfig) -> None:
+    """masked_loss promises a mask for every image: a subset without one would train unmasked without a word."""
+    if not ds.subsets and not ds.alpha_mask:
+        raise _bad(
+            "loss.masked_loss",
+            "needs loss masks: set dataset.alpha_mask = true, or give [[dataset.subsets]] a mask_dir",
+        )
+    for i, sub in enumerate(ds.subsets):
+        alpha = ds.alpha_mask if sub.alpha_mask is None else sub.alpha_mask
+        if sub.mask_dir is None and not alpha:
+            raise _bad(
+                "loss.masked_loss",
+                f"needs a loss mask for every image, but dataset.subsets[{i}] ({sub.image_dir}) has neither "
+                "mask_dir nor alpha_mask = true",
+            )
 
 
 def load_train_config(

@@ -85,6 +85,9 @@ class LossConfig:
     max_timestep: int = 1000
     # sample noisy timesteps more often (content) or clean ones (style), cubic bias
     timestep_bias: Literal["none", "content", "style"] = "none"
+    # every image has a loss mask (dataset alpha_mask, or the subsets' mask_dir), checked before training;
+    # masks apply whenever a subset has one, as kohya's masked_loss / alpha_mask
+    masked_loss: bool = False
     # --- flow-matching bases (FLUX.1); names and meanings of kohya's flux_train_network.py --------------------
     # how σ is drawn: sigma (the discrete schedule shifted by discrete_flow_shift, u from weighting_scheme),
     # uniform, sigmoid, shift (sigmoid then discrete_flow_shift), flux_shift (sigmoid then FLUX's

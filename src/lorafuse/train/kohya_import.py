@@ -67,6 +67,8 @@ class KohyaImport:
         lines = [f"{'kohya key'.ljust(width)}  {'action'.ljust(9)}  lorafuse / reason"]
         for r in self.rows:
             lines.append(f"{r.key.ljust(width)}  {r.action.ljust(9)}  {r.detail}")
+        counts = {a: sum(r.action == a for r in self.rows) for a in ("mapped", "default", "no effect", "refused")}
+        lines.append(f"{len(self.rows)} keys: " + ", ".join(f"{n} {a}" for a, n in counts.items()))
         return "\n".join(lines)
 
     def check(self, source: str) -> None:

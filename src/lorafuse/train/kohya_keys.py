@@ -51,12 +51,12 @@ SAME_NAME: dict[str, str] = {
     "caption_dropout_rate caption_tag_dropout_rate flip_aug random_crop enable_bucket min_bucket_reso "
     "max_bucket_reso bucket_reso_steps bucket_no_upscale cache_latents cache_latents_to_disk "
     "cache_text_encoder_outputs cache_text_encoder_outputs_to_disk prior_loss_weight "
-    "max_token_length validation_split validation_seed t5xxl_max_token_length",
+    "max_token_length validation_split validation_seed alpha_mask t5xxl_max_token_length",
     "network": "network_module network_dim network_alpha network_dropout network_weights dim_from_weights "
     "network_train_unet_only network_train_text_encoder_only",
     "optimizer": "optimizer_type learning_rate unet_lr text_encoder_lr max_grad_norm",
     "scheduler": "lr_scheduler lr_warmup_steps lr_scheduler_num_cycles lr_scheduler_power",
-    "loss": "loss_type huber_c huber_schedule min_snr_gamma noise_offset min_timestep max_timestep "
+    "loss": "loss_type huber_c huber_schedule min_snr_gamma noise_offset min_timestep max_timestep masked_loss "
     "timestep_sampling sigmoid_scale discrete_flow_shift model_prediction_type weighting_scheme logit_mean "
     "logit_std mode_scale",
     "training": "max_train_epochs max_train_steps train_batch_size gradient_accumulation_steps "
@@ -91,7 +91,8 @@ RULES: dict[str, Rule] = {
     "network_args": _map(
         "network.conv_dim",
         "conv_dim, conv_alpha, algo, factor, block_dims, block_alphas, down_lr_weight, mid_lr_weight, "
-        "up_lr_weight, block_lr_zero_threshold",
+        "up_lr_weight, block_lr_zero_threshold; FLUX.1: train_blocks, train_double_block_indices, "
+        "train_single_block_indices (to network.layers)",
     ),
     "log_with": _map("training.logging", "tensorboard; wandb is refused"),
     "save_state_on_train_end": _map(
@@ -182,8 +183,6 @@ RULES: dict[str, Rule] = {
     "v_pred_like_loss": _refuse(_LOSS),
     "debiased_estimation_loss": _refuse(_LOSS),
     "huber_scale": _refuse(_LOSS, ok=(*INACTIVE, 1, 1.0)),
-    "masked_loss": _refuse("masked loss is not implemented yet (kohya's --masked_loss with alpha masks)"),
-    "alpha_mask": _refuse("alpha-channel loss masks are not implemented yet (kohya's --alpha_mask)"),
     "block_lr": _refuse(
         "per-block LRs of kohya's full SDXL fine-tune; for a LoRA use network_args down_lr_weight / mid_lr_weight "
         "/ up_lr_weight"
@@ -264,7 +263,7 @@ CONVERTED = {
     "means network_train_unet_only",
     "unet_lr": "0 or unset: learning_rate",
     "optimizer_type": "case-insensitive: AdamW, AdamW8bit, Adafactor, Prodigy (others refused)",
-    "network_module": "networks.lora or lycoris.kohya (others refused)",
+    "network_module": "networks.lora, networks.lora_flux (as networks.lora) or lycoris.kohya (others refused)",
     "sample_prompts": "kohya's .txt prompt file is read; per-prompt options (--n, --w, ...) are listed as dropped",
     "train_data_dir": "no effect when dataset_config is set (as in kohya)",
     "reg_data_dir": "no effect when dataset_config is set (as in kohya)",
@@ -272,6 +271,8 @@ CONVERTED = {
     "huber_schedule": "kohya's default 'snr' with loss_type l2 / l1 is dropped as the no-op it is",
     "caption_extension": "unset: kohya's default .caption",
     "learning_rate": "unset: kohya's default 2e-6",
+    "masked_loss": "subsets' conditioning_data_dir mask images become their mask_dir; every image must have a "
+    "mask (kohya trains an image without one unmasked, silently)",
     "model_prediction_type": "unset: raw (kohya's default is sigma_scaled, its FLUX guide recommends raw)",
     "guidance_scale": "unset: 1.0 (kohya's FLUX guide; its option's default is 3.5)",
 }
@@ -288,6 +289,15 @@ OPTIMIZER_FIXED_ARGS = {
     "Adafactor": {"scale_parameter": False, "relative_step": False, "warmup_init": False},
     "Prodigy": {"decouple": True, "use_bias_correction": False, "safeguard_warmup": False, "d_coef": 1.0},
 }
+
+
+def summary() -> str:
+    """The counts README's "coming from kohya" section states, one line."""
+    n = {a: sum(r.action == a for r in RULES.values()) for a in ("map", "note", "refuse")}
+    return (
+        f"{len(RULES)} keys of train_network.py / sdxl_train_network.py / flux_train_network.py: {n['map']} mapped "
+        f"to lorafuse fields, {n['note']} accepted with no effect here, {n['refuse']} refused unless off"
+    )
 
 
 def markdown_table() -> str:

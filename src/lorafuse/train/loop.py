@@ -101,7 +101,7 @@ def training_step(run: Run, i: int, batch: dict) -> bool:
     with acc.no_sync(run.model) if not sync and run.train_unet else contextlib.nullcontext():
         with acc.autocast():
             pred, noised = _predict(run, batch)
-        loss = _loss(run, pred, noised, batch["loss_weight"].to(acc.device))
+        loss = _loss(run, pred, noised, batch["loss_weight"].to(acc.device), batch.get("mask"))
         acc.backward(loss / (g1 - g0))
     run.group_loss += loss.detach().item() / (g1 - g0)
     if not sync:
@@ -143,7 +143,9 @@ def _denoise(run: Run, batch: dict, text: dict, noised: Noised) -> torch.Tensor:
     return run.objective.model_output(pred, noised)
 
 
-def _loss(run: Run, pred: torch.Tensor, noised: Noised, sample_weight: torch.Tensor | None) -> torch.Tensor:
+def _loss(
+    run: Run, pred: torch.Tensor, noised: Noised, sample_weight: torch.Tensor | None, mask: torch.Tensor | None
+) -> torch.Tensor:
     c = run.cfg.loss
     if noised.weight is not None:  # the objective's own per-sample weighting (flow: weighting_scheme)
         weight = noised.weight.to(pred.device)
@@ -159,6 +161,7 @@ def _loss(run: Run, pred: torch.Tensor, noised: Noised, sample_weight: torch.Ten
         min_snr_gamma=c.min_snr_gamma,
         v_prediction=run.v_pred,
         sample_weight=sample_weight,
+        mask=mask,
     )
 
 
@@ -171,7 +174,7 @@ def validation_loss(run: Run, validator: Validator) -> float:
         noised = run.objective.noised(latents, noise.to(device), timesteps.to(device))
         with run.accelerator.autocast():
             pred = _denoise(run, batch, cond, noised)
-        return _loss(run, pred, noised, None)
+        return _loss(run, pred, noised, None, batch.get("mask"))
 
     for m in run.trained:
         m.eval()

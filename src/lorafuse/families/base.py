@@ -8,9 +8,12 @@ A family owns
   conditioning rows and the denoiser call of a training step (`training_text`, `training_cond`,
   `training_denoiser`), latent normalisation, and the text encoders a LoRA may train;
 - the sampling defaults (resolution, scheduler, guidance);
-- its LoRA components, the key layout name that `lora.keys` resolves, the layer presets (K-LoRA, B-LoRA,
-  CRAFT), and the presets or methods it refuses, with the reason.
-Adding a family is one module that subclasses `Family` and one line in `families/registry.py`.
+- its LoRA components and how its files are written: kohya prefixes, SGM UNet names, one alpha or per-module
+  alphas, `ss_network_module`, `modelspec.*`; the real-size module shapes a foreign LoRA is checked against;
+- the layer presets (K-LoRA, B-LoRA, CRAFT), and the presets or methods it refuses, with the reason;
+- its tiny random-weight test bases (`tiny_bases`: name -> "module:builder" in `models/`).
+Adding a family is one module that subclasses `Family`, one line in `families/registry.py` and its tiny builder
+in `models/`; no other module branches on a family's name (tests/families/test_families.py checks).
 """
 
 from __future__ import annotations
@@ -53,6 +56,10 @@ class Family:
     kohya_prefixes: ClassVar[Mapping[str, str]] = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # component ->
     # the prefix of its modules in kohya files this family's trainers write
     uniform_alpha_ok: ClassVar[bool] = True  # a kohya file of this family may store one alpha for all modules
+    kohya_sgm_unet: ClassVar[bool] = False  # kohya names this family's UNet modules by the SGM (LDM) blocks
+    kohya_network_module: ClassVar[str] = "networks.lora"  # `ss_network_module` of the kohya files we write
+    modelspec_prediction_type: ClassVar[str | None] = "epsilon"  # `modelspec.prediction_type`; None: not written
+    reference_unet: ClassVar[Mapping[str, Any] | None] = None  # the released UNet's config (its SGM block layout)
     tiny_bases: ClassVar[Mapping[str, str]] = {}  # built-in tiny test base name -> "module:builder" in models/
 
     def __repr__(self) -> str:
@@ -207,3 +214,8 @@ class Family:
     def reference_components(self) -> dict[str, nn.Module]:
         """{component: module} of the real-size architecture, built on the meta device (no weights)."""
         raise UserInputError(f"no reference architecture for {self.label}")
+
+    def reference_lora_targets(self) -> tuple[dict[str, nn.Module], dict[str, tuple[int, ...]]]:
+        """What a real-size LoRA of this family can target: (components built on the meta device, {canonical key:
+        weight shape} of modules written out instead of built, for components too slow to build)."""
+        return self.reference_components(), {}

@@ -82,6 +82,7 @@ SCHEDULER_DEV = dict(
     base_image_seq_len=256, max_image_seq_len=4096,
 )  # fmt: skip
 SCHEDULER_SCHNELL = {**SCHEDULER_DEV, "shift": 1.0, "use_dynamic_shifting": False}
+MLP_RATIO = 4  # FluxSingleTransformerBlock's mlp_hidden_dim = 4 · dim (not configurable in diffusers or BFL)
 MAX_SEQUENCE_LENGTH = 512  # T5 tokens, FluxPipeline's default
 DEFAULT_EMBEDDED_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale for dev
 
@@ -98,6 +99,51 @@ def _craft(num_layers: int, num_single: int) -> dict[str, list[Rule]]:
         "craft_content": blocks(EVERY_LINEAR, *span(DOUBLE, num_layers), *span(SINGLE, half)),
         "craft_style": blocks(EVERY_LINEAR, *span(SINGLE, num_single - half, start=half)),
     }
+
+
+def transformer_shapes(config: Mapping) -> dict[str, tuple[int, int]]:
+    """{canonical key: weight shape} of every Linear of a `FluxTransformer2DModel` with this config.
+
+    Written out from the architecture because building the real-size model, even on the meta device, takes
+    ~20 s on a busy CPU; tests/lora/test_flux_keys.py checks it against a built tiny model.
+    """
+    d = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    mlp = MLP_RATIO * d
+    out_channels = config.get("out_channels") or config["in_channels"]
+    shapes: dict[str, tuple[int, int]] = {
+        "time_text_embed.timestep_embedder.linear_1": (d, 256),  # sinusoidal projection to 256 channels
+        "time_text_embed.timestep_embedder.linear_2": (d, d),
+        "time_text_embed.text_embedder.linear_1": (d, int(config["pooled_projection_dim"])),
+        "time_text_embed.text_embedder.linear_2": (d, d),
+        "context_embedder": (d, int(config["joint_attention_dim"])),
+        "x_embedder": (d, int(config["in_channels"])),
+        "norm_out.linear": (2 * d, d),
+        "proj_out": (int(config.get("patch_size", 1)) ** 2 * int(out_channels), d),
+    }
+    if config.get("guidance_embeds"):
+        shapes["time_text_embed.guidance_embedder.linear_1"] = (d, 256)
+        shapes["time_text_embed.guidance_embedder.linear_2"] = (d, d)
+    double = {
+        "norm1.linear": (6 * d, d),
+        "norm1_context.linear": (6 * d, d),
+        "ff.net.0.proj": (mlp, d),
+        "ff.net.2": (d, mlp),
+        "ff_context.net.0.proj": (mlp, d),
+        "ff_context.net.2": (d, mlp),
+    }
+    for name in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
+        double[f"attn.{name}"] = (d, d)
+    single = {
+        "norm.linear": (3 * d, d),
+        "proj_mlp": (mlp, d),
+        "proj_out": (d, d + mlp),
+        **{f"attn.{n}": (d, d) for n in ("to_q", "to_k", "to_v")},
+    }
+    for i in range(int(config["num_layers"])):
+        shapes.update({f"transformer_blocks.{i}.{k}": v for k, v in double.items()})
+    for i in range(int(config["num_single_layers"])):
+        shapes.update({f"single_transformer_blocks.{i}.{k}": v for k, v in single.items()})
+    return {f"transformer.{k}": v for k, v in shapes.items()}
 
 
 @dataclass(frozen=True)
@@ -155,6 +201,8 @@ class Flux(Family):
     # kohya's FLUX.1 files: BFL transformer names under lora_unet_, CLIP-L under lora_te1_ (lora/flux_keys.py)
     kohya_prefixes: ClassVar = {"transformer": "lora_unet_", "text_encoder": "lora_te1_"}
     uniform_alpha_ok = False  # fused-qkv modules carry their own alphas (lora/formats/kohya.py)
+    kohya_network_module = "networks.lora_flux"
+    modelspec_prediction_type = None  # rectified flow: neither epsilon nor v
     tiny_bases: ClassVar = {
         "flux-tiny": "tiny_flux:tiny_flux_pipeline",
         "flux-schnell-tiny": "tiny_flux:tiny_flux_schnell_pipeline",
@@ -332,6 +380,15 @@ class Flux(Family):
         return call
 
     # --- reference architecture --------------------------------------------------------------------------
+
+    def reference_lora_targets(self) -> tuple[dict[str, nn.Module], dict[str, tuple[int, ...]]]:
+        """CLIP-L built, the transformer's Linears written out (`transformer_shapes`): building its 57 blocks and
+        T5-XXL, even on the meta device, takes ~20 s on a busy CPU; T5 never gets a LoRA here."""
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        return meta_modules(lambda: {"text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L))}), transformer_shapes(
+            TRANSFORMER
+        )
 
     def reference_components(self) -> dict[str, Any]:
         from diffusers import FluxTransformer2DModel

@@ -62,6 +62,8 @@ class SDXL(UNetFamily):
     implementation = "https://github.com/Stability-AI/generative-models"
     trainable_text_encoders = ("text_encoder", "text_encoder_2")
     uses_clip_skip = False  # SDXL reads the penultimate layer of both encoders, as kohya's sdxl trainer
+    kohya_sgm_unet = True  # kohya's SDXL files name the SGM UNet (input_blocks, middle_block, output_blocks)
+    reference_unet: ClassVar = UNET
     kohya_prefixes: ClassVar = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
     tiny_bases: ClassVar = {"sdxl-tiny": "tiny:tiny_sdxl_pipeline"}
     presets: ClassVar = {

@@ -78,12 +78,12 @@ def test_a_few_steps_reduce_the_flow_loss(flux_overrides, world_dataset):
         "network.network_dim": 8, "network.network_alpha": 8, "network.network_train_unet_only": True,
         "dataset.cache_latents": True, "dataset.cache_text_encoder_outputs": True,
         "loss.timestep_sampling": "shift", "loss.discrete_flow_shift": 3.1582,
-        "optimizer.learning_rate": 3e-3, "training.train_batch_size": 3, "training.max_train_steps": 16,
+        "optimizer.learning_rate": 1e-2, "training.train_batch_size": 3, "training.max_train_steps": 16,
     }))  # fmt: skip
     assert result.arch == "flux" and result.global_step == 16
     before = _fixed_flow_loss(load_base_pipeline("flux-tiny"), world_dataset)
     after = _fixed_flow_loss(_merged(result.lora_path), world_dataset)
-    assert after < 0.9 * before, (before, after)
+    assert after < 0.85 * before, (before, after)  # 0.76 here
 
 
 def test_resume_is_bit_identical(flux_overrides, tmp_path):

@@ -154,7 +154,12 @@ def test_trained_file_loads_whole_in_flux_pipeline(fmt, layers, flux_overrides):
                                     "training.max_train_steps": 2}))  # fmt: skip
     pipe = load_base_pipeline("flux-tiny")
     state = load_lora(result.lora_path, base=pipe)
-    assert state.metadata["modelspec.architecture"].startswith("flux-1")
+    meta = state.metadata
+    assert meta["modelspec.architecture"].startswith("flux-1") and "modelspec.prediction_type" not in meta
+    # the sampling settings, under kohya's flux_train_network names
+    assert (meta["ss_timestep_sampling"], meta["ss_discrete_flow_shift"], meta["ss_guidance_scale"]) == (
+        "sigma", "3.0", "1.0",
+    )  # fmt: skip
     with _diffusers_warnings() as messages:
         pipe.load_lora_weights(str(result.lora_path))
     assert not [m for m in messages if "unexpected keys" in m or "missing keys" in m], messages

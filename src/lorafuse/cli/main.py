@@ -19,7 +19,7 @@ from lorafuse import __version__
 from lorafuse.errors import UserInputError
 
 # subcommand modules, in the order `lorafuse --help` lists them
-COMMAND_MODULES = ("demo", "world", "lora_tools", "bake", "train", "config", "fuse", "grid", "report", "craft")
+COMMAND_MODULES = ("demo", "world", "dataset", "lora_tools", "bake", "train", "config", "fuse", "grid", "report", "craft")
 Register = Callable[[argparse._SubParsersAction], None]
 
 

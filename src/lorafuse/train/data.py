@@ -37,6 +37,9 @@ from lorafuse.train.buckets import (
     crop_offset,
     resize_and_crop,
 )
+
+# the folder layout, shared with `lorafuse dataset` (which must not import torch)
+from lorafuse.train.dataset_folders import FOLDER_PATTERN, IMAGE_EXTENSIONS, parse_subset_folder
 from lorafuse.utils.atomic import TMP_PREFIX
 from lorafuse.utils.inputs import problem_with_file
 
@@ -47,22 +50,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _CACHE_FILE = re.compile(r"^.+\.(" + "|".join(e[1:] for e in IMAGE_EXTENSIONS) + r")\.[a-z_]+\.safetensors$", re.I)
-FOLDER_PATTERN = "<repeats>_<trigger> <class>"
-_FOLDER_RE = re.compile(r"^([0-9]+)_(\S.*)$")
 # Independent random streams per sample, so turning one augmentation on does not change the others.
 _ORDER, _FLIP, _CROP, _CAPTION = 0, 1, 2, 3
-
-
-def parse_subset_folder(folder: Path) -> tuple[int, str]:
-    """'10_sks dog' -> (10, 'sks dog'); anything else is an error naming the folder and the pattern."""
-    m = _FOLDER_RE.match(folder.name)
-    if m is None or int(m.group(1)) < 1:
-        raise UserInputError(
-            f"{folder}: folder name must be '{FOLDER_PATTERN}' with repeats >= 1 (e.g. '10_sks dog'), got '{folder.name}'"
-        )
-    return int(m.group(1)), m.group(2).strip()
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ def build_parser(extra: Sequence[Register] = ()) -> argparse.ArgumentParser:
 # Libraries that announce optional backends (torchvision, bitsandbytes kernels) or deprecations on import: their
 # chatter would come before, and bury, lorafuse's own one-line error. Their real errors still raise.
 _QUIET_LOGGERS = ("transformers", "diffusers", "bitsandbytes", "kernels", "accelerate", "peft", "torchao", "huggingface_hub",
-                  "torch.utils._pytree")  # torchao's import registers its enums there, and torch 2.13 warns about it
+                  "torch.utils._pytree")  # torchao registers enums with torch.compile on import and torch warns
 
 
 def quiet_libraries() -> None:

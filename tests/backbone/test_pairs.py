@@ -77,3 +77,40 @@ def test_render_pairs_write_and_read(tmp_path) -> None:
     assert np.array_equal(np.asarray(Image.open(folder / read[4].style_image)), style[read[4].i, read[4].j])
     with pytest.raises(UserInputError, match="no pairs.json"):
         P.read_pairs(tmp_path)
+
+
+def test_generate_pairs_routes_prompts_to_branches(monkeypatch) -> None:
+    # CRAFT §3.3.2: a content-fixed image keeps the content prompt in the low-frequency branch (a) and adds the
+    # style in the high one (b); a style-fixed image keeps the style prompt in b and varies the content in a.
+    calls: list[tuple[str, str, int]] = []
+
+    def fake_mixed_sample(pipe, lows, highs, seeds, **kwargs):
+        start = len(calls)
+        calls.extend(zip(lows, highs, seeds, strict=True))
+        # image k carries its job number, so the test also sees where each job's image lands in the grid
+        return np.stack([np.full((2, 2, 3), start + k, np.uint8) for k in range(len(lows))])
+
+    monkeypatch.setattr(P, "mixed_sample", fake_mixed_sample)
+    contents, styles = ["a photo of a red car", "a photo of a blue fish"], ["in crayon style", "in ink style"]
+    content_fixed, style_fixed = P.generate_pairs(None, contents, styles, seed=3, batch=3)
+    by_job = dict(enumerate(calls))
+    for i, c in enumerate(contents):
+        for j, s in enumerate(styles):
+            low, high, seed = by_job[int(content_fixed[i, j, 0, 0, 0])]
+            assert (low, high, seed) == (c, f"{c}, {s}", 3000 + i)  # content-fixed: a = c_i, b = c_i + s_j
+            low, high, seed = by_job[int(style_fixed[i, j, 0, 0, 0])]
+            assert (low, high, seed) == (f"{c}, {s}", s, 3500 + j)  # style-fixed: a = c_i + s_j, b = s_j
+    assert len(calls) == 2 * len(contents) * len(styles)
+
+
+def test_mixed_sampling_takes_layout_from_the_low_branch() -> None:
+    # with a cutoff far above every frequency, M_low = 1: the image is branch a's alone (the first prompt list)
+    from lorafuse.fusion.sampling import sample
+    from lorafuse.models.tiny import tiny_sd15_pipeline
+
+    pipe = tiny_sd15_pipeline(0)
+    low, high = "a photo of a dog", "a watercolor painting of a house"
+    mixed = P.mixed_sample(pipe, [low], [high], [5], steps=3, guidance=5.0, cutoff=1e6)
+    for prompt, expect_close in ((low, True), (high, False)):
+        plain = np.round(sample(pipe, prompt, steps=3, guidance=5.0, seed=5, progress=False).images * 255)
+        assert bool(np.abs(mixed.astype(int) - plain.astype(int)).max() <= 1) is expect_close

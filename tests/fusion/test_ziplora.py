@@ -251,3 +251,23 @@ def test_mergers_for_other_loras_are_an_error(sd15) -> None:
 def test_bad_options_name_method_and_option(options, pattern) -> None:
     with pytest.raises(UserInputError, match=pattern):
         make_config("ziplora", **options)
+
+
+def test_similarity_term_is_the_absolute_cosine(world) -> None:
+    # L's third term is λ Σ_l |cos(m_c,l, m_s,l)| (ZipLoRA eq. 4). With m_c = (1, 1, 0, …) and m_s = (−1, 0, …) on
+    # every shared layer, |cos| = 1/√2 per layer; mkshing's |m_c ⊙ m_s| would give 1 (summed) or 1/d (mean).
+    content, style = make_lora(world, 20), make_lora(world, 21)
+    refs = references(world)
+    shared = [k for k in content.modules if k in style.modules and k.startswith("unet.")]
+
+    def vec(key: str, values: list[float]) -> torch.Tensor:
+        v = torch.zeros(content.modules[key].down.shape[1])
+        v[: len(values)] = torch.tensor(values)
+        return v
+
+    mergers = ZipMergers({k: vec(k, [1.0, 1.0]) for k in shared}, {k: vec(k, [-1.0]) for k in shared})
+    lam = 0.5
+    with_term = ziplora_loss(world, content, style, *refs, mergers, similarity_weight=lam, seed=2, draws=1)
+    without = ziplora_loss(world, content, style, *refs, mergers, similarity_weight=0.0, seed=2, draws=1)
+    assert len(shared) > 5
+    assert with_term - without == pytest.approx(lam * len(shared) / 2**0.5, rel=1e-5)

@@ -110,7 +110,7 @@ def make_config(method: str, **options: Any) -> FusionConfig:
 
 
 # Built-in methods register themselves on import; the list is the order `--method all` shows them in.
-BUILTIN_MODULES = ("direct", "klora", "switch", "composite", "blora", "ziplora", "nplora", "craft")
+BUILTIN_MODULES = ("direct", "klora", "switch", "composite", "blora", "ziplora", "nplora", "craft", "ssr_merge")
 
 
 def _load_builtin_methods() -> None:

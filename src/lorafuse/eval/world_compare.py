@@ -11,10 +11,11 @@ module answers it once:
 
 What runs, in order: the base model alone, the content LoRA alone, the style LoRA alone, then every method through
 `lorafuse.fuse` (the single-LoRA rows are `direct` fusion with the other weight 0, which equals that LoRA alone:
-one sampling path for everything). CRAFT needs LoRAs trained on disjoint layer sets (`layers="craft"` recipes);
-every other method, B-LoRA included (it takes its two blocks from them), gets the attention LoRAs. CRAFT's
-cross-influence is measured against its own LoRAs alone ("craft content only" / "craft style only" rows), so every
-method is compared with the LoRAs it actually fused.
+one sampling path for everything). Every row says which LoRAs it fused (`inputs`, see `INPUT_RECIPES`): by default
+the all-layer LoCon LoRAs of `world.personalize`'s recipes ("locon", what users have), and CRAFT its disjoint-layer
+pair ("craft"); B-LoRA takes its two blocks from whatever it is given. `compare_pair(runs=...)` runs any other
+(label, method, inputs, options) list, e.g. the leaderboard's paper-prescribed inputs. Cross-influence is measured
+against the single-LoRA rows of the same inputs, so every method is compared with the LoRAs it actually fused.
 
 Prompt: "a photo of a sks teapot <c>, in sks style <s>" (the trigger words the world datasets train with; the
 markers tag CRAFT's spans and are removed before the text encoder, for every method). ZipLoRA learns its mergers
@@ -39,6 +40,23 @@ from lorafuse.eval.scoring import aggregates
 CRAFT = "craft"
 BASE, CONTENT, STYLE = "base", "content only", "style only"
 CRAFT_CONTENT, CRAFT_STYLE = "craft content only", "craft style only"
+LOCON = "locon"
+# Input sets: the recipe changes (over world.personalize's subject_recipe / style_recipe) that train each pair.
+INPUT_RECIPES: dict[str, dict[str, Any]] = {
+    LOCON: {},  # the recipes' defaults: every layer with LoCon 3x3 convs (the LoRAs users have)
+    "attn": {"layers": "attn", "conv_rank": 0},  # attention projections only (K-LoRA, ZipLoRA, NP-LoRA papers)
+    "blora": {"layers": "blora", "conv_rank": 0},  # ONE LoRA on B-LoRA's two blocks, trained jointly
+    CRAFT: {"layers": CRAFT},  # CRAFT's disjoint content / style layer sets
+}
+
+
+def single_labels(inputs: str) -> tuple[str, str]:
+    """Labels of the content-only and style-only rows of an input set (the old names for locon and craft)."""
+    if inputs == LOCON:
+        return CONTENT, STYLE
+    if inputs == CRAFT:
+        return CRAFT_CONTENT, CRAFT_STYLE
+    return f"{inputs} content only", f"{inputs} style only"
 # the columns people read first; every row has them (the right_* rates are 0/1 per image)
 SCORES = ("oracle_content", "oracle_style", "right_individual", "right_style", "oracle_hmean", "oracle_ci",
           "seconds_per_image")  # fmt: skip
@@ -57,32 +75,52 @@ class PairLoras:
     craft_content: Path | None = None
     craft_style: Path | None = None
     runs: tuple[Path, ...] = ()  # the trainer's run folders (loss CSV logs), for the report's curves
+    sets: dict[str, tuple[Path, Path]] = field(default_factory=dict)  # input set -> (content, style) files
 
     @property
     def name(self) -> str:
         return f"{self.individual}+{self.style}"
 
+    def files(self, inputs: str) -> tuple[Path, Path]:
+        if inputs == LOCON:
+            return self.content, self.style_lora
+        if inputs == CRAFT and self.craft_content is not None and self.craft_style is not None:
+            return self.craft_content, self.craft_style
+        if inputs not in self.sets:
+            raise UserInputError(f"{self.name}: no LoRAs trained for input set {inputs!r}; train the pair with "
+                                 f"input_sets including it (known: {', '.join(INPUT_RECIPES)})")  # fmt: skip
+        return self.sets[inputs]
+
 
 def train_pair_loras(individual: str, style: str, work_dir: str | Path, *, methods: Sequence[str],
                      content_settings: Mapping[str, Any] | None = None,
-                     style_settings: Mapping[str, Any] | None = None, progress: bool = True) -> PairLoras:  # fmt: skip
-    """Write the datasets and train (or reuse, keyed by recipe) the LoRAs `methods` need: the attention pair
-    always (the baselines), the CRAFT disjoint-layer pair when "craft" is among `methods`. `*_settings` override
-    recipe fields (e.g. epochs=1 for a smoke run)."""
+                     style_settings: Mapping[str, Any] | None = None, progress: bool = True,
+                     input_sets: Sequence[str] | None = None) -> PairLoras:  # fmt: skip
+    """Write the datasets and train (or reuse, keyed by recipe) the LoRAs of every input set: by default the
+    all-layer LoCon pair (the baselines) and the CRAFT disjoint-layer pair when "craft" is among `methods`;
+    `input_sets` names them explicitly (keys of `INPUT_RECIPES`). `*_settings` override recipe fields (e.g.
+    epochs=1 for a smoke run)."""
     from lorafuse.world.personalize import recipe_paths, style_recipe, subject_recipe, train_world_lora
 
-    c_recipe = subject_recipe(individual, **dict(content_settings or {}))
-    s_recipe = style_recipe(style, **dict(style_settings or {}))
-    recipes = [c_recipe, s_recipe]
-    if CRAFT in methods:
-        recipes += [subject_recipe(individual, **{**dict(content_settings or {}), "layers": CRAFT}),
-                    style_recipe(style, **{**dict(style_settings or {}), "layers": CRAFT})]  # fmt: skip
-    paths = [train_world_lora(r, work_dir, progress=progress) for r in recipes]
+    wanted = list(input_sets) if input_sets is not None else [LOCON, *([CRAFT] if CRAFT in methods else [])]
+    unknown = sorted(set(wanted) - set(INPUT_RECIPES))
+    if unknown:
+        raise UserInputError(f"unknown input set(s) {unknown}; choose from {', '.join(INPUT_RECIPES)}")
+    sets = dict.fromkeys([LOCON, *wanted])  # locon first: the baselines and the datasets come from it
+    recipes = {}
+    for inputs in sets:
+        change = INPUT_RECIPES[inputs]
+        recipes[inputs] = (subject_recipe(individual, **{**dict(content_settings or {}), **change}),
+                           style_recipe(style, **{**dict(style_settings or {}), **change}))  # fmt: skip
+    files = {k: tuple(train_world_lora(r, work_dir, progress=progress) for r in pair) for k, pair in recipes.items()}
+    c_recipe, s_recipe = recipes[LOCON]
+    craft = files.get(CRAFT, (None, None))
     return PairLoras(
-        individual=individual, style=style, content=paths[0], style_lora=paths[1],
+        individual=individual, style=style, content=files[LOCON][0], style_lora=files[LOCON][1],
         content_data=recipe_paths(c_recipe, work_dir)[0], style_data=recipe_paths(s_recipe, work_dir)[0],
-        craft_content=paths[2] if len(paths) > 2 else None, craft_style=paths[3] if len(paths) > 2 else None,
-        runs=tuple(recipe_paths(r, work_dir)[1] for r in recipes),
+        craft_content=craft[0], craft_style=craft[1],
+        runs=tuple(recipe_paths(r, work_dir)[1] for pair in recipes.values() for r in pair),
+        sets={k: v for k, v in files.items() if k not in (LOCON, CRAFT)},
     )  # fmt: skip
 
 
@@ -133,29 +171,33 @@ class CompareResult:
     skipped: dict[str, str] = field(default_factory=dict)  # method -> why it could not run
 
 
-def _runs(loras: PairLoras, methods: Sequence[str]) -> list[tuple[str, str, str, Path, Path, dict[str, Any]]]:
-    """(label, kind, method, content file, style file, options) of every row, baselines first."""
-    runs = [(BASE, "base", "direct", loras.content, loras.style_lora, {"content_weight": 0.0, "style_weight": 0.0}),
-            (CONTENT, "content", "direct", loras.content, loras.style_lora, {"style_weight": 0.0}),
-            (STYLE, "style", "direct", loras.content, loras.style_lora, {"content_weight": 0.0})]  # fmt: skip
-    if CRAFT in methods:
-        if loras.craft_content is None or loras.craft_style is None:
-            raise UserInputError(f"{loras.name}: CRAFT needs LoRAs trained on its disjoint layers; train the pair "
-                                 "with methods including 'craft' (layers='craft' recipes)")  # fmt: skip
-        cc, cs = loras.craft_content, loras.craft_style
-        runs += [(CRAFT_CONTENT, "content", CRAFT, cc, cs, {"style_weight": 0.0}),
-                 (CRAFT_STYLE, "style", CRAFT, cc, cs, {"content_weight": 0.0})]  # fmt: skip
-    for m in methods:
-        files = (loras.craft_content, loras.craft_style) if m == CRAFT else (loras.content, loras.style_lora)
-        runs.append((m, "fused", m, *files, {}))
-    return runs
+Run = tuple[str, str, str, str, dict[str, Any]]  # (label, kind, method, input set, options)
+
+
+def default_runs(methods: Sequence[str]) -> list[Run]:
+    """Every method once, on the LoCon pair (CRAFT on its own), labelled by the method's name."""
+    return [(m, "fused", m, CRAFT if m == CRAFT else LOCON, {}) for m in methods]
+
+
+def _with_baselines(runs: Sequence[Run]) -> list[Run]:
+    """`runs` after the base row and the single-LoRA rows of every input set they use. A single row is the
+    method itself with the other weight 0 (CRAFT's singles keep its layer routing and guidance)."""
+    out: list[Run] = [(BASE, "base", "direct", LOCON, {"content_weight": 0.0, "style_weight": 0.0})]
+    for inputs in dict.fromkeys(r[3] for r in runs):
+        method = CRAFT if inputs == CRAFT else "direct"
+        content, style = single_labels(inputs)
+        out += [(content, "content", method, inputs, {"style_weight": 0.0}),
+                (style, "style", method, inputs, {"content_weight": 0.0})]  # fmt: skip
+    return out + list(runs)
 
 
 def compare_pair(pipe: Any, loras: PairLoras, *, oracle: Any, methods: Sequence[str] | None = None,
                  seeds: int = 2, seed: int = 0, steps: int = 25, guidance: float = 4.0,
-                 options: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = True) -> CompareResult:  # fmt: skip
-    """Sample `seeds` images (noise seeds seed .. seed + seeds - 1) per row of `_runs`, score them with the oracle
-    against the pair's references, and return rows, images and records. `options`: extra options per method."""
+                 options: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = True,
+                 runs: Sequence[Run] | None = None) -> CompareResult:  # fmt: skip
+    """Sample `seeds` images (noise seeds seed .. seed + seeds - 1) per row, score them with the oracle against the
+    pair's references, and return rows, images and records. Rows: `runs` (default `default_runs(methods)`) after
+    the base and the single LoRAs of each input set. `options`: extra options per method."""
     from tqdm.auto import tqdm
 
     from lorafuse.fusion.api import fuse
@@ -168,11 +210,10 @@ def compare_pair(pipe: Any, loras: PairLoras, *, oracle: Any, methods: Sequence[
     scorer = OracleScorer(oracle, individual=loras.individual, style=loras.style)
     result = CompareResult(loras.name, prompt, list(range(seed, seed + seeds)))
     scores: dict[str, dict[str, np.ndarray]] = {}
-    runs = _runs(loras, methods)
-    for label, kind, method, content, style, weights in tqdm(
-        runs, desc=f"{loras.name}", disable=not progress
-    ):
-        extra = {**method_options(method, loras), **dict((options or {}).get(method, {})), **weights}
+    runs = _with_baselines(default_runs(methods) if runs is None else runs)
+    for label, kind, method, inputs, own in tqdm(runs, desc=f"{loras.name}", disable=not progress):
+        content, style = loras.files(inputs)
+        extra = {**method_options(method, loras), **dict((options or {}).get(method, {})), **own}
         try:
             # one call per row, all seeds in one batch: image k has noise seed `seed + k` in every row
             out = fuse(content, style, prompt=prompt, method=method, base=pipe, num_images=seeds, steps=steps,
@@ -189,7 +230,8 @@ def compare_pair(pipe: Any, loras: PairLoras, *, oracle: Any, methods: Sequence[
         timings = out.record["timings_s"]
         for k in range(seeds):
             row = {"pair": loras.name, "individual": loras.individual, "style": loras.style, "method": label,
-                   "kind": kind, "seed": seed + k, "cell": f"{loras.name}/{label}/{seed + k}",
+                   "kind": kind, "fusion": method, "inputs": inputs, "seed": seed + k,
+                   "cell": f"{loras.name}/{label}/{seed + k}",
                    **{key: _plain(v[k]) for key, v in scores[label].items()},
                    # plan time (ZipLoRA's merger training, K-LoRA's precompute) is shared by the batch
                    "seconds_per_image": (timings["plan"] + timings["sample"]) / seeds,
@@ -205,13 +247,13 @@ def _plain(value: Any) -> Any:
 
 def _add_aggregates(rows: list[dict[str, Any]]) -> None:
     """§7.6 means for every row, and cross-influence for fused rows against the same seed's single-LoRA rows of
-    the LoRAs that method fused (CRAFT's own, the attention pair for the others)."""
+    the LoRAs that row fused (its input set)."""
     by_key = {(r["pair"], r["method"], r["seed"]): r for r in rows}
     for r in rows:
         if r["kind"] != "fused":
             r.update(aggregates(r))
             continue
-        singles = (CRAFT_CONTENT, CRAFT_STYLE) if r["method"] == CRAFT else (CONTENT, STYLE)
+        singles = single_labels(r.get("inputs", CRAFT if r["method"] == CRAFT else LOCON))
         alone = [by_key.get((r["pair"], s, r["seed"]), {}) for s in singles]
         r.update(aggregates(r, *alone))
 

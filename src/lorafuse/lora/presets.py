@@ -11,6 +11,9 @@ Presets (the same on every architecture unless the table below says otherwise):
     default        kohya's LoRA: every Linear / 1x1 conv of every Transformer2DModel (attention, ff, proj_in/out)
     all            kohya's LoCon: default + every ResnetBlock2D (conv1, conv2, conv_shortcut, time_emb_proj)
                    + the down/upsampler convs; 3x3 convs take conv_dim / conv_alpha when set
+    blora          B-LoRA as the paper trains it: ONE LoRA on both blocks' attention projections, trained jointly
+                   on one image (docs/algorithms.md §4); fusion then takes the content block of one such LoRA and
+                   the style block of another
     blora_content  B-LoRA's content block, attention projections only (algorithms.md §4)
     blora_style    B-LoRA's style block, attention projections only
     craft_content  CRAFT-LoRA's content layers I_c: the lower/middle resolutions (algorithms.md §7.3)
@@ -54,12 +57,14 @@ PRESET_NAMES = (
     "default",
     "attn",
     "all",
+    "blora",
     "blora_content",
     "blora_style",
     "craft_content",
     "craft_style",
 )
-# Presets that must never share a module (trained separately, fused later).
+# Presets that must never share a module when trained separately and fused later (the joint `blora` preset is
+# their union: one LoRA holding both blocks).
 DISJOINT_PAIRS = (("blora_content", "blora_style"), ("craft_content", "craft_style"))
 
 # member regexes, relative to a block path
@@ -150,6 +155,8 @@ def preset_rules(preset: str, arch: str) -> list[Rule]:
     """The (block, members, exact) rules of `preset` on `arch`."""
     if arch not in ARCHS:
         raise UserInputError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
+    if preset == "blora":  # joint B-LoRA training: both blocks in one LoRA
+        return preset_rules("blora_content", arch) + preset_rules("blora_style", arch)
     if preset in _GENERIC:
         return _GENERIC[preset]
     if preset in _NAMED[arch]:

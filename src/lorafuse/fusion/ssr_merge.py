@@ -55,9 +55,8 @@ from torch import Tensor, nn
 
 from lorafuse.errors import LorafuseError, UserInputError
 from lorafuse.fusion._options import check_range, config_record
-from lorafuse.fusion.common import check_plan_inputs, fuse_sum, resolve, split_state
+from lorafuse.fusion.common import check_plan_inputs, fuse_sum, layer_factors, resolve, split_state
 from lorafuse.fusion.registry import FusionConfig, FusionMethod, FusionPlan, register
-from lorafuse.lora.resize import factorize
 from lorafuse.lora.state import LoraModule, LoraState
 from lorafuse.lora.targets import ModuleRef, components_of
 
@@ -108,21 +107,6 @@ class SsrConfig(FusionConfig):
                 )
             out.append(value)
         return out[0], out[1]
-
-
-def _low_rank(module: LoraModule) -> LoraModule:
-    return factorize(module.delta) if module.down is None else module
-
-
-def _factors(module: LoraModule, layer: nn.Module, weight: float) -> tuple[Tensor, Tensor]:
-    """(A, B') in float32 in the layer's own layout (conv: 4-D A, 2-D B'), B' = w · s · B."""
-    module = _low_rank(module)
-    down, up = module.down.float(), (weight * module.scale) * module.up.float()
-    if isinstance(layer, nn.Conv2d) and down.dim() == 2:  # a 2-D LoRA on a 1x1 conv (SD1.5 proj_in)
-        down = down[:, :, None, None]
-    elif isinstance(layer, nn.Linear) and down.dim() == 4:
-        down = down.flatten(1)
-    return down, up.flatten(1)
 
 
 @dataclass
@@ -222,9 +206,10 @@ def ssr_lora(pipe: Any, content: LoraState, style: LoraState, config: SsrConfig
                 if key is not None:
                     summed[task].append(key)
             continue
-        (a_c, b_c), (a_s, b_s) = (
-            _factors(state.modules[key], layer, w) for state, key, w in zip((content, style), keys, weights, strict=True)
-        )
+        (a_c, b_c), (a_s, b_s) = (  # B' flattened to (out, r): the router acts on its columns
+            (a, b.flatten(1)) for a, b in (layer_factors(state.modules[key], layer, w)
+                                           for state, key, w in zip((content, style), keys, weights, strict=True))
+        )  # fmt: skip
         r_c, r = a_c.shape[0], a_c.shape[0] + a_s.shape[0]
         routed[keys[0]] = _Layer(
             layer=layer, down=torch.cat([a_c, a_s]), up=torch.cat([b_c, b_s], dim=1),

@@ -36,7 +36,8 @@ Pitfalls of the public code, and what we do:
 - Text encoders: the official code merges the denoiser only. Text-encoder modules here are the direct sum
   w_c ΔW_c + w_s ΔW_s (prompts are encoded once, as in direct merging).
 - The official runner silently drops a LoRA whose calibration raised, and a layer without activations falls back
-  to identity routing without error; here a failure is an error, and the record counts fallback layers.
+  to identity routing without a word; here a failed calibration run raises, and a layer without activations is
+  an error naming it.
 - Weights are emitted in float32 (the official default output is bf16).
 
 Cost: 2 x `calib_steps` guided forwards, then one (r_c + r_s)² solve per layer; the result is fused into the

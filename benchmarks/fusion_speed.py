@@ -15,8 +15,12 @@ direct, ...), one warm-up round dropped, --repeats rounds kept. A row's plan (in
 apart from its sampling. "x base" is the median over rounds of (row time / base time in the same round), with
 its interquartile range: a goal such as 1.02x is met only if the IQR says the difference is not noise.
 
-    python -m benchmarks.fusion_speed [--base world-random] [--steps 20] [--repeats 15] [--rank 8] [--threads 1]
-        [--zip-steps 100] [--skip-per-call] [--smoke]
+On FLUX.1 (`--base flux-tiny`) the LoRAs cover the transformer's attention projections (double and single
+blocks), guidance defaults to the family's (1.0: no true CFG; dev's embedded guidance 3.5), and methods the family
+refuses (B-LoRA) are listed as skipped.
+
+    python -m benchmarks.fusion_speed [--base world-random|flux-tiny] [--steps 20] [--repeats 15] [--rank 8]
+        [--threads 1] [--guidance G] [--zip-steps 100] [--skip-per-call] [--smoke]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from benchmarks.common import print_table, write_result
 from benchmarks.timing import interleaved, ratios, spread
 from lorafuse.errors import UserInputError
 from lorafuse.eval.metrics import world_references
+from lorafuse.families import family_of
 from lorafuse.fusion.klora_reference import NaiveKLoraHook
 from lorafuse.fusion.registry import get_method, make_config, method_names
 from lorafuse.fusion.sampling import sample
@@ -62,6 +67,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15, help="kept rounds (one more warm-up round is dropped)")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--guidance", type=float, help="CFG scale (default: 7.5 on SD bases, 1.0 on FLUX.1)")
     ap.add_argument("--zip-steps", type=int, default=100, help="ZipLoRA's max merger steps (its default)")
     ap.add_argument(
         "--skip-per-call", action="store_true", help="skip the slowest row (official per-call recompute)"
@@ -74,21 +80,28 @@ def main() -> None:
     warnings.simplefilter("ignore")
 
     pipe = load_base_pipeline(args.base)
+    family = family_of(pipe)
+    guidance = args.guidance if args.guidance is not None else (7.5 if family.default_guidance > 1 else 1.0)
     content = random_lora(pipe, seed=1, rank=args.rank, scale=0.1)
     style = random_lora(pipe, seed=2, rank=args.rank, scale=0.1)
     mergers, zip_info = learn_zip_mergers(pipe, content, style, args.zip_steps)
 
-    variants: list[tuple[str, str, dict]] = [(m, m, {}) for m in method_names()]
+    refused = [m for m in method_names() if m in family.refused]
+    for m in refused:
+        print(f"skipped {m}: {family.refused[m]}")
+    variants: list[tuple[str, str, dict]] = [(m, m, {}) for m in method_names() if m not in refused]
     variants = [(f"{m} (fused, learned mergers)" if m == "ziplora" else label, m, opts) for label, m, opts in variants]
     variants += [
         ("klora mechanism=adapter", "klora", {"mechanism": "adapter"}),
         ("klora official", "klora", {"klora_mode": "official"}),
+        ("klora mechanism=inplace", "klora", {"mechanism": "inplace"}),
         ("switch mechanism=adapter", "switch", {"mechanism": "adapter"}),
+        ("switch mechanism=inplace", "switch", {"mechanism": "inplace"}),
         ("composite mechanism=adapter", "composite", {"mechanism": "adapter"}),
     ]
     plan_times: dict[str, list[float]] = {}
 
-    def timed_sample(hooks=(), guidance=7.5) -> float:
+    def timed_sample(hooks=(), guidance=guidance) -> float:
         t = time.perf_counter()
         sample(pipe, PROMPT, steps=args.steps, seed=0, guidance=guidance, hooks=hooks, progress=False)
         return time.perf_counter() - t
@@ -103,7 +116,7 @@ def main() -> None:
             plan = get_method(method)().plan(pipe, content, style, config)
             plan_times.setdefault(label, []).append(time.perf_counter() - t)
             try:
-                return timed_sample(plan.hooks, plan.guidance(7.5))
+                return timed_sample(plan.hooks, plan.guidance(guidance))
             finally:
                 plan.close()  # the base is restored before the next row runs
 
@@ -140,12 +153,13 @@ def main() -> None:
             [n / k for n, k in zip(times[naive], times["klora"], strict=True)]
         )
 
-    print(f"\n{args.base}, {args.steps} steps, CFG 7.5, {args.repeats} interleaved rounds (+1 warm-up), "
+    print(f"\n{args.base}, {args.steps} steps, CFG {guidance:g}, {args.repeats} interleaved rounds (+1 warm-up), "
           f"{args.threads} thread(s), rank {args.rank} on {len(content.modules)} attention projections")  # fmt: skip
     print_table(["variant", "plan s", "sample s (median)", "IQR s", "x base (median)", "x base IQR"], rows)
     print(f"ZipLoRA merge (random LoRAs): {zip_info['merge_s']:.1f} s, {zip_info['steps']} steps, "
           f"early stop {'fired' if zip_info['converged'] else 'not reached'}")
-    write_result("fusion_speed_smoke" if args.smoke else "fusion_speed", vars(args), figures)
+    name = "fusion_speed" if args.base in ("world", "world-random") else f"fusion_speed_{args.base}"
+    write_result(f"{name}_smoke" if args.smoke else name, vars(args), figures)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,15 @@ def pipe(request: pytest.FixtureRequest) -> DiffusionPipeline:
 
 
 @pytest.fixture(scope="session")
+def flux() -> DiffusionPipeline:
+    from lorafuse.models.tiny_flux import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline(0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
 def deep_sdxl() -> StableDiffusionXLPipeline:
     """Tiny SDXL with 3-layer text encoders: SDXL reads the penultimate layer, so clip skip 1 needs 3 layers."""
     pipe = tiny_sdxl_pipeline(0)

@@ -1,4 +1,4 @@
-"""Every registered fusion method x tiny SD1.5 / SDXL / random world pipeline: with both weights 0 it equals the
+"""Every registered fusion method x tiny SD1.5 / SDXL / random world / FLUX.1 dev pipeline: with both weights 0 it equals the
 base model exactly, `plan.close()` restores every weight bit for bit, and its options round-trip through TOML.
 Parametrised over `method_names()`, so methods added later join automatically."""
 
@@ -11,6 +11,7 @@ from peft.tuners.lora import LoraLayer
 
 from lorafuse.config.toml_io import dump_config, load_config
 from lorafuse.errors import UserInputError
+from lorafuse.families import family_of
 from lorafuse.fusion.registry import get_method, make_config, method_names
 from lorafuse.fusion.sampling import sample
 from lorafuse.fusion.synthetic import random_lora
@@ -20,7 +21,7 @@ OURS = ("direct", "klora", "switch", "composite")  # these must run on every arc
 _BASE: dict[str, np.ndarray] = {}
 
 
-@pytest.fixture(params=["sd15", "sdxl", "world"])
+@pytest.fixture(params=["sd15", "sdxl", "world", "flux"])
 def arch_pipe(request):
     return request.param, request.getfixturevalue(request.param)
 
@@ -42,7 +43,7 @@ def lora_pair(pipe):
 
 def snapshot(pipe) -> dict[str, torch.Tensor]:
     out = {}
-    for comp in ("unet", "text_encoder", "text_encoder_2"):
+    for comp in ("unet", "transformer", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, comp, None)
         if module is not None:
             out.update({f"{comp}.{k}": v.clone() for k, v in module.state_dict().items()})
@@ -94,7 +95,7 @@ def test_close_restores_the_base_exactly(name, arch_pipe) -> None:
     assert after.keys() == before.keys()
     for key, value in before.items():
         assert torch.equal(after[key], value), key
-    assert not any(isinstance(m, LoraLayer) for m in pipe.unet.modules())
+    assert not any(isinstance(m, LoraLayer) for m in family_of(pipe).denoiser(pipe).modules())
 
 
 @pytest.mark.parametrize("name", method_names())

@@ -43,7 +43,7 @@ def fused_run(pipe, state, weight, steps=5):
         unfuse(pipe)
 
 
-@pytest.mark.parametrize("mechanism", ["swap", "adapter"])
+@pytest.mark.parametrize("mechanism", ["swap", "adapter", "inplace"])
 def test_switch_rotation_equals_explicit_fusing(arch_pipe, mechanism) -> None:
     content, style = pair(arch_pipe)
     w = {0: (content, 0.9), 1: (style, 1.1)}
@@ -67,10 +67,10 @@ def test_switch_rotation_equals_explicit_fusing(arch_pipe, mechanism) -> None:
     # not trivially one LoRA: differs from content-only and style-only runs
     assert np.abs(ours - fused_run(arch_pipe, content, 0.9)).max() > 1e-2
     assert np.abs(ours - fused_run(arch_pipe, style, 1.1)).max() > 1e-2
-    np.testing.assert_allclose(ours, reference, rtol=0, atol=0 if mechanism == "swap" else 2e-4)
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=0 if mechanism in ("swap", "inplace") else 2e-4)
 
 
-@pytest.mark.parametrize("mechanism", ["swap", "adapter"])
+@pytest.mark.parametrize("mechanism", ["swap", "adapter", "inplace"])
 def test_composite_averages_guided_predictions(arch_pipe, mechanism) -> None:
     content, style = pair(arch_pipe)
     plan = plan_of("composite", arch_pipe, content, style, content_weight=1.2, style_weight=0.7,
@@ -95,7 +95,7 @@ def test_composite_averages_guided_predictions(arch_pipe, mechanism) -> None:
     reference = run(arch_pipe, guidance=explicit, steps=4)
     assert np.abs(ours - fused_run(arch_pipe, content, 1.2, steps=4)).max() > 1e-2
     assert np.abs(ours - fused_run(arch_pipe, style, 0.7, steps=4)).max() > 1e-2
-    np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-6 if mechanism == "swap" else 2e-4)
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-6 if mechanism in ("swap", "inplace") else 2e-4)
 
 
 def test_text_encoder_parts_are_summed(sd15) -> None:
@@ -165,3 +165,41 @@ def test_composite_official_is_every_lora_at_0_8(sd15) -> None:
             plan.close()
     np.testing.assert_array_equal(images[0], images[1])
     assert np.abs(images[0] - images[2]).max() > 1e-3
+
+
+def test_inplace_keeps_no_device_copy_and_restores_bit_for_bit(sd15) -> None:
+    # "inplace" rewrites the layer's own tensor (no fused copy beside it) and puts W0 back exactly
+    from lorafuse.fusion.common import resolve
+    from lorafuse.fusion.synthetic import random_lora
+    from lorafuse.fusion.variants import BASE, make_variants
+
+    content, style = random_lora(sd15, seed=1, scale=0.3), random_lora(sd15, seed=2, scale=0.3)
+    refs_c, refs_s = resolve(sd15, content), resolve(sd15, style)
+    layers = sorted(set(refs_c.values()), key=lambda r: r.path)
+    before = {k: v.clone() for k, v in sd15.unet.state_dict().items()}
+    sources = [(content, refs_c, 0.8), (style, refs_s, 1.2)]
+    swap = make_variants("swap", sd15, layers, sources, ("a", "b"))
+    swap.select_all(1)
+    want = [sd15.unet.get_submodule(r.path).weight.data.clone() for r in layers]
+    swap.close()
+    inplace = make_variants("inplace", sd15, layers, sources, ("a", "b"))
+    pointers = [sd15.unet.get_submodule(r.path).weight.data_ptr() for r in layers]
+    for variant in (0, 1, 0, 1):  # back and forth between the LoRAs, as Switch and Composite do
+        inplace.select_all(variant)
+    got = [sd15.unet.get_submodule(r.path).weight.data for r in layers]
+    assert [g.data_ptr() for g in got] == pointers  # the same storage: no second copy on the device
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))  # equals swap's fused weight
+    assert any(not torch.equal(g, before[f"{r.path}.weight"]) for g, r in zip(got, layers, strict=True))
+    inplace.select_all(BASE)
+    inplace.close()
+    assert all(torch.equal(v, sd15.unet.state_dict()[k]) for k, v in before.items())
+
+
+def test_mechanism_bytes_counts_copies_and_factors() -> None:
+    from lorafuse.fusion.variants import mechanism_bytes
+
+    out = mechanism_bytes([(8, 4), (6, 6)], [(2, 0), (1, 3)], weight_bytes=2)
+    assert out["swap"] == {"device": (32 + 36 + 36) * 2, "host": 0}
+    factors = 2 * (8 + 4) + 1 * 12 + 3 * 12
+    assert out["adapter"]["device"] == factors * 4
+    assert out["inplace"] == {"device": factors * 4 + 36 * 4, "host": (32 + 36) * 2}

@@ -113,6 +113,7 @@ def fused_objective(pipe, content, style, refs, mergers, w_c, w_s, seed) -> floa
     """The slow reference of the training objective (λ = 0, one draw): every model as fused weights, not hooks."""
     from diffusers import DDPMScheduler
 
+    from lorafuse.families.unet import UNetDenoiser
     from lorafuse.fusion.prompts import encode_prompts
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -125,7 +126,7 @@ def fused_objective(pipe, content, style, refs, mergers, w_c, w_s, seed) -> floa
             cond = encode_prompts(
                 pipe, [prompt], None, num_images=1, clip_skip=0, height=size, width=size
             ).cond
-            return pipe.unet(noisy, t, **cond.unet_kwargs(), return_dict=False)[0]
+            return UNetDenoiser(pipe.unet)(noisy, t, cond)
         finally:
             unfuse(pipe)
 
@@ -271,3 +272,20 @@ def test_similarity_term_is_the_absolute_cosine(world) -> None:
     without = ziplora_loss(world, content, style, *refs, mergers, similarity_weight=0.0, seed=2, draws=1)
     assert len(shared) > 5
     assert with_term - without == pytest.approx(lam * len(shared) / 2**0.5, rel=1e-5)
+
+
+def test_learns_mergers_on_flux(flux) -> None:
+    # rectified-flow forward process on the transformer: mergers move from 1, and close() restores the base
+    from lorafuse.fusion.synthetic import random_lora
+
+    content, style = random_lora(flux, seed=1, rank=4, scale=0.3), random_lora(flux, seed=2, rank=4, scale=0.3)
+    image = torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0)).numpy()
+    before = {k: v.clone() for k, v in flux.transformer.state_dict().items()}
+    config = make_config("ziplora", content_image=image, content_prompt="a photo of sks dog", style_image=image,
+                         style_prompt="watercolor style", max_steps=3)  # fmt: skip
+    plan = get_method("ziplora")().plan(flux, content, style, config)
+    try:
+        assert plan.record["merger_layers"] > 0 and plan.record["training"]["steps"] == 3
+    finally:
+        plan.close()
+    assert all(torch.equal(v, flux.transformer.state_dict()[k]) for k, v in before.items())

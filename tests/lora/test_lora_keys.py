@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lorafuse.errors import LoraFormatError
-from lorafuse.lora.archs import SDXL_UNET
+from lorafuse.families.sdxl import UNET as SDXL_UNET
 from lorafuse.lora.keys import (
     SDXL_LAYOUT,
     KeyIndex,

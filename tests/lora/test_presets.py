@@ -74,7 +74,7 @@ def test_unknown_layout_is_an_error():
             block_out_channels=(32, 64),
             norm_num_groups=16,
         )
-    with pytest.raises(UserInputError, match="cannot tell the architecture"):
+    with pytest.raises(UserInputError, match="cannot tell which base-model family"):
         detect_arch(unet)
 
 
@@ -157,7 +157,7 @@ def test_regexes_select_modules_and_must_match_something():
 def test_unknown_preset_and_arch():
     with pytest.raises(UserInputError, match="unknown layer preset"):
         resolve_layers(_unet("world"), "everything", "world")
-    with pytest.raises(UserInputError, match="unknown architecture"):
+    with pytest.raises(UserInputError, match="unknown base-model family 'sd3'"):
         preset_rules("attn", "sd3")
 
 

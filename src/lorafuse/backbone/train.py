@@ -41,6 +41,7 @@ from lorafuse.backbone import para
 from lorafuse.backbone.features import load_features, perceptual_loss
 from lorafuse.backbone.pairs import read_pairs
 from lorafuse.errors import ConfigError, UserInputError
+from lorafuse.families.unet import UNetDenoiser
 from lorafuse.utils.atomic import atomic_path
 
 INFO_FILE = "craft_backbone.json"  # = fusion.craft.host.BACKBONE_INFO
@@ -177,11 +178,8 @@ def backbone_loss(
     noise = torch.randn(z0.shape, generator=generator).to(z0)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(rows),), generator=generator)
     zt = noise_scheduler.add_noise(z0, noise, t)
-    cond = type(data.cond)(
-        *(None if x is None else x[rows] for x in (data.cond.embeds, data.cond.pooled, data.cond.time_ids))
-    )
     with para.trainable_bases(unet, role):
-        pred = unet(zt, t.to(unet.device), **cond.unet_kwargs(), return_dict=False)[0]
+        pred = UNetDenoiser(unet)(zt, t.to(unet.device), data.cond.rows(rows))
     v_pred = noise_scheduler.config.prediction_type == "v_prediction"
     target = noise_scheduler.get_velocity(z0, noise, t) if v_pred else noise
     mse = F.mse_loss(pred.float(), target.float())

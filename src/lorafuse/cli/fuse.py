@@ -22,8 +22,58 @@ from lorafuse.errors import ConfigError, UserInputError
 ALL = "all"
 
 
+class _HelpWithMethods(argparse.Action):
+    """-h/--help: the usual help plus one line per fusion method. The registry (torch, diffusers) is imported
+    only when help is asked for, so `lorafuse --help` and every other command stay fast."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from lorafuse.fusion.options_doc import methods_help
+
+        parser.epilog = (
+            f"methods (--method NAME):\n{methods_help()}\n  all  every method above, same seeds, side by side\n\n"
+            "options of one method: lorafuse fuse --method NAME --help-options"
+        )
+        parser.print_help()
+        parser.exit()
+
+
+class _HelpOptions(argparse.Action):
+    """--help-options [NAME]: the options of NAME, else of the method given with --method before it (every
+    method for 'all')."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from lorafuse.fusion.options_doc import options_help
+        from lorafuse.fusion.registry import get_method, method_names
+
+        method = values or namespace.method
+        names = method_names() if method == ALL else [method]
+        try:
+            for name in names:
+                get_method(name)
+        except UserInputError as e:
+            parser.error(str(e))
+        print("\n\n".join(options_help(n) for n in names))
+        parser.exit()
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("fuse", help="fuse a content and a style LoRA and sample images")
+    p = subparsers.add_parser(
+        "fuse",
+        help="fuse a content and a style LoRA and sample images",
+        add_help=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fuse a content (subject) LoRA and a style LoRA with one fusion method, or all of them with "
+        "the same seeds, and write the images, a labelled grid and a JSON record.",
+    )
+    p.add_argument("-h", "--help", action=_HelpWithMethods, nargs=0, help="show this help and the methods")
+    p.add_argument(
+        "--help-options",
+        action=_HelpOptions,
+        nargs="?",
+        metavar="NAME",
+        help="list the options of a method (NAME, or the one given by --method): types, defaults, accepted "
+        "ranges; then exit",
+    )
     p.add_argument("--content", type=Path, required=True, help="content (subject) LoRA file")
     p.add_argument("--style", type=Path, required=True, help="style LoRA file")
     p.add_argument("--method", default="klora", help="a fusion method name, or 'all' (default: klora)")
@@ -41,9 +91,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, help="CFG scale (default: the base's, 7.5 for SD, 1 = none for FLUX.1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scheduler", default="ddim", help="ddim (default), euler or dpmpp")
+    p.add_argument(
+        "--scheduler", default="default", help="ddim (the SD default), euler or dpmpp; FLUX.1 uses its own flow-match Euler"
+    )
     p.add_argument(
         "--allow-pickle", action="store_true", help="also read .ckpt/.pt/.bin (torch.load weights_only)"
     )

@@ -16,17 +16,19 @@ from collections import Counter
 from pathlib import Path
 
 from lorafuse.errors import LoraFormatError, UserInputError
+from lorafuse.families import FAMILIES, family_of, family_of_lora_keys, family_of_metadata
+from lorafuse.lora.archs import REFERENCE_ARCHS
 from lorafuse.lora.formats import WRITE_FORMATS
-from lorafuse.lora.formats.metadata import MODELSPEC_ARCH, SS_BASE_VERSION
 from lorafuse.lora.io import load_lora, save_lora
 from lorafuse.lora.keys import ARCHS
 from lorafuse.lora.merge import MERGE_METADATA_KEY, MERGE_MODES, merge_loras
 from lorafuse.lora.resize import factorize, resize_lora
 from lorafuse.lora.state import LoraState
 from lorafuse.lora.validate import fits, validate_lora
+from lorafuse.models.load import TINY_BASES, tiny_base
 
-BUILTIN_BASES = ("world", "sd15-tiny", "sdxl-tiny")
-_LABELS = {"sd15": "SD1.5", "sdxl": "SDXL", "world": "built-in world"}
+BUILTIN_BASES = ("world", *TINY_BASES)
+_LABELS = {name: f.label for name, f in FAMILIES.items()}
 _MAX_META_VALUE = 100  # ss_tag_frequency and friends can be kilobytes of JSON
 
 
@@ -34,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("inspect", help="show a LoRA file's format, ranks, metadata and coverage")
     p.add_argument("file", type=Path)
     p.add_argument(
-        "--base", metavar="PATH|world|sd15-tiny|sdxl-tiny", help="check key coverage against this base"
+        "--base", metavar="PATH|world|" + "|".join(TINY_BASES), help="check key coverage against this base"
     )
     _add_pickle(p)
     p.set_defaults(func=cmd_inspect)
@@ -104,17 +106,10 @@ def _reference_fit(state: LoraState, arch: str) -> tuple[int, int]:
 
 def guess_arch(state: LoraState) -> str | None:
     """The architecture a LoRA was made for: from its metadata, else from names and shapes; None if unclear."""
-    spec = state.metadata.get("modelspec.architecture", "").split("/")[0]
-    by_spec = {v: k for k, v in MODELSPEC_ARCH.items()}
-    if spec in by_spec:
-        return by_spec[spec]
-    version = state.metadata.get("ss_base_model_version", "")
-    by_version = {v: k for k, v in SS_BASE_VERSION.items()}
-    if version in by_version:
-        return by_version[version]
-    if version.startswith(("sdxl", "sd_v1")):
-        return "sdxl" if version.startswith("sdxl") else "sd15"
-    fit = {arch: _reference_fit(state, arch)[1] for arch in ("sd15", "sdxl")}
+    family = family_of_metadata(state.metadata) or family_of_lora_keys(list(state.modules))
+    if family is not None:
+        return family.name
+    fit = {arch: _reference_fit(state, arch)[1] for arch in REFERENCE_ARCHS}
     best = max(fit, key=lambda a: fit[a])
     return best if fit[best] * 2 >= len(state.modules) > 0 else None
 
@@ -153,7 +148,7 @@ def _meta_components(path: Path) -> tuple[dict, str]:
                 comps[name] = cls(cls.config_class.from_pretrained(path / name))
     if "unet" not in comps:
         raise UserInputError(f"{path}: the pipeline has no unet")
-    return comps, "sdxl" if "text_encoder_2" in comps else "sd15"
+    return comps, family_of(comps).name
 
 
 def load_base(spec: str) -> tuple[object, str, bool]:
@@ -162,11 +157,9 @@ def load_base(spec: str) -> tuple[object, str, bool]:
         from lorafuse.world.base_model import load_world_pipeline
 
         return load_world_pipeline(), "world", True
-    if spec in ("sd15-tiny", "sdxl-tiny"):
-        from lorafuse.models.tiny import tiny_pipeline
-
-        arch = spec.removesuffix("-tiny")
-        return tiny_pipeline(arch), arch, False  # tiny widths: a real LoRA can only match by name
+    if spec in TINY_BASES:
+        pipe = tiny_base(spec)
+        return pipe, family_of(pipe).name, False  # tiny widths: a real LoRA can only match by name
     path = Path(spec)
     if not (path / "model_index.json").is_file():
         raise UserInputError(
@@ -224,7 +217,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"    {key} = {cut}")
     if base is None:
         fits_text = []
-        for ref_arch in ("sd15", "sdxl"):
+        for ref_arch in REFERENCE_ARCHS:
             names, shapes = _reference_fit(state, ref_arch)
             fits_text.append(f"{_LABELS[ref_arch]} {names}/{len(mods)} names, {shapes}/{len(mods)} shapes")
         print(f"  fits: {'; '.join(fits_text)} (use --base to check a specific model)")

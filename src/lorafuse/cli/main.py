@@ -15,7 +15,7 @@ from lorafuse import __version__
 from lorafuse.errors import UserInputError
 
 # subcommand modules, in the order `lorafuse --help` lists them
-COMMAND_MODULES = ("demo", "world", "lora_tools", "bake", "train", "fuse", "grid", "report", "craft")
+COMMAND_MODULES = ("demo", "world", "lora_tools", "bake", "train", "fuse", "grid", "report", "craft", "ui")
 
 
 def build_parser() -> argparse.ArgumentParser:

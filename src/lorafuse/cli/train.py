@@ -3,86 +3,20 @@
 Every `TrainConfig` field is also a flag named as in kohya (`--network_dim`), so a kohya
 command line mostly carries over; `--set table.key=value` reaches the same fields by dotted name. Precedence:
 the TOML file, then `--set`, then the flags. The help text of each flag is the comment beside (or above) its
-field in train/config.py and train/config_optim.py, so documenting a field there documents the CLI.
+field in train/config.py and train/config_optim.py, so documenting a field there documents the CLI (and the web
+UI's training form, generated from the same `lorafuse.train.options`).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import functools
-import inspect
-import io
 import json
-import textwrap
-import tokenize
 import typing
 from pathlib import Path
 
 from lorafuse.errors import UserInputError
-
-
-@functools.cache
-def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> its documentation: the comment lines right above the field plus its trailing comment."""
-    source = textwrap.dedent(inspect.getsource(cls))
-    lines = source.splitlines()
-    comments = {
-        tok.start[0]: tok.string.lstrip("#").strip()
-        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
-        if tok.type == tokenize.COMMENT
-    }
-    docs = {}
-    for node in ast.parse(source).body[0].body:
-        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
-            continue
-        above, line = [], node.lineno - 1
-        while line in comments and lines[line - 1].lstrip().startswith("#"):
-            above.insert(0, comments[line])
-            line -= 1
-        trailing = (
-            comments.get(node.end_lineno) if not lines[node.end_lineno - 1].lstrip().startswith("#") else None
-        )
-        docs[node.target.id] = " ".join([*above, *([trailing] if trailing else [])])
-    return docs
-
-
-@dataclasses.dataclass(frozen=True)
-class Option:
-    table: str  # "network"
-    name: str  # "network_dim"
-    type: typing.Any
-    default: typing.Any  # dataclasses.MISSING when required
-    doc: str
-
-    @property
-    def key(self) -> str:
-        return f"{self.table}.{self.name}"
-
-    @property
-    def is_bool(self) -> bool:
-        return self.type is bool
-
-    @property
-    def is_sequence(self) -> bool:
-        args = (self.type, *typing.get_args(self.type))
-        return any(typing.get_origin(a) in (list, tuple) for a in args)
-
-
-def options() -> list[Option]:
-    """Every field of every table of `TrainConfig`, in declaration order."""
-    from lorafuse.train.config import TrainConfig
-
-    out = []
-    hints = typing.get_type_hints(TrainConfig)
-    for table in dataclasses.fields(TrainConfig):
-        cls = hints[table.name]
-        sub_hints, docs = typing.get_type_hints(cls), field_docs(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-            out.append(Option(table.name, f.name, sub_hints[f.name], default, docs.get(f.name, "")))
-    return out
+from lorafuse.train.options import Option, options
 
 
 def _help(opt: Option) -> str:
@@ -186,6 +120,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lorafuse.train.loop import train_lora
 
     result = train_lora(cfg, progress_bar=not args.no_progress)
+    if result.stopped:
+        import shlex
+
+        state = result.states[-1]
+        again = ["lorafuse", "train", *([str(args.config)] if args.config else []), "--set", f"training.resume={state}"]
+        print(f"stopped at step {result.global_step} of {result.total_steps}; state saved in {state}")
+        print(f"  lora   {result.lora_path}")
+        print(f"continue with: {shlex.join(again)}" + (" (and the same options)" if args.overrides else ""))
+        return 0
     print(f"trained {result.global_step} steps in {result.seconds:.0f} s ({result.arch})")
     for path in result.saved:
         print(f"  lora   {path}")

@@ -26,6 +26,7 @@ import numpy as np
 
 from lorafuse.config.toml_io import load_config
 from lorafuse.errors import ConfigError, UserInputError
+from lorafuse.families import family_of
 from lorafuse.fusion.common import check_finite, lora_label, require_clean_base
 from lorafuse.fusion.registry import FusionConfig, get_method
 from lorafuse.lora.state import LoraState
@@ -76,10 +77,12 @@ def method_config(
 def load_base(base: Any) -> Any:
     """A pipeline as is; a name or path through `models.load.load_base_pipeline` (nothing downloads)."""
     if not isinstance(base, str | os.PathLike):
-        if not hasattr(base, "unet"):
+        try:
+            family_of(base)
+        except UserInputError:
             raise UserInputError(
                 f"base must be a diffusers pipeline, a folder, a file or a name; got {base!r}"
-            )
+            ) from None
         return base
     from lorafuse.models.load import load_base_pipeline
 
@@ -89,11 +92,10 @@ def load_base(base: Any) -> Any:
 def load_pair(pipe: Any, content: LoraInput, style: LoraInput, method: str, *, allow_pickle: bool = False
               ) -> tuple[LoraState, LoraState, list[str]]:  # fmt: skip
     """Read and check both LoRAs against `pipe`; returns them and the coverage warnings."""
-    from lorafuse.lora.inject import pipeline_arch
     from lorafuse.lora.io import load_lora
     from lorafuse.lora.validate import validate_lora
 
-    arch = pipeline_arch(pipe)
+    arch = family_of(pipe).name
     states, warnings = [], []
     for given, role in ((content, "content"), (style, "style")):
         try:
@@ -132,9 +134,9 @@ def fuse(
     negative_prompt: str | Sequence[str] | None = None,
     num_images: int = 1,
     steps: int = 25,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     seed: int = 0,
-    scheduler: str | None = "ddim",
+    scheduler: str | None = "default",
     height: int | None = None,
     width: int | None = None,
     config: FusionConfig | str | os.PathLike | None = None,
@@ -161,9 +163,12 @@ def fuse(
     prompt, cfg = fusion.prepare_prompt(prompt, cfg)
     prompt = strip_markers(prompt)
     pipe = load_base(base)
-    factor = pipe.vae_scale_factor
-    height = pipe.unet.config.sample_size * factor if height is None else height
-    width = pipe.unet.config.sample_size * factor if width is None else width
+    family = family_of(pipe)
+    family.check_refused(method)
+    height = family.sample_size(pipe) if height is None else height
+    width = family.sample_size(pipe) if width is None else width
+    scheduler = family.default_scheduler if scheduler == "default" else scheduler
+    guidance = family.default_guidance if guidance is None else guidance
     try:
         check_inputs(pipe, prompt, negative_prompt, num_images, steps, guidance, scheduler, height, width,
                      None, "diffusers", None, (), "np")  # fmt: skip

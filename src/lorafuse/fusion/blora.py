@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorafuse.errors import LoraFormatError, UserInputError
+from lorafuse.families import family_of
 from lorafuse.fusion._options import check_choice, config_record
 from lorafuse.fusion.common import (
     check_plan_inputs,
@@ -186,6 +187,7 @@ class BLora(FusionMethod):
     )
 
     def plan(self, pipe: Any, content: LoraState, style: LoraState, config: FusionConfig) -> FusionPlan:
+        family_of(pipe).check_refused(NAME)  # no published blocks on some families (FLUX.1): say so first
         check_plan_inputs(NAME, config, BLoraConfig, pipe, content, style)
         parts, routing = blora_parts(pipe, content, style, config)
         plan = FusionPlan(

@@ -14,16 +14,18 @@ from collections.abc import Callable, Iterable
 import torch
 
 from lorafuse.errors import LoraFormatError, UserInputError
+from lorafuse.families import FAMILIES
 from lorafuse.lora.merge import fuse_into, is_fused, merge_loras, unfuse
 from lorafuse.lora.state import LoraModule, LoraState
 from lorafuse.lora.targets import ModuleRef
 from lorafuse.lora.validate import LoraCoverageWarning, validate_lora
 
 # The projections K-LoRA chooses between (§2.1): every attention module's to_q / to_k / to_v / to_out.0,
-# self- and cross-attention alike.
-_ATTENTION_PROJECTION = re.compile(r"(^|\.)(to_q|to_k|to_v|to_out\.0)$")
+# self- and cross-attention alike; in FLUX's double blocks also the text stream's add_q/k/v_proj, to_add_out.
+_ATTENTION_PROJECTION = re.compile(r"(^|\.)(to_q|to_k|to_v|to_out\.0|add_[qkv]_proj|to_add_out)$")
 # diffusers registers up_blocks before mid_block, so named_modules() is not the order the forward calls them
 _BLOCK_ORDER = {"conv_in": 0, "down_blocks": 1, "mid_block": 2, "up_blocks": 3}
+DENOISERS = frozenset(f.denoiser_component for f in FAMILIES.values())  # "unet", "transformer"
 
 
 def lora_label(state: LoraState, role: str) -> str:
@@ -31,8 +33,13 @@ def lora_label(state: LoraState, role: str) -> str:
     return state.source_path or f"{role} LoRA"
 
 
+def is_denoiser(ref: ModuleRef) -> bool:
+    """The module is in the denoiser (UNet or transformer), not a text encoder."""
+    return ref.component in DENOISERS
+
+
 def is_attention_projection(ref: ModuleRef) -> bool:
-    return ref.component == "unet" and bool(_ATTENTION_PROJECTION.search(ref.path))
+    return is_denoiser(ref) and bool(_ATTENTION_PROJECTION.search(ref.path))
 
 
 def forward_order(pipe: object, refs: Iterable[ModuleRef]) -> list[ModuleRef]:
@@ -42,11 +49,12 @@ def forward_order(pipe: object, refs: Iterable[ModuleRef]) -> list[ModuleRef]:
     Text-encoder modules come last."""
     from lorafuse.lora.targets import components_of
 
-    unet = components_of(pipe).get("unet")
+    comps = components_of(pipe)
+    unet = next((comps[c] for c in DENOISERS if c in comps), None)
     position = {path: i for i, (path, _) in enumerate(unet.named_modules())} if unet is not None else {}
 
     def key(ref: ModuleRef) -> tuple[int, int, str]:
-        if ref.component != "unet":
+        if not is_denoiser(ref):
             return (9, 0, f"{ref.component}.{ref.path}")
         return (_BLOCK_ORDER.get(ref.path.split(".", 1)[0], 4), position.get(ref.path, 0), ref.path)
 

@@ -31,7 +31,7 @@ ADAPTER_NAMES = ("composite_content", "composite_style")
 
 @dataclass
 class CompositeConfig(FusionConfig):
-    mechanism: Literal["swap", "adapter"] = "swap"
+    mechanism: Literal["auto", "swap", "adapter", "inplace"] = "auto"
     official: bool = False  # every LoRA at scale 0.8, as the official code
 
     def validate(self, method: str) -> None:
@@ -39,7 +39,7 @@ class CompositeConfig(FusionConfig):
         if not isinstance(self.official, bool):
             raise UserInputError(f"{method}: option official={self.official!r} must be true or false")
         if self.mechanism not in MECHANISMS:
-            raise UserInputError(f"{method}: option mechanism={self.mechanism!r} must be 'swap' or 'adapter'")
+            raise UserInputError(f"{method}: option mechanism={self.mechanism!r} must be 'auto', 'swap', 'adapter' or 'inplace'")
 
 
 def only(variants: LayerVariants, variant: int) -> Callable[[], contextlib.AbstractContextManager[None]]:

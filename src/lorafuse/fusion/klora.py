@@ -7,7 +7,8 @@ update at step i iff S_c,l ≥ γ S(i) S_s,l (`klora_schedule.schedule_table`).
 How it runs. Everything but S(i) is step-independent, so `plan()` computes the scores once and the (layer x step)
 table is built once per step count; at run time a `StepHook` looks each layer's choice up and switches it with
 the mechanism of `fusion.variants` ("swap": precomputed W + w ΔW per layer, a pointer assignment per switch,
-base-model speed; "adapter": peft adapters, less memory). Under the paper's rule each layer switches at most
+base-model speed; "adapter": peft adapters, less memory; "inplace": the layer's own tensor rewritten, original
+on the CPU, for real-size FLUX.1; "auto", the default, picks swap or inplace from the free memory). Under the paper's rule each layer switches at most
 once per image (S(i) rises), so a run costs at most 2 pointer assignments per layer.
 
 Modules outside the attention projections (resnet convs, feed-forwards, text encoders), which the paper does not
@@ -80,7 +81,7 @@ class KLoraConfig(FusionConfig):
     random_seed: int = 0
     official_period: int = 0  # official counter period P; 0: K-LoRA layers x steps of the first image
     non_attention: Literal["auto", "sum", "ignore"] = "auto"
-    mechanism: Literal["swap", "adapter"] = "swap"
+    mechanism: Literal["auto", "swap", "adapter", "inplace"] = "auto"
 
     def validate(self, method: str) -> None:
         super().validate(method)
@@ -93,7 +94,7 @@ class KLoraConfig(FusionConfig):
             ("random_p", 0.0 <= self.random_p <= 1.0, "in [0, 1]"),
             ("official_period", isinstance(self.official_period, int) and self.official_period >= 0, ">= 0"),
             ("non_attention", self.non_attention in ("auto", "sum", "ignore"), "'auto', 'sum' or 'ignore'"),
-            ("mechanism", self.mechanism in MECHANISMS, "'swap' or 'adapter'"),
+            ("mechanism", self.mechanism in MECHANISMS, "'auto', 'swap', 'adapter' or 'inplace'"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -246,6 +247,7 @@ class KLora(FusionMethod):
                 ADAPTER_NAMES, scaled=not official,
             )  # fmt: skip
             plan.undo.append(variants.close)
+            plan.record["mechanism"] = variants.mechanism  # "auto" resolved
             if official:
                 modules = [components_of(pipe)[r.component].get_submodule(r.path) for r in layers]
                 hook: Any = KLoraOfficialHook(variants, modules, scores, gamma, config, plan.record)

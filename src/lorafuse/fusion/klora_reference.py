@@ -12,18 +12,16 @@ Notation: `delta_c` is ΔW_c,l, `k` is K_l = r_c r_s, `gamma` is γ, `scale` is 
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 
+from lorafuse.families import family_of
+from lorafuse.fusion.common import is_attention_projection
 from lorafuse.guidance.schedules import klora_scale
-from lorafuse.lora.inject import pipeline_arch
 from lorafuse.lora.state import LoraModule, LoraState
 from lorafuse.lora.targets import components_of
 from lorafuse.lora.validate import validate_lora
-
-_ATTENTION = re.compile(r"\.(to_q|to_k|to_v|to_out\.0)$")
 
 
 def _delta(module: LoraModule | None, shape: torch.Size, scaled: bool) -> torch.Tensor | None:
@@ -49,12 +47,12 @@ class NaiveKLoraHook:
     def __init__(self, pipe: Any, content: LoraState, style: LoraState, *, content_weight: float = 1.0,
                  style_weight: float = 1.0, mode: str = "paper", alpha: float = 1.5, beta: float | None = None,
                  period: int = 0, k: int = 0) -> None:  # fmt: skip
-        arch = pipeline_arch(pipe)
-        unet = components_of(pipe)["unet"]
+        family = family_of(pipe)
+        arch, unet = family.name, components_of(pipe)[family.denoiser_component]
         found: dict[str, dict[str, LoraModule]] = {}
         for role, state in (("c", content), ("s", style)):
             for key, ref in validate_lora(state, pipe, arch=arch).targets.items():
-                if ref.component == "unet" and _ATTENTION.search("." + ref.path):
+                if is_attention_projection(ref):
                     found.setdefault(ref.path, {})[role] = state.modules[key]
         self.paths = [p for p, _ in unet.named_modules() if p in found]
         self.loras = [found[p] for p in self.paths]

@@ -187,7 +187,7 @@ def schedule_heatmap(
     ax.set_xlabel("denoising step i (0 = noisiest)")
     ax.set_ylabel("attention projection (forward order)")
     if layers is not None and n <= 40:
-        ax.set_yticks(range(n), [name.removeprefix("unet.") for name in layers], fontsize=5)
+        ax.set_yticks(range(n), [name.split(".", 1)[-1] for name in layers], fontsize=5)
     frac = float(table.float().mean()) if table.numel() else 0.0
     ax.set_title(title or f"K-LoRA choices: content {frac:.0%} of (layer, step) pairs", fontsize=9)
     ax.legend(handles=[Patch(color=colors[1], label="content"), Patch(color=colors[0], label="style")],

@@ -1,8 +1,10 @@
 """The one sampling loop every fusion method and guidance policy plugs into.
 
 `sample` is laid out like diffusers' `StableDiffusionPipeline.__call__`, and with CFG it gives the same images
-(tests/fusion/test_sampling.py compares them). Per-step methods change two lines of the loop (# 7), never more:
-- `hook.before_step(i, T, unet)`: weight-level changes between steps (K-LoRA's per-layer choice, LoRA Switch);
+as diffusers' SD, SDXL and FLUX.1 pipelines (tests/fusion/test_sampling*.py compare them). What differs between
+bases (prompt encoding, latent layout, timesteps, the denoiser call) is asked of the base's family
+(`lorafuse.families`), never branched on here. Per-step methods change two lines of the loop (# 7), never more:
+- `hook.before_step(i, T, denoiser)`: weight-level changes between steps (K-LoRA's per-layer choice, LoRA Switch);
 - `guidance(model_fn, x, t, i, T, cond)`: how a step's prediction is formed (CFG, asymmetric CFG with
   per-sample adapters, LoRA Composite); see `lorafuse.guidance`.
 """
@@ -20,9 +22,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lorafuse.errors import UserInputError
-from lorafuse.fusion.prompts import encode_prompts, is_sdxl, max_clip_skip, resolve_clip_skip
-from lorafuse.fusion.schedulers import check_scheduler_name, make_scheduler
-from lorafuse.guidance.base import Guidance, StepHook, UNetDenoiser
+from lorafuse.families import family_of
+from lorafuse.fusion.prompts import encode_prompts, max_clip_skip, resolve_clip_skip
+from lorafuse.fusion.schedulers import make_scheduler
+from lorafuse.guidance.base import Guidance, StepHook
 from lorafuse.guidance.cfg import ClassifierFreeGuidance
 
 OUTPUTS = ("np", "pil", "latent")
@@ -39,6 +42,9 @@ class SampleResult:
     settings: dict[str, Any]
 
 
+DEFAULT = "default"  # scheduler / guidance: the base family's default
+
+
 @torch.no_grad()
 def sample(
     pipe: DiffusionPipeline,
@@ -47,41 +53,47 @@ def sample(
     negative_prompt: str | Sequence[str] | None = None,
     num_images: int = 1,
     steps: int = 25,
-    guidance: Guidance | float = 7.5,
+    guidance: Guidance | float | None = None,
     seed: int = 0,
-    scheduler: str | None = "ddim",
+    scheduler: str | None = DEFAULT,
     height: int | None = None,
     width: int | None = None,
     clip_skip: int | None = None,
     clip_skip_convention: str = "diffusers",
+    embedded_guidance: float | None = None,
     latents: Tensor | None = None,
     hooks: Sequence[StepHook] = (),
     output: str = "np",
     progress: bool = True,
 ) -> SampleResult:
-    """Text-to-image with an SD1.5-layout (SD1.5, the built-in world model) or SDXL diffusers pipeline.
+    """Text-to-image with a diffusers pipeline of any registered family (SD1.5, SDXL, the world model, FLUX.1).
 
     prompt: one prompt or a list; each gets `num_images` images, so N = len(prompts) * num_images.
-    guidance: a `Guidance` policy, or a number g for `ClassifierFreeGuidance(g)`.
+    guidance: a `Guidance` policy, or a number g for `ClassifierFreeGuidance(g)`; None is the family's default
+        (7.5 for SD; 1.0 for FLUX.1, i.e. no true CFG: its dev model is guidance-distilled).
     seed: image k of the N (prompt-major order) starts from noise drawn by a CPU generator seeded `seed + k`,
         so any one image reproduces alone with `seed + k` and `num_images=1`, on any device.
-    scheduler: "ddim", "euler", "dpmpp" (DPM-Solver++ multistep), built from the pipeline's scheduler config;
-        None uses a fresh copy of the pipeline's own. `pipe` is never modified.
+    scheduler: "ddim", "euler", "dpmpp" (DPM-Solver++ multistep) for SD, built from the pipeline's scheduler
+        config; None uses a fresh copy of the pipeline's own; "default" is the family's default. `pipe` is
+        never modified.
     clip_skip: in diffusers numbering (None or 0 = last layer, 1 = penultimate). kohya/A1111 number it one
         higher (their 2 is our 1): pass `clip_skip_convention="a1111"` to give their number. Applied to the
         negative prompt too (diffusers does not); see `lorafuse.fusion.prompts`.
-    latents: optional initial noise (N, C, h, w), standard normal; replaces the seeded draw.
-    hooks: `StepHook`s; `before_step(i, T, unet)` runs before each step, `after_sampling(unet)` at the end.
+    embedded_guidance: the guidance scale a guidance-distilled model (FLUX.1 dev) embeds; None is its default.
+    latents: optional initial noise (N, C, h, w), standard normal, in the VAE's layout; replaces the seeded draw.
+    hooks: `StepHook`s; `before_step(i, T, denoiser)` runs before each step, `after_sampling(denoiser)` at the end.
     """
-    # 0. Default height and width: the UNet's native sample size
-    factor = pipe.vae_scale_factor
-    height = pipe.unet.config.sample_size * factor if height is None else height
-    width = pipe.unet.config.sample_size * factor if width is None else width
+    # 0. Default height and width: the denoiser's native sample size
+    family = family_of(pipe)
+    height = family.sample_size(pipe) if height is None else height
+    width = family.sample_size(pipe) if width is None else width
+    scheduler = family.default_scheduler if scheduler == DEFAULT else scheduler
+    guidance = family.default_guidance if guidance is None else guidance
 
     # 1. Check inputs, before any compute
     check_inputs(
         pipe, prompt, negative_prompt, num_images, steps, guidance, scheduler, height, width,
-        clip_skip, clip_skip_convention, latents, hooks, output,
+        clip_skip, clip_skip_convention, latents, hooks, output, embedded_guidance,
     )  # fmt: skip
 
     # 2. Define call parameters
@@ -89,7 +101,7 @@ def sample(
     negatives = None if negative_prompt is None else _as_list(negative_prompt, len(prompts))
     guidance = guidance if callable(guidance) else ClassifierFreeGuidance(float(guidance))
     skip = resolve_clip_skip(clip_skip, clip_skip_convention)
-    unet = pipe.unet
+    denoiser = family.denoiser(pipe)
     batch = len(prompts) * num_images
     seeds = [seed + k for k in range(batch)]
     generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -100,44 +112,48 @@ def sample(
         height=height, width=width,
     )  # fmt: skip
 
-    # 4. Prepare timesteps
-    sched = make_scheduler(pipe, scheduler)
-    sched.set_timesteps(steps, device=unet.device)
-    timesteps = sched.timesteps
-    num_steps = len(timesteps)  # = steps for DDIM, Euler, DPM++; PNDM adds one
-
-    # 5. Prepare latent variables: (B, C, h, w), one draw per image so a subset reproduces
+    # 4. Prepare latent variables: (B, C, h, w), one draw per image so a subset reproduces; then the
+    # denoiser's layout (FLUX packs 2x2 patches into tokens)
+    factor = pipe.vae_scale_factor
     if latents is None:
-        shape = (1, unet.config.in_channels, height // factor, width // factor)
-        latents = torch.cat([torch.randn(shape, generator=g, dtype=unet.dtype) for g in generators])
-    latents = latents.to(unet.device, unet.dtype) * sched.init_noise_sigma
+        shape = (1, family.latent_channels(pipe), height // factor, width // factor)
+        latents = torch.cat([torch.randn(shape, generator=g, dtype=denoiser.dtype) for g in generators])
+    latents = family.pack_latents(latents.to(denoiser.device, denoiser.dtype))
+
+    # 5. Prepare timesteps (FLUX shifts them by the image's token count)
+    sched = make_scheduler(pipe, scheduler)
+    family.set_timesteps(sched, steps, denoiser.device, latents)
+    timesteps = sched.timesteps
+    num_steps = len(timesteps)  # = steps for DDIM, Euler, DPM++, flow-match Euler; PNDM adds one
+    latents = family.scale_initial_noise(sched, latents)
 
     # 6. Prepare extra step kwargs: stochastic steps (Euler with churn, SDE solvers) draw from the same generators
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(sched.step).parameters else {}
 
     # 7. Denoising loop
-    model_fn = UNetDenoiser(unet)
+    model_fn = family.model_fn(denoiser, height=height, width=width, embedded_guidance=embedded_guidance)
     try:
         for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress)):
             for hook in hooks:
-                hook.before_step(i, num_steps, unet)
-            # Scaled once on B rows, not on the 2B CFG batch: it is elementwise, so guidance never needs the scheduler.
-            model_input = sched.scale_model_input(latents, t)
-            noise_pred = guidance(model_fn, model_input, t, i, num_steps, cond)  # (B, C, h, w)
+                hook.before_step(i, num_steps, denoiser)
+            model_input = family.model_input(sched, latents, t)
+            noise_pred = guidance(model_fn, model_input, t, i, num_steps, cond)  # (B, ...) as latents
             latents = sched.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
     finally:
         for hook in reversed(hooks):  # undo in reverse order, like nested contexts
-            hook.after_sampling(unet)
+            hook.after_sampling(denoiser)
 
     # 8. Decode
+    latents = family.unpack_latents(latents, height, width, pipe)
     settings = {
-        "arch": "sdxl" if is_sdxl(pipe) else "sd15-layout",
+        "arch": family.name,
         "prompt": prompts,
         "negative_prompt": negatives,
         "num_images": num_images,
         "steps": steps,
         "num_timesteps": num_steps,
         "guidance": repr(guidance),
+        "embedded_guidance": getattr(model_fn, "embedded_guidance", None),
         "seed": seed,
         "seeds": seeds,
         "scheduler": type(sched).__name__,
@@ -157,7 +173,10 @@ def decode_latents(pipe: DiffusionPipeline, latents: Tensor, output: str = "np")
         return latents
     vae, config = pipe.vae, pipe.vae.config
     mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-    if mean is not None and std is not None:
+    shift = getattr(config, "shift_factor", None)  # FLUX's VAE centres its latents
+    if shift is not None:
+        z = latents / config.scaling_factor + shift
+    elif mean is not None and std is not None:
         mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
         std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
         z = latents * std / config.scaling_factor + mean
@@ -194,6 +213,7 @@ def check_inputs(
     latents: Tensor | None,
     hooks: Sequence[Any],
     output: str,
+    embedded_guidance: float | None = None,
 ) -> None:
     """Raise `UserInputError` naming the argument, what was expected and what was given."""
     if isinstance(prompt, str):
@@ -216,12 +236,14 @@ def check_inputs(
             raise UserInputError(f"{name} must be an int >= 1, got {value!r}")
     if not callable(guidance):
         ClassifierFreeGuidance(guidance)  # validates the number: finite and >= 0
-    check_scheduler_name(scheduler)
-    factor = pipe.vae_scale_factor
+    family = family_of(pipe)
+    family.check_scheduler(scheduler)
+    family.check_pipeline(pipe, embedded_guidance)
+    factor = family.size_multiple(pipe)
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % factor:
             raise UserInputError(
-                f"{name} must be a positive multiple of {factor} (this VAE's downsampling factor), got {value!r}"
+                f"{name} must be a positive multiple of {factor} (what this base's VAE and denoiser need), got {value!r}"
             )
     skip = resolve_clip_skip(clip_skip, clip_skip_convention)
     if skip > max_clip_skip(pipe):
@@ -230,7 +252,8 @@ def check_inputs(
             f"the largest usable value is {max_clip_skip(pipe) + (clip_skip_convention == 'a1111')}"
         )
     if latents is not None:
-        expected = (n_prompts * num_images, pipe.unet.config.in_channels, height // factor, width // factor)
+        f = pipe.vae_scale_factor
+        expected = (n_prompts * num_images, family.latent_channels(pipe), height // f, width // f)
         if tuple(latents.shape) != expected:
             raise UserInputError(
                 f"latents must have shape {expected} (N, C, h, w), got {tuple(latents.shape)}"
@@ -243,9 +266,3 @@ def check_inputs(
             )
     if output not in OUTPUTS:
         raise UserInputError(f"unknown output {output!r}; expected one of {', '.join(OUTPUTS)}")
-    if is_sdxl(pipe) and any(getattr(pipe, n, None) is None for n in ("text_encoder", "text_encoder_2")):
-        raise UserInputError(
-            "SDXL sampling needs both text encoders (the refiner, with only one, is not supported)"
-        )
-    if pipe.unet.config.time_cond_proj_dim is not None:
-        raise UserInputError("UNets with a guidance embedding (LCM, time_cond_proj_dim) are not supported")

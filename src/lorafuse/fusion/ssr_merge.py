@@ -56,7 +56,14 @@ from torch import Tensor, nn
 
 from lorafuse.errors import LorafuseError, UserInputError
 from lorafuse.fusion._options import check_range, config_record
-from lorafuse.fusion.common import check_plan_inputs, fuse_sum, layer_factors, resolve, split_state
+from lorafuse.fusion.common import (
+    check_plan_inputs,
+    fuse_sum,
+    is_denoiser,
+    layer_factors,
+    resolve,
+    split_state,
+)
 from lorafuse.fusion.registry import FusionConfig, FusionMethod, FusionPlan, register
 from lorafuse.lora.state import LoraModule, LoraState
 from lorafuse.lora.targets import ModuleRef, components_of
@@ -74,7 +81,7 @@ class SsrConfig(FusionConfig):
     ridge: float = 1e-4
     calib_steps: int = 1
     calib_schedule_steps: int = 25
-    calib_guidance: float = 4.0
+    calib_guidance: float | None = None  # None: the family's default guidance (CFG on SD, none on FLUX.1)
     seed: int = 42
     route_convs: bool = True
 
@@ -83,7 +90,8 @@ class SsrConfig(FusionConfig):
         check_range(method, "ridge", self.ridge, 0.0, 1e6)
         check_range(method, "calib_schedule_steps", self.calib_schedule_steps, 1, 1000, integer=True)
         check_range(method, "calib_steps", self.calib_steps, 1, self.calib_schedule_steps, integer=True)
-        check_range(method, "calib_guidance", self.calib_guidance, 0.0, 100.0)
+        if self.calib_guidance is not None:
+            check_range(method, "calib_guidance", self.calib_guidance, 0.0, 100.0)
         check_range(method, "seed", self.seed, 0, 2**63 - 1, integer=True)
         for name in ("content_prompt", "style_prompt", "prompt"):
             value = getattr(self, name)
@@ -201,7 +209,7 @@ def ssr_lora(pipe: Any, content: LoraState, style: LoraState, config: SsrConfig
         module = comps[ref.component].get_submodule(ref.path)
         layer = module.get_base_layer() if hasattr(module, "get_base_layer") else module
         is_conv = isinstance(layer, nn.Conv2d)
-        if None in keys or ref.component != "unet" or (is_conv and not config.route_convs) or (
+        if None in keys or not is_denoiser(ref) or (is_conv and not config.route_convs) or (
                 is_conv and layer.groups != 1) or 0 in weights:  # fmt: skip
             for task, key in enumerate(keys):
                 if key is not None:

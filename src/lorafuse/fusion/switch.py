@@ -26,6 +26,7 @@ from lorafuse.fusion.common import (
     check_weights,
     forward_order,
     fuse_sum,
+    is_denoiser,
     require_clean_base,
     resolve,
     split_state,
@@ -43,7 +44,7 @@ OFFICIAL_SCALE = 0.8  # compose_lora.py --lora_scale default: every LoRA at 0.8
 @dataclass
 class SwitchConfig(FusionConfig):
     tau: int = 5
-    mechanism: Literal["swap", "adapter"] = "swap"
+    mechanism: Literal["auto", "swap", "adapter", "inplace"] = "auto"
     official: bool = False  # run as the official code: τ + 1 first segment, scale 0.8, prompt with LoRA 0 only
 
     def validate(self, method: str) -> None:
@@ -55,7 +56,7 @@ class SwitchConfig(FusionConfig):
                 f"{method}: option tau={self.tau!r} must be an integer >= 1 (steps per LoRA)"
             )
         if self.mechanism not in MECHANISMS:
-            raise UserInputError(f"{method}: option mechanism={self.mechanism!r} must be 'swap' or 'adapter'")
+            raise UserInputError(f"{method}: option mechanism={self.mechanism!r} must be 'auto', 'swap', 'adapter' or 'inplace'")
 
 
 class SwitchHook:
@@ -85,8 +86,8 @@ def unet_variants(
     """Fuse the non-UNet parts as a sum and build switchable UNet variants (content = 0, style = 1).
     text_style_weight: the style LoRA's weight in the text encoders (default: the config's style_weight)."""
     refs_c, refs_s = resolve(pipe, content), resolve(pipe, style)
-    unet_c = {k: r for k, r in refs_c.items() if r.component == "unet"}
-    unet_s = {k: r for k, r in refs_s.items() if r.component == "unet"}
+    unet_c = {k: r for k, r in refs_c.items() if is_denoiser(r)}
+    unet_s = {k: r for k, r in refs_s.items() if is_denoiser(r)}
     others = [
         (split_state(content, set(refs_c) - set(unet_c)), config.content_weight),
         (split_state(style, set(refs_s) - set(unet_s)),
@@ -100,6 +101,7 @@ def unet_variants(
     )  # fmt: skip
     undo.append(variants.close)
     record["switched_layers"] = len(layers)
+    record["mechanism"] = variants.mechanism  # "auto" resolved
     return variants
 
 

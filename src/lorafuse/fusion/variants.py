@@ -9,11 +9,20 @@ and -1, the base weight. `select(l, v)` picks one, `select_all(v)` picks v every
   original tensor back, so the base is restored bit for bit).
 - "adapter": the LoRAs are peft adapters and a switch sets a layer's active adapter. Memory is the LoRA factors
   only; every forward pays the low-rank product of the active adapter (B (A x)), like unmerged LoRA inference.
-benchmarks/fusion_speed.py measures both.
+- "inplace": one weight tensor per layer, rewritten in place (`W.copy_(W0 + w ΔW)` from the LoRA factors kept
+  on the device); the original W0 is kept on the CPU and copied back before a layer changes variant and at
+  close(), so every variant equals "swap"'s fused weight bit for bit and the base is restored bit for bit. No
+  extra weight copy on the device (at FLUX.1 size "swap" needs one per variant: more than a 24 GB card holds);
+  a switch costs one ΔW product and, between two LoRAs, one host-to-device copy of the layer.
+- "auto" (the default): "swap" when its extra copies fit in half the free memory of the weights' device
+  (`accelerate.utils.get_max_memory`), else "inplace". `mechanism_bytes` gives each mechanism's extra bytes.
+benchmarks/fusion_speed.py and benchmarks/realsize.py measure them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Literal
@@ -25,13 +34,16 @@ from lorafuse.fusion.common import raw_delta, split_state
 from lorafuse.lora.state import LoraModule, LoraState
 from lorafuse.lora.targets import ModuleRef, components_of
 
-Mechanism = Literal["swap", "adapter"]
-MECHANISMS = ("swap", "adapter")
+Mechanism = Literal["auto", "swap", "adapter", "inplace"]
+MECHANISMS = ("auto", "swap", "adapter", "inplace")
 BASE = -1
+AUTO_FRACTION = 0.5  # "auto" uses "swap" only if its copies take at most this share of the free memory
 
 
 class LayerVariants(ABC):
     """Switches `layers[l]` between variants; starts (and ends, after close) on the base weights."""
+
+    mechanism = ""  # set by make_variants
 
     def __init__(self, layers: Sequence[ModuleRef]) -> None:
         self.layers = list(layers)
@@ -157,6 +169,100 @@ class AdapterSwitch(LayerVariants):
         self.current = [BASE] * len(self.layers)
 
 
+class InPlaceSwitch(LayerVariants):
+    """Mechanism "inplace": `W.copy_(W0 + w_v ΔW_v)` in the layer's own tensor; W0 kept on the CPU."""
+
+    def __init__(
+        self,
+        pipe: object,
+        layers: Sequence[ModuleRef],
+        sources: Sequence[tuple[dict[ModuleRef, LoraModule], float]],
+        *,
+        scaled: bool = True,
+    ) -> None:
+        super().__init__(layers)
+        self._scaled = scaled
+        self._params: list[torch.nn.Parameter] = []
+        self._originals: list[torch.Tensor] = []
+        self._loras: list[list[tuple[LoraModule | None, float]]] = []
+        for ref in self.layers:
+            module = _module(pipe, ref)
+            param = (module.get_base_layer() if hasattr(module, "get_base_layer") else module).weight
+            w0 = param.data
+            variants = []
+            for modules, weight in sources:
+                lora = modules.get(ref)
+                if lora is None or weight == 0:
+                    variants.append((None, 0.0))
+                    continue
+                lora = _on(lora, w0.device)  # the factors (r (in + out) numbers) live on the device
+                if not torch.isfinite(w0.float() + weight * raw_delta(lora, tuple(w0.shape), scaled)).all():
+                    raise LorafuseError(
+                        f"{ref.component}.{ref.path}: W + {weight}·ΔW is not finite (NaN/inf); the LoRA is broken "
+                        "or its weight too large"
+                    )
+                variants.append((lora, weight))
+            self._params.append(param)
+            self._originals.append(w0.detach().to("cpu", copy=True))
+            self._loras.append(variants)
+
+    def _apply(self, index: int, variant: int) -> None:
+        w = self._params[index].data
+        if self.current[index] != BASE:
+            w.copy_(self._originals[index])  # back to W0 exactly before another variant
+        if variant == BASE:
+            return
+        lora, weight = self._loras[index][variant]
+        if lora is not None:
+            # the same expression as FusedSwap (and lora.merge.fuse_into): equal weights, bit for bit
+            w.copy_((w.float() + weight * raw_delta(lora, tuple(w.shape), self._scaled)).to(w.dtype))
+
+    def close(self) -> None:
+        for index, (param, original) in enumerate(zip(self._params, self._originals, strict=True)):
+            if self.current[index] != BASE:
+                param.data.copy_(original)
+        self.current = [BASE] * len(self.layers)
+
+
+def _on(lora: LoraModule, device: torch.device) -> LoraModule:
+    def move(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device)
+
+    return dataclasses.replace(lora, down=move(lora.down), up=move(lora.up), delta=move(lora.delta))
+
+
+def mechanism_bytes(
+    shapes: Sequence[tuple[int, ...]], ranks: Sequence[Sequence[int]], weight_bytes: int, factor_bytes: int = 4
+) -> dict[str, dict[str, int]]:
+    """Extra bytes each mechanism needs beyond the base model, on the device and on the host.
+
+    shapes[l]: the weight shape of switched layer l; ranks[l]: the rank of each variant there (0: no update);
+    weight_bytes: bytes per weight element (2 for bf16); factor_bytes: per LoRA-factor element (float32).
+    swap keeps one fused copy per variant; adapter and inplace keep the factors; inplace also holds the
+    originals on the host and, transiently, one float32 ΔW of the largest layer."""
+    numel = [math.prod(s) for s in shapes]
+    factors = sum(r * (s[0] + math.prod(s[1:])) for s, rs in zip(shapes, ranks, strict=True) for r in rs)
+    fused = sum(n for n, rs in zip(numel, ranks, strict=True) for r in rs if r)
+    largest = max(numel, default=0)
+    return {
+        "swap": {"device": fused * weight_bytes, "host": 0},
+        "adapter": {"device": factors * factor_bytes, "host": 0},
+        "inplace": {"device": factors * factor_bytes + largest * 4, "host": sum(numel) * weight_bytes},
+    }
+
+
+def choose_mechanism(layers: Sequence[ModuleRef], sources: Sequence[tuple[dict, float]], device: torch.device
+                     ) -> str:  # fmt: skip
+    """"swap" if its fused copies fit in AUTO_FRACTION of the device's free memory, else "inplace"."""
+    from accelerate.utils import get_max_memory
+
+    n_bytes = torch.finfo(torch.float32).bits // 8  # a bound: fused copies are at most float32
+    need = sum(math.prod(ref.shape) * n_bytes for ref in layers for modules, w in sources if w and ref in modules)
+    key = device.index if device.type == "cuda" else "cpu"
+    free = get_max_memory().get(key if key is not None else 0, 0)
+    return "swap" if need <= AUTO_FRACTION * free else "inplace"
+
+
 def make_variants(
     mechanism: str,
     pipe: object,
@@ -166,10 +272,21 @@ def make_variants(
     *,
     scaled: bool = True,
 ) -> LayerVariants:
-    """sources[v] = (LoRA, its key -> module map, weight w_v); `names[v]` names the adapter (mechanism "adapter")."""
+    """sources[v] = (LoRA, its key -> module map, weight w_v); `names[v]` names the adapter (mechanism "adapter").
+    The result's `mechanism` is the one used ("auto" resolved)."""
+    by_ref = [({ref: state.modules[k] for k, ref in refs.items()}, w) for state, refs, w in sources]
+    if mechanism == "auto":
+        device = _module(pipe, layers[0]).weight.device if layers else torch.device("cpu")
+        mechanism = choose_mechanism(layers, by_ref, device)
+    variants: LayerVariants
     if mechanism == "swap":
-        by_ref = [({ref: state.modules[k] for k, ref in refs.items()}, w) for state, refs, w in sources]
-        return FusedSwap(pipe, layers, by_ref, scaled=scaled)
-    if mechanism == "adapter":
-        return AdapterSwitch(pipe, layers, sources, names, scaled=scaled)
-    raise ValueError(f"unknown mechanism {mechanism!r}; expected one of {MECHANISMS}")
+        variants = FusedSwap(pipe, layers, by_ref, scaled=scaled)
+    elif mechanism == "inplace":
+        variants = InPlaceSwitch(pipe, layers, by_ref, scaled=scaled)
+    elif mechanism == "adapter":
+        variants = AdapterSwitch(pipe, layers, sources, names, scaled=scaled)
+    else:
+        raise ValueError(f"unknown mechanism {mechanism!r}; expected one of {MECHANISMS}")
+    variants.mechanism = mechanism
+    return variants
+

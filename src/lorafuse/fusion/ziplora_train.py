@@ -28,9 +28,10 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lorafuse.errors import LoraFormatError, UserInputError
-from lorafuse.fusion.common import layer_factors, resolve
+from lorafuse.families import family_of
+from lorafuse.families.conditioning import Conditioning
+from lorafuse.fusion.common import DENOISERS, layer_factors, resolve
 from lorafuse.fusion.prompts import encode_prompts
-from lorafuse.guidance.base import Conditioning
 from lorafuse.lora.state import LoraState
 from lorafuse.lora.targets import components_of
 from lorafuse.train.cache import encode_latents
@@ -55,7 +56,7 @@ def encode_reference(pipe: Any, image: Any, prompt: str) -> ZipReference:
         raise UserInputError(f"{NAME}: a reference prompt must be a string, got {prompt!r}")
     if isinstance(image, Tensor):
         latents = image[None] if image.dim() == 3 else image
-        channels = pipe.unet.config.in_channels
+        channels = family_of(pipe).latent_channels(pipe)
         if latents.dim() != 4 or latents.shape[:2] != (1, channels):
             raise UserInputError(
                 f"{NAME}: reference latents must have shape (1, {channels}, h, w), got {tuple(image.shape)}"
@@ -81,7 +82,10 @@ def encode_reference(pipe: Any, image: Any, prompt: str) -> ZipReference:
     config = pipe.vae.config
     z = encode_latents(pipe.vae, x)  # the posterior mean, as the training cache stores it
     mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-    if mean is not None and std is not None:  # the inverse of sampling.decode_latents
+    shift = getattr(config, "shift_factor", None)
+    if shift is not None:  # FLUX's VAE; the inverse of sampling.decode_latents
+        z = (z - shift) * config.scaling_factor
+    elif mean is not None and std is not None:  # the inverse of sampling.decode_latents
         z = (
             (z - torch.tensor(mean).view(1, -1, 1, 1))
             * config.scaling_factor
@@ -167,7 +171,7 @@ class _Branches:
             role: {
                 key: nn.Parameter(torch.ones(branches[role][0].shape[1], device=branches[role][0].device))
                 for key, (module, branches) in self.layers.items()
-                if role in branches and key.startswith("unet.")  # no mergers in text encoders (see docstring)
+                if role in branches and key.split(".", 1)[0] in DENOISERS  # none in text encoders (see docstring)
             }
             for role in ("content", "style")
         }
@@ -241,13 +245,11 @@ def _objective(
 ) -> Iterator[Any]:
     """Yields `loss(generator, similarity_weight) -> (L, mse terms, Σ|cos|)` and the branches; the pipe is
     unchanged afterwards (hooks removed, requires_grad restored)."""
-    from diffusers import DDPMScheduler
-
     for ref, role in zip(refs, ("content", "style"), strict=True):
         if not isinstance(ref, ZipReference):
             raise UserInputError(f"{NAME}: {role}_ref must be a ZipReference (see encode_reference)")
-    unet = pipe.unet
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training-time forward process
+    family = family_of(pipe)
+    unet = family.denoiser(pipe)
     params = [p for root in components_of(pipe).values() for p in root.parameters()]
     grad_flags = [p.requires_grad for p in params]
     branches = _Branches(pipe, content, style, w_c, w_s)
@@ -276,12 +278,14 @@ def _objective(
             for ref, mode, cond_ref, cond_merged in tasks:
                 x0 = ref.latents.to(unet.device, unet.dtype)
                 noise = torch.randn(x0.shape, generator=generator).to(x0)
-                t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=generator)
-                noisy = noise_scheduler.add_noise(x0, noise, t)  # the same x_t and t for both forwards
+                # the same x_t and t for both forwards
+                noisy, t = family.training_sample(pipe.scheduler.config, x0, noise, generator)
+                h, w = (n * pipe.vae_scale_factor for n in x0.shape[-2:])
+                model_fn = family.model_fn(unet, height=h, width=w)
                 with torch.no_grad(), branches.use(mode):
-                    target = unet(noisy, t, **cond_ref.unet_kwargs(), return_dict=False)[0]
+                    target = model_fn(noisy, t, cond_ref)
                 with branches.use("merged"):
-                    pred = unet(noisy, t, **cond_merged.unet_kwargs(), return_dict=False)[0]
+                    pred = model_fn(noisy, t, cond_merged)
                 mse = mse + F.mse_loss(pred.float(), target.float())
             similarity = branches.similarity()
             return mse + similarity_weight * similarity, mse, similarity

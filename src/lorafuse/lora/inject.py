@@ -40,6 +40,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from lorafuse.errors import LoraFormatError, LorafuseError, UserInputError
+from lorafuse.families import family_of
 from lorafuse.lora.resize import factorize
 from lorafuse.lora.state import LoraModule, LoraState
 from lorafuse.lora.targets import components_of
@@ -60,18 +61,8 @@ class AdapterInfo:
 
 
 def pipeline_arch(pipe: object) -> str:
-    """ "sd15" | "sdxl" | "world" of a pipeline, mapping or UNet (used in messages and for the validator)."""
-    comps = components_of(pipe)
-    if "text_encoder_2" in comps:
-        return "sdxl"
-    config = getattr(comps.get("unet"), "config", None) or {}
-    if config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    from lorafuse.world.base_model import unet_config
-
-    if tuple(config.get("block_out_channels", ())) == tuple(unet_config()["block_out_channels"]):
-        return "world"
-    return "sd15"
+    """The family name ("sd15", "sdxl", "world", ...) of a pipeline, mapping or denoiser; see `families.family_of`."""
+    return family_of(pipe).name
 
 
 def _layers(pipe: object) -> list[tuple[str, str, LoraLayer]]:

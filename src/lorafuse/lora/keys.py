@@ -30,10 +30,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from lorafuse.errors import LoraFormatError
+from lorafuse.families import NAMES
 
-ARCHS = ("sd15", "sdxl", "world")
+ARCHS = NAMES  # the registered base-model families
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-COMPONENTS_ORDER = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS_ORDER = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 # Prefixes we read. `lora_te_` and `lora_te1_` both mean the first text encoder.
 KOHYA_READ_PREFIXES = {

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lorafuse.errors import UserInputError
-from lorafuse.lora.keys import COMPONENTS_ORDER, KeyIndex, UnetLayout, canonical_key
+from lorafuse.families import components
+from lorafuse.lora.keys import KeyIndex, UnetLayout, canonical_key
 
 _TARGET_TYPES = (nn.Linear, nn.Conv2d)
 
@@ -58,19 +59,15 @@ def _lora_targets(component: str, root: nn.Module) -> dict[str, ModuleRef]:
 
 
 def components_of(base: object) -> dict[str, nn.Module]:
-    """A pipeline (attributes unet / text_encoder / text_encoder_2), a {component: module} mapping, or a UNet."""
-    if isinstance(base, Mapping):
-        comps = {k: v for k, v in base.items() if isinstance(v, nn.Module)}
-    elif isinstance(base, nn.Module) and not hasattr(base, "unet"):
+    """A pipeline (attributes unet or transformer, text_encoder, text_encoder_2), a {component: module} mapping,
+    or a bare denoiser (a UNet of an unknown layout counts as "unet")."""
+    comps = components(base)
+    if not comps and isinstance(base, nn.Module) and not isinstance(base, Mapping):
         comps = {"unet": base}
-    else:
-        comps = {
-            c: getattr(base, c) for c in COMPONENTS_ORDER if isinstance(getattr(base, c, None), nn.Module)
-        }
     if not comps:
         raise UserInputError(
             f"cannot find LoRA-able components in {type(base).__name__}: pass a diffusers pipeline, "
-            "a {'unet': ..., 'text_encoder': ...} mapping or a UNet"
+            "a {'unet': ..., 'text_encoder': ...} mapping, a UNet or a transformer"
         )
     return comps
 

@@ -4,7 +4,8 @@ Names, checked in this order:
     world         the built-in world base model (world/base_model.py); while its trained weights are not
                   installed, the same architecture with fixed random weights, with a warning
     world-random  always that random-weight world pipeline (tests, benchmarks: independent of shipped weights)
-    sd15-tiny, sdxl-tiny   tiny random-weight SD1.5 / SDXL pipelines (models/tiny.py)
+    sd15-tiny, sdxl-tiny, flux-tiny, flux-schnell-tiny
+                  tiny random-weight SD1.5 / SDXL / FLUX.1 dev / schnell pipelines (models/tiny*.py)
     a folder with model_index.json    `DiffusionPipeline.from_pretrained`
     a .safetensors file               `StableDiffusion(XL)Pipeline.from_single_file`
     "owner/name"                      a Hugging Face repo id, from the local cache only (nothing downloads)
@@ -21,10 +22,19 @@ from pathlib import Path
 import torch
 
 from lorafuse.errors import UserInputError
+from lorafuse.families import family_of_checkpoint
+
+# tiny random-weight bases by name: one line per family (and variant), in models/tiny*.py
+TINY_BASES = {
+    "sd15-tiny": ("tiny", "tiny_sd15_pipeline"),
+    "sdxl-tiny": ("tiny", "tiny_sdxl_pipeline"),
+    "flux-tiny": ("tiny_flux", "tiny_flux_pipeline"),
+    "flux-schnell-tiny": ("tiny_flux", "tiny_flux_schnell_pipeline"),
+}
 
 log = logging.getLogger(__name__)
 
-BUILTIN_BASES = ("world", "world-random", "sd15-tiny", "sdxl-tiny")
+BUILTIN_BASES = ("world", "world-random", *TINY_BASES)
 WORLD_RANDOM_SEED = 0
 
 
@@ -60,7 +70,7 @@ def _world_pipeline():
 
 
 def _single_file(path: Path):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -68,22 +78,26 @@ def _single_file(path: Path):
             keys = list(f.keys())
     except (SafetensorError, OSError) as e:
         raise UserInputError(f"{path}: not a readable safetensors checkpoint: {e}") from e
-    if not any(k.startswith("model.diffusion_model.") for k in keys):
-        raise UserInputError(
-            f"{path}: not a Stable Diffusion checkpoint (no model.diffusion_model.* weights); is it a LoRA?"
-        )
-    sdxl = any(k.startswith("conditioner.embedders.1.") for k in keys)
-    cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    family = family_of_checkpoint(keys, str(path))
+    cls = getattr(diffusers, family.pipeline_class)
     try:
         return cls.from_single_file(str(path), local_files_only=True)
     except (
         Exception
     ) as e:  # diffusers raises several types here; all mean "cannot build the pipeline offline"
         raise UserInputError(
-            f"{path}: from_single_file could not build a {'SDXL' if sdxl else 'SD1.5'} pipeline offline ({e}). "
+            f"{path}: from_single_file could not build a {family.label} pipeline offline ({e}). "
             "It needs the model's diffusers config from the local Hugging Face cache; alternatively convert the "
             "checkpoint once to a diffusers folder (pipe.save_pretrained) and train on that folder."
         ) from e
+
+
+def tiny_base(name: str, seed: int = 0):
+    """A tiny random-weight pipeline by name (`TINY_BASES`)."""
+    import importlib
+
+    module, builder = TINY_BASES[name]  # imported on use: `lorafuse --help` must not pay for diffusers
+    return getattr(importlib.import_module(f"lorafuse.models.{module}"), builder)(seed)
 
 
 def load_base_pipeline(name_or_path: str):
@@ -92,10 +106,8 @@ def load_base_pipeline(name_or_path: str):
         pipe = _world_pipeline()
     elif name_or_path == "world-random":
         pipe = world_random_pipeline()
-    elif name_or_path in ("sd15-tiny", "sdxl-tiny"):
-        from lorafuse.models.tiny import tiny_pipeline
-
-        pipe = tiny_pipeline(name_or_path.removesuffix("-tiny"))
+    elif name_or_path in TINY_BASES:
+        pipe = tiny_base(name_or_path)
     else:
         pipe = _from_path(name_or_path)
     pipe.set_progress_bar_config(disable=True)

@@ -170,7 +170,7 @@ def text_encoder_configs(arch: str, tokenizers: list[CLIPTokenizer]) -> list[CLI
     ]
 
 
-def _seeded(seed: int, build: Callable[[], torch.nn.Module]) -> Any:
+def seeded(seed: int, build: Callable[[], torch.nn.Module]) -> Any:
     # fork_rng: building a tiny model must not shift the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -180,7 +180,7 @@ def _seeded(seed: int, build: Callable[[], torch.nn.Module]) -> Any:
 
 def tiny_unet(arch: str, seed: int = 0) -> UNet2DConditionModel:
     """Only the UNet of the tiny `arch` pipeline (the same weights as in `tiny_pipeline(arch, seed)`)."""
-    return _seeded(seed, lambda: UNet2DConditionModel(**unet_config(arch)))
+    return seeded(seed, lambda: UNet2DConditionModel(**unet_config(arch)))
 
 
 def _tokenizers(arch: str, words: Iterable[str]) -> list[CLIPTokenizer]:
@@ -196,8 +196,8 @@ def tiny_sd15_pipeline(seed: int = 0, words: Iterable[str] = TINY_WORDS) -> Stab
     (tokenizer,) = _tokenizers("sd15", words)
     (te_config,) = text_encoder_configs("sd15", [tokenizer])
     return StableDiffusionPipeline(
-        vae=_seeded(seed, lambda: AutoencoderKL(**vae_config("sd15"))),
-        text_encoder=_seeded(seed, lambda: CLIPTextModel(te_config)),
+        vae=seeded(seed, lambda: AutoencoderKL(**vae_config("sd15"))),
+        text_encoder=seeded(seed, lambda: CLIPTextModel(te_config)),
         tokenizer=tokenizer,
         unet=tiny_unet("sd15", seed),
         scheduler=PNDMScheduler.from_config(scheduler_config("sd15")),
@@ -212,9 +212,9 @@ def tiny_sdxl_pipeline(seed: int = 0, words: Iterable[str] = TINY_WORDS) -> Stab
     tokenizer, tokenizer_2 = _tokenizers("sdxl", words)
     te_config, te2_config = text_encoder_configs("sdxl", [tokenizer, tokenizer_2])
     return StableDiffusionXLPipeline(
-        vae=_seeded(seed, lambda: AutoencoderKL(**vae_config("sdxl"))),
-        text_encoder=_seeded(seed, lambda: CLIPTextModel(te_config)),
-        text_encoder_2=_seeded(seed, lambda: CLIPTextModelWithProjection(te2_config)),
+        vae=seeded(seed, lambda: AutoencoderKL(**vae_config("sdxl"))),
+        text_encoder=seeded(seed, lambda: CLIPTextModel(te_config)),
+        text_encoder_2=seeded(seed, lambda: CLIPTextModelWithProjection(te2_config)),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=tiny_unet("sdxl", seed),
@@ -231,6 +231,6 @@ _BUILDERS: dict[str, Callable[..., DiffusionPipeline]] = {
 
 
 def tiny_pipeline(arch: str, seed: int = 0) -> DiffusionPipeline:
-    """`tiny_sd15_pipeline` or `tiny_sdxl_pipeline` by name ("sd15" or "sdxl")."""
+    """`tiny_sd15_pipeline` or `tiny_sdxl_pipeline` by name ("sd15" or "sdxl"); FLUX.1 is in `models.tiny_flux`."""
     _check_arch(arch)
     return _BUILDERS[arch](seed)

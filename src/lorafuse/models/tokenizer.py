@@ -217,3 +217,23 @@ def build_clip_tokenizer(
         # Explicit UTF-8: byte characters like "Ġ" must not depend on the locale.
         atomic_write_bytes(out_dir / name, text.encode("utf-8"))
     return transformers.CLIPTokenizer.from_pretrained(out_dir)
+
+
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5's real SentencePiece vocabulary
+SPIECE_UNDERLINE = "▁"  # SentencePiece's word-start marker
+
+
+def build_t5_tokenizer(words: Iterable[str], *, model_max_length: int = 512, extra_ids: int = 0) -> transformers.T5Tokenizer:
+    """A T5 (Unigram) tokenizer in which every word of `words` is one token, built in memory.
+
+    transformers' own `T5Tokenizer` builds T5's normaliser, Metaspace pre-tokeniser and "</s>" post-processor
+    from a (piece, score) list, so only the vocabulary is ours: the specials at T5's ids, the word-start
+    marker, each word with its marker, and every single character so any text still tokenizes (as T5's byte
+    pieces do). Word pieces score higher than characters, so a known word is always one token.
+    """
+    words = sorted(set(_check_words(words)))
+    chars = sorted({c for w in words for c in w} | set("abcdefghijklmnopqrstuvwxyz0123456789"))
+    vocab = [(s, 0.0) for s in T5_SPECIALS] + [(SPIECE_UNDERLINE, -2.0)]
+    vocab += [(SPIECE_UNDERLINE + w, -1.0) for w in words]
+    vocab += [(c, -5.0) for c in chars]
+    return transformers.T5Tokenizer(vocab=vocab, extra_ids=extra_ids, model_max_length=model_max_length)

@@ -52,6 +52,7 @@ from lorafuse.train.run_setup import (
     training_metadata,
 )
 from lorafuse.train.sampling_during_training import sample_grid
+from lorafuse.train.stop import StopRequest
 from lorafuse.train.timesteps import noise_like, sample_timesteps
 from lorafuse.utils.memory import release_memory
 
@@ -73,6 +74,7 @@ class TrainResult:
         default_factory=list
     )  # per optimizer step (with a log: from step 1 on resume)
     seconds: float = 0.0
+    stopped: bool = False  # ended early by SIGINT (train.stop); the last entry of `states` resumes it
 
 
 def train_lora(cfg: TrainConfig, *, progress_bar: bool = True) -> TrainResult:
@@ -292,8 +294,10 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
 
         bar = tqdm(total=total_steps, initial=start.global_step, desc="steps", dynamic_ncols=True)
     global_step, position = start.global_step, start
+    # one process only: a stop on one rank of several would leave the others waiting at the next collective
+    stop = StopRequest().install() if accelerator.num_processes == 1 else StopRequest()
     for epoch in range(start.epoch, num_epochs):
-        if global_step >= total_steps:
+        if global_step >= total_steps or stop.requested:
             break
         first = start.batch_in_epoch if epoch == start.epoch else 0
         sampler.set_epoch(epoch, skip_batches=first)
@@ -397,6 +401,8 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
                         save_state(out / f"{name}-step{global_step:08d}-state", position)
             if global_step >= total_steps and i + 1 < batches_per_epoch:
                 break  # mid-epoch; at the epoch's last batch the loop ends by itself and the epoch-end work runs
+            if stop.requested:
+                break
         else:  # the epoch ran to its end
             position = Progress(epoch + 1, 0, global_step)
             last = epoch + 1 == num_epochs or global_step >= total_steps
@@ -420,6 +426,16 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
                 result.samples.append(grid)
     if bar is not None:
         bar.close()
+    stop.restore()
+    if stop.requested:  # a LoRA and a resumable state at this step; not the final file names
+        result.stopped = True
+        save(out / f"{name}-step{global_step:08d}.safetensors", position.epoch + 1, global_step)
+        save_state(out / f"{name}-step{global_step:08d}-state", position)
+        result.lora_path = result.saved[-1]
+        if run_log is not None:
+            result.losses = run_log.losses
+        result.global_step, result.seconds = global_step, time.time() - started
+        return result, run_log
 
     # 10. Final LoRA, state and loss plot
     accelerator.wait_for_everyone()

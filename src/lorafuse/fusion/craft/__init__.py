@@ -32,10 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from lorafuse.errors import UserInputError
+from lorafuse.families import family_of
 from lorafuse.fusion._options import check_choice, check_range, config_record
 from lorafuse.fusion.common import (
     check_plan_inputs,
     check_weights,
+    is_denoiser,
     lora_label,
     resolve,
 )
@@ -115,13 +117,13 @@ def route_lora(pipe: Any, state: LoraState, layers: list[str] | None, role: str)
     No module in the set is an error naming the file (the fused image would silently lack this LoRA)."""
     label = lora_label(state, role)
     targets = resolve(pipe, state)
-    unet_keys = {k: ref.path for k, ref in targets.items() if ref.component == "unet"}
+    unet_keys = {k: ref.path for k, ref in targets.items() if is_denoiser(ref)}
     allowed = set(unet_keys.values()) if layers is None else set(layers)
     kept = {k: p for k, p in unet_keys.items() if p in allowed}
     if not kept:
         raise UserInputError(
             f"{NAME}: {label} has no module in the {role} layers I_{role[0]} ({len(allowed)} modules, e.g. "
-            f"{sorted(allowed)[0] if allowed else 'none'}); it covers {len(unet_keys)} other UNet modules. "
+            f"{sorted(allowed)[0] if allowed else 'none'}); it covers {len(unet_keys)} other denoiser modules. "
             f"Train it with layer preset craft_{role}, or pass {role}_layers='lora' or a list of regexes"
         )
     dropped = len(state.modules) - len(kept)
@@ -246,7 +248,7 @@ def _host_backbone(pipe: Any, folder: Path, undo: list) -> dict[str, Any]:
     from lorafuse.fusion.craft.host import backbone_info, load_backbone_state, swap_unet_weights
 
     state = load_backbone_state(folder)
-    restore, swapped = swap_unet_weights(pipe.unet, state, str(folder))
+    restore, swapped = swap_unet_weights(family_of(pipe).denoiser(pipe), state, str(folder))
     undo.append(restore)
     return {"folder": str(folder), "swapped_tensors": swapped, "info": backbone_info(folder)}
 
@@ -266,6 +268,6 @@ def _inject(pipe: Any, part_c: LoraState, part_s: LoraState, paths_c: list[str],
         warnings.simplefilter("ignore", LoraCoverageWarning)  # routing already warned about what it dropped
         inject_lora(pipe, combined, ADAPTER, 1.0)
     undo.append(lambda: delete_adapter(pipe, ADAPTER))
-    adapter = BranchAdapter(pipe.unet, ADAPTER, paths_c, paths_s, mechanism)
+    adapter = BranchAdapter(family_of(pipe).denoiser(pipe), ADAPTER, paths_c, paths_s, mechanism)
     undo.append(adapter.close)  # LIFO: the row-split wrappers come off before the adapter is deleted
     return adapter

@@ -38,7 +38,7 @@ _ROLE = {"A": "down", "B": "up", "down": "down", "up": "up"}
 
 def _component(module: str) -> tuple[str, str]:
     module = module.removeprefix("base_model.model.")
-    for component in ("text_encoder_2", "text_encoder", "unet"):
+    for component in ("text_encoder_2", "text_encoder", "unet", "transformer"):
         if module.startswith(component + "."):
             return component, module[len(component) + 1 :]
     # un-prefixed files (attention-processor era, raw peft) are UNet-only unless the path says otherwise

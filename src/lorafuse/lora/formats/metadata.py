@@ -15,22 +15,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from lorafuse.errors import UserInputError
+from lorafuse.families import FAMILIES
 from lorafuse.lora.formats.common import effective_alpha
 from lorafuse.lora.state import LoraState
 
-MODELSPEC_ARCH = {
-    "sd15": "stable-diffusion-v1",
-    "sdxl": "stable-diffusion-xl-v1-base",
-    "world": "lorafuse-world-v1",
-}
-SS_BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "world": "lorafuse_world_v1"}
-DEFAULT_RESOLUTION = {"sd15": 512, "sdxl": 1024, "world": 64}
-IMPLEMENTATION = {
-    # kohya writes SDXL LoRAs against the SGM UNet and SD1.5 ones against diffusers' (modelspec.implementation)
-    "sd15": "diffusers",
-    "sdxl": "https://github.com/Stability-AI/generative-models",
-    "world": "diffusers",
-}
+MODELSPEC_ARCH = {name: f.modelspec_arch for name, f in FAMILIES.items()}
+SS_BASE_VERSION = {name: f.ss_base_version for name, f in FAMILIES.items()}
+DEFAULT_RESOLUTION = {name: f.default_resolution for name, f in FAMILIES.items()}
+IMPLEMENTATION = {name: f.implementation for name, f in FAMILIES.items()}
 
 # training setting name -> metadata key (kohya's names where kohya has one)
 TRAINING_KEYS = {

@@ -1,0 +1,44 @@
+"""`lorafuse ui`: the web UI over the same API as the CLI (see `lorafuse.ui`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "ui",
+        help="start the web UI (dataset, train, LoRA tools, fuse, compare, jobs)",
+        description="Start the web UI on 127.0.0.1. Long work runs as jobs in a worker process; their state "
+        "lives in WORKSPACE/jobs, so closing the browser or restarting `lorafuse ui` loses nothing.",
+    )
+    p.add_argument("--workspace", type=Path, default=Path("lorafuse-workspace"),
+                   help="the one folder the UI reads and writes (default: ./lorafuse-workspace)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
+    p.add_argument("--listen", action="store_true",
+                   help="accept connections from other machines (binds 0.0.0.0; needs --auth)")
+    p.add_argument("--host", default=None, help="with --listen: the address to bind (default 0.0.0.0)")
+    p.add_argument("--auth", metavar="TOKEN", default=None,
+                   help="require this token as the login password; 'generate' makes one and prints it")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="let jobs read .ckpt/.pt/.bin files (as the CLI's --allow-pickle); refused otherwise")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="upload size limit per file (MB)")
+    p.set_defaults(func=cmd_ui)  # fmt: skip
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from lorafuse.ui.server import binding, free_port, quiet_gradio, serve
+
+    # refuse a bad binding before anything heavy is imported or any folder is created
+    bind = binding(listen=args.listen, auth=args.auth, port=args.port, host=args.host)
+    if bind.port == 0:
+        bind = type(bind)(bind.host, free_port(), bind.token, bind.generated)
+    quiet_gradio()
+    from lorafuse.ui.app import build_app
+    from lorafuse.ui.workspace import Workspace
+
+    workspace = Workspace.create(args.workspace, allow_pickle=args.allow_pickle)
+    max_upload = int(args.max_upload_mb * 2**20)
+    serve(build_app(workspace, max_upload=max_upload), bind, workspace, max_upload=max_upload)
+    return 0

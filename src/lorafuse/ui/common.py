@@ -1,0 +1,87 @@
+"""What the tabs share: running a quick CLI command in the page's process, and small formatting helpers.
+
+Quick commands (inspect, convert, merge, resize, `train --dry-run`, `world dataset`) run in the page's process
+through `lorafuse.cli.main.main`, exactly as typed in a terminal; long ones go to the job queue (`jobs.py`).
+Either way the page shows the CLI's own output and its one-line error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shlex
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorafuse.errors import UserInputError
+
+_CLI_LOCK = threading.Lock()  # stdout redirection is process-wide: one in-process command at a time
+
+
+@dataclass(frozen=True)
+class CliResult:
+    argv: list[str]
+    code: int
+    out: str
+    error: str  # the CLI's one-line error ("lorafuse inspect: error: ..."), "" on success
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
+
+    @property
+    def command(self) -> str:
+        return "lorafuse " + shlex.join(self.argv)
+
+    def markdown(self) -> str:
+        shown = f"`{self.command}`"
+        if not self.ok:
+            return f"{shown}\n\n**{self.error or 'failed'}**"
+        return shown
+
+
+def run_cli(argv: list[str], cwd: Path) -> CliResult:
+    """`lorafuse ARGV` in this process with `cwd` as working folder; its stdout and its one-line error."""
+    import os
+
+    from lorafuse.cli.main import main
+
+    argv = [str(a) for a in argv]
+    out, err = io.StringIO(), io.StringIO()
+    with _CLI_LOCK, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        previous = os.getcwd()
+        os.chdir(cwd)
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code if isinstance(e.code, int) else 2
+        finally:
+            os.chdir(previous)
+    lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+    error = next((ln for ln in reversed(lines) if ": error:" in ln), lines[-1] if lines else "")
+    return CliResult(argv, code, out.getvalue(), error if code else "")
+
+
+def message(exc: Exception) -> str:
+    """A user error as the page shows it: one line, as the CLI prints it."""
+    if isinstance(exc, UserInputError):
+        return f"error: {exc}"
+    raise exc
+
+
+def split_list(text: str, kind: type = str) -> list:
+    """'0, 0.5 1' -> [0.0, 0.5, 1.0]: the page's list fields take commas or spaces."""
+    items = [t for t in text.replace(",", " ").split() if t]
+    try:
+        return [kind(t) for t in items]
+    except ValueError:
+        raise UserInputError(f"{text!r}: expected a list of {kind.__name__} values, e.g. 0.5, 1") from None
+
+
+def choices_or(values: list[str], value: str | None = None) -> dict:
+    """gr.update(...) kwargs for a dropdown: new choices, keeping the current value if it is still there."""
+    import gradio as gr
+
+    keep = value if value in values else (values[0] if values else None)
+    return gr.update(choices=values, value=keep)

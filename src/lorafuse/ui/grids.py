@@ -1,0 +1,105 @@
+"""Grid configs written by the Fuse and Compare tabs, and their results read back: the page writes a
+`lorafuse grid` TOML (the file a CLI user would write), queues `lorafuse grid FILE --report`, and shows the
+pages, the scores table (cells.csv), K-LoRA's schedule picture and the HTML report the command wrote."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from lorafuse.errors import UserInputError
+from lorafuse.ui.jobs import Job, JobStore
+from lorafuse.ui.workspace import Workspace
+from lorafuse.utils.atomic import atomic_write_text
+
+SCORE_COLUMNS = ("method", "checkpoint", "lora_weight", "steps", "base", "seed", "oracle_content", "oracle_style",
+                 "oracle_hmean", "oracle_individual_acc", "oracle_style_acc")  # fmt: skip
+
+
+def world_names(ws: Workspace, lora: str) -> dict[str, str]:
+    """The world individual / style a LoRA was trained on, read from its run's config and the world dataset's
+    info file (empty when it was not trained on a world dataset)."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+
+    path = ws.resolve(lora)
+    for folder in (path.parent, path.parent.parent):
+        config = folder / "config.toml"
+        if not config.is_file():
+            continue
+        data_dir = tomllib.loads(config.read_text()).get("dataset", {}).get("train_data_dir")
+        info = ws.resolve(data_dir) / "world_dataset.json" if data_dir else None
+        if info is not None and info.is_file():
+            meta = json.loads(info.read_text())
+            return {"individual": meta["individual"]} if meta["kind"] == "subject" else {"style": meta["style"]}
+    return {}
+
+
+def write_grid(ws: Workspace, folder: str, name: str, *, prompt: str, axes: dict[str, Any],
+               metrics: dict[str, Any], scheduler: str = "ddim") -> tuple[str, str]:  # fmt: skip
+    """Write FOLDER/NAME.toml (LoRA paths relative to it, so it travels with the workspace); returns
+    (config, output folder), both workspace-relative."""
+    if not prompt.strip():
+        raise UserInputError("prompt: write a prompt first")
+    config = ws.resolve(f"{folder}/{name}.toml")
+    out = ws.resolve(f"{folder}/{name}")
+    for key in ("checkpoint", "style_checkpoint"):
+        if axes.get(key):
+            axes[key] = [os.path.relpath(ws.resolve(p, must_exist=True), config.parent) for p in axes[key]]
+            for p in axes[key]:
+                ws.check_pickle(config.parent / p)
+    doc = {"prompt": prompt, "scheduler": scheduler, "out": name, "axes": axes,
+           "metrics": {k: v for k, v in metrics.items() if v not in (None, "")}}  # fmt: skip
+    atomic_write_text(config, tomli_w.dumps(doc))
+    return ws.relative(config), ws.relative(out)
+
+
+def submit_grid(ws: Workspace, store: JobStore, kind: str, title: str, config: str, out: str) -> Job:
+    argv = ["grid", config, "--report"]
+    job = store.submit(kind, title, argv, {"dir": out, "config": config})
+    store.ensure_worker()
+    return job
+
+
+def results(ws: Workspace, out: str) -> dict[str, Any]:
+    """What a finished (or partly finished) grid folder holds."""
+    folder = ws.resolve(out)
+    pages = sorted(folder.glob("grid_p*.png"))
+    table: list[list[Any]] = []
+    header: list[str] = []
+    csv_path = folder / "cells.csv"
+    if csv_path.is_file():
+        with open(csv_path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        present = [c for c in SCORE_COLUMNS if rows and c in rows[0]]
+        extra = [c for c in (rows[0] if rows else {}) if c.startswith("oracle_") and c not in present]
+        header = present + extra
+        table = [[_short(r.get(c, "")) for c in header] for r in rows if r.get("kind", "fused") != "single"]
+    schedules = sorted(p for p in folder.rglob("*schedule*.png"))
+    report = folder / "report.html"
+    return {"pages": pages, "header": header, "table": table, "schedule": schedules[0] if schedules else None,
+            "report": report if report.is_file() else None}  # fmt: skip
+
+
+def _short(value: str) -> str:
+    try:
+        number = float(value)
+    except ValueError:
+        return Path(value).name if "/" in value else value
+    return f"{number:.3f}" if not number.is_integer() else str(int(number))
+
+
+def report_link(ws: Workspace, report: Path | None) -> str:
+    """A link that opens the report in a new tab, through gradio's file route (the workspace is its only
+    allowed folder, and the login applies)."""
+    if report is None:
+        return ""
+    return f'<a href="/gradio_api/file={report}" target="_blank" class="report-link">open {ws.relative(report)}</a>'

@@ -1,0 +1,101 @@
+"""Starting the web app: where it listens, who may use it, and the workspace it is confined to.
+
+By default it binds 127.0.0.1 only. `--listen` (any host may connect) needs a token: `--auth TOKEN`, or
+`--auth generate` for a random one that is printed once. With a token, the page asks for it as the password
+(any user name) and every route, files included, needs the login.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+import socket
+from dataclasses import dataclass
+
+from lorafuse.errors import UserInputError
+
+LOCALHOST = "127.0.0.1"
+GENERATE = "generate"
+
+
+@dataclass(frozen=True)
+class Binding:
+    host: str
+    port: int
+    token: str | None
+    generated: bool = False
+
+
+def binding(*, listen: bool, auth: str | None, port: int, host: str | None = None) -> Binding:
+    """Where to bind and which token to require; refuses to open to other hosts without a token."""
+    if auth is not None and auth != GENERATE and len(auth) < 8:
+        raise UserInputError("--auth: a token needs at least 8 characters (or use --auth generate)")
+    if not listen:
+        if host not in (None, LOCALHOST, "localhost"):
+            raise UserInputError(f"--host {host}: binding another address needs --listen (and --auth)")
+        token, generated = _token(auth)
+        return Binding(LOCALHOST, port, token, generated)
+    if auth is None:
+        raise UserInputError(
+            "--listen opens the UI to other machines; it refuses to start without a token: give --auth TOKEN, "
+            "or --auth generate to have one made and printed"
+        )
+    token, generated = _token(auth)
+    return Binding(host or "0.0.0.0", port, token, generated)
+
+
+def _token(auth: str | None) -> tuple[str | None, bool]:
+    if auth == GENERATE:
+        return secrets.token_urlsafe(18), True
+    return auth, False
+
+
+def check_login(token: str):
+    """Gradio's auth callable: any user name, the token as password (compared in constant time)."""
+
+    def check(_user: str, password: str) -> bool:
+        return hmac.compare_digest(password.encode(), token.encode())
+
+    return check
+
+
+def free_port(host: str = LOCALHOST) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def quiet_gradio() -> None:
+    """No analytics calls and no share tunnels: nothing leaves the machine (the UI works offline)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("GRADIO_TELEMETRY_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def serve(app, bind: Binding, workspace, *, block: bool = True, max_upload: int) -> None:
+    """Launch `app` (a gr.Blocks) as `bind` says; files are served from the workspace only."""
+    from lorafuse.ui.app import THEME
+
+    if bind.generated:
+        print(f"lorafuse ui: generated token (use it as the password): {bind.token}", flush=True)
+    print(f"lorafuse ui: serving http://{bind.host}:{bind.port} (workspace {workspace.root})", flush=True)
+    app.queue(default_concurrency_limit=4)
+    app.launch(
+        server_name=bind.host,
+        server_port=bind.port,
+        auth=check_login(bind.token) if bind.token else None,
+        auth_message="lorafuse: log in with any name and the token as password",
+        share=False,
+        inbrowser=False,
+        show_error=True,
+        quiet=True,
+        prevent_thread_lock=not block,
+        allowed_paths=[str(workspace.root)],
+        max_file_size=max_upload,
+        ssr_mode=False,
+        mcp_server=False,
+        footer_links=[],
+        theme=THEME,
+    )

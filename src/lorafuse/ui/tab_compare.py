@@ -1,0 +1,101 @@
+"""Compare and report tab: a grid over weight x epoch (checkpoint) x steps x base x method, queued as
+`lorafuse grid --report` with its progress; the HTML reports of earlier runs and of the demo."""
+
+from __future__ import annotations
+
+import time
+
+import gradio as gr
+
+from lorafuse.errors import UserInputError
+from lorafuse.ui import grids
+from lorafuse.ui.common import choices_or, split_list
+from lorafuse.ui.jobs import JobStore
+from lorafuse.ui.tab_fuse import fuse_jobs, show_grid
+from lorafuse.ui.tab_tools import BASES, lora_files
+from lorafuse.ui.workspace import Workspace
+
+
+def reports(ws: Workspace) -> list[str]:
+    return ws.list_files(".", (".html",))
+
+
+def build(ws: Workspace, store: JobStore) -> dict:
+    from lorafuse.fusion.registry import method_names
+
+    files = lora_files(ws)
+    gr.Markdown("Each axis takes several values (commas or spaces); checkpoints are e.g. one LoRA per epoch.")
+    with gr.Row():
+        ckpts = gr.Dropdown(files, multiselect=True, label="content checkpoints (epochs)", allow_custom_value=True,
+                            elem_id="cmp-ckpts")  # fmt: skip
+        style_ckpts = gr.Dropdown(files, multiselect=True, label="style checkpoints (optional: fuse)",
+                                  allow_custom_value=True)  # fmt: skip
+        refresh = gr.Button("Refresh", size="sm")
+    with gr.Row():
+        weights = gr.Textbox(value="0.5 1", label="LoRA weight", elem_id="cmp-weights")
+        steps = gr.Textbox(value="10", label="steps", elem_id="cmp-steps")
+        bases = gr.Dropdown(BASES, value=["world"], multiselect=True, label="bases", allow_custom_value=True)
+        methods = gr.Dropdown(method_names(), value=["direct"], multiselect=True, label="methods (when fusing)")
+        seeds = gr.Textbox(value="0", label="seeds")
+    prompt = gr.Textbox(value="a photo of a sks teapot", label="prompt", elem_id="cmp-prompt")
+    run = gr.Button("Build grid (queued)", variant="primary", elem_id="cmp-run")
+    pick = gr.Dropdown(fuse_jobs(store, "grid"), label="grid job", allow_custom_value=True, elem_id="cmp-pick")
+    status = gr.Markdown(elem_id="cmp-status")
+    pages = gr.Gallery(label="grid pages", columns=1, height=420, elem_id="cmp-grid")
+    scores = gr.Dataframe(label="scores", interactive=False)
+    link = gr.HTML()
+    with gr.Accordion("Reports of earlier runs and the demo", open=True):
+        with gr.Row():
+            report = gr.Dropdown(reports(ws), label="report", allow_custom_value=True, elem_id="report-pick")
+            refresh_reports = gr.Button("Refresh", size="sm", elem_id="report-refresh")
+            demo = gr.Button("Run the demo (queued: about 3 min on 2 cores)", elem_id="demo-run")
+        open_link = gr.HTML(elem_id="report-open")
+
+    def on_run(ckpts, style_ckpts, weights, steps, bases, methods, seeds, prompt):
+        try:
+            if not ckpts:
+                raise UserInputError("choose at least one checkpoint")
+            axes = {"base": list(bases or ["world"]), "checkpoint": list(ckpts),
+                    "lora_weight": split_list(weights, float) or [1.0], "steps": split_list(steps, int) or [25],
+                    "seed": split_list(seeds, int) or [0]}  # fmt: skip
+            if style_ckpts:
+                axes.update(style_checkpoint=list(style_ckpts), method=list(methods or ["direct"]))
+            names = grids.world_names(ws, ckpts[0])
+            metrics = {**names, **(grids.world_names(ws, style_ckpts[0]) if style_ckpts else {}),
+                       "cross_influence": False}  # fmt: skip
+            name = time.strftime("grid-%Y%m%d-%H%M%S")
+            config, out = grids.write_grid(ws, "grids", name, prompt=prompt, axes=axes, metrics=metrics)
+        except UserInputError as e:
+            raise gr.Error(f"error: {e}", print_exception=False) from None
+        job = grids.submit_grid(ws, store, "grid", f"grid {len(ckpts)} checkpoint(s)", config, out)
+        return gr.update(choices=fuse_jobs(store, "grid"), value=job.id)
+
+    def on_tick(job_id):
+        text, page_list, table, _schedule, html = show_grid(ws, store, job_id)
+        return text, page_list, table, html
+
+    def on_report(path):
+        if not path:
+            return ""
+        try:
+            return grids.report_link(ws, ws.resolve(path, must_exist=True))
+        except UserInputError as e:
+            return f"<b>error: {e}</b>"
+
+    def on_demo():
+        job = store.submit("demo", "lorafuse demo", ["demo", "--out", "demo"], {"dir": "demo"})
+        store.ensure_worker()
+        return f"queued `{job.id}`: `{job.command}`; its report appears here as demo/report.html"
+
+    run.click(on_run, [ckpts, style_ckpts, weights, steps, bases, methods, seeds, prompt], pick)
+    gr.Timer(2.0).tick(on_tick, pick, [status, pages, scores, link])
+    report.change(on_report, report, open_link)
+    refresh_reports.click(lambda v: choices_or(reports(ws), v), report, report)
+    demo.click(on_demo, None, open_link)
+
+    def on_refresh(c, s):
+        names = lora_files(ws)
+        return gr.update(choices=names), gr.update(choices=names)
+
+    refresh.click(on_refresh, [ckpts, style_ckpts], [ckpts, style_ckpts])
+    return {}

@@ -1,0 +1,120 @@
+"""Fuse tab: a content and a style LoRA, one method or several with the same seeds, side by side, scored by the
+oracle on the world base, with K-LoRA's schedule picture. It queues `lorafuse grid` over the method axis (the
+CLI's way to sample and score several settings alike); each method's options: `lorafuse fuse --method NAME
+--help-options`, shown here from the same registry."""
+
+from __future__ import annotations
+
+import time
+
+import gradio as gr
+
+from lorafuse.errors import UserInputError
+from lorafuse.ui import grids
+from lorafuse.ui.common import choices_or, split_list
+from lorafuse.ui.jobs import JobStore
+from lorafuse.ui.tab_tools import BASES, lora_files
+from lorafuse.ui.workspace import Workspace
+
+SCHEDULERS = ["ddim", "euler", "dpmpp"]
+
+
+def fuse_jobs(store: JobStore, kind: str = "fuse") -> list[str]:
+    return [j.id for j in store.jobs() if j.kind == kind][::-1]
+
+
+def build(ws: Workspace, store: JobStore) -> dict:
+    from lorafuse.fusion.options_doc import methods_help, options_help
+    from lorafuse.fusion.registry import method_names
+    from lorafuse.world.catalog import HELD_OUT_STYLES, SEEN_STYLES, all_individuals
+
+    methods = method_names()
+    files = lora_files(ws)
+    with gr.Row():
+        content = gr.Dropdown(files, label="content (subject) LoRA", allow_custom_value=True, elem_id="fuse-content")
+        style = gr.Dropdown(files, label="style LoRA", allow_custom_value=True, elem_id="fuse-style")
+        base = gr.Dropdown(BASES, value="world", label="base", allow_custom_value=True)
+        refresh = gr.Button("Refresh", size="sm")
+    chosen = gr.CheckboxGroup(methods, value=["direct", "klora"], label="methods (same seeds, side by side)",
+                              elem_id="fuse-methods")  # fmt: skip
+    with gr.Accordion("methods and their options", open=False):
+        gr.Markdown(f"```\n{methods_help()}\n```")
+        which = gr.Dropdown(methods, value="klora", label="options of")
+        opts_text = gr.Code(value=options_help("klora"), language=None)
+        which.change(options_help, which, opts_text)
+    prompt = gr.Textbox(value="a photo of a sks teapot <c> in sks style <s>", elem_id="fuse-prompt",
+                        label="prompt: <c> ends the content span, <s> the style span (CRAFT reads them; other "
+                        "methods see the prompt without them)")  # fmt: skip
+    with gr.Row():
+        cw = gr.Number(value=1.0, label="content weight")
+        sw = gr.Number(value=1.0, label="style weight")
+        seeds = gr.Textbox(value="0 1", label="seeds", elem_id="fuse-seeds")
+        steps = gr.Number(value=25, precision=0, label="steps", elem_id="fuse-steps")
+        guidance = gr.Number(value=7.5, label="guidance")
+        scheduler = gr.Dropdown(SCHEDULERS, value="ddim", label="scheduler")
+    held = [x.name for x in all_individuals(held_out=True)]
+    with gr.Row():
+        individual = gr.Dropdown(["auto", "none", *held], value="auto", label="oracle: content individual")
+        world_style = gr.Dropdown(["auto", "none", *HELD_OUT_STYLES, *SEEN_STYLES], value="auto",
+                                  label="oracle: style")  # fmt: skip
+        singles = gr.Checkbox(value=False, label="also each LoRA alone (cross-influence score)")
+    run = gr.Button("Fuse (queued)", variant="primary", elem_id="fuse-run")
+    with gr.Row():
+        pick = gr.Dropdown(fuse_jobs(store), label="fuse job", elem_id="fuse-pick", allow_custom_value=True)
+    status = gr.Markdown(elem_id="fuse-status")
+    pages = gr.Gallery(label="methods x seeds", columns=1, height=420, elem_id="fuse-grid")
+    scores = gr.Dataframe(label="oracle scores", interactive=False, elem_id="fuse-scores", wrap=True)
+    with gr.Row():
+        schedule = gr.Image(label="K-LoRA schedule (layers x steps)", elem_id="fuse-schedule", height=260)
+        report = gr.HTML(elem_id="fuse-report")
+
+    def on_run(content, style, base, chosen, prompt, cw, sw, seeds, steps, guidance, scheduler, ind, sty, singles):
+        try:
+            if not content or not style:
+                raise UserInputError("choose a content and a style LoRA")
+            if not chosen:
+                raise UserInputError("choose at least one method")
+            names = {**grids.world_names(ws, content), **grids.world_names(ws, style)}
+            metrics = {"individual": names.get("individual") if ind == "auto" else (None if ind == "none" else ind),
+                       "style": names.get("style") if sty == "auto" else (None if sty == "none" else sty),
+                       "cross_influence": bool(singles)}  # fmt: skip
+            axes = {"base": [base], "checkpoint": [content], "style_checkpoint": [style], "method": list(chosen),
+                    "lora_weight": [float(cw)], "style_weight": [float(sw)], "steps": [int(steps)],
+                    "guidance": [float(guidance)], "seed": split_list(seeds, int) or [0]}  # fmt: skip
+            name = time.strftime("fuse-%Y%m%d-%H%M%S")
+            config, out = grids.write_grid(ws, "fuse", name, prompt=prompt, axes=axes, metrics=metrics,
+                                           scheduler=scheduler)  # fmt: skip
+        except UserInputError as e:
+            raise gr.Error(f"error: {e}", print_exception=False) from None
+        job = grids.submit_grid(ws, store, "fuse", f"fuse {', '.join(chosen)}", config, out)
+        return gr.update(choices=fuse_jobs(store), value=job.id)
+
+    def on_tick(job_id):
+        return show_grid(ws, store, job_id)
+
+    run.click(on_run, [content, style, base, chosen, prompt, cw, sw, seeds, steps, guidance, scheduler, individual,
+                       world_style, singles], pick)  # fmt: skip
+    gr.Timer(2.0).tick(on_tick, pick, [status, pages, scores, schedule, report])
+
+    def on_refresh(c, s):
+        names = lora_files(ws)
+        return choices_or(names, c), choices_or(names, s)
+
+    refresh.click(on_refresh, [content, style], [content, style])
+    return {"content": content, "style": style}
+
+
+def show_grid(ws: Workspace, store: JobStore, job_id: str | None):
+    import pandas as pd
+
+    if not job_id:
+        return "", [], pd.DataFrame(), None, ""
+    try:
+        view = store.view(store.load(job_id))
+        found = grids.results(ws, view.job.outputs["dir"])
+    except UserInputError as e:
+        return f"error: {e}", [], pd.DataFrame(), None, ""
+    text = f"**{view.status}** {view.progress}  \n`{view.job.command}`" + (f"  \n**{view.error}**" if view.error else "")
+    table = pd.DataFrame(found["table"], columns=found["header"]) if found["header"] else pd.DataFrame()
+    schedule = str(found["schedule"]) if found["schedule"] else None
+    return text, [str(p) for p in found["pages"]], table, schedule, grids.report_link(ws, found["report"])

@@ -1,0 +1,260 @@
+"""Train tab: a form generated from the typed training config (`lorafuse.train.options`: every option with its
+help text, default and kohya name), presets, the equivalent command and TOML, the queue, and a run monitor
+(loss / LR chart from the run's CSV log, samples per epoch, stop with a saved state, continue)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+import typing
+from pathlib import Path
+
+import gradio as gr
+
+from lorafuse.errors import UserInputError
+from lorafuse.train.options import Option, options
+from lorafuse.ui.common import choices_or
+from lorafuse.ui.jobs import JobStore
+from lorafuse.ui.workspace import Workspace
+from lorafuse.utils.atomic import atomic_write_text
+
+PRESETS = {
+    "subject LoRA (world recipe)": ("subject", {}),
+    "style LoRA (world recipe)": ("style", {}),
+    "CRAFT pair: content half (craft_content layers)": ("subject", {"layers": "craft"}),
+    "CRAFT pair: style half (craft_style layers)": ("style", {"layers": "craft"}),
+    "B-LoRA (attention projections: both B-LoRA blocks)": ("subject", {"layers": "attn", "conv_rank": 0}),
+}
+# what the page needs from every run: a CSV log for the chart, a state to continue from, samples per epoch
+# set by the page itself (dataset picker, run name, the continue button), so not in the form
+PAGE_SET = ("dataset.train_data_dir", "training.output_dir", "training.output_name", "training.resume")
+RUN_DEFAULTS = {"training.logging": "csv", "training.save_state": True, "training.sample_every_n_epochs": 1,
+                "training.save_every_n_epochs": 1}  # fmt: skip
+
+
+def shown(value: typing.Any) -> str | bool:
+    """A config value as the form shows it (TOML-like text; booleans stay booleans)."""
+    if value is dataclasses.MISSING or value is None:
+        return ""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, Path):
+        return value.as_posix()
+    if isinstance(value, (list, tuple)):
+        return json.dumps([v.as_posix() if isinstance(v, Path) else v for v in value])
+    return str(value)
+
+
+def preset_values(preset: str) -> dict[str, typing.Any]:
+    """The form values of a preset: the world recipe's `TrainConfig` (as `lorafuse.world.personalize` trains it)."""
+    from lorafuse.config.toml_io import config_to_dict
+    from lorafuse.world.personalize import style_recipe, subject_recipe, train_config
+
+    kind, settings = PRESETS[preset]
+    recipe = subject_recipe("teapot_08", **settings) if kind == "subject" else style_recipe("crayon", **settings)
+    cfg = config_to_dict(train_config(recipe, Path("datasets/x"), Path("runs/x")))
+    flat = {f"{t}.{k}": v for t, table in cfg.items() for k, v in table.items()}
+    for key in ("dataset.train_data_dir", "training.output_dir", "training.output_name"):
+        flat.pop(key, None)
+    prompt = "a photo of a sks teapot" if kind == "subject" else "a photo of a red mug, in sks style"
+    flat.update(RUN_DEFAULTS, **{"training.sample_prompts": [prompt], "training.sample_steps": 10})
+    return flat
+
+
+def _component(opt: Option):
+    label = f"{opt.name}"
+    info = (opt.doc + " " if opt.doc else "") + f"[{opt.key}]"
+    elem = f"opt-{opt.table}-{opt.name}"
+    if opt.is_bool:
+        return gr.Checkbox(value=bool(opt.default is True), label=label, info=info, elem_id=elem, min_width=240)
+    if typing.get_origin(opt.type) is typing.Literal:
+        choices = [str(c) for c in typing.get_args(opt.type)]
+        return gr.Dropdown(choices, value=shown(opt.default) or None, label=label, info=info, elem_id=elem,
+                           min_width=240)  # fmt: skip
+    return gr.Textbox(value=shown(opt.default), label=label, info=info, elem_id=elem, min_width=240,
+                      placeholder="unset" if opt.default in (None, dataclasses.MISSING) else None)  # fmt: skip
+
+
+def overrides_from_form(opts: list[Option], values: list) -> dict[str, str]:
+    """Only what differs from the defaults, as the override strings `lorafuse train --set` takes."""
+    out = {}
+    for opt, value in zip(opts, values, strict=True):
+        if opt.is_bool:
+            if bool(value) != bool(opt.default is True):
+                out[opt.key] = "true" if value else "false"
+            continue
+        text = "" if value is None else str(value).strip()
+        if text != shown(opt.default) and text != "":
+            out[opt.key] = text
+    return out
+
+
+def flags(overrides: dict[str, str]) -> list[str]:
+    """The kohya-named flags of `lorafuse train` for these overrides."""
+    argv = []
+    for key, value in overrides.items():
+        name = key.split(".", 1)[1]
+        argv += [f"--{name}", *(json.loads(value) if value.startswith("[") else [value])]
+    return [str(a) for a in argv]
+
+
+def latest_state(run_dir: Path) -> Path | None:
+    """The newest resumable state folder of a run (by its saved step), as `lorafuse train` reads it."""
+    from lorafuse.train.checkpoint import read_train_state
+
+    best, step = None, -1
+    for folder in run_dir.glob("*-state"):
+        try:
+            s = read_train_state(folder).progress.global_step
+        except UserInputError:  # half-written or from another version: not one to continue from
+            continue
+        if s > step:
+            best, step = folder, s
+    return best
+
+
+def build(ws: Workspace, store: JobStore, dataset_picker) -> dict:
+    opts = [o for o in options() if o.key not in PAGE_SET]
+    with gr.Row():
+        preset = gr.Dropdown(list(PRESETS), value=list(PRESETS)[0], label="preset", elem_id="train-preset")
+        dataset = gr.Dropdown(ws.list_dirs("datasets"), label="dataset (datasets/...)", elem_id="train-dataset",
+                              allow_custom_value=True)  # fmt: skip
+        run_name = gr.Textbox(value="my_lora", label="run name (runs/NAME)", elem_id="train-name")
+        apply = gr.Button("Apply preset", elem_id="train-apply")
+    components = []
+    tables = list(dict.fromkeys(o.table for o in opts))
+    for table in tables:
+        with gr.Accordion(f"[{table}]", open=table == "training"):
+            with gr.Row(equal_height=False):
+                for opt in (o for o in opts if o.table == table):
+                    components.append(_component(opt))
+    with gr.Row():
+        show = gr.Button("Show command and TOML", elem_id="train-show")
+        queue = gr.Button("Add to queue", variant="primary", elem_id="train-queue")
+    queued = gr.Markdown(elem_id="train-queued")
+    with gr.Row():
+        command = gr.Code(label="equivalent command", language="shell", elem_id="train-command")
+        toml = gr.Code(label="config TOML", elem_id="train-toml")
+
+    def on_apply(preset):
+        values = preset_values(preset)
+        return [gr.update(value=shown(values[o.key]) if o.key in values else shown(o.default)) for o in opts]
+
+    def config_for(dataset, name, values):
+        from lorafuse.config.toml_io import dump_config
+        from lorafuse.train.config import load_train_config
+
+        if not dataset:
+            raise UserInputError("choose a dataset first (Dataset tab)")
+        name = (name or "").strip()
+        run = ws.resolve(f"runs/{name}")
+        ws.resolve(dataset, must_exist=True)
+        over = overrides_from_form(opts, values)
+        over.update({"dataset.train_data_dir": dataset, "training.output_dir": ws.relative(run),
+                     "training.output_name": name})  # fmt: skip
+        cfg = load_train_config(None, over)  # the CLI's checks: unknown keys, types, ranges
+        path = f"{ws.relative(run)}/config.toml"
+        ws.check_pickle(Path(str(cfg.model.pretrained_model_name_or_path)))
+        cmd = f"lorafuse train {path}\n# or, with kohya-named flags:\nlorafuse train {shlex.join(flags(over))}"
+        return run, path, dump_config(cfg), cmd
+
+    def on_show(dataset, name, *values):
+        try:
+            _, _, text, cmd = config_for(dataset, name, list(values))
+        except UserInputError as e:
+            raise gr.Error(f"error: {e}", print_exception=False) from None
+        return cmd, text
+
+    def on_queue(dataset, name, *values):
+        try:
+            run, path, text, cmd = config_for(dataset, name, list(values))
+        except UserInputError as e:
+            raise gr.Error(f"error: {e}", print_exception=False) from None
+        atomic_write_text(run / "config.toml", text)
+        rel = ws.relative(run)
+        job = store.submit("train", f"train {run.name}", ["train", path],
+                           {"run": rel, "config": path, "csv": f"{rel}/logs/{run.name}.csv", "samples": f"{rel}/samples"})  # fmt: skip
+        store.ensure_worker()
+        return f"queued `{job.id}`: `{job.command}`", cmd, text, gr.update(choices=train_jobs(store), value=job.id)
+
+    with gr.Accordion("Runs: live loss and LR, samples per epoch, stop and continue", open=True):
+        with gr.Row():
+            run_pick = gr.Dropdown(train_jobs(store), label="training job", elem_id="run-pick", allow_custom_value=True)
+            stop = gr.Button("Stop (save state)", elem_id="run-stop")
+            cont = gr.Button("Continue", elem_id="run-continue")
+        run_status = gr.Markdown(elem_id="run-status")
+        with gr.Row():
+            loss_plot = gr.LinePlot(x="step", y="value", color="series", title="loss", elem_id="loss-plot", height=260)
+            lr_plot = gr.LinePlot(x="step", y="value", color="series", title="learning rate", elem_id="lr-plot",
+                                  height=260)  # fmt: skip
+        samples = gr.Gallery(label="samples per epoch", columns=4, height=260, elem_id="run-samples")
+
+    def on_stop(job_id):
+        try:
+            return store.request_stop(job_id)
+        except UserInputError as e:
+            raise gr.Error(f"error: {e}", print_exception=False) from None
+
+    def on_continue(job_id):
+        try:
+            job = store.load(job_id)
+            status = store.view(job).status
+            if status in ("queued", "running"):
+                raise UserInputError(f"job {job_id} is {status}; stop it first")
+            state = latest_state(ws.resolve(job.outputs["run"]))
+            if state is None:
+                raise UserInputError(f"{job.outputs['run']}: no saved state to continue from")
+        except UserInputError as e:
+            raise gr.Error(f"error: {e}", print_exception=False) from None
+        argv = ["train", job.outputs["config"], "--set", f"training.resume={ws.relative(state)}"]
+        new = store.submit("train", f"{job.title} (continued)", argv, job.outputs, continue_of=job.id)
+        store.ensure_worker()
+        return f"queued `{new.id}`: `{new.command}`", gr.update(choices=train_jobs(store), value=new.id)
+
+    apply.click(on_apply, preset, components)
+    show.click(on_show, [dataset, run_name, *components], [command, toml])
+    queue.click(on_queue, [dataset, run_name, *components], [queued, command, toml, run_pick])
+    stop.click(on_stop, run_pick, run_status)
+    cont.click(on_continue, run_pick, [run_status, run_pick])
+    timer = gr.Timer(2.0)
+    timer.tick(lambda j: monitor(ws, store, j), run_pick, [run_status, loss_plot, lr_plot, samples])
+    dataset_picker.change(lambda v: choices_or(ws.list_dirs("datasets"), v), dataset_picker, dataset)
+    return {"run_pick": run_pick, "dataset": dataset}
+
+
+def train_jobs(store: JobStore) -> list[str]:
+    return [j.id for j in store.jobs() if j.kind == "train"][::-1]
+
+
+def monitor(ws: Workspace, store: JobStore, job_id: str | None):
+    """Status line, loss and LR frames from the run's CSV log, and the sample grids so far."""
+    import pandas as pd
+
+    empty = pd.DataFrame({"step": [], "value": [], "series": []})
+    if not job_id:
+        return "", empty, empty, []
+    try:
+        view = store.view(store.load(job_id))
+    except UserInputError as e:
+        return f"error: {e}", empty, empty, []
+    out = view.job.outputs
+    text = f"**{view.status}** {view.progress}  \n`{view.job.command}`" + (f"  \n**{view.error}**" if view.error else "")
+    csv = ws.resolve(out["csv"])
+    loss, lr = empty, empty
+    if csv.is_file():
+        from lorafuse.train.run_log import read_rows
+
+        try:
+            rows = read_rows(csv)
+        except (OSError, ValueError, KeyError):
+            rows = []
+        if rows:
+            loss = pd.DataFrame([{"step": r["step"], "value": r[k], "series": k} for r in rows
+                                 for k in ("loss", "loss_avg") if k in r])  # fmt: skip
+            lr = pd.DataFrame([{"step": r["step"], "value": r[k], "series": k} for r in rows
+                               for k in ("lr_unet", "lr_text_encoder") if k in r])  # fmt: skip
+            text += f"  \nstep {int(rows[-1]['step'])}, loss {rows[-1]['loss']:.4f}"
+    folder = ws.resolve(out["samples"])
+    grids = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    return text, loss, lr if len(lr) else empty, [(str(p), p.stem) for p in grids]

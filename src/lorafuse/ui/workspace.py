@@ -1,0 +1,123 @@
+"""The web UI's workspace: the one folder it reads and writes, and the checks that keep it there.
+
+Every path typed into the page or sent by the browser goes through `Workspace.resolve`, which takes paths
+relative to the workspace only: an absolute path, a `..` component, or a symlink whose target lies outside
+is refused with a message naming the path. Uploads go through `check_upload`: a size limit and a real image
+decode (the file's bytes, not its name, decide its type).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from lorafuse.errors import UserInputError
+
+DEFAULT_WORKSPACE = Path("lorafuse-workspace")
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a training image larger than this is almost surely not one
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# the folders the UI creates; users may add their own
+LAYOUT = ("datasets", "runs", "fuse", "grids", "loras", "jobs", "bases")
+
+
+class WorkspacePathError(UserInputError):
+    """A path that would leave the workspace."""
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+    allow_pickle: bool = False
+
+    @classmethod
+    def create(cls, root: str | os.PathLike, *, allow_pickle: bool = False) -> Workspace:
+        root = Path(root).expanduser().resolve()
+        if root.exists() and not root.is_dir():
+            raise UserInputError(f"--workspace {root}: exists and is not a folder")
+        for name in LAYOUT:
+            (root / name).mkdir(parents=True, exist_ok=True)
+        return cls(root, allow_pickle)
+
+    def resolve(self, path: str | os.PathLike, *, must_exist: bool = False) -> Path:
+        """`path` (relative to the workspace) as an absolute path inside it; refuses anything that leaves it."""
+        text = os.fspath(path).strip()
+        if not text:
+            raise WorkspacePathError("empty path: give a path relative to the workspace")
+        if "\x00" in text:
+            raise WorkspacePathError(f"{text!r}: a path cannot contain a NUL character")
+        pure = PurePosixPath(text.replace("\\", "/"))
+        if pure.is_absolute() or Path(text).is_absolute() or (len(text) > 1 and text[1] == ":"):
+            raise WorkspacePathError(
+                f"{text}: absolute paths are refused; give a path relative to the workspace {self.root}"
+            )
+        if ".." in pure.parts:
+            raise WorkspacePathError(f"{text}: '..' is refused; paths stay inside the workspace {self.root}")
+        candidate = self.root.joinpath(*pure.parts)
+        # resolve() follows every symlink on the way, also of a parent folder; strict=False for new outputs
+        real = candidate.resolve()
+        if real != self.root and self.root not in real.parents:
+            raise WorkspacePathError(
+                f"{text}: a symlink leads outside the workspace (to {real}); refused"
+            )
+        if must_exist and not real.exists():
+            raise UserInputError(f"{text}: no such file or folder in the workspace {self.root}")
+        return real
+
+    def relative(self, path: str | os.PathLike) -> str:
+        """How a path inside the workspace is shown on the page and written into configs."""
+        return Path(path).resolve().relative_to(self.root).as_posix()
+
+    def list_files(self, folder: str, suffixes: tuple[str, ...], *, recursive: bool = True) -> list[str]:
+        """Workspace-relative paths of files under `folder` with one of `suffixes`, newest first."""
+        base = self.resolve(folder)
+        if not base.is_dir():
+            return []
+        found = base.rglob("*") if recursive else base.iterdir()
+        files = [p for p in found if p.is_file() and p.suffix.lower() in suffixes and self._inside(p)]
+        files.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        return [self.relative(p) for p in files]
+
+    def list_dirs(self, folder: str, *, containing: str | None = None) -> list[str]:
+        """Workspace-relative sub-folders of `folder` (those holding a file named `containing`, if given)."""
+        base = self.resolve(folder)
+        if not base.is_dir():
+            return []
+        dirs = [p for p in sorted(base.iterdir()) if p.is_dir() and self._inside(p)]
+        if containing:
+            dirs = [p for p in dirs if (p / containing).exists()]
+        return [self.relative(p) for p in dirs]
+
+    def _inside(self, path: Path) -> bool:
+        real = path.resolve()
+        return self.root in real.parents
+
+    def check_pickle(self, path: Path) -> None:
+        """Pickle-based weights run code when read: refused unless `lorafuse ui --allow-pickle` was given."""
+        if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin") and not self.allow_pickle:
+            raise UserInputError(
+                f"{self.relative(path)}: pickle files can run code when loaded; refused (start "
+                "`lorafuse ui --allow-pickle` to read them, as the CLI's --allow-pickle)"
+            )
+
+
+def check_upload(path: str | os.PathLike, *, max_bytes: int = MAX_UPLOAD_BYTES) -> str:
+    """The image format of an uploaded file (PNG, JPEG, ...), or an error naming the file and the problem."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise UserInputError(
+            f"{path.name}: {size / 2**20:.1f} MB is over the upload limit of {max_bytes / 2**20:.0f} MB"
+        )
+    try:
+        with Image.open(path) as im:
+            fmt = im.format
+            im.verify()  # reads the whole file: a truncated or disguised file fails here
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise UserInputError(f"{path.name}: not an image ({type(e).__name__}); upload PNG, JPEG, WEBP or BMP") from None
+    if fmt not in IMAGE_FORMATS:
+        raise UserInputError(f"{path.name}: image type {fmt} is not accepted; upload PNG, JPEG, WEBP or BMP")
+    return fmt

@@ -1,0 +1,76 @@
+"""`lorafuse ui` in a real browser: every tab renders; a path outside the workspace is refused on the page;
+--listen without a token refuses to start."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from lorafuse.ui.app import TABS
+
+pytestmark = pytest.mark.browser
+
+
+def test_every_tab_renders(page, ui_server):
+    print(f"lorafuse ui: command to first HTTP 200 in {ui_server.startup_s:.1f} s")
+    for name in TABS:
+        page.get_by_role("tab", name=name).click()
+    page.get_by_role("tab", name="Train").click()
+    assert page.locator("#opt-network-network_dim").is_visible() is False  # [network] starts folded
+    page.get_by_text("[network]").click()
+    assert "[network.network_dim]" in page.locator("#opt-network-network_dim").inner_text()
+
+
+def test_path_outside_the_workspace_is_refused(page, ui_server):
+    page.locator("#world-name textarea, #world-name input").first.fill("../../escape")
+    page.locator("#world-make").click()
+    page.get_by_text("'..' is refused").first.wait_for()
+    assert not (ui_server.workspace.parent.parent / "escape").exists()
+
+
+def upload(page, path, name: str) -> None:
+    page.get_by_text("Your images").click()
+    page.locator("#upload-name textarea, #upload-name input").first.fill(name)
+    page.locator("#upload input[type=file]").set_input_files([str(path)])
+    page.locator("#upload").get_by_text(path.name).first.wait_for()  # uploaded to the server
+    page.locator("#upload-add").click()
+
+
+def test_upload_that_is_not_an_image_is_refused(page, ui_server, tmp_path):
+    fake = tmp_path / "photo.png"
+    fake.write_bytes(b"#!/bin/sh\necho this is not an image\n")
+    upload(page, fake, "fake")
+    page.get_by_text("photo.png: not an image").first.wait_for()
+    assert not (ui_server.workspace / "datasets" / "fake").exists()
+
+
+def test_upload_writes_the_kohya_layout(page, ui_server, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    real = tmp_path / "dog.png"
+    Image.fromarray(np.full((32, 48, 3), 200, np.uint8)).save(real)
+    upload(page, real, "mine")
+    page.get_by_text("wrote datasets/mine/10_sks dog").first.wait_for()
+    folder = ui_server.workspace / "datasets" / "mine" / "10_sks dog"
+    assert (folder / "000.png").is_file() and (folder / "000.txt").read_text() == "a photo of a sks dog"
+
+
+def test_pickle_is_refused_without_the_opt_in(page, ui_server):
+    (ui_server.workspace / "loras" / "old.ckpt").write_bytes(b"not read")
+    page.get_by_role("tab", name="LoRA tools").click()
+    box = page.locator("#tools-lora input").first
+    box.fill("loras/old.ckpt")
+    box.press("Enter")
+    box.evaluate("e => e.blur()")
+    page.locator("#tools-inspect").click()
+    page.get_by_text("pickle files can run code when loaded; refused").first.wait_for()
+
+
+def test_listen_without_token_refuses():
+    proc = subprocess.run([sys.executable, "-m", "lorafuse", "ui", "--listen", "--port", "0"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert "refuses to start without a token" in proc.stderr

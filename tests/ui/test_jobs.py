@@ -1,0 +1,86 @@
+"""Jobs: queued `lorafuse` command lines, their status read back from files by any later process (a restarted
+`lorafuse ui` finds the queue, finished runs and a running job), progress from tqdm, the CLI's error line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lorafuse.errors import UserInputError
+from lorafuse.ui.jobs import JobStore, last_error, tqdm_progress
+from lorafuse.utils.atomic import atomic_write_text
+
+
+def _wait(predicate, timeout=300.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_status_is_read_back_from_the_files(tmp_path):
+    store = JobStore(tmp_path)
+    a = store.submit("world", "list", ["world", "list"])
+    b = store.submit("world", "render", ["world", "render", "teapot_08"])
+    assert a.command == "lorafuse world list"
+    assert [v.status for v in JobStore(tmp_path).views()] == ["queued", "queued"]  # a fresh store: a restart
+    assert store.next_queued().id == a.id
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        atomic_write_text(store.path(a.id, "start"), json.dumps({"pid": sleeper.pid, "time": time.time()}))
+        assert JobStore(tmp_path).view(a).status == "running"
+        assert store.next_queued().id == b.id
+        sleeper.send_signal(signal.SIGKILL)
+        sleeper.wait()
+        assert JobStore(tmp_path).view(a).status == "interrupted"  # died without an exit status
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+    atomic_write_text(store.path(a.id, "rc"), json.dumps({"returncode": 0}))
+    assert store.view(a).status == "done"
+    assert store.request_stop(b.id) == f"cancelled {b.id}"
+    assert store.view(b).status == "cancelled" and store.next_queued() is None
+    with pytest.raises(UserInputError, match="already ended"):
+        store.request_stop(a.id)
+    with pytest.raises(UserInputError, match="not a job id"):
+        store.load("../x")
+
+
+def test_progress_and_error_lines():
+    log = "steps:  10%|█         | 1/10 [00:01<00:09]\rsteps:  40%|████      | 4/10 [00:02<00:03, loss=0.1]"
+    assert tqdm_progress(log) == "steps 4/10 (40%)"
+    assert tqdm_progress("no bar here") == ""
+    log = "Traceback ...\nlorafuse world: error: give exactly one of --subject NAME or --style NAME\n"
+    assert last_error(log) == "lorafuse world: error: give exactly one of --subject NAME or --style NAME"
+
+
+def test_worker_runs_the_queue_one_at_a_time(tmp_path):
+    store = JobStore(tmp_path)
+    ok = store.submit("dataset", "world dataset", ["world", "dataset", "datasets/t", "--subject", "teapot_08",
+                                                   "--n", "1"])  # fmt: skip
+    bad = store.submit("dataset", "bad", ["world", "dataset", "datasets/u"])
+    worker = store.ensure_worker()
+    assert worker is not None
+    try:
+        _wait(lambda: store.view(bad).status in ("done", "failed"))
+        assert store.ensure_worker() is None or store.next_queued() is None  # never a second worker
+        assert store.view(ok).status == "done"
+        assert (tmp_path / "datasets" / "t" / "10_sks teapot" / "000.png").is_file()  # cwd is the workspace
+        view = JobStore(tmp_path).view(bad)
+        assert view.status == "failed" and view.returncode == 2
+        assert view.error == "lorafuse world: error: give exactly one of --subject NAME or --style NAME"
+        starts = [json.loads(store.path(j.id, "start").read_text())["time"] for j in (ok, bad)]
+        ends = [json.loads(store.path(j.id, "rc").read_text())["time"] for j in (ok, bad)]
+        assert ends[0] <= starts[1]  # one at a time, in order
+    finally:
+        try:
+            os.kill(worker, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -24,7 +24,7 @@ counts of the full-size architectures (meta device), bf16 weights, float32 LoRA 
 attention projection at rank --rank: what each mechanism needs beyond the model, on the device and on the host.
 
     OMP_NUM_THREADS=2 python -m benchmarks.realsize [--bases sd15 sdxl flux] [--size 256] [--steps 4]
-        [--repeats 3] [--rank 16] [--threads 2]
+        [--repeats 3] [--rank 16] [--threads 2] [--quick]
     python -m benchmarks.realsize --smoke     # memory table + one base at 64 px, 2 steps, 1 round
 """
 
@@ -188,10 +188,13 @@ def measure(name: str, args) -> dict:
     runs = {"base": plain(base_guidance)}
     if flux:
         runs["base + CFG"] = plain(args.cfg, NEGATIVE)
-    runs["direct"] = method("direct", "direct", content, style, base_guidance)
+    if not args.quick:
+        runs["direct"] = method("direct", "direct", content, style, base_guidance)
     for mech in ("auto", "inplace"):
         runs[f"klora {mech}"] = method(f"klora {mech}", "klora", content, style, base_guidance, mechanism=mech)
-        runs[f"switch {mech}"] = method(f"switch {mech}", "switch", content, style, base_guidance, mechanism=mech)
+        if not args.quick:
+            runs[f"switch {mech}"] = method(f"switch {mech}", "switch", content, style, base_guidance,
+                                            mechanism=mech)  # fmt: skip
     runs["craft (ACFG)"] = method("craft (ACFG)", "craft", craft_c, craft_s, args.cfg, NEGATIVE if flux else None)
     times = interleaved(runs, repeats=args.repeats, warmup=1,
                         on_round=lambda r: print(f"  {name}: round {r + 1}/{args.repeats + 1}", flush=True))  # fmt: skip
@@ -223,6 +226,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--cfg", type=float, default=5.0, help="CFG scale (true CFG on FLUX.1)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="only the goal rows: base, CFG, K-LoRA, CRAFT")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:

@@ -38,6 +38,7 @@ def test_help_documents_every_option(capsys):
         assert f"--{opt.name}" in text, opt.key
         assert f"[{opt.key}:" in text, opt.key
         assert " ".join(opt.doc.split())[:40] in text, opt.key
+    assert "--subsets" not in text  # [[dataset.subsets]]: TOML only
     assert "network.network_dim: int; default: 4" in text
     assert "model.pretrained_model_name_or_path: str; required" in text
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -303,14 +304,9 @@ def test_base_paths_that_cannot_load(train_overrides, tmp_path, base, message):
     _assert_nothing_written(tmp_path)
 
 
-def test_missing_optimizer_package_fails_before_loading(train_overrides, tmp_path):
-    try:
-        import bitsandbytes  # noqa: F401
-
-        pytest.skip("bitsandbytes is installed here")
-    except ImportError:
-        pass
-    with pytest.raises(UserInputError, match="AdamW8bit needs bitsandbytes"):
+def test_missing_optimizer_package_fails_before_loading(train_overrides, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed: import raises ImportError
+    with pytest.raises(UserInputError, match=r"AdamW8bit needs .*bitsandbytes.*pip install 'lorafuse\[8bit\]'"):
         _run(train_overrides(**{"optimizer.optimizer_type": "AdamW8bit"}))
     _assert_nothing_written(tmp_path)
 

@@ -15,11 +15,25 @@ from lorafuse import __version__
 from lorafuse.errors import UserInputError
 
 # subcommand modules, in the order `lorafuse --help` lists them
-COMMAND_MODULES = ("demo", "world", "lora_tools", "bake", "train", "fuse", "grid", "report", "craft", "ui")
+COMMAND_MODULES = (
+    "demo",
+    "world",
+    "lora_tools",
+    "bake",
+    "train",
+    "config",
+    "fuse",
+    "grid",
+    "report",
+    "craft",
+    "ui",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorafuse", description="Train, fuse and measure subject and style LoRAs.")
+    parser = argparse.ArgumentParser(
+        prog="lorafuse", description="Train, fuse and measure subject and style LoRAs."
+    )
     parser.add_argument("--version", action="version", version=f"lorafuse {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:

@@ -73,7 +73,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         else:
             kwargs["metavar"] = "VALUE"
         group.add_argument(f"--{opt.name}", **kwargs)
+    _register_kohya_flags(p, seen)
     p.set_defaults(func=cmd_train)
+
+
+def _register_kohya_flags(p: argparse.ArgumentParser, taken: set[str]) -> None:
+    """kohya's options that are not our field names: accepted as flags and converted (or refused) by name."""
+    from lorafuse.train.kohya_keys import RULES
+
+    group = p.add_argument_group(
+        "kohya options",
+        "kohya train_network.py options without a field of the same name: converted, or refused "
+        "with the reason (see `lorafuse config import`)",
+    )
+    for key, rule in sorted(RULES.items()):
+        if key in taken:
+            continue
+        what = {"map": f"-> {rule.target}", "note": "no effect here", "refuse": "refused unless off"}[
+            rule.action
+        ]
+        kwargs: dict[str, typing.Any] = {"dest": f"kohya:{key}", "default": None, "metavar": "VALUE"}
+        if key in ("network_args", "optimizer_args", "lr_scheduler_args", "text_encoder_lr"):
+            kwargs["nargs"] = "*"
+        else:
+            kwargs.update(nargs="?", const="true")
+        group.add_argument(f"--{key}", help=f"{what}: {rule.reason}".replace("%", "%%"), **kwargs)
+
+
+def kohya_flags(args: argparse.Namespace) -> dict[str, typing.Any]:
+    return {
+        dest[len("kohya:") :]: value
+        for dest, value in vars(args).items()
+        if dest.startswith("kohya:") and value is not None
+    }
 
 
 def _flag_value(opt: Option, value: typing.Any) -> str:
@@ -84,6 +116,8 @@ def _flag_value(opt: Option, value: typing.Any) -> str:
 
     if opt.key == "network.layers" and len(value) == 1 and value[0] in PRESET_NAMES:
         return value[0]  # a preset name; anything else in `layers` is a list of regexes
+    if opt.key == "dataset.resolution" and len(value) == 1:
+        return value[0]  # "512" or kohya's "512,768" (comma-separated, as --resolution takes it in kohya)
     return json.dumps(value)  # a TOML array: prompts may contain commas
 
 
@@ -107,10 +141,21 @@ def collect_overrides(args: argparse.Namespace) -> dict[str, str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lorafuse.config.toml_io import dump_config
-    from lorafuse.train.config import load_train_config
+    import sys
 
-    cfg = load_train_config(args.config, collect_overrides(args))
+    from lorafuse.config.toml_io import dump_config
+    from lorafuse.train.kohya_import import load_train_config_any
+
+    cfg, imported = load_train_config_any(args.config, collect_overrides(args), kohya_flags(args))
+    if imported is not None:
+        mapped = sum(r.action in ("mapped", "default") for r in imported.rows)
+        print(
+            f"kohya settings: {mapped} mapped, {len(imported.rows) - mapped} without effect here",
+            file=sys.stderr,
+        )
+        for row in imported.rows:
+            if row.action == "no effect" and row.detail != "off":
+                print(f"  {row.key}: no effect here: {row.detail}", file=sys.stderr)
     if args.dry_run:
         from lorafuse.train.data import describe, scan_dataset
 

@@ -1,7 +1,8 @@
 """Typed dataclasses <-> TOML, with errors that name the file, the dotted key, what was expected and what came.
 
 Nested dataclasses are TOML tables. Supported field types: bool, int, float, str, Path, Literal[...], X | None,
-unions (`int | float`), list[X], tuple[X, ...], tuple[X, Y], dict[str, X] and nested dataclasses (not Optional).
+unions (`int | float`), list[X], tuple[X, ...], tuple[X, Y], dict[str, X], nested dataclasses (not Optional) and
+arrays of tables (`tuple[SomeDataclass, ...]`, TOML's `[[table.key]]`).
 TOML has no null: a None value is left out when dumping, so an Optional field must default to None for
 dump -> load to round trip (`dump_config` refuses otherwise instead of silently losing the value).
 
@@ -148,7 +149,10 @@ def _parse_cli_array(text: str) -> Any:
 def _unknown_key_message(source: str, key: str, allowed: list[str]) -> str:
     leaf = key.rsplit(".", 1)[-1]
     # difflib catches typos ("netwrk_dim"); the substring test catches short forms ("dim" -> "network_dim").
-    close = difflib.get_close_matches(leaf, allowed, n=1) or [k for k in allowed if leaf in k][:3]
+    # Of several substring matches the shortest are the likeliest ("dim" -> network_dim, not dim_from_weights).
+    close = difflib.get_close_matches(leaf, allowed, n=1) or sorted(
+        sorted((k for k in allowed if leaf in k), key=len)[:3]
+    )
     hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
     return f"{source}: unknown key '{key}'{hint}; allowed keys here: {', '.join(allowed)}"
 
@@ -173,6 +177,9 @@ def _build(cls: type[T], data: Any, source: str, prefix: str, cli_keys: frozense
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, source, f"{dotted}.", cli_keys)
             continue
+        if table_array_type(tp) is not None:
+            kwargs[name] = _build_array(table_array_type(tp), value, source, dotted, cli_keys)
+            continue
         try:
             # Strings are coerced only where they came from the CLI: a quoted "8" in a file is a type error.
             kwargs[name] = _convert(value, tp, from_cli=dotted in cli_keys)
@@ -182,6 +189,20 @@ def _build(cls: type[T], data: Any, source: str, prefix: str, cli_keys: frozense
         return cls(**kwargs)
     except ConfigError as e:  # __post_init__ validation names the field; add the file and section
         raise ConfigError(f"{source}: {prefix}{e}") from None
+
+
+def table_array_type(tp: Any) -> type | None:
+    """The element class of a `tuple[SomeDataclass, ...]` / `list[SomeDataclass]` field (a TOML array of tables)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (list, tuple) and args and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
+
+
+def _build_array(cls: type, value: Any, source: str, dotted: str, cli_keys: frozenset[str]) -> tuple:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{source}: {dotted}: expected an array of tables ([[{dotted}]]), got {value!r}")
+    return tuple(_build(cls, item, source, f"{dotted}[{i}].", cli_keys) for i, item in enumerate(value))
 
 
 def _merge_overrides(cls: type, data: dict[str, Any], overrides: Mapping[str, Any]) -> None:
@@ -225,6 +246,13 @@ def load_config(
             raise ConfigError(f"{source}: config file not found") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    return build_config(cls, data, source, overrides)
+
+
+def build_config(
+    cls: type[T], data: dict[str, Any], source: str, overrides: Mapping[str, Any] | None = None
+) -> T:
+    """`cls` from TOML-like `data` (changed in place by the overrides), errors naming `source`."""
     if overrides:
         _merge_overrides(cls, data, overrides)
         source += " with overrides " + ", ".join(overrides)

@@ -198,6 +198,9 @@ def training_plot(log: Path, folder: Path, run_dir: Path) -> Path | None:
     axs[0][0].plot(steps, [r["loss"] for r in rows], lw=0.8, alpha=0.5, label="loss")
     if any("loss_avg" in r for r in rows):
         axs[0][0].plot(steps, [r.get("loss_avg", float("nan")) for r in rows], lw=1.5, label="epoch mean")
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if val:  # lorafuse train's held-out loss at fixed noise and timesteps
+        axs[0][0].plot(*zip(*val, strict=True), "o-", lw=1.5, ms=3, label="validation loss")
     axs[0][0].set_xlabel("step")
     axs[0][0].set_title("training loss", fontsize=9)
     axs[0][0].legend(fontsize=7)

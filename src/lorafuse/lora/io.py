@@ -113,6 +113,11 @@ def load_lora(
     return diffusers.read(tensors, metadata, source)
 
 
+def kohya_layout(arch: str, base: object | None) -> UnetLayout | None:
+    """The UNet layout kohya names are written against (the base's own when given)."""
+    return _layout(arch, base)
+
+
 def _layout(arch: str, base: object | None) -> UnetLayout | None:
     if base is not None:
         from lorafuse.lora.targets import base_modules
@@ -133,6 +138,7 @@ def save_lora(
     training: Mapping[str, object] | None = None,
     base: object | None = None,
     uniform_alpha: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write `state` atomically as .safetensors and return the path.
 
@@ -143,6 +149,8 @@ def save_lora(
     real architecture's (the SGM block numbers depend on it). uniform_alpha (kohya only): when modules have
     different alphas, store one alpha and fold the ratios into `lora_up` (same ΔW), because diffusers loads
     per-module kohya alphas wrongly (see formats/kohya.py `with_uniform_alpha`); False keeps factors bit-exact.
+    dtype: of every stored tensor (kohya's save_precision): float16 / bfloat16 halve the file; alphas too, as
+    kohya stores them (alphas are small integers or simple fractions, exact in either).
     """
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
@@ -168,7 +176,22 @@ def save_lora(
         tensors, format_meta = diffusers.write(state)
         meta.update(format_meta)
     meta.update({str(k): to_str(v) for k, v in (metadata or {}).items()})
+    if dtype != torch.float32:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     _save_file(tensors, path, meta)
+    return path
+
+
+def save_tensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str], dtype: torch.dtype
+) -> Path:
+    """Write tensors already in a file layout (e.g. LyCORIS's own state_dict) atomically, floats as `dtype`."""
+    path = Path(path)
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise LoraFormatError(f"{path}: {key} has non-finite values; not saving it")
+    out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    _save_file(out, path, dict(metadata))
     return path
 
 

@@ -122,6 +122,41 @@ def _no_safety_checker(model_index: Path) -> dict:
     return {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".pth")
+
+
+def _is_lfs_pointer(path: Path) -> bool:
+    # a clone without git-lfs leaves a ~130-byte text file where the weights should be
+    with open(path, "rb") as fh:
+        return fh.read(40).startswith(b"version https://git-lfs")
+
+
+def check_weights_present(folder: Path) -> None:
+    """One clear error when a pipeline folder's models (unet, vae, text encoders, ...) have configs but no
+    weight files, e.g. a repo cloned without git-lfs or a copy of only the JSON files; diffusers would raise a
+    raw OSError deep inside from_pretrained instead."""
+    import json
+
+    index = json.loads((folder / "model_index.json").read_text())
+    missing = []
+    for name, spec in sorted(index.items()):
+        sub = folder / name
+        # model components hold a config.json; tokenizers, schedulers and feature extractors have no weights
+        if name.startswith("_") or not isinstance(spec, list) or not (sub / "config.json").is_file():
+            continue
+        files = [p for p in sub.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
+        if not files:
+            missing.append(name)
+        elif all(_is_lfs_pointer(p) for p in files):
+            missing.append(f"{name} (only git-lfs pointer files)")
+    if missing:
+        raise UserInputError(
+            f"{folder}: the pipeline folder has configs but no weights for {', '.join(missing)} (no "
+            f"{'/'.join(WEIGHT_SUFFIXES)} files). Copy or download the weight files too (for a git clone: "
+            "git lfs pull), or give a .safetensors checkpoint instead"
+        )
+
+
 def _from_path(name_or_path: str):
     from diffusers import DiffusionPipeline
 
@@ -133,6 +168,7 @@ def _from_path(name_or_path: str):
                 f"{path}: not a diffusers pipeline folder (no model_index.json; it holds {found}). Give a diffusers "
                 f"folder, a .safetensors checkpoint file, or one of {', '.join(BUILTIN_BASES)}"
             )
+        check_weights_present(path)
         return DiffusionPipeline.from_pretrained(path, **_no_safety_checker(path / "model_index.json"))
     if path.is_file():
         if path.suffix.lower() != ".safetensors":

@@ -1,10 +1,10 @@
 """Aspect-ratio bucketing with the semantics of kohya sd-scripts' `BucketManager`.
 
 Buckets are (width, height) pairs, multiples of `steps`, with each side in [min_reso, max_reso] and
-area <= resolution². An image goes to the bucket whose aspect ratio is closest to its own, is resized to
+area <= resolution² (or width x height for a (width, height) resolution, kohya's "512,768"). An image goes to the bucket whose aspect ratio is closest to its own, is resized to
 cover the bucket (one side equal, the other larger), then cropped. With `no_upscale`, images smaller than
 resolution² keep their size (rounded down to `steps`) and larger ones shrink to area resolution².
-Without bucketing every image is covered-and-cropped to (resolution, resolution).
+Without bucketing every image is covered-and-cropped to (resolution, resolution), or to (width, height).
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ Size = tuple[int, int]  # (width, height), PIL's order
 
 
 def make_bucket_resolutions(
-    resolution: int, min_size: int = 256, max_size: int = 1024, steps: int = 64
+    resolution: int | Size, min_size: int = 256, max_size: int = 1024, steps: int = 64
 ) -> list[Size]:
-    """kohya's `make_bucket_resolutions`: the square bucket plus, for each width, the tallest height that fits."""
-    max_area = resolution * resolution
+    """kohya's `make_bucket_resolutions`: the square bucket plus, for each width, the tallest height that fits
+    in the area of `resolution` (an int r is r x r; a (width, height) gives width * height)."""
+    width, height = _wh(resolution)
+    max_area = width * height
     side = int(math.sqrt(max_area) // steps) * steps
     resos = {(side, side)}
     for width in range(min_size, max_size + 1, steps):
@@ -33,6 +35,10 @@ def make_bucket_resolutions(
     return sorted(resos)
 
 
+def _wh(resolution: int | Size) -> Size:
+    return (resolution, resolution) if isinstance(resolution, int) else (resolution[0], resolution[1])
+
+
 @dataclass(frozen=True)
 class BucketAssignment:
     bucket: Size  # the training crop
@@ -41,7 +47,7 @@ class BucketAssignment:
 
 @dataclass(frozen=True)
 class BucketSpec:
-    resolution: int
+    resolution: int | Size  # r (r x r) or (width, height)
     enable: bool = False
     min_reso: int = 256
     max_reso: int = 1024
@@ -52,7 +58,8 @@ class BucketSpec:
 class BucketManager:
     def __init__(self, spec: BucketSpec):
         self.spec = spec
-        self.max_area = spec.resolution * spec.resolution
+        self.size = _wh(spec.resolution)
+        self.max_area = self.size[0] * self.size[1]
         self.resos: list[Size] = []
         if spec.enable and not spec.no_upscale:
             self.resos = make_bucket_resolutions(spec.resolution, spec.min_reso, spec.max_reso, spec.steps)
@@ -62,8 +69,7 @@ class BucketManager:
         """Bucket and resize target of an image of `size`; ValueError if it cannot fill even one step."""
         width, height = size
         if not self.spec.enable:
-            res = self.spec.resolution
-            return BucketAssignment((res, res), _cover((width, height), (res, res)))
+            return BucketAssignment(self.size, _cover((width, height), self.size))
         if self.spec.no_upscale:
             return self._assign_no_upscale(width, height)
         ratio = width / height

@@ -171,25 +171,30 @@ class LatentCache:
         """Reuse valid entries, encode the missing and stale ones (batched per bucket); returns the counts."""
         if self.vae is None:
             raise RuntimeError("LatentCache.prepare after release_vae(): make a new cache with the VAE")
-        flips = (False, True) if index.config.flip_aug else (False,)
-        names = [_FLIP_NAMES[f] for f in flips]
         stats, todo = CacheStats(), []
         for idx, item in enumerate(index.items):
             if item.repeats == 0:
                 continue  # a reg image the balancing left out is never asked for
+            names = [_FLIP_NAMES[f] for f in self._flips(index, item)]
             if self.store.valid(idx, item, self.item_key(item), names):
                 stats.reused += 1
             else:
                 todo.append(idx)
-        groups: dict[tuple[int, int], list[int]] = {}
+        groups: dict[tuple, list[int]] = {}
         for i in todo:  # one bucket per batch: images of a bucket share a shape
-            groups.setdefault(index.items[i].assignment.bucket, []).append(i)
-        for ids in groups.values():
+            item = index.items[i]
+            groups.setdefault((item.assignment.bucket, self._flips(index, item)), []).append(i)
+        for (_, flips), ids in groups.items():
             for start in range(0, len(ids), self.batch_size):
                 self._encode(index, ids[start : start + self.batch_size], flips)
         stats.computed = len(todo)
         log.info("latent cache: %d encoded, %d reused", stats.computed, stats.reused)
         return stats
+
+    @staticmethod
+    def _flips(index: DatasetIndex, item: ImageItem) -> tuple[bool, ...]:
+        # flip_aug may differ per subset (kohya's dataset_config)
+        return (False, True) if index.augments[item.subset].flip_aug else (False,)
 
     def _encode(self, index: DatasetIndex, chunk: list[int], flips: Sequence[bool]) -> None:
         per_item: dict[int, dict[str, torch.Tensor]] = {i: {} for i in chunk}
@@ -213,14 +218,22 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 @torch.no_grad()
 def encode_text(
-    tokenizers: Sequence, text_encoders: Sequence[nn.Module], captions: list[str], clip_skip: int = 1
+    tokenizers: Sequence,
+    text_encoders: Sequence[nn.Module],
+    captions: list[str],
+    clip_skip: int = 1,
+    max_token_length: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """`text_embeddings` without autograd: for caches and frozen text encoders."""
-    return text_embeddings(tokenizers, text_encoders, captions, clip_skip)
+    return text_embeddings(tokenizers, text_encoders, captions, clip_skip, max_token_length)
 
 
 def text_embeddings(
-    tokenizers: Sequence, text_encoders: Sequence[nn.Module], captions: list[str], clip_skip: int = 1
+    tokenizers: Sequence,
+    text_encoders: Sequence[nn.Module],
+    captions: list[str],
+    clip_skip: int = 1,
+    max_token_length: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Prompt embeddings as the UNet gets them, for SD1.5 (one encoder) or SDXL (two); differentiable, so a
     trained text-encoder LoRA and the cache share one definition.
@@ -229,27 +242,37 @@ def text_embeddings(
     do -> {"encoder_hidden_states": (B, 77, D)}. SDXL: both encoders' penultimate hidden states concatenated,
     plus text_encoder_2's projected pooled output -> also {"pooled_prompt_embeds": (B, D2)}; SDXL fixes the
     layer, so clip_skip is ignored there (as kohya's sdxl_train_network).
+    max_token_length 150 / 225: kohya's 75-token windows (models/long_prompts.py) -> (B, 2 + 75 n, D); SDXL's
+    pooled embedding is the first window's.
     """
+    from lorafuse.models.long_prompts import chunked_input_ids, merge_windows
+
     hidden, out = [], {}
+    batch = len(captions)
     for tok, te in zip(tokenizers, text_encoders, strict=True):
-        ids = tok(
-            captions,
-            padding="max_length",
-            max_length=tok.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        if max_token_length is not None and max_token_length > tok.model_max_length - 2:
+            ids = chunked_input_ids(tok, captions, max_token_length).flatten(0, 1)  # (B * n, 77)
+        else:
+            ids = tok(
+                captions,
+                padding="max_length",
+                max_length=tok.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+        windows = ids.shape[0] // batch
         res = te(ids.to(next(te.parameters()).device), output_hidden_states=True)
         if len(text_encoders) == 2:
-            hidden.append(res.hidden_states[-2])
+            states = res.hidden_states[-2]
             if hasattr(res, "text_embeds"):
-                out["pooled_prompt_embeds"] = res.text_embeds.float()
+                out["pooled_prompt_embeds"] = res.text_embeds[::windows].float()  # the first window's
         elif clip_skip == 1:
-            hidden.append(res.last_hidden_state)
+            states = res.last_hidden_state
         else:
             # transformers 5 put final_layer_norm on CLIPTextModel itself; 4.x has it under text_model.
             norm = te.final_layer_norm if hasattr(te, "final_layer_norm") else te.text_model.final_layer_norm
-            hidden.append(norm(res.hidden_states[-clip_skip]))
+            states = norm(res.hidden_states[-clip_skip])
+        hidden.append(merge_windows(states, batch, tok.model_max_length) if windows > 1 else states)
     out["encoder_hidden_states"] = torch.cat(hidden, dim=-1).float()
     return out
 
@@ -269,13 +292,16 @@ class TextEncoderCache:
         to_disk: bool = False,
         cache_dir: Path | None = None,
         batch_size: int = 8,
+        max_token_length: int | None = None,
     ):
         self.tokenizers, self.text_encoders = list(tokenizers), list(text_encoders)
         self.clip_skip, self.batch_size = clip_skip, batch_size
+        self.max_token_length = max_token_length
         self.fingerprint = _key(
             kind="text",
             te=module_fingerprint(*self.text_encoders),
             clip_skip=clip_skip,
+            **({"max_token_length": max_token_length} if max_token_length else {}),
             tok=[_tokenizer_fingerprint(t) for t in self.tokenizers],
         )
         self.store = _Store("te", to_disk, cache_dir)
@@ -300,7 +326,9 @@ class TextEncoderCache:
         captions = list(todo)
         for start in range(0, len(captions), self.batch_size):
             chunk = captions[start : start + self.batch_size]
-            encoded = encode_text(self.tokenizers, self.text_encoders, chunk, self.clip_skip)
+            encoded = encode_text(
+                self.tokenizers, self.text_encoders, chunk, self.clip_skip, self.max_token_length
+            )
             for j, caption in enumerate(chunk):
                 for idx in todo[caption]:
                     self.store.put(idx, {name: t[j] for name, t in encoded.items()})

@@ -22,6 +22,7 @@ from lorafuse.config.checks import check_rates as _rates
 from lorafuse.config.toml_io import load_config
 from lorafuse.lora.presets import PRESET_NAMES
 from lorafuse.train.config_optim import LossConfig, OptimizerConfig, SchedulerConfig
+from lorafuse.train.config_subsets import SubsetConfig
 
 # Preset names `lora.presets.resolve_layers` knows; anything else in `layers` must be a list of regexes.
 LAYER_PRESETS = PRESET_NAMES
@@ -49,14 +50,15 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    # folder of '<repeats>_<trigger> <class>' subfolders with images and captions (kohya layout)
-    train_data_dir: Path
+    # folder of '<repeats>_<trigger> <class>' subfolders with images and captions (kohya layout); or use subsets
+    train_data_dir: Path | None = None
     # regularisation images, same layout; balanced against the training images as kohya does
     reg_data_dir: Path | None = None
-    # training side length in pixels (a multiple of 8); the bucket area with enable_bucket
-    resolution: int = 512
+    # training size in pixels: 512, or [width, height] (kohya's "512,768"); each side a multiple of 8. With
+    # enable_bucket, width x height is the largest bucket area
+    resolution: int | tuple[int, int] = 512
     # caption file beside each image: 001.png -> 001.txt
-    caption_extension: Literal[".txt", ".caption"] = ".txt"
+    caption_extension: str = ".txt"
     # shuffle the comma-separated tags every epoch (after the first keep_tokens)
     shuffle_caption: bool = False
     # leading tags kept in place by shuffle_caption and tag dropout
@@ -96,16 +98,43 @@ class DatasetConfig:
     on_bad_image: Literal["fail", "skip"] = "fail"
     # loss weight of regularisation images
     prior_loss_weight: float = 1.0
+    # image folders with their own repeats and settings ([[dataset.subsets]], kohya's dataset_config subsets)
+    subsets: tuple[SubsetConfig, ...] = ()
+    # captions up to 150 or 225 tokens, encoded in 75-token chunks as kohya; None = CLIP's 75
+    max_token_length: int | None = None
+    # fraction of the training images held out for the validation loss (kohya's validation_split)
+    validation_split: float = 0.0
+    # seed of the held-out split; None: the training seed
+    validation_seed: int | None = None
 
     def __post_init__(self) -> None:
         as_paths(self, "train_data_dir", "reg_data_dir", "cache_dir")
-        if self.resolution <= 0 or self.resolution % 8:
+        if self.train_data_dir is None and not self.subsets:
+            raise _bad(
+                "train_data_dir", "is not set, and there are no [[dataset.subsets]]: where are the images?"
+            )
+        if self.train_data_dir is not None and self.subsets:
+            raise _bad("subsets", "and train_data_dir are both set; describe the images one way or the other")
+        if self.reg_data_dir is not None and self.subsets:
+            raise _bad("reg_data_dir", "cannot be used with subsets; add a subset with is_reg = true instead")
+        if self.max_token_length not in (None, 75, 150, 225):
+            raise _bad(
+                "max_token_length", f"must be 75, 150 or 225 (kohya's choices), got {self.max_token_length}"
+            )
+        if not 0.0 <= self.validation_split < 1.0:
+            raise _bad("validation_split", f"must be in [0, 1), got {self.validation_split}")
+        if any(side <= 0 or side % 8 for side in self.size):
             raise _bad(
                 "resolution",
                 f"must be a positive multiple of 8 (the VAE works in 8x8 cells), got {self.resolution}",
             )
         if self.keep_tokens < 0:
             raise _bad("keep_tokens", f"must be >= 0, got {self.keep_tokens}")
+        if not self.caption_extension.startswith(".") or len(self.caption_extension) < 2:
+            raise _bad(
+                "caption_extension",
+                f"must be a file extension such as '.txt', got {self.caption_extension!r}",
+            )
         _rates(self, "caption_dropout_rate", "caption_tag_dropout_rate")
         if self.prior_loss_weight < 0:
             raise _bad("prior_loss_weight", f"must be >= 0, got {self.prior_loss_weight}")
@@ -119,7 +148,7 @@ class DatasetConfig:
                         key,
                         f"must be a positive multiple of bucket_reso_steps ({step}), got {getattr(self, key)}",
                     )
-            if not self.min_bucket_reso <= self.resolution <= self.max_bucket_reso:
+            if not self.min_bucket_reso <= min(self.size) <= max(self.size) <= self.max_bucket_reso:
                 lo, hi = self.min_bucket_reso, self.max_bucket_reso
                 raise _bad(
                     "resolution",
@@ -131,13 +160,29 @@ class DatasetConfig:
             raise _bad(
                 "cache_text_encoder_outputs_to_disk", "needs cache_text_encoder_outputs = true as well"
             )
-        if self.cache_latents and self.random_crop:
+        if self.cache_latents and (self.random_crop or any(sub.random_crop for sub in self.subsets)):
             # A cached latent is one fixed crop: a per-epoch random crop would silently become a constant one.
             raise _bad("random_crop", "cannot be used with cache_latents (the cache stores one center crop)")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of `resolution`."""
+        r = self.resolution
+        return (r, r) if isinstance(r, int) else (r[0], r[1])
 
 
 @dataclass(frozen=True)
 class NetworkConfig:
+    # networks.lora (kohya's LoRA / LoCon) or lycoris.kohya (LyCORIS: algo = locon, loha, lokr)
+    network_module: Literal["networks.lora", "lycoris.kohya"] = "networks.lora"
+    # LyCORIS algorithm (network_module = lycoris.kohya only)
+    algo: Literal["locon", "loha", "lokr"] = "locon"
+    # LoKr's Kronecker factor (-1: as balanced as the shape allows)
+    factor: int = -1
+    # start from this LoRA file's weights (same layers and ranks, or set dim_from_weights)
+    network_weights: Path | None = None
+    # take ranks and alphas from network_weights instead of network_dim / network_alpha
+    dim_from_weights: bool = False
     # LoRA rank r of Linear and 1x1 conv layers
     network_dim: int = 4
     # LoRA alpha: the update is scaled by alpha / r
@@ -154,13 +199,33 @@ class NetworkConfig:
     block_dims: tuple[int, ...] | None = None
     # per-block alphas, same order and length as block_dims
     block_alphas: tuple[float, ...] | None = None
+    # LR weight per input block IN00.. (a list), or a kohya preset: sine, cosine, linear, reverse_linear, zeros
+    down_lr_weight: str | tuple[float, ...] | None = None
+    mid_lr_weight: float | None = None  # LR weight of the MID block
+    # LR weight per output block OUT00.. (a list), or a preset name as down_lr_weight
+    up_lr_weight: str | tuple[float, ...] | None = None
+    # blocks whose LR weight is <= this get no LoRA (kohya's block_lr_zero_threshold)
+    block_lr_zero_threshold: float = 0.0
     # no text-encoder LoRA
     network_train_unet_only: bool = False
     # no UNet LoRA
     network_train_text_encoder_only: bool = False
 
     def __post_init__(self) -> None:
+        as_paths(self, "network_weights")
         _positive(self, "network_dim", "network_alpha", "conv_dim", "conv_alpha")
+        if self.network_module == "lycoris.kohya" and (
+            self.layers != "default" or self.block_dims is not None or self.block_alphas is not None
+        ):
+            raise _bad(
+                "network_module",
+                "lycoris.kohya chooses its modules itself (kohya's LoCon set); layers / block_dims / block_alphas "
+                "are for networks.lora",
+            )
+        if self.network_module == "networks.lora" and (self.algo != "locon" or self.factor != -1):
+            raise _bad("algo", "and factor are LyCORIS settings: set network_module = 'lycoris.kohya'")
+        if self.dim_from_weights and self.network_weights is None:
+            raise _bad("dim_from_weights", "needs network_weights (the file to take ranks and alphas from)")
         _rates(self, "network_dropout")
         if self.conv_alpha is not None and self.conv_dim is None:
             raise _bad("conv_alpha", "is set but conv_dim is not")
@@ -225,6 +290,18 @@ class TrainingConfig:
     save_every_n_steps: int | None = None
     # with every save, also write a resumable state folder (NAME-...-state)
     save_state: bool = False
+    # dtype of the saved LoRA files: float (float32), fp16, bf16 (half the size). States stay float32 so that a
+    # resume is exact.
+    save_precision: Literal["float", "fp16", "bf16"] = "float"
+    # file format of LoRA files; only safetensors (kohya's ckpt / pt are pickles, refused with the reason)
+    save_model_as: str = "safetensors"
+    # keep only the newest N LoRA files saved by save_every_n_epochs (older ones are deleted)
+    save_last_n_epochs: int | None = None
+    # keep only the step saves of the last N steps (older save_every_n_steps files are deleted)
+    save_last_n_steps: int | None = None
+    # the same for state folders (None: keep every state)
+    save_last_n_epochs_state: int | None = None
+    save_last_n_steps_state: int | None = None  # as save_last_n_steps, for state folders
     resume: Path | None = None  # a state folder written with save_state
     # render sample_prompts every N epochs into samples/NAME-eNNNNNN.png
     sample_every_n_epochs: int | None = None
@@ -232,6 +309,9 @@ class TrainingConfig:
     sample_prompts: tuple[str, ...] = ()
     # denoising steps per sample
     sample_steps: int = 20
+    # compute the validation loss every N optimizer steps and at the end (needs validation_split; unset: at the
+    # end only); fixed noise and timesteps
+    validate_every_n_steps: int | None = None
     # csv: loss and LR per step in logs/NAME.csv and a PNG plot; jsonl: also a .jsonl; tensorboard: also tensorboard; none
     logging: Literal["csv", "jsonl", "tensorboard", "none"] = "csv"
 
@@ -241,10 +321,26 @@ class TrainingConfig:
             self, "max_train_epochs", "max_train_steps", "train_batch_size", "gradient_accumulation_steps"
         )
         _positive(self, "save_every_n_epochs", "save_every_n_steps", "sample_every_n_epochs", "sample_steps")
+        _positive(self, "validate_every_n_steps")
         if self.seed < 0:
             raise _bad("seed", f"must be >= 0 (it seeds numpy's SeedSequence), got {self.seed}")
         if not self.output_name or "/" in self.output_name:
             raise _bad("output_name", f"must be a file name without '/', got {self.output_name!r}")
+        _positive(
+            self,
+            "save_last_n_epochs",
+            "save_last_n_steps",
+            "save_last_n_epochs_state",
+            "save_last_n_steps_state",
+        )
+        if self.save_model_as in ("ckpt", "pt"):
+            raise _bad(
+                "save_model_as",
+                f"{self.save_model_as!r} is a Python pickle, which can run arbitrary code when loaded; lorafuse "
+                "writes 'safetensors' only, which kohya, A1111, ComfyUI and diffusers all load",
+            )
+        if self.save_model_as != "safetensors":
+            raise _bad("save_model_as", f"must be 'safetensors', got {self.save_model_as!r}")
         if self.sample_every_n_epochs is not None and not self.sample_prompts:
             raise _bad("sample_every_n_epochs", "is set but sample_prompts is empty")
 
@@ -274,6 +370,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         ds = self.dataset
+        if self.training.validate_every_n_steps and not ds.validation_split:
+            raise _bad(
+                "training.validate_every_n_steps", "needs dataset.validation_split > 0 (the held-out images)"
+            )
         if ds.cache_text_encoder_outputs:
             # Cached outputs stay valid only while the text encoder and every caption stay fixed.
             if not self.network.network_train_unet_only:
@@ -284,7 +384,7 @@ class TrainConfig:
             changing = [
                 k
                 for k in ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate")
-                if getattr(ds, k)
+                if getattr(ds, k) or any(getattr(sub, k) for sub in ds.subsets)
             ]
             if changing:
                 names = ", ".join(f"dataset.{k}" for k in changing)

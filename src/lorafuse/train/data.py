@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from lorafuse.errors import UserInputError
 from lorafuse.train import captions as cap
@@ -67,6 +67,25 @@ class ImageItem:
     assignment: BucketAssignment
     repeats: int  # for reg images: after balancing against the train images, as kohya (0 = unused)
     is_reg: bool
+    subset: int = 0  # index into DatasetIndex.augments: the caption and image settings of its subset
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Per-subset caption and image settings (one for the whole dataset in the folder layout)."""
+
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    caption_dropout_rate: float = 0.0
+    caption_tag_dropout_rate: float = 0.0
+    flip_aug: bool = False
+    random_crop: bool = False
+
+    @classmethod
+    def of(cls, settings: object) -> Augment:
+        """From a DatasetConfig, or a dict of a subset's resolved settings."""
+        get = settings.get if isinstance(settings, dict) else lambda k: getattr(settings, k)
+        return cls(**{k: get(k) for k in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -75,9 +94,12 @@ class DatasetIndex:
     items: list[ImageItem]
     samples: list[int] = field(init=False)  # item index of each sample of one epoch, repeats expanded
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    augments: list[Augment] = field(default_factory=list)  # per subset; empty: the dataset's settings
 
     def __post_init__(self) -> None:
         self.samples = [i for i, item in enumerate(self.items) for _ in range(item.repeats)]
+        if not self.augments:
+            self.augments = [Augment.of(self.config)]
 
     @property
     def num_train_samples(self) -> int:
@@ -118,10 +140,17 @@ def describe(index: DatasetIndex, training: TrainingConfig) -> str:
     return "\n".join("  " + line for line in lines)
 
 
+def upright(img: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: cameras store portrait photos sideways plus an EXIF Orientation tag,
+    which viewers apply and a plain decode does not. Applied before bucketing, so sizes and buckets are upright."""
+    return ImageOps.exif_transpose(img) or img
+
+
 def load_rgb(path: Path) -> Image.Image:
-    """Decode fully (a truncated file fails here, not hours into training) and flatten alpha onto white."""
+    """Decode fully (a truncated file fails here, not hours into training), turn upright, flatten alpha onto white."""
     with Image.open(path) as img:
         img.load()
+        img = upright(img)
         if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
             rgba = img.convert("RGBA")
             # Plain convert("RGB") keeps whatever colour hides under transparent pixels, often black.
@@ -156,7 +185,27 @@ def _scan_folder(
     folder: Path, cfg: DatasetConfig, buckets: BucketManager, is_reg: bool, skipped: list[tuple[Path, str]]
 ) -> list[ImageItem]:
     repeats, tokens = parse_subset_folder(folder)
-    fallback = cfg.class_tokens or tokens
+    source = ImageSource(folder, repeats, cfg.class_tokens or tokens, cfg.caption_extension, is_reg)
+    return scan_images(source, cfg, buckets, skipped)
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """One folder of images and how its items are made: a '<repeats>_<tokens>' folder or a dataset subset."""
+
+    folder: Path
+    repeats: int
+    fallback: str | None  # caption of images without a caption file
+    caption_extension: str
+    is_reg: bool
+    subset: int = 0
+
+
+def scan_images(
+    source: ImageSource, cfg: DatasetConfig, buckets: BucketManager, skipped: list[tuple[Path, str]]
+) -> list[ImageItem]:
+    """The usable images of one folder with their captions and buckets."""
+    folder, repeats, fallback, is_reg = source.folder, source.repeats, source.fallback, source.is_reg
     images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not images:
         log.warning("%s: no images (%s)", folder, ", ".join(IMAGE_EXTENSIONS))
@@ -173,29 +222,34 @@ def _scan_folder(
             log.warning("%s: skipped, cannot use this image (%s)", path, e)
             skipped.append((path, str(e)))
             continue
-        text = cap.read_caption(path, cfg.caption_extension)
+        text = cap.read_caption(path, source.caption_extension)
         if text is None:
+            if fallback is None:
+                raise UserInputError(
+                    f"{path}: no {source.caption_extension} caption file, and its subset sets no class_tokens "
+                    "to use instead; add captions or set class_tokens"
+                )
             uncaptioned.append(path)
             text = fallback
         if not is_reg:  # regularisation images teach the class prior: no trigger word
             text = cap.inject_trigger(text, cfg.trigger)
-        items.append(ImageItem(path, text, size, assignment, repeats, is_reg))
+        items.append(ImageItem(path, text, size, assignment, repeats, is_reg, source.subset))
     if uncaptioned:
-        other = cap.other_caption_file(uncaptioned[0], cfg.caption_extension)
+        other = cap.other_caption_file(uncaptioned[0], source.caption_extension)
         hint = f" ({other.name} exists: is caption_extension right?)" if other else ""
         log.warning(
             "%s: %d of %d images have no %s caption, using '%s'%s",
             folder,
             len(uncaptioned),
             len(images),
-            cfg.caption_extension,
+            source.caption_extension,
             fallback,
             hint,
         )
     return items
 
 
-def _balance_reg(reg: list[ImageItem], num_train: int) -> list[ImageItem]:
+def balance_reg(reg: list[ImageItem], num_train: int) -> list[ImageItem]:
     """kohya's rule: use reg images (with their repeats) until they match the train samples, adding one repeat
     per image in turn when there are too few; images not reached get 0 repeats."""
     repeats = [0] * len(reg)
@@ -209,13 +263,17 @@ def _balance_reg(reg: list[ImageItem], num_train: int) -> list[ImageItem]:
                 break
         first = False
     return [
-        ImageItem(it.path, it.caption, it.size, it.assignment, r, True)
+        ImageItem(it.path, it.caption, it.size, it.assignment, r, True, it.subset)
         for it, r in zip(reg, repeats, strict=True)
     ]
 
 
 def scan_dataset(cfg: DatasetConfig) -> DatasetIndex:
-    """Every usable image of train_data_dir (and reg_data_dir), with its caption and bucket."""
+    """Every usable image of train_data_dir (and reg_data_dir) or of the subsets, with its caption and bucket."""
+    if cfg.subsets:
+        from lorafuse.train.data_subsets import scan_subsets
+
+        return scan_subsets(cfg)
     spec = BucketSpec(
         cfg.resolution,
         cfg.enable_bucket,
@@ -243,7 +301,7 @@ def scan_dataset(cfg: DatasetConfig) -> DatasetIndex:
         ]
         if not reg:
             raise UserInputError(f"{cfg.reg_data_dir}: reg_data_dir is set but holds no usable images")
-        reg = _balance_reg(reg, sum(it.repeats for it in train))
+        reg = balance_reg(reg, sum(it.repeats for it in train))
     return DatasetIndex(cfg, train + reg, skipped)
 
 
@@ -320,22 +378,23 @@ class TrainDataset(torch.utils.data.Dataset):
         epoch, sid = key
         item_idx = self.index.samples[sid]
         item, cfg = self.index.items[item_idx], self.cfg
-        flip = cfg.flip_aug and bool(_rng(self.seed, epoch, sid, _FLIP).random() < 0.5)
+        aug = self.index.augments[item.subset]
+        flip = aug.flip_aug and bool(_rng(self.seed, epoch, sid, _FLIP).random() < 0.5)
         out: dict[str, Any] = {"path": str(item.path), "sample": sid, "is_reg": item.is_reg}
         if self.latent_cache is not None:
             out["latents"] = self.latent_cache.get(item_idx, flip)
             offset = crop_offset(item.assignment.resized, item.assignment.bucket, None)
         else:
-            crop_rng = _rng(self.seed, epoch, sid, _CROP) if cfg.random_crop else None
+            crop_rng = _rng(self.seed, epoch, sid, _CROP) if aug.random_crop else None
             out["pixel_values"], offset = image_tensor(item, flip, crop_rng)
         caption_rng = _rng(self.seed, epoch, sid, _CAPTION)
         out["caption"] = cap.process_caption(
             item.caption,
             caption_rng,
-            shuffle=cfg.shuffle_caption,
-            keep_tokens=cfg.keep_tokens,
-            tag_dropout_rate=cfg.caption_tag_dropout_rate,
-            dropout_rate=cfg.caption_dropout_rate,
+            shuffle=aug.shuffle_caption,
+            keep_tokens=aug.keep_tokens,
+            tag_dropout_rate=aug.caption_tag_dropout_rate,
+            dropout_rate=aug.caption_dropout_rate,
         )
         if self.text_cache is not None:
             out["text"] = self.text_cache.get(item_idx)

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 from lorafuse.config.toml_io import config_to_dict, save_config
-from lorafuse.lora.io import save_lora
 from lorafuse.lora.presets import detect_arch
 from lorafuse.models.load import load_base_pipeline
 from lorafuse.train.cache import LatentCache, TextEncoderCache, encode_latents, text_embeddings
@@ -52,8 +51,10 @@ from lorafuse.train.run_setup import (
     training_metadata,
 )
 from lorafuse.train.sampling_during_training import sample_grid
+from lorafuse.train.saving import SaveRotation, check_implemented, save_dtype
 from lorafuse.train.stop import StopRequest
 from lorafuse.train.timesteps import noise_like, sample_timesteps
+from lorafuse.train.validation import Validator, split_validation
 from lorafuse.utils.memory import release_memory
 
 
@@ -70,6 +71,7 @@ class TrainResult:
     global_step: int = 0  # optimizer steps done at the end (including those before a resume)
     total_steps: int = 0
     batches_per_epoch: int = 0  # micro-batches per epoch on this process
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     losses: list[float] = field(
         default_factory=list
     )  # per optimizer step (with a log: from step 1 on resume)
@@ -96,7 +98,10 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
     tc, ds, loss_cfg = cfg.training, cfg.dataset, cfg.loss
 
     # 1. Check inputs before any compute or any write
+    check_implemented(cfg)
     index = scan_dataset(ds)
+    val_seed = ds.validation_seed if ds.validation_seed is not None else tc.seed
+    index, val_index = split_validation(index, ds.validation_split, val_seed)
     check_optimizer(cfg.optimizer.optimizer_type)
     saved = read_train_state(tc.resume) if tc.resume is not None else None
     if saved is not None:
@@ -146,6 +151,17 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
                 te.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     # 4. Caches (latents: posterior mean, cached or not, so caching changes speed, never results)
+    validator = None
+    if val_index is not None:  # held-out latents (and frozen text outputs) now, before the encoders may go
+        validator = Validator(
+            val_index, tc.train_batch_size, val_seed, loss_cfg.min_timestep, loss_cfg.max_timestep
+        )
+        frozen_text = (
+            None
+            if train_te
+            else (lambda c: text_embeddings(tokenizers, text_encoders, c, clip_skip, ds.max_token_length))
+        )
+        validator.prepare(lambda px: encode_latents(vae, px), frozen_text)
     latent_cache = text_cache = None
     if ds.cache_latents:
         latent_cache = LatentCache(vae, to_disk=ds.cache_latents_to_disk, cache_dir=ds.cache_dir)
@@ -157,6 +173,7 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
             clip_skip,
             to_disk=ds.cache_text_encoder_outputs_to_disk,
             cache_dir=ds.cache_dir,
+            max_token_length=ds.max_token_length,
         )
         text_cache.prepare(index)
     # Frozen encoders the loop will not call again go now rather than at the end, so the training steps reuse
@@ -273,7 +290,8 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
         extra["lorafuse_layers"] = json.dumps(cfg.network.layers)
         if final:
             extra["ss_training_finished_at"] = str(int(time.time()))
-        save_lora(network.to_lora_state(), path, arch=arch, base=pipe, training=metadata, metadata=extra)
+        dtype = save_dtype(tc.save_precision)
+        network.save(path, arch=arch, base=pipe, training=metadata, metadata=extra, dtype=dtype)
         result.saved.append(path)
 
     def save_state(folder: Path, position: Progress) -> None:
@@ -286,6 +304,55 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
         result.states.append(
             save_train_state(folder, lora=lora, progress=position, config=config, log_csv=csv, **kwargs)
         )
+
+    def validation_loss(validator: Validator) -> float:
+        """The held-out loss at fixed noise and timesteps (train/validation.py), LoRA dropout off."""
+
+        def loss_of(batch: dict, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+            device = accelerator.device
+            latents = batch["latents"].to(device) * scaling_factor
+            if "text" in batch:
+                cond = {k: v.to(device) for k, v in batch["text"].items()}
+            else:
+                cond = text_embeddings(
+                    tokenizers, text_encoders, batch["caption"], clip_skip, ds.max_token_length
+                )
+            timesteps, noise = timesteps.to(device), noise.to(device)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_pred else noise
+            added = None
+            if arch == "sdxl":
+                added = sdxl_added_cond(batch, cond["pooled_prompt_embeds"], device, weight_dtype)
+            with accelerator.autocast():
+                pred = model(
+                    noisy.to(weight_dtype),
+                    timesteps,
+                    cond["encoder_hidden_states"].to(weight_dtype),
+                    added_cond_kwargs=added,
+                ).sample
+            return diffusion_loss(
+                pred,
+                target,
+                timesteps,
+                alphas_cumprod,
+                loss_type=loss_cfg.loss_type,
+                huber_c=loss_cfg.resolved_huber_c,
+                huber_schedule=loss_cfg.resolved_huber_schedule,
+                min_snr_gamma=loss_cfg.min_snr_gamma,
+                v_prediction=v_pred,
+            )
+
+        for m in trained:
+            m.eval()
+        try:
+            return validator.evaluate(loss_of)
+        finally:
+            for m in trained:
+                m.train()
+
+    # kohya's save_last_n_*: older periodic saves are deleted as new ones arrive
+    lora_saves = SaveRotation(tc.save_last_n_epochs, tc.save_last_n_steps)
+    state_saves = SaveRotation(tc.save_last_n_epochs_state, tc.save_last_n_steps_state)
 
     # 9. The loop
     bar = None
@@ -321,7 +388,9 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
                         cond = {k: v.to(accelerator.device) for k, v in batch["text"].items()}
                     else:
                         with torch.set_grad_enabled(train_te):
-                            cond = text_embeddings(tokenizers, text_encoders, batch["caption"], clip_skip)
+                            cond = text_embeddings(
+                                tokenizers, text_encoders, batch["caption"], clip_skip, ds.max_token_length
+                            )
                     timesteps = sample_timesteps(
                         latents.shape[0],
                         generator,
@@ -371,6 +440,13 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
             global_step += 1
             position = Progress(epoch, i + 1, global_step)
             lrs = current_lrs()
+            val_loss = None
+            if validator is not None and (
+                (tc.validate_every_n_steps and global_step % tc.validate_every_n_steps == 0)
+                or global_step == total_steps  # unset: once, at the end
+            ):
+                val_loss = validation_loss(validator)
+                result.val_losses.append((global_step, val_loss))
             if run_log is not None:
                 row = {
                     "step": global_step,
@@ -380,6 +456,7 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
                     "lr_unet": lrs.get("unet"),
                     "lr_text_encoder": lrs.get("text_encoder"),
                     "seconds": round(time.time() - started, 3),
+                    "val_loss": val_loss,
                 }
                 run_log.log(row)
                 if tc.logging == "tensorboard":
@@ -397,8 +474,10 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
                 accelerator.wait_for_everyone()
                 if main:
                     save(out / f"{name}-step{global_step:08d}.safetensors", epoch + 1, global_step)
+                    _forget(result.saved, lora_saves.add_step(global_step, result.saved[-1]))
                     if tc.save_state:
                         save_state(out / f"{name}-step{global_step:08d}-state", position)
+                        _forget(result.states, state_saves.add_step(global_step, result.states[-1]))
             if global_step >= total_steps and i + 1 < batches_per_epoch:
                 break  # mid-epoch; at the epoch's last batch the loop ends by itself and the epoch-end work runs
             if stop.requested:
@@ -409,8 +488,10 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
             accelerator.wait_for_everyone()
             if main and tc.save_every_n_epochs and (epoch + 1) % tc.save_every_n_epochs == 0 and not last:
                 save(out / f"{name}-{epoch + 1:06d}.safetensors", epoch + 1, global_step)
+                _forget(result.saved, lora_saves.add_epoch(epoch + 1, result.saved[-1]))
                 if tc.save_state:
                     save_state(out / f"{name}-{epoch + 1:06d}-state", position)
+                    _forget(result.states, state_saves.add_epoch(epoch + 1, result.states[-1]))
             if main and tc.sample_every_n_epochs and (epoch + 1) % tc.sample_every_n_epochs == 0:
                 grid = sample_grid(
                     pipe,
@@ -422,6 +503,7 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
                     clip_skip=cfg.model.diffusers_clip_skip if arch != "sdxl" else None,
                     title=f"{name} epoch {epoch + 1}, step {global_step}",
                     autocast=accelerator.autocast(),
+                    max_token_length=ds.max_token_length,
                 )
                 result.samples.append(grid)
     if bar is not None:
@@ -450,3 +532,8 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
     result.global_step = global_step
     result.seconds = time.time() - started
     return result, run_log
+
+
+def _forget(paths: list[Path], removed: list[Path]) -> None:
+    for path in removed:
+        paths.remove(path)

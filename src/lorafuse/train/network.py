@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ from lorafuse.lora.keys import UnetLayout, canonical_key, unet_to_sgm
 from lorafuse.lora.presets import detect_arch, resolve_layers
 from lorafuse.lora.state import LoraModule, LoraState
 from lorafuse.lora.targets import components_of
+from lorafuse.train.block_lr import block_lr_weights
 from lorafuse.train.config import NetworkConfig
 
 ADAPTER = "lorafuse_train"
@@ -85,10 +86,13 @@ def plan_network(pipe: object, net: NetworkConfig, arch: str | None = None) -> P
                     f"({labels[0]}..{labels[-1]} in kohya's order IN.., MID, OUT..)"
                 )
         layout = UnetLayout.from_config(unet.config)
+        lr_weights = block_lr_weights(net, labels) or {}
         targets: dict[str, tuple[int, float]] = {}
         for path in resolve_layers(unet, layers, arch):
             rank, alpha = net.network_dim, net.network_alpha
             block = block_of(path, layout)
+            if block is not None and lr_weights.get(block, 1.0) <= net.block_lr_zero_threshold:
+                continue  # kohya drops blocks whose LR weight is at or below the threshold
             if block is not None and net.block_dims is not None:
                 rank = net.block_dims[labels.index(block)]
             if block is not None and net.block_alphas is not None:
@@ -144,6 +148,7 @@ class LoraNetwork:
     components: dict[str, nn.Module]
     plan: Plan
     adapter: str = ADAPTER
+    lr_weights: dict[str, float] = field(default_factory=dict)  # UNet module path -> block LR weight (kohya)
 
     def layers(self, component: str):
         from peft.tuners.lora import LoraLayer
@@ -164,12 +169,24 @@ class LoraNetwork:
         return out
 
     def param_groups(self, unet_lr: float, text_encoder_lr: float) -> list[dict]:
+        """One group per component; with block LR weights, one UNet group per distinct weight ("unet" keeps the
+        weight-1 group, so the log's lr_unet stays the base LR)."""
         groups = []
         for comp in sorted(self.plan):
-            params = list(self.named_parameters(comp).values())
-            groups.append(
-                {"params": params, "lr": unet_lr if comp == "unet" else text_encoder_lr, "name": comp}
-            )
+            lr = unet_lr if comp == "unet" else text_encoder_lr
+            if comp != "unet" or not self.lr_weights:
+                groups.append({"params": list(self.named_parameters(comp).values()), "lr": lr, "name": comp})
+                continue
+            by_weight: dict[float, list[nn.Parameter]] = {}
+            for path, layer in self.layers(comp):
+                weight = self.lr_weights.get(path, 1.0)
+                params = [
+                    p for n, p in layer.named_parameters() if f".{self.adapter}." in f".{n}." and "lora_" in n
+                ]
+                by_weight.setdefault(weight, []).extend(params)
+            for weight, params in sorted(by_weight.items(), key=lambda wp: wp[0] != 1.0):
+                name = comp if weight == 1.0 else f"{comp}_x{weight:g}"
+                groups.append({"params": params, "lr": lr * weight, "name": name})
         return groups
 
     def num_modules(self, component: str) -> int:
@@ -197,6 +214,20 @@ class LoraNetwork:
                     )
                 param.copy_(tensors[name])
 
+    def save(self, path, *, arch: str, base: object, training: Mapping, metadata: Mapping, dtype) -> object:
+        """Write the LoRA file (kohya format) at `dtype` (save_precision)."""
+        from lorafuse.lora.io import save_lora
+
+        return save_lora(
+            self.to_lora_state(),
+            path,
+            arch=arch,
+            base=base,
+            training=training,
+            metadata=metadata,
+            dtype=dtype,
+        )
+
     def to_lora_state(self, metadata: Mapping[str, str] | None = None) -> LoraState:
         """The canonical `LoraState` (kohya-ready keys): down = A, up = B, alpha = peft's lora_alpha."""
         modules: dict[str, LoraModule] = {}
@@ -214,13 +245,24 @@ def create_network(pipe: object, net: NetworkConfig, arch: str | None = None) ->
     """Inject a fresh trainable LoRA into `pipe` (in place). Seed the global torch RNG first: A's init draws.
 
     Base weights are frozen; LoRA parameters are float32 whatever the base dtype (mixed precision trains the
-    factors in full precision, as diffusers' `cast_training_params`).
+    factors in full precision, as diffusers' `cast_training_params`). network_module = lycoris.kohya gives a
+    `LycorisNetwork` (train/network_lycoris.py) with the same interface.
     """
     import warnings
 
+    if net.network_module == "lycoris.kohya":
+        from lorafuse.train.network_lycoris import create_lycoris_network
+
+        return create_lycoris_network(pipe, net, arch or detect_arch(pipe))
+
     from peft import inject_adapter_in_model
 
-    plan = plan_network(pipe, net, arch)
+    weights = None
+    if net.network_weights is not None:
+        from lorafuse.train.network_weights import plan_from_weights, read_weights
+
+        weights = read_weights(net.network_weights, pipe, arch or detect_arch(pipe))
+    plan = plan_from_weights(*weights) if weights and net.dim_from_weights else plan_network(pipe, net, arch)
     comps = components_of(pipe)
     for root in comps.values():
         root.requires_grad_(False)
@@ -231,10 +273,19 @@ def create_network(pipe: object, net: NetworkConfig, arch: str | None = None) ->
                 _peft_config(targets, net.network_dropout), comps[comp], adapter_name=ADAPTER
             )
     network = LoraNetwork({c: comps[c] for c in plan}, plan)
+    if "unet" in plan:
+        block_weights = block_lr_weights(net, block_labels(comps["unet"]))
+        if block_weights:
+            layout = UnetLayout.from_config(comps["unet"].config)
+            network.lr_weights = {p: block_weights.get(block_of(p, layout) or "", 1.0) for p in plan["unet"]}
     for param in network.named_parameters().values():
         param.data = param.data.float()
         param.requires_grad_(True)
     for comp in plan:
         if len(list(network.layers(comp))) != len(plan[comp]):  # layers() asserts each one is a LoRA layer
             raise RuntimeError(f"peft injected a different set of {comp} modules than planned")
+    if weights is not None:
+        from lorafuse.train.network_weights import copy_weights
+
+        copy_weights(network, *weights, net.network_weights)
     return network

@@ -13,6 +13,7 @@ import torch
 from diffusers.optimization import get_scheduler
 
 from lorafuse.errors import UserInputError
+from lorafuse.utils.extras import require
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor", "Prodigy")
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -29,13 +30,7 @@ def make_optimizer(
     if name == "AdamW":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=betas)
     if name == "AdamW8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as exc:
-            raise UserInputError(
-                "optimizer_type AdamW8bit needs bitsandbytes (pip install bitsandbytes), which is "
-                f"not importable here ({exc}); use AdamW on this machine"
-            ) from exc
+        bnb = require("bitsandbytes", "optimizer_type AdamW8bit")
         return bnb.optim.AdamW8bit(groups, lr=lr, weight_decay=weight_decay, betas=betas)
     if name == "Adafactor":
         from transformers.optimization import Adafactor
@@ -50,12 +45,7 @@ def make_optimizer(
             warmup_init=False,
         )
     if name == "Prodigy":
-        try:
-            from prodigyopt import Prodigy
-        except ImportError as exc:
-            raise UserInputError(
-                "optimizer_type Prodigy needs the prodigyopt package (pip install prodigyopt)"
-            ) from exc
+        Prodigy = require("prodigyopt", "optimizer_type Prodigy").Prodigy
         return Prodigy(groups, lr=lr, weight_decay=weight_decay, betas=betas)
     raise UserInputError(f"unknown optimizer_type {name!r}; allowed: {', '.join(OPTIMIZERS)}")
 

@@ -32,7 +32,9 @@ class Option:
 
 
 def options() -> list[Option]:
-    """Every field of every table of `TrainConfig`, in declaration order."""
+    """Every field of every table of `TrainConfig`, in declaration order; arrays of tables ([[dataset.subsets]])
+    are not flat options (no flag, no form field): they live in the TOML file only."""
+    from lorafuse.config.toml_io import table_array_type
     from lorafuse.train.config import TrainConfig
 
     out = []
@@ -41,6 +43,8 @@ def options() -> list[Option]:
         cls = hints[table.name]
         sub_hints, docs = typing.get_type_hints(cls), field_docs(cls)
         for f in dataclasses.fields(cls):
+            if table_array_type(sub_hints[f.name]) is not None:
+                continue
             default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
             out.append(Option(table.name, f.name, sub_hints[f.name], default, docs.get(f.name, "")))
     return out

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lorafuse.utils.atomic import atomic_path, atomic_write_text
 
-COLUMNS = ("step", "epoch", "loss", "loss_avg", "lr_unet", "lr_text_encoder", "seconds")
+COLUMNS = ("step", "epoch", "loss", "loss_avg", "lr_unet", "lr_text_encoder", "seconds", "val_loss")
 
 
 def read_rows(path: Path) -> list[dict[str, float]]:
@@ -70,6 +70,9 @@ class RunLog:
         fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
         ax.plot(steps, self.losses, lw=0.8, alpha=0.4, color="tab:blue", label="loss")
         ax.plot(steps, [r["loss_avg"] for r in self.rows], lw=1.6, color="tab:blue", label="epoch mean")
+        val = [(r["step"], r["val_loss"]) for r in self.rows if "val_loss" in r]
+        if val:  # held-out loss at fixed noise and timesteps (train/validation.py)
+            ax.plot(*zip(*val, strict=True), "o-", lw=1.6, ms=3, color="tab:red", label="validation loss")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss")
         lr_ax = ax.twinx()

@@ -1,0 +1,443 @@
+"""kohya sd-scripts configs in: the flat `train_network.py --config_file` TOML (as the kohya_ss GUI saves it), the
+same keys as `--flags`, and `--dataset_config` files, converted to our typed `TrainConfig`.
+
+    imp = import_kohya_file("config_lora-20240101-120000.toml")   # -> KohyaImport
+    imp.data        # our nested TOML data ([model], [dataset], ...); config_from_dict(TrainConfig, imp.data)
+    imp.table()     # every kohya key: mapped (to which field), no effect (why) or refused (why)
+
+Which key does what is decided in `kohya_keys.RULES`; this module converts values whose format differs and
+collects every refused key into one error.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorafuse.errors import ConfigError
+from lorafuse.train.kohya_keys import KOHYA_DEFAULTS, OPTIMIZER_FIXED_ARGS, OPTIMIZERS, RULES, Rule
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str  # the kohya key ("network_args.conv_dim", "datasets[0].subsets[1].num_repeats")
+    value: Any
+    action: str  # mapped | default | no effect | refused
+    detail: str  # our key and value, or the reason
+
+
+@dataclass
+class KohyaImport:
+    data: dict[str, Any] = field(default_factory=dict)  # our nested config data
+    rows: list[Row] = field(default_factory=list)
+    refused: list[Row] = field(default_factory=list)
+
+    def put(self, target: str, value: Any, key: str, raw: Any, how: str = "", action: str = "mapped") -> None:
+        table, name = target.split(".")
+        self.data.setdefault(table, {})[name] = value
+        shown = value.as_posix() if isinstance(value, Path) else value
+        text = (
+            f"[{len(value)} tables]"
+            if isinstance(value, list) and value and isinstance(value[0], dict)
+            else repr(shown)
+        )
+        self.rows.append(Row(key, raw, action, f"{target} = {text}" + (f" ({how})" if how else "")))
+
+    def note(self, key: str, raw: Any, reason: str) -> None:
+        self.rows.append(Row(key, raw, "no effect", reason))
+
+    def refuse(self, key: str, raw: Any, reason: str) -> None:
+        row = Row(key, raw, "refused", reason)
+        self.rows.append(row)
+        self.refused.append(row)
+
+    def table(self) -> str:
+        """The mapping as a plain-text table, one kohya key per line."""
+        width = max((len(r.key) for r in self.rows), default=10)
+        lines = [f"{'kohya key'.ljust(width)}  {'action'.ljust(9)}  lorafuse / reason"]
+        for r in self.rows:
+            lines.append(f"{r.key.ljust(width)}  {r.action.ljust(9)}  {r.detail}")
+        return "\n".join(lines)
+
+    def check(self, source: str) -> None:
+        if self.refused:
+            lines = "\n".join(f"  {r.key} = {r.value!r}: {r.detail}" for r in self.refused)
+            raise ConfigError(
+                f"{source}: {len(self.refused)} kohya setting(s) that lorafuse does not reproduce; remove them or "
+                f"set them to their off value:\n{lines}"
+            )
+
+
+def looks_like_kohya(data: Mapping[str, Any]) -> bool:
+    """kohya's config is flat (top-level values); ours has only tables ([model], [dataset], ...)."""
+    return any(not isinstance(v, Mapping) for v in data.values())
+
+
+def read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
+def import_kohya_file(path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> KohyaImport:
+    """Convert a kohya flat config file (plus kohya flags in `extra`, which win); refused keys raise one error."""
+    flat = {**read_toml(path), **(extra or {})}
+    imp = convert_flat(flat)
+    imp.check(str(path))
+    return imp
+
+
+def cli_value(text: Any) -> Any:
+    """A kohya flag's string as kohya's argparse would type it: true/false, numbers, else the string."""
+    if isinstance(text, list):
+        return [cli_value(t) for t in text]
+    if not isinstance(text, str):
+        return text
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def convert_flat(flat: Mapping[str, Any], *, defaults: bool = True) -> KohyaImport:
+    """Every key of a flat kohya config, converted or refused (collected in `.refused`, not raised)."""
+    imp = KohyaImport()
+    # dataset_config last: its [general] values override the flat keys of the same name, as in kohya
+    for key in sorted(flat, key=lambda k: (k == "dataset_config", k)):
+        value = flat[key]
+        rule = RULES.get(key)
+        if rule is None:
+            imp.refuse(
+                key, value, "unknown kohya key (not an option of train_network.py as lorafuse knows it)"
+            )
+        elif rule.action == "note":
+            imp.note(key, value, rule.reason)
+        elif rule.action == "refuse":
+            if rule.is_inactive(value):
+                imp.note(key, value, "off")
+            else:
+                imp.refuse(key, value, rule.reason)
+        else:
+            _convert(imp, key, value, rule, flat)
+    if defaults:
+        _kohya_defaults(imp, flat)
+    return imp
+
+
+def _kohya_defaults(imp: KohyaImport, flat: Mapping[str, Any]) -> None:
+    if "caption_extension" not in flat and "dataset_config" not in flat:
+        imp.put(
+            "dataset.caption_extension",
+            KOHYA_DEFAULTS["caption_extension"],
+            "caption_extension",
+            None,
+            "kohya's default",
+            action="default",
+        )
+    if "learning_rate" not in flat:
+        imp.put(
+            "optimizer.learning_rate",
+            KOHYA_DEFAULTS["learning_rate"],
+            "learning_rate",
+            None,
+            "kohya's default",
+            action="default",
+        )
+    optimizer = imp.data.get("optimizer", {}).get("optimizer_type", "AdamW")
+    if optimizer in ("Adafactor", "Prodigy") and "weight_decay" not in imp.data.get("optimizer", {}):
+        # kohya passes only optimizer_args, so these optimizers run with their own default of 0
+        imp.put(
+            "optimizer.weight_decay",
+            0.0,
+            "optimizer_args.weight_decay",
+            None,
+            f"{optimizer}'s own default, as kohya runs it",
+            action="default",
+        )
+    if "seed" not in flat:
+        imp.note("seed", None, "kohya draws a random seed; lorafuse uses training.seed = 42 so runs repeat")
+
+
+def _convert(imp: KohyaImport, key: str, value: Any, rule: Rule, flat: Mapping[str, Any]) -> None:
+    handler = _HANDLERS.get(key)
+    if key in ("network_args", "optimizer_args") and not value:
+        imp.note(key, value, "off")
+    elif handler is not None:
+        handler(imp, key, value, flat)
+    else:
+        imp.put(rule.target, value, key, value)
+
+
+# --- per-key conversions ------------------------------------------------------------------------------------
+
+
+def parse_resolution(value: Any) -> int | list[int]:
+    """512, "512", "512,768" or [512, 768] -> 512 or [512, 768] (kohya's W,H)."""
+    if isinstance(value, str):
+        parts = [int(p) for p in value.replace(" ", "").split(",") if p]
+        value = parts[0] if len(parts) == 1 else parts
+    if isinstance(value, (list, tuple)):
+        if len(value) == 2 and value[0] == value[1]:
+            return int(value[0])
+        return [int(v) for v in value]
+    return int(value)
+
+
+def _resolution(imp, key, value, flat):
+    try:
+        imp.put("dataset.resolution", parse_resolution(value), key, value)
+    except (TypeError, ValueError):
+        imp.refuse(key, value, 'expected a size such as 512 or "512,768" (width,height)')
+
+
+def _lr(imp, key, value, flat):
+    target = "optimizer.text_encoder_lr" if key == "text_encoder_lr" else "optimizer.unet_lr"
+    values = value if isinstance(value, list) else [value]
+    distinct = sorted({float(v) for v in values})
+    if len(distinct) > 1:
+        imp.refuse(key, value, "one learning rate for both SDXL text encoders; give a single value")
+    elif distinct and distinct[0] > 0:
+        imp.put(target, distinct[0], key, value)
+    elif key == "text_encoder_lr" and distinct:  # 0: the GUI's way of saying "train the UNet only"
+        imp.put("network.network_train_unet_only", True, key, value, "a text-encoder LR of 0")
+    else:
+        imp.note(key, value, "unset")
+
+
+def _optimizer_type(imp, key, value, flat):
+    name = OPTIMIZERS.get(str(value).strip().lower() or "adamw")
+    if name is None:
+        imp.refuse(key, value, f"not supported; use one of {', '.join(OPTIMIZERS.values())}")
+    else:
+        imp.put("optimizer.optimizer_type", name, key, value)
+
+
+def _use_8bit_adam(imp, key, value, flat):
+    if value and "optimizer_type" not in flat:
+        imp.put("optimizer.optimizer_type", "AdamW8bit", key, value)
+    else:
+        imp.note(key, value, "optimizer_type decides" if value else "off")
+
+
+def split_args(value: Any) -> list[tuple[str, Any]]:
+    """kohya's ["k=v", ...] (or one space-separated string) -> [(k, python value)] as kohya's literal_eval."""
+    items = value.split() if isinstance(value, str) else list(value or [])
+    out = []
+    for item in items:
+        k, sep, v = str(item).partition("=")
+        if not sep:
+            raise ValueError(f"{item!r} is not key=value")
+        try:
+            parsed = ast.literal_eval(v.strip())
+        except (ValueError, SyntaxError):
+            parsed = v.strip()
+        out.append((k.strip(), parsed))
+    return out
+
+
+def _optimizer_args(imp, key, value, flat):
+    name = OPTIMIZERS.get(str(flat.get("optimizer_type", "")).strip().lower() or "adamw", "AdamW")
+    try:
+        args = split_args(value)
+    except ValueError as e:
+        imp.refuse(key, value, str(e))
+        return
+    for k, v in args:
+        sub = f"{key}.{k}"
+        if k == "weight_decay":
+            imp.put("optimizer.weight_decay", float(v), sub, v)
+        elif k == "betas" and isinstance(v, (tuple, list)) and len(v) == 2:
+            imp.put("optimizer.betas", [float(b) for b in v], sub, v)
+        elif k in OPTIMIZER_FIXED_ARGS.get(name, {}) and OPTIMIZER_FIXED_ARGS[name][k] == v:
+            imp.note(sub, v, f"what lorafuse's {name} already uses")
+        else:
+            imp.refuse(sub, v, f"optimizer argument not supported for {name} (weight_decay and betas are)")
+
+
+_LYCORIS_ALGOS = ("locon", "loha", "lokr")
+_NETWORK_ARGS_OFF = {
+    "preset": "full",
+    "dropout": 0,
+    "rank_dropout": 0,
+    "module_dropout": 0,
+    "use_tucker": False,
+    "use_cp": False,
+    "use_scalar": False,
+    "train_norm": False,
+    "bypass_mode": False,
+    "dora_wd": False,
+    "decompose_both": False,
+}
+
+
+def _network_args(imp, key, value, flat):
+    try:
+        args = split_args(value)
+    except ValueError as e:
+        imp.refuse(key, value, str(e))
+        return
+    for k, v in args:
+        sub = f"{key}.{k}"
+        if k in ("conv_dim", "conv_alpha"):
+            imp.put(f"network.{k}", v, sub, v)
+        elif k in ("block_dims", "block_alphas"):
+            values = list(v) if isinstance(v, (tuple, list)) else [v]
+            imp.put(f"network.{k}", values, sub, v)
+        elif k == "algo":  # NetworkConfig checks that it goes with network_module = lycoris.kohya
+            if v in _LYCORIS_ALGOS:
+                imp.put("network.algo", v, sub, v)
+            else:
+                imp.refuse(sub, v, f"LyCORIS algorithm not supported; use one of {', '.join(_LYCORIS_ALGOS)}")
+        elif k == "factor":
+            imp.put("network.factor", int(v), sub, v)
+        elif k in _NETWORK_ARGS_OFF and (v == _NETWORK_ARGS_OFF[k] or v in (None, "", 0, False)):
+            imp.note(sub, v, "off / the default")
+        elif k in ("down_lr_weight", "up_lr_weight"):
+            # kohya: a preset name ("cosine+0.5") or comma-separated numbers
+            values = (
+                v if isinstance(v, str) else [float(x) for x in (v if isinstance(v, (tuple, list)) else [v])]
+            )
+            imp.put(f"network.{k}", values, sub, v)
+        elif k in ("mid_lr_weight", "block_lr_zero_threshold"):
+            imp.put(f"network.{k}", float(v), sub, v)
+        else:
+            imp.refuse(sub, v, "network argument not supported")
+
+
+def _network_module(imp, key, value, flat):
+    if value in ("networks.lora", "lycoris.kohya"):
+        imp.put("network.network_module", value, key, value)
+    else:
+        imp.refuse(
+            key, value, "not supported; use networks.lora (LoRA, LoCon with conv_dim) or lycoris.kohya"
+        )
+
+
+def _log_with(imp, key, value, flat):
+    if value == "tensorboard":
+        imp.put("training.logging", "tensorboard", key, value)
+    elif value in ("", None):
+        imp.note(key, value, "off")
+    else:
+        imp.refuse(key, value, "only tensorboard (or none: CSV logs and a loss plot are always written)")
+
+
+def _epoch(imp, key, value, flat):
+    if "max_train_epochs" in flat or "max_train_steps" in flat:
+        imp.note(key, value, "the kohya_ss GUI's epoch count; max_train_epochs / max_train_steps decide")
+    else:
+        imp.put("training.max_train_epochs", int(value), key, value, "the kohya_ss GUI's epoch count")
+
+
+def _save_state_on_train_end(imp, key, value, flat):
+    if value:
+        imp.put("training.save_state", True, key, value, "lorafuse also writes a state with every save")
+    else:
+        imp.note(key, value, "off")
+
+
+def _huber(imp, key, value, flat):
+    kohya_default = {"huber_c": 0.1, "huber_schedule": "snr"}[key]
+    if flat.get("loss_type", "l2") in ("l2", "l1") and value == kohya_default:
+        imp.note(key, value, f"kohya's default, unused with loss_type = {flat.get('loss_type', 'l2')!r}")
+    else:
+        imp.put(f"loss.{key}", value, key, value)
+
+
+def _data_dir(imp, key, value, flat):
+    if "dataset_config" in flat:
+        imp.note(key, value, "dataset_config is set; kohya ignores this key then as well")
+    elif value:
+        imp.put(f"dataset.{key}", value, key, value)
+    else:
+        imp.note(key, value, "unset")
+
+
+def _sample_prompts(imp, key, value, flat):
+    from lorafuse.train.kohya_prompts import read_prompt_file
+
+    try:
+        prompts, dropped = read_prompt_file(value)
+    except ConfigError as e:
+        imp.refuse(key, value, str(e))
+        return
+    imp.put("training.sample_prompts", prompts, key, value, f"{len(prompts)} prompts read from the file")
+    for option in dropped:
+        imp.note(
+            f"{key} {option}", value, "per-prompt sampling option; samples use resolution and sample_steps"
+        )
+
+
+def _dataset_config(imp, key, value, flat):
+    from lorafuse.train.kohya_dataset import convert_dataset_config
+
+    convert_dataset_config(imp, Path(value), flat)
+
+
+_HANDLERS = {
+    "resolution": _resolution,
+    "text_encoder_lr": _lr,
+    "unet_lr": _lr,
+    "optimizer_type": _optimizer_type,
+    "use_8bit_adam": _use_8bit_adam,
+    "optimizer_args": _optimizer_args,
+    "network_args": _network_args,
+    "network_module": _network_module,
+    "log_with": _log_with,
+    "epoch": _epoch,
+    "save_state_on_train_end": _save_state_on_train_end,
+    "huber_c": _huber,
+    "huber_schedule": _huber,
+    "train_data_dir": _data_dir,
+    "reg_data_dir": _data_dir,
+    "sample_prompts": _sample_prompts,
+    "dataset_config": _dataset_config,
+}
+
+
+def load_train_config_any(
+    path: str | os.PathLike | None,
+    overrides: Mapping[str, Any] | None = None,
+    kohya_flags: Mapping[str, Any] | None = None,
+):
+    """`TrainConfig` from our TOML or a kohya flat TOML (detected by its layout), plus our dotted overrides and
+    kohya-only flags. Returns (config, KohyaImport or None)."""
+    from lorafuse.config.toml_io import build_config
+    from lorafuse.train.config import TrainConfig
+
+    data = read_toml(path) if path is not None else {}
+    source = "<defaults>" if path is None else str(path)
+    flags = {k: cli_value(v) for k, v in (kohya_flags or {}).items()}
+    imp = None
+    if path is not None and looks_like_kohya(data):
+        imp = convert_flat({**data, **flags})
+        imp.check(f"{source} (kohya config)")
+        data = imp.data
+        source += " (kohya config)"
+    elif flags:
+        imp = convert_flat(flags, defaults=False)
+        imp.check("kohya flags")
+        for table, values in imp.data.items():
+            data.setdefault(table, {}).update(values)
+    return build_config(TrainConfig, data, source, overrides), imp

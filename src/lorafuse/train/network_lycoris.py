@@ -1,0 +1,178 @@
+"""network_module = lycoris.kohya: LoCon / LoHa / LoKr trained with the `lycoris-lora` package, saved with its own
+writer (kohya-style `lora_unet_*` / `lora_te*_` keys with lora_* / hada_* / lokr_* tensors), so the files load
+wherever kohya's LyCORIS files load (A1111, ComfyUI) and in lorafuse's reader (lora/formats/lycoris.py).
+
+Which modules: LyCORIS's default "full" preset stops with "duplicated lora name: lora_unet_time_embedding_linear_1"
+on diffusers UNets (lycoris-lora 4.1.3: the time embedding is matched both by class and by name), so we pass the
+preset of kohya's own LoCon: attention blocks, ResNet blocks and the down/up samplers of the UNet, attention
+and MLP of the text encoders; 3x3 convs take conv_dim / conv_alpha.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorafuse.errors import UserInputError
+from lorafuse.lora.targets import components_of
+from lorafuse.train.config import NetworkConfig
+from lorafuse.utils.extras import require
+
+KOHYA_LOCON_PRESET = {
+    "enable_conv": True,
+    "unet_target_module": ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"],
+    "unet_target_name": [],
+    "text_encoder_target_module": ["CLIPAttention", "CLIPMLP"],
+    "text_encoder_target_name": [],
+}
+
+
+@dataclass
+class LycorisNetwork:
+    """The trainable LyCORIS network, with the interface of `LoraNetwork` that the training loop uses."""
+
+    components: dict[str, nn.Module]
+    plan: dict[str, dict[str, tuple[int, float]]]  # component -> LyCORIS module name -> (rank, alpha)
+    net: Any  # lycoris.kohya.LycorisNetworkKohya
+    net_cfg: NetworkConfig
+
+    def _modules(self, component: str | None = None):
+        for module in [*self.net.text_encoder_loras, *self.net.unet_loras]:
+            comp = "unet" if module.lora_name.startswith("lora_unet") else _te_component(module.lora_name)
+            if component is None or comp == component:
+                yield comp, module
+
+    def named_parameters(self, component: str | None = None) -> dict[str, nn.Parameter]:
+        return {
+            f"{comp}.{m.lora_name}.{n}": p
+            for comp, m in sorted(self._modules(component), key=lambda cm: (cm[0], cm[1].lora_name))
+            for n, p in m.named_parameters()
+        }
+
+    def param_groups(self, unet_lr: float, text_encoder_lr: float) -> list[dict]:
+        groups = []
+        for comp in sorted(self.plan):
+            params = list(self.named_parameters(comp).values())
+            groups.append(
+                {"params": params, "lr": unet_lr if comp == "unet" else text_encoder_lr, "name": comp}
+            )
+        return groups
+
+    def num_modules(self, component: str) -> int:
+        return len(self.plan.get(component, {}))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach() for k, p in self.named_parameters().items()}
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+        own = self.named_parameters()
+        if set(own) != set(tensors):
+            raise UserInputError(
+                f"{source}: the saved LyCORIS weights do not fit this network (other modules)"
+            )
+        with torch.no_grad():
+            for name, param in own.items():
+                param.copy_(tensors[name])
+
+    def save(
+        self, path: Path, *, arch: str, base: object, training: Mapping, metadata: Mapping, dtype
+    ) -> Path:
+        """Write with LyCORIS's key layout (its state_dict), our ss_* / modelspec.* metadata, atomically."""
+        from lorafuse.lora.formats.metadata import build_metadata, to_str
+        from lorafuse.lora.io import save_tensors
+        from lorafuse.lora.state import LoraState
+
+        path = Path(path)
+        meta = build_metadata(LoraState(modules={}), fmt="lycoris", arch=arch, path=path, training=training)
+        cfg = self.net_cfg
+        meta["ss_network_module"] = "lycoris.kohya"
+        meta["ss_network_dim"], meta["ss_network_alpha"] = str(cfg.network_dim), str(cfg.network_alpha)
+        args = {"algo": cfg.algo, "conv_dim": cfg.conv_dim or cfg.network_dim}
+        args["conv_alpha"] = cfg.conv_alpha if cfg.conv_alpha is not None else cfg.network_alpha
+        if cfg.algo == "lokr":
+            args["factor"] = cfg.factor
+        meta["ss_network_args"] = json.dumps(args)
+        meta.update({str(k): to_str(v) for k, v in metadata.items()})
+        return save_tensors(self.kohya_tensors(arch, base), path, meta, dtype)
+
+    def kohya_tensors(self, arch: str, base: object) -> dict[str, torch.Tensor]:
+        """LyCORIS's tensors under the module names our kohya writer uses: LyCORIS names modules after the
+        diffusers paths it sees (`lora_te_encoder_...` under transformers 5, diffusers-named SDXL UNet blocks),
+        while A1111 / ComfyUI expect kohya's (`lora_te_text_model_encoder_...`, SGM-named SDXL UNet blocks)."""
+        from lorafuse.lora.io import kohya_layout
+        from lorafuse.lora.keys import canonical_key, kohya_name
+
+        layout = kohya_layout(arch, base)
+        paths = {
+            id(module): (comp, path)
+            for comp, root in components_of(base).items()
+            for path, module in root.named_modules()
+        }
+        rename = {}
+        for _, module in self._modules():
+            comp, path = paths[id(module.org_module[0])]
+            rename[module.lora_name] = kohya_name(canonical_key(comp, path), arch, layout)
+        out = {}
+        for key, tensor in self.net.state_dict().items():
+            stem, _, part = key.partition(".")
+            out[f"{rename.get(stem, stem)}.{part}"] = tensor
+        return out
+
+
+def _te_component(name: str) -> str:
+    return "text_encoder_2" if name.startswith("lora_te2") else "text_encoder"
+
+
+def create_lycoris_network(pipe: object, net: NetworkConfig, arch: str) -> LycorisNetwork:
+    """Inject a fresh LyCORIS network into `pipe` (seed the global torch RNG first: the factors' init draws)."""
+    kohya = require("lycoris.kohya", "network_module = lycoris.kohya")
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
+        # accelerate syncs gradients of the wrapped UNet; LyCORIS's modules live outside it, so on several
+        # processes their gradients would silently differ
+        raise UserInputError("network_module = lycoris.kohya trains on one process only (no multi-GPU yet)")
+    comps = components_of(pipe)
+    for root in comps.values():
+        root.requires_grad_(False)
+    text_encoders = [comps[c] for c in ("text_encoder", "text_encoder_2") if c in comps]
+    conv_dim = net.conv_dim or net.network_dim
+    conv_alpha = net.conv_alpha if net.conv_alpha is not None else net.network_alpha
+    kohya.LycorisNetworkKohya.apply_preset(KOHYA_LOCON_PRESET)
+    lyco = kohya.LycorisNetworkKohya(
+        text_encoders if len(text_encoders) > 1 else text_encoders[0],
+        comps["unet"],
+        multiplier=1.0,
+        lora_dim=net.network_dim,
+        conv_lora_dim=conv_dim,
+        alpha=net.network_alpha,
+        conv_alpha=conv_alpha,
+        dropout=net.network_dropout,
+        network_module=net.algo,
+        factor=net.factor,
+    )
+    lyco.apply_to(
+        text_encoders, comps["unet"], apply_text_encoder=net.train_text_encoder, apply_unet=net.train_unet
+    )
+    device = next(comps["unet"].parameters()).device
+    lyco.to(device=device, dtype=torch.float32)
+    plan: dict[str, dict[str, tuple[int, float]]] = {}
+    network = LycorisNetwork({}, plan, lyco, net)
+    for comp, module in network._modules():
+        if (comp == "unet" and not net.train_unet) or (comp != "unet" and not net.train_text_encoder):
+            continue
+        plan.setdefault(comp, {})[module.lora_name] = (int(getattr(module, "lora_dim", net.network_dim)), 0.0)
+    if not plan:
+        raise UserInputError("LyCORIS found no module to train in this base (network_module = lycoris.kohya)")
+    network.components.update({c: comps[c] for c in plan})
+    for param in network.named_parameters().values():
+        param.requires_grad_(True)
+    return network

@@ -15,3 +15,7 @@ class LoraFormatError(UserInputError):
 
 class ConfigError(UserInputError):
     """A config file with unknown keys or wrong types."""
+
+
+class OutputError(UserInputError):
+    """An output path that cannot be written: wrong kind, not writable, or no space left."""

@@ -85,3 +85,4 @@ def random_lora():
 @pytest.fixture(scope="session")
 def assert_same_lora():
     return _assert_same_lora
+

@@ -157,13 +157,16 @@ def test_merge_equals_unmerged_and_unmerge_restores_exactly():
         assert torch.equal(after[k], unmerged[k]), k
 
 
-def test_merge_non_finite_names_the_adapter_and_merges_nothing():
+def test_merge_non_finite_names_the_adapter_and_merges_nothing(monkeypatch):
     pipe = fresh("sd15")
     inj.inject_lora(pipe, make_lora(pipe, ("to_q",)), "good")
     keys = sorted(make_lora(pipe, ("to_k",)).modules)
     huge = LoraState(modules={k: LoraModule(down=torch.full((1, module_of(pipe, k).weight.shape[1]), 1e30),
                                             up=torch.full((module_of(pipe, k).weight.shape[0], 1), 1e30), alpha=1.0)
                               for k in keys})  # fmt: skip
+    with pytest.raises(LorafuseError, match=r"to_k: its update is .* times the size of the base weight"):
+        inj.inject_lora(pipe, huge, "broken")  # refused where it enters; merge_adapters is the last line
+    monkeypatch.setattr("lorafuse.lora.validate.check_against_base", lambda *a: [])
     inj.inject_lora(pipe, huge, "broken")
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     with pytest.raises(LorafuseError, match="adapter 'broken'.*non-finite"):

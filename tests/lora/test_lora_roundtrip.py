@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lorafuse.errors import LoraFormatError, UserInputError
+from lorafuse.errors import LoraFormatError, OutputError, UserInputError
 from lorafuse.lora.io import load_lora, save_lora
 from lorafuse.lora.state import LoraModule, LoraState
 
@@ -214,13 +215,13 @@ def test_save_checks_inputs_and_is_atomic(tiny, tmp_path, monkeypatch, random_lo
     target = save_lora(state, tmp_path / "keep.safetensors")
     before = target.read_bytes()
 
-    def crash(tensors, filename, metadata=None):
+    def crash(filename, tensors, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"half a file")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("safetensors.torch.save_file", crash)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr("lorafuse.utils.atomic.safetensors_bytes_to", crash)
+    with pytest.raises(OutputError, match="keep.safetensors: the disk is full"):
         save_lora(random_lora(tiny("sd15"), seed=5, keep=lambda k: "attn2.to_k" in k), target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.safetensors"]

@@ -191,7 +191,7 @@ def test_fuse_equals_adapter_and_unfuse_restores_exactly():
     assert torch.equal(unet_out(pipe), base)
 
 
-def test_fuse_weight_zero_is_the_base_and_non_finite_fuses_nothing():
+def test_fuse_weight_zero_is_the_base_and_non_finite_fuses_nothing(monkeypatch):
     pipe = copy.deepcopy(_base())
     base = unet_out(pipe)
     fuse_into(pipe, pipeline_lora(), 0.0)
@@ -201,8 +201,12 @@ def test_fuse_weight_zero_is_the_base_and_non_finite_fuses_nothing():
     broken = pipeline_lora()
     broken.modules[CONV].up.fill_(1e30)
     broken.modules[CONV].down.fill_(1e30)
+    with pytest.raises(LorafuseError, match=f"{CONV}: its update is .* times the size of the base weight"):
+        fuse_into(pipe, broken, 1.0)  # refused by validation, before anything is touched
+    assert not is_fused(pipe)
+    monkeypatch.setattr("lorafuse.lora.validate.check_against_base", lambda *a: [])
     with pytest.raises(LorafuseError, match=f"{CONV}.*non-finite"):
-        fuse_into(pipe, broken, 1.0)
+        fuse_into(pipe, broken, 1.0)  # the last line of defence
     assert not is_fused(pipe)
     after = params(pipe)
     for k, v in before.items():

@@ -56,13 +56,15 @@ def wait_text(page, elem: str, pattern: str, timeout: float = 240.0) -> re.Match
         if found:
             return found
         page.wait_for_timeout(500)
-    raise AssertionError(f"#{elem} never showed {pattern!r}; it shows: {text_of(page, elem)[:500]!r}")
+    toasts = page.locator(".toast-body").all_inner_texts()
+    raise AssertionError(f"#{elem} never showed {pattern!r}; it shows: {text_of(page, elem)[:500]!r}; toasts: {toasts}")
 
 
 def shot(page, name: str, focus: str | None = None) -> None:
     """A screenshot of the viewport, scrolled to `focus` (an element id) when given."""
-    if focus:
-        page.locator(f"#{focus}").scroll_into_view_if_needed()
+    if focus:  # the element at the top of the viewport
+        page.locator(f"#{focus}").evaluate("e => e.scrollIntoView({block: 'start'})")
+        page.wait_for_timeout(500)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / f"ui_{name}.png"
     page.screenshot(path=str(path), full_page=False)

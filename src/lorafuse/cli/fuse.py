@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lorafuse.errors import ConfigError, UserInputError
+from lorafuse.errors import ConfigError, LoraFormatError, UserInputError
 
 ALL = "all"
 
@@ -114,17 +114,9 @@ def parse_sets(items: list[str]) -> dict[str, str]:
 
 
 def _method_tables(path: Path, methods: list[str]) -> dict[str, dict[str, Any]]:
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10
-        import tomli as tomllib
+    from lorafuse.config.toml_io import read_toml
 
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    data = read_toml(path)
     unknown = sorted(k for k in data if k not in methods)
     bad = sorted(k for k, v in data.items() if not isinstance(v, dict))
     if unknown or bad:
@@ -152,9 +144,11 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 
     from lorafuse.eval.picture import labelled_grid, save_image
     from lorafuse.fusion.api import fuse, load_base, method_config
+    from lorafuse.fusion.craft.prompts import strip_markers
     from lorafuse.fusion.klora_schedule import record_heatmap
     from lorafuse.fusion.registry import method_names
-    from lorafuse.utils.atomic import atomic_write_text
+    from lorafuse.utils.atomic import atomic_write_text, check_output
+    from lorafuse.utils.inputs import check_input_file
 
     sets = parse_sets(args.set)
     methods = method_names() if args.method == ALL else [args.method]
@@ -175,6 +169,11 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     else:
         configs = {args.method: (args.config, sets)}
         method_config(args.method, args.config, sets)
+    # the prompt, the LoRA paths and the output folder too: each mistake must show before the base loads
+    strip_markers(args.prompt)
+    for path in (args.content, args.style):
+        check_input_file(path, "LoRA file", LoraFormatError)
+    check_output(args.out, kind="folder", what="output folder")
     pipe = load_base(args.base)
     common = dict(
         prompt=args.prompt, base=pipe, negative_prompt=args.negative_prompt, num_images=args.num_images,
@@ -182,7 +181,6 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         progress=not args.no_progress, allow_pickle=args.allow_pickle,
     )  # fmt: skip
 
-    args.out.mkdir(parents=True, exist_ok=True)
     rows, labels, records = [], [], {}
     for method in tqdm(methods, desc="methods", disable=args.no_progress or len(methods) == 1):
         config, opts = configs[method]
@@ -197,6 +195,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
             continue
         result.record["base"] = args.base  # the pipeline object was passed in; record what the user named
         images = result.uint8()
+        args.out.mkdir(parents=True, exist_ok=True)  # only once there is something to write
         for k, image in enumerate(images):
             save_image(_pil(image), args.out / f"{method}_{k:02d}.png")
         # K-LoRA's (layer x step) choices, as the paper's Figure 6; nothing for methods without a schedule

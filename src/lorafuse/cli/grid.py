@@ -44,6 +44,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
     cfg = load_grid_config(args.config, parse_overrides(args.set) or None)
     if args.out is not None:
         cfg = dataclasses.replace(cfg, out=args.out)
+    from lorafuse.utils.atomic import check_output
+
+    if cfg.out is not None:
+        check_output(cfg.out, kind="folder", what="grid output folder")  # before any model loads
     result = run_grid(cfg, progress=not args.no_progress)
     print(
         f"{len(result.rows)} cells ({result.computed} sampled now, {result.reused} already done); "

@@ -3,7 +3,7 @@
 lorafuse inspect FILE [--base PATH|world|sd15-tiny|sdxl-tiny]
 lorafuse merge A B --weights 1 0.5 --out OUT [--mode exact|svd|kohya_legacy --rank R]
 lorafuse resize FILE --rank R --out OUT
-lorafuse convert FILE --to kohya|diffusers --arch sd15|sdxl|world --out OUT
+lorafuse convert FILE --to kohya|diffusers --arch sd15|sdxl|world|flux --out OUT
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from lorafuse.errors import LoraFormatError, UserInputError
 from lorafuse.families import FAMILIES, family_of, family_of_lora_keys, family_of_metadata
 from lorafuse.lora.archs import REFERENCE_ARCHS
 from lorafuse.lora.formats import WRITE_FORMATS
-from lorafuse.lora.io import load_lora, save_lora
+from lorafuse.lora.io import estimated_size, load_lora, save_lora
 from lorafuse.lora.keys import ARCHS
 from lorafuse.lora.merge import MERGE_METADATA_KEY, MERGE_MODES, merge_loras
 from lorafuse.lora.resize import factorize, resize_lora
 from lorafuse.lora.state import LoraState
 from lorafuse.lora.validate import fits, validate_lora
 from lorafuse.models.load import TINY_BASES, tiny_base
+from lorafuse.utils.atomic import check_output
 
 BUILTIN_BASES = ("world", *TINY_BASES)
 _LABELS = {name: f.label for name, f in FAMILIES.items()}
@@ -104,24 +105,65 @@ def _reference_fit(state: LoraState, arch: str) -> tuple[int, int]:
     return report.matched, shapes
 
 
-def guess_arch(state: LoraState) -> str | None:
-    """The architecture a LoRA was made for: from its metadata, else from names and shapes; None if unclear."""
-    family = family_of_metadata(state.metadata) or family_of_lora_keys(list(state.modules))
-    if family is not None:
-        return family.name
+def arch_by_shapes(state: LoraState) -> str | None:
+    """The reference architecture at least half of the modules fit by name and shape, or None (e.g. a LoRA for a
+    scaled-down test model, or for the built-in world model)."""
     fit = {arch: _reference_fit(state, arch)[1] for arch in REFERENCE_ARCHS}
     best = max(fit, key=lambda a: fit[a])
     return best if fit[best] * 2 >= len(state.modules) > 0 else None
 
 
+def claimed_arch(state: LoraState) -> tuple[str, str] | None:
+    """(architecture, the metadata entry that says so), or None when the metadata names none."""
+    family = family_of_metadata(state.metadata)
+    if family is None:
+        return None
+    key = "modelspec.architecture" if state.metadata.get("modelspec.architecture") else "ss_base_model_version"
+    return family.name, f"metadata {key} = {state.metadata[key]!r}"
+
+
+def check_claim(state: LoraState, arch: str, claim: str) -> None:
+    """Tensors over claims: an architecture named by metadata or --arch that the shapes contradict is an error
+    naming both, because writing keys for the claimed one gives a file that loads nowhere."""
+    by_shapes = arch_by_shapes(state)
+    if by_shapes is None or by_shapes == arch:
+        return
+    n = len(state.modules)
+    fit_claim = _reference_fit(state, arch)[1] if arch in REFERENCE_ARCHS else 0
+    fit_shapes = _reference_fit(state, by_shapes)[1]
+    raise UserInputError(
+        f"{state.source_path}: {claim} says {_LABELS[arch]}, but the tensors say {_LABELS[by_shapes]}: "
+        f"{fit_shapes} of {n} modules have {_LABELS[by_shapes]} shapes, {fit_claim} have {_LABELS[arch]} shapes. "
+        f"Pass --arch {by_shapes} if the tensors are right; if the metadata is right, the file is damaged."
+    )
+
+
+def guess_arch(state: LoraState) -> str | None:
+    """The architecture a LoRA was made for: its metadata, checked against its tensors' shapes; else module
+    names only one family has; else shapes; None if unclear."""
+    claim = claimed_arch(state)
+    if claim is not None:
+        check_claim(state, *claim)
+        return claim[0]
+    family = family_of_lora_keys(list(state.modules))
+    if family is not None:
+        return family.name
+    return arch_by_shapes(state)
+
+
 def _output_arch(args: argparse.Namespace, states: list[LoraState]) -> str:
     if args.arch:
+        for state in states:
+            check_claim(state, args.arch, f"--arch {args.arch}")
+            claim = claimed_arch(state)
+            if claim is not None:
+                check_claim(state, *claim)
         return args.arch
     guesses = {str(s.source_path): guess_arch(s) for s in states}
     unknown = [p for p, a in guesses.items() if a is None]
     if unknown:
         raise UserInputError(
-            f"{unknown[0]}: cannot tell which base model this LoRA is for; pass --arch sd15|sdxl|world"
+            f"{unknown[0]}: cannot tell which base model this LoRA is for; pass --arch sd15|sdxl|world|flux"
         )
     if len(set(guesses.values())) > 1:
         seen = ", ".join(f"{p}: {_LABELS[a]}" for p, a in guesses.items())
@@ -130,24 +172,27 @@ def _output_arch(args: argparse.Namespace, states: list[LoraState]) -> str:
 
 
 def _meta_components(path: Path) -> tuple[dict, str]:
-    """A diffusers pipeline folder's UNet and text encoders built from their configs on the meta device:
+    """A diffusers pipeline folder's denoiser and text encoders built from their configs on the meta device:
     module names and shapes without reading gigabytes of weights."""
     import torch
     import transformers
-    from diffusers import UNet2DConditionModel
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
     index = json.loads((path / "model_index.json").read_text())
     comps = {}
     with torch.device("meta"):
         if "unet" in index:
             comps["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(path / "unet"))
+        if index.get("transformer", [None, None])[1] == "FluxTransformer2DModel":
+            config = FluxTransformer2DModel.load_config(path / "transformer")
+            comps["transformer"] = FluxTransformer2DModel.from_config(config)
         for name in ("text_encoder", "text_encoder_2"):
             entry = index.get(name)
             if isinstance(entry, list) and entry[1]:
                 cls = getattr(transformers, entry[1])
                 comps[name] = cls(cls.config_class.from_pretrained(path / name))
-    if "unet" not in comps:
-        raise UserInputError(f"{path}: the pipeline has no unet")
+    if "unet" not in comps and "transformer" not in comps:
+        raise UserInputError(f"{path}: the pipeline has neither a unet nor a FLUX.1 transformer")
     return comps, family_of(comps).name
 
 
@@ -250,6 +295,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise UserInputError(f"--rank only applies to --mode svd (an {args.mode} merge keeps every rank)")
     states = [load_lora(f, allow_pickle=args.allow_pickle) for f in args.files]
     arch = _output_arch(args, states)
+    check_output(args.out, estimate=sum(estimated_size(s) for s in states) * 2)
     merged = merge_loras(states, weights, mode=args.mode, rank=args.rank, conv_rank=args.conv_rank)
     _save(merged, args, arch, args.format)
     ranks = _histogram([m.rank for m in merged.modules.values()])
@@ -265,6 +311,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_resize(args: argparse.Namespace) -> int:
     state = load_lora(args.file, allow_pickle=args.allow_pickle)
     arch = _output_arch(args, [state])
+    check_output(args.out, estimate=estimated_size(state))
     resized, report = resize_lora(state, args.rank, conv_rank=args.conv_rank)
     _save(resized, args, arch, args.format)
     print(f"{args.out}: {report.summary()}")
@@ -275,6 +322,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     state = load_lora(args.file, allow_pickle=args.allow_pickle)
+    _output_arch(args, [state])  # --arch against the tensors (and the metadata)
+    check_output(args.out, estimate=estimated_size(state) * 2)
     if args.arch != "world":
         from lorafuse.lora.targets import reference_modules
 

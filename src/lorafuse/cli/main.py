@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
+import warnings
 
 from lorafuse import __version__
 from lorafuse.errors import UserInputError
@@ -47,18 +50,72 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Libraries that announce optional backends (torchvision, bitsandbytes kernels) or deprecations on import: their
+# chatter would come before, and bury, lorafuse's own one-line error. Their real errors still raise.
+_QUIET_LOGGERS = ("transformers", "diffusers", "bitsandbytes", "accelerate", "peft", "torchao", "huggingface_hub")
+
+
+def quiet_libraries() -> None:
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(name, "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|diffusers|torch|torchvision|peft|accelerate|bitsandbytes|huggingface_hub)(\.|$)")  # fmt: skip
+
+
+def _show_warning(command: str):
+    """lorafuse's own warnings as one line, `lorafuse CMD: warning: ...`, without the source line."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.startswith("lorafuse"):
+            print(f"lorafuse {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    previous = warnings.showwarning
+    warnings.showwarning = _show_warning(args.command)
+    # lorafuse's logged warnings (skipped dataset files, ...) in the same one-line form as its errors
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter(f"lorafuse {args.command}: %(levelname_lower)s: %(message)s"))
+    handler.addFilter(_lower_level)
+    package_log = logging.getLogger("lorafuse")
+    package_log.addHandler(handler)
     try:
         result = args.func(args)
     except UserInputError as exc:
         print(f"lorafuse {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        from lorafuse.utils.atomic import is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        name = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"lorafuse {args.command}: error: {name}the disk is full; free some space and run again", file=sys.stderr)
+        return 2
+    finally:
+        warnings.showwarning = previous
+        package_log.removeHandler(handler)
     return int(result or 0)
+
+
+def _lower_level(record: logging.LogRecord) -> bool:
+    record.levelname_lower = record.levelname.lower()
+    return True
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lorafuse.errors import UserInputError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -35,6 +37,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if bind.port == 0:
         bind = type(bind)(bind.host, free_port(), bind.token, bind.generated)
     quiet_gradio()
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise UserInputError("the web UI needs gradio: pip install 'lorafuse[ui]' (make test installs it)") from None
     from lorafuse.ui.app import build_app
     from lorafuse.ui.workspace import Workspace
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import sys
 import types
@@ -27,6 +28,7 @@ import tomli_w
 
 from lorafuse.errors import ConfigError
 from lorafuse.utils.atomic import atomic_write_text
+from lorafuse.utils.inputs import read_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -40,6 +42,10 @@ _TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "
 
 class _Mismatch(Exception):
     """Internal: a value does not fit a type; the caller adds file and key."""
+
+
+class _NotFinite(_Mismatch):
+    """Internal: inf or nan where a number is expected (TOML allows both; no setting means them)."""
 
 
 def type_name(tp: Any) -> str:
@@ -72,6 +78,8 @@ def _convert(value: Any, tp: Any, from_cli: bool) -> Any:
                 continue
             try:
                 return _convert(value, member, from_cli)
+            except _NotFinite:
+                raise
             except _Mismatch:
                 continue
         raise _Mismatch
@@ -114,6 +122,8 @@ def _convert_scalar(value: Any, tp: Any, from_cli: bool) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise _NotFinite
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -183,6 +193,10 @@ def _build(cls: type[T], data: Any, source: str, prefix: str, cli_keys: frozense
         try:
             # Strings are coerced only where they came from the CLI: a quoted "8" in a file is a type error.
             kwargs[name] = _convert(value, tp, from_cli=dotted in cli_keys)
+        except _NotFinite:
+            raise ConfigError(
+                f"{source}: {dotted}: must be a finite number, got {value!r}; inf and nan are not settings"
+            ) from None
         except _Mismatch:
             raise ConfigError(f"{source}: {dotted}: expected {type_name(tp)}, got {value!r}") from None
     try:
@@ -224,6 +238,16 @@ def _merge_overrides(cls: type, data: dict[str, Any], overrides: Mapping[str, An
                 raise ConfigError(f"override: '{'.'.join(parts[: depth + 1])}' is a value, not a table")
 
 
+def read_toml(path: str | os.PathLike, what: str = "config file") -> dict[str, Any]:
+    """The tables of a TOML file; a missing, unreadable, binary, non-UTF-8 or malformed file is one
+    `ConfigError` naming it (tomllib alone raises UnicodeDecodeError or IsADirectoryError tracebacks)."""
+    text = read_text(path, what, ConfigError)
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
 def config_from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<dict>") -> T:
     """Build `cls` from plain TOML-like data; errors name `source`."""
     return _build(cls, data, source, "")
@@ -239,13 +263,7 @@ def load_config(
     source = "<defaults>" if path is None else str(path)
     data: dict[str, Any] = {}
     if path is not None:
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: config file not found") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{source}: not valid TOML: {e}") from None
+        data = read_toml(path)
     return build_config(cls, data, source, overrides)
 
 

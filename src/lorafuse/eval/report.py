@@ -20,6 +20,7 @@ from typing import Any
 from lorafuse.errors import UserInputError
 from lorafuse.eval.html import HtmlReport
 from lorafuse.eval.metrics import Interval, confidence_interval, proportion_interval
+from lorafuse.utils.atomic import check_output
 
 FILES = "report_files"
 METRIC_ORDER = ("oracle_content", "oracle_style", "right_individual", "right_class", "right_style", "oracle_amean",
@@ -235,6 +236,12 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
             f"{run_dir}: not a folder; give the output folder of `lorafuse grid`, `fuse` or `train`"
         )
     page = Path(out) if out is not None else run_dir / "report.html"
+    if not _has_content(run_dir):
+        raise UserInputError(
+            f"{run_dir}: nothing to report: no images, cells.json, training log or settings file in it; give the "
+            "output folder of `lorafuse grid`, `fuse` or `train`"
+        )
+    check_output(page, what="report page")
     folder = page.parent / FILES
     report = HtmlReport(f"lorafuse report: {run_dir.name}")
 
@@ -284,6 +291,16 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
             report.image(rel(p), p.name)
     _settings(report, run_dir)
     return report.write(page)
+
+
+def _has_content(run_dir: Path) -> bool:
+    names = ("cells.json", "grid.toml", "record.json", "config.toml")
+    return (
+        any(run_dir.glob("*.png"))
+        or any((run_dir / n).is_file() for n in names)
+        or bool(training_logs(run_dir))
+        or (run_dir / "cells").is_dir()
+    )
 
 
 def _inside(path: Path, root: Path) -> bool:

@@ -16,7 +16,7 @@ from torch import nn
 from lorafuse.errors import UserInputError
 from lorafuse.families import FAMILIES, get_family
 
-REFERENCE_ARCHS = ("sd15", "sdxl")  # the families whose foreign LoRAs we guess by shapes
+REFERENCE_ARCHS = ("sd15", "sdxl", "flux")  # the families whose foreign LoRAs we guess by shapes
 ARCH_LABELS = {name: family.label for name, family in FAMILIES.items()}
 
 

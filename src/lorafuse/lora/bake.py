@@ -14,7 +14,9 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from lorafuse.errors import UserInputError
+from lorafuse.errors import LoraFormatError, UserInputError
+from lorafuse.utils.atomic import atomic_folder, check_output
+from lorafuse.utils.inputs import check_input_file
 
 
 def _tokenizer_sources(base: str) -> Path | None:
@@ -39,19 +41,20 @@ def bake_loras(base: str, loras: Sequence[tuple[str | os.PathLike, float]], out:
         raise UserInputError("bake needs at least one LoRA file")
     if out.exists():
         raise UserInputError(f"{out}: already exists; choose a new folder (a baked model is never overwritten)")
+    check_output(out, kind="folder", what="baked model folder")
+    for path, _ in loras:  # a missing or unreadable file must show before the base loads
+        check_input_file(path, "LoRA file", LoraFormatError)
     pipe = load_base_pipeline(base)
     # read every file before fusing any: a broken second file must not cost the first one's fuse
     states = [load_lora(path, allow_pickle=allow_pickle, base=pipe) for path, _ in loras]
     record = [{"lora": str(path), "weight": float(weight), "modules": fuse_into(pipe, state, float(weight))}
               for (path, weight), state in zip(loras, states, strict=True)]  # fmt: skip
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    source = _tokenizer_sources(base)
-    for sub in ("tokenizer", "tokenizer_2"):
-        # transformers 5 writes only tokenizer.json; keep the CLIP vocab.json + merges.txt other tools read
-        if source is not None and (source / sub).is_dir():
-            shutil.copytree(source / sub, tmp / sub, dirs_exist_ok=True)
-    (tmp / "lorafuse_bake.json").write_text(json.dumps({"base": base, "loras": record}, indent=1))
-    tmp.rename(out)
+    with atomic_folder(out) as tmp:
+        pipe.save_pretrained(tmp)
+        source = _tokenizer_sources(base)
+        for sub in ("tokenizer", "tokenizer_2"):
+            # transformers 5 writes only tokenizer.json; keep the CLIP vocab.json + merges.txt other tools read
+            if source is not None and (source / sub).is_dir():
+                shutil.copytree(source / sub, tmp / sub, dirs_exist_ok=True)
+        (tmp / "lorafuse_bake.json").write_text(json.dumps({"base": base, "loras": record}, indent=1))
     return out

@@ -3,7 +3,7 @@
 Safety: only safetensors by default. Pickle-based files (.ckpt/.pt/.bin/.pth) can run code when unpickled,
 so they are refused unless the caller opts in with `allow_pickle=True`, and even then read with
 `torch.load(weights_only=True)`, which only rebuilds tensors and plain containers. Every file we write goes
-through `atomic_path`: an interrupted save never leaves half a LoRA under the final name.
+through `lorafuse.utils.atomic`: an interrupted save never leaves half a LoRA under the final name.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from pathlib import Path
 import torch
 
 from lorafuse.errors import LoraFormatError, UserInputError
-from lorafuse.lora.formats import WRITE_FORMATS, detect_format, diffusers, kohya
+from lorafuse.lora.checks import check_magnitudes, check_tensors
+from lorafuse.lora.formats import WRITE_FORMATS, bfl, detect_format, diffusers, kohya
 from lorafuse.lora.formats.metadata import build_metadata, to_str
 from lorafuse.lora.keys import ARCHS, SD15_LAYOUT, SDXL_LAYOUT, KeyIndex, NameResolver, UnetLayout
 from lorafuse.lora.state import LoraState
-from lorafuse.utils.atomic import atomic_path
+from lorafuse.utils.atomic import atomic_save_safetensors
+from lorafuse.utils.inputs import check_input_file
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".bin", ".pth")
 
@@ -54,30 +56,20 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _check_finite(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            n = int((~torch.isfinite(tensor)).sum())
-            raise LoraFormatError(
-                f"{path}: tensor {key!r} has {n} non-finite values (NaN/inf); the file is damaged or its training "
-                "diverged. Refusing to load it."
-            )
-
-
 def _resolver(base: object | None) -> NameResolver:
     """Kohya names are resolved against the base's real module names, else against the reference archs."""
     from lorafuse.lora.targets import base_modules, reference_modules
 
     if base is not None:
         return NameResolver([base_modules(base).index])
-    return NameResolver([reference_modules("sdxl").index, reference_modules("sd15").index])
+    return NameResolver(
+        [reference_modules("sdxl").index, reference_modules("sd15").index, reference_modules("flux").index]
+    )
 
 
 def read_tensors(path: str | os.PathLike, *, allow_pickle: bool = False) -> tuple[dict, dict[str, str]]:
     """(tensors, metadata) of a LoRA file, with the safety checks but no format interpretation."""
-    path = Path(path)
-    if not path.is_file():
-        raise LoraFormatError(f"{path}: no such file")
+    path = check_input_file(path, "LoRA file", LoraFormatError)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         tensors, metadata = _read_safetensors(path)
@@ -91,8 +83,7 @@ def read_tensors(path: str | os.PathLike, *, allow_pickle: bool = False) -> tupl
         tensors, metadata = _read_pickle(path), {}
     else:
         raise LoraFormatError(f"{path}: unknown LoRA file type {suffix!r}; expected .safetensors")
-    _check_finite(path, tensors)
-    return tensors, metadata
+    return check_tensors(tensors, str(path)), metadata
 
 
 def load_lora(
@@ -100,8 +91,9 @@ def load_lora(
 ) -> LoraState:
     """Read any supported LoRA file into the canonical `LoraState`.
 
-    Formats: kohya (both SDXL UNet namings), LyCORIS LoCon / LoHa / LoKr (the last two rebuilt to dense ΔW),
-    diffusers attention-processor, diffusers and PEFT. `base` (a pipeline, a {component: module} mapping or a
+    Formats: kohya (both SDXL UNet namings, FLUX.1's BFL names), LyCORIS LoCon / LoHa / LoKr (the last two
+    rebuilt to dense ΔW), diffusers attention-processor, diffusers and PEFT (`transformer.` for FLUX.1), and FLUX.1
+    ComfyUI / BFL / XLabs files. Fused FLUX.1 layers (qkv, linear1) are split exactly into diffusers' modules. `base` (a pipeline, a {component: module} mapping or a
     UNet) resolves kohya names against that model's modules; without it, against real SD1.5 / SDXL.
     Call `validate_lora` next: loading checks the file, not whether it fits a model.
     """
@@ -109,8 +101,13 @@ def load_lora(
     source = str(path)
     family = detect_format(list(tensors), source)
     if family == "kohya":
-        return kohya.read(tensors, metadata, _resolver(base), source)
-    return diffusers.read(tensors, metadata, source)
+        state = kohya.read(tensors, metadata, _resolver(base), source)
+    elif family == "bfl":
+        state = bfl.read(tensors, metadata, source)
+    else:
+        state = diffusers.read(tensors, metadata, source)
+    check_magnitudes(state)
+    return state
 
 
 def kohya_layout(arch: str, base: object | None) -> UnetLayout | None:
@@ -133,7 +130,7 @@ def save_lora(
     path: str | os.PathLike,
     *,
     format: str = "kohya",
-    arch: str = "sd15",
+    arch: str | None = None,
     metadata: Mapping[str, object] | None = None,
     training: Mapping[str, object] | None = None,
     base: object | None = None,
@@ -143,12 +140,15 @@ def save_lora(
     """Write `state` atomically as .safetensors and return the path.
 
     format: "kohya" (default; loads in A1111, ComfyUI, kohya and diffusers) or "diffusers" (PEFT layout with
-    diffusers' adapter metadata). arch: "sd15" | "sdxl" | "world"; SDXL kohya files get SGM UNet names.
+    diffusers' adapter metadata). arch: "sd15" | "sdxl" | "world" | "flux"; SDXL kohya files get SGM UNet
+    names, FLUX.1 kohya files BFL names with fused qkv / linear1 (exact, see flux_keys.py). Default: "flux" for
+    a LoRA on a FLUX.1 transformer, else "sd15".
     training: settings recorded as ss_* / modelspec.* (see formats/metadata.py TRAINING_KEYS).
     metadata: extra entries written last, verbatim. base: a model whose UNet layout differs from the
     real architecture's (the SGM block numbers depend on it). uniform_alpha (kohya only): when modules have
     different alphas, store one alpha and fold the ratios into `lora_up` (same ΔW), because diffusers loads
     per-module kohya alphas wrongly (see formats/kohya.py `with_uniform_alpha`); False keeps factors bit-exact.
+    FLUX.1 kohya files keep per-module alphas: diffusers' FLUX converter reads them right.
     dtype: of every stored tensor (kohya's save_precision): float16 / bfloat16 halve the file; alphas too, as
     kohya stores them (alphas are small integers or simple fractions, exact in either).
     """
@@ -157,6 +157,8 @@ def save_lora(
         raise UserInputError(f"{path}: lorafuse writes .safetensors files only")
     if format not in WRITE_FORMATS:
         raise UserInputError(f"unknown LoRA format {format!r}; choose from {', '.join(WRITE_FORMATS)}")
+    if arch is None:
+        arch = "flux" if "transformer" in state.components() else "sd15"
     if arch not in ARCHS:
         raise UserInputError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
     if not state.modules:
@@ -167,7 +169,7 @@ def save_lora(
             if t is not None and not torch.isfinite(t).all():
                 raise LoraFormatError(f"{path}: module {key} has non-finite values in {name}; not saving it")
 
-    if format == "kohya" and uniform_alpha:
+    if format == "kohya" and uniform_alpha and arch != "flux":
         state = kohya.with_uniform_alpha(state)
     meta = build_metadata(state, fmt=format, arch=arch, path=path, training=training)
     if format == "kohya":
@@ -196,12 +198,19 @@ def save_tensors(
 
 
 def _save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
     # safetensors refuses views that share storage; detached contiguous clones are always accepted
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    atomic_save_safetensors(path, tensors, metadata)
+
+
+def estimated_size(state: LoraState) -> int:
+    """Bytes a saved `state` takes (the tensors; metadata is small): for `check_output` before any work."""
+    total = 0
+    for m in state.modules.values():
+        for t in (m.down, m.up, m.delta):
+            if t is not None:
+                total += t.numel() * t.element_size()
+    return total
 
 
 __all__ = ["load_lora", "save_lora", "read_tensors", "KeyIndex"]

@@ -36,9 +36,11 @@ ARCHS = NAMES  # the registered base-model families
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 COMPONENTS_ORDER = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
-# Prefixes we read. `lora_te_` and `lora_te1_` both mean the first text encoder.
+# Prefixes we read. `lora_te_` and `lora_te1_` both mean the first text encoder. `lora_transformer_` is the
+# kohya-style spelling of diffusers' FLUX.1 module names that some trainers write (diffusers reads it too).
 KOHYA_READ_PREFIXES = {
     "lora_unet_": "unet",
+    "lora_transformer_": "transformer",
     "lora_te1_": "text_encoder",
     "lora_te2_": "text_encoder_2",
     "lora_te_": "text_encoder",
@@ -49,6 +51,9 @@ def kohya_write_prefixes(arch: str) -> dict[str, str]:
     """Component -> kohya prefix. SDXL numbers its two text encoders; SD1.5 (and our world) has one."""
     if arch == "sdxl":
         return {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    if arch == "flux":
+        # kohya's FLUX.1 files: BFL transformer names under lora_unet_, CLIP-L under lora_te1_ (flux_keys.py)
+        return {"transformer": "lora_unet_", "text_encoder": "lora_te1_"}
     return {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 
 

@@ -8,6 +8,8 @@ Module keys are canonical diffusers module paths with a component prefix:
     "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"      (SD1.5 / world; `text_model.` level always
     "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj"    kept in the canonical key, see formats)
+    "transformer.transformer_blocks.0.attn.to_q"                    (FLUX.1: diffusers' split q / k / v; the
+                                                                     fused BFL layout is a file format, flux_keys)
 Formats that cannot be expressed as (down, up) (LyCORIS LoHa / LoKr) carry a dense `delta` instead.
 """
 
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 
 @dataclass

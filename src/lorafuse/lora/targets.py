@@ -93,4 +93,20 @@ def reference_modules(arch: str) -> BaseModules:
     """BaseModules of the real-size architecture (meta device, no weights)."""
     from lorafuse.lora.archs import reference_components
 
-    return base_modules(reference_components(arch))
+    if arch != "flux":
+        return base_modules(reference_components(arch))
+    # FLUX.1's transformer Linears are written out (flux_keys): building its 57 blocks and T5-XXL, even on the
+    # meta device, takes ~20 s on a busy CPU; only CLIP-L is built
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lorafuse.families.flux import TRANSFORMER
+    from lorafuse.families.sd15 import CLIP_L
+    from lorafuse.families.unet import meta_modules
+    from lorafuse.lora.flux_keys import transformer_shapes
+
+    base = base_modules(meta_modules(lambda: {"text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L))}))
+    modules = dict(base.modules)
+    for key, shape in transformer_shapes(TRANSFORMER).items():
+        component, path = key.split(".", 1)
+        modules[key] = ModuleRef(component, path, shape)
+    return BaseModules(modules)

@@ -3,7 +3,8 @@ up only as "no effect" (ComfyUI applies a wrong-architecture LoRA partly, with a
 
 - no key matches a module of the base: `LoraFormatError` naming the file, the count and what the keys look like;
 - some keys match nothing: `LoraCoverageWarning` with counts and example keys (also in `report.warnings`);
-- a matching key whose ΔW has the wrong shape: `LoraFormatError` naming key, expected and found shapes.
+- a matching key whose ΔW has the wrong shape: `LoraFormatError` naming key, expected and found shapes;
+- an update far larger than the base weight it changes: a warning, or past a clear limit an error (checks.py).
 Use `report.targets[key]` to find the module a LoRA key applies to: kohya names are resolved against this base's
 own module names, which is exact even where a key's canonical spelling came from another UNet layout.
 """
@@ -14,11 +15,14 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
+import torch
+
 from lorafuse.errors import LoraFormatError, UserInputError
 from lorafuse.lora.archs import ARCH_LABELS, REFERENCE_ARCHS
+from lorafuse.lora.checks import check_against_base
 from lorafuse.lora.keys import ARCHS, split_key, split_kohya_prefix
 from lorafuse.lora.state import LoraModule, LoraState
-from lorafuse.lora.targets import BaseModules, ModuleRef, base_modules, reference_modules
+from lorafuse.lora.targets import BaseModules, ModuleRef, base_modules, components_of, reference_modules
 
 N_EXAMPLES = 3
 
@@ -117,13 +121,35 @@ def _describe_keys(state: LoraState, keys: list[str]) -> str:
     return ", ".join(repr(_shown(state, k)) for k in keys[:N_EXAMPLES])
 
 
+_DENOISERS = ("unet", "transformer")
+
+
+def _check_family(state: LoraState, base: BaseModules, label: str, source: str) -> None:
+    """A UNet LoRA on a transformer base (or the reverse) cannot fit anywhere: say so by family, first."""
+    lora_side = {split_key(k)[0] for k in state.modules} & set(_DENOISERS)
+    base_side = base.components() & set(_DENOISERS)
+    if not lora_side or not base_side or lora_side & base_side:
+        return
+    keys = sorted(k for k in state.modules if split_key(k)[0] in lora_side)
+    if "transformer" in lora_side:
+        family = ARCH_LABELS["flux"]
+    else:
+        guess = _guess_arch(state, keys, exclude="")
+        family = ARCH_LABELS[guess] if guess else "Stable Diffusion (UNet)"
+    raise LoraFormatError(
+        f"{source}: this is a {family} LoRA and the base is {label}: its {len(keys)} {lora_side.pop()} keys "
+        f"(e.g. {_describe_keys(state, keys)}) have no counterpart in a {label} model. A LoRA applies only to the "
+        f"model family it was trained on; use a {label} LoRA, or a {family} base."
+    )
+
+
 def validate_lora(
     state: LoraState, pipeline_or_modules: object, *, arch: str, check_shapes: bool = True
 ) -> CoverageReport:
     """Check key coverage (and shapes) of `state` against a base before any work. See the module docstring.
 
     pipeline_or_modules: a diffusers pipeline, a {component: module} mapping, a UNet, or `BaseModules`.
-    arch: "sd15" | "sdxl" | "world", the base's architecture (for messages and the wrong-arch diagnosis).
+    arch: "sd15" | "sdxl" | "world" | "flux", the base's architecture (for messages and the wrong-arch diagnosis).
     check_shapes=False checks names only (e.g. a real LoRA against a tiny test model with smaller widths).
     """
     if arch not in ARCHS:
@@ -134,6 +160,7 @@ def validate_lora(
     report = CoverageReport(arch=arch, source=source, total=len(state.modules))
     if not state.modules:
         raise LoraFormatError(f"{source}: the LoRA has no modules")
+    _check_family(state, base, label, source)
 
     for key in sorted(state.modules):
         target = _resolve(state, key, base)
@@ -174,4 +201,19 @@ def validate_lora(
         )
         report.warnings.append(message)
         warnings.warn(message, LoraCoverageWarning, stacklevel=2)
+    if check_shapes:
+        report.warnings += check_against_base(state, _target_weights(pipeline_or_modules, report.targets))
     return report
+
+
+def _target_weights(base: object, targets: dict[str, ModuleRef]) -> dict[str, torch.Tensor]:
+    """{LoRA key: the base weight it changes}, or {} for a base known only by names and shapes."""
+    if isinstance(base, BaseModules):
+        return {}
+    comps = components_of(base)
+    out = {}
+    for key, ref in targets.items():
+        module = comps[ref.component].get_submodule(ref.path)
+        module = getattr(module, "base_layer", module)  # an already-injected peft layer
+        out[key] = module.weight
+    return out

@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from lorafuse.errors import UserInputError
 from lorafuse.train.buckets import crop_offset
 from lorafuse.train.data import DatasetIndex, ImageItem, image_tensor
-from lorafuse.utils.atomic import atomic_path
+from lorafuse.utils.atomic import atomic_path, safetensors_bytes_to
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +78,8 @@ def _read_valid(path: Path, key: str, names: Sequence[str]) -> bool:
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], key: str) -> None:
     with atomic_path(path) as tmp:
-        save_file(
-            tensors, str(tmp), metadata={"lorafuse_cache_key": key, "lorafuse_cache_version": CACHE_VERSION}
+        safetensors_bytes_to(
+            tmp, tensors, {"lorafuse_cache_key": key, "lorafuse_cache_version": CACHE_VERSION}
         )
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lorafuse.utils.inputs import read_text
+
 CAPTION_EXTENSIONS = (".txt", ".caption")
 SEPARATOR = ","
 
@@ -29,7 +31,8 @@ def read_caption(image: Path, extension: str) -> str | None:
     path = image.with_suffix(extension)
     if not path.is_file():
         return None
-    for line in path.read_text(encoding="utf-8").splitlines():
+    # a caption that does not decode is an error naming the file: guessing an encoding would train on mojibake
+    for line in read_text(path, "caption file").splitlines():
         if line.strip():
             return line.strip()
     return None

@@ -17,7 +17,6 @@ RNGs (third-party code), and CUDA's when present.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -30,10 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lorafuse import __version__
 from lorafuse.errors import UserInputError
+from lorafuse.utils.atomic import atomic_folder, safetensors_bytes_to
 
 STATE_VERSION = 1
 FILES = ("lora.safetensors", "state.pt", "progress.json")
@@ -107,26 +107,6 @@ def _set_rng_state(
         torch.cuda.set_rng_state_all(list(tensors["cuda"]))
 
 
-@contextlib.contextmanager
-def _atomic_folder(final: Path):
-    """Yield a temporary folder beside `final`; on success it replaces `final` (rename), on error it is removed."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a run killed while saving
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if final.exists():
-            os.replace(final, old)  # a folder cannot be renamed onto a non-empty one: move the old one aside
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_train_state(
     folder: Path,
     *,
@@ -154,9 +134,9 @@ def save_train_state(
         "rng": plain_rng,
         "config": dict(config),
     }
-    with _atomic_folder(Path(folder)) as tmp:
-        save_file(
-            {k: v.detach().contiguous().clone() for k, v in lora.items()}, str(tmp / "lora.safetensors")
+    with atomic_folder(Path(folder)) as tmp:
+        safetensors_bytes_to(
+            tmp / "lora.safetensors", {k: v.detach().contiguous().clone() for k, v in lora.items()}
         )
         torch.save(state, tmp / "state.pt")
         if log_csv is not None and log_csv.is_file():

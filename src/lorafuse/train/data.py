@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -35,6 +36,8 @@ from lorafuse.train.buckets import (
     crop_offset,
     resize_and_crop,
 )
+from lorafuse.utils.atomic import TMP_PREFIX
+from lorafuse.utils.inputs import problem_with_file
 
 if TYPE_CHECKING:
     from lorafuse.train.cache import LatentCache, TextEncoderCache
@@ -42,7 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+_CACHE_FILE = re.compile(r"^.+\.(" + "|".join(e[1:] for e in IMAGE_EXTENSIONS) + r")\.[a-z_]+\.safetensors$", re.I)
 FOLDER_PATTERN = "<repeats>_<trigger> <class>"
 _FOLDER_RE = re.compile(r"^([0-9]+)_(\S.*)$")
 # Independent random streams per sample, so turning one augmentation on does not change the others.
@@ -147,17 +151,51 @@ def upright(img: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Decode fully (a truncated file fails here, not hours into training), turn upright, flatten alpha onto white."""
+    """Decode fully (a truncated file fails here, not hours into training), turn upright, convert to 8-bit RGB
+    by mode (16-bit and float gray rescaled, alpha flattened onto white)."""
     with Image.open(path) as img:
-        img.load()
-        img = upright(img)
-        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            # Plain convert("RGB") keeps whatever colour hides under transparent pixels, often black.
-            flat = Image.new("RGB", rgba.size, (255, 255, 255))
-            flat.paste(rgba, mask=rgba.getchannel("A"))
-            return flat
+        img.load()  # the first frame of an animated file; the scan warns about the others
+        return to_rgb(upright(img))
+
+
+# 16-bit and float images hold their own ranges: PIL's convert("RGB") clips them at 255 (all white)
+_HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode: high-depth gray rescaled, transparency flattened onto white."""
+    if img.mode in _HIGH_DEPTH:
+        return _high_depth_gray(img)
+    if img.mode in _ALPHA_MODES or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        # Plain convert("RGB") keeps whatever colour hides under transparent pixels, often black.
+        flat = Image.new("RGB", rgba.size, (255, 255, 255))
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        return flat
+    try:
         return img.convert("RGB")
+    except ValueError as e:  # e.g. LAB or HSV, which PIL cannot convert directly
+        raise ValueError(f"images of mode {img.mode} are not supported; save it as 8-bit RGB") from e
+
+
+def _high_depth_gray(img: Image.Image) -> Image.Image:
+    a = np.asarray(img, dtype=np.float64)
+    peak = float(a.max()) if a.size else 0.0
+    if img.mode.startswith("I;16"):
+        full = 65535.0
+    elif img.mode == "F" and peak <= 1.0:
+        full = 1.0  # float images are stored in [0, 1] by the tools that write them (tifffile, OpenCV)
+    else:
+        # mode I (and F beyond 1) comes from 16-bit PNG/TIFF data, or 8-bit data widened by an editor
+        full = 65535.0 if peak > 255 else 255.0
+    gray = np.clip(np.rint(a * (255.0 / full)), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, "L").convert("RGB")
+
+
+def image_frames(path: Path) -> int:
+    with Image.open(path) as img:
+        return int(getattr(img, "n_frames", 1))
 
 
 def _subset_folders(root: Path, role: str) -> list[Path]:
@@ -179,6 +217,43 @@ def _subset_folders(root: Path, role: str) -> list[Path]:
         parse_subset_folder(p)  # a name that starts like one but is malformed is an error
         folders.append(p)
     return folders
+
+
+def _ours(name: str) -> bool:
+    """Latent / text-encoder cache files (cache.py names them '<image name>.<kind>.safetensors') and our
+    temporaries: written by lorafuse beside the images, so not the user's files to account for."""
+    return name.startswith(TMP_PREFIX) or bool(_CACHE_FILE.match(name))
+
+
+def _sort_entries(folder: Path, cfg: DatasetConfig, skipped: list[tuple[Path, str]]) -> list[Path]:
+    """The images of a concept folder. Every other entry is named in a warning with the reason (and kept in
+    `skipped` for dangling links), so no file is ever left out without a word."""
+    entries = sorted(folder.iterdir())
+    images = [p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()]
+    stems = {p.stem for p in images}
+    usable = []
+    for path in entries:
+        if _ours(path.name):
+            continue
+        if path in images:
+            problem = problem_with_file(path, "image")
+            if problem is None:
+                usable.append(path)
+                continue
+            if cfg.on_bad_image == "fail":
+                raise UserInputError(f"{path}: {problem}; fix or remove it, or set on_bad_image = 'skip'")
+            log.warning("%s: skipped, %s", path, problem)
+            skipped.append((path, problem))
+        elif path.is_dir():
+            log.warning("%s: ignored, a folder inside a concept folder (kohya reads only the images directly in it)", path)
+        elif path.suffix.lower() in cap.CAPTION_EXTENSIONS:
+            if path.stem not in stems:
+                log.warning("%s: ignored, a caption file with no image named %s.*", path, path.stem)
+        elif path.is_symlink() and not path.exists():
+            log.warning("%s: ignored, a symbolic link to %s, which does not exist", path, os.readlink(path))
+        else:
+            log.warning("%s: ignored, not an image (%s) nor a caption", path, ", ".join(IMAGE_EXTENSIONS))
+    return usable
 
 
 def _scan_folder(
@@ -206,7 +281,7 @@ def scan_images(
 ) -> list[ImageItem]:
     """The usable images of one folder with their captions and buckets."""
     folder, repeats, fallback, is_reg = source.folder, source.repeats, source.fallback, source.is_reg
-    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    images = _sort_entries(folder, cfg, skipped)
     if not images:
         log.warning("%s: no images (%s)", folder, ", ".join(IMAGE_EXTENSIONS))
     items, uncaptioned = [], []
@@ -214,6 +289,7 @@ def scan_images(
         try:
             size = load_rgb(path).size
             assignment = buckets.assign(size)
+            frames = image_frames(path)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             if cfg.on_bad_image == "fail":
                 raise UserInputError(
@@ -222,6 +298,8 @@ def scan_images(
             log.warning("%s: skipped, cannot use this image (%s)", path, e)
             skipped.append((path, str(e)))
             continue
+        if frames > 1:  # the first frame is a real picture of the subject; refusing would drop it silently too
+            log.warning("%s: animated image with %d frames; only the first frame is used", path, frames)
         text = cap.read_caption(path, source.caption_extension)
         if text is None:
             if fallback is None:

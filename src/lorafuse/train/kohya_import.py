@@ -23,9 +23,9 @@ from lorafuse.errors import ConfigError
 from lorafuse.train.kohya_keys import KOHYA_DEFAULTS, OPTIMIZER_FIXED_ARGS, OPTIMIZERS, RULES, Rule
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    pass
 else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+    pass
 
 
 @dataclass(frozen=True)
@@ -84,13 +84,9 @@ def looks_like_kohya(data: Mapping[str, Any]) -> bool:
 
 
 def read_toml(path: str | os.PathLike) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    from lorafuse.config.toml_io import read_toml as read  # missing, folder, unreadable, binary: one message
+
+    return read(path)
 
 
 def import_kohya_file(path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> KohyaImport:

@@ -55,6 +55,7 @@ from lorafuse.train.saving import SaveRotation, check_implemented, save_dtype
 from lorafuse.train.stop import StopRequest
 from lorafuse.train.timesteps import noise_like, sample_timesteps
 from lorafuse.train.validation import Validator, split_validation
+from lorafuse.utils.atomic import check_output
 from lorafuse.utils.memory import release_memory
 
 
@@ -99,6 +100,7 @@ def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | 
 
     # 1. Check inputs before any compute or any write
     check_implemented(cfg)
+    check_output(tc.output_dir, kind="folder", what="training.output_dir")
     index = scan_dataset(ds)
     val_seed = ds.validation_seed if ds.validation_seed is not None else tc.seed
     index, val_index = split_validation(index, ds.validation_split, val_seed)

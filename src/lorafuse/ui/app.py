@@ -30,9 +30,12 @@ def build_app(ws: Workspace, *, max_upload: int) -> gr.Blocks:
             with gr.Tab("LoRA tools", id="tools", elem_id="tab-tools"):
                 tab_tools.build(ws, store)
             with gr.Tab("Fuse", id="fuse", elem_id="tab-fuse"):
-                tab_fuse.build(ws, store)
+                fuse = tab_fuse.build(ws, store)
             with gr.Tab("Compare & report", id="compare", elem_id="tab-compare"):
-                tab_compare.build(ws, store)
+                compare = tab_compare.build(ws, store)
             with gr.Tab("Jobs", id="jobs", elem_id="tab-jobs"):
                 tab_jobs.build(store)
+        # the method lists come from the fusion registry (imported once before the first request: server.serve)
+        for fill, outputs in (fuse["on_load"], compare["on_load"]):
+            app.load(fill, None, outputs)
     return app

@@ -37,7 +37,7 @@ class CliResult:
     def markdown(self) -> str:
         shown = f"`{self.command}`"
         if not self.ok:
-            return f"{shown}\n\n**{self.error or 'failed'}**"
+            return f"{shown}\n\n{error_md(self.error or 'failed')}"
         return shown
 
 
@@ -63,11 +63,13 @@ def run_cli(argv: list[str], cwd: Path) -> CliResult:
     return CliResult(argv, code, out.getvalue(), error if code else "")
 
 
-def message(exc: Exception) -> str:
-    """A user error as the page shows it: one line, as the CLI prints it."""
-    if isinstance(exc, UserInputError):
-        return f"error: {exc}"
-    raise exc
+def error_md(text: object) -> str:
+    """An error line for a Markdown component: bold, HTML-escaped (messages such as '<defaults> with overrides
+    ...' would otherwise be read as a tag and vanish)."""
+    import html
+
+    line = str(text)
+    return f"**{html.escape(line if line.startswith(('error', 'lorafuse')) else 'error: ' + line)}**"
 
 
 def split_list(text: str, kind: type = str) -> list:

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from lorafuse.errors import UserInputError
-from lorafuse.train.data import IMAGE_EXTENSIONS, parse_subset_folder
+from lorafuse.ui.workspace import IMAGE_SUFFIXES as IMAGE_EXTENSIONS
 from lorafuse.ui.workspace import Workspace, check_upload
 from lorafuse.utils.atomic import atomic_path, atomic_write_text
 
@@ -45,6 +45,9 @@ def write_uploads(ws: Workspace, name: str, files: list[str], *, trigger: str, c
 
 
 def subsets(ws: Workspace, dataset: str) -> list[Path]:
+    # imported here: lorafuse.train.data pulls in torch, which the page's start-up need not wait for
+    from lorafuse.train.data import parse_subset_folder
+
     root = ws.resolve(dataset, must_exist=True)
     found = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):

@@ -56,7 +56,7 @@ def write_grid(ws: Workspace, folder: str, name: str, *, prompt: str, axes: dict
             axes[key] = [os.path.relpath(ws.resolve(p, must_exist=True), config.parent) for p in axes[key]]
             for p in axes[key]:
                 ws.check_pickle(config.parent / p)
-    doc = {"prompt": prompt, "scheduler": scheduler, "out": name, "axes": axes,
+    doc = {"prompt": prompt, "scheduler": scheduler, "out": name, "allow_pickle": ws.allow_pickle, "axes": axes,
            "metrics": {k: v for k, v in metrics.items() if v not in (None, "")}}  # fmt: skip
     atomic_write_text(config, tomli_w.dumps(doc))
     return ws.relative(config), ws.relative(out)

@@ -82,6 +82,13 @@ def serve(app, bind: Binding, workspace, *, block: bool = True, max_upload: int)
         print(f"lorafuse ui: generated token (use it as the password): {bind.token}", flush=True)
     print(f"lorafuse ui: serving http://{bind.host}:{bind.port} (workspace {workspace.root})", flush=True)
     app.queue(default_concurrency_limit=4)
+    # The fusion registry (torch, diffusers, peft) loads before the server answers. Loading it in a background
+    # thread instead served the page sooner, but a click could then import the same packages from a second
+    # thread at the same time, and torch/diffusers' import cycles made such a click fail (seen in the browser
+    # test: "Apply preset" raised). One import, here, before any request.
+    from lorafuse.ui.tab_fuse import method_catalog
+
+    method_catalog()
     app.launch(
         server_name=bind.host,
         server_port=bind.port,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import html
 import time
 
 import gradio as gr
@@ -11,7 +12,7 @@ from lorafuse.errors import UserInputError
 from lorafuse.ui import grids
 from lorafuse.ui.common import choices_or, split_list
 from lorafuse.ui.jobs import JobStore
-from lorafuse.ui.tab_fuse import fuse_jobs, show_grid
+from lorafuse.ui.tab_fuse import fuse_jobs, method_catalog, show_grid
 from lorafuse.ui.tab_tools import BASES, lora_files
 from lorafuse.ui.workspace import Workspace
 
@@ -21,8 +22,6 @@ def reports(ws: Workspace) -> list[str]:
 
 
 def build(ws: Workspace, store: JobStore) -> dict:
-    from lorafuse.fusion.registry import method_names
-
     files = lora_files(ws)
     gr.Markdown("Each axis takes several values (commas or spaces); checkpoints are e.g. one LoRA per epoch.")
     with gr.Row():
@@ -35,13 +34,13 @@ def build(ws: Workspace, store: JobStore) -> dict:
         weights = gr.Textbox(value="0.5 1", label="LoRA weight", elem_id="cmp-weights")
         steps = gr.Textbox(value="10", label="steps", elem_id="cmp-steps")
         bases = gr.Dropdown(BASES, value=["world"], multiselect=True, label="bases", allow_custom_value=True)
-        methods = gr.Dropdown(method_names(), value=["direct"], multiselect=True, label="methods (when fusing)")
+        methods = gr.Dropdown([], multiselect=True, label="methods (when fusing)")
         seeds = gr.Textbox(value="0", label="seeds")
     prompt = gr.Textbox(value="a photo of a sks teapot", label="prompt", elem_id="cmp-prompt")
     run = gr.Button("Build grid (queued)", variant="primary", elem_id="cmp-run")
     pick = gr.Dropdown(fuse_jobs(store, "grid"), label="grid job", allow_custom_value=True, elem_id="cmp-pick")
     status = gr.Markdown(elem_id="cmp-status")
-    pages = gr.Gallery(label="grid pages", columns=1, height=420, elem_id="cmp-grid")
+    pages = gr.Gallery(label="grid pages", columns=1, height=420, object_fit="contain", elem_id="cmp-grid")
     scores = gr.Dataframe(label="scores", interactive=False)
     link = gr.HTML()
     with gr.Accordion("Reports of earlier runs and the demo", open=True):
@@ -80,7 +79,7 @@ def build(ws: Workspace, store: JobStore) -> dict:
         try:
             return grids.report_link(ws, ws.resolve(path, must_exist=True))
         except UserInputError as e:
-            return f"<b>error: {e}</b>"
+            return f"<b>{html.escape(f'error: {e}')}</b>"
 
     def on_demo():
         job = store.submit("demo", "lorafuse demo", ["demo", "--out", "demo"], {"dir": "demo"})
@@ -98,4 +97,8 @@ def build(ws: Workspace, store: JobStore) -> dict:
         return gr.update(choices=names), gr.update(choices=names)
 
     refresh.click(on_refresh, [ckpts, style_ckpts], [ckpts, style_ckpts])
-    return {}
+    def fill():
+        names = method_catalog()[0]
+        return gr.update(choices=names, value=[m for m in ("direct",) if m in names])
+
+    return {"on_load": (fill, [methods])}

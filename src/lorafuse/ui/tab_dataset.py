@@ -9,7 +9,7 @@ import gradio as gr
 
 from lorafuse.errors import UserInputError
 from lorafuse.ui import datasets
-from lorafuse.ui.common import choices_or, run_cli
+from lorafuse.ui.common import choices_or, error_md, run_cli
 from lorafuse.ui.workspace import Workspace
 
 
@@ -83,7 +83,7 @@ def build(ws: Workspace, max_upload: int) -> dict:
             folder = datasets.write_uploads(ws, name.strip(), [f if isinstance(f, str) else f.name for f in files or []],
                                             trigger=trig, cls=cls, repeats=int(reps or 0), max_bytes=max_upload)  # fmt: skip
         except UserInputError as e:
-            return f"**error: {e}**", gr.update()
+            return error_md(e), gr.update()
         target = ws.relative(folder.parent)
         return f"wrote `{ws.relative(folder)}`", gr.update(choices=dataset_choices(ws), value=target)
 
@@ -102,7 +102,7 @@ def build(ws: Workspace, max_upload: int) -> dict:
         try:
             return f"saved {datasets.save_captions(ws, values)} captions"
         except UserInputError as e:
-            return f"**error: {e}**"
+            return error_md(e)
 
     def on_preview(dataset, res, bs, enable_bucket, min_reso, max_reso):
         if not dataset:

@@ -11,7 +11,7 @@ import gradio as gr
 
 from lorafuse.errors import UserInputError
 from lorafuse.ui import grids
-from lorafuse.ui.common import choices_or, split_list
+from lorafuse.ui.common import choices_or, error_md, split_list
 from lorafuse.ui.jobs import JobStore
 from lorafuse.ui.tab_tools import BASES, lora_files
 from lorafuse.ui.workspace import Workspace
@@ -23,25 +23,47 @@ def fuse_jobs(store: JobStore, kind: str = "fuse") -> list[str]:
     return [j.id for j in store.jobs() if j.kind == kind][::-1]
 
 
-def build(ws: Workspace, store: JobStore) -> dict:
-    from lorafuse.fusion.options_doc import methods_help, options_help
+def method_catalog() -> tuple[list[str], str]:
+    """The registered methods and their one-line summaries (the Fuse and Compare tabs fill their lists from it
+    when a page loads; `server.serve` imports the registry once before the first request)."""
+    from lorafuse.fusion.options_doc import methods_help
     from lorafuse.fusion.registry import method_names
+
+    return method_names(), methods_help()
+
+
+def show_options(method: str | None) -> str:
+    """`lorafuse fuse --method NAME --help-options`, from the same registry."""
+    from lorafuse.fusion.options_doc import options_help
+
+    return options_help(method) if method else ""
+
+
+def build(ws: Workspace, store: JobStore) -> dict:
     from lorafuse.world.catalog import HELD_OUT_STYLES, SEEN_STYLES, all_individuals
 
-    methods = method_names()
     files = lora_files(ws)
     with gr.Row():
         content = gr.Dropdown(files, label="content (subject) LoRA", allow_custom_value=True, elem_id="fuse-content")
         style = gr.Dropdown(files, label="style LoRA", allow_custom_value=True, elem_id="fuse-style")
         base = gr.Dropdown(BASES, value="world", label="base", allow_custom_value=True)
         refresh = gr.Button("Refresh", size="sm")
-    chosen = gr.CheckboxGroup(methods, value=["direct", "klora"], label="methods (same seeds, side by side)",
-                              elem_id="fuse-methods")  # fmt: skip
+    with gr.Row():
+        chosen = gr.CheckboxGroup([], label="methods (same seeds, side by side)", elem_id="fuse-methods", scale=8)
+        every = gr.Button("all methods", size="sm", scale=1)
+    every.click(lambda: gr.update(value=method_catalog()[0]), None, chosen)
     with gr.Accordion("methods and their options", open=False):
-        gr.Markdown(f"```\n{methods_help()}\n```")
-        which = gr.Dropdown(methods, value="klora", label="options of")
-        opts_text = gr.Code(value=options_help("klora"), language=None)
-        which.change(options_help, which, opts_text)
+        summaries = gr.Markdown()
+        which = gr.Dropdown([], label="options of")
+        opts_text = gr.Code(language=None)
+        which.change(show_options, which, opts_text)
+
+    def fill():
+        names, text = method_catalog()
+        first = [m for m in ("direct", "klora") if m in names] or names[:1]
+        return (gr.update(choices=names, value=first), f"```\n{text}\n```",
+                gr.update(choices=names, value=first[-1]))  # fmt: skip
+
     prompt = gr.Textbox(value="a photo of a sks teapot <c> in sks style <s>", elem_id="fuse-prompt",
                         label="prompt: <c> ends the content span, <s> the style span (CRAFT reads them; other "
                         "methods see the prompt without them)")  # fmt: skip
@@ -62,7 +84,7 @@ def build(ws: Workspace, store: JobStore) -> dict:
     with gr.Row():
         pick = gr.Dropdown(fuse_jobs(store), label="fuse job", elem_id="fuse-pick", allow_custom_value=True)
     status = gr.Markdown(elem_id="fuse-status")
-    pages = gr.Gallery(label="methods x seeds", columns=1, height=420, elem_id="fuse-grid")
+    pages = gr.Gallery(label="methods x seeds", columns=1, height=420, object_fit="contain", elem_id="fuse-grid")
     scores = gr.Dataframe(label="oracle scores", interactive=False, elem_id="fuse-scores", wrap=True)
     with gr.Row():
         schedule = gr.Image(label="K-LoRA schedule (layers x steps)", elem_id="fuse-schedule", height=260)
@@ -101,7 +123,7 @@ def build(ws: Workspace, store: JobStore) -> dict:
         return choices_or(names, c), choices_or(names, s)
 
     refresh.click(on_refresh, [content, style], [content, style])
-    return {"content": content, "style": style}
+    return {"content": content, "style": style, "on_load": (fill, [chosen, summaries, which])}
 
 
 def show_grid(ws: Workspace, store: JobStore, job_id: str | None):
@@ -114,7 +136,7 @@ def show_grid(ws: Workspace, store: JobStore, job_id: str | None):
         found = grids.results(ws, view.job.outputs["dir"])
     except UserInputError as e:
         return f"error: {e}", [], pd.DataFrame(), None, ""
-    text = f"**{view.status}** {view.progress}  \n`{view.job.command}`" + (f"  \n**{view.error}**" if view.error else "")
+    text = f"**{view.status}** {view.progress}  \n`{view.job.command}`" + (f"  \n{error_md(view.error)}" if view.error else "")
     table = pd.DataFrame(found["table"], columns=found["header"]) if found["header"] else pd.DataFrame()
     schedule = str(found["schedule"]) if found["schedule"] else None
     return text, [str(p) for p in found["pages"]], table, schedule, grids.report_link(ws, found["report"])

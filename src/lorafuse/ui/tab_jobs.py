@@ -8,6 +8,7 @@ import time
 import gradio as gr
 
 from lorafuse.errors import UserInputError
+from lorafuse.ui.common import error_md
 from lorafuse.ui.jobs import JobStore
 
 HEADERS = ["id", "status", "progress", "title", "command", "started"]
@@ -47,7 +48,7 @@ def build(store: JobStore) -> dict:
         try:
             return store.request_stop(job_id)
         except UserInputError as e:
-            return f"**error: {e}**"
+            return error_md(e)
 
     gr.Timer(2.0).tick(on_tick, pick, [jobs, pick, log])
     stop.click(on_stop, pick, said)

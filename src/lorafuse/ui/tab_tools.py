@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from lorafuse.errors import UserInputError
-from lorafuse.ui.common import choices_or, run_cli, split_list
+from lorafuse.ui.common import choices_or, error_md, run_cli, split_list
 from lorafuse.ui.jobs import JobStore
 from lorafuse.ui.workspace import Workspace
 
@@ -76,7 +76,7 @@ def build(ws: Workspace, store: JobStore) -> dict:
             try:
                 argv = make_argv(*args)
             except UserInputError as e:
-                return f"**error: {e}**", f"error: {e}"
+                return error_md(e), f"error: {e}"
             if argv[0] == "bake":
                 job = store.submit("bake", f"bake {argv[-1]}", argv, {"dir": argv[-1]})
                 store.ensure_worker()

@@ -14,7 +14,7 @@ import gradio as gr
 
 from lorafuse.errors import UserInputError
 from lorafuse.train.options import Option, options
-from lorafuse.ui.common import choices_or
+from lorafuse.ui.common import choices_or, error_md
 from lorafuse.ui.jobs import JobStore
 from lorafuse.ui.workspace import Workspace
 from lorafuse.utils.atomic import atomic_write_text
@@ -169,8 +169,8 @@ def build(ws: Workspace, store: JobStore, dataset_picker) -> dict:
     def on_queue(dataset, name, *values):
         try:
             run, path, text, cmd = config_for(dataset, name, list(values))
-        except UserInputError as e:
-            raise gr.Error(f"error: {e}", print_exception=False) from None
+        except UserInputError as e:  # shown where the user looks, as the CLI prints it
+            return error_md(e), gr.update(), gr.update(), gr.update()
         atomic_write_text(run / "config.toml", text)
         rel = ws.relative(run)
         job = store.submit("train", f"train {run.name}", ["train", path],
@@ -228,20 +228,22 @@ def train_jobs(store: JobStore) -> list[str]:
 
 
 def monitor(ws: Workspace, store: JobStore, job_id: str | None):
-    """Status line, loss and LR frames from the run's CSV log, and the sample grids so far."""
+    """Status line, loss and LR frames from the run's CSV log, and the sample grids so far. A plot gets None,
+    never an empty frame, until there are rows: gradio fixes the colour encoding on the first frame it sees,
+    and an empty one would make the series a number scale (no lines drawn afterwards)."""
     import pandas as pd
 
-    empty = pd.DataFrame({"step": [], "value": [], "series": []})
     if not job_id:
-        return "", empty, empty, []
+        return "", None, None, []
     try:
         view = store.view(store.load(job_id))
     except UserInputError as e:
-        return f"error: {e}", empty, empty, []
+        return f"error: {e}", None, None, []
     out = view.job.outputs
-    text = f"**{view.status}** {view.progress}  \n`{view.job.command}`" + (f"  \n**{view.error}**" if view.error else "")
+    text = f"**{view.status}** {view.progress}  \n`{view.job.command}`" + (f"  \n{error_md(view.error)}" if view.error else "")
     csv = ws.resolve(out["csv"])
-    loss, lr = empty, empty
+    loss = lr = None
+    rows = []
     if csv.is_file():
         from lorafuse.train.run_log import read_rows
 
@@ -249,12 +251,13 @@ def monitor(ws: Workspace, store: JobStore, job_id: str | None):
             rows = read_rows(csv)
         except (OSError, ValueError, KeyError):
             rows = []
-        if rows:
-            loss = pd.DataFrame([{"step": r["step"], "value": r[k], "series": k} for r in rows
-                                 for k in ("loss", "loss_avg") if k in r])  # fmt: skip
-            lr = pd.DataFrame([{"step": r["step"], "value": r[k], "series": k} for r in rows
-                               for k in ("lr_unet", "lr_text_encoder") if k in r])  # fmt: skip
-            text += f"  \nstep {int(rows[-1]['step'])}, loss {rows[-1]['loss']:.4f}"
+    if rows:
+        def frame(keys):
+            found = [{"step": r["step"], "value": r[k], "series": k} for r in rows for k in keys if k in r]
+            return pd.DataFrame(found) if found else None
+
+        loss, lr = frame(("loss", "loss_avg")), frame(("lr_unet", "lr_text_encoder"))
+        text += f"  \nstep {int(rows[-1]['step'])}, loss {rows[-1]['loss']:.4f}"
     folder = ws.resolve(out["samples"])
     grids = sorted(folder.glob("*.png")) if folder.is_dir() else []
-    return text, loss, lr if len(lr) else empty, [(str(p), p.stem) for p in grids]
+    return text, loss, lr, [(str(p), p.stem) for p in grids]

@@ -15,7 +15,8 @@ Rules (the paper states only the example; the rest is ours, chosen so that every
 - A span is stripped of surrounding spaces and of punctuation left over at its edges (", smiling" -> "smiling").
 - Errors, each naming the prompt and the position: a marker given twice; a marker that tags no text ("<c><s>",
   or "<c>" at the very start); any other one-letter tag (`<x>`, `<C>`: markers are lowercase); closing tags
-  (`</c>`: markers are single, not open/close pairs); A1111 LoRA tags (`<lora:name:0.8>`: lorafuse never reads
+  (`</c>`: markers are single, not open/close pairs); look-alikes (an unclosed `<c`, `c>`, `<c/>`, `[c]`,
+  `{s}`, `(c)`: each would otherwise silently drop a span and set its λ to 0); A1111 LoRA tags (`<lora:name:0.8>`: lorafuse never reads
   LoRAs from prompts). Longer angle-bracket words (`<cat-toy>`, textual-inversion placeholders) are ordinary
   prompt text and pass through unchanged.
 - Clean prompt: markers removed, runs of whitespace collapsed to one space, no space before , . ; : ! ?
@@ -38,6 +39,11 @@ MARKERS = {"c": "content", "s": "style"}
 
 # one-letter tags, closing tags and A1111 LoRA tags; everything else in <...> is prompt text
 _TAG = re.compile(r"<\s*(/?)\s*([A-Za-z])\s*>|<\s*(lora|lyco|hypernet)\s*:[^>]*>", re.IGNORECASE)
+# what is left once real tags are cut out and still looks like a marker: an unclosed "<c", a "c>" without its
+# "<", "<c/>", or another bracket ("[c]", "{s}", "(c)"). Each silently dropped a span before, so it is an error.
+_LOOKALIKE = re.compile(
+    r"<\s*/?\s*[cCsS](?![\w>-])|(?<![\w<])/?[cCsS]\s*>|[\[({]\s*[cs]\s*[\])}]"
+)
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?])")
 _EDGE_PUNCT = " \t\n,.;:!?"
 
@@ -81,6 +87,17 @@ def _error(prompt: str, pos: int, problem: str) -> UserInputError:
     return UserInputError(f"prompt {prompt!r}: {problem} (at character {pos}: {pointer!r})")
 
 
+def _check_lookalike(prompt: str, start: int, end: int) -> None:
+    m = _LOOKALIKE.search(prompt, start, end)
+    if m is not None:
+        raise _error(
+            prompt,
+            m.start(),
+            f"{m.group(0)!r} looks like a marker but is not one; write exactly <c> after the content words "
+            "and <s> after the style words",
+        )
+
+
 def parse_prompt(prompt: str) -> MarkedPrompt:
     """Split a marked prompt into spans and the clean prompt (see the module docstring for the rules)."""
     if not isinstance(prompt, str):
@@ -90,6 +107,7 @@ def parse_prompt(prompt: str) -> MarkedPrompt:
     pieces: list[str] = []  # the prompt with markers cut out
     start = 0
     for m in _TAG.finditer(prompt):
+        _check_lookalike(prompt, start, m.start())
         closing, letter, a1111 = m.group(1), m.group(2), m.group(3)
         if a1111:
             raise _error(
@@ -119,6 +137,7 @@ def parse_prompt(prompt: str) -> MarkedPrompt:
         order.append(letter)
         pieces.append(prompt[start : m.start()])
         start = m.end()
+    _check_lookalike(prompt, start, len(prompt))
     pieces.append(prompt[start:])
     clean = normalise(" ".join(pieces))
     if not clean:

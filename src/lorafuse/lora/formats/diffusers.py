@@ -4,7 +4,8 @@
   prefix, `to_out_lora` meaning `to_out.0` (UNet) or `out_proj` (text encoder).
 - diffusers LoRA: `unet.<module>.lora.down.weight` / `.lora.up.weight`, text encoders
   `text_encoder.<module>.lora_linear_layer.down.weight`.
-- PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight` (an adapter name may sit before `.weight`).
+- PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight` (an adapter name may sit before `.weight`); FLUX.1
+  files (diffusers' trainer, ai-toolkit, SimpleTuner) use `transformer.<module>.lora_A.weight` the same way.
 None of these stores alpha in the keys (scale 1) unless the file has `<module>.alpha` tensors or diffusers'
 `lora_adapter_metadata` JSON ({"unet.r", "unet.lora_alpha", "unet.alpha_pattern", …}: a peft LoraConfig per
 component), which is how we write non-unit scales so that diffusers' own loader applies them.
@@ -41,7 +42,10 @@ def _component(module: str) -> tuple[str, str]:
     for component in ("text_encoder_2", "text_encoder", "unet", "transformer"):
         if module.startswith(component + "."):
             return component, module[len(component) + 1 :]
-    # un-prefixed files (attention-processor era, raw peft) are UNet-only unless the path says otherwise
+    # un-prefixed files (attention-processor era, raw peft) are UNet-only unless the path says otherwise;
+    # a UNet's transformer_blocks sit inside attentions, so a path starting with them is a FLUX transformer
+    if module.startswith(("transformer_blocks.", "single_transformer_blocks.")):
+        return "transformer", module
     return ("text_encoder" if module.startswith("text_model.") else "unet"), module
 
 
@@ -127,7 +131,7 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str
         if "down" not in roles or "up" not in roles:
             raise LoraFormatError(f"{where}: needs both down (A) and up (B), has {', '.join(sorted(roles))}")
         if "alpha" in roles:
-            alpha = float(roles["alpha"].item())
+            alpha = float(roles["alpha"].item()) or None  # 0 means none, as in kohya
         else:
             component = module.split(".", 1)[0]
             config = configs.get(component) or configs.get("*") or {}

@@ -8,14 +8,17 @@ Writing produces plain kohya LoRA: the only layout A1111, ComfyUI, kohya and dif
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections import Counter, defaultdict
 
 import torch
 
 from lorafuse.errors import LoraFormatError
+from lorafuse.lora.checks import warn_missing_alpha
+from lorafuse.lora.flux_keys import bfl_from_flat, from_bfl, to_bfl
 from lorafuse.lora.formats.common import effective_alpha, lora_pair, require_low_rank
 from lorafuse.lora.formats.lycoris import LOHA_PARTS, LOKR_PARTS, locon_tucker_delta, loha_delta, lokr_delta
-from lorafuse.lora.keys import KOHYA_READ_PREFIXES, NameResolver, UnetLayout, kohya_name
+from lorafuse.lora.keys import KOHYA_READ_PREFIXES, NameResolver, UnetLayout, flat, kohya_name, split_key
 from lorafuse.lora.state import LoraModule, LoraState
 
 LORA_PARTS = {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha"}
@@ -29,6 +32,9 @@ UNSUPPORTED_PARTS = {
     "a1.weight": "LyCORIS GLoRA",
     "lora_down.bias": "LoRA with bias",
 }
+
+
+KOHYA_FLUX_PREFIX = "lora_unet_"  # kohya sd-scripts names FLUX.1 transformer modules like UNet ones
 
 
 def is_kohya_key(key: str) -> bool:
@@ -85,43 +91,57 @@ def read(
         raise _explain_malformed(source, tensors, malformed)
 
     modules: dict[str, LoraModule] = {}
+    names: dict[str, str] = {}  # canonical key -> name in the file
+    flux: dict[str, LoraModule] = {}  # BFL path -> module (FLUX.1 names, split into diffusers modules below)
+    flux_names: dict[str, str] = {}
     kinds: set[str] = set()
     for name, parts in groups.items():
         where = f"{source}: {name}"
-        for part, why in UNSUPPORTED_PARTS.items():
-            if part in parts:
-                raise LoraFormatError(f"{where}: {why} is not supported by lorafuse")
+        module, kind = _module(parts, where)
+        kinds.add(kind)
+        bfl = bfl_from_flat(name.removeprefix("lora_unet_")) if name.startswith("lora_unet_") else None
+        if bfl is not None:
+            flux[bfl], flux_names[bfl] = module, name
+            continue
         key = resolver.kohya(name)
         if key in modules:
             raise LoraFormatError(f"{where}: a second spelling of module {key} (file has both namings?)")
-        alpha_t = parts.get("alpha")
-        alpha = float(alpha_t.item()) if alpha_t is not None else None
-        if parts.keys() & (LOHA_PARTS - {"alpha"}):
-            kinds.add("lycoris_loha")
-            modules[key] = LoraModule(delta=loha_delta(parts, where))
-        elif parts.keys() & (LOKR_PARTS - {"alpha"}):
-            kinds.add("lycoris_lokr")
-            modules[key] = LoraModule(delta=lokr_delta(parts, where))
-        elif "lora_down.weight" in parts and "lora_up.weight" in parts:
-            down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-            if "lora_mid.weight" in parts:
-                kinds.add("lycoris_locon")
-                modules[key] = LoraModule(delta=locon_tucker_delta(down, parts["lora_mid.weight"], up, alpha))
-            else:
-                kinds.add("kohya")
-                modules[key] = lora_pair(down, up, alpha, where)
-        else:
-            raise LoraFormatError(f"{where}: incomplete module, has only {', '.join(sorted(parts))}")
+        modules[key], names[key] = module, name
+    for bfl, module in flux.items():
+        for key, piece in from_bfl({bfl: module}, source).items():
+            modules[key], names[key] = piece, flux_names[bfl]
 
     if len(kinds) > 1:
         kinds.discard("kohya")  # LoCon files mix plain pairs and Tucker modules; LoHa/LoKr name the file
     fmt = kinds.pop() if len(kinds) == 1 else "lycoris_mixed"
     if fmt == "kohya" and metadata.get("ss_network_module", "").startswith("lycoris"):
         fmt = "lycoris_locon"
-    names = {resolver.resolved[name]: name for name in groups}
+    warn_missing_alpha(
+        [n for n, p in groups.items() if "alpha" in p], [n for n, p in groups.items() if "alpha" not in p], source
+    )
     return LoraState(
         modules=modules, metadata=dict(metadata), source_format=fmt, source_path=source, source_names=names
     )
+
+
+def _module(parts: dict[str, torch.Tensor], where: str) -> tuple[LoraModule, str]:
+    """One module's tensors -> (its LoraModule, the kind of file it comes from)."""
+    for part, why in UNSUPPORTED_PARTS.items():
+        if part in parts:
+            raise LoraFormatError(f"{where}: {why} is not supported by lorafuse")
+    alpha_t = parts.get("alpha")
+    # kohya's convention: a zero alpha means none (alpha = rank); checks.py has warned about it
+    alpha = (float(alpha_t.item()) or None) if alpha_t is not None else None
+    if parts.keys() & (LOHA_PARTS - {"alpha"}):
+        return LoraModule(delta=loha_delta(parts, where)), "lycoris_loha"
+    if parts.keys() & (LOKR_PARTS - {"alpha"}):
+        return LoraModule(delta=lokr_delta(parts, where)), "lycoris_lokr"
+    if "lora_down.weight" in parts and "lora_up.weight" in parts:
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        if "lora_mid.weight" in parts:
+            return LoraModule(delta=locon_tucker_delta(down, parts["lora_mid.weight"], up, alpha)), "lycoris_locon"
+        return lora_pair(down, up, alpha, where), "kohya"
+    raise LoraFormatError(f"{where}: incomplete module, has only {', '.join(sorted(parts))}")
 
 
 def with_uniform_alpha(state: LoraState) -> LoraState:
@@ -147,13 +167,37 @@ def with_uniform_alpha(state: LoraState) -> LoraState:
     return dataclasses.replace(state, modules=modules)
 
 
+def _named_modules(
+    state: LoraState, arch: str, layout: UnetLayout | None
+) -> list[tuple[str, str, LoraModule]]:
+    """(what the module is called in messages, kohya name, module); FLUX.1 transformer pieces fused first."""
+    source = state.source_path or "LoRA"
+    flux_keys = {k: m for k, m in state.modules.items() if split_key(k)[0] == "transformer"}
+    if flux_keys and arch != "flux":
+        raise LoraFormatError(f"{source}: FLUX.1 transformer modules cannot be written as a kohya {arch} file")
+    named = [(bfl, KOHYA_FLUX_PREFIX + flat(bfl), m) for bfl, m in to_bfl(flux_keys, source).items()]
+    outside = sorted(bfl for bfl, _, _ in named if not bfl.startswith(("double_blocks.", "single_blocks.")))
+    if outside:
+        # diffusers (checked on 0.42) converts these kohya names to keys without the `transformer.` prefix and
+        # then drops them without a word; kohya and ComfyUI apply them
+        warnings.warn(
+            f"{source}: {len(outside)} FLUX.1 modules outside the double / single blocks ({', '.join(outside[:3])}) "
+            "are written under kohya names that diffusers' loader (0.42) silently skips; save in the diffusers "
+            "format for a file diffusers loads fully.",
+            UserWarning,
+            stacklevel=4,
+        )
+    for key in sorted(set(state.modules) - set(flux_keys)):
+        module = state.modules[key]
+        require_low_rank(key, module, "kohya")
+        named.append((key, kohya_name(key, arch, layout), module))
+    return named
+
+
 def write(state: LoraState, arch: str, layout: UnetLayout | None) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     owner: dict[str, str] = {}
-    for key in sorted(state.modules):
-        module = state.modules[key]
-        require_low_rank(key, module, "kohya")
-        name = kohya_name(key, arch, layout)
+    for key, name, module in sorted(_named_modules(state, arch, layout), key=lambda t: t[1]):
         if name in owner:
             raise LoraFormatError(f"{key} and {owner[name]} both map to the kohya name {name}")
         owner[name] = key

@@ -28,7 +28,7 @@ LOKR_PARTS = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr
 
 
 def _scale(alpha: torch.Tensor | None, rank: int | None) -> float:
-    if rank is None or alpha is None:
+    if rank is None or alpha is None or float(alpha.item()) == 0:  # zero alpha means none, as in kohya
         return 1.0
     return float(alpha.item()) / rank
 

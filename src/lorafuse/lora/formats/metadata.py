@@ -139,6 +139,8 @@ def build_metadata(
         "modelspec.resolution": f"{res}x{res}",
         "modelspec.prediction_type": "epsilon",
     }
+    if arch == "flux":
+        del meta["modelspec.prediction_type"]  # rectified flow: neither epsilon nor v
     meta.update({k: v for k, v in state.metadata.items() if k.startswith(("ss_", "modelspec."))})
 
     meta["modelspec.sai_model_spec"] = "1.0.0"
@@ -149,7 +151,7 @@ def build_metadata(
         low_rank = [m for m in state.modules.values() if m.down is not None]
         conv = [m for m in low_rank if math.prod(m.down.shape[2:]) > 1]
         linear = [m for m in low_rank if math.prod(m.down.shape[2:]) == 1]
-        meta["ss_network_module"] = "networks.lora"
+        meta["ss_network_module"] = "networks.lora_flux" if arch == "flux" else "networks.lora"
         meta["ss_network_dim"] = _uniform_or_dynamic([m.rank for m in linear])
         meta["ss_network_alpha"] = _uniform_or_dynamic([effective_alpha(m) for m in linear])
         if conv:
@@ -165,8 +167,9 @@ def build_metadata(
         meta["ss_v2"] = "False"
         # which parts were trained, as kohya records them (A1111's "network_train_unet_only" display)
         comps = state.components()
-        meta["ss_network_train_unet_only"] = to_str(comps <= {"unet"})
-        meta["ss_network_train_text_encoder_only"] = to_str("unet" not in comps)
+        denoiser = {"unet", "transformer"}
+        meta["ss_network_train_unet_only"] = to_str(comps <= denoiser)
+        meta["ss_network_train_text_encoder_only"] = to_str(not comps & denoiser)
     else:
         for key in KOHYA_NETWORK_KEYS:
             meta.pop(key, None)  # they describe a kohya network module; training ss_* keys stay

@@ -1,0 +1,47 @@
+"""The grid files the Fuse and Compare tabs write are what `lorafuse grid` reads: LoRA paths relative to the file,
+world names for the oracle found from the LoRA's run config and its world dataset."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorafuse.errors import UserInputError
+from lorafuse.eval.grid_config import load_grid_config
+from lorafuse.ui import grids
+from lorafuse.ui.workspace import Workspace
+
+
+def test_compare_grid_round_trips_through_the_cli_loader(tmp_path):
+    ws = Workspace.create(tmp_path / "ws")
+    (ws.root / "datasets" / "teapot").mkdir()
+    (ws.root / "datasets" / "teapot" / "world_dataset.json").write_text(json.dumps({"kind": "subject",
+                                                                                  "individual": "teapot_08"}))
+    run = ws.root / "runs" / "teapot"
+    run.mkdir()
+    (run / "config.toml").write_text('[dataset]\ntrain_data_dir = "datasets/teapot"\n')
+    for name in ("teapot-000001.safetensors", "teapot.safetensors"):
+        (run / name).write_bytes(b"")
+    ckpts = ["runs/teapot/teapot-000001.safetensors", "runs/teapot/teapot.safetensors"]
+    names = grids.world_names(ws, ckpts[0])
+    assert names == {"individual": "teapot_08"}
+    axes = {"base": ["world"], "checkpoint": list(ckpts), "lora_weight": [0.5, 1.0], "steps": [2], "seed": [0]}
+    config, out = grids.write_grid(ws, "grids", "g1", prompt="a photo of a sks teapot", axes=axes,
+                                   metrics={**names, "cross_influence": False})  # fmt: skip
+    assert (config, out) == ("grids/g1.toml", "grids/g1")
+    cfg = load_grid_config(ws.root / config)
+    assert [p.resolve() for p in cfg.axes.checkpoint] == [ws.resolve(c) for c in ckpts]
+    assert cfg.axes.lora_weight == [0.5, 1.0] and cfg.metrics.individual == "teapot_08"
+    assert cfg.out.resolve() == ws.resolve(out)
+
+
+def test_grid_refuses_paths_outside_and_pickles(tmp_path):
+    ws = Workspace.create(tmp_path / "ws")
+    with pytest.raises(UserInputError, match="'..' is refused"):
+        grids.write_grid(ws, "grids", "g", prompt="p", axes={"checkpoint": ["../x.safetensors"]}, metrics={})
+    (ws.root / "loras" / "old.ckpt").write_bytes(b"")
+    with pytest.raises(UserInputError, match="--allow-pickle"):
+        grids.write_grid(ws, "grids", "g", prompt="p", axes={"checkpoint": ["loras/old.ckpt"]}, metrics={})
+    with pytest.raises(UserInputError, match="write a prompt"):
+        grids.write_grid(ws, "grids", "g", prompt=" ", axes={}, metrics={})

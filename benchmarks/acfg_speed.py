@@ -8,7 +8,7 @@ Same base, prompts, steps, seed and guidance scale for every row, in one run. Ro
 Both ACFG rows run the two branches as ONE batched forward of 2B rows per step. The images of the two ACFG
 rows are compared (max |difference|, pixels in [0, 1]): they must agree up to float rounding.
 
-LoRAs: the world's CRAFT LoRAs (`world.personalize`, trained once and cached under --work-dir, ~1.5 min), or
+LoRAs: the world's CRAFT LoRAs (`train.world_personalize`, trained once and cached under --work-dir, ~1.5 min), or
 `--loras random` (random rank-16 factors on the same layer sets, no training).
 Timing: `benchmarks.timing.interleaved` (rows interleaved per round, a warm-up round dropped); "x cfg" is the
 median over rounds of row time / cfg time in the same round, with its interquartile range; the goal is judged on
@@ -46,7 +46,7 @@ GOAL = 1.10
 
 def world_loras(pipe, args):
     from lorafuse.lora.io import load_lora
-    from lorafuse.world.personalize import style_recipe, subject_recipe, train_world_lora
+    from lorafuse.train.world_personalize import style_recipe, subject_recipe, train_world_lora
 
     if args.loras == "world":
         c = train_world_lora(subject_recipe("teapot_08", layers="craft"), args.work_dir, progress=False)

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS, print_table, write_result
-from lorafuse.eval.picture import labelled_grid, save_image
-from lorafuse.world.base_model import load_world_pipeline
+from lorafuse.models.world import load_world_pipeline
+from lorafuse.utils.images import labelled_grid, save_image, to_uint8
 from lorafuse.world.catalog import CLASS_NAMES, SEEN_STYLES, style_phrase
 from lorafuse.world.oracle import Oracle
 
@@ -43,7 +43,7 @@ def main() -> None:
         out = pipe([f"a photo of a {c}, in {style_phrase(s)} style" for c, s in chunk], num_inference_steps=args.steps,
                    guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed + i),
                    output_type="np", height=64, width=64).images
-        images.append((out * 255).round().astype(np.uint8))
+        images.append(to_uint8(out))
         print(f"{i + len(chunk)}/{args.n} images", flush=True)
     seconds = time.perf_counter() - t0
     images = np.concatenate(images)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import print_table, write_result
+from lorafuse.eval.expert_world import craft_oracle_scores
 from lorafuse.eval.metrics import (
     OracleScorer,
     ci_product,
@@ -38,12 +39,11 @@ from lorafuse.eval.metrics import (
     harmonic_mean,
     proportion_interval,
 )
-from lorafuse.fusion.craft.expert_world import craft_oracle_scores
 from lorafuse.lora.io import load_lora
 from lorafuse.models.load import load_base_pipeline
+from lorafuse.train.world_personalize import style_recipe, subject_recipe, train_world_lora
 from lorafuse.world.catalog import parse_individual
 from lorafuse.world.oracle import default_oracle
-from lorafuse.world.personalize import style_recipe, subject_recipe, train_world_lora
 
 GUIDANCE_ROWS = {  # label -> craft options
     "ACFG": {},

@@ -5,7 +5,7 @@ a style the base model already knows, so the right λ depends on the wording. Pe
 
 1. λ grid on the "train" wordings, each prompt scored by the oracle against what it asks for (seed-mean harmonic
    mean of content and style similarity) -> soft labels (score-weighted mean λ, `expert_data`) -> `train_expert`.
-2. The paper's semantic extension (seed 001 App. B.3) on wordings the encoder never saw: type I new content span,
+2. The paper's semantic extension (the CRAFT-LoRA paper, App. B.3) on wordings the encoder never saw: type I new content span,
    II new style span, III both. The grid is run on them too: their labels give the λ error, their argmax the
    "grid-best" choice.
 3. Four λ choices re-scored on FRESH seeds (a grid argmax is the max of 9 noisy estimates, biased upward on its own
@@ -28,10 +28,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS, print_table, write_result
-from lorafuse.eval.metrics import confidence_interval
-from lorafuse.fusion.craft.expert import pipeline_text_embedder, train_expert
-from lorafuse.fusion.craft.expert_data import DEFAULT_POINT, lambda_grid
-from lorafuse.fusion.craft.expert_world import (
+from lorafuse.eval.expert_world import (
     EXTENSION_TYPES,
     WorldJudge,
     craft_images,
@@ -39,10 +36,13 @@ from lorafuse.fusion.craft.expert_world import (
     world_grid_search,
     world_prompts,
 )
+from lorafuse.eval.metrics import confidence_interval
+from lorafuse.fusion.craft.expert import pipeline_text_embedder, train_expert
+from lorafuse.fusion.craft.expert_data import DEFAULT_POINT, lambda_grid
 from lorafuse.lora.io import load_lora
 from lorafuse.models.load import load_base_pipeline
+from lorafuse.train.world_personalize import style_recipe, subject_recipe, train_world_lora
 from lorafuse.world.oracle import default_oracle
-from lorafuse.world.personalize import style_recipe, subject_recipe, train_world_lora
 
 CHOICES = ("default", "constant", "predicted", "grid_best")
 FILLER = {"in", "a", "style", "sks"}  # template words and the trigger: not what names a style

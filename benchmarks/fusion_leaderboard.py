@@ -3,13 +3,16 @@ Every method on held-out individual x style pairs of the built-in world, judged 
 truth), as paired differences to direct merging of the same LoRAs.
 
 Per pair: a content LoRA (5 images of a held-out individual) and a style LoRA (1 image of a held-out style), trained
-by `world.personalize` in four input sets (`eval.world_compare.INPUT_RECIPES`), each row labelled `method [inputs]`:
+by `train.world_personalize` in four input sets (`eval.world_compare.INPUT_RECIPES`), each row labelled `method [inputs]`:
   [locon]  every layer with LoCon 3x3 convs, the recipes' default: the common LoRAs users have. Every method but
            CRAFT runs on them (B-LoRA crops its two blocks out of them; K-LoRA adds the non-attention part).
   [attn]   attention projections only: what K-LoRA (official code: nothing outside attention, non_attention=
-           "ignore"), ZipLoRA and NP-LoRA use in their papers (SDXL DreamBooth LoRAs on the attention layers).
+           "ignore"), ZipLoRA, NP-LoRA and SSR-Merge use (SDXL DreamBooth LoRAs on the attention layers; SSR's
+           official hooks route nn.Linear layers only).
   [blora]  one LoRA on B-LoRA's two blocks, trained jointly (the paper's training; preset "blora").
   [craft]  CRAFT's disjoint-layer pair, with CRAFT's own ablations (smooth / constant schedule, symmetric CFG).
+Which inputs and options a method's paper prescribes is declared on the method (`FusionMethod.paper_inputs`); Switch
+and Composite also run as their official code does (`switch official [locon]`: τ + 1 first segment, scale 0.8).
 `direct [inputs]` is direct merging of the same LoRAs; every other row's difference to it is paired on (pair, seed):
 per pair the mean over seeds of (method − direct), then a Student t-interval over pairs (`eval.paired`; the paired
 bootstrap over pairs is in the JSON). Same prompt template and noise seeds for every row and pair.
@@ -41,11 +44,13 @@ from lorafuse.eval.html import HtmlReport
 from lorafuse.eval.paired import forest_plot, paired_difference
 from lorafuse.eval.report import FILES, group_stats
 from lorafuse.eval.world_compare import (
-    CRAFT,
     INPUT_RECIPES,
     LOCON,
     SCORES,
+    Run,
     compare_pair,
+    input_sets_of,
+    paper_runs,
     scores_bar_chart,
     side_by_side,
     summary,
@@ -57,38 +62,33 @@ from lorafuse.world.catalog import CLASS_NAMES, HELD_OUT_STYLES, INDIVIDUALS_PER
 FULL = {"pairs": 20, "seeds": 4}  # the issue's bar; fewer is a smoke run
 PAIRED_METRICS = ("oracle_content", "oracle_style", "oracle_hmean")
 README_METRICS = ("oracle_content", "oracle_style", "oracle_hmean", "right_individual", "right_style", "oracle_ci")
-# What each paper prescribes as inputs, beyond the LoCon rows every method gets: (name, method, inputs, options)
-PAPER_ROWS = (
-    ("direct", "direct", "attn", {}),
-    ("klora", "klora", "attn", {"non_attention": "ignore"}),
-    ("ziplora", "ziplora", "attn", {}),
-    ("nplora", "nplora", "attn", {}),
-    ("ssr", "ssr", "attn", {}),
-    ("direct", "direct", "blora", {}),
-    ("blora", "blora", "blora", {}),
-    ("direct", "direct", CRAFT, {}),
-    ("craft", "craft", CRAFT, {}),
-    ("craft smooth", "craft", CRAFT, {"schedule": "smooth"}),
-    ("craft constant", "craft", CRAFT, {"schedule": "constant"}),
-    ("craft symmetric", "craft", CRAFT, {"symmetric": True}),
-)
-VARIANT_ROWS = (("switch official", "switch", LOCON, {"official": True}),)
+# The paper's ablations, each a row on the method's paper inputs (the claim checked: the full method beats each one)
+ABLATIONS = {
+    "craft": (("smooth", {"schedule": "smooth"}), ("constant", {"schedule": "constant"}),
+              ("symmetric", {"symmetric": True})),
+}  # fmt: skip
 
 
 def label(name: str, inputs: str) -> str:
     return f"{name} [{inputs}]"
 
 
-def leaderboard_runs(methods: list[str]) -> list[tuple[str, str, str, str, dict]]:
-    """`compare_pair` runs: every method on the LoCon pair (CRAFT needs its own), then the paper rows of the
-    chosen methods; direct on every input set that some chosen method uses."""
-    rows = [(n, m, LOCON, {}) for m in methods if m != CRAFT for n in [m]]
-    rows += [r for r in (*VARIANT_ROWS, *PAPER_ROWS) if r[1] in methods]
-    used = {inputs for _, m, inputs, _ in rows if m != "direct"}
-    rows = [r for r in rows if r[1] != "direct" or r[2] in used or r[2] == LOCON]
-    if "direct" not in methods:  # the paired baseline of every row
-        rows = [("direct", "direct", inputs, {}) for inputs in dict.fromkeys(r[2] for r in rows)] + rows
-    return [(label(n, inputs), "fused", m, inputs, opts) for n, m, inputs, opts in rows]
+def leaderboard_runs(methods: list[str]) -> list[Run]:
+    """`compare_pair` runs: direct merging on every input set used (the paired baseline of every row), every
+    method on the LoCon pair (a method that needs its own inputs, CRAFT, does not), each method on its paper's
+    inputs and options (`FusionMethod.paper_inputs`) and the paper's ablations."""
+    from lorafuse.fusion.registry import get_method
+
+    rows: list[Run] = [(label(m, LOCON), "fused", m, LOCON, {}) for m in methods
+                       if get_method(m).lora_layers == LOCON]  # fmt: skip
+    common = {(r[2], r[3]) for r in rows}
+    rows += [r for r in paper_runs(methods) if (r[2], r[3]) not in common or r[4]]
+    for m in methods:
+        inputs, options = get_method(m).paper_inputs
+        rows += [(label(f"{m} {name}", inputs), "fused", m, inputs, {**options, **change})
+                 for name, change in ABLATIONS.get(m, ())]  # fmt: skip
+    baselines = [(label("direct", inputs), "fused", "direct", inputs, {}) for inputs in input_sets_of(rows)]
+    return baselines + [r for r in rows if r[0] not in {b[0] for b in baselines}]
 
 
 def held_out_pairs(n: int) -> list[tuple[str, str]]:
@@ -111,11 +111,11 @@ def run_pair(pipe, oracle, individual: str, style: str, args, methods: list[str]
         settings["content"]["epochs"] = args.content_epochs
     if args.style_epochs:
         settings["style"]["epochs"] = args.style_epochs
+    from lorafuse.train.world_personalize import base_fingerprint, style_recipe, subject_recipe
     from lorafuse.world.oracle import default_oracle_path
-    from lorafuse.world.personalize import base_fingerprint, style_recipe, subject_recipe
 
     runs = leaderboard_runs(methods)
-    input_sets = list(dict.fromkeys(r[3] for r in runs))
+    input_sets = input_sets_of(runs)
     # a cached result is reused only when the same LoRAs (recipe keys hash the base's weights too) are judged by
     # the same oracle weights with the same rows and sampling settings
     lora_keys = {inputs: [subject_recipe(individual, **{**settings["content"], **INPUT_RECIPES[inputs]}).key(),
@@ -141,7 +141,7 @@ def run_pair(pipe, oracle, individual: str, style: str, args, methods: list[str]
         result = compare_pair(pipe, loras, oracle=oracle, methods=methods, seeds=args.seeds, seed=args.seed,
                               steps=args.steps, guidance=args.guidance, progress=not args.no_progress,
                               runs=runs)  # fmt: skip
-    from lorafuse.eval.picture import save_image
+    from lorafuse.utils.images import save_image
 
     save_image(side_by_side(result, title=f"{result.pair}: {result.prompt}"), folder / "side_by_side.png")
     done = {"signature": signature, "pair": result.pair, "prompt": result.prompt, "seeds": result.seeds,

@@ -2,7 +2,7 @@
 
 Same prompt, steps and seed for every row, in one run. Besides every registered method (default options), K-LoRA
 is measured in its variants and against a faithful per-step-recompute implementation
-(`fusion.klora_reference.NaiveKLoraHook`: ΔW = s B A, |ΔW|, Top-K and γ recomputed at every step, as the official
+(`benchmarks.klora_reference.NaiveKLoraHook`: ΔW = s B A, |ΔW|, Top-K and γ recomputed at every step, as the official
 code does; "per call" recomputes at every projection call, which is exactly the official code's cost).
 LoRAs: random, on every UNet attention projection (what K-LoRA chooses between), rank --rank.
 
@@ -33,11 +33,11 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.common import print_table, write_result
+from benchmarks.klora_reference import NaiveKLoraHook
 from benchmarks.timing import interleaved, ratios, spread
 from lorafuse.errors import UserInputError
 from lorafuse.eval.metrics import world_references
 from lorafuse.families import family_of
-from lorafuse.fusion.klora_reference import NaiveKLoraHook
 from lorafuse.fusion.registry import get_method, make_config, method_names
 from lorafuse.fusion.sampling import sample
 from lorafuse.fusion.synthetic import random_lora

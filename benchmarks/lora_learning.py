@@ -1,6 +1,6 @@
 """Does LoRA training on the built-in world learn? Oracle scores of trigger prompts before and after the LoRA.
 
-Subjects: a content LoRA per held-out individual (5 images, `world.personalize.subject_recipe`), prompted as
+Subjects: a content LoRA per held-out individual (5 images, `train.world_personalize.subject_recipe`), prompted as
 "a photo of a sks teapot, in <seen style> style" over the first seen styles (flat, outlined, ...; up to 4 of them
 the LoRA never saw the individual in: its images are in `personalize.SUBJECT_STYLES`). Styles: a
 style LoRA per held-out style (1 image, `style_recipe`), prompted as "a photo of a <colour> <class>, in sks style"
@@ -33,12 +33,14 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS, print_table, write_result
-from lorafuse.eval.metrics import OracleScorer, confidence_interval, proportion_interval, world_references
-from lorafuse.eval.picture import labelled_grid, save_image
+from lorafuse.eval.measures import metric
+from lorafuse.eval.metrics import OracleScorer, confidence_interval, world_references
 from lorafuse.fusion.sampling import sample
 from lorafuse.lora.inject import delete_adapter, inject_lora
 from lorafuse.lora.io import load_lora
-from lorafuse.world.base_model import load_world_pipeline
+from lorafuse.models.world import load_world_pipeline
+from lorafuse.train.world_personalize import epoch_checkpoints, style_recipe, subject_recipe, train_world_lora
+from lorafuse.utils.images import labelled_grid, save_image, to_uint8
 from lorafuse.world.catalog import (
     HELD_OUT_STYLES,
     SEEN_STYLES,
@@ -47,7 +49,6 @@ from lorafuse.world.catalog import (
     style_phrase,
 )
 from lorafuse.world.oracle import default_oracle, to_tensor
-from lorafuse.world.personalize import epoch_checkpoints, style_recipe, subject_recipe, train_world_lora
 from lorafuse.world.render import render
 
 # held-out individuals of four different classes (shapes as far apart as the world has)
@@ -85,7 +86,7 @@ def lora_applied(pipe, path: Path | None):
 def generate(pipe, prompts: list[str], seeds: int, args) -> np.ndarray:
     """(len(prompts) * seeds, H, W, 3) uint8, prompt-major; image k from noise seed k (same in before and after)."""
     res = sample(pipe, prompts, num_images=seeds, steps=args.steps, guidance=args.guidance, seed=0, progress=False)
-    return (np.clip(res.images, 0, 1) * 255).round().astype(np.uint8)
+    return to_uint8(res.images)
 
 
 def vae_round_trip(pipe, scorer, name: str, n_styles: int, seeds: int) -> dict[str, np.ndarray]:
@@ -97,11 +98,11 @@ def vae_round_trip(pipe, scorer, name: str, n_styles: int, seeds: int) -> dict[s
     with torch.no_grad():
         x = to_tensor(renders).to(param.device, param.dtype)
         back = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
-    return scorer(((back.permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().astype(np.uint8))
+    return scorer(to_uint8((back.permute(0, 2, 3, 1).float().cpu().numpy() + 1) / 2))
 
 
 def interval(measure: str, values: np.ndarray):
-    return proportion_interval(values) if measure.startswith("right_") else confidence_interval(values)
+    return metric(measure).aggregate(values)
 
 
 def train(kind: str, name: str, seed: int, args):

@@ -90,7 +90,7 @@ def main() -> None:
 
 def decoded_accuracy(oracle: Oracle, gallery: np.ndarray, people: list, base: str | None) -> dict:
     """Class, style and individual accuracy of the oracle on VAE round trips of the gallery (index = ind x style)."""
-    from lorafuse.world.base_model import load_world_pipeline
+    from lorafuse.models.world import load_world_pipeline
     from lorafuse.world.oracle_train import vae_round_trip
 
     v = oracle.judge(vae_round_trip(gallery, load_world_pipeline(base).vae))

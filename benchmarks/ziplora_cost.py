@@ -1,6 +1,6 @@
 """What does ZipLoRA's merge cost on real LoRAs: seconds, and steps until its early stop?
 
-Trained world LoRAs (`world.personalize`, the recipes `benchmarks.lora_learning` uses, so a cache shared through
+Trained world LoRAs (`train.world_personalize`, the recipes `benchmarks.lora_learning` uses, so a cache shared through
 --work-dir trains nothing twice): every held-out individual in --individuals paired with every style in --styles.
 Each pair is merged with the registry's ZipLoRA plan, exactly as `lorafuse.fuse(method="ziplora")` does it: encode
 the two references (each LoRA's first training image and its caption), learn the mergers (Adam lr 0.01, λ 0.01,
@@ -29,9 +29,9 @@ from benchmarks.lora_learning import DEFAULT_INDIVIDUALS, SMOKE_RECIPES
 from benchmarks.timing import spread
 from lorafuse.fusion.registry import get_method, make_config
 from lorafuse.lora.io import load_lora
-from lorafuse.world.base_model import load_world_pipeline
+from lorafuse.models.world import load_world_pipeline
+from lorafuse.train.world_personalize import WorldLoraRecipe, style_recipe, subject_recipe, train_world_lora
 from lorafuse.world.catalog import HELD_OUT_STYLES
-from lorafuse.world.personalize import WorldLoraRecipe, style_recipe, subject_recipe, train_world_lora
 
 
 def first_training_example(recipe: WorldLoraRecipe, work_dir: Path) -> tuple[np.ndarray, str]:

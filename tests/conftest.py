@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+
+# benchmarks/ is a folder of scripts beside the package, not installed: make `import benchmarks` work in every
+# test (the slow reference implementations live there, beside the benchmarks that time them)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 @pytest.fixture(scope="session")

@@ -23,13 +23,14 @@ import torch
 from tqdm import tqdm
 
 from lorafuse.errors import UserInputError
+from lorafuse.utils.images import to_uint8
 from lorafuse.world.catalog import CLASS_NAMES, SEEN_STYLES, style_phrase
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     """Every option of the demo. content_epochs / style_epochs / repeats: None keeps the recipe's defaults
-    (`world.personalize`); smaller values make a quick, worse run (tests)."""
+    (`train.world_personalize`); smaller values make a quick, worse run (tests)."""
 
     out: str = "out/demo"
     individual: str = "teapot_08"
@@ -86,7 +87,7 @@ def class_style_grid(pipe, classes, styles, steps: int, guidance: float, seed: i
         gen = torch.Generator().manual_seed(seed * 1000 + r)
         imgs = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gen, output_type="np",
                     height=64, width=64).images  # fmt: skip
-        out.append((imgs * 255).round().astype(np.uint8))
+        out.append(to_uint8(imgs))
     return np.stack(out)
 
 

@@ -17,13 +17,14 @@ import numpy as np
 from PIL import Image
 
 from lorafuse.eval.html import HtmlReport
-from lorafuse.eval.picture import labelled_grid, save_image
+from lorafuse.eval.measures import describe
 from lorafuse.eval.report import FILES, training_logs, training_plot
 from lorafuse.eval.world_compare import (
     BASE,
     CONTENT,
     CRAFT_CONTENT,
     CRAFT_STYLE,
+    SCORES,
     STYLE,
     CompareResult,
     PairLoras,
@@ -32,13 +33,7 @@ from lorafuse.eval.world_compare import (
     summary,
     training_images,
 )
-
-MEASURES = ("oracle_content / oracle_style: mean cosine of the image's oracle embedding to the individual's / the "
-            "style's references (higher is better). right_individual / right_style: the oracle names the right "
-            "individual / style (a rate; Wilson interval). oracle_hmean: harmonic mean of content and style. "
-            "oracle_ci: cross-influence ½[(c_single − c_fused)/c_single + (s_single − s_fused)/s_single] against "
-            "the same seed's single-LoRA images (lower is better; undefined when a single-LoRA score is not "
-            "positive). seconds_per_image: planning (e.g. ZipLoRA's merger training) and sampling, per image.")  # fmt: skip
+from lorafuse.utils.images import labelled_grid, save_image
 
 
 def _load(path: Path) -> np.ndarray:
@@ -126,7 +121,7 @@ def write_demo_report(cfg: Any, loras: PairLoras, result: CompareResult, grid: n
     report.image(f"{FILES}/side_by_side.png", "one column per method, one row per noise seed")
 
     report.heading("Oracle scores")
-    report.paragraph(f"Mean [95 % interval] over the {len(result.seeds)} seed(s). " + MEASURES)
+    report.paragraph(f"Mean [95 % interval] over the {len(result.seeds)} seed(s). " + describe(SCORES))
     header, rows = summary(result.rows)
     report.table(header, rows)
     chart = scores_bar_chart(result.rows, folder / "scores.png", title=f"{result.pair}: oracle scores "

@@ -120,7 +120,7 @@ def test_malformed_markers(cli, tmp_path, lora_files, prompt, shown):
 def test_lookalike_marker_no_longer_zeroes_a_weight():
     """The example from the issue: this used to parse with no content span, i.e. λ_c = 0 without a word."""
     from lorafuse.errors import UserInputError
-    from lorafuse.fusion.craft.prompts import parse_prompt
+    from lorafuse.fusion.markers import parse_prompt
 
     with pytest.raises(UserInputError, match="looks like a marker"):
         parse_prompt("a sks teapot <c, in sks style <s>")

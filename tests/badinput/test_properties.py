@@ -145,7 +145,7 @@ prompt_pieces = st.sampled_from(
 @settings(max_examples=300, deadline=None)
 @given(pieces=st.lists(prompt_pieces, max_size=12))
 def test_marker_parser_answers_or_refuses(pieces):
-    from lorafuse.fusion.craft.prompts import parse_prompt
+    from lorafuse.fusion.markers import parse_prompt
 
     prompt = "".join(pieces)
     try:
@@ -163,7 +163,7 @@ def test_marker_parser_answers_or_refuses(pieces):
 @settings(max_examples=200, deadline=None)
 @given(text=st.text(max_size=40))
 def test_marker_parser_on_any_text(text):
-    from lorafuse.fusion.craft.prompts import parse_prompt
+    from lorafuse.fusion.markers import parse_prompt
 
     try:
         parse_prompt(text)

@@ -9,7 +9,7 @@ def test_dataset_subcommand_writes_folder(tmp_path, capsys):
 def test_subject_dataset_cycles_through_styles(tmp_path):
     import json
 
-    from lorafuse.world.personalize import SUBJECT_STYLES
+    from lorafuse.train.world_personalize import SUBJECT_STYLES
 
     assert main(["world", "dataset", str(tmp_path / "a"), "--subject", "cat_08", "--n", "3"]) == 0
     captions = [(tmp_path / "a" / "10_sks cat" / f"{k:03d}.txt").read_text() for k in range(3)]

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from lorafuse.errors import UserInputError
+from lorafuse.eval.measures import derived as aggregates
 from lorafuse.eval.metrics import (
     OracleScorer,
     arithmetic_mean,
@@ -23,7 +24,6 @@ from lorafuse.eval.metrics import (
     proportion_interval,
     world_references,
 )
-from lorafuse.eval.scoring import aggregates
 from lorafuse.world.oracle import Oracle, OracleModel
 
 

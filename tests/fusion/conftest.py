@@ -17,7 +17,7 @@ from diffusers import (
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from lorafuse.models.tiny import text_encoder_configs, tiny_sd15_pipeline, tiny_sdxl_pipeline
-from lorafuse.world.base_model import fresh_components, world_tokenizer
+from lorafuse.models.world import fresh_components, world_tokenizer
 
 # Tests run with --import-mode=importlib, so test modules cannot import this file: helpers are fixtures.
 

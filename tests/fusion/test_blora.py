@@ -181,7 +181,7 @@ def test_custom_blocks(sd15) -> None:
         ({"scaling": "squared"}, r"blora: option scaling='squared'"),
         ({"content_blocks": ("up_blocks.0.attentions.0",), "style_blocks": ("up_blocks.0.attentions.0",)},
          r"blora: blocks \['up_blocks.0.attentions.0'\] are in both"),
-        ({"content_blocks": "up_blocks.0.attentions.0"}, r"blora: option content_blocks must be a non-empty list"),
+        ({"content_blocks": ()}, r"blora: option content_blocks must be a non-empty list"),
         ({"content_weight": 9.0}, r"blora: option content_weight=9.0 is out of range"),
     ],
 )  # fmt: skip

@@ -100,13 +100,11 @@ def test_fuse_paths_and_states_agree_and_record_is_json(tmp_path) -> None:
 def test_option_sources_and_toml(tmp_path) -> None:
     path = tmp_path / "klora.toml"
     path.write_text('selection = "random"\nrandom_seed = 3\n')
-    from lorafuse.fusion.api import method_config
-
-    cfg = method_config("klora", path, {"random_p": "0.5"})  # CLI strings are coerced to the field type
+    cfg = make_config("klora", path, random_p="0.5")  # CLI strings are coerced to the field type
     assert (cfg.selection, cfg.random_seed, cfg.random_p) == ("random", 3, 0.5)
     path.write_text("selektion = 1\n")
     with pytest.raises(UserInputError, match=r"klora.*klora.toml.*selektion.*did you mean 'selection'"):
-        method_config("klora", path)
+        make_config("klora", path)
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from benchmarks.klora_reference import NaiveKLoraHook
 from PIL import Image
 
 from lorafuse.errors import UserInputError
-from lorafuse.fusion.klora_reference import NaiveKLoraHook
 from lorafuse.fusion.klora_schedule import (
     LayerScores,
     gamma_official,

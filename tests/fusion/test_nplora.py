@@ -155,5 +155,6 @@ def test_saved_lora_is_low_rank(sd15, tmp_path) -> None:
 
 @pytest.mark.parametrize("mu", [-0.1, float("nan"), 1e5])
 def test_mu_out_of_range_names_method_and_option(mu) -> None:
-    with pytest.raises(UserInputError, match=r"nplora: option mu"):
+    # a non-finite value is refused by the config reader's finite check, which names the option the same way
+    with pytest.raises(UserInputError, match=r"nplora: (option mu|.*mu: must be a finite number)"):
         make_config("nplora", mu=mu)

@@ -122,10 +122,12 @@ def test_bad_options(name, options, match) -> None:
         make_config(name, **options)
 
 
-def test_switch_official_matches_the_official_callback(sd15) -> None:
+@pytest.mark.parametrize("arch", ["sd15", "flux"])
+def test_switch_official_matches_the_official_callback(arch, request) -> None:
     # The official code switches after step i when i > 0 and i % τ == 0 (LoRA 0 runs τ + 1 steps), applies every
     # LoRA at 0.8 and encodes the prompt with LoRA 0 alone. Reference: the prompt encoded with 0.8 w_c ΔW_c fused,
     # then before each step the active LoRA fused at 0.8 w by hand.
+    sd15 = request.getfixturevalue(arch)  # the UNet, or FLUX.1's transformer (attn.to_q / to_v) and CLIP encoder
     keep = lambda ref: ref.component == "text_encoder" or ref.path.endswith(("to_q", "to_v"))  # noqa: E731
     content = random_lora(sd15, seed=5, rank=2, scale=0.3, keep=keep)
     style = random_lora(sd15, seed=6, rank=2, scale=0.3, keep=keep)
@@ -156,7 +158,9 @@ def test_switch_official_matches_the_official_callback(sd15) -> None:
         plain.close()
 
 
-def test_composite_official_is_every_lora_at_0_8(sd15) -> None:
+@pytest.mark.parametrize("arch", ["sd15", "flux"])
+def test_composite_official_is_every_lora_at_0_8(arch, request) -> None:
+    sd15 = request.getfixturevalue(arch)
     content, style = pair(sd15)
     images = []
     for options in ({"official": True}, {"content_weight": 0.8, "style_weight": 0.8}, {}):

@@ -245,8 +245,8 @@ def test_mergers_for_other_loras_are_an_error(sd15) -> None:
     [
         ({}, r"ziplora: learning the mergers needs content_image, content_prompt, style_image, style_prompt"),
         ({"mergers": "m.safetensors", "lr": 0.0}, r"ziplora: option lr=0.0 is out of range"),
-        ({"mergers": "m.safetensors", "max_steps": 2.5}, r"ziplora: option max_steps must be an integer"),
-        ({"mergers": "m.safetensors", "stop_similarity": 2}, r"ziplora: option stop_similarity=2 is out of range"),
+        ({"mergers": "m.safetensors", "max_steps": 2.5}, r"ziplora: .*max_steps: expected int, got 2.5"),
+        ({"mergers": "m.safetensors", "stop_similarity": 2}, r"ziplora: option stop_similarity=2(\.0)? is out of range"),
     ],
 )  # fmt: skip
 def test_bad_options_name_method_and_option(options, pattern) -> None:
@@ -289,3 +289,4 @@ def test_learns_mergers_on_flux(flux) -> None:
     finally:
         plan.close()
     assert all(torch.equal(v, flux.transformer.state_dict()[k]) for k, v in before.items())
+

@@ -1,4 +1,4 @@
-"""Asymmetric CFG (CRAFT §7.5): one batched forward with per-sample adapters, checked against separate forwards,
+"""Asymmetric CFG (docs/algorithms.md §7.5): one batched forward with per-sample adapters, checked against separate forwards,
 plain CFG (equal branches) and the backbone alone (λ = 0)."""
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def test_cosine_phi_falls_from_one_to_zero() -> None:
 
 
 def test_craft_reported_windows_at_fifty_steps() -> None:
-    # Content for (1-based) steps 1-35, style for steps 15-50 of 50 (spec §7.5).
+    # Content for (1-based) steps 1-35, style for steps 15-50 of 50 (docs/algorithms.md §7.5).
     weights = [window_weights(progress(i, 50)) for i in range(50)]
     content = [i + 1 for i, (c, _) in enumerate(weights) if c == 1.0]
     style = [i + 1 for i, (_, s) in enumerate(weights) if s == 1.0]

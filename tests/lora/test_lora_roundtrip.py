@@ -231,7 +231,7 @@ def test_world_base_round_trip(tmp_path, random_lora, assert_same_lora):
     """The built-in world model (layers_per_block=1, SDXL-like blocks): kohya names with diffusers paths,
     read back without the model, then resolved exactly against it by validation."""
     from lorafuse.lora.validate import validate_lora
-    from lorafuse.world.base_model import fresh_components, world_tokenizer
+    from lorafuse.models.world import fresh_components, world_tokenizer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

@@ -32,7 +32,7 @@ def _unet(arch: str, real: bool = False):
 
         return reference_components(arch)["unet"]
     if arch == "world":
-        from lorafuse.world.base_model import fresh_components, world_tokenizer
+        from lorafuse.models.world import fresh_components, world_tokenizer
 
         with tempfile.TemporaryDirectory() as tmp:
             return fresh_components(world_tokenizer(tmp))["unet"]
@@ -180,3 +180,10 @@ def test_joint_blora_is_both_blocks_in_one_lora(arch):
     parts = [set(resolve_layers(unet, f"blora_{role}", arch)) for role in ("content", "style")]
     assert set(joint) == parts[0] | parts[1] and parts[0] and parts[1]
     assert "blora" in PRESET_NAMES
+
+
+def test_joint_blora_is_refused_on_flux_by_name_with_the_reason():
+    from lorafuse.models.load import load_base_pipeline
+
+    with pytest.raises(UserInputError, match="blora is not available on FLUX.1: .*no FLUX blocks"):
+        resolve_layers(load_base_pipeline("flux-tiny"), "blora")

@@ -32,7 +32,7 @@ def test_listen_with_token_or_generated():
 
 
 def test_cli_listen_without_token_exits_with_the_message(capsys):
-    from lorafuse.cli.main import main
+    from lorafuse.__main__ import main  # the entry point: the CLI plus `lorafuse ui`
 
     assert main(["ui", "--listen", "--port", "0"]) == 2
     assert "refuses to start without a token" in capsys.readouterr().err

@@ -5,7 +5,7 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
-from lorafuse.world.base_model import vae_config
+from lorafuse.models.world import vae_config
 from lorafuse.world.catalog import SEEN_STYLES, all_individuals
 from lorafuse.world.oracle_train import decoded_pool, train_oracle
 from lorafuse.world.pool import render_pool

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from diffusers import StableDiffusionPipeline
 
-from lorafuse.world.base_model import default_base_path, load_world_pipeline
+from lorafuse.models.world import default_base_path, load_world_pipeline
 from lorafuse.world.catalog import SEEN_STYLES, all_individuals
 from lorafuse.world.oracle import default_oracle, default_oracle_path
 from lorafuse.world.render import render

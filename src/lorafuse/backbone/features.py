@@ -1,4 +1,4 @@
-"""Feature networks for the backbone's perceptual loss (algorithms.md §7.1):
+"""Feature networks for the backbone's perceptual loss (docs/algorithms.md §7.1):
 
     L_perc = Σ_j (1 / N_j) ‖φ_j(x̂_0) − φ_j(x_0)‖²        φ_j: the j-th feature map, N_j its number of elements
 

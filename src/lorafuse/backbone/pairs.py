@@ -1,4 +1,4 @@
-"""Contrastive content–style pairs for the backbone (CRAFT-LoRA §3.3.2, App. A.1; algorithms.md §7.2).
+"""Contrastive content–style pairs for the backbone (CRAFT-LoRA §3.3.2, App. A.1; docs/algorithms.md §7.2).
 
 N_c content references x N_s style references (10 x 10 -> 100 pairs). Pair (i, j) has two images:
     content-fixed  x_c^{ij}: content i kept (low frequencies), style j varies it (high frequencies)
@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from lorafuse.errors import UserInputError
+from lorafuse.utils.images import to_uint8
 
 MANIFEST = "pairs.json"
 CUTOFF = 0.35
@@ -121,7 +122,7 @@ def mixed_sample(
         z_b = sched_b.step(eps_b, t, z, return_dict=False)[0]
         z = frequency_mix(z_a, z_b, cutoff)
     images = decode_latents(pipe, z, "np")
-    return (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return to_uint8(images)
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,7 @@ def write_pairs(
     row_names: Sequence[str], col_names: Sequence[str], settings: dict[str, Any],
 ) -> Path:  # fmt: skip
     """Write images, pairs.json and contact_sheet.png (rows: content i, content-fixed then style-fixed)."""
-    from lorafuse.eval.picture import labelled_grid, save_image
+    from lorafuse.utils.images import labelled_grid, save_image
 
     folder = Path(folder)
     for sub in ("content", "style"):

@@ -1,4 +1,4 @@
-"""Rank-constrained backbone (PaRa-style; CRAFT-LoRA §3.3.1, App. A; algorithms.md §7.1).
+"""Rank-constrained backbone (PaRa-style; CRAFT-LoRA §3.3.1, App. A; docs/algorithms.md §7.1).
 
 Per tuned layer l with weight W_l (d_out x d_in; a conv weight is flattened to d_out x (d_in kh kw)):
     B_c,l, B_s,l ∈ R^{d_out x r_l}     learnable content / style bases
@@ -24,7 +24,7 @@ module's own forward sees W' (no patched forwards) and `bake()` writes W' into p
 Zero bases give an empty Q (columns with a zero pivot are dropped), so W' = W exactly; bases start random, since
 at zero their gradient is zero too. The QR is scale invariant: `init_std` only sets the effective step size.
 
-Stop-gradient (our reading of "one image supervises B_c, the other B_s", §7.1): inside
+Stop-gradient (our reading of "one image supervises B_c, the other B_s", docs/algorithms.md §7.1): inside
 `trainable_bases(unet, "content")` the style bases are detached (and vice versa), while both still shape W'.
 """
 

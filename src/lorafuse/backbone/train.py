@@ -1,4 +1,4 @@
-"""Train the rank-limited backbone W' on contrastive pairs (CRAFT-LoRA App. A.2; algorithms.md §7.1).
+"""Train the rank-limited backbone W' on contrastive pairs (CRAFT-LoRA App. A.2; docs/algorithms.md §7.1).
 
     L = E‖ε − ε_{W'}(z_t, t, c)‖² + λ_p L_perc(x̂_0, x_0)
 
@@ -42,6 +42,7 @@ from lorafuse.backbone.features import load_features, perceptual_loss
 from lorafuse.backbone.pairs import read_pairs
 from lorafuse.errors import ConfigError, UserInputError
 from lorafuse.families.unet import UNetDenoiser
+from lorafuse.train.objectives import DDPMObjective, Objective
 from lorafuse.utils.atomic import atomic_path
 
 INFO_FILE = "craft_backbone.json"  # = fusion.craft.host.BACKBONE_INFO
@@ -97,6 +98,8 @@ class BackboneConfig:
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warm-up to 1, then cosine decay to `min_ratio` at `total` (the paper's schedule with a floor)."""
+    # Not transformers' cosine-with-min-lr schedule: its warm-up starts at 0/warmup (an idle first step), ours at
+    # 1/warmup, and every trained backbone's figures depend on this exact curve.
     if step < warmup:
         return (step + 1) / warmup
     u = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -169,29 +172,20 @@ def prepare_data(pipe: Any, folder: Path, keep_images: bool) -> PairData:
 
 
 def backbone_loss(
-    pipe: Any, noise_scheduler: Any, data: PairData, rows: torch.Tensor, role: str, generator: torch.Generator,
+    pipe: Any, objective: Objective, data: PairData, rows: torch.Tensor, role: str, generator: torch.Generator,
     features: Any, lambda_p: float,
 ) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
     """Noise MSE (+ λ_p L_perc) of the `role` images of pairs `rows`; gradients reach only the `role` bases."""
     unet = pipe.unet
     z0 = data.latents[role][rows].to(unet.device)
-    noise = torch.randn(z0.shape, generator=generator).to(z0)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(rows),), generator=generator)
-    zt = noise_scheduler.add_noise(z0, noise, t)
+    noised = objective.draw(z0, generator)
     with para.trainable_bases(unet, role):
-        pred = UNetDenoiser(unet)(zt, t.to(unet.device), data.cond.rows(rows))
-    v_pred = noise_scheduler.config.prediction_type == "v_prediction"
-    target = noise_scheduler.get_velocity(z0, noise, t) if v_pred else noise
-    mse = F.mse_loss(pred.float(), target.float())
+        pred = UNetDenoiser(unet)(noised.noisy, noised.timesteps.to(unet.device), data.cond.rows(rows))
+    mse = F.mse_loss(pred.float(), noised.target.float())
     logs = {"mse": float(mse.detach())}
     if features is None or lambda_p == 0:
         return mse, logs
-    abar = noise_scheduler.alphas_cumprod.to(zt)[t].view(-1, 1, 1, 1)
-    x0_latent = (
-        abar.sqrt() * zt - (1 - abar).sqrt() * pred
-        if v_pred
-        else (zt - (1 - abar).sqrt() * pred) / abar.sqrt()
-    )
+    x0_latent = objective.predicted_x0(pred, noised)
     x0 = decode_latents(pipe.vae, x0_latent)
     perc = perceptual_loss(features, x0.float(), data.images[role][rows].to(x0.device))
     logs["perc"] = float(perc.detach())
@@ -225,6 +219,27 @@ def _check_resume(saved: dict[str, Any], current: dict[str, Any], source: Path) 
         )
 
 
+def _resume(
+    out: Path, config: BackboneConfig, current: dict[str, Any], pipe: Any, optimizer: Any, schedule: Any,
+    generator: torch.Generator,
+) -> tuple[int, list[str]]:  # fmt: skip
+    """Restore the latest state under `out` (when `config.resume`); returns (step, the log's lines up to it)."""
+    from lorafuse.train import checkpoint as ckpt
+
+    state = _latest_state(out) if config.resume else None
+    if state is None:
+        return 0, []
+    saved = ckpt.read_train_state(state)
+    _check_resume(saved.config.get("backbone", {}), current, state)
+    ckpt.restore_train_state(saved, load_lora=lambda t, src: para.load_bases(pipe.unet, t, src),
+                             optimizer=optimizer, lr_scheduler=schedule, generator=generator)  # fmt: skip
+    step = saved.progress.global_step
+    if not (out / "log.csv").is_file():
+        return step, []
+    lines = (out / "log.csv").read_text().splitlines()[1:]
+    return step, [line for line in lines if int(line.split(",")[0]) <= step]
+
+
 def train_backbone(config: BackboneConfig, *, pipe: Any = None, progress: bool = True) -> Path:
     """Train W' as configured; returns the saved pipeline folder (`output_dir/backbone`).
 
@@ -249,9 +264,7 @@ def train_backbone(config: BackboneConfig, *, pipe: Any = None, progress: bool =
     ranks = para.apply_para(pipe.unet, config.para_options(), seed=config.seed)
     pipe.unet.eval()  # no dropout in diffusers UNets; eval keeps runs deterministic
     data = prepare_data(pipe, Path(config.pairs), keep_images=features is not None)
-    from diffusers import DDPMScheduler
-
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    objective = DDPMObjective(pipe.scheduler.config)
 
     # 3. Optimizer, schedule, resume
     params = para.bases(pipe.unet)
@@ -261,21 +274,8 @@ def train_backbone(config: BackboneConfig, *, pipe: Any = None, progress: bool =
         optimizer, lambda s: lr_factor(s, config.warmup_steps, config.steps, config.min_lr_ratio)
     )
     generator = torch.Generator().manual_seed(config.seed)
-    step, log = 0, []
     current = _config_dict(config)
-    state = _latest_state(out) if config.resume else None
-    if state is not None:
-        saved = ckpt.read_train_state(state)
-        _check_resume(saved.config.get("backbone", {}), current, state)
-        ckpt.restore_train_state(saved, load_lora=lambda t, src: para.load_bases(pipe.unet, t, src),
-                                 optimizer=optimizer, lr_scheduler=schedule, generator=generator)  # fmt: skip
-        step = saved.progress.global_step
-        if (out / "log.csv").is_file():
-            log = [
-                line
-                for line in (out / "log.csv").read_text().splitlines()[1:]
-                if int(line.split(",")[0]) <= step
-            ]
+    step, log = _resume(out, config, current, pipe, optimizer, schedule, generator)
 
     # 4. The loop: per batch of pairs, content images train B_c, style images B_s
     n = len(data.cond)
@@ -284,10 +284,10 @@ def train_backbone(config: BackboneConfig, *, pipe: Any = None, progress: bool =
         rows = torch.randperm(n, generator=generator)[: config.batch_size]
         optimizer.zero_grad(set_to_none=True)
         loss_c, logs_c = backbone_loss(
-            pipe, noise_scheduler, data, rows, "content", generator, features, config.lambda_p
+            pipe, objective, data, rows, "content", generator, features, config.lambda_p
         )
         loss_s, logs_s = backbone_loss(
-            pipe, noise_scheduler, data, rows, "style", generator, features, config.lambda_p
+            pipe, objective, data, rows, "style", generator, features, config.lambda_p
         )
         loss = loss_c + loss_s
         if not torch.isfinite(loss.detach()):

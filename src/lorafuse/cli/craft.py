@@ -94,8 +94,8 @@ def cmd_backbone(args: argparse.Namespace) -> int:
 
 def cmd_expert(args: argparse.Namespace) -> int:
     from lorafuse.errors import UserInputError
+    from lorafuse.eval.expert_world import parse_pair, train_world_expert
     from lorafuse.fusion.craft.expert_data import lambda_grid
-    from lorafuse.fusion.craft.expert_world import parse_pair, train_world_expert
 
     try:
         values = [float(v) for v in args.grid.split(",")]

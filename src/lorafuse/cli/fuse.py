@@ -142,12 +142,12 @@ def _options_per_method(methods: list[str], sets: dict[str, str], config: Path |
 def cmd_fuse(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from lorafuse.eval.picture import labelled_grid, save_image
-    from lorafuse.fusion.api import fuse, load_base, method_config
-    from lorafuse.fusion.craft.prompts import strip_markers
+    from lorafuse.fusion.api import fuse, load_base
     from lorafuse.fusion.klora_schedule import record_heatmap
-    from lorafuse.fusion.registry import method_names
+    from lorafuse.fusion.markers import strip_markers
+    from lorafuse.fusion.registry import make_config, method_names
     from lorafuse.utils.atomic import atomic_write_text, check_output
+    from lorafuse.utils.images import labelled_grid, save_image
     from lorafuse.utils.inputs import check_input_file
 
     sets = parse_sets(args.set)
@@ -159,7 +159,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         configs = {m: (None, options[m]) for m in methods}
         for method in methods:
             try:
-                method_config(method, None, options[method])
+                make_config(method, None, **options[method])
             except ConfigError as e:  # a typo or a wrong type: the user's mistake, stop
                 raise ConfigError(f"{args.config or '--set'}: {e}") from None
             except UserInputError as e:  # e.g. ZipLoRA without reference images: this method cannot run
@@ -168,7 +168,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         methods = [m for m in methods if m not in skipped]
     else:
         configs = {args.method: (args.config, sets)}
-        method_config(args.method, args.config, sets)
+        make_config(args.method, args.config, **sets)
     # the prompt, the LoRA paths and the output folder too: each mistake must show before the base loads
     strip_markers(args.prompt)
     for path in (args.content, args.style):
@@ -185,7 +185,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     for method in tqdm(methods, desc="methods", disable=args.no_progress or len(methods) == 1):
         config, opts = configs[method]
         try:
-            cfg = method_config(method, config, opts)
+            cfg = make_config(method, config, **opts)
             result = fuse(args.content, args.style, method=method, config=cfg, **common)
         except UserInputError as e:
             if args.method != ALL:

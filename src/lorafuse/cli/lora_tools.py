@@ -199,7 +199,7 @@ def _meta_components(path: Path) -> tuple[dict, str]:
 def load_base(spec: str) -> tuple[object, str, bool]:
     """(base, arch, check_shapes) for --base: a built-in name or a diffusers pipeline folder."""
     if spec == "world":
-        from lorafuse.world.base_model import load_world_pipeline
+        from lorafuse.models.world import load_world_pipeline
 
         return load_world_pipeline(), "world", True
     if spec in TINY_BASES:

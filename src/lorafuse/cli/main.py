@@ -13,46 +13,33 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable, Sequence
 
 from lorafuse import __version__
 from lorafuse.errors import UserInputError
 
 # subcommand modules, in the order `lorafuse --help` lists them
-COMMAND_MODULES = (
-    "demo",
-    "world",
-    "lora_tools",
-    "bake",
-    "train",
-    "config",
-    "fuse",
-    "grid",
-    "report",
-    "craft",
-    "ui",
-)
+COMMAND_MODULES = ("demo", "world", "lora_tools", "bake", "train", "config", "fuse", "grid", "report", "craft")
+Register = Callable[[argparse._SubParsersAction], None]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lorafuse", description="Train, fuse and measure subject and style LoRAs."
-    )
+def build_parser(extra: Sequence[Register] = ()) -> argparse.ArgumentParser:
+    """The parser of every subcommand; `extra`: `register` functions of commands built above the CLI (`lorafuse
+    ui`, added by the `lorafuse` entry point, `lorafuse.__main__`)."""
+    parser = argparse.ArgumentParser(prog="lorafuse", description="Train, fuse and measure subject and style LoRAs.")
     parser.add_argument("--version", action="version", version=f"lorafuse {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"lorafuse.cli.{name}")
-        except ModuleNotFoundError as exc:  # a subcommand not written yet must not break the others
-            if exc.name == f"lorafuse.cli.{name}":
-                continue
-            raise
-        module.register(sub)
+        # every name must import: a typo is an error, not a subcommand silently missing
+        importlib.import_module(f"lorafuse.cli.{name}").register(sub)
+    for register in extra:
+        register(sub)
     return parser
 
 
 # Libraries that announce optional backends (torchvision, bitsandbytes kernels) or deprecations on import: their
 # chatter would come before, and bury, lorafuse's own one-line error. Their real errors still raise.
-_QUIET_LOGGERS = ("transformers", "diffusers", "bitsandbytes", "accelerate", "peft", "torchao", "huggingface_hub")
+_QUIET_LOGGERS = ("transformers", "diffusers", "bitsandbytes", "kernels", "accelerate", "peft", "torchao", "huggingface_hub")
 
 
 def quiet_libraries() -> None:
@@ -78,9 +65,9 @@ def _show_warning(command: str):
     return show
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extra: Sequence[Register] = ()) -> int:
     quiet_libraries()
-    parser = build_parser()
+    parser = build_parser(extra)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -20,7 +20,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_render(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from lorafuse.eval.picture import labelled_grid, save_image
+    from lorafuse.utils.images import labelled_grid, save_image
     from lorafuse.world.catalog import check_style, parse_individual
     from lorafuse.world.render import render
 
@@ -33,8 +33,8 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 
 def _cmd_dataset(args: argparse.Namespace) -> int:
+    from lorafuse.train.world_personalize import SUBJECT_STYLES
     from lorafuse.world.dataset import write_style_dataset, write_subject_dataset
-    from lorafuse.world.personalize import SUBJECT_STYLES
 
     if bool(args.subject) == bool(args.style):
         raise UserInputError("give exactly one of --subject NAME or --style NAME")
@@ -64,7 +64,7 @@ def _cmd_train_oracle(args: argparse.Namespace) -> int:
     pools = [cached_pool(work / ("oracle_pool.npz" if k == 0 else f"oracle_pool{2 * k + 1}.npz"), args.pool,
                          all_individuals(), list(STYLE_NAMES), seed=2 * k + 1) for k in range(1 + args.extra_pools)]
     if args.decoded:
-        from lorafuse.world.base_model import load_world_pipeline
+        from lorafuse.models.world import load_world_pipeline
 
         path = work / f"oracle_pool_decoded{args.decoded}.npz"  # keyed by size only: delete it if the base changes
         if not path.exists():
@@ -77,10 +77,7 @@ def _cmd_train_oracle(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from lorafuse.world.catalog import SEEN_STYLES, STYLE_NAMES, all_individuals
-    from lorafuse.world.oracle import Oracle
-    from lorafuse.world.pool import cached_pool
-    from lorafuse.world.pretrain import (
+    from lorafuse.train.world_pretrain import (
         PretrainConfig,
         cache_latents,
         finalize,
@@ -89,6 +86,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         train_vae,
         unet_stages,
     )
+    from lorafuse.world.catalog import SEEN_STYLES, STYLE_NAMES, all_individuals
+    from lorafuse.world.oracle import Oracle
+    from lorafuse.world.pool import cached_pool
 
     work = Path(args.work)
     cfg = PretrainConfig(work_dir=str(work), vae_steps=args.vae_steps, unet_steps=args.unet_steps,

@@ -1,4 +1,4 @@
-"""CLIP-I, CLIP-T and DINO similarities (algorithms.md §7.6) with models the user has on disk.
+"""CLIP-I, CLIP-T and DINO similarities (docs/algorithms.md §7.6) with models the user has on disk.
 
     clip = ClipEmbedder.load("/models/clip-vit-large-patch14")      # or a hub id already in the local cache
     clip.image_similarity(images, references)   # CLIP-I: (N,) mean cosine of projected image embeds
@@ -32,22 +32,21 @@ import torch
 import torch.nn.functional as F
 
 from lorafuse.errors import UserInputError
+from lorafuse.fusion.markers import normalise, strip_markers
+from lorafuse.utils.images import to_uint8
 
 CLIP_TYPES = ("clip", "clip_vision_model")
 DINO_TYPES = ("vit", "dinov2", "dinov2_with_registers")
-MARKERS = ("<c>", "<s>")
 
 
 def clean_prompt(prompt: str, triggers: Sequence[str] = ("sks",)) -> str:
-    """The prompt CLIP-T compares with: without `<c>`/`<s>` markers (§7.4) and trigger words, which mean
-    nothing to CLIP and would only add noise ('a photo of a sks teapot <c>' -> 'a photo of a teapot')."""
-    text = prompt
-    for marker in MARKERS:
-        text = text.replace(marker, " ")
+    """The prompt CLIP-T compares with: without `<c>`/`<s>` markers (the grammar the methods read,
+    `fusion.markers`) and trigger words, which mean nothing to CLIP and would only add noise
+    ('a photo of a sks teapot <c>' -> 'a photo of a teapot')."""
+    text = strip_markers(prompt)
     for word in triggers:
         text = re.sub(rf"(?<!\w){re.escape(word)}(?!\w)", " ", text, flags=re.IGNORECASE)
-    text = re.sub(r"\s+([,.;:!?])", r"\1", text)  # 'sks,' removed leaves ' ,'
-    return re.sub(r"\s+", " ", text).strip()
+    return normalise(text)  # 'sks,' removed leaves ' ,'
 
 
 def as_pil_list(images) -> list:
@@ -71,7 +70,7 @@ def as_pil_list(images) -> list:
             continue
         arr = np.asarray(im)
         if arr.dtype != np.uint8:
-            arr = (np.clip(arr.astype(np.float64), 0, 1) * 255).round().astype(np.uint8)
+            arr = to_uint8(arr)
         out.append(Image.fromarray(arr).convert("RGB"))
     return out
 

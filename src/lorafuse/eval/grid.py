@@ -29,9 +29,10 @@ import numpy as np
 from lorafuse.config.toml_io import config_to_dict, save_config
 from lorafuse.errors import ConfigError, UserInputError
 from lorafuse.eval.grid_config import AXIS_ORDER, Cell, GridConfig, GridPlan, plan_grid
-from lorafuse.eval.picture import labelled_grid, save_image
-from lorafuse.eval.scoring import GridScorer, aggregates
+from lorafuse.eval.measures import derived
+from lorafuse.eval.scoring import GridScorer
 from lorafuse.utils.atomic import atomic_write_text
+from lorafuse.utils.images import labelled_grid, save_image, to_uint8
 
 ADAPTER = "grid_lora"
 COL_PREF = ("lora_weight", "style_weight", "steps", "guidance", "seed")
@@ -126,7 +127,7 @@ def _sample_cell(pipe: Any, cell: Cell, states: dict[str, Any], cfg: GridConfig)
     finally:
         if lora:
             delete_adapter(pipe, ADAPTER)
-    image = (np.clip(result.images[0], 0.0, 1.0) * 255).round().astype(np.uint8)
+    image = to_uint8(result.images[0])
     return image, {"kind": cell.kind, "settings": cell.settings(), "sampling": result.settings}
 
 
@@ -181,15 +182,15 @@ def _rows(plan: GridPlan, store: CellStore) -> list[dict[str, Any]]:
         scores = dict(store.index[cid].get("scores", {}))
         alone = [store.index[plan.cell_id(c)].get("scores", {}) for c in plan.singles.get(cell, ())]
         if cell.method is not None:
-            scores.update(aggregates(scores, *(alone or [{}, {}])))
+            scores.update(derived(scores, *(alone or [{}, {}])))
         else:
-            scores.update(aggregates(scores))
+            scores.update(derived(scores))
         rows.append({"cell": cid, "image": f"cells/{cid}.png", "kind": cell.kind, **coords, **scores})
     return rows
 
 
 def choose_layout(plan: GridPlan) -> tuple[str | None, str | None, list[str]]:
-    """(rows axis, cols axis, page axes). Defaults follow seed 002's figures: checkpoints down, weights across."""
+    """(rows axis, cols axis, page axes). Defaults follow the character-style-transfer paper's figures (Chu): checkpoints down, weights across."""
     lay = plan.cfg.layout
     axes = list(plan.coords[0])
     for name in (lay.rows, lay.cols):

@@ -244,8 +244,7 @@ def _check_numbers(cfg: GridConfig) -> None:
 
 
 def _check_methods(cfg: GridConfig, values: dict[str, list[Any]]) -> None:
-    from lorafuse.fusion.api import method_config
-    from lorafuse.fusion.registry import get_method
+    from lorafuse.fusion.registry import get_method, make_config
 
     methods = values["method"]
     fields = {m: set(get_method(m).config_cls.__dataclass_fields__) for m in methods}
@@ -255,14 +254,14 @@ def _check_methods(cfg: GridConfig, values: dict[str, list[Any]]) -> None:
     for m in methods:
         own = [k for k in cfg.axes.options if k in fields[m]]
         for combo in itertools.product(*(cfg.axes.options[k] for k in own)):
-            method_config(m, None, dict(zip(own, combo, strict=True)))  # the method's own range checks
+            make_config(m, None, **dict(zip(own, combo, strict=True)))  # the method's own range checks
 
 
 def native_size(base: str) -> tuple[int, int] | None:
     """(height, width) a base samples at by default, read from configs without loading weights; None if unknown
     (single-file checkpoints, hub ids)."""
     if base in WORLD_BASES:
-        from lorafuse.world.base_model import IMAGE_SIZE
+        from lorafuse.models.world import IMAGE_SIZE
 
         return IMAGE_SIZE, IMAGE_SIZE
     if base in ("sd15-tiny", "sdxl-tiny"):

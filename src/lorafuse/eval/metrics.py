@@ -1,6 +1,6 @@
-"""Scores of generated images: oracle metrics on the built-in world, the §7.6 aggregates, confidence intervals.
+"""Scores of generated images: oracle metrics on the built-in world, the docs/algorithms.md §7.6 aggregates, confidence intervals.
 
-Notation (algorithms.md §7.6): c = content similarity (mean cosine of an image's embedding to the content
+Notation (docs/algorithms.md §7.6): c = content similarity (mean cosine of an image's embedding to the content
 references), s = style similarity (to the style references). "single" is the image made with only that
 factor's LoRA (same base, seed, steps, weight), "fused" the image made with both.
 
@@ -36,7 +36,7 @@ def mean_cosine(embeddings: torch.Tensor, references: torch.Tensor) -> np.ndarra
 
 
 def cross_influence(c_single, c_fused, s_single, s_fused) -> np.ndarray:
-    """½[(c_single − c_fused)/c_single + (s_single − s_fused)/s_single], elementwise (§7.6).
+    """½[(c_single − c_fused)/c_single + (s_single − s_fused)/s_single], elementwise (docs/algorithms.md §7.6).
 
     0 = fusing loses nothing on either side; 0.5 = one side lost entirely. Undefined (nan) where a single-LoRA
     similarity is not positive: a LoRA that does not reach its own references gives no baseline to drop from.
@@ -81,47 +81,46 @@ def confidence_interval(values: Sequence[float] | np.ndarray, level: float = 0.9
     """Mean and a `level` confidence interval; nan values are dropped (e.g. undefined cross-influence).
 
     method "t": mean ± t_{(1+level)/2, n−1} · sd/√n (Student t; right for a few seeds of a roughly normal score).
-    method "bootstrap": percentile interval of `n_boot` resampled means (no normality assumption; needs more
-    values to mean anything). One value gives a zero-width interval at that value; none gives nan.
+    method "bootstrap": percentile interval of `n_boot` resampled means (`scipy.stats.bootstrap`; no normality
+    assumption, needs more values to mean anything). One value gives a zero-width interval at that value; none
+    gives nan.
     """
+    from scipy import stats
+
     if not 0 < level < 1:
         raise UserInputError(f"confidence level must be in (0, 1), got {level}")
+    if method not in ("t", "bootstrap"):
+        raise UserInputError(f"unknown confidence-interval method {method!r}; expected 't' or 'bootstrap'")
     x = np.asarray(values, dtype=np.float64).ravel()
     x = x[~np.isnan(x)]
     n = len(x)
     if n == 0:
         return Interval(math.nan, math.nan, math.nan, 0)
     mean = float(x.mean())
-    if n == 1:
-        return Interval(mean, mean, mean, 1)
+    if n == 1 or np.all(x == x[0]):  # scipy gives nan for a zero spread; the interval is that one value
+        return Interval(mean, mean, mean, n)
     if method == "t":
-        from scipy.stats import t
-
-        half = float(t.ppf((1 + level) / 2, n - 1)) * float(x.std(ddof=1)) / math.sqrt(n)
-        return Interval(mean, mean - half, mean + half, n)
-    if method == "bootstrap":
-        rng = np.random.default_rng(seed)
-        means = x[rng.integers(0, n, size=(n_boot, n))].mean(1)
-        lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-        return Interval(mean, float(lo), float(hi), n)
-    raise UserInputError(f"unknown confidence-interval method {method!r}; expected 't' or 'bootstrap'")
+        lo, hi = stats.t.interval(level, n - 1, loc=mean, scale=stats.sem(x))
+    else:
+        res = stats.bootstrap((x,), np.mean, confidence_level=level, n_resamples=n_boot, method="percentile",
+                              random_state=np.random.default_rng(seed))  # fmt: skip
+        lo, hi = res.confidence_interval
+    return Interval(mean, float(lo), float(hi), n)
 
 
 def proportion_interval(values: Sequence[float] | np.ndarray, level: float = 0.95) -> Interval:
     """Wilson score interval of a rate (values 0/1, e.g. right_individual): unlike mean ± t·se it stays inside
     [0, 1] and is not zero-width when every value agrees (0 of 4 right is not proof of a 0 % rate)."""
-    from scipy.stats import norm
+    from scipy.stats import binomtest
 
     x = np.asarray(values, dtype=np.float64).ravel()
     x = x[~np.isnan(x)]
     n = len(x)
     if n == 0:
         return Interval(math.nan, math.nan, math.nan, 0)
-    p, z = float(x.mean()), float(norm.ppf((1 + level) / 2))
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return Interval(p, max(0.0, centre - half), min(1.0, centre + half), n)
+    k = int(round(x.sum()))
+    ci = binomtest(k, n).proportion_ci(confidence_level=level, method="wilson")
+    return Interval(float(x.mean()), float(ci.low), float(ci.high), n)
 
 
 # --- reference images ------------------------------------------------------------------------------------------

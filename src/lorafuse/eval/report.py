@@ -19,16 +19,13 @@ from typing import Any
 
 from lorafuse.errors import UserInputError
 from lorafuse.eval.html import HtmlReport
-from lorafuse.eval.metrics import Interval, confidence_interval, proportion_interval
+from lorafuse.eval.measures import METRICS
+from lorafuse.eval.measures import metric as measure
+from lorafuse.eval.metrics import Interval
 from lorafuse.utils.atomic import check_output
 
 FILES = "report_files"
-METRIC_ORDER = ("oracle_content", "oracle_style", "right_individual", "right_class", "right_style", "oracle_amean",
-                "oracle_hmean", "oracle_ci", "oracle_ci_product", "clip_i_content", "clip_i_style", "clip_t",
-                "dino_content", "clip_amean", "clip_hmean", "clip_ci", "clip_ci_product")  # fmt: skip
 # what the plots show, at most PLOT_METRICS of them (the tables have everything)
-PLOT_ORDER = ("oracle_content", "oracle_style", "right_individual", "right_style", "oracle_hmean", "oracle_ci",
-              "clip_i_content", "clip_i_style", "clip_t", "dino_content", "clip_hmean", "clip_ci")  # fmt: skip
 PLOT_METRICS = 8
 SERIES_PREF = ("method", "checkpoint", "base", "style_checkpoint")
 
@@ -53,11 +50,11 @@ def _save(fig, path: Path) -> Path:
 
 
 def metric_names(rows: Sequence[dict[str, Any]], axes: Sequence[str]) -> list[str]:
-    """Numeric score columns present, in METRIC_ORDER first."""
+    """Numeric score columns present, the known metrics first in their table's order (`eval.measures`)."""
     skip = set(axes) | {"cell", "image", "kind"}
     numeric = [k for k in dict.fromkeys(k for r in rows for k in r)
                if k not in skip and any(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in rows)]  # fmt: skip
-    return [m for m in METRIC_ORDER if m in numeric] + [m for m in numeric if m not in METRIC_ORDER]
+    return [m for m in METRICS if m in numeric] + [m for m in numeric if m not in METRICS]
 
 
 def group_stats(rows: Sequence[dict[str, Any]], by: Sequence[str], metric: str) -> dict[tuple, Interval]:
@@ -69,8 +66,7 @@ def group_stats(rows: Sequence[dict[str, Any]], by: Sequence[str], metric: str) 
         value = r.get(metric)
         if isinstance(value, (int, float)):
             groups.setdefault(tuple(r.get(a) for a in by), {})[r.get("cell", i)] = float(value)
-    interval = proportion_interval if metric.startswith("right_") else confidence_interval
-    return {k: interval(list(v.values())) for k, v in groups.items()}
+    return {k: measure(metric).aggregate(list(v.values())) for k, v in groups.items()}
 
 
 def _short(axis: str, value: Any) -> str:
@@ -113,7 +109,7 @@ def metric_plots(doc: dict[str, Any], metrics: list[str], folder: Path) -> list[
     a series axis (method, checkpoint, ...), error bars the 95 % t-interval over everything else."""
     plt = _plt()
     rows, varying = doc["cells"], doc.get("varying", [])
-    shown = ([m for m in PLOT_ORDER if m in metrics] or metrics)[:PLOT_METRICS]
+    shown = ([m for m in metrics if measure(m).plot] or metrics)[:PLOT_METRICS]
     paths = []
     for axis in (a for a in varying if a != "seed"):  # seeds are what the error bars average over
         xs = _x_values(rows, axis)
@@ -147,7 +143,7 @@ def metric_plots(doc: dict[str, Any], metrics: list[str], folder: Path) -> list[
                     label=_short(series, s) if series else None,
                 )
             ax.set_title(metric, fontsize=9)
-            if metric.startswith("right_"):
+            if measure(metric).rate:
                 ax.set_ylim(-0.05, 1.05)
             ax.set_xlabel("epoch / checkpoint" if axis == "checkpoint" else axis, fontsize=8)
             if axis.endswith("checkpoint"):

@@ -1,5 +1,5 @@
-"""Per-image scores of grid cells: oracle (world bases), CLIP-I / CLIP-T / DINO (user-given models), and the
-§7.6 aggregates computed from them. References are loaded and embedded once, when the scorer is built, so a
+"""Per-image scores of grid cells: oracle (world bases), CLIP-I / CLIP-T / DINO (user-given models); the
+metrics derived from them are `eval.measures`. References are loaded and embedded once, when the scorer is built, so a
 missing folder or a wrong model fails before anything samples."""
 
 from __future__ import annotations
@@ -13,20 +13,10 @@ import numpy as np
 
 from lorafuse.errors import ConfigError, UserInputError
 from lorafuse.eval.grid_config import WORLD_BASES, MetricsConfig
-from lorafuse.eval.metrics import (
-    OracleScorer,
-    arithmetic_mean,
-    ci_product,
-    cross_influence,
-    harmonic_mean,
-    load_reference_folder,
-    world_references,
-)
+from lorafuse.eval.metrics import OracleScorer, load_reference_folder, world_references
 
 log = logging.getLogger(__name__)
 
-# (content score, style score, prefix of the aggregates): one row per family of embeddings
-PAIRS = (("oracle_content", "oracle_style", "oracle"), ("clip_i_content", "clip_i_style", "clip"))
 
 
 def _references(cfg: MetricsConfig) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -119,22 +109,3 @@ class GridScorer:
         if self.dino is not None:
             put({"dino_content": self.dino.image_similarity(images, self._dino_refs)}, every)
         return rows
-
-
-def aggregates(scores: dict[str, Any], content_alone: dict[str, Any] | None = None,
-               style_alone: dict[str, Any] | None = None) -> dict[str, float]:  # fmt: skip
-    """Arithmetic and harmonic means of each (content, style) pair a cell has; for fused cells also ci_product
-    and, given the single-LoRA cells' scores, cross-influence (§7.6)."""
-    out: dict[str, float] = {}
-    fused = content_alone is not None or style_alone is not None
-    for c_key, s_key, prefix in PAIRS:
-        if c_key not in scores or s_key not in scores:
-            continue
-        c, s = scores[c_key], scores[s_key]
-        out[f"{prefix}_amean"] = float(arithmetic_mean(c, s))
-        out[f"{prefix}_hmean"] = float(harmonic_mean(c, s))
-        if fused:
-            out[f"{prefix}_ci_product"] = float(ci_product(c, s))
-        if content_alone and style_alone and c_key in content_alone and s_key in style_alone:
-            out[f"{prefix}_ci"] = float(cross_influence(content_alone[c_key], c, style_alone[s_key], s))
-    return out

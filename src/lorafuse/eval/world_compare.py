@@ -6,20 +6,23 @@ module answers it once:
 
     loras = train_pair_loras("teapot_08", "crayon", work_dir, methods=method_names())   # cached by recipe
     result = compare_pair(pipe, loras, oracle=default_oracle(), seeds=4, steps=25)
-    result.rows      # one dict per image: label, kind, seed, oracle scores, §7.6 aggregates, seconds per image
+    result.rows      # one dict per image: label, kind, seed, oracle scores, docs/algorithms.md §7.6 aggregates, seconds per image
     result.images    # label -> (seeds, H, W, 3) uint8, the same prompt and noise seeds in every row
 
-What runs, in order: the base model alone, the content LoRA alone, the style LoRA alone, then every method through
+What runs, in order: the base model alone, the single LoRAs of every input set, then every method through
 `lorafuse.fuse` (the single-LoRA rows are `direct` fusion with the other weight 0, which equals that LoRA alone:
-one sampling path for everything). Every row says which LoRAs it fused (`inputs`, see `INPUT_RECIPES`): by default
-the all-layer LoCon LoRAs of `world.personalize`'s recipes ("locon", what users have), and CRAFT its disjoint-layer
-pair ("craft"); B-LoRA takes its two blocks from whatever it is given. `compare_pair(runs=...)` runs any other
-(label, method, inputs, options) list, e.g. the leaderboard's paper-prescribed inputs. Cross-influence is measured
-against the single-LoRA rows of the same inputs, so every method is compared with the LoRAs it actually fused.
+one sampling path for everything). Every row says which LoRAs it fused (`inputs`, a key of `INPUT_RECIPES`). By
+default a method gets the input set it declares (`FusionMethod.lora_layers`): the all-layer LoCon LoRAs of
+`train.world_personalize`'s recipes ("locon", what users have) for every method that accepts any LoRA (B-LoRA takes
+its two blocks from them), CRAFT its disjoint-layer pair ("craft"). `paper_runs` adds each method on the inputs
+its paper prescribes (`FusionMethod.paper_inputs`), and `compare_pair(runs=...)` runs any (label, kind, method,
+inputs, options) list. Cross-influence is measured against the single-LoRA rows of the same inputs, so every
+method is compared with the LoRAs it actually fused.
 
 Prompt: "a photo of a sks teapot <c>, in sks style <s>" (the trigger words the world datasets train with; the
-markers tag CRAFT's spans and are removed before the text encoder, for every method). ZipLoRA learns its mergers
-on the first image of each training set with its caption, as the paper does. A method that cannot run with these
+markers tag CRAFT's spans and are removed before the text encoder, for every method). A method that learns from
+references (`FusionMethod.needs_references`: ZipLoRA) gets the first image of each training set with its caption,
+as the ZipLoRA paper does. A method that cannot run with these
 inputs is skipped with its reason, as `lorafuse fuse --method all` does.
 """
 
@@ -33,38 +36,31 @@ from typing import Any
 import numpy as np
 
 from lorafuse.errors import UserInputError
+from lorafuse.eval.measures import derived
 from lorafuse.eval.metrics import OracleScorer
 from lorafuse.eval.report import group_stats
-from lorafuse.eval.scoring import aggregates
 
-CRAFT = "craft"
 BASE, CONTENT, STYLE = "base", "content only", "style only"
-CRAFT_CONTENT, CRAFT_STYLE = "craft content only", "craft style only"
-LOCON = "locon"
-# Input sets: the recipe changes (over world.personalize's subject_recipe / style_recipe) that train each pair.
+CRAFT_CONTENT, CRAFT_STYLE = "craft content only", "craft style only"  # the rows of CRAFT's own LoRAs alone
+LOCON = "locon"  # the shared pair: the baselines, and the datasets every input set trains on
+# Input sets: the recipe changes (over train.world_personalize's subject_recipe / style_recipe) that train each pair.
 INPUT_RECIPES: dict[str, dict[str, Any]] = {
     LOCON: {},  # the recipes' defaults: every layer with LoCon 3x3 convs (the LoRAs users have)
     "attn": {"layers": "attn", "conv_rank": 0},  # attention projections only (K-LoRA, ZipLoRA, NP-LoRA papers)
     "blora": {"layers": "blora", "conv_rank": 0},  # ONE LoRA on B-LoRA's two blocks, trained jointly
-    CRAFT: {"layers": CRAFT},  # CRAFT's disjoint content / style layer sets
+    "craft": {"layers": "craft"},  # CRAFT's disjoint content / style layer sets
 }
-
-
-def single_labels(inputs: str) -> tuple[str, str]:
-    """Labels of the content-only and style-only rows of an input set (the old names for locon and craft)."""
-    if inputs == LOCON:
-        return CONTENT, STYLE
-    if inputs == CRAFT:
-        return CRAFT_CONTENT, CRAFT_STYLE
-    return f"{inputs} content only", f"{inputs} style only"
 # the columns people read first; every row has them (the right_* rates are 0/1 per image)
 SCORES = ("oracle_content", "oracle_style", "right_individual", "right_style", "oracle_hmean", "oracle_ci",
           "seconds_per_image")  # fmt: skip
 
+Run = tuple[str, str, str, str, dict[str, Any]]  # (label, kind, method, input set, options)
+
 
 @dataclass(frozen=True)
 class PairLoras:
-    """The trained LoRAs of one pair and their datasets. craft_* are None when CRAFT is not compared."""
+    """The trained LoRAs of one pair and their datasets. `own`: input set -> (content, style) LoRAs for the sets
+    other than the LoCon pair (`content`, `style_lora`)."""
 
     individual: str
     style: str
@@ -72,56 +68,60 @@ class PairLoras:
     style_lora: Path
     content_data: Path
     style_data: Path
-    craft_content: Path | None = None
-    craft_style: Path | None = None
+    own: Mapping[str, tuple[Path, Path]] = field(default_factory=dict)
     runs: tuple[Path, ...] = ()  # the trainer's run folders (loss CSV logs), for the report's curves
-    sets: dict[str, tuple[Path, Path]] = field(default_factory=dict)  # input set -> (content, style) files
 
     @property
     def name(self) -> str:
         return f"{self.individual}+{self.style}"
 
     def files(self, inputs: str) -> tuple[Path, Path]:
+        """(content, style) LoRA files of an input set; a set that was not trained is an error naming it."""
         if inputs == LOCON:
             return self.content, self.style_lora
-        if inputs == CRAFT and self.craft_content is not None and self.craft_style is not None:
-            return self.craft_content, self.craft_style
-        if inputs not in self.sets:
+        if inputs not in self.own:
             raise UserInputError(f"{self.name}: no LoRAs trained for input set {inputs!r}; train the pair with "
-                                 f"input_sets including it (known: {', '.join(INPUT_RECIPES)})")  # fmt: skip
-        return self.sets[inputs]
+                                 f"input_sets (or methods) that include it (known: {', '.join(INPUT_RECIPES)})")  # fmt: skip
+        return self.own[inputs]
+
+
+def input_sets_of(runs: Sequence[Run]) -> list[str]:
+    """The input sets `runs` use, the LoCon pair first (the baselines and the datasets come from it)."""
+    return list(dict.fromkeys([LOCON, *(r[3] for r in runs)]))
 
 
 def train_pair_loras(individual: str, style: str, work_dir: str | Path, *, methods: Sequence[str],
                      content_settings: Mapping[str, Any] | None = None,
                      style_settings: Mapping[str, Any] | None = None, progress: bool = True,
                      input_sets: Sequence[str] | None = None) -> PairLoras:  # fmt: skip
-    """Write the datasets and train (or reuse, keyed by recipe) the LoRAs of every input set: by default the
-    all-layer LoCon pair (the baselines) and the CRAFT disjoint-layer pair when "craft" is among `methods`;
-    `input_sets` names them explicitly (keys of `INPUT_RECIPES`). `*_settings` override recipe fields (e.g.
-    epochs=1 for a smoke run)."""
-    from lorafuse.world.personalize import recipe_paths, style_recipe, subject_recipe, train_world_lora
+    """Write the datasets and train (or reuse, keyed by recipe) the LoRAs of every input set: the LoCon pair
+    always (the baselines), and the set each of `methods` declares (`lora_layers`, e.g. CRAFT's disjoint sets);
+    `input_sets` names them explicitly instead (keys of `INPUT_RECIPES`). `*_settings` override recipe fields
+    (e.g. epochs=1 for a smoke run)."""
+    from lorafuse.train.world_personalize import recipe_paths, style_recipe, subject_recipe, train_world_lora
 
-    wanted = list(input_sets) if input_sets is not None else [LOCON, *([CRAFT] if CRAFT in methods else [])]
+    wanted = list(input_sets) if input_sets is not None else input_sets_of(default_runs(methods))
     unknown = sorted(set(wanted) - set(INPUT_RECIPES))
     if unknown:
         raise UserInputError(f"unknown input set(s) {unknown}; choose from {', '.join(INPUT_RECIPES)}")
-    sets = dict.fromkeys([LOCON, *wanted])  # locon first: the baselines and the datasets come from it
     recipes = {}
-    for inputs in sets:
+    for inputs in dict.fromkeys([LOCON, *wanted]):
         change = INPUT_RECIPES[inputs]
         recipes[inputs] = (subject_recipe(individual, **{**dict(content_settings or {}), **change}),
                            style_recipe(style, **{**dict(style_settings or {}), **change}))  # fmt: skip
     files = {k: tuple(train_world_lora(r, work_dir, progress=progress) for r in pair) for k, pair in recipes.items()}
     c_recipe, s_recipe = recipes[LOCON]
-    craft = files.get(CRAFT, (None, None))
     return PairLoras(
         individual=individual, style=style, content=files[LOCON][0], style_lora=files[LOCON][1],
         content_data=recipe_paths(c_recipe, work_dir)[0], style_data=recipe_paths(s_recipe, work_dir)[0],
-        craft_content=craft[0], craft_style=craft[1],
+        own={k: v for k, v in files.items() if k != LOCON},
         runs=tuple(recipe_paths(r, work_dir)[1] for pair in recipes.values() for r in pair),
-        sets={k: v for k, v in files.items() if k not in (LOCON, CRAFT)},
     )  # fmt: skip
+
+
+def single_labels(inputs: str) -> tuple[str, str]:
+    """The rows of one input set's LoRAs alone: ("content only", "style only") for the LoCon pair."""
+    return (CONTENT, STYLE) if inputs == LOCON else (f"{inputs} {CONTENT}", f"{inputs} {STYLE}")
 
 
 def training_images(data_dir: Path) -> list[tuple[Path, str]]:
@@ -143,9 +143,12 @@ def pair_prompt(individual: str) -> str:
 
 
 def method_options(method: str, loras: PairLoras) -> dict[str, Any]:
-    """What a method needs beyond the two LoRAs on the world: ZipLoRA's references (first training image and
-    its caption of each dataset; the merger training reads images, not prompts with markers)."""
-    if method != "ziplora":
+    """What a method needs beyond the two LoRAs on the world: the references of a method that learns from them
+    (ZipLoRA: first training image and its caption of each dataset; the merger training reads images, not prompts
+    with markers)."""
+    from lorafuse.fusion.registry import get_method
+
+    if not get_method(method).needs_references:
         return {}
     (c_img, c_cap), (s_img, s_cap) = (
         training_images(loras.content_data)[0],
@@ -171,20 +174,36 @@ class CompareResult:
     skipped: dict[str, str] = field(default_factory=dict)  # method -> why it could not run
 
 
-Run = tuple[str, str, str, str, dict[str, Any]]  # (label, kind, method, input set, options)
-
-
 def default_runs(methods: Sequence[str]) -> list[Run]:
-    """Every method once, on the LoCon pair (CRAFT on its own), labelled by the method's name."""
-    return [(m, "fused", m, CRAFT if m == CRAFT else LOCON, {}) for m in methods]
+    """Every method once, on the input set it declares (`lora_layers`), labelled by the method's name."""
+    from lorafuse.fusion.registry import get_method
+
+    return [(m, "fused", m, get_method(m).lora_layers, {}) for m in methods]
+
+
+def paper_runs(methods: Sequence[str]) -> list[Run]:
+    """Every method on the inputs and options its paper prescribes (`paper_inputs`), labelled 'method [inputs]'
+    ('method official [inputs]' when only the options differ from its default run)."""
+    from lorafuse.fusion.registry import get_method
+
+    out: list[Run] = []
+    for m in methods:
+        inputs, options = get_method(m).paper_inputs
+        label = f"{m} official" if options and inputs == get_method(m).lora_layers else m
+        out.append((f"{label} [{inputs}]", "fused", m, inputs, dict(options)))
+    return out
 
 
 def _with_baselines(runs: Sequence[Run]) -> list[Run]:
-    """`runs` after the base row and the single-LoRA rows of every input set they use. A single row is the
-    method itself with the other weight 0 (CRAFT's singles keep its layer routing and guidance)."""
+    """`runs` after the base row and the single-LoRA rows of every input set they use. A single row is `direct`
+    with the other weight 0, or, for a set some method cannot run without (`lora_layers`, CRAFT's), that method
+    with the other weight 0 (CRAFT's singles keep its layer routing and guidance)."""
+    from lorafuse.fusion.registry import get_method
+
     out: list[Run] = [(BASE, "base", "direct", LOCON, {"content_weight": 0.0, "style_weight": 0.0})]
     for inputs in dict.fromkeys(r[3] for r in runs):
-        method = CRAFT if inputs == CRAFT else "direct"
+        own = [m for _, _, m, used, _ in runs if used == inputs and get_method(m).lora_layers == inputs != LOCON]
+        method = own[0] if own else "direct"
         content, style = single_labels(inputs)
         out += [(content, "content", method, inputs, {"style_weight": 0.0}),
                 (style, "style", method, inputs, {"content_weight": 0.0})]  # fmt: skip
@@ -211,9 +230,9 @@ def compare_pair(pipe: Any, loras: PairLoras, *, oracle: Any, methods: Sequence[
     result = CompareResult(loras.name, prompt, list(range(seed, seed + seeds)))
     scores: dict[str, dict[str, np.ndarray]] = {}
     runs = _with_baselines(default_runs(methods) if runs is None else runs)
-    for label, kind, method, inputs, own in tqdm(runs, desc=f"{loras.name}", disable=not progress):
+    for label, kind, method, inputs, run_options in tqdm(runs, desc=f"{loras.name}", disable=not progress):
         content, style = loras.files(inputs)
-        extra = {**method_options(method, loras), **dict((options or {}).get(method, {})), **own}
+        extra = {**method_options(method, loras), **dict((options or {}).get(method, {})), **run_options}
         try:
             # one call per row, all seeds in one batch: image k has noise seed `seed + k` in every row
             out = fuse(content, style, prompt=prompt, method=method, base=pipe, num_images=seeds, steps=steps,
@@ -246,16 +265,16 @@ def _plain(value: Any) -> Any:
 
 
 def _add_aggregates(rows: list[dict[str, Any]]) -> None:
-    """§7.6 means for every row, and cross-influence for fused rows against the same seed's single-LoRA rows of
-    the LoRAs that row fused (its input set)."""
+    """docs/algorithms.md §7.6 means for every row, and cross-influence for fused rows against the same seed's
+    single-LoRA rows of the LoRAs that row fused (its input set)."""
     by_key = {(r["pair"], r["method"], r["seed"]): r for r in rows}
     for r in rows:
         if r["kind"] != "fused":
-            r.update(aggregates(r))
+            r.update(derived(r))
             continue
-        singles = single_labels(r.get("inputs", CRAFT if r["method"] == CRAFT else LOCON))
+        singles = single_labels(r["inputs"])
         alone = [by_key.get((r["pair"], s, r["seed"]), {}) for s in singles]
-        r.update(aggregates(r, *alone))
+        r.update(derived(r, *alone))
 
 
 def summary(rows: Sequence[dict[str, Any]], metrics: Sequence[str] = SCORES,
@@ -276,7 +295,7 @@ def summary(rows: Sequence[dict[str, Any]], metrics: Sequence[str] = SCORES,
 
 def side_by_side(result: CompareResult, *, title: str | None = None):
     """A labelled grid: one column per row label (base, singles, methods), one row per seed."""
-    from lorafuse.eval.picture import labelled_grid
+    from lorafuse.utils.images import labelled_grid
 
     cols = result.labels
     grid = [[result.images[label][k] for label in cols] for k in range(len(result.seeds))]

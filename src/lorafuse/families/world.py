@@ -1,4 +1,4 @@
-"""The built-in world base model (`lorafuse.world.base_model`): SDXL's block layout at tiny size, one CLIP
+"""The built-in world base model (`lorafuse.models.world`): SDXL's block layout at tiny size, one CLIP
 encoder, no pooled or size conditioning, 64 px images.
 
 B-LoRA blocks are SDXL's (the world UNet has SDXL's block layout). CRAFT blocks: the SDXL rule with one layer

@@ -14,22 +14,20 @@ after an error (`FusionPlan.close`).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lorafuse.config.toml_io import load_config
-from lorafuse.errors import ConfigError, UserInputError
+from lorafuse.errors import UserInputError
 from lorafuse.families import family_of
 from lorafuse.fusion.common import check_finite, lora_label, require_clean_base
-from lorafuse.fusion.registry import FusionConfig, get_method
+from lorafuse.fusion.registry import FusionConfig, get_method, make_config
 from lorafuse.lora.state import LoraState
+from lorafuse.utils.images import to_uint8
 
 LoraInput = str | os.PathLike | LoraState
 
@@ -42,36 +40,7 @@ class FuseResult:
     record: dict[str, Any]
 
     def uint8(self) -> np.ndarray:
-        return (np.clip(self.images, 0.0, 1.0) * 255).round().astype(np.uint8)
-
-
-def method_config(
-    method: str,
-    config: FusionConfig | str | os.PathLike | None = None,
-    options: Mapping[str, Any] | None = None,
-) -> FusionConfig:
-    """The typed, validated options of `method`: defaults, then `config` (a config object or a TOML file), then
-    `options` (keyword values, or strings from the command line such as "0.5" or "random"). Unknown keys and
-    values out of range are errors naming the method, the file and the option."""
-    cls = get_method(method).config_cls
-    options = dict(options or {})
-    if isinstance(config, FusionConfig):
-        # a config object may hold values TOML cannot (an image, loaded mergers): replace, no round trip
-        if not isinstance(config, cls):
-            raise UserInputError(f"{method}: expected a {cls.__name__}, got a {type(config).__name__}")
-        unknown = sorted(set(options) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"{method}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: "
-                              f"{', '.join(sorted(cls.__dataclass_fields__))}")  # fmt: skip
-        cfg = dataclasses.replace(config, **options)
-        cfg.validate(method)
-        return cfg
-    try:
-        cfg = load_config(cls, None if config is None else Path(config), overrides=options or None)
-        cfg.validate(method)
-    except ConfigError as e:
-        raise ConfigError(f"{method}: {e}") from None
-    return cfg
+        return to_uint8(self.images)
 
 
 def load_base(base: Any) -> Any:
@@ -153,15 +122,13 @@ def fuse(
     seed: image k starts from noise seeded `seed + k`, so every method sees the same noise for the same seed.
     """
     from lorafuse import __version__
-    from lorafuse.fusion.craft.prompts import strip_markers
     from lorafuse.fusion.sampling import check_inputs, sample
 
     # 1. Check inputs, before any compute: method and options, base, sampling arguments, LoRAs
     fusion = get_method(method)
-    cfg = method_config(method, config, method_options)
-    # the method may read prompt markers (CRAFT's <c>/<s>); the text encoder never sees them, whatever the method
+    cfg = make_config(method, config, **method_options)
+    # every method drops `<c>`/`<s>` markers before the text encoder; CRAFT also reads them for its λ
     prompt, cfg = fusion.prepare_prompt(prompt, cfg)
-    prompt = strip_markers(prompt)
     pipe = load_base(base)
     family = family_of(pipe)
     family.check_refused(method)
@@ -195,7 +162,7 @@ def fuse(
         "lorafuse": __version__,
         "method": method,
         "summary": fusion.summary,
-        "options": options_record(cfg),
+        "options": cfg.record(),
         "base": os.fspath(base) if isinstance(base, str | os.PathLike) else type(pipe).__name__,
         "loras": [describe(content_state, "content"), describe(style_state, "style")],
         "coverage_warnings": warnings,
@@ -204,20 +171,3 @@ def fuse(
         "timings_s": {"plan": round(t1 - t0, 4), "sample": round(t2 - t1, 4)},
     }
     return FuseResult(np.asarray(result.images, dtype=np.float32), record)
-
-
-def options_record(cfg: FusionConfig) -> dict[str, Any]:
-    """JSON-ready options: plain values as they are, paths as strings, anything else (an image, a tensor) by
-    its type name only."""
-    out: dict[str, Any] = {}
-    for name in cfg.__dataclass_fields__:
-        value = getattr(cfg, name)
-        if value is None or isinstance(value, bool | int | float | str):
-            out[name] = value
-        elif isinstance(value, os.PathLike):
-            out[name] = os.fspath(value)
-        elif isinstance(value, list | tuple) and all(isinstance(v, bool | int | float | str) for v in value):
-            out[name] = list(value)
-        else:
-            out[name] = f"<{type(value).__name__}>"
-    return out

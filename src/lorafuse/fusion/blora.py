@@ -1,4 +1,4 @@
-"""B-LoRA (Frenkel et al., ECCV 2024; algorithms.md §4): content from one block, style from another.
+"""B-LoRA (Frenkel et al., ECCV 2024; docs/algorithms.md §4): content from one block, style from another.
 
 A B-LoRA is trained on one image, restricted to the attention projections of two UNet blocks at once; the paper
 finds the first carries the image's content and the second its style. Fusion takes the content block's update
@@ -35,16 +35,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorafuse.errors import LoraFormatError, UserInputError
-from lorafuse.families import family_of
-from lorafuse.fusion._options import check_choice, config_record
 from lorafuse.fusion.common import (
-    check_plan_inputs,
     fuse_sum,
     lora_label,
     resolve,
     split_state,
 )
-from lorafuse.fusion.registry import FusionConfig, FusionMethod, FusionPlan, register
+from lorafuse.fusion.registry import (
+    FusionConfig,
+    FusionMethod,
+    FusionPlan,
+    check_choice,
+    register,
+)
 from lorafuse.lora.presets import ATTN_PROJ, block_names, detect_arch, preset_rules
 from lorafuse.lora.state import LoraState
 from lorafuse.lora.validate import LoraCoverageWarning
@@ -181,22 +184,13 @@ def blora_parts(
 class BLora(FusionMethod):
     name = NAME
     config_cls = BLoraConfig
+    paper_inputs = ("blora", {})  # one LoRA on the two blocks, trained jointly (the paper's training)
     summary = (
         "B-LoRA: content block of LoRA A + style block of LoRA B (attention projections only), fused into the "
         "weights; linear in the weight (official code: quadratic)"
     )
 
-    def plan(self, pipe: Any, content: LoraState, style: LoraState, config: FusionConfig) -> FusionPlan:
-        family_of(pipe).check_refused(NAME)  # no published blocks on some families (FLUX.1): say so first
-        check_plan_inputs(NAME, config, BLoraConfig, pipe, content, style)
+    def _build(self, plan: FusionPlan, pipe: Any, content: LoraState, style: LoraState, config: BLoraConfig) -> None:
         parts, routing = blora_parts(pipe, content, style, config)
-        plan = FusionPlan(
-            record={"method": NAME, "settings": config_record(config), "arch": detect_arch(pipe)}
-        )
-        plan.record.update(routing)
-        try:
-            plan.record.update(fuse_sum(pipe, parts, plan.undo))
-        except BaseException:
-            plan.close()
-            raise
-        return plan
+        plan.record.update(routing, arch=detect_arch(pipe))
+        plan.record.update(fuse_sum(pipe, parts, plan.undo))

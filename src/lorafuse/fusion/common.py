@@ -1,12 +1,11 @@
 """Pieces the built-in fusion methods share: where each LoRA key lands, splitting a LoRA into the part a method
 switches and the part it simply adds, and the checks every plan makes first.
 
-Notation (algorithms.md §0): `delta_c` is ΔW_c = s_c B_c A_c, `delta_s` is ΔW_s, `w_c` / `w_s` the user weights.
+Notation (docs/algorithms.md §0): `delta_c` is ΔW_c = s_c B_c A_c, `delta_s` is ΔW_s, `w_c` / `w_s` the user weights.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import warnings
 from collections.abc import Callable, Iterable
@@ -20,7 +19,7 @@ from lorafuse.lora.state import LoraModule, LoraState
 from lorafuse.lora.targets import ModuleRef
 from lorafuse.lora.validate import LoraCoverageWarning, validate_lora
 
-# The projections K-LoRA chooses between (§2.1): every attention module's to_q / to_k / to_v / to_out.0,
+# The projections K-LoRA chooses between (docs/algorithms.md §2.1): every attention module's to_q / to_k / to_v / to_out.0,
 # self- and cross-attention alike; in FLUX's double blocks also the text stream's add_q/k/v_proj, to_add_out.
 _ATTENTION_PROJECTION = re.compile(r"(^|\.)(to_q|to_k|to_v|to_out\.0|add_[qkv]_proj|to_add_out)$")
 # diffusers registers up_blocks before mid_block, so named_modules() is not the order the forward calls them
@@ -95,20 +94,6 @@ def check_finite(state: LoraState, role: str) -> None:
                 )
 
 
-def check_plan_inputs(method: str, config: object, config_cls: type, pipe: object, content: LoraState,
-                      style: LoraState) -> None:
-    """The checks every `plan()` runs before it changes anything: option types and ranges, a clean base,
-    finite LoRAs. One place, so every method refuses the same bad input with the same words."""
-    from lorafuse.errors import UserInputError
-
-    if not isinstance(config, config_cls):
-        raise UserInputError(f"{method}: expected a {config_cls.__name__}, got {type(config).__name__}")
-    config.validate(method)
-    require_clean_base(pipe, method)
-    check_finite(content, "content")
-    check_finite(style, "style")
-
-
 def require_clean_base(pipe: object, method: str) -> None:
     """Methods restore the base exactly on close; that needs a base with nothing fused or injected already."""
     from lorafuse.lora.inject import adapter_names
@@ -126,16 +111,10 @@ def require_clean_base(pipe: object, method: str) -> None:
         )
 
 
-def check_weights(content_weight: float, style_weight: float, method: str) -> None:
-    for name, w in (("content_weight", content_weight), ("style_weight", style_weight)):
-        if not math.isfinite(w):
-            raise UserInputError(f"{method}: option {name}={w} must be a finite number")
-
-
 def fuse_sum(
     pipe: object, parts: list[tuple[LoraState, float]], undo: list[Callable[[], None]]
 ) -> dict[str, object]:
-    """Fuse ΔW = Σ w_i ΔW_i of `parts` into the base weights, exactly (one rank-concatenated LoRA, §1).
+    """Fuse ΔW = Σ w_i ΔW_i of `parts` into the base weights, exactly (one rank-concatenated LoRA, docs/algorithms.md §1).
 
     Appends `unfuse` to `undo`. Parts without modules or with weight 0 add nothing. Returns a record entry.
     """
@@ -155,7 +134,7 @@ def fuse_sum(
 
 def raw_delta(module: LoraModule, shape: tuple[int, ...], scaled: bool = True) -> torch.Tensor:
     """ΔW in float32 shaped like the base weight; `scaled=False` drops alpha / r (the official K-LoRA code
-    multiplies up @ down without it, §2.1). Dense (LoHa / LoKr) updates have no separate scale."""
+    multiplies up @ down without it, docs/algorithms.md §2.1). Dense (LoHa / LoKr) updates have no separate scale."""
     if scaled or module.down is None:
         return module.delta_weight(shape)
     return LoraModule(down=module.down, up=module.up, alpha=None).delta_weight(shape)

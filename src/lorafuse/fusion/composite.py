@@ -1,4 +1,4 @@
-"""LoRA Composite (Multi-LoRA Composition, Zhong et al. 2024; algorithms.md §3): at every step each LoRA a runs
+"""LoRA Composite (Multi-LoRA Composition, Zhong et al. 2024; docs/algorithms.md §3): at every step each LoRA a runs
 the CFG batch with only a active, and the guided predictions are averaged:
     ε̂ = mean_a [ε_u^a + g (ε_c^a − ε_u^a)]          (`guidance.CompositeGuidance`)
 Costs N guided forwards per step (N = 2: content, style). Notation: `w_c` / `w_s` scale each LoRA's ΔW in its
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from lorafuse.errors import UserInputError
-from lorafuse.fusion.common import check_weights, require_clean_base
 from lorafuse.fusion.registry import FusionConfig, FusionMethod, FusionPlan, register
 from lorafuse.fusion.switch import official_weights, unet_variants
 from lorafuse.fusion.variants import BASE, MECHANISMS, LayerVariants
@@ -60,26 +59,18 @@ def only(variants: LayerVariants, variant: int) -> Callable[[], contextlib.Abstr
 class Composite(FusionMethod):
     name = "composite"
     config_cls = CompositeConfig
+    paper_inputs = ("locon", {"official": True})  # community LoRAs of every layer, run as the official code
     summary = "LoRA Composite: each LoRA's guided prediction every step, averaged (N forwards per step)"
 
-    def plan(self, pipe: Any, content: LoraState, style: LoraState, config: FusionConfig) -> FusionPlan:
-        if not isinstance(config, CompositeConfig):
-            raise UserInputError(f"{self.name}: expected a CompositeConfig, got {type(config).__name__}")
-        config.validate(self.name)
-        check_weights(config.content_weight, config.style_weight, self.name)
-        require_clean_base(pipe, self.name)
-        plan = FusionPlan(record={
-            "method": self.name, "order": ["content", "style"], "mechanism": config.mechanism,
+    def _build(self, plan: FusionPlan, pipe: Any, content: LoraState, style: LoraState, config: CompositeConfig
+               ) -> None:  # fmt: skip
+        plan.record.update({
+            "order": ["content", "style"], "mechanism": config.mechanism,
             "content_weight": config.content_weight, "style_weight": config.style_weight,
             "official": config.official,
         })  # fmt: skip
         if config.official:
             config = official_weights(config)
-        try:
-            variants = unet_variants(pipe, content, style, config, ADAPTER_NAMES, plan.record, plan.undo)
-        except BaseException:
-            plan.close()
-            raise
+        variants = unet_variants(pipe, content, style, config, ADAPTER_NAMES, plan.record, plan.undo)
         contexts = [only(variants, 0), only(variants, 1)]
         plan.guidance = lambda scale: CompositeGuidance(ClassifierFreeGuidance(scale), contexts)
-        return plan

@@ -1,4 +1,4 @@
-"""Direct merge (algorithms.md §1, seed 002 §3.3.2 "1:1 mix"): ΔW = w_c ΔW_c + w_s ΔW_s, exactly.
+"""Direct merge (docs/algorithms.md §1, Chu, character style transfer, §3.3.2 "1:1 mix"): ΔW = w_c ΔW_c + w_s ΔW_s, exactly.
 
 Notation: `delta_c` is ΔW_c = s_c B_c A_c, `delta_s` is ΔW_s, `w_c` / `w_s` the options content_weight /
 style_weight. The sum is one rank-concatenated LoRA (`lora.merge.merge_loras`, no cross terms B_c A_s, unlike
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lorafuse.fusion.common import check_weights, fuse_sum, require_clean_base, resolve
+from lorafuse.fusion.common import fuse_sum
 from lorafuse.fusion.registry import FusionConfig, FusionMethod, FusionPlan, register
 from lorafuse.lora.state import LoraState
 
@@ -27,19 +27,7 @@ class Direct(FusionMethod):
     config_cls = DirectConfig
     summary = "exact weighted sum w_c ΔW_c + w_s ΔW_s, fused into the weights (base-model speed)"
 
-    def plan(self, pipe: Any, content: LoraState, style: LoraState, config: FusionConfig) -> FusionPlan:
-        config.validate(self.name)
-        check_weights(config.content_weight, config.style_weight, self.name)
-        require_clean_base(pipe, self.name)
-        for state in (content, style):
-            resolve(pipe, state)  # wrong-base and shape errors before anything is modified
-        plan = FusionPlan(record={"method": self.name})
-        try:
-            fused = fuse_sum(
-                pipe, [(content, config.content_weight), (style, config.style_weight)], plan.undo
-            )
-        except BaseException:
-            plan.close()
-            raise
-        plan.record.update(fused, content_weight=config.content_weight, style_weight=config.style_weight)
-        return plan
+    def _build(self, plan: FusionPlan, pipe: Any, content: LoraState, style: LoraState, config: DirectConfig) -> None:
+        parts = [(content, config.content_weight), (style, config.style_weight)]
+        plan.record.update(fuse_sum(pipe, parts, plan.undo))
+        plan.record.update(content_weight=config.content_weight, style_weight=config.style_weight)

@@ -1,4 +1,4 @@
-"""K-LoRA (seed 003, algorithms.md §2): per attention projection and step, the content OR the style update.
+"""K-LoRA (Ouyang et al., CVPR 2025; docs/algorithms.md §2): per attention projection and step, the content OR the style update.
 
 Notation map: `delta_c` / `delta_s` are ΔW_c,l / ΔW_s,l; `k` is K_l = r_c r_s; `top_c` / `top_s` are S_c,l / S_s,l
 (Σ of the K largest |ΔW| entries); `gamma` is γ; `alpha`, `beta` give S(i) = α i/T + β. Layer l uses the content
@@ -20,7 +20,7 @@ part acts as that sum throughout.
 Weights: the scores use the unweighted ΔW (γ would cancel any weighting anyway); the chosen update is applied
 at its weight, `W + w_c ΔW_c` or `W + w_s ΔW_s`.
 
-`klora_mode="official"` reproduces HVision-NKU/K-LoRA (§2.1): ΔW = up @ down without alpha / r (scores and the
+`klora_mode="official"` reproduces HVision-NKU/K-LoRA (docs/algorithms.md §2.1): ΔW = up @ down without alpha / r (scores and the
 applied update), γ the trimmed mean of per-layer ratios, time = a call counter over every K-LoRA projection's
 forward, u = (count mod P)/P with P = `official_period` (0: layers x steps, which is the official 28000 for SDXL
 at 50 steps), S = (α u + β) mod α with β = 0.85 α by default, content iff S_c / (γ S S_s) > 1 strictly. The
@@ -39,13 +39,11 @@ import torch
 
 from lorafuse.errors import UserInputError
 from lorafuse.fusion.common import (
-    check_weights,
     forward_order,
     fuse_sum,
     is_attention_projection,
     lora_label,
     raw_delta,
-    require_clean_base,
     resolve,
     split_state,
 )
@@ -203,14 +201,11 @@ def _by_ref(refs: dict[str, ModuleRef]) -> dict[ModuleRef, str]:
 class KLora(FusionMethod):
     name = "klora"
     config_cls = KLoraConfig
+    # the paper fuses attention-only DreamBooth LoRAs; the official code loads nothing outside attention
+    paper_inputs = ("attn", {"non_attention": "ignore"})
     summary = "K-LoRA: per attention layer and step, content or style by Top-K sums and a rising scale"
 
-    def plan(self, pipe: Any, content: LoraState, style: LoraState, config: FusionConfig) -> FusionPlan:
-        if not isinstance(config, KLoraConfig):
-            raise UserInputError(f"{self.name}: expected a KLoraConfig, got {type(config).__name__}")
-        config.validate(self.name)
-        check_weights(config.content_weight, config.style_weight, self.name)
-        require_clean_base(pipe, self.name)
+    def _build(self, plan: FusionPlan, pipe: Any, content: LoraState, style: LoraState, config: KLoraConfig) -> None:
         official = config.klora_mode == "official"
         refs_c, refs_s = resolve(pipe, content), resolve(pipe, style)
         attn_c = {k: r for k, r in refs_c.items() if is_attention_projection(r)}
@@ -224,40 +219,31 @@ class KLora(FusionMethod):
         layers = forward_order(pipe, set(attn_c.values()) | set(attn_s.values()))
         scores = self._scores(layers, content, style, attn_c, attn_s, config, scaled=not official)
         gamma = self._gamma(scores, content, style, official)
-
-        plan = FusionPlan(record={
-            "method": self.name, "klora_mode": config.klora_mode, "selection": config.selection,
+        mode = config.non_attention if config.non_attention != "auto" else ("ignore" if official else "sum")
+        plan.record.update({
+            "klora_mode": config.klora_mode, "selection": config.selection,
             "alpha": config.alpha, "beta": config.resolved_beta(), "gamma": gamma, "layers": scores.layers,
             "k": scores.k, "top_c": scores.top_c, "top_s": scores.top_s, "mechanism": config.mechanism,
-            "content_weight": config.content_weight, "style_weight": config.style_weight,
+            "content_weight": config.content_weight, "style_weight": config.style_weight, "non_attention": mode,
         })  # fmt: skip
-        try:
-            mode = (
-                config.non_attention if config.non_attention != "auto" else ("ignore" if official else "sum")
-            )
-            plan.record["non_attention"] = mode
-            if mode == "sum":
-                others_c = split_state(content, set(refs_c) - set(attn_c))
-                others_s = split_state(style, set(refs_s) - set(attn_s))
-                parts = [(others_c, config.content_weight), (others_s, config.style_weight)]
-                plan.record.update(fuse_sum(pipe, parts, plan.undo))
-            variants = make_variants(
-                config.mechanism, pipe, layers,
-                [(content, attn_c, config.content_weight), (style, attn_s, config.style_weight)],
-                ADAPTER_NAMES, scaled=not official,
-            )  # fmt: skip
-            plan.undo.append(variants.close)
-            plan.record["mechanism"] = variants.mechanism  # "auto" resolved
-            if official:
-                modules = [components_of(pipe)[r.component].get_submodule(r.path) for r in layers]
-                hook: Any = KLoraOfficialHook(variants, modules, scores, gamma, config, plan.record)
-            else:
-                hook = KLoraHook(variants, scores, gamma, config, plan.record)
-            plan.hooks.append(hook)
-        except BaseException:
-            plan.close()
-            raise
-        return plan
+        if mode == "sum":
+            others_c = split_state(content, set(refs_c) - set(attn_c))
+            others_s = split_state(style, set(refs_s) - set(attn_s))
+            parts = [(others_c, config.content_weight), (others_s, config.style_weight)]
+            plan.record.update(fuse_sum(pipe, parts, plan.undo))
+        variants = make_variants(
+            config.mechanism, pipe, layers,
+            [(content, attn_c, config.content_weight), (style, attn_s, config.style_weight)],
+            ADAPTER_NAMES, scaled=not official,
+        )  # fmt: skip
+        plan.undo.append(variants.close)
+        plan.record["mechanism"] = variants.mechanism  # "auto" resolved
+        if official:
+            modules = [components_of(pipe)[r.component].get_submodule(r.path) for r in layers]
+            hook: Any = KLoraOfficialHook(variants, modules, scores, gamma, config, plan.record)
+        else:
+            hook = KLoraHook(variants, scores, gamma, config, plan.record)
+        plan.hooks.append(hook)
 
     @staticmethod
     def _scores(layers, content, style, attn_c, attn_s, config: KLoraConfig, *, scaled: bool) -> LayerScores:

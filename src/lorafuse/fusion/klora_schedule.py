@@ -1,4 +1,4 @@
-"""K-LoRA's choice table (algorithms.md §2, §2.1), computed once per (content, style) pair.
+"""K-LoRA's choice table (docs/algorithms.md §2, §2.1), computed once per (content, style) pair.
 
 Notation map (paper -> code), per LoRA'd attention projection l (forward order) and step i = 0 … T-1:
     ΔW_c,l, ΔW_s,l            `delta_c`, `delta_s` (float32, shaped like the base weight)
@@ -10,7 +10,7 @@ Notation map (paper -> code), per LoRA'd attention projection l (forward order) 
     choose content if S_c,l ≥ γ S(i) S_s,l  ->  `table[l, i]` is True (content) or False (style)
 
 Nothing but S(i) depends on the step, so the whole (layer x step) table is a few vector operations; at run time
-K-LoRA only looks the choice up. The official code (§2.1) recomputes `up @ down` and a Top-K on every call.
+K-LoRA only looks the choice up. The official code (docs/algorithms.md §2.1) recomputes `up @ down` and a Top-K on every call.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def schedule_table(
 ) -> torch.Tensor:
     """(L, T) bool, True = content LoRA at layer l, step i.
 
-    selection "topk": S_c,l ≥ γ S(i) S_s,l (paper, §2). "fixed": the paper's ablation as it states it, content
+    selection "topk": S_c,l ≥ γ S(i) S_s,l (paper; docs/algorithms.md §2). "fixed": the paper's ablation as it states it, content
     when the scale alone says so, S'(i) = γ S(i) ≥ 1, the same for every layer. "random": content with
     probability `random_p` (1/3 in the paper), independently per layer and step, from a generator seeded `seed`.
     """

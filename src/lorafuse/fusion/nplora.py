@@ -1,4 +1,4 @@
-"""NP-LoRA (arXiv 2511.11051; algorithms.md §6): training-free fusion that keeps content out of style's inputs.
+"""NP-LoRA (arXiv 2511.11051; docs/algorithms.md §6): training-free fusion that keeps content out of style's inputs.
 
 Per layer l covered by both LoRAs, the content update is (softly) projected off the input directions the style
 LoRA reads, so content no longer writes over style where style listens:
@@ -7,7 +7,7 @@ LoRA reads, so content no longer writes over style where style listens:
     P   = I − μ/(1+μ) · V_k V_kᵀ                        (μ = 0 is no projection, μ → ∞ the full projection)
     ΔW  = w_s ΔW_s + w_c ΔW_c P
 
-Notation map: `content` ΔW_c = s_c B_c A_c, `style` ΔW_s = s_s B_s A_s (algorithms.md §0), `mu` μ,
+Notation map: `content` ΔW_c = s_c B_c A_c, `style` ΔW_s = s_s B_s A_s (docs/algorithms.md §0), `mu` μ,
 `content_weight` w_c, `style_weight` w_s, `basis` V_k, `shrink` μ/(1+μ).
 
 Low rank, exactly: ΔW_c P = s_c B_c (A_c P), so the result is a rank r_c + r_s LoRA with B = [w_c s_c B_c | w_s
@@ -30,9 +30,14 @@ from typing import Any
 import torch
 
 from lorafuse.errors import UserInputError
-from lorafuse.fusion._options import check_range, config_record
-from lorafuse.fusion.common import check_plan_inputs, fuse_sum, resolve
-from lorafuse.fusion.registry import FusionConfig, FusionMethod, FusionPlan, register
+from lorafuse.fusion.common import fuse_sum
+from lorafuse.fusion.registry import (
+    FusionConfig,
+    FusionMethod,
+    FusionPlan,
+    check_range,
+    register,
+)
 from lorafuse.lora.merge import merge_loras
 from lorafuse.lora.resize import factorize
 from lorafuse.lora.state import LoraModule, LoraState
@@ -105,31 +110,21 @@ def nplora_lora(content: LoraState, style: LoraState, config: NPLoraConfig) -> L
 class NPLora(FusionMethod):
     name = NAME
     config_cls = NPLoraConfig
+    paper_inputs = ("attn", {})  # as ZipLoRA, whose inputs the paper reuses: attention-projection LoRAs
     summary = (
         "NP-LoRA: content update projected off the style LoRA's input subspace (strength mu), "
         "training-free, fused into the weights"
     )
 
-    def plan(self, pipe: Any, content: LoraState, style: LoraState, config: FusionConfig) -> FusionPlan:
-        check_plan_inputs(NAME, config, NPLoraConfig, pipe, content, style)
-        for state in (content, style):
-            resolve(pipe, state)  # key coverage and shapes before any work; errors name the file
+    def _build(self, plan: FusionPlan, pipe: Any, content: LoraState, style: LoraState, config: NPLoraConfig
+               ) -> None:  # fmt: skip
         shared = sorted(set(content.modules) & set(style.modules))
-        plan = FusionPlan(
-            record={
-                "method": NAME,
-                "settings": config_record(config),
-                "shrink": config.mu / (1.0 + config.mu),
-                "projected_modules": len(shared),
-                "content_only_modules": len(content.modules) - len(shared),
-                "style_only_modules": len(style.modules) - len(shared),
-            }
+        plan.record.update(
+            shrink=config.mu / (1.0 + config.mu),
+            projected_modules=len(shared),
+            content_only_modules=len(content.modules) - len(shared),
+            style_only_modules=len(style.modules) - len(shared),
         )
         (content_p, _), (style_p, _) = nplora_parts(content, style, config.mu)
         parts = [(content_p, config.content_weight), (style_p, config.style_weight)]
-        try:
-            plan.record.update(fuse_sum(pipe, parts, plan.undo))
-        except BaseException:
-            plan.close()
-            raise
-        return plan
+        plan.record.update(fuse_sum(pipe, parts, plan.undo))

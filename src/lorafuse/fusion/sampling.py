@@ -145,8 +145,17 @@ def sample(
 
     # 8. Decode
     latents = family.unpack_latents(latents, height, width, pipe)
-    settings = {
-        "arch": family.name,
+    settings = _settings(family.name, prompts, negatives, num_images, steps, num_steps, guidance, model_fn, seeds,
+                         sched, height, width, skip, hooks, output)  # fmt: skip
+    return SampleResult(decode_latents(pipe, latents, output), latents, settings)
+
+
+def _settings(arch: str, prompts: list[str], negatives: list[str] | None, num_images: int, steps: int,
+              num_steps: int, guidance: Guidance, model_fn: Any, seeds: list[int], sched: Any, height: int,
+              width: int, skip: int, hooks: Sequence[StepHook], output: str) -> dict[str, Any]:  # fmt: skip
+    """What `sample` ran with, JSON-ready, for the result's record."""
+    return {
+        "arch": arch,
         "prompt": prompts,
         "negative_prompt": negatives,
         "num_images": num_images,
@@ -154,7 +163,7 @@ def sample(
         "num_timesteps": num_steps,
         "guidance": repr(guidance),
         "embedded_guidance": getattr(model_fn, "embedded_guidance", None),
-        "seed": seed,
+        "seed": seeds[0],
         "seeds": seeds,
         "scheduler": type(sched).__name__,
         "height": height,
@@ -164,7 +173,6 @@ def sample(
         "hooks": [repr(h) for h in hooks],
         "output": output,
     }
-    return SampleResult(decode_latents(pipe, latents, output), latents, settings)
 
 
 def decode_latents(pipe: DiffusionPipeline, latents: Tensor, output: str = "np") -> Any:

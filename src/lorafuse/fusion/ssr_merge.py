@@ -55,16 +55,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorafuse.errors import LorafuseError, UserInputError
-from lorafuse.fusion._options import check_range, config_record
-from lorafuse.fusion.common import (
-    check_plan_inputs,
-    fuse_sum,
-    is_denoiser,
-    layer_factors,
-    resolve,
-    split_state,
-)
-from lorafuse.fusion.registry import FusionConfig, FusionMethod, FusionPlan, register
+from lorafuse.fusion.common import fuse_sum, is_denoiser, layer_factors, resolve, split_state
+from lorafuse.fusion.markers import common_markers, strip_markers
+from lorafuse.fusion.registry import FusionConfig, FusionMethod, FusionPlan, check_range, register
 from lorafuse.lora.state import LoraModule, LoraState
 from lorafuse.lora.targets import ModuleRef, components_of
 
@@ -102,9 +95,7 @@ class SsrConfig(FusionConfig):
 
     def calibration_prompts(self) -> tuple[str, str]:
         """(content prompt, style prompt): the options, else the fused prompt's marked spans, else the prompt."""
-        from lorafuse.fusion.craft.prompts import parse_prompt
-
-        parsed = parse_prompt(self.prompt) if self.prompt else None
+        parsed = common_markers([self.prompt]) if self.prompt else None
         out = []
         for given, role in ((self.content_prompt, "content"), (self.style_prompt, "style")):
             span = None if parsed is None else getattr(parsed, f"{role}_span")
@@ -249,21 +240,17 @@ def ssr_lora(pipe: Any, content: LoraState, style: LoraState, config: SsrConfig
 class SsrMerge(FusionMethod):
     name = NAME
     config_cls = SsrConfig
+    paper_inputs = ("attn", {})  # the official hooks route nn.Linear only: Linear (attention) LoRAs
     summary = "SSR-Merge: closed-form routing of each LoRA's signal into its own subspace (calibrated, fused)"
 
     @staticmethod
     def prepare_prompt(prompt: Any, config: FusionConfig) -> tuple[Any, FusionConfig]:
-        if isinstance(prompt, str) and getattr(config, "prompt", None) is None:
-            config = dataclasses.replace(config, prompt=prompt)
-        return prompt, config
+        """(the clean prompt(s) for the text encoder, `config` with the marked prompt kept for calibration)."""
+        parsed = common_markers([prompt] if isinstance(prompt, str) else list(prompt))
+        config = dataclasses.replace(config, prompt=parsed.raw)
+        return strip_markers(prompt), config
 
-    def plan(self, pipe: Any, content: LoraState, style: LoraState, config: FusionConfig) -> FusionPlan:
-        check_plan_inputs(NAME, config, SsrConfig, pipe, content, style)
+    def _build(self, plan: FusionPlan, pipe: Any, content: LoraState, style: LoraState, config: SsrConfig) -> None:
         parts, record = ssr_lora(pipe, content, style, config)
-        plan = FusionPlan(record={"method": NAME, "settings": config_record(config), **record})
-        try:
-            plan.record.update(fuse_sum(pipe, parts, plan.undo))
-        except BaseException:
-            plan.close()
-            raise
-        return plan
+        plan.record.update(record)
+        plan.record.update(fuse_sum(pipe, parts, plan.undo))

@@ -23,11 +23,9 @@ import torch
 
 from lorafuse.errors import UserInputError
 from lorafuse.fusion.common import (
-    check_weights,
     forward_order,
     fuse_sum,
     is_denoiser,
-    require_clean_base,
     resolve,
     split_state,
 )
@@ -109,29 +107,20 @@ def unet_variants(
 class Switch(FusionMethod):
     name = "switch"
     config_cls = SwitchConfig
+    paper_inputs = ("locon", {"official": True})  # community LoRAs of every layer, run as the official code
     summary = "LoRA Switch: one LoRA active at a time, rotating every tau steps"
 
-    def plan(self, pipe: Any, content: LoraState, style: LoraState, config: FusionConfig) -> FusionPlan:
-        if not isinstance(config, SwitchConfig):
-            raise UserInputError(f"{self.name}: expected a SwitchConfig, got {type(config).__name__}")
-        config.validate(self.name)
-        check_weights(config.content_weight, config.style_weight, self.name)
-        require_clean_base(pipe, self.name)
-        plan = FusionPlan(record={
-            "method": self.name, "tau": config.tau, "order": ["content", "style"], "mechanism": config.mechanism,
+    def _build(self, plan: FusionPlan, pipe: Any, content: LoraState, style: LoraState, config: SwitchConfig) -> None:
+        plan.record.update({
+            "tau": config.tau, "order": ["content", "style"], "mechanism": config.mechanism,
             "content_weight": config.content_weight, "style_weight": config.style_weight,
             "official": config.official,
         })  # fmt: skip
         if config.official:
             config = official_weights(config)
-        try:
-            variants = unet_variants(pipe, content, style, config, ADAPTER_NAMES, plan.record, plan.undo,
-                                     text_style_weight=0.0 if config.official else None)  # fmt: skip
-            plan.hooks.append(SwitchHook(variants, config.tau, 2, plan.record, official=config.official))
-        except BaseException:
-            plan.close()
-            raise
-        return plan
+        variants = unet_variants(pipe, content, style, config, ADAPTER_NAMES, plan.record, plan.undo,
+                                 text_style_weight=0.0 if config.official else None)  # fmt: skip
+        plan.hooks.append(SwitchHook(variants, config.tau, 2, plan.record, official=config.official))
 
 
 def official_weights(config: FusionConfig) -> FusionConfig:

@@ -1,4 +1,5 @@
-"""Random LoRAs for tests and benchmarks: non-zero up AND down (never the zero-B init of training), so every
+"""Random LoRAs (public API: for tests, benchmarks, and users checking a pipeline or a method without training
+anything): non-zero up AND down (never the zero-B init of training), so every
 module really changes the output and an equality test cannot pass by accident."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ZipLoRA (Shah et al., ECCV 2024; algorithms.md §5): learned column mergers between a content and a style LoRA.
+"""ZipLoRA (Shah et al., ECCV 2024; docs/algorithms.md §5): learned column mergers between a content and a style LoRA.
 
 Per LoRA'd UNet layer l, two merger vectors over the layer's input features, initialised to 1, scale the columns of
 each update before they are summed:
@@ -15,7 +15,7 @@ with ε_c, ε_s the UNet with only w_c ΔW_c, only w_s ΔW_s, and ε_m the merge
 moves the mergers, which is why it "equals direct merge"), at most 100 steps, stopping once the mean per-layer
 |cos| is below `stop_similarity`.
 
-Notation map: `content`/`style` are ΔW_c/ΔW_s (s · B A, algorithms.md §0); `m_c`, `m_s` the mergers;
+Notation map: `content`/`style` are ΔW_c/ΔW_s (s · B A, docs/algorithms.md §0); `m_c`, `m_s` the mergers;
 `content_ref` (x_c, p_c) and `style_ref` (x_s, p_s): VAE latents of a reference image (e.g. an image the LoRA
 was trained on) and its prompt; `similarity_weight` λ; `lr` the Adam learning rate; w_c, w_s the user weights.
 
@@ -45,9 +45,14 @@ import torch
 from torch import Tensor
 
 from lorafuse.errors import UserInputError
-from lorafuse.fusion._options import check_range, config_record
-from lorafuse.fusion.common import check_plan_inputs, fuse_sum, resolve
-from lorafuse.fusion.registry import FusionConfig, FusionMethod, FusionPlan, register
+from lorafuse.fusion.common import fuse_sum
+from lorafuse.fusion.registry import (
+    FusionConfig,
+    FusionMethod,
+    FusionPlan,
+    check_range,
+    register,
+)
 from lorafuse.fusion.ziplora_train import (
     MERGERS_METADATA_KEY,
     NAME,
@@ -169,20 +174,19 @@ class ZipLoraConfig(FusionConfig):
 class ZipLora(FusionMethod):
     name = NAME
     config_cls = ZipLoraConfig
+    paper_inputs = ("attn", {})  # the paper merges SDXL DreamBooth LoRAs on the attention projections
+    needs_references = True
     summary = (
         "ZipLoRA: per-column mergers learned on a content and a style reference (<= 100 Adam steps), "
         "then fused as one rank r_c + r_s LoRA"
     )
 
-    def plan(self, pipe: Any, content: LoraState, style: LoraState, config: FusionConfig) -> FusionPlan:
-        check_plan_inputs(NAME, config, ZipLoraConfig, pipe, content, style)
-        for state in (content, style):
-            resolve(pipe, state)  # key coverage and shapes before any work; errors name the file
-        plan = FusionPlan(record={"method": NAME, "settings": config_record(config)})
+    def _build(self, plan: FusionPlan, pipe: Any, content: LoraState, style: LoraState, config: ZipLoraConfig
+               ) -> None:  # fmt: skip
         w_c, w_s = config.content_weight, config.style_weight
         if w_c == 0 and w_s == 0:
             plan.record["fused_modules"] = 0  # the update is zero whatever the mergers
-            return plan
+            return
         if config.mergers is not None:
             mergers = (
                 config.mergers if isinstance(config.mergers, ZipMergers) else ZipMergers.load(config.mergers)
@@ -207,9 +211,4 @@ class ZipLora(FusionMethod):
                 plan.record["mergers_file"] = str(mergers.save(config.save_mergers))
         plan.record["merger_layers"] = len(set(mergers.m_c) | set(mergers.m_s))
         (c, _), (s, _) = ziplora_parts(content, style, mergers, where)
-        try:
-            plan.record.update(fuse_sum(pipe, [(c, w_c), (s, w_s)], plan.undo))
-        except BaseException:
-            plan.close()
-            raise
-        return plan
+        plan.record.update(fuse_sum(pipe, [(c, w_c), (s, w_s)], plan.undo))

@@ -1,4 +1,4 @@
-"""ZipLoRA's learning step (algorithms.md §5): references, the objective, Adam on the mergers, the mergers file.
+"""ZipLoRA's learning step (docs/algorithms.md §5): references, the objective, Adam on the mergers, the mergers file.
 
 The objective, per reference (x, p) and LoRA role, with the same noise and timestep for both forwards:
 

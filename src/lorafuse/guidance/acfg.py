@@ -1,4 +1,4 @@
-"""Asymmetric, timestep-aware classifier-free guidance (CRAFT-LoRA, algorithms.md §7.5, seed 001 App. C).
+"""Asymmetric, timestep-aware classifier-free guidance (CRAFT-LoRA, docs/algorithms.md §7.5, the CRAFT-LoRA paper, App. C).
 
     conditional rows:    W_cond(i) = W' + ω_c(i) ΔW_c|I_c + ω_s(i) ΔW_s|I_s
     unconditional rows:  W'                                   (no LoRA at all)

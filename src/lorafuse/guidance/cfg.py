@@ -1,13 +1,13 @@
 """Classifier-free guidance, its asymmetric (per-branch) form, and the averaged form of LoRA Composite.
 
-Notation (spec §0, §3, §7.5): `g` is the guidance scale, `eps_u` / `eps_c` the unconditional / conditional
+Notation (docs/algorithms.md §0, §3, §7.5): `g` is the guidance scale, `eps_u` / `eps_c` the unconditional / conditional
 predictions, `ε̂ = ε_u + g (ε_c − ε_u)`.
 
 How the later policies plug in, without touching the sampling loop:
-- Asymmetric CFG (CRAFT, §7.5): `ClassifierFreeGuidance(g, branch_context=...)`. The context is entered around
+- Asymmetric CFG (CRAFT, docs/algorithms.md §7.5): `ClassifierFreeGuidance(g, branch_context=...)`. The context is entered around
   the one batched forward and told the step and the branch of every row, so it can run the "cond" rows with the
   LoRAs at ω(i) and the "uncond" rows on the base (`per_sample_adapters(unet, names)`), in one forward of 2B.
-- LoRA Composite (§3): `CompositeGuidance(ClassifierFreeGuidance(g), contexts)`, one context per LoRA that
+- LoRA Composite (docs/algorithms.md §3): `CompositeGuidance(ClassifierFreeGuidance(g), contexts)`, one context per LoRA that
   leaves only that LoRA active; the guided predictions are averaged.
 """
 

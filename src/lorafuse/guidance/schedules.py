@@ -1,6 +1,6 @@
 """Timestep weight schedules: small pure functions of the step index.
 
-Notation (spec §0): step index `i = 0 ... T-1` (0 is the noisiest), progress `u = i / T` in [0, 1).
+Notation (docs/algorithms.md §0): step index `i = 0 ... T-1` (0 is the noisiest), progress `u = i / T` in [0, 1).
 Content forms early and style late (K-LoRA, CRAFT), so content weights fall with u and style weights rise.
 """
 
@@ -22,7 +22,7 @@ def progress(step_index: int, num_steps: int) -> float:
 
 
 def cosine_phi(u: float) -> float:
-    """φ(u) = ½(1 + cos πu): 1 at u = 0, ½ at u = ½, 0 at u = 1, monotone decreasing (CRAFT §7.5)."""
+    """φ(u) = ½(1 + cos πu): 1 at u = 0, ½ at u = ½, 0 at u = 1, monotone decreasing (docs/algorithms.md §7.5)."""
     return 0.5 * (1.0 + math.cos(math.pi * u))
 
 
@@ -54,13 +54,13 @@ def smooth_weights(
     lambda_s: float = 1.0,
     phi: Callable[[float], float] = cosine_phi,
 ) -> tuple[float, float]:
-    """(ω_c, ω_s) = (λ_c φ(u), λ_s (1 − φ(u))): content early, style late (CRAFT §7.5)."""
+    """(ω_c, ω_s) = (λ_c φ(u), λ_s (1 − φ(u))): content early, style late (docs/algorithms.md §7.5)."""
     p = phi(u)
     return lambda_c * p, lambda_s * (1.0 - p)
 
 
 def switch_index(step_index: int, tau: int, n: int) -> int:
-    """LoRA Switch (§3): the active LoRA of step i is (i // τ) mod N; τ = 5 in the paper."""
+    """LoRA Switch (docs/algorithms.md §3): the active LoRA of step i is (i // τ) mod N; τ = 5 in the paper."""
     if tau < 1 or n < 1:
         raise UserInputError(f"LoRA Switch needs tau >= 1 and at least one LoRA, got tau={tau}, n={n}")
     return (step_index // tau) % n
@@ -75,5 +75,5 @@ def switch_index_official(step_index: int, tau: int, n: int) -> int:
 
 
 def klora_scale(step_index: int, num_steps: int, alpha: float = 1.5, beta: float = 0.5) -> float:
-    """K-LoRA's paper scale S(i) = α · i / T + β (§2 step 4; the official code's wrapped "s*" pattern differs)."""
+    """K-LoRA's paper scale S(i) = α · i / T + β (docs/algorithms.md §2; the official code's wrapped "s*" pattern differs)."""
     return alpha * progress(step_index, num_steps) + beta

@@ -1,7 +1,7 @@
 """Bake LoRAs into a base model and save the result as a new diffusers pipeline folder.
 
 What kohya's `networks/merge_lora.py --save_to` and A1111's checkpoint merger do: W' = W + Σ w_i ΔW_i written
-into the weights, so the folder is a "fine-tuned checkpoint" every tool loads as a base (seed 002 compares a
+into the weights, so the folder is a "fine-tuned checkpoint" every tool loads as a base (the character-style-transfer paper, Chu, compares a
 character LoRA across such checkpoints). Each LoRA is validated against the base before anything is fused, the
 fusing itself is `lora.merge.fuse_into`, and the folder appears whole or not at all (written beside, renamed).
 """
@@ -19,22 +19,12 @@ from lorafuse.utils.atomic import atomic_folder, check_output
 from lorafuse.utils.inputs import check_input_file
 
 
-def _tokenizer_sources(base: str) -> Path | None:
-    """The base's own folder when it has one: its CLIP tokenizer files are copied as they are."""
-    if base == "world":
-        from lorafuse.world.base_model import default_base_path
-
-        return default_base_path()
-    path = Path(base).expanduser()
-    return path if path.is_dir() else None
-
-
 def bake_loras(base: str, loras: Sequence[tuple[str | os.PathLike, float]], out: str | os.PathLike, *,
                allow_pickle: bool = False) -> Path:  # fmt: skip
     """Load `base`, fuse every (LoRA file, weight) into its weights, save a pipeline folder at `out`."""
     from lorafuse.lora.io import load_lora
     from lorafuse.lora.merge import fuse_into
-    from lorafuse.models.load import load_base_pipeline
+    from lorafuse.models.load import base_folder, load_base_pipeline
 
     out = Path(out)
     if not loras:
@@ -51,7 +41,7 @@ def bake_loras(base: str, loras: Sequence[tuple[str | os.PathLike, float]], out:
               for (path, weight), state in zip(loras, states, strict=True)]  # fmt: skip
     with atomic_folder(out) as tmp:
         pipe.save_pretrained(tmp)
-        source = _tokenizer_sources(base)
+        source = base_folder(base)  # its CLIP tokenizer files are copied as they are
         for sub in ("tokenizer", "tokenizer_2"):
             # transformers 5 writes only tokenizer.json; keep the CLIP vocab.json + merges.txt other tools read
             if source is not None and (source / sub).is_dir():

@@ -1,4 +1,4 @@
-"""Exact LoRA merges (algorithms.md §1) and fusing a LoRA into the base weights.
+"""Exact LoRA merges (docs/algorithms.md §1) and fusing a LoRA into the base weights.
 
 Notation: content LoRA ΔW_c = s_c B_c A_c, style LoRA ΔW_s = s_s B_s A_s, user weights w_c, w_s.
 

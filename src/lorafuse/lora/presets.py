@@ -12,11 +12,11 @@ Presets (named per family in `lorafuse.families`; the generic ones mean the same
     all            kohya's LoCon: default + every ResnetBlock2D (conv1, conv2, conv_shortcut, time_emb_proj)
                    + the down/upsampler convs; 3x3 convs take conv_dim / conv_alpha when set
     blora          B-LoRA as the paper trains it: ONE LoRA on both blocks' attention projections, trained jointly
-                   (docs/algorithms.md, B-LoRA); fusion then takes the content block of one such LoRA and the
+                   (docs/algorithms.md §4); fusion then takes the content block of one such LoRA and the
                    style block of another
-    blora_content  B-LoRA's content block, attention projections only (docs/algorithms.md, B-LoRA)
+    blora_content  B-LoRA's content block, attention projections only (docs/algorithms.md §4)
     blora_style    B-LoRA's style block, attention projections only
-    craft_content  CRAFT-LoRA's content layers I_c: the lower/middle resolutions (docs/algorithms.md, CRAFT)
+    craft_content  CRAFT-LoRA's content layers I_c: the lower/middle resolutions (docs/algorithms.md §7.3)
     craft_style    CRAFT-LoRA's style layers I_s: the higher resolutions; disjoint from craft_content
 Each family module (families/sd15.py, sdxl.py, world.py, ...) gives its blocks and why.
 User regexes are matched with `re.search` against UNet module paths (`down_blocks.1.attentions.0.proj_in`) and

@@ -1,6 +1,6 @@
 """SVD tools for LoRAs: truncate to a target rank (`resize_lora`), or factor a dense ΔW exactly (`factorize`).
 
-Notation (algorithms.md §0): ΔW = s · B A, flattened to a matrix M of shape (out, in·kh·kw) for convs (a LoCon
+Notation (docs/algorithms.md §0): ΔW = s · B A, flattened to a matrix M of shape (out, in·kh·kw) for convs (a LoCon
 A is a (r, in, kh, kw) conv, B a 1x1 conv, so M = s · B_flat A_flat exactly). The truncated SVD
 M ≈ U_k S_k V_kᵀ is the best rank-k approximation in Frobenius norm (Eckart-Young), and its error is known
 without forming M: ‖M − M_k‖_F = sqrt(Σ_{i>k} σ_i²). New factors split the singular values evenly,

@@ -1,6 +1,6 @@
 """The in-memory LoRA: one canonical form that every file format reads into and writes from.
 
-Notation (algorithms.md §0): a LoRA'd layer has base weight W (out x in) and update
+Notation (docs/algorithms.md §0): a LoRA'd layer has base weight W (out x in) and update
 ΔW = scale · B A with B = `up` (out x r), A = `down` (r x in), scale = alpha / r.
 Conv LoRAs (LoCon): A is (r, in, kh, kw), B is (out, r, 1, 1); ΔW is (out, in, kh, kw).
 

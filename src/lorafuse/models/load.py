@@ -1,7 +1,7 @@
 """Load a base model for training or sampling: a diffusers folder, a single-file checkpoint, or a built-in name.
 
 Names, checked in this order:
-    world         the built-in world base model (world/base_model.py); while its trained weights are not
+    world         the built-in world base model (models/world.py); while its trained weights are not
                   installed, the same architecture with fixed random weights, with a warning
     world-random  always that random-weight world pipeline (tests, benchmarks: independent of shipped weights)
     sd15-tiny, sdxl-tiny, flux-tiny, flux-schnell-tiny
@@ -42,7 +42,7 @@ def world_random_pipeline(seed: int = WORLD_RANDOM_SEED):
     """The built-in world architecture with seeded random weights (the same weights for the same seed)."""
     from diffusers import StableDiffusionPipeline
 
-    from lorafuse.world.base_model import fresh_components, world_tokenizer
+    from lorafuse.models.world import fresh_components, world_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="lorafuse-world-tok-") as tmp:
         tokenizer = world_tokenizer(tmp)  # the tokenizer reads its files once; the folder may go
@@ -57,7 +57,7 @@ def world_random_pipeline(seed: int = WORLD_RANDOM_SEED):
 
 
 def _world_pipeline():
-    from lorafuse.world.base_model import default_base_path, load_world_pipeline
+    from lorafuse.models.world import default_base_path, load_world_pipeline
 
     if (default_base_path() / "model_index.json").is_file():
         return load_world_pipeline()
@@ -112,6 +112,16 @@ def load_base_pipeline(name_or_path: str):
         pipe = _from_path(name_or_path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def base_folder(name_or_path: str) -> Path | None:
+    """The diffusers folder a base name or path stands for, when it has one ("world": the shipped model)."""
+    if name_or_path == "world":
+        from lorafuse.models.world import default_base_path
+
+        return default_base_path()
+    path = Path(name_or_path).expanduser()
+    return path if path.is_dir() else None
 
 
 def _no_safety_checker(model_index: Path) -> dict:

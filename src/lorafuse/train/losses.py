@@ -1,4 +1,4 @@
-"""Training losses with kohya sd-scripts semantics (algorithms.md §8).
+"""Training losses with kohya sd-scripts semantics (docs/algorithms.md §8).
 
 Notation: p = model prediction, y = target (ε, or v for v-prediction bases), t = diffusion timestep,
 ᾱ_t = alphas_cumprod[t], σ_t = √((1 − ᾱ_t)/ᾱ_t), SNR = ᾱ_t / (1 − ᾱ_t) = 1/σ_t².
@@ -62,8 +62,11 @@ def min_snr_weight(
     timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float, v_prediction: bool = False
 ) -> torch.Tensor:
     """min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR + 1) for v-prediction (B,)."""
-    a = alphas_cumprod.to(timesteps.device)[timesteps].float()
-    snr = a / (1 - a)
+    from types import SimpleNamespace
+
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(SimpleNamespace(alphas_cumprod=alphas_cumprod), timesteps)
     clipped = torch.clamp(snr, max=gamma)
     return clipped / (snr + 1) if v_prediction else clipped / snr
 

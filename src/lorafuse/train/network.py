@@ -1,6 +1,6 @@
 """The trainable LoRA: peft layers on the chosen modules, with kohya's ranks and alphas, exported as `LoraState`.
 
-Notation (algorithms.md §0): ΔW = (alpha / r) · B A, B = `lora_B` = kohya `lora_up`, A = `lora_A` = `lora_down`.
+Notation (docs/algorithms.md §0): ΔW = (alpha / r) · B A, B = `lora_B` = kohya `lora_up`, A = `lora_A` = `lora_down`.
 peft initialises A with kaiming-uniform and B with zeros, as kohya does, so training starts at the base model.
 
 Ranks and alphas, per module (kohya's rules, `NetworkConfig` fields):

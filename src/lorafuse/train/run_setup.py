@@ -45,6 +45,16 @@ def check_optimizer(name: str) -> None:
     make_optimizer(name, [{"params": [torch.zeros(1, requires_grad=True)]}], lr=1e-4)
 
 
+def _forget_single_process_state() -> None:
+    # accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another
+    # mixed_precision; one process runs several trainings (the tests, the UI worker, the world recipes), so a
+    # single-process state from an earlier run is dropped. A launched multi-process run keeps its state.
+    from accelerate.state import AcceleratorState, PartialState
+
+    if AcceleratorState._shared_state and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
+
+
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
@@ -58,6 +68,7 @@ def make_accelerator(cfg: TrainConfig):
                 "training.logging = 'tensorboard' needs the tensorboard package (pip install tensorboard)"
             )
         log_with = "tensorboard"
+    _forget_single_process_state()
     try:
         return Accelerator(
             mixed_precision=cfg.training.mixed_precision,

@@ -12,12 +12,11 @@ import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from lorafuse.eval.picture import labelled_grid, save_image
+from lorafuse.utils.images import labelled_grid, save_image, to_uint8
 
-GUIDANCE_SCALE = 7.0  # seed 002's sampling setting
+GUIDANCE_SCALE = 7.0  # the character-style-transfer paper's sampling setting (Chu)
 
 
 def sample_grid(
@@ -66,7 +65,7 @@ def sample_grid(
                     output_type="np",
                     **kwargs,
                 ).images[0]  # (H, W, 3) in [0, 1]
-                images.append((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
+                images.append(to_uint8(image))
     finally:
         for m, mode in zip(modules, modes, strict=True):
             m.train(mode)

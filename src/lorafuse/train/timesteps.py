@@ -1,6 +1,6 @@
 """Which timesteps and noise a training step sees.
 
-Content/style bias (ai-toolkit's `content_or_style`, algorithms.md §8): content forms early in sampling
+Content/style bias (ai-toolkit's `content_or_style`, docs/algorithms.md §8): content forms early in sampling
 (noisy t), style late (clean t), so a content LoRA samples noisy timesteps more often and a style LoRA clean ones.
 We draw u ~ U(0, 1) and map u³ toward the favoured end of [t_min, t_max).
 """

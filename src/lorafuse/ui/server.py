@@ -89,20 +89,29 @@ def serve(app, bind: Binding, workspace, *, block: bool = True, max_upload: int)
     from lorafuse.ui.tab_fuse import method_catalog
 
     method_catalog()
-    app.launch(
-        server_name=bind.host,
-        server_port=bind.port,
-        auth=check_login(bind.token) if bind.token else None,
-        auth_message="lorafuse: log in with any name and the token as password",
-        share=False,
-        inbrowser=False,
-        show_error=True,
-        quiet=True,
-        prevent_thread_lock=not block,
-        allowed_paths=[str(workspace.root)],
-        max_file_size=max_upload,
-        ssr_mode=False,
-        mcp_server=False,
-        footer_links=[],
-        theme=THEME,
-    )
+    # gradio checks that it can reach its own page (HEAD, 3 s timeout) and gives up if not; on a loaded machine the
+    # first page can take longer than that, so a failed self-check closes the server and launches again
+    for attempt in range(3):
+        try:
+            app.launch(
+                server_name=bind.host,
+                server_port=bind.port,
+                auth=check_login(bind.token) if bind.token else None,
+                auth_message="lorafuse: log in with any name and the token as password",
+                share=False,
+                inbrowser=False,
+                show_error=True,
+                quiet=True,
+                prevent_thread_lock=not block,
+                allowed_paths=[str(workspace.root)],
+                max_file_size=max_upload,
+                ssr_mode=False,
+                mcp_server=False,
+                footer_links=[],
+                theme=THEME,
+            )
+            return
+        except ValueError as e:
+            if "localhost is not accessible" not in str(e) or attempt == 2:
+                raise
+            app.close()

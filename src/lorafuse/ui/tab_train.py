@@ -47,9 +47,9 @@ def shown(value: typing.Any) -> str | bool:
 
 
 def preset_values(preset: str) -> dict[str, typing.Any]:
-    """The form values of a preset: the world recipe's `TrainConfig` (as `lorafuse.world.personalize` trains it)."""
+    """The form values of a preset: the world recipe's `TrainConfig` (as `lorafuse.train.world_personalize` trains it)."""
     from lorafuse.config.toml_io import config_to_dict
-    from lorafuse.world.personalize import style_recipe, subject_recipe, train_config
+    from lorafuse.train.world_personalize import style_recipe, subject_recipe, train_config
 
     kind, settings = PRESETS[preset]
     recipe = subject_recipe("teapot_08", **settings) if kind == "subject" else style_recipe("crayon", **settings)

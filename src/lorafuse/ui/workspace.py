@@ -17,7 +17,7 @@ from lorafuse.errors import UserInputError
 DEFAULT_WORKSPACE = Path("lorafuse-workspace")
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a training image larger than this is almost surely not one
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # as train.data reads
 # the folders the UI creates; users may add their own
 LAYOUT = ("datasets", "runs", "fuse", "grids", "loras", "jobs", "bases")
 

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from lorafuse.utils.atomic import atomic_path
+from lorafuse.utils.images import to_uint8
 from lorafuse.world.catalog import CLASS_NAMES, all_individuals
 from lorafuse.world.oracle import OracleModel, to_tensor
 from lorafuse.world.pool import Pool
@@ -50,7 +51,7 @@ def vae_round_trip(images: np.ndarray, vae, batch: int = 128, progress: bool = F
     vae = vae.eval()
     for i in tqdm(range(0, len(images), batch), desc="VAE round trips", mininterval=10, disable=not progress):
         y = vae.decode(vae.encode(to_tensor(images[i : i + batch])).latent_dist.mean).sample
-        out[i : i + batch] = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        out[i : i + batch] = to_uint8((y.permute(0, 2, 3, 1).float().cpu().numpy() + 1) / 2)  # [-1, 1] -> uint8
     return out
 
 

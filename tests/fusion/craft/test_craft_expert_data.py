@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from lorafuse.errors import UserInputError
-from lorafuse.fusion.craft.expert_data import SpanPrompt, grid_search, lambda_grid, merge_searches
-from lorafuse.fusion.craft.expert_world import (
+from lorafuse.eval.expert_world import (
     EXTENSION_TYPES,
     NEW_OTHER_STYLES,
     TRAIN_OTHER_STYLES,
@@ -18,6 +17,7 @@ from lorafuse.fusion.craft.expert_world import (
     world_prompts,
     world_spans,
 )
+from lorafuse.fusion.craft.expert_data import SpanPrompt, grid_search, lambda_grid, merge_searches
 from lorafuse.world.catalog import vocabulary
 
 # each content word / style word has its own best λ: the scorer peaks there (a concave bowl per prompt)

@@ -7,13 +7,8 @@ import warnings
 import pytest
 
 from lorafuse.errors import UserInputError
-from lorafuse.fusion.craft.prompts import (
-    CraftWeightWarning,
-    aggregation_weights,
-    common_markers,
-    parse_prompt,
-    strip_markers,
-)
+from lorafuse.fusion.craft.prompts import CraftWeightWarning, aggregation_weights
+from lorafuse.fusion.markers import common_markers, parse_prompt, strip_markers
 
 # prompt -> (content span, style span, clean prompt, context)
 PARSES = [

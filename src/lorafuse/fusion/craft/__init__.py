@@ -1,4 +1,4 @@
-"""CRAFT-LoRA (seed 001, algorithms.md §7): disjoint content/style layers, prompt markers and asymmetric CFG.
+"""CRAFT-LoRA (CRAFT-LoRA paper; docs/algorithms.md §7): disjoint content/style layers, prompt markers and asymmetric CFG.
 
     W_cond(i) = W' + ω_c(i) ΔW_c|I_c + ω_s(i) ΔW_s|I_s       conditional rows
     W_uncond  = W'                                            unconditional rows
@@ -20,6 +20,14 @@ Routing: each LoRA keeps only its modules inside its layer set (UNet only; text-
 as the paper trains UNet layers only); a LoRA with no module in its set is an error naming the file, and
 overlapping sets are an error naming the shared modules. Both parts are injected as ONE peft adapter, whose
 layer groups get ω_c / ω_s per step; `plan.close()` removes it and restores the base weights exactly.
+
+Where CRAFT's parts live (each in the lowest package that can hold it):
+    fusion/craft/__init__.py   the method: options, routing, plan            fusion/markers.py  the <c>/<s> grammar
+    fusion/craft/prompts.py    λ from markers                                fusion/craft/host.py  hosting W'
+    fusion/craft/expert.py     the expert encoder (λ from the spans)         fusion/craft/expert_data.py  its data
+    guidance/acfg.py           asymmetric CFG, the branch adapter            lora/row_split.py  merged-row layers
+    families (lora/presets.py) the craft_content / craft_style layer sets    backbone/  the rank-limited W'
+    eval/expert_world.py       the expert trained and scored on the world    cli/craft.py  `lorafuse craft ...`
 """
 
 from __future__ import annotations
@@ -33,16 +41,17 @@ from typing import Any
 
 from lorafuse.errors import UserInputError
 from lorafuse.families import family_of
-from lorafuse.fusion._options import check_choice, check_range, config_record
-from lorafuse.fusion.common import (
-    check_plan_inputs,
-    check_weights,
-    is_denoiser,
-    lora_label,
-    resolve,
+from lorafuse.fusion.common import is_denoiser, lora_label, resolve
+from lorafuse.fusion.craft.prompts import aggregation_weights
+from lorafuse.fusion.markers import MarkedPrompt, common_markers, strip_markers
+from lorafuse.fusion.registry import (
+    FusionConfig,
+    FusionMethod,
+    FusionPlan,
+    check_choice,
+    check_range,
+    register,
 )
-from lorafuse.fusion.craft.prompts import MarkedPrompt, aggregation_weights, common_markers, strip_markers
-from lorafuse.fusion.registry import FusionConfig, FusionMethod, FusionPlan, register
 from lorafuse.guidance.acfg import MECHANISMS, SCHEDULE_KINDS, AcfgSchedule, AsymmetricCFG, BranchAdapter
 from lorafuse.lora.state import LoraState
 from lorafuse.lora.validate import LoraCoverageWarning
@@ -172,7 +181,7 @@ def _lambdas(pipe: Any, config: CraftConfig, parsed: MarkedPrompt | None) -> tup
             parsed.content_span or "",
             parsed.style_span or "",
         )
-        # an absent marker keeps its branch off whatever the encoder says (paper §3.4.1)
+        # an absent marker keeps its branch off whatever the encoder says (CRAFT-LoRA paper §3.4.1)
         lc, ls, source = lc * pred_c, ls * pred_s, "expert encoder x markers"
     override_c, override_s = aggregation_weights(parsed, config.lambda_c, config.lambda_s)
     if config.lambda_c is not None:
@@ -186,6 +195,8 @@ def _lambdas(pipe: Any, config: CraftConfig, parsed: MarkedPrompt | None) -> tup
 class Craft(FusionMethod):
     name = NAME
     config_cls = CraftConfig
+    lora_layers = "craft"
+    paper_inputs = ("craft", {})
     summary = (
         "CRAFT-LoRA: content LoRA on I_c, style LoRA on I_s (disjoint), asymmetric timestep-aware CFG "
         "(LoRAs on the conditional branch only), optional rank-limited backbone"
@@ -199,10 +210,8 @@ class Craft(FusionMethod):
         parsed = common_markers([prompt] if isinstance(prompt, str) else list(prompt))
         return strip_markers(prompt), dataclasses.replace(config, prompt=parsed.raw)
 
-    def plan(self, pipe: Any, content: LoraState, style: LoraState, config: FusionConfig) -> FusionPlan:
-        # 1. Check inputs, before anything changes
-        check_plan_inputs(NAME, config, CraftConfig, pipe, content, style)
-        check_weights(config.content_weight, config.style_weight, NAME)
+    def _build(self, plan: FusionPlan, pipe: Any, content: LoraState, style: LoraState, config: CraftConfig) -> None:
+        # 1. Aggregation weights λ from the markers (and the expert encoder, when given)
         parsed = common_markers([config.prompt]) if config.prompt is not None else None
         lambda_c, lambda_s, source = _lambdas(pipe, config, parsed)
 
@@ -214,17 +223,12 @@ class Craft(FusionMethod):
         part_s, info_s = route_lora(pipe, style, layers_s, "style")
         _check_disjoint(info_c["paths"], info_s["paths"])
 
-        plan = FusionPlan(record={"method": NAME, "settings": config_record(config)})
-        try:
-            # 3. Host: the backbone W' replaces the base UNet weights (restored on close)
-            if config.backbone is not None:
-                plan.record["backbone"] = _host_backbone(pipe, config.backbone, plan.undo)
-            # 4. One adapter holding ΔW_c on I_c and ΔW_s on I_s
-            adapter = _inject(pipe, part_c, part_s, info_c["paths"], info_s["paths"], plan.undo,
-                              config.acfg_mechanism)  # fmt: skip
-        except BaseException:
-            plan.close()
-            raise
+        # 3. Host: the backbone W' replaces the base UNet weights (restored on close)
+        if config.backbone is not None:
+            plan.record["backbone"] = _host_backbone(pipe, config.backbone, plan.undo)
+        # 4. One adapter holding ΔW_c on I_c and ΔW_s on I_s
+        adapter = _inject(pipe, part_c, part_s, info_c["paths"], info_s["paths"], plan.undo,
+                          config.acfg_mechanism)  # fmt: skip
         schedule = AcfgSchedule(
             kind=config.schedule,
             lambda_c=config.content_weight * lambda_c,
@@ -241,7 +245,6 @@ class Craft(FusionMethod):
         )  # fmt: skip
         record = plan.record
         plan.guidance = lambda scale: AsymmetricCFG(scale, adapter, schedule, config.symmetric, record)
-        return plan
 
 
 def _host_backbone(pipe: Any, folder: Path, undo: list) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The CRAFT expert encoder (seed 001 §3.4.1, App. B.1; algorithms.md §7.4): prompt spans -> (λ_c, λ_s).
+"""The CRAFT expert encoder (CRAFT-LoRA paper §3.4.1, App. B.1; docs/algorithms.md §7.4): prompt spans -> (λ_c, λ_s).
 
     e_id = E_id(concept ID)     e_c = E_c(text embedding of the content span)     e_s = E_s(... style span)
     (λ_c, λ_s) = softplus(H([e_id | e_c | e_s]))  >= 0          each E_* an MLP to 64-d, H the aggregation head

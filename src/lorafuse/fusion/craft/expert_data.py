@@ -1,4 +1,4 @@
-"""Training data for the CRAFT expert encoder: the best (λ_c, λ_s) of a λ grid, per prompt (algorithms.md §7.4).
+"""Training data for the CRAFT expert encoder: the best (λ_c, λ_s) of a λ grid, per prompt (docs/algorithms.md §7.4).
 
     for each prompt p = (concept ID, content span, style span) and each (λ_c, λ_s) in the grid:
         score[p, (λ_c, λ_s)] = score_fn([p, ...], λ_c, λ_s)[p]        e.g. harmonic mean of oracle content and
@@ -7,7 +7,7 @@
 
 The paper does not say what its expert encoder learns from; this is our answer (see `expert.py`). Nothing here
 knows about images: `score_fn(prompts, λ_c, λ_s) -> (len(prompts),)` is any scorer, so the selection is tested on
-a fake one and `expert_world.world_score_fn` is the built-in world's (CRAFT fusion scored by the oracle).
+a fake one and `eval.expert_world.world_score_fn` is the built-in world's (CRAFT fusion scored by the oracle).
 
 Ties: scores within `tie_tolerance` of the best count as equal and the one nearest (1, 1), the markers' default,
 wins, so the encoder only learns to move away from the default where the grid measured a difference.

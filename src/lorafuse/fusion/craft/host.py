@@ -1,4 +1,4 @@
-"""Host the CRAFT LoRAs on the rank-limited backbone W' (algorithms.md §7.1): swap W' into a loaded base.
+"""Host the CRAFT LoRAs on the rank-limited backbone W' (docs/algorithms.md §7.1): swap W' into a loaded base.
 
 The backbone is saved as a full diffusers pipeline (`lorafuse craft backbone`); it differs from its base only in
 the UNet's tuned weights. So instead of loading a second pipeline, the plan puts the backbone's UNet tensors

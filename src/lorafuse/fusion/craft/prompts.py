@@ -1,162 +1,23 @@
-"""CRAFT-LoRA prompt markers (algorithms.md §7.4): `<c>` and `<s>` tag the content and the style span.
+"""CRAFT-LoRA aggregation weights from prompt markers (`docs/algorithms.md`, CRAFT section).
 
-    "a photo of a sks toy <c> smiling in a watercolor style <s>"
-      content span  "a photo of a sks toy"            (text before <c>, from the start or the previous marker)
-      style span    "smiling in a watercolor style"   (text between <c> and <s>)
-      clean prompt  "a photo of a sks toy smiling in a watercolor style"   (what the text encoder sees)
+Notation map: `lambda_c` / `lambda_s` are λ_c / λ_s, the aggregation weights of ΔW_c|I_c and ΔW_s|I_s; the marked
+spans (`lorafuse.fusion.markers`) are the texts the expert encoder embeds (E_c, E_s).
 
-Notation map: `lambda_c` / `lambda_s` are λ_c / λ_s, the aggregation weights of ΔW_c|I_c and ΔW_s|I_s; the spans
-are the texts the expert encoder embeds (E_c, E_s).
-
-Rules (the paper states only the example; the rest is ours, chosen so that every prompt has one reading):
-- Each marker tags the text between the previous marker (or the start) and itself. So `<s>` before `<c>` is
-  allowed and unambiguous: "watercolor style <s> a dog <c>" has style span "watercolor style" and content span
-  "a dog". Text after the last marker belongs to neither span; it is shared context ("... <s> at sunset").
-- A span is stripped of surrounding spaces and of punctuation left over at its edges (", smiling" -> "smiling").
-- Errors, each naming the prompt and the position: a marker given twice; a marker that tags no text ("<c><s>",
-  or "<c>" at the very start); any other one-letter tag (`<x>`, `<C>`: markers are lowercase); closing tags
-  (`</c>`: markers are single, not open/close pairs); look-alikes (an unclosed `<c`, `c>`, `<c/>`, `[c]`,
-  `{s}`, `(c)`: each would otherwise silently drop a span and set its λ to 0); A1111 LoRA tags (`<lora:name:0.8>`: lorafuse never reads
-  LoRAs from prompts). Longer angle-bracket words (`<cat-toy>`, textual-inversion placeholders) are ordinary
-  prompt text and pass through unchanged.
-- Clean prompt: markers removed, runs of whitespace collapsed to one space, no space before , . ; : ! ?
-  and none at either end.
-- Default aggregation: λ_c = 1 if `<c>` is present else 0, λ_s likewise. An explicit override always wins (also
-  for a branch without its marker); values outside [0, 1] are allowed with a `CraftWeightWarning`.
+Default aggregation: λ_c = 1 if `<c>` is present else 0, λ_s likewise. An explicit override always wins (also for
+a branch without its marker); values outside [0, 1] are allowed with a `CraftWeightWarning`.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
 
 from lorafuse.errors import UserInputError
-
-MARKERS = {"c": "content", "s": "style"}
-
-# one-letter tags, closing tags and A1111 LoRA tags; everything else in <...> is prompt text
-_TAG = re.compile(r"<\s*(/?)\s*([A-Za-z])\s*>|<\s*(lora|lyco|hypernet)\s*:[^>]*>", re.IGNORECASE)
-# what is left once real tags are cut out and still looks like a marker: an unclosed "<c", a "c>" without its
-# "<", "<c/>", or another bracket ("[c]", "{s}", "(c)"). Each silently dropped a span before, so it is an error.
-_LOOKALIKE = re.compile(
-    r"<\s*/?\s*[cCsS](?![\w>-])|(?<![\w<])/?[cCsS]\s*>|[\[({]\s*[cs]\s*[\])}]"
-)
-_SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?])")
-_EDGE_PUNCT = " \t\n,.;:!?"
+from lorafuse.fusion.markers import MarkedPrompt
 
 
 class CraftWeightWarning(UserWarning):
     """An aggregation weight λ outside [0, 1]: allowed (the paper's users may push a branch), but unusual."""
-
-
-@dataclass(frozen=True)
-class MarkedPrompt:
-    """A parsed prompt. `content_span` / `style_span` are None when the marker is absent."""
-
-    raw: str
-    clean: str
-    content_span: str | None
-    style_span: str | None
-    context: str  # text after the last marker (neither span)
-    order: tuple[str, ...]  # markers in the order given, e.g. ("c", "s")
-
-    @property
-    def has_content(self) -> bool:
-        return self.content_span is not None
-
-    @property
-    def has_style(self) -> bool:
-        return self.style_span is not None
-
-
-def normalise(text: str) -> str:
-    """Collapse whitespace, drop spaces before punctuation and at the ends."""
-    text = " ".join(text.split())
-    return _SPACE_BEFORE_PUNCT.sub(r"\1", text).strip()
-
-
-def _span(text: str) -> str:
-    return normalise(text).strip(_EDGE_PUNCT)
-
-
-def _error(prompt: str, pos: int, problem: str) -> UserInputError:
-    pointer = f"{prompt[:pos]}>>>{prompt[pos:]}"
-    return UserInputError(f"prompt {prompt!r}: {problem} (at character {pos}: {pointer!r})")
-
-
-def _check_lookalike(prompt: str, start: int, end: int) -> None:
-    m = _LOOKALIKE.search(prompt, start, end)
-    if m is not None:
-        raise _error(
-            prompt,
-            m.start(),
-            f"{m.group(0)!r} looks like a marker but is not one; write exactly <c> after the content words "
-            "and <s> after the style words",
-        )
-
-
-def parse_prompt(prompt: str) -> MarkedPrompt:
-    """Split a marked prompt into spans and the clean prompt (see the module docstring for the rules)."""
-    if not isinstance(prompt, str):
-        raise UserInputError(f"a prompt must be a string, got {type(prompt).__name__}")
-    spans: dict[str, str] = {}
-    order: list[str] = []
-    pieces: list[str] = []  # the prompt with markers cut out
-    start = 0
-    for m in _TAG.finditer(prompt):
-        _check_lookalike(prompt, start, m.start())
-        closing, letter, a1111 = m.group(1), m.group(2), m.group(3)
-        if a1111:
-            raise _error(
-                prompt, m.start(), f"{m.group(0)!r} is A1111 LoRA syntax; pass LoRAs as files, not in prompts"
-            )
-        if closing:
-            raise _error(
-                prompt,
-                m.start(),
-                f"{m.group(0)!r}: markers are single tags <c> and <s>, not open/close pairs",
-            )
-        if letter not in MARKERS:
-            hint = " (markers are lowercase)" if letter.lower() in MARKERS else ""
-            raise _error(
-                prompt, m.start(), f"unknown marker {m.group(0)!r}{hint}; the markers are <c> and <s>"
-            )
-        if letter in spans:
-            raise _error(prompt, m.start(), f"marker <{letter}> is given twice; each marker tags one span")
-        text = _span(prompt[start : m.start()])
-        if not text:
-            raise _error(
-                prompt,
-                m.start(),
-                f"marker <{letter}> tags no text: put the {MARKERS[letter]} words before it",
-            )
-        spans[letter] = text
-        order.append(letter)
-        pieces.append(prompt[start : m.start()])
-        start = m.end()
-    _check_lookalike(prompt, start, len(prompt))
-    pieces.append(prompt[start:])
-    clean = normalise(" ".join(pieces))
-    if not clean:
-        raise UserInputError(f"prompt {prompt!r} is empty once the markers are removed")
-    return MarkedPrompt(
-        raw=prompt,
-        clean=clean,
-        content_span=spans.get("c"),
-        style_span=spans.get("s"),
-        context=_span(prompt[start:]),
-        order=tuple(order),
-    )
-
-
-def strip_markers(prompt: str | Sequence[str]) -> str | list[str]:
-    """The prompt(s) the text encoder sees: markers removed, spaces normalised. Validates like `parse_prompt`."""
-    if isinstance(prompt, str):
-        return parse_prompt(prompt).clean
-    return [parse_prompt(p).clean for p in prompt]
 
 
 def _check_override(name: str, value: float) -> float:
@@ -185,17 +46,3 @@ def aggregation_weights(
     return lc, ls
 
 
-def common_markers(prompts: Sequence[str]) -> MarkedPrompt:
-    """The parse of the first prompt, after checking all prompts mark the same spans (one λ pair per run)."""
-    if isinstance(prompts, str):
-        return parse_prompt(prompts)
-    if not prompts:
-        raise UserInputError("no prompt given")
-    parsed = [parse_prompt(p) for p in prompts]
-    kinds = {(p.has_content, p.has_style) for p in parsed}
-    if len(kinds) > 1:
-        raise UserInputError(
-            "these prompts mark different spans (some have <c> or <s>, others not), which would need different "
-            f"aggregation weights within one batch: {list(prompts)}; sample them in separate runs"
-        )
-    return parsed[0]

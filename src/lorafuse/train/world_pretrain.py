@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
-    DDPMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -37,8 +36,11 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from lorafuse.models.world import fresh_components, scheduler_config, world_tokenizer
+from lorafuse.train.losses import min_snr_weight
+from lorafuse.train.objectives import DDPMObjective
 from lorafuse.utils.atomic import atomic_path
-from lorafuse.world.base_model import fresh_components, scheduler_config, world_tokenizer
+from lorafuse.utils.images import to_uint8
 from lorafuse.world.catalog import SEEN_STYLES, all_individuals, caption
 from lorafuse.world.oracle import to_tensor
 from lorafuse.world.pool import Pool
@@ -193,17 +195,29 @@ def _captions(pool: Pool, with_colour: bool = True) -> list[str]:
             zip(pool.individual, pool.style, pool.caption_template, strict=True)]
 
 
-def _min_snr_weight(sched: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    alpha_bar = sched.alphas_cumprod[t]
-    snr = alpha_bar / (1 - alpha_bar)
-    return torch.clamp(snr, max=gamma) / snr
+@dataclass
+class _UNetRun:
+    """One stage's trainable state. `state_dict`/`load_state_dict` make the step and the noise generator an
+    accelerate checkpoint object, so a resumed run continues the same random stream (bit-exact resume)."""
+
+    unet: UNet2DConditionModel
+    te: CLIPTextModel
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    ema: EMAModel
+    ema_te: EMAModel
+    gen: torch.Generator
+    step: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "generator": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.gen.set_state(state["generator"])
 
 
-def train_unet(cfg: PretrainConfig, pool: Pool, latents: torch.Tensor, scale: float, oracle=None, vae=None,
-               stage: UNetStage | None = None) -> dict:
-    stage = stage or unet_stages(cfg)[0]
-    work = Path(cfg.work_dir)
-    tok = CLIPTokenizer.from_pretrained(work / "tokenizer")
+def _unet_run(cfg: PretrainConfig, stage: UNetStage, tok: CLIPTokenizer) -> _UNetRun:
     comps = fresh_components(tok)
     unet: UNet2DConditionModel = comps["unet"]
     te: CLIPTextModel = comps["text_encoder"]
@@ -211,37 +225,60 @@ def train_unet(cfg: PretrainConfig, pool: Pool, latents: torch.Tensor, scale: fl
         init = Path(stage.init)
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(init / "unet").state_dict())
         te.load_state_dict(CLIPTextModel.from_pretrained(init / "text_encoder").state_dict())
-    params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=1e-2)
-    def lr_at(s: int) -> float:  # warm-up, then cosine to 10 %; math (not numpy) keeps the state weights-only-loadable
+    opt = torch.optim.AdamW(list(unet.parameters()) + list(te.parameters()), lr=stage.lr, weight_decay=1e-2)
+
+    # Warm-up times a cosine to 10 % over the whole run. Not transformers' cosine-with-min-lr schedule, which starts
+    # the cosine after the warm-up: the shipped base was trained on this curve.
+    def lr_at(s: int) -> float:
         return min(1.0, (s + 1) / stage.warmup) * (0.5 * (1 + math.cos(math.pi * min(s / max(stage.steps, 1), 1.0))) * 0.9 + 0.1)
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=0.75)
     ema_te = EMAModel(te.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=0.75)
-    step = 0
-    ckpt = work / stage.ckpt_dir
-    if (ckpt / "state.pt").exists():  # resume
-        unet.load_state_dict(load_file(str(ckpt / "unet.safetensors")))
-        te.load_state_dict(load_file(str(ckpt / "text_encoder.safetensors")))
-        state = torch.load(ckpt / "state.pt", weights_only=True)
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        ema.load_state_dict(state["ema"])
-        ema_te.load_state_dict(state["ema_te"])
-        step = int(state["step"])
-        print(f"{stage.name}: resumed at step {step}")
-    noise_sched = DDPMScheduler.from_config(scheduler_config())  # same betas; from_config drops DDIM-only keys
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + (0 if stage.name == "unet" else 10**6))  # one per stage
+    return _UNetRun(unet, te, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at), ema, ema_te, gen)
+
+
+def _checkpointer(run: _UNetRun, ckpt: Path, stage: UNetStage):
+    """accelerate's save_state/load_state over the stage's objects; returns save(). Resumes from `ckpt` if present."""
+    from accelerate import Accelerator
+
+    from lorafuse.errors import UserInputError
+    from lorafuse.utils.atomic import atomic_folder
+
+    accelerator = Accelerator()
+    accelerator.register_for_checkpointing(run.unet, run.te, run.opt, run.sched, run.ema, run.ema_te, run)
+    if (ckpt / "state.pt").exists():
+        raise UserInputError(f"{ckpt}: a checkpoint of an older lorafuse (state.pt); delete the folder to restart "
+                             "this stage")
+    if ckpt.is_dir():
+        accelerator.load_state(str(ckpt))
+        print(f"{stage.name}: resumed at step {run.step}")
+
+    def save() -> None:
+        with atomic_folder(ckpt) as tmp:  # a run killed while saving keeps the previous checkpoint
+            accelerator.save_state(str(tmp))
+
+    return save
+
+
+def train_unet(cfg: PretrainConfig, pool: Pool, latents: torch.Tensor, scale: float, oracle=None, vae=None,
+               stage: UNetStage | None = None) -> dict:
+    stage = stage or unet_stages(cfg)[0]
+    work = Path(cfg.work_dir)
+    tok = CLIPTokenizer.from_pretrained(work / "tokenizer")
+    run = _unet_run(cfg, stage, tok)
+    save = _checkpointer(run, work / stage.ckpt_dir, stage)
+    objective = DDPMObjective(scheduler_config(), "epsilon")  # the base's betas, ε-prediction
+
     def tokenize(texts: list[str]) -> torch.Tensor:
         return tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
     ids = tokenize(_captions(pool))
     ids_no_colour = tokenize(_captions(pool, with_colour=False)) if stage.colour_dropout > 0 else ids
     empty = tokenize([""])[0]
-    # a resumed run draws a fresh stream; each stage has its own
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + step + (0 if stage.name == "unet" else 10**6))
-    log_path = work / stage.log_name
-    bar = tqdm(range(step, stage.steps), initial=step, total=stage.steps, desc=stage.name, mininterval=10)
+    unet, te, gen = run.unet, run.te, run.gen
+    params = list(unet.parameters()) + list(te.parameters())
+    bar = tqdm(range(run.step, stage.steps), initial=run.step, total=stage.steps, desc=stage.name, mininterval=10)
     t0 = time.time()
     for step in bar:
         idx = torch.randint(0, len(pool), (cfg.unet_batch,), generator=gen)
@@ -250,45 +287,40 @@ def train_unet(cfg: PretrainConfig, pool: Pool, latents: torch.Tensor, scale: fl
         text_ids = torch.where(no_colour[:, None], ids_no_colour[idx], ids[idx])
         drop = torch.rand(len(idx), generator=gen) < cfg.cond_dropout
         text_ids[drop] = empty
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, 1000, (len(idx),), generator=gen)
-        zt = noise_sched.add_noise(z0, noise, t)
-        cond = te(text_ids).last_hidden_state
-        pred = unet(zt, t, cond).sample
-        w = _min_snr_weight(noise_sched, t, cfg.min_snr_gamma)
-        loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * w).mean()
-        opt.zero_grad(set_to_none=True)
+        noised = objective.draw(z0, gen)
+        pred = unet(noised.noisy, noised.timesteps, te(text_ids).last_hidden_state).sample
+        w = min_snr_weight(noised.timesteps, objective.alphas_cumprod, cfg.min_snr_gamma)
+        loss = (F.mse_loss(pred, noised.target, reduction="none").mean((1, 2, 3)) * w).mean()
+        run.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema.step(unet.parameters())
-        ema_te.step(te.parameters())
-        done = step + 1
+        run.opt.step()
+        run.sched.step()
+        run.ema.step(unet.parameters())
+        run.ema_te.step(te.parameters())
+        run.step = done = step + 1
         if done % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{run.sched.get_last_lr()[0]:.2e}")
         if done % cfg.ckpt_every == 0 or done == stage.steps:
-            ckpt.mkdir(parents=True, exist_ok=True)
-            _save_safetensors(unet, ckpt / "unet.safetensors")
-            _save_safetensors(te, ckpt / "text_encoder.safetensors")
-            with atomic_path(ckpt / "state.pt") as tmp:
-                torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "ema": ema.state_dict(),
-                            "ema_te": ema_te.state_dict(), "step": done}, tmp)
+            save()
         if oracle is not None and (done % cfg.eval_every == 0 or done == stage.steps):
-            pipe = export(cfg, unet, te, ema, ema_te, vae, tok, scale, work / stage.export_dir)
-            acc = evaluate(pipe, oracle, n=96, steps=25, seed=done)
-            row = {"step": done, "minutes": round((time.time() - t0) / 60, 1), "loss": round(loss.item(), 4), **acc}
-            new = not log_path.exists()
-            with open(log_path, "a", newline="") as f:
-                wr = csv.DictWriter(f, fieldnames=list(row))
-                if new:
-                    wr.writeheader()
-                wr.writerow(row)
-            print(json.dumps(row), flush=True)
+            row = {"step": done, "minutes": round((time.time() - t0) / 60, 1), "loss": round(loss.item(), 4)}
+            pipe = export(cfg, unet, te, run.ema, run.ema_te, vae, tok, scale, work / stage.export_dir)
+            _log_eval(work / stage.log_name, {**row, **evaluate(pipe, oracle, n=96, steps=25, seed=done)})
     # no oracle, or resumed after the end: the next stage and `finalize` start from this folder
     if vae is not None and not (work / stage.export_dir / "model_index.json").exists():
-        export(cfg, unet, te, ema, ema_te, vae, tok, scale, work / stage.export_dir)
+        export(cfg, unet, te, run.ema, run.ema_te, vae, tok, scale, work / stage.export_dir)
     return {"steps": stage.steps}
+
+
+def _log_eval(log_path: Path, row: dict) -> None:
+    new = not log_path.exists()
+    with open(log_path, "a", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            wr.writeheader()
+        wr.writerow(row)
+    print(json.dumps(row), flush=True)
 
 
 def export(cfg: PretrainConfig, unet, te, ema: EMAModel, ema_te: EMAModel, vae: AutoencoderKL,
@@ -351,7 +383,7 @@ def evaluate(pipe: StableDiffusionPipeline, oracle, n: int = 96, steps: int = 25
     for i in range(0, n, 32):
         out = pipe(prompts[i : i + 32], num_inference_steps=steps, guidance_scale=guidance, height=64, width=64,
                    generator=torch.Generator().manual_seed(seed + i), output_type="np")
-        images.append((out.images * 255).round().astype(np.uint8))
+        images.append(to_uint8(out.images))
     images = np.concatenate(images)
     verdict = oracle.judge(images)
     cls_acc = float(np.mean([a == b for a, b in zip(verdict.cls, classes, strict=True)]))

@@ -7,7 +7,7 @@ The harmonic mean, not the arithmetic one, so a λ pair that keeps one side and 
 
 What the spans can tell the encoder. If every prompt asks for the LoRAs' own subject and style, the right λ hardly
 depends on the wording (measured: labels were seed noise, λ MAE equal to a constant's). So the wordings
-(`world_spans`) differ in what they ask for, as in the paper's semantic-extension table (seed 001 App. B.3,
+(`world_spans`) differ in what they ask for, as in the paper's semantic-extension table (the CRAFT-LoRA paper, App. B.3,
 "a red car" -> "a blue car" / "a bicycle", "Van Gogh style" -> "sketch style"):
     content span  "subject": names the content LoRA's individual ("a photo of a sks teapot") -> scored against it
                   "other":   names another class ("a red car") -> scored against seen individuals of that class
@@ -209,7 +209,7 @@ def craft_images(
     """CRAFT-fuse every prompt with `seeds` noises: (len(prompts) * seeds, H, W, 3) uint8, prompt-major. Image k
     of every prompt starts from noise `seed + k`, so two calls differing only in λ see the same noises."""
     from lorafuse.fusion.api import fuse
-    from lorafuse.fusion.craft.prompts import strip_markers
+    from lorafuse.fusion.markers import strip_markers
 
     result = fuse(
         content, style, prompt=[strip_markers(p) for p in prompts], method="craft", base=pipe, num_images=seeds,
@@ -283,8 +283,8 @@ def train_world_expert(
     from lorafuse.fusion.craft.expert import pipeline_text_embedder, save_expert, train_expert
     from lorafuse.lora.io import load_lora
     from lorafuse.models.load import load_base_pipeline
+    from lorafuse.train.world_personalize import style_recipe, subject_recipe, train_world_lora
     from lorafuse.world.oracle import default_oracle
-    from lorafuse.world.personalize import style_recipe, subject_recipe, train_world_lora
 
     if not pairs:
         raise UserInputError("give at least one (individual, style) pair to run the λ grid on")

@@ -1,4 +1,5 @@
-"""`lorafuse ui`: the web UI over the same API as the CLI (see `lorafuse.ui`)."""
+"""`lorafuse ui`: the web UI over the same API as the CLI. Registered by the entry point (`lorafuse.__main__`),
+since the UI sits above the CLI whose command lines it runs."""
 
 from __future__ import annotations
 

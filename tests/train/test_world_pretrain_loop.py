@@ -3,9 +3,9 @@
 import numpy as np
 from diffusers import StableDiffusionPipeline
 
+from lorafuse.train.world_pretrain import PretrainConfig, cache_latents, export, train_unet, train_vae
 from lorafuse.world.catalog import SEEN_STYLES, all_individuals
 from lorafuse.world.pool import render_pool
-from lorafuse.world.pretrain import PretrainConfig, cache_latents, export, train_unet, train_vae
 
 
 def test_pretrain_stages_run_checkpoint_and_resume(tmp_path, capsys):
@@ -17,7 +17,7 @@ def test_pretrain_stages_run_checkpoint_and_resume(tmp_path, capsys):
     latents, scale = cache_latents(cfg, vae, pool)
     assert latents.shape == (8, 4, 16, 16) and np.isfinite(scale) and scale > 0
     train_unet(cfg, pool, latents, scale)
-    assert (tmp_path / "unet_ckpt" / "state.pt").exists()
+    assert (tmp_path / "unet_ckpt" / "random_states_0.pkl").exists()  # accelerate's save_state folder
 
     cfg.unet_steps = 3
     train_unet(cfg, pool, latents, scale)
@@ -34,7 +34,7 @@ def test_export_is_a_plain_diffusers_folder(tmp_path):
     from diffusers.training_utils import EMAModel
     from transformers import CLIPTokenizer
 
-    from lorafuse.world.base_model import fresh_components
+    from lorafuse.models.world import fresh_components
 
     tok = CLIPTokenizer.from_pretrained(tmp_path / "tokenizer")
     comps = fresh_components(tok)
@@ -51,8 +51,8 @@ def test_export_is_a_plain_diffusers_folder(tmp_path):
 def test_caption_finetune_starts_from_stage_3_and_drops_colours(tmp_path, capsys):
     from safetensors.torch import load_file
 
+    from lorafuse.train.world_pretrain import _captions, finalize, unet_stages
     from lorafuse.world.catalog import COLOURS
-    from lorafuse.world.pretrain import _captions, finalize, unet_stages
 
     pool = render_pool(6, all_individuals(held_out=False)[:3], list(SEEN_STYLES[:2]), seed=0, progress=False)
     plain = _captions(pool, with_colour=False)
@@ -86,8 +86,51 @@ def test_caption_finetune_starts_from_stage_3_and_drops_colours(tmp_path, capsys
     train_unet(cfg, pool, latents, scale, vae=vae, stage=replace(stage3b, steps=1))
     train_unet(cfg, pool, latents, scale, vae=vae, stage=stage3b)
     assert "caption_ft: resumed at step 1" in capsys.readouterr().out
-    assert (tmp_path / "caption_ft_ckpt" / "state.pt").exists()
+    assert (tmp_path / "caption_ft_ckpt" / "random_states_0.pkl").exists()
     shipped = finalize(cfg, tmp_path / "base")
     final = load_file(str(shipped / name))
     assert any(not (before[k] == final[k]).all() for k in before)
     assert StableDiffusionPipeline.from_pretrained(shipped).unet is not None
+
+
+def test_pretrain_resume_is_bit_exact(tmp_path, monkeypatch):
+    """A run killed after its step-1 checkpoint and resumed ends with the weights of an uninterrupted run."""
+    import shutil
+
+    import pytest
+    import torch
+
+    from lorafuse.train import world_pretrain as pretrain
+
+    pool = render_pool(4, all_individuals(held_out=False)[:2], ["flat"], seed=0, progress=False)
+    straight, killed = tmp_path / "a", tmp_path / "b"
+    cfg = PretrainConfig(work_dir=str(straight), vae_steps=1, vae_batch=2, unet_steps=2, unet_batch=2, warmup=2,
+                         ckpt_every=1)
+    vae = train_vae(cfg, pool)
+    latents, scale = cache_latents(cfg, vae, pool)
+    torch.manual_seed(0)  # the fresh UNet's initial weights
+    train_unet(cfg, pool, latents, scale)
+
+    class Killed(Exception):
+        pass
+
+    draws, draw = [], pretrain.DDPMObjective.draw
+
+    def dies_at_step_2(self, x0, generator):
+        if draws:
+            raise Killed
+        draws.append(1)
+        return draw(self, x0, generator)
+
+    killed.mkdir()
+    shutil.copytree(straight / "tokenizer", killed / "tokenizer")
+    cfg_b = PretrainConfig(**{**cfg.__dict__, "work_dir": str(killed)})
+    monkeypatch.setattr(pretrain.DDPMObjective, "draw", dies_at_step_2)
+    torch.manual_seed(0)
+    with pytest.raises(Killed):
+        train_unet(cfg_b, pool, latents, scale)
+    monkeypatch.undo()
+    train_unet(cfg_b, pool, latents, scale)
+    for i in range(2):  # the UNet's and the text encoder's state dicts
+        a, b = (torch.load(d / "unet_ckpt" / f"custom_checkpoint_{i}.pkl", weights_only=True) for d in (straight, killed))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

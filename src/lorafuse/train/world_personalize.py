@@ -87,7 +87,7 @@ class WorldLoraRecipe:
 @functools.lru_cache(maxsize=8)
 def base_fingerprint(base: str) -> str:
     """A short hash of a base pipeline folder's weight and config files ('world' = the shipped folder)."""
-    from lorafuse.world.base_model import default_base_path
+    from lorafuse.models.world import default_base_path
 
     folder = default_base_path() if base == "world" else Path(base)
     if not folder.is_dir():  # another built-in name (e.g. world-random: fixed by its seed) or a single file

@@ -1,7 +1,8 @@
 """A slow, obvious K-LoRA: everything recomputed at every step (paper rule) or every call (official rule).
 
 This is the reference the fast implementation (`fusion/klora.py`, a table computed once) is tested against, and
-the "faithful per-step recompute" that benchmarks/fusion_speed.py times beside it. It follows the official code's
+the "faithful per-step recompute" that fusion_speed.py times beside it (it lives here, beside the benchmarks,
+since the package never runs it). It follows the official code's
 structure: at each decision, ΔW = s B A from the factors, |ΔW|, a sort for the Top-K sums, γ from all layers,
 the scale, the comparison, then W + w ΔW written into the layer. It shares no code with `klora.py` beyond
 `klora_scale` (the formula S(i) = α i/T + β itself). It only handles the attention projections, so use it with

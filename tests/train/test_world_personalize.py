@@ -1,8 +1,8 @@
-"""world.personalize: the intermediate-epoch files a run keeps, and that saving them is no part of the cache key."""
+"""train.world_personalize: the intermediate-epoch files a run keeps, and that saving them is no part of the cache key."""
 
 from pathlib import Path
 
-from lorafuse.world.personalize import epoch_checkpoints, style_recipe, subject_recipe, train_config
+from lorafuse.train.world_personalize import epoch_checkpoints, style_recipe, subject_recipe, train_config
 
 
 def test_epoch_checkpoints_lists_epoch_saves_and_the_final_file(tmp_path: Path) -> None:
@@ -33,7 +33,7 @@ def test_save_every_n_epochs_reaches_the_trainer_and_not_the_cache_key(tmp_path:
 
 
 def test_base_fingerprint_follows_the_weights(tmp_path):
-    from lorafuse.world.personalize import base_fingerprint
+    from lorafuse.train.world_personalize import base_fingerprint
 
     (tmp_path / "unet").mkdir()
     weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"

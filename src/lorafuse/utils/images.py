@@ -1,4 +1,4 @@
-"""Labelled image grids: the pictures people look at (rows x columns with text labels)."""
+"""Images: float -> uint8 conversion, labelled grids (the pictures people look at), atomic PNG writes."""
 
 from __future__ import annotations
 
@@ -11,6 +11,16 @@ from PIL import Image, ImageDraw, ImageFont
 from lorafuse.utils.atomic import atomic_path
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[0, 1] floats (any shape) -> uint8, rounded to nearest as diffusers' `numpy_to_pil` does. Hand-written:
+    numpy_to_pil returns PIL images and does not clip, so a value a little outside [0, 1] would wrap around."""
+    arr = np.asarray(images)
+    if not np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float32)
+    # in the images' own float type: float32 and float64 round a few pixels in a million differently
+    return (np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
 def _font(size: int) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
@@ -20,7 +30,8 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 def labelled_grid(images: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str], col_labels: Sequence[str],
                   scale: int = 2, pad: int = 2, title: str | None = None) -> Image.Image:
-    """images[r][c] is an (H, W, 3) uint8 array; upscaled by `scale` (nearest) so 64 px samples stay visible."""
+    """images[r][c] is an (H, W, 3) uint8 array; upscaled by `scale` (nearest) so 64 px samples stay visible.
+    Hand-written: `diffusers.utils.make_image_grid` has no labels, title or padding."""
     rows, cols = len(images), len(images[0])
     h, w = images[0][0].shape[:2]
     ch, cw = h * scale, w * scale

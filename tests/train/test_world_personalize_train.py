@@ -1,10 +1,10 @@
-"""world.personalize end to end with a one-step recipe: the dataset and LoRA land where the recipe says, a second
+"""train.world_personalize end to end with a one-step recipe: the dataset and LoRA land where the recipe says, a second
 call reuses the file, and `layers="craft"` trains a different, disjoint set of modules."""
 
 from pathlib import Path
 
 from lorafuse.lora.io import load_lora
-from lorafuse.world.personalize import recipe_paths, subject_recipe, train_world_lora
+from lorafuse.train.world_personalize import recipe_paths, subject_recipe, train_world_lora
 
 
 def test_train_world_lora_trains_once_then_reuses_and_craft_layers_differ(tmp_path: Path) -> None:

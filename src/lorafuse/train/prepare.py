@@ -1,0 +1,371 @@
+"""`prepare(cfg)`: everything `train_lora` does before its first step, as one `Run` the loop then works on.
+
+    1. check inputs (dataset, optimizer, resume state) before any compute or any write
+    2. load the base model and its training objective     6. optimizer and LR schedule
+    3. inject the LoRA                                     7. resume
+    4. caches                                              8. output folder (the run's first write)
+    5. data
+The order matters for bit-exact resume: the LoRA's initial A draws from torch's global RNG after `set_seed`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorafuse.config.toml_io import config_to_dict, save_config
+from lorafuse.lora.presets import detect_arch
+from lorafuse.models.load import load_base_pipeline
+from lorafuse.train.cache import LatentCache, TextEncoderCache, encode_latents, text_embeddings
+from lorafuse.train.checkpoint import (
+    Progress,
+    SavedState,
+    check_resume_config,
+    read_train_state,
+    restore_train_state,
+)
+from lorafuse.train.config import TrainConfig
+from lorafuse.train.data import DatasetIndex, TrainDataset, collate_batch, describe, scan_dataset
+from lorafuse.train.network import create_network
+from lorafuse.train.objectives import DDPMObjective
+from lorafuse.train.optim import make_lr_scheduler, make_optimizer
+from lorafuse.train.run_log import RunLog
+from lorafuse.train.run_setup import ShardedBatchSampler, check_optimizer, make_accelerator, training_metadata
+from lorafuse.train.saving import SaveRotation, check_implemented
+from lorafuse.train.stop import StopRequest
+from lorafuse.train.validation import Validator, split_validation
+from lorafuse.utils.atomic import check_output
+from lorafuse.utils.memory import release_memory
+
+
+@dataclass
+class TrainResult:
+    lora_path: Path  # the final LoRA file
+    saved: list[Path] = field(default_factory=list)  # every LoRA file this run wrote, in order
+    states: list[Path] = field(default_factory=list)  # every resumable state folder this run wrote
+    samples: list[Path] = field(default_factory=list)  # sample grids
+    config_path: Path | None = None  # the effective config, beside the outputs
+    log_csv: Path | None = None
+    loss_plot: Path | None = None
+    arch: str = ""
+    global_step: int = 0  # optimizer steps done at the end (including those before a resume)
+    total_steps: int = 0
+    batches_per_epoch: int = 0  # micro-batches per epoch on this process
+    # per optimizer step (with a log: from step 1 on resume)
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+    stopped: bool = False  # ended early by SIGINT (train.stop); the last entry of `states` resumes it
+
+
+@dataclass
+class Run:
+    """The state of one training run: what `prepare` built and what the loop moves forward."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    index: DatasetIndex
+    saved: SavedState | None  # the state resumed from
+    started: float
+    val_index: DatasetIndex | None = None  # held-out samples (dataset.validation_split)
+    val_seed: int = 0
+    validator: Validator | None = None
+    # 2. base and objective
+    pipe: Any = None
+    arch: str = ""
+    unet: Any = None
+    vae: Any = None
+    tokenizers: list = field(default_factory=list)
+    text_encoders: list = field(default_factory=list)
+    objective: DDPMObjective | None = None
+    alphas_cumprod: torch.Tensor | None = None  # on the device, for the loss's SNR terms
+    v_pred: bool = False
+    weight_dtype: torch.dtype = torch.float32
+    clip_skip: int = 1
+    scaling_factor: float = 1.0
+    # 3. LoRA
+    network: Any = None
+    train_unet: bool = False
+    train_te: bool = False
+    # 4-5. caches and data
+    latent_cache: LatentCache | None = None
+    text_cache: TextEncoderCache | None = None
+    sampler: ShardedBatchSampler | None = None
+    loader: Any = None
+    batches_per_epoch: int = 0
+    total_steps: int = 0
+    num_epochs: int = 0
+    # 6-7. optimisation and resume
+    optimizer: Any = None
+    lr_scheduler: Any = None
+    model: Any = None  # the UNet as accelerate prepared it (DDP-wrapped with several processes)
+    trained: list = field(default_factory=list)  # modules with a LoRA
+    params: list = field(default_factory=list)
+    te_params: list = field(default_factory=list)
+    generator: torch.Generator | None = None  # noise and timesteps
+    start: Progress = field(default_factory=lambda: Progress(0, 0, 0))
+    # 8. outputs, and the loop's position
+    result: TrainResult | None = None
+    metadata: dict = field(default_factory=dict)
+    run_log: RunLog | None = None
+    bar: Any = None
+    global_step: int = 0
+    position: Progress = field(default_factory=lambda: Progress(0, 0, 0))
+    group_loss: float = 0.0  # loss of the accumulation group so far
+    lora_saves: SaveRotation | None = None  # kohya's save_last_n_*: older periodic saves are deleted
+    state_saves: SaveRotation | None = None
+    stop: StopRequest | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def accum(self) -> int:
+        return self.cfg.training.gradient_accumulation_steps
+
+
+def prepare(cfg: TrainConfig, progress_bar: bool = True) -> Run:
+    """Steps 1-8 of the module docstring. User errors raise `UserInputError` before any model loads."""
+    started = time.time()
+    tc, ds = cfg.training, cfg.dataset
+    check_implemented(cfg)
+    check_output(tc.output_dir, kind="folder", what="training.output_dir")
+    index = scan_dataset(ds)
+    val_seed = ds.validation_seed if ds.validation_seed is not None else tc.seed
+    index, val_index = split_validation(index, ds.validation_split, val_seed)
+    check_optimizer(cfg.optimizer.optimizer_type)
+    saved = read_train_state(tc.resume) if tc.resume is not None else None
+    if saved is not None:
+        check_resume_config(saved.config, config_to_dict(cfg), saved.folder)
+    accelerator = make_accelerator(cfg)
+    from accelerate.utils import set_seed
+
+    set_seed(tc.seed)  # python, numpy and torch; the LoRA's initial A draws from torch's
+    run = Run(cfg=cfg, accelerator=accelerator, index=index, saved=saved, started=started)
+    run.val_index, run.val_seed = val_index, val_seed
+    _load_base(run)
+    _inject_lora(run)
+    _build_caches(run)
+    _build_data(run)
+    _build_optimizer(run)
+    _resume(run)
+    _open_outputs(run, progress_bar)
+    return run
+
+
+def _load_base(run: Run) -> None:
+    """2. The base model on the device, in the compute dtype, and the objective its scheduler implies."""
+    cfg, accelerator = run.cfg, run.accelerator
+    run.pipe = pipe = load_base_pipeline(cfg.model.pretrained_model_name_or_path)
+    run.arch = detect_arch(pipe)
+    run.unet, run.vae = pipe.unet, pipe.vae
+    run.tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
+    run.text_encoders = [
+        t for t in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if t is not None
+    ]
+    run.v_pred = cfg.model.v_parameterization or pipe.scheduler.config.prediction_type == "v_prediction"
+    if run.v_pred:
+        pipe.scheduler.register_to_config(prediction_type="v_prediction")  # samples during training too
+    loss = cfg.loss
+    run.objective = DDPMObjective(
+        pipe.scheduler.config,
+        "v_prediction" if run.v_pred else "epsilon",
+        t_min=loss.min_timestep,
+        t_max=loss.max_timestep,
+        bias=loss.timestep_bias,
+        noise_offset=loss.noise_offset,
+    )
+    run.alphas_cumprod = run.objective.alphas_cumprod.to(accelerator.device)
+    run.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
+    # The VAE keeps its dtype (fp16 SD VAEs overflow; it runs once per image when caching). Frozen base weights
+    # need only the compute dtype; diffusers warns about any .to(dtype=...), so cast only when it changes.
+    run.vae.to(accelerator.device)
+    cast = {"dtype": run.weight_dtype} if run.weight_dtype != torch.float32 else {}
+    for module in (run.unet, *run.text_encoders):
+        module.to(accelerator.device, **cast)
+    run.vae.requires_grad_(False)
+    run.clip_skip = (
+        cfg.model.clip_skip if run.arch != "sdxl" else 1
+    )  # SDXL fixes the layer, as kohya's trainer
+    run.scaling_factor = run.vae.config.scaling_factor
+
+
+def _inject_lora(run: Run) -> None:
+    """3. The LoRA (trainable factors in float32) and gradient checkpointing."""
+    run.network = network = create_network(run.pipe, run.cfg.network, run.arch)
+    run.train_unet = "unet" in network.plan
+    run.train_te = any(c.startswith("text_encoder") for c in network.plan)
+    if not run.cfg.training.gradient_checkpointing:
+        return
+    run.unet.enable_gradient_checkpointing()
+    for te in run.text_encoders if run.train_te else ():
+        # non-reentrant: the reentrant variant passes no gradient to LoRA layers whose inputs need none
+        kwargs = {"use_reentrant": False}
+        if hasattr(te, "activation_checkpointing_enable"):  # transformers 5 renamed it
+            te.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            te.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _build_caches(run: Run) -> None:
+    """4. Latent and text caches (latents: posterior mean, cached or not, so caching changes speed, never results);
+    then the frozen encoders the loop will not call again are dropped."""
+    ds, pipe = run.cfg.dataset, run.pipe
+    if (
+        run.val_index is not None
+    ):  # held-out latents (and frozen text outputs) now, before the encoders may go
+        loss = run.cfg.loss
+        bs = run.cfg.training.train_batch_size
+        run.validator = Validator(run.val_index, bs, run.val_seed, loss.min_timestep, loss.max_timestep)
+        tok, tes, skip, mtl = run.tokenizers, run.text_encoders, run.clip_skip, ds.max_token_length
+        frozen_text = None if run.train_te else (lambda c: text_embeddings(tok, tes, c, skip, mtl))
+        run.validator.prepare(lambda px: encode_latents(run.vae, px), frozen_text)
+    if ds.cache_latents:
+        run.latent_cache = LatentCache(run.vae, to_disk=ds.cache_latents_to_disk, cache_dir=ds.cache_dir)
+        run.latent_cache.prepare(run.index)
+    if ds.cache_text_encoder_outputs:
+        run.text_cache = TextEncoderCache(
+            run.tokenizers,
+            run.text_encoders,
+            run.clip_skip,
+            to_disk=ds.cache_text_encoder_outputs_to_disk,
+            cache_dir=ds.cache_dir,
+            max_token_length=ds.max_token_length,
+        )
+        run.text_cache.prepare(run.index)
+    # Dropped now rather than at the end, so the training steps reuse their memory (for SD1.5 the VAE encoder and
+    # CLIP are ~0.6 GB in fp32; kohya likewise moves the VAE off the GPU after caching). Samples during training
+    # still need the text encoders and the VAE's decoder.
+    sampling = bool(run.cfg.training.sample_every_n_epochs)
+    if run.latent_cache is not None:
+        run.latent_cache.release_vae()
+        if sampling:
+            run.vae.encoder = run.vae.quant_conv = None  # decode() uses neither
+        else:
+            pipe.vae = None
+        run.vae = None
+    if run.text_cache is not None and not run.train_te and not sampling:
+        run.text_cache.release_encoders()
+        for name in ("text_encoder", "text_encoder_2"):
+            if getattr(pipe, name, None) is not None:
+                setattr(pipe, name, None)
+        run.text_encoders = []
+    release_memory()  # the caching passes' activations and the dropped weights, back to the OS
+
+
+def _build_data(run: Run) -> None:
+    """5. The order of every epoch is a function of (seed, epoch); the loader gets its own generator because
+    creating a DataLoader iterator draws a seed, which would shift the global stream dropout uses."""
+    tc, accelerator = run.cfg.training, run.accelerator
+    run.sampler = ShardedBatchSampler(
+        run.index, tc.train_batch_size, tc.seed, accelerator.process_index, accelerator.num_processes
+    )
+    run.loader = torch.utils.data.DataLoader(
+        TrainDataset(run.index, tc.seed, run.latent_cache, run.text_cache),
+        batch_sampler=run.sampler,
+        collate_fn=collate_batch,
+        generator=torch.Generator().manual_seed(tc.seed),
+    )
+    run.batches_per_epoch = run.sampler.batches_per_epoch
+    run.total_steps = tc.total_steps(run.batches_per_epoch)
+    run.num_epochs = tc.num_epochs(run.batches_per_epoch)
+    if run.main:
+        print(describe(run.index, tc))
+        plan = sorted(run.network.plan)
+        print("  " + ", ".join(f"{c}: {run.network.num_modules(c)} LoRA modules" for c in plan))
+
+
+def _build_optimizer(run: Run) -> None:
+    """6. Optimizer and LR schedule. Only the UNet goes through accelerate's DDP wrapper; text-encoder LoRA
+    gradients are averaged by hand, because the text encoders are called through `text_embeddings`, which needs
+    the plain modules."""
+    cfg, network, accelerator = run.cfg, run.network, run.accelerator
+    o = cfg.optimizer
+    optimizer = make_optimizer(
+        o.optimizer_type,
+        network.param_groups(o.unet_lr or o.learning_rate, o.text_encoder_lr or o.learning_rate),
+        lr=o.learning_rate,
+        weight_decay=o.weight_decay,
+        betas=o.betas,
+    )
+    run.lr_scheduler = make_lr_scheduler(
+        cfg.scheduler.lr_scheduler,
+        optimizer,
+        run.total_steps,
+        lr_warmup_steps=cfg.scheduler.warmup_steps(run.total_steps),
+        num_cycles=cfg.scheduler.lr_scheduler_num_cycles,
+        power=cfg.scheduler.lr_scheduler_power,
+    )
+    run.trained = [network.components[c] for c in sorted(network.plan)]
+    if run.train_unet:
+        run.model, run.optimizer = accelerator.prepare(run.unet, optimizer)
+    else:
+        run.model, run.optimizer = run.unet, accelerator.prepare(optimizer)
+    named = network.named_parameters()
+    run.params = list(named.values())
+    run.te_params = [p for n, p in named.items() if n.startswith("text_encoder")]
+
+
+def _resume(run: Run) -> None:
+    """7. LoRA, optimizer, schedule, every RNG, and the position in the data. Noise and timesteps draw from their
+    own CPU generator: the same numbers on any device, and savable."""
+    tc, accelerator = run.cfg.training, run.accelerator
+    run.generator = torch.Generator().manual_seed(tc.seed + 1_000_003 * accelerator.process_index)
+    if run.saved is None:
+        return
+    restore_train_state(
+        run.saved,
+        load_lora=run.network.load_state_dict,
+        optimizer=run.optimizer,
+        lr_scheduler=run.lr_scheduler,
+        generator=run.generator,
+        scaler=accelerator.scaler,
+    )
+    run.start = run.saved.progress
+    if run.main:
+        print(f"  resumed from {run.saved.folder}: epoch {run.start.epoch + 1}, step {run.start.global_step}")
+
+
+def _open_outputs(run: Run, progress_bar: bool) -> None:
+    """8. The output folder (the run's first write), the effective config, the log and the progress bar."""
+    cfg, tc = run.cfg, run.cfg.training
+    out, name = tc.output_dir, tc.output_name
+    run.result = TrainResult(
+        lora_path=out / f"{name}.safetensors", arch=run.arch, total_steps=run.total_steps
+    )
+    run.result.batches_per_epoch = run.batches_per_epoch
+    run.metadata = training_metadata(cfg, run.index, run.total_steps, run.num_epochs, run.v_pred)
+    run.metadata["training_started_at"] = str(int(run.started))
+    run.global_step, run.position = run.start.global_step, run.start
+    run.lora_saves = SaveRotation(tc.save_last_n_epochs, tc.save_last_n_steps)
+    run.state_saves = SaveRotation(tc.save_last_n_epochs_state, tc.save_last_n_steps_state)
+    # one process only: a stop on one rank of several would leave the others waiting at the next collective
+    run.stop = StopRequest().install() if run.accelerator.num_processes == 1 else StopRequest()
+    if not run.main:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    run.result.config_path = out / f"{name}.toml"
+    save_config(cfg, run.result.config_path)
+    if tc.logging != "none":
+        history = run.saved.folder / "log.csv" if run.saved is not None else None
+        run.run_log = RunLog(
+            out / "logs" / f"{name}.csv",
+            history=history,
+            up_to_step=run.start.global_step,
+            jsonl=tc.logging == "jsonl",
+        )
+        run.result.log_csv = run.run_log.csv_path
+    if tc.logging == "tensorboard":
+        run.accelerator.init_trackers(name, config={"config": json.dumps(config_to_dict(cfg))})
+    if progress_bar:
+        from tqdm.auto import tqdm
+
+        run.bar = tqdm(total=run.total_steps, initial=run.start.global_step, desc="steps", dynamic_ncols=True)

@@ -1,4 +1,4 @@
-"""SSR-Merge (Wei et al., "Subspace Signal Routing for Training-Free LoRA Merging in Diffusion Models", ICML 2026,
+"""SSR-Merge (docs/algorithms.md §10; Wei et al., "Subspace Signal Routing for Training-Free LoRA Merging in Diffusion Models", ICML 2026,
 arXiv 2606.10617; public code nagara214/SSR-Merge): a closed-form merge that routes each LoRA's signal back into
 its own subspace instead of adding parameters.
 

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lorafuse.errors import LoraFormatError, UserInputError
@@ -35,7 +34,7 @@ from lorafuse.fusion.prompts import encode_prompts
 from lorafuse.lora.state import LoraState
 from lorafuse.lora.targets import components_of
 from lorafuse.train.cache import encode_latents
-from lorafuse.utils.atomic import atomic_path
+from lorafuse.utils.atomic import atomic_save_safetensors
 
 NAME = "ziplora"
 MERGERS_METADATA_KEY = "lorafuse.ziplora"
@@ -117,9 +116,7 @@ class ZipMergers:
             raise UserInputError(f"{path}: ZipLoRA mergers are written as .safetensors")
         tensors = {f"content/{k}": v.detach().float().contiguous() for k, v in self.m_c.items()}
         tensors.update({f"style/{k}": v.detach().float().contiguous() for k, v in self.m_s.items()})
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=self.metadata)
-        return path
+        return atomic_save_safetensors(path, tensors, self.metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> ZipMergers:

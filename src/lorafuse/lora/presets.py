@@ -32,14 +32,14 @@ from collections.abc import Sequence
 from torch import nn
 
 from lorafuse.errors import UserInputError
-from lorafuse.families import NAMES, Family, components, family_of, get_family
+from lorafuse.families import FAMILIES, NAMES, Family, components, family_of, get_family
 from lorafuse.families.layers import ATTN_PROJ, RESNET, SAMPLER, TRANSFORMER, Rule
 
 __all__ = ["ATTN_PROJ", "RESNET", "SAMPLER", "TRANSFORMER", "block_names", "detect_arch", "preset_rules",
            "resolve_layers"]  # fmt: skip
 
 ARCHS = NAMES
-PRESET_NAMES = (
+PRESET_NAMES = (  # every family has these (or refuses them by name); FAMILY_PRESET_NAMES adds the others
     "default",
     "attn",
     "all",
@@ -49,6 +49,7 @@ PRESET_NAMES = (
     "craft_content",
     "craft_style",
 )
+FAMILY_PRESET_NAMES = tuple(dict.fromkeys([*PRESET_NAMES, *(p for f in FAMILIES.values() for p in f.presets)]))
 # Presets that must never share a module when trained separately and fused later (the joint `blora` preset is
 # their union: one LoRA holding both blocks).
 DISJOINT_PAIRS = (("blora_content", "blora_style"), ("craft_content", "craft_style"))

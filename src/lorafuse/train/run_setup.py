@@ -1,12 +1,11 @@
 """Pieces of `train_lora` that would interrupt its top-to-bottom reading: batch sharding across processes, the
-accelerator, kohya's training metadata, SDXL's size conditioning."""
+accelerator, kohya's training metadata. (SDXL's size conditioning is the family's: `families/sdxl.py`.)"""
 
 from __future__ import annotations
 
 import importlib.util
 import math
 from collections import Counter
-from typing import Any
 
 import torch
 
@@ -121,16 +120,3 @@ def training_metadata(
         v_parameterization=v_pred,
         trigger_phrase=ds.trigger,
     )
-
-
-def sdxl_added_cond(batch: dict[str, Any], pooled: torch.Tensor, device, dtype) -> dict[str, torch.Tensor]:
-    """SDXL's extra UNet inputs: the pooled text embedding and (B, 6) time ids, (h, w) each of the original size,
-    the crop's top-left corner and the target size."""
-    ids = [
-        [*o, *c, *t]
-        for o, c, t in zip(batch["original_size"], batch["crop_top_left"], batch["target_size"], strict=True)
-    ]
-    return {
-        "text_embeds": pooled.to(device, dtype),
-        "time_ids": torch.tensor(ids, device=device, dtype=dtype),
-    }

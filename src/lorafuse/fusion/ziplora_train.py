@@ -29,10 +29,9 @@ from torch import Tensor, nn
 from lorafuse.errors import LoraFormatError, UserInputError
 from lorafuse.families import family_of
 from lorafuse.families.conditioning import Conditioning
-from lorafuse.fusion.common import DENOISERS, resolve
+from lorafuse.fusion.common import DENOISERS, layer_factors, resolve
 from lorafuse.fusion.prompts import encode_prompts
-from lorafuse.lora.resize import factorize
-from lorafuse.lora.state import LoraModule, LoraState
+from lorafuse.lora.state import LoraState
 from lorafuse.lora.targets import components_of
 from lorafuse.train.cache import encode_latents
 from lorafuse.utils.atomic import atomic_save_safetensors
@@ -147,21 +146,6 @@ class ZipTrainReport:
     similarity: list[float]  # mean over layers of |cos(m_c, m_s)| after each step
 
 
-def _low_rank(module: LoraModule) -> LoraModule:
-    return factorize(module.delta) if module.down is None else module
-
-
-def _factors(module: LoraModule, layer: nn.Module, weight: float) -> tuple[Tensor, Tensor]:
-    """(A, B') in float32 in the layer's own layout, B' = w · s · B: the forward adds B' A x."""
-    module = _low_rank(module)
-    down, up = module.down.float(), (weight * module.scale) * module.up.float()
-    if isinstance(layer, nn.Conv2d) and down.dim() == 2:  # 2-D LoRA on a 1x1 conv (SD1.5 proj_in)
-        down, up = down[:, :, None, None], up[:, :, None, None]
-    elif isinstance(layer, nn.Linear) and down.dim() == 4:  # 1x1-conv LoRA on a linear
-        down, up = down.flatten(1), up.flatten(1)
-    return down, up
-
-
 class _Branches:
     """Forward hooks that add the content and/or style update to each LoRA'd layer's output, with or without
     the mergers, depending on `mode`: None (base), "content", "style" or "merged". One set of hooks serves the
@@ -178,7 +162,7 @@ class _Branches:
                 if isinstance(layer, nn.Conv2d) and layer.groups != 1:
                     raise UserInputError(f"{NAME}: {key}: grouped convolutions are not supported")
                 entry = self.layers.setdefault(key, (module, {}))
-                down, up = _factors(state.modules[key], layer, weight)
+                down, up = layer_factors(state.modules[key], layer, weight)
                 entry[1][role] = (down.to(layer.weight.device), up.to(layer.weight.device))
         self.mergers = {
             role: {

@@ -59,14 +59,11 @@ def test_folder_as_lora_and_empty_report(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_merge_and_craft_errors_come_alone(tmp_path, tiny_loras):
-    """merge and craft import torchao, whose enum registration made torch 2.13 log a warning to stderr first."""
+def test_merge_error_comes_alone(tmp_path, tiny_loras):
+    """merge imports torchao, whose enum registration made torch 2.13 log a warning to stderr first (fuse too:
+    the absurd-alpha test above covers it)."""
     good, _, _ = tiny_loras
     (tmp_path / "out.safetensors").mkdir()
     r = _run("merge", good, good, "--out", tmp_path / "out.safetensors")
     assert r.returncode == 2 and r.stderr.startswith("lorafuse merge: error: "), r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    r = _run("fuse", "--content", good, "--style", good, "--prompt", "a sks teapot <c, in ink <s>", "--method",
-             "craft", "--base", "sd15-tiny", "--out", tmp_path / "craft")  # fmt: skip
-    assert r.returncode == 2 and r.stderr.startswith("lorafuse fuse: error: prompt "), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -78,12 +78,12 @@ def test_a_few_steps_reduce_the_flow_loss(flux_overrides, world_dataset):
         "network.network_dim": 8, "network.network_alpha": 8, "network.network_train_unet_only": True,
         "dataset.cache_latents": True, "dataset.cache_text_encoder_outputs": True,
         "loss.timestep_sampling": "shift", "loss.discrete_flow_shift": 3.1582,
-        "optimizer.learning_rate": 3e-3, "training.train_batch_size": 3, "training.max_train_steps": 16,
+        "optimizer.learning_rate": 1e-2, "training.train_batch_size": 3, "training.max_train_steps": 16,
     }))  # fmt: skip
     assert result.arch == "flux" and result.global_step == 16
     before = _fixed_flow_loss(load_base_pipeline("flux-tiny"), world_dataset)
     after = _fixed_flow_loss(_merged(result.lora_path), world_dataset)
-    assert after < 0.9 * before, (before, after)
+    assert after < 0.85 * before, (before, after)  # 0.76 here
 
 
 def test_resume_is_bit_identical(flux_overrides, tmp_path):
@@ -154,7 +154,12 @@ def test_trained_file_loads_whole_in_flux_pipeline(fmt, layers, flux_overrides):
                                     "training.max_train_steps": 2}))  # fmt: skip
     pipe = load_base_pipeline("flux-tiny")
     state = load_lora(result.lora_path, base=pipe)
-    assert state.metadata["modelspec.architecture"].startswith("flux-1")
+    meta = state.metadata
+    assert meta["modelspec.architecture"].startswith("flux-1") and "modelspec.prediction_type" not in meta
+    # the sampling settings, under kohya's flux_train_network names
+    assert (meta["ss_timestep_sampling"], meta["ss_discrete_flow_shift"], meta["ss_guidance_scale"]) == (
+        "sigma", "3.0", "1.0",
+    )  # fmt: skip
     with _diffusers_warnings() as messages:
         pipe.load_lora_weights(str(result.lora_path))
     assert not [m for m in messages if "unexpected keys" in m or "missing keys" in m], messages

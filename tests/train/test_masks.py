@@ -164,6 +164,30 @@ def test_mask_dir_images_weight_by_their_red_channel(tmp_path):
     assert torch.allclose(mask, torch.full((1, 64, 64), 127 / 255))
 
 
+def test_masks_without_an_image_are_named(tmp_path, caplog):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (64, 64)).save(folder / "a.png")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for name in ("a.png", "b_typo.png"):
+        Image.new("L", (64, 64), 255).save(masks / name)
+    cfg = DatasetConfig(resolution=64, subsets=(SubsetConfig(folder, class_tokens="zkz", mask_dir=masks),))
+    with caplog.at_level(logging.WARNING):
+        scan_dataset(cfg)
+    assert "1 mask image(s) match no image of the subset and are not used (e.g. b_typo.png)" in caplog.text
+
+
+def test_alpha_mask_in_the_folder_layout(tmp_path):
+    folder = tmp_path / "train" / "2_sks robot"
+    folder.mkdir(parents=True)
+    alpha = _rgba(folder / "a.png", (64, 64))
+    index = scan_dataset(DatasetConfig(train_data_dir=tmp_path / "train", resolution=64, alpha_mask=True))
+    assert [it.mask for it in index.items] == ["alpha"]
+    mask = TrainDataset(index, 0)[SampleKey(0, 0)]["mask"]
+    assert torch.equal(mask, torch.from_numpy(alpha.astype(np.float32) / 255.0)[None])
+
+
 def test_mask_dir_errors_name_the_image_and_the_folder(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -2,8 +2,9 @@
 
 `safetensors.torch.save_file` writes through its own `.tmpXXXXXX` file (a kill leaves it behind, under a name no
 sweep claims, and it is renamed over ours with mode 0600), so it is never called outside utils/atomic.
-`torch.save` and diffusers' `save_pretrained` write many bytes or many files in place; they are allowed only
-inside a `with atomic_path(...)` / `with atomic_folder(...)` block, whose temporary they write into.
+`torch.save`, diffusers' `save_pretrained`, `Path.write_text` / `write_bytes` and PIL's `Image....save` write in
+place; they are allowed only inside a `with atomic_path(...)` / `with atomic_folder(...)` block, whose temporary
+they write into (elsewhere: `atomic_write_text`, `save_image`, `atomic_save_safetensors`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[2] / "src" / "lorafuse"
 ATOMIC = SRC / "utils" / "atomic.py"
 NEVER = {"save_file"}
-ONLY_IN_ATOMIC_BLOCK = {"save", "save_pretrained"}  # torch.save, pipe.save_pretrained
+ONLY_IN_ATOMIC_BLOCK = {"save", "save_pretrained", "write_text", "write_bytes"}
 ATOMIC_BLOCKS = {"atomic_path", "atomic_folder"}
 
 
@@ -39,6 +40,15 @@ def _in_atomic_block(parents: list[ast.AST]) -> bool:
     return False
 
 
+def _is_file_writer(node: ast.Call, owner: str, name: str) -> bool:
+    """torch.save and PIL image saves; `save` of other objects (a grid store, a LoRA network) is their own
+    method, which writes through the helpers itself."""
+    if name != "save":
+        return True
+    receiver = ast.unparse(node.func.value) if isinstance(node.func, ast.Attribute) else ""
+    return owner == "torch" or receiver.startswith(("Image.", "img", "image"))
+
+
 def direct_writers(path: Path) -> list[str]:
     """`file:line call` for each write that bypasses the atomic helpers."""
     found: list[str] = []
@@ -47,9 +57,7 @@ def direct_writers(path: Path) -> list[str]:
         if isinstance(node, ast.Call):
             owner, name = _call_name(node)
             if name in NEVER or (
-                name in ONLY_IN_ATOMIC_BLOCK
-                and (owner == "torch" or name == "save_pretrained")
-                and not _in_atomic_block(parents)
+                name in ONLY_IN_ATOMIC_BLOCK and _is_file_writer(node, owner, name) and not _in_atomic_block(parents)
             ):
                 found.append(f"{path.relative_to(SRC)}:{node.lineno} {ast.unparse(node.func)}")
         for child in ast.iter_child_nodes(node):
@@ -72,7 +80,10 @@ def test_no_writer_bypasses_utils_atomic():
         ("pipe.save_pretrained(out)\n", 1),
         ("with atomic_folder(out) as tmp:\n    pipe.save_pretrained(tmp)\n    torch.save(s, tmp / 'a.pt')\n", 0),
         ("with atomic_path(out) as tmp:\n    save_file(t, str(tmp))\n", 1),  # its own temp file: never
-        ("img.save(path)\nmodel.save(path)\n", 0),  # not torch's
+        ("model.save(path)\nstore.save()\n", 0),  # their own methods
+        ("Image.fromarray(a).save(path)\nimg.save(path)\n", 2),
+        ("(folder / 'x.json').write_text(s)\npath.write_bytes(b)\n", 2),
+        ("with atomic_path(out) as tmp:\n    tmp.write_text(s)\n", 0),
     ],
 )
 def test_the_scan_finds_what_it_should(tmp_path, monkeypatch, code, hits):

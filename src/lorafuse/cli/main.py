@@ -39,7 +39,8 @@ def build_parser(extra: Sequence[Register] = (), modules: Sequence[str] = COMMAN
 
 # Libraries that announce optional backends (torchvision, bitsandbytes kernels) or deprecations on import: their
 # chatter would come before, and bury, lorafuse's own one-line error. Their real errors still raise.
-_QUIET_LOGGERS = ("transformers", "diffusers", "bitsandbytes", "kernels", "accelerate", "peft", "torchao", "huggingface_hub")
+_QUIET_LOGGERS = ("transformers", "diffusers", "bitsandbytes", "kernels", "accelerate", "peft", "torchao", "huggingface_hub",
+                  "torch.utils._pytree")  # torchao registers enums with torch.compile on import and torch warns
 
 
 def quiet_libraries() -> None:

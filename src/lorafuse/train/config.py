@@ -32,12 +32,16 @@ class ModelConfig:
     v_parameterization: bool = False
     # kohya / A1111 numbering: 1 = last layer, 2 = penultimate. diffusers' `clip_skip` is this minus 1.
     clip_skip: int = 1
+    # embedded guidance the transformer of a guidance-distilled base (FLUX.1 dev) gets while training; kohya's
+    # FLUX guide trains with 1.0 (its option's default is 3.5). Bases without a guidance embedding ignore it.
+    guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.pretrained_model_name_or_path:
             raise _bad("pretrained_model_name_or_path", "must not be empty")
         if self.clip_skip < 1:
             raise _bad("clip_skip", f"must be >= 1 (kohya numbering, 1 = last layer), got {self.clip_skip}")
+        _positive(self, "guidance_scale")
 
     @property
     def diffusers_clip_skip(self) -> int | None:
@@ -100,6 +104,8 @@ class DatasetConfig:
     subsets: tuple[SubsetConfig, ...] = ()
     # captions up to 150 or 225 tokens, encoded in 75-token chunks as kohya; None = CLIP's 75
     max_token_length: int | None = None
+    # T5 tokens of FLUX.1 captions (kohya's t5xxl_max_token_length); None = FluxPipeline's 512
+    t5xxl_max_token_length: int | None = None
     # fraction of the training images held out for the validation loss (kohya's validation_split)
     validation_split: float = 0.0
     # seed of the held-out split; None: the training seed
@@ -119,6 +125,7 @@ class DatasetConfig:
             raise _bad(
                 "max_token_length", f"must be 75, 150 or 225 (kohya's choices), got {self.max_token_length}"
             )
+        _positive(self, "t5xxl_max_token_length")
         if not 0.0 <= self.validation_split < 1.0:
             raise _bad("validation_split", f"must be in [0, 1), got {self.validation_split}")
         if any(side <= 0 or side % 8 for side in self.size):
@@ -190,8 +197,9 @@ class NetworkConfig:
     conv_dim: int | None = None  # LoCon-style 3x3 conv layers; None = linear and 1x1 layers only
     # alpha of 3x3 conv layers (kohya's default 1 when conv_dim is set)
     conv_alpha: float | None = None
-    # a preset: default (kohya's LoRA), attn, all (LoCon), blora_content, blora_style, craft_content, craft_style
-    # (lora/presets.py); or regexes, re.search-ed against UNet module paths
+    # a preset: default (kohya's LoRA), attn, all (LoCon), blora_content, blora_style, craft_content, craft_style,
+    # double, single (FLUX.1's block kinds) (lora/presets.py); or regexes, re.search-ed against the denoiser's
+    # module paths (by index: '^transformer_blocks\\.(0|3)\\.')
     layers: str | tuple[str, ...] = "default"
     # rank per UNet block in kohya's order IN00.., MID, OUT00.. (25 for SD1.5, 19 SDXL, 13 world); 0 = no LoRA
     block_dims: tuple[int, ...] | None = None
@@ -228,7 +236,7 @@ class NetworkConfig:
         if self.conv_alpha is not None and self.conv_dim is None:
             raise _bad("conv_alpha", "is set but conv_dim is not")
         # imported here: lora.presets loads torch, and the config (the web UI's training form) must load without it
-        from lorafuse.lora.presets import PRESET_NAMES
+        from lorafuse.lora.presets import FAMILY_PRESET_NAMES as PRESET_NAMES  # every family's presets
 
         if isinstance(self.layers, str) and self.layers not in PRESET_NAMES:
             raise _bad(
@@ -296,6 +304,8 @@ class TrainingConfig:
     save_precision: Literal["float", "fp16", "bf16"] = "float"
     # file format of LoRA files; only safetensors (kohya's ckpt / pt are pickles, refused with the reason)
     save_model_as: str = "safetensors"
+    # key layout of the LoRA files: kohya (A1111, ComfyUI, kohya, diffusers all load it) or diffusers (PEFT names)
+    lora_format: Literal["kohya", "diffusers"] = "kohya"
     # keep only the newest N LoRA files saved by save_every_n_epochs (older ones are deleted)
     save_last_n_epochs: int | None = None
     # keep only the step saves of the last N steps (older save_every_n_steps files are deleted)
@@ -371,6 +381,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         ds = self.dataset
+        if self.training.lora_format != "kohya" and self.network.network_module == "lycoris.kohya":
+            raise _bad("training.lora_format", "LyCORIS networks are written in LyCORIS's own (kohya) layout")
         if self.loss.masked_loss:
             _check_mask_sources(ds)
         if self.training.validate_every_n_steps and not ds.validation_split:

@@ -314,6 +314,7 @@ def scan_images(
             opaque.append(path)
         items.append(ImageItem(path, text, size, assignment, repeats, is_reg, source.subset, mask))
     masks.report_unmasked(folder, opaque)
+    masks.report_orphan_masks(source.mask_dir, images)
     if uncaptioned:
         other = cap.other_caption_file(uncaptioned[0], source.caption_extension)
         hint = f" ({other.name} exists: is caption_extension right?)" if other else ""

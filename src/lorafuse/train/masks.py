@@ -136,6 +136,25 @@ def sample_mask(
     return (pixels.float() / 255.0).unsqueeze(0)
 
 
+def report_orphan_masks(mask_dir: Path | None, images: list[Path]) -> None:
+    """Mask images that match no image of the subset are named, not silently passed over (a typo'd name)."""
+    from lorafuse.train.data import IMAGE_EXTENSIONS
+
+    if mask_dir is None or not mask_dir.is_dir():
+        return
+    stems = {p.stem for p in images}
+    orphans = sorted(
+        p.name for p in mask_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.stem not in stems
+    )
+    if orphans:
+        log.warning(
+            "%s: %d mask image(s) match no image of the subset and are not used (e.g. %s)",
+            mask_dir,
+            len(orphans),
+            orphans[0],
+        )
+
+
 def report_unmasked(folder: Path, images: list[Path]) -> None:
     """alpha_mask on images without an alpha channel trains them whole: say so, once per folder."""
     if images:

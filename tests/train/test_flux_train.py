@@ -202,9 +202,16 @@ def test_settings_flow_does_not_use_are_refused(setting, message, flux_overrides
     assert not (tmp_path / "out").exists()
 
 
-def test_flow_settings_on_an_sd_base_are_refused(train_overrides, tmp_path):
-    with pytest.raises(UserInputError, match=r"loss\.timestep_sampling is for flow-matching bases"):
-        _run(train_overrides(**{"loss.timestep_sampling": "shift"}))
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"loss.timestep_sampling": "shift"}, r"loss\.timestep_sampling is for flow-matching bases"),
+        ({"dataset.t5xxl_max_token_length": 256}, r"t5xxl_max_token_length is for FLUX\.1's T5; .* has no T5"),
+    ],
+)
+def test_flow_settings_on_an_sd_base_are_refused(setting, message, train_overrides, tmp_path):
+    with pytest.raises(UserInputError, match=message):
+        _run(train_overrides(**setting))
     assert not (tmp_path / "out").exists()
 
 

@@ -33,7 +33,7 @@ from lorafuse.train.losses import diffusion_loss
 from lorafuse.train.objectives import Noised
 from lorafuse.train.prepare import Run, TrainResult, prepare
 from lorafuse.train.run_log import RunLog
-from lorafuse.train.run_setup import sdxl_added_cond
+from lorafuse.train.run_setup import Shard, accelerate_state_scope, sdxl_added_cond
 from lorafuse.train.sampling_during_training import sample_grid
 from lorafuse.train.saving import save_dtype
 from lorafuse.train.validation import Validator
@@ -56,7 +56,12 @@ def train_lora(cfg: TrainConfig, *, progress_bar: bool = True) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | None]:
-    run = prepare(cfg, progress_bar)
+    with accelerate_state_scope():
+        run = prepare(cfg, progress_bar)
+        return _run_epochs(run)
+
+
+def _run_epochs(run: Run) -> tuple[TrainResult, RunLog | None]:
     for epoch in range(run.start.epoch, run.num_epochs):
         if run.global_step >= run.total_steps or run.stop.requested:
             break
@@ -95,22 +100,44 @@ def training_step(run: Run, i: int, batch: dict) -> bool:
     g0 = (i // run.accum) * run.accum
     g1 = min(g0 + run.accum, run.batches_per_epoch)
     sync = i + 1 == g1
+    shard = run.sampler.shard(i)
     with acc.no_sync(run.model) if not sync and run.train_unet else contextlib.nullcontext():
         with acc.autocast():
-            pred, noised = _predict(run, batch)
-        loss = _loss(run, pred, noised, batch["loss_weight"].to(acc.device))
+            pred, noised = _predict(run, batch, shard)
+        loss = _loss(run, pred, noised, batch["loss_weight"].to(acc.device) * shard.loss_scale)
         acc.backward(loss / (g1 - g0))
-    run.group_loss += loss.detach().item() / (g1 - g0)
+    run.group_loss += _global_loss(run, loss.detach()) / (g1 - g0)
     if not sync:
         return False
     _optimizer_step(run)
     return True
 
 
-def _predict(run: Run, batch: dict) -> tuple[torch.Tensor, Noised]:
+def _global_loss(run: Run, loss: torch.Tensor) -> float:
+    """The global batch's loss (what one process with the whole batch logs): the processes' losses carry
+    world · n_r / N (a pad's is 0), so their mean is Σ_r (n_r / N) loss_r."""
+    if run.accelerator.num_processes == 1:
+        return loss.item()
+    return run.accelerator.reduce(loss, "mean").item()
+
+
+def _draw(run: Run, latents: torch.Tensor, shard: Shard) -> Noised:
+    """(x_t, t, target) for this process's rows. Drawn for the whole global batch from the generator every
+    process seeds alike, then sliced: each sample gets the noise and timestep it gets in a one-process run."""
+    if shard.total == latents.shape[0]:
+        return run.objective.draw(latents, run.generator)
+    start, end = (
+        (shard.start, shard.end) if shard.end > shard.start else (0, 1)
+    )  # a pad: the batch's first row
+    x0 = latents.new_zeros((shard.total, *latents.shape[1:]))
+    x0[start:end] = latents
+    return run.objective.draw(x0, run.generator).rows(start, end)
+
+
+def _predict(run: Run, batch: dict, shard: Shard) -> tuple[torch.Tensor, Noised]:
     """The denoiser's prediction for one micro-batch, and the draw (x_t, t, target) it was made on."""
     latents, cond = _inputs(run, batch)
-    noised = run.objective.draw(latents, run.generator)
+    noised = _draw(run, latents, shard)
     return _denoise(run, batch, cond, noised), noised
 
 

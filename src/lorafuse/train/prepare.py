@@ -230,7 +230,7 @@ def _build_caches(run: Run) -> None:
         run.validator.prepare(lambda px: encode_latents(run.vae, px), frozen_text)
     if ds.cache_latents:
         run.latent_cache = LatentCache(run.vae, to_disk=ds.cache_latents_to_disk, cache_dir=ds.cache_dir)
-        run.latent_cache.prepare(run.index)
+        _prepare_shared(run, run.latent_cache)
     if ds.cache_text_encoder_outputs:
         run.text_cache = TextEncoderCache(
             run.tokenizers,
@@ -240,7 +240,7 @@ def _build_caches(run: Run) -> None:
             cache_dir=ds.cache_dir,
             max_token_length=ds.max_token_length,
         )
-        run.text_cache.prepare(run.index)
+        _prepare_shared(run, run.text_cache)
     # Dropped now rather than at the end, so the training steps reuse their memory (for SD1.5 the VAE encoder and
     # CLIP are ~0.6 GB in fp32; kohya likewise moves the VAE off the GPU after caching). Samples during training
     # still need the text encoders and the VAE's decoder.
@@ -259,6 +259,24 @@ def _build_caches(run: Run) -> None:
                 setattr(pipe, name, None)
         run.text_encoders = []
     release_memory()  # the caching passes' activations and the dropped weights, back to the OS
+
+
+def _prepare_shared(run: Run, cache: LatentCache | TextEncoderCache) -> None:
+    """Encode a cache once, on the main process; the others read its files, or receive its memory entries."""
+    accelerator = run.accelerator
+    if accelerator.num_processes == 1:
+        cache.prepare(run.index)
+        return
+    from accelerate.utils import broadcast_object_list
+
+    if accelerator.is_main_process:
+        cache.prepare(run.index)
+    accelerator.wait_for_everyone()
+    if not cache.store.to_disk:
+        shared = broadcast_object_list([cache.store.memory if accelerator.is_main_process else None])
+        cache.store.memory = shared[0]
+    if not accelerator.is_main_process:
+        cache.prepare(run.index)  # every entry is valid now: nothing is encoded twice
 
 
 def _build_data(run: Run) -> None:
@@ -316,9 +334,10 @@ def _build_optimizer(run: Run) -> None:
 
 def _resume(run: Run) -> None:
     """7. LoRA, optimizer, schedule, every RNG, and the position in the data. Noise and timesteps draw from their
-    own CPU generator: the same numbers on any device, and savable."""
+    own CPU generator: the same numbers on any device, and savable. Every process seeds it alike (each draws for
+    the whole global batch and keeps its rows), so process 0's saved state is every process's."""
     tc, accelerator = run.cfg.training, run.accelerator
-    run.generator = torch.Generator().manual_seed(tc.seed + 1_000_003 * accelerator.process_index)
+    run.generator = torch.Generator().manual_seed(tc.seed)
     if run.saved is None:
         return
     restore_train_state(

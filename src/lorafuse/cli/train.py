@@ -171,11 +171,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(dump_config(cfg))
         print(describe(scan_dataset(cfg.dataset), cfg.training))
         return 0
-    from lorafuse.train.launch import in_launched_process, relaunch
+    from lorafuse.utils.launch import in_launched_process, relaunch
 
+    if args.num_processes < 1:
+        raise UserInputError(f"--num-processes {args.num_processes}: give 1 or more")
     if args.num_processes > 1 and not in_launched_process():
-        extra = ["--no-progress"] if args.no_progress else []
-        return relaunch(args.num_processes, args.config, collect_overrides(args), extra)
+        words = ["train", *([str(args.config)] if args.config is not None else [])]
+        words += [w for key, value in collect_overrides(args).items() for w in ("--set", f"{key}={value}")]
+        return relaunch(args.num_processes, words + (["--no-progress"] if args.no_progress else []))
     from lorafuse.train.loop import train_lora
 
     result = train_lora(cfg, progress_bar=not args.no_progress)

@@ -175,7 +175,7 @@ def _sample_missing(
     for base, group in itertools.groupby(mine, key=lambda item: item[1].base):
         group = list(group)
         # a base loads only here, and only when it has cells left to do (a finished grid reruns in seconds)
-        pipe = pipes[base] if base in pipes else load_base_pipeline(base)
+        pipe = pipes[base] if base in pipes else load_base_pipeline(base, device=plan.cfg.device, dtype=plan.cfg.dtype)
         states = _load_states(pipe, [c for _, c in group], plan.cfg)
         for cid, cell in group:
             image, record = _sample_cell(pipe, cell, states, plan.cfg)

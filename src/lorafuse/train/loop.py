@@ -27,7 +27,7 @@ import torch
 
 from lorafuse.config.toml_io import config_to_dict
 from lorafuse.train.cache import encode_latents, text_embeddings
-from lorafuse.train.checkpoint import Progress, save_train_state
+from lorafuse.train.checkpoint import Progress, rng_state, save_train_state
 from lorafuse.train.config import TrainConfig
 from lorafuse.train.losses import diffusion_loss
 from lorafuse.train.objectives import Noised
@@ -253,12 +253,13 @@ def on_step_end(run: Run, epoch: int, i: int) -> None:
     run.group_loss = 0.0
     if tc.save_every_n_steps and step % tc.save_every_n_steps == 0 and step < run.total_steps:
         run.accelerator.wait_for_everyone()
+        stem = tc.output_dir / f"{tc.output_name}-step{step:08d}"
         if run.main:
-            stem = tc.output_dir / f"{tc.output_name}-step{step:08d}"
             _save_lora(run, Path(f"{stem}.safetensors"), epoch + 1)
             _forget(run.result.saved, run.lora_saves.add_step(step, run.result.saved[-1]))
-            if tc.save_state:
-                _save_state(run, Path(f"{stem}-state"))
+        if tc.save_state:
+            _save_state(run, Path(f"{stem}-state"))
+            if run.main:
                 _forget(run.result.states, run.state_saves.add_step(step, run.result.states[-1]))
 
 
@@ -269,14 +270,16 @@ def on_epoch_end(run: Run, epoch: int) -> None:
     run.position = Progress(done, 0, run.global_step)
     last = done == run.num_epochs or run.global_step >= run.total_steps
     run.accelerator.wait_for_everyone()
-    if not run.main:
-        return
     if tc.save_every_n_epochs and done % tc.save_every_n_epochs == 0 and not last:
-        _save_lora(run, tc.output_dir / f"{name}-{done:06d}.safetensors", done)
-        _forget(run.result.saved, run.lora_saves.add_epoch(done, run.result.saved[-1]))
+        if run.main:
+            _save_lora(run, tc.output_dir / f"{name}-{done:06d}.safetensors", done)
+            _forget(run.result.saved, run.lora_saves.add_epoch(done, run.result.saved[-1]))
         if tc.save_state:
             _save_state(run, tc.output_dir / f"{name}-{done:06d}-state")
-            _forget(run.result.states, run.state_saves.add_epoch(done, run.result.states[-1]))
+            if run.main:
+                _forget(run.result.states, run.state_saves.add_epoch(done, run.result.states[-1]))
+    if not run.main:
+        return
     if tc.sample_every_n_epochs and done % tc.sample_every_n_epochs == 0:
         grid = sample_grid(
             run.pipe,
@@ -312,8 +315,9 @@ def finish(run: Run) -> TrainResult:
     run.accelerator.wait_for_everyone()
     if run.main:
         _save_lora(run, result.lora_path, position.epoch + (position.batch_in_epoch > 0), final=True)
-        if tc.save_state:
-            _save_state(run, tc.output_dir / f"{tc.output_name}-state")
+    if tc.save_state:
+        _save_state(run, tc.output_dir / f"{tc.output_name}-state")
+    if run.main:
         if run.run_log is not None:
             result.losses = run.run_log.losses
     if tc.logging == "tensorboard":
@@ -342,6 +346,14 @@ def _save_lora(run: Run, path: Path, epoch: int, final: bool = False) -> None:
 
 
 def _save_state(run: Run, folder: Path) -> None:
+    """Every process calls it: each one's random streams are gathered, and the main process writes the folder."""
+    process_rngs = None
+    if run.accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        process_rngs = gather_object([rng_state(run.generator)])  # in process order
+    if not run.main:
+        return
     csv = run.run_log.csv_path if run.run_log is not None else None
     state = save_train_state(
         folder,
@@ -353,5 +365,6 @@ def _save_state(run: Run, folder: Path) -> None:
         lr_scheduler=run.lr_scheduler,
         generator=run.generator,
         scaler=run.accelerator.scaler,
+        process_rngs=process_rngs,
     )
     run.result.states.append(state)

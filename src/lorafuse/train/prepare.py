@@ -26,6 +26,7 @@ from lorafuse.train.checkpoint import (
     Progress,
     SavedState,
     check_resume_config,
+    check_resume_processes,
     read_train_state,
     restore_train_state,
 )
@@ -144,6 +145,8 @@ def prepare(cfg: TrainConfig, progress_bar: bool = True) -> Run:
     if saved is not None:
         check_resume_config(saved.config, config_to_dict(cfg), saved.folder)
     accelerator = make_accelerator(cfg)
+    if saved is not None:
+        check_resume_processes(saved, accelerator.num_processes)  # before any model loads
     from accelerate.utils import set_seed
 
     set_seed(tc.seed)  # python, numpy and torch; the LoRA's initial A draws from torch's
@@ -347,6 +350,8 @@ def _resume(run: Run) -> None:
         lr_scheduler=run.lr_scheduler,
         generator=run.generator,
         scaler=accelerator.scaler,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
     )
     run.start = run.saved.progress
     if run.main:

@@ -36,10 +36,15 @@ class ModelConfig:
     v_parameterization: bool = False
     # kohya / A1111 numbering: 1 = last layer, 2 = penultimate. diffusers' `clip_skip` is this minus 1.
     clip_skip: int = 1
+    # the frozen denoiser's Linear weights stored in 8 bits while the LoRA trains: none, int8 (torchao, any
+    # device), fp8 (CUDA with float8 support; kohya's fp8_base). Saves ~3/4 of those weights' memory
+    quantize_base: str = "none"
 
     def __post_init__(self) -> None:
         if not self.pretrained_model_name_or_path:
             raise _bad("pretrained_model_name_or_path", "must not be empty")
+        if self.quantize_base not in ("none", "int8", "fp8"):
+            raise _bad("quantize_base", f"must be none, int8 or fp8, got {self.quantize_base!r}")
         if self.clip_skip < 1:
             raise _bad("clip_skip", f"must be >= 1 (kohya numbering, 1 = last layer), got {self.clip_skip}")
 

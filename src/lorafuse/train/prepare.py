@@ -35,6 +35,7 @@ from lorafuse.train.data import DatasetIndex, TrainDataset, collate_batch, descr
 from lorafuse.train.network import create_network
 from lorafuse.train.objectives import DDPMObjective
 from lorafuse.train.optim import make_lr_scheduler, make_optimizer
+from lorafuse.train.quantize import quantize_frozen_base
 from lorafuse.train.run_log import RunLog
 from lorafuse.train.run_setup import ShardedBatchSampler, check_optimizer, make_accelerator, training_metadata
 from lorafuse.train.saving import SaveRotation, check_implemented
@@ -202,7 +203,9 @@ def _load_base(run: Run) -> None:
 
 
 def _inject_lora(run: Run) -> None:
-    """3. The LoRA (trainable factors in float32) and gradient checkpointing."""
+    """3. The LoRA (trainable factors in float32) over the base (its Linear weights in 8 bits if asked), and
+    gradient checkpointing."""
+    quantize_frozen_base(run.unet, run.cfg.model.quantize_base)
     run.network = network = create_network(run.pipe, run.cfg.network, run.arch)
     run.train_unet = "unet" in network.plan
     run.train_te = any(c.startswith("text_encoder") for c in network.plan)

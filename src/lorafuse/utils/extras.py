@@ -4,6 +4,7 @@ pip install 'lorafuse[8bit]'      bitsandbytes   (optimizer_type = AdamW8bit)
 pip install 'lorafuse[prodigy]'   prodigyopt     (optimizer_type = Prodigy)
 pip install 'lorafuse[lycoris]'   lycoris-lora   (network_module = lycoris.kohya)
 pip install 'lorafuse[ui]'        gradio         (the web UI)
+pip install 'lorafuse[quantize]'  torchao        (model.quantize_base = int8 / fp8: the frozen base in 8 bits)
 pip install 'lorafuse[all]'       all of the above that installs on a CPU machine
 """
 
@@ -20,6 +21,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "prodigyopt": ("prodigyopt", "prodigy"),
     "lycoris": ("lycoris-lora", "lycoris"),
     "gradio": ("gradio", "ui"),
+    "torchao": ("torchao", "quantize"),
 }
 
 

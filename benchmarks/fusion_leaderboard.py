@@ -1,21 +1,31 @@
-"""Which fusion method keeps the most of both LoRAs? Every method on held-out individual x style pairs of the
-built-in world, judged by the oracle encoders (ground truth), with 95 % intervals and the time per image.
+"""Which fusion method keeps the most of both LoRAs, on the inputs its paper prescribes and on the LoRAs users have?
+Every method on held-out individual x style pairs of the built-in world, judged by the oracle encoders (ground
+truth), as paired differences to direct merging of the same LoRAs.
 
-Per pair: a content LoRA (5 images of a held-out individual) and a style LoRA (1 image of a held-out style),
-trained by `train.world_personalize` with its default recipes (plus CRAFT's disjoint-layer pair), then
-`eval.world_compare.compare_pair`: the base, each LoRA alone and every method, with the same prompt template
-and the same noise seeds for every method and pair. Intervals: Student t over every image of a method (pairs x
-seeds) for the similarities, Wilson for the right_* rates. Pairs: held-out individuals (`<class>_08`, then
-`<class>_09`) in class order, styles crayon / blueprint / mosaic in turn, so the first pairs are all different
-individuals and every style appears.
+Per pair: a content LoRA (5 images of a held-out individual) and a style LoRA (1 image of a held-out style), trained
+by `train.world_personalize` in four input sets (`eval.world_compare.INPUT_RECIPES`), each row labelled `method [inputs]`:
+  [locon]  every layer with LoCon 3x3 convs, the recipes' default: the common LoRAs users have. Every method but
+           CRAFT runs on them (B-LoRA crops its two blocks out of them; K-LoRA adds the non-attention part).
+  [attn]   attention projections only: what K-LoRA (official code: nothing outside attention, non_attention=
+           "ignore"), ZipLoRA, NP-LoRA and SSR-Merge use (SDXL DreamBooth LoRAs on the attention layers; SSR's
+           official hooks route nn.Linear layers only).
+  [blora]  one LoRA on B-LoRA's two blocks, trained jointly (the paper's training; preset "blora").
+  [craft]  CRAFT's disjoint-layer pair, with CRAFT's own ablations (smooth / constant schedule, symmetric CFG).
+Which inputs and options a method's paper prescribes is declared on the method (`FusionMethod.paper_inputs`); Switch
+and Composite also run as their official code does (`switch official [locon]`: τ + 1 first segment, scale 0.8).
+`direct [inputs]` is direct merging of the same LoRAs; every other row's difference to it is paired on (pair, seed):
+per pair the mean over seeds of (method − direct), then a Student t-interval over pairs (`eval.paired`; the paired
+bootstrap over pairs is in the JSON). Same prompt template and noise seeds for every row and pair.
 
-Full run (the README's table; about 4 LoRAs x ~40 s per pair on an idle 2-core CPU, then ~1 min of sampling):
-    python -m benchmarks.fusion_leaderboard --pairs 10 --seeds 4
+Full run (the README's table; 20 pairs x 4 seeds; the per-pair results and LoRAs are cached, so an interrupted run
+resumes where it stopped):
+    python -m benchmarks.fusion_leaderboard --pairs 20 --seeds 4
 Smoke run (checks, not figures; writes fusion_leaderboard_smoke.json):
-    python -m benchmarks.fusion_leaderboard --pairs 2 --seeds 1
+    python -m benchmarks.fusion_leaderboard --pairs 2 --seeds 1 --content-epochs 2 --style-epochs 4
 
 LoRAs and per-pair results are cached under --work (default out/leaderboard, not in git): a rerun with the
-same settings only redoes what is missing. The HTML report goes to WORK/report.html.
+same settings only redoes what is missing. Writes WORK/report.html, WORK/paired_differences.png and the per-pair
+JSON files WORK/pairs/<pair>/result.json.
 """
 
 from __future__ import annotations
@@ -31,10 +41,16 @@ from pathlib import Path
 from benchmarks.common import print_table, write_result
 from lorafuse.errors import UserInputError
 from lorafuse.eval.html import HtmlReport
+from lorafuse.eval.paired import forest_plot, paired_difference
 from lorafuse.eval.report import FILES, group_stats
 from lorafuse.eval.world_compare import (
+    INPUT_RECIPES,
+    LOCON,
     SCORES,
+    Run,
     compare_pair,
+    input_sets_of,
+    paper_runs,
     scores_bar_chart,
     side_by_side,
     summary,
@@ -43,15 +59,36 @@ from lorafuse.eval.world_compare import (
 from lorafuse.utils.atomic import atomic_write_text
 from lorafuse.world.catalog import CLASS_NAMES, HELD_OUT_STYLES, INDIVIDUALS_PER_CLASS, SEEN_INDIVIDUALS
 
-FULL = {"pairs": 10, "seeds": 4}  # the issue's bar; fewer is a smoke run
-README_METRICS = (
-    "oracle_content",
-    "oracle_style",
-    "right_individual",
-    "right_style",
-    "oracle_hmean",
-    "oracle_ci",
-)
+FULL = {"pairs": 20, "seeds": 4}  # the issue's bar; fewer is a smoke run
+PAIRED_METRICS = ("oracle_content", "oracle_style", "oracle_hmean")
+README_METRICS = ("oracle_content", "oracle_style", "oracle_hmean", "right_individual", "right_style", "oracle_ci")
+# The paper's ablations, each a row on the method's paper inputs (the claim checked: the full method beats each one)
+ABLATIONS = {
+    "craft": (("smooth", {"schedule": "smooth"}), ("constant", {"schedule": "constant"}),
+              ("symmetric", {"symmetric": True})),
+}  # fmt: skip
+
+
+def label(name: str, inputs: str) -> str:
+    return f"{name} [{inputs}]"
+
+
+def leaderboard_runs(methods: list[str]) -> list[Run]:
+    """`compare_pair` runs: direct merging on every input set used (the paired baseline of every row), every
+    method on the LoCon pair (a method that needs its own inputs, CRAFT, does not), each method on its paper's
+    inputs and options (`FusionMethod.paper_inputs`) and the paper's ablations."""
+    from lorafuse.fusion.registry import get_method
+
+    rows: list[Run] = [(label(m, LOCON), "fused", m, LOCON, {}) for m in methods
+                       if get_method(m).lora_layers == LOCON]  # fmt: skip
+    common = {(r[2], r[3]) for r in rows}
+    rows += [r for r in paper_runs(methods) if (r[2], r[3]) not in common or r[4]]
+    for m in methods:
+        inputs, options = get_method(m).paper_inputs
+        rows += [(label(f"{m} {name}", inputs), "fused", m, inputs, {**options, **change})
+                 for name, change in ABLATIONS.get(m, ())]  # fmt: skip
+    baselines = [(label("direct", inputs), "fused", "direct", inputs, {}) for inputs in input_sets_of(rows)]
+    return baselines + [r for r in rows if r[0] not in {b[0] for b in baselines}]
 
 
 def held_out_pairs(n: int) -> list[tuple[str, str]]:
@@ -77,33 +114,39 @@ def run_pair(pipe, oracle, individual: str, style: str, args, methods: list[str]
     from lorafuse.train.world_personalize import base_fingerprint, style_recipe, subject_recipe
     from lorafuse.world.oracle import default_oracle_path
 
+    runs = leaderboard_runs(methods)
+    input_sets = input_sets_of(runs)
     # a cached result is reused only when the same LoRAs (recipe keys hash the base's weights too) are judged by
-    # the same oracle weights with the same sampling settings
-    key = {"methods": methods, "seeds": args.seeds, "seed": args.seed, "steps": args.steps,
-           "guidance": args.guidance, "recipes": settings,
-           "lora_keys": [subject_recipe(individual, **settings["content"]).key(),
-                         style_recipe(style, **settings["style"]).key()],
-           "base": base_fingerprint("world"), "oracle": base_fingerprint(str(default_oracle_path()))}  # fmt: skip
-    signature = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    # the same oracle weights with the same rows and sampling settings
+    lora_keys = {inputs: [subject_recipe(individual, **{**settings["content"], **INPUT_RECIPES[inputs]}).key(),
+                          style_recipe(style, **{**settings["style"], **INPUT_RECIPES[inputs]}).key()]
+                 for inputs in input_sets}  # fmt: skip
+    key = {"runs": runs, "seeds": args.seeds, "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
+           "recipes": settings, "lora_keys": lora_keys, "base": base_fingerprint("world"),
+           "oracle": base_fingerprint(str(default_oracle_path()))}  # fmt: skip
+    signature = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     folder = work / "pairs" / f"{individual}+{style}"
     cached = folder / "result.json"
     if cached.is_file():
         done = json.loads(cached.read_text())
         if done.get("signature") == signature:
             return done
+    t0 = time.perf_counter()
     loras = train_pair_loras(individual, style, work, methods=methods, content_settings=settings["content"],
-                             style_settings=settings["style"], progress=not args.no_progress)  # fmt: skip
+                             style_settings=settings["style"], progress=not args.no_progress,
+                             input_sets=input_sets)  # fmt: skip
+    t1 = time.perf_counter()
     with warnings.catch_warnings():
-        warnings.simplefilter(
-            "ignore"
-        )  # CRAFT and B-LoRA use part of each LoRA by design; they say so each time
+        warnings.simplefilter("ignore")  # CRAFT and B-LoRA use part of each LoRA by design; they say so each time
         result = compare_pair(pipe, loras, oracle=oracle, methods=methods, seeds=args.seeds, seed=args.seed,
-                              steps=args.steps, guidance=args.guidance, progress=not args.no_progress)  # fmt: skip
+                              steps=args.steps, guidance=args.guidance, progress=not args.no_progress,
+                              runs=runs)  # fmt: skip
     from lorafuse.utils.images import save_image
 
     save_image(side_by_side(result, title=f"{result.pair}: {result.prompt}"), folder / "side_by_side.png")
     done = {"signature": signature, "pair": result.pair, "prompt": result.prompt, "seeds": result.seeds,
-            "skipped": result.skipped, "rows": result.rows}  # fmt: skip
+            "skipped": result.skipped, "rows": result.rows,
+            "seconds": {"train": round(t1 - t0, 1), "compare": round(time.perf_counter() - t1, 1)}}  # fmt: skip
     atomic_write_text(cached, json.dumps(done, indent=1))
     return done
 
@@ -116,47 +159,69 @@ def figures_of(rows: list[dict], metrics=SCORES) -> dict:
     return out
 
 
-def markdown_table(figures: dict, command: str) -> str:
-    """The README's table: mean [95 % interval] per method, then seconds per image."""
+def paired_figures(rows: list[dict]) -> list:
+    """Every fused row's paired difference to direct merging of the same inputs, per metric (t and bootstrap)."""
+    fused = list(dict.fromkeys((r["method"], r["inputs"]) for r in rows if r["kind"] == "fused"))
+    out = []
+    for name, inputs in fused:
+        baseline = label("direct", inputs)
+        if name == baseline:
+            continue
+        for metric in PAIRED_METRICS:
+            for interval in ("t", "bootstrap"):
+                out.append(paired_difference(rows, name, baseline, metric, interval=interval))
+    return out
+
+
+def markdown_table(figures: dict, paired: list, rows: list[dict], command: str) -> str:
+    """The README's table: per row its inputs, mean [95 % interval] of the scores, the paired differences to
+    direct on the same inputs (t-interval over pairs), then seconds per image."""
 
     def cell(d: dict | None) -> str:
         if not d:
             return ""
         return f"{d['mean']:.3f}" if d["n"] < 2 else f"{d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"
 
-    lines = [
-        f"| method | {' | '.join(README_METRICS)} | s / image |",
-        "|" + " --- |" * (len(README_METRICS) + 2),
-    ]
+    by = {(d.method, d.metric): d for d in paired if d.interval == "t"}
+    inputs = {r["method"]: r.get("inputs", "") for r in rows}
+    names = ["content", "style", "hmean"]
+    lines = [f"| row | inputs | {' | '.join(README_METRICS)} | {' | '.join(f'Δ{n} vs direct' for n in names)} "
+             "| s / image |", "|" + " --- |" * (len(README_METRICS) + len(names) + 3)]  # fmt: skip
     for method, f in figures.items():
+        if method == "skipped":
+            continue
         spi = f.get("seconds_per_image", {}).get("mean")
-        lines.append(f"| {method} | {' | '.join(cell(f.get(m)) for m in README_METRICS)} | "
-                     f"{'' if spi is None else f'{spi:.2f}'} |")  # fmt: skip
+        deltas = [str(by[(method, m)]) if (method, m) in by and by[(method, m)].n >= 2 else ""
+                  for m in PAIRED_METRICS]  # fmt: skip
+        lines.append(f"| {method} | {inputs.get(method, '')} | {' | '.join(cell(f.get(m)) for m in README_METRICS)} "
+                     f"| {' | '.join(deltas)} | {'' if spi is None else f'{spi:.2f}'} |")  # fmt: skip
     return "\n".join(lines) + f"\n\n`{command}`"
 
 
-def write_html(work: Path, done: list[dict], rows: list[dict], args, elapsed: float) -> Path:
+def write_html(work: Path, done: list[dict], rows: list[dict], paired: list, args, elapsed: float) -> Path:
     folder = work / FILES
     report = HtmlReport(f"lorafuse fusion leaderboard: {len(done)} pairs x {args.seeds} seed(s)")
     report.paragraph(f"Every method on held-out individual x style pairs of the built-in world, {args.steps} DDIM "
                      f"steps, guidance {args.guidance}, noise seeds {args.seed}..{args.seed + args.seeds - 1} for "
-                     f"every method. Mean [95 % interval] over every image of a method; {elapsed:.0f} s.")  # fmt: skip
+                     f"every row. Rows are 'method [inputs]': locon = the all-layer LoCon LoRAs users have; attn, "
+                     f"blora, craft = the inputs a paper prescribes. {elapsed:.0f} s.")  # fmt: skip
+    report.heading("Paired differences to direct merging of the same LoRAs")
+    forest_plot([d for d in paired if d.interval == "t"], work / "paired_differences.png",
+                title="method − direct [same inputs], mean over pairs, 95 % t-interval over pairs")  # fmt: skip
+    report.image("paired_differences.png", "green: better than direct, red: worse, grey: no difference shown")
+    report.table(["row", "metric", "t-interval", "bootstrap", "pairs", "verdict"],
+                 [[d.method, d.metric, str(d), str(b), d.n, d.verdict]
+                  for d, b in zip(paired[::2], paired[1::2], strict=True)])  # fmt: skip
     header, table = summary(rows)
-    report.heading("Scores per method")
+    report.heading("Scores per row")
     report.table(header, table)
     scores_bar_chart(rows, folder / "scores.png", title="oracle scores, all pairs (mean, 95 % interval)")
     report.image(f"{FILES}/scores.png", "content and style similarity and their harmonic mean")
-    scores_bar_chart(rows, folder / "rates.png", metrics=("right_individual", "right_style"),
-                     title="the oracle names the right individual / style (rate, 95 % Wilson interval)")  # fmt: skip
-    report.image(f"{FILES}/rates.png", "right individual and right style rates")
-    report.heading("Harmonic mean per pair")
-    header, table = summary(rows, metrics=("oracle_hmean",), by=("pair", "method"))
-    report.table(header, table)
     report.heading("Pictures")
     for d in done:
         report.image(f"pairs/{d['pair']}/side_by_side.png", d["pair"])
-        for label, reason in d["skipped"].items():
-            report.paragraph(f"{d['pair']}: skipped {label}: {reason}")
+        for name, reason in d["skipped"].items():
+            report.paragraph(f"{d['pair']}: skipped {name}: {reason}")
     return report.write(work / "report.html")
 
 
@@ -167,7 +232,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=FULL["pairs"], help="held-out (individual, style) pairs")
-    ap.add_argument("--seeds", type=int, default=FULL["seeds"], help="noise seeds per pair and method")
+    ap.add_argument("--seeds", type=int, default=FULL["seeds"], help="noise seeds per pair and row")
     ap.add_argument("--seed", type=int, default=0, help="first noise seed")
     ap.add_argument("--steps", type=int, default=25, help="sampling steps")
     ap.add_argument("--guidance", type=float, default=4.0)
@@ -188,22 +253,34 @@ def main() -> None:
 
     t0 = time.perf_counter()
     pipe, oracle = load_base("world"), default_oracle()
-    done = [run_pair(pipe, oracle, ind, sty, args, methods, args.work) for ind, sty in pairs]
+    done = []
+    for k, (ind, sty) in enumerate(pairs):
+        done.append(run_pair(pipe, oracle, ind, sty, args, methods, args.work))
+        spent = time.perf_counter() - t0
+        print(f"[{k + 1}/{len(pairs)}] {ind}+{sty}: {spent / 60:.1f} min so far, "
+              f"~{spent / (k + 1) * (len(pairs) - k - 1) / 60:.0f} min to go", flush=True)  # fmt: skip
     elapsed = time.perf_counter() - t0
     rows = [r for d in done for r in d["rows"]]
 
     header, table = summary(rows)
     print(f"\n{len(pairs)} pairs x {args.seeds} seed(s), {args.steps} steps, guidance {args.guidance}")
     print_table(header, table)
+    paired = paired_figures(rows)
+    print("\npaired differences to direct merging of the same LoRAs (mean over pairs, 95 % t-interval over pairs)")
+    print_table(["row", "metric", "difference", "pairs", "verdict"],
+                [[d.method, d.metric, str(d), d.n, d.verdict] for d in paired if d.interval == "t"])  # fmt: skip
     figures = figures_of(rows)
-    smoke = args.pairs < FULL["pairs"] or args.seeds < FULL["seeds"]
+    smoke = args.pairs < FULL["pairs"] or args.seeds < FULL["seeds"] or bool(args.content_epochs or args.style_epochs)
     command = " ".join(["python -m benchmarks.fusion_leaderboard", *sys.argv[1:]])  # as run, every flag
-    print("\n" + markdown_table(figures, command) + "\n")
-    page = write_html(args.work, done, rows, args, elapsed)
+    print("\n" + markdown_table(figures, paired, rows, command) + "\n")
+    page = write_html(args.work, done, rows, paired, args, elapsed)
     print(f"report: {page}")
     config = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "methods": methods,
-              "pairs_used": [f"{i}+{s}" for i, s in pairs], "smoke": smoke, "seconds": round(elapsed, 1)}  # fmt: skip
+              "pairs_used": [f"{i}+{s}" for i, s in pairs], "smoke": smoke, "seconds": round(elapsed, 1),
+              "input_recipes": INPUT_RECIPES,
+              "seconds_per_pair": {d["pair"]: d.get("seconds") for d in done}}  # fmt: skip
     figures["skipped"] = {d["pair"]: d["skipped"] for d in done if d["skipped"]}
+    figures["paired"] = [d.to_json() for d in paired]
     write_result("fusion_leaderboard_smoke" if smoke else "fusion_leaderboard", config, figures)
 
 

@@ -101,7 +101,15 @@ def test_fuse_method_config_binary(cli, tmp_path, lora_files):
         ("a sks teapot <c, in sks style <s>", "'<c'"),
         ("a sks teapot <c> in sks style <s", "'<s'"),
         ("a sks teapot c> in sks style <s>", "'c>'"),
-        ("a sks teapot <c/> in sks style <s>", "'<c'"),
+        ("a sks teapot <c/> in sks style <s>", "'<c/>'"),
+        ("a sks teapot <<c>> in sks style <s>", "'<<c>>'"),
+        ("a sks teapot <c> in sks style <s>>", "'<s>>'"),
+        ("a sks teapot <c1> in sks style <s>", "'<c1>'"),
+        ("a sks teapot <c:0.5> in sks style <s>", "'<c:0.5>'"),
+        ("a sks teapot <content> in sks style <s>", "'<content>'"),
+        ("a sks teapot ‹c› in sks style <s>", "'‹c›'"),
+        ("a sks teapot &lt;c&gt; in sks style <s>", "'&lt;c&gt;'"),
+        ("a sks teapot <c> in sks style {S}", "'{S}'"),
         ("a sks teapot [c] in sks style <s>", "'[c]'"),
         ("a sks teapot <c> in sks style {s}", "'{s}'"),
         ("a sks teapot <C> in sks style <s>", "markers are lowercase"),
@@ -126,3 +134,33 @@ def test_lookalike_marker_no_longer_zeroes_a_weight():
         parse_prompt("a sks teapot <c, in sks style <s>")
     ok = parse_prompt("a <cat-toy> sks teapot <c>, in sks style <s>")  # textual-inversion words stay text
     assert ok.content_span == "a <cat-toy> sks teapot" and ok.style_span == "in sks style"
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["a <<c>> b <s>", "a <c>> b <s>", "a <<s> b <c>", "a <c-> b <s>", "a <c_> b <s>", "a <'c'> b <s>",
+     "a <cs> b", "a <c s> b", "a <style> b <c>", "a ＜c＞ b <s>", "a 〈s〉 b <c>", "a [C] b <s>", "a < <s>s"],
+)  # fmt: skip
+def test_every_marker_lookalike_is_refused(prompt):
+    """Anything that reads as a marker but is not exactly <c> or <s> is an error, never a silently lost span."""
+    from lorafuse.errors import UserInputError
+    from lorafuse.fusion.markers import parse_prompt
+
+    with pytest.raises(UserInputError, match="looks like a marker"):
+        parse_prompt(prompt)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "content", "style", "clean"),
+    [
+        ("a teapot < c > in sks style < s >", "a teapot", "in sks style", "a teapot in sks style"),
+        ("a teapot <\tc\n> in sks style <s>", "a teapot", "in sks style", "a teapot in sks style"),
+        ("two dog(s) <c> in sks style <s>", "two dog(s)", "in sks style", "two dog(s) in sks style"),
+        ("a <sks> toy <c> b <s> at <sunset>", "a <sks> toy", "b", "a <sks> toy b at <sunset>"),
+    ],
+)
+def test_exact_markers_with_spaces_and_ordinary_brackets_still_parse(prompt, content, style, clean):
+    from lorafuse.fusion.markers import parse_prompt
+
+    parsed = parse_prompt(prompt)
+    assert (parsed.content_span, parsed.style_span, parsed.clean) == (content, style, clean)

@@ -57,3 +57,13 @@ def test_folder_as_lora_and_empty_report(tmp_path):
     r = _run("report", tmp_path)
     assert r.returncode == 2 and r.stderr.startswith(f"lorafuse report: error: {tmp_path}: nothing to report")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_error_comes_alone(tmp_path, tiny_loras):
+    """merge imports torchao, whose enum registration made torch 2.13 log a warning to stderr first (fuse too:
+    the absurd-alpha test above covers it)."""
+    good, _, _ = tiny_loras
+    (tmp_path / "out.safetensors").mkdir()
+    r = _run("merge", good, good, "--out", tmp_path / "out.safetensors")
+    assert r.returncode == 2 and r.stderr.startswith("lorafuse merge: error: "), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -138,7 +138,8 @@ def test_format_detector_never_crashes(keys):
 
 prompt_pieces = st.sampled_from(
     ["a", "sks", "teapot", " ", ",", "<c>", "<s>", "<c", "c>", "<C>", "</s>", "< c >", "<x>", "<lora:a:1>",
-     "<cat-toy>", "[c]", "{s}", "(c)", "<", ">", "\n", "style", "<<c>>", "é", "<s/>"]  # fmt: skip
+     "<cat-toy>", "[c]", "{s}", "(c)", "<", ">", "\n", "style", "<<c>>", "é", "<s/>", "c", "s", "(", ")", "/",
+     "<c1>", "‹", "›", "&lt;", "&gt;", "[", "]", ":", "dog(s)", "<content>"]  # fmt: skip
 )
 
 
@@ -158,6 +159,9 @@ def test_marker_parser_answers_or_refuses(pieces):
     for span in (parsed.content_span, parsed.style_span):
         assert span is None or span.strip()
     assert set(parsed.order) <= {"c", "s"} and len(set(parsed.order)) == len(parsed.order)
+    # and nothing marker-like reaches the text encoder: the clean prompt parses as itself, with no markers
+    again = parse_prompt(parsed.clean)
+    assert again.clean == parsed.clean and again.order == ()
 
 
 @settings(max_examples=200, deadline=None)

@@ -1,7 +1,7 @@
 """The leaderboard's pair list and README table (the run itself is a benchmark, smoke-run by hand)."""
 
 import pytest
-from benchmarks.fusion_leaderboard import held_out_pairs, markdown_table
+from benchmarks.fusion_leaderboard import held_out_pairs, leaderboard_runs, markdown_table, paired_figures
 
 from lorafuse.errors import UserInputError
 from lorafuse.world.catalog import (
@@ -26,14 +26,35 @@ def test_pairs_are_held_out_distinct_and_cover_every_style() -> None:
         held_out_pairs(total + 1)
 
 
-def test_markdown_table_shows_intervals_only_for_several_values() -> None:
-    figures = {"direct": {"oracle_content": {"mean": 0.5, "low": 0.4, "high": 0.6, "n": 8},
-                          "seconds_per_image": {"mean": 1.25, "low": 1.0, "high": 1.5, "n": 8}},
-               "klora": {"oracle_content": {"mean": 0.25, "low": 0.25, "high": 0.25, "n": 1}}}  # fmt: skip
-    text = markdown_table(figures, "python -m benchmarks.fusion_leaderboard --pairs 10 --seeds 4")
+def test_markdown_table_shows_inputs_intervals_and_paired_differences() -> None:
+    rows = [{"pair": f"p{p}", "seed": 0, "kind": "fused", "method": m, "inputs": "attn",
+             "oracle_content": v + p / 10, "oracle_style": 0.3, "oracle_hmean": 0.4 + (m == "klora [attn]") * 0.1}
+            for p in range(3) for m, v in (("direct [attn]", 0.5), ("klora [attn]", 0.4))]  # fmt: skip
+    figures = {"direct [attn]": {"oracle_content": {"mean": 0.5, "low": 0.4, "high": 0.6, "n": 8},
+                                 "seconds_per_image": {"mean": 1.25, "low": 1.0, "high": 1.5, "n": 8}},
+               "klora [attn]": {"oracle_content": {"mean": 0.25, "low": 0.25, "high": 0.25, "n": 1}}}  # fmt: skip
+    paired = paired_figures(rows)
+    assert {(d.method, d.metric) for d in paired} == {
+        ("klora [attn]", m) for m in ("oracle_content", "oracle_style", "oracle_hmean")}
+    text = markdown_table(figures, paired, rows, "python -m benchmarks.fusion_leaderboard --pairs 20 --seeds 4")
     lines = text.splitlines()
-    assert lines[0].startswith("| method | oracle_content |") and lines[0].endswith("| s / image |")
-    assert lines[2].startswith("| direct | 0.500 [0.400, 0.600] |") and lines[2].endswith("| 1.25 |")
-    assert lines[3].startswith("| klora | 0.250 |")
+    assert lines[0].startswith("| row | inputs | oracle_content |") and lines[0].endswith("| s / image |")
+    assert lines[2].startswith("| direct [attn] | attn | 0.500 [0.400, 0.600] |") and lines[2].endswith("| 1.25 |")
+    assert lines[3].startswith("| klora [attn] | attn | 0.250 |")
+    assert "| -0.100 [-0.100, -0.100] | +0.000 [+0.000, +0.000] | +0.100 [+0.100, +0.100] |" in lines[3]
     assert lines[1].count("---") == lines[0].count("|") - 1
-    assert text.endswith("`python -m benchmarks.fusion_leaderboard --pairs 10 --seeds 4`")
+    assert text.endswith("`python -m benchmarks.fusion_leaderboard --pairs 20 --seeds 4`")
+
+
+def test_every_row_names_its_inputs_and_has_its_direct_baseline() -> None:
+    runs = leaderboard_runs(["direct", "klora", "blora", "craft", "ziplora"])
+    labels = [r[0] for r in runs]
+    assert all(r[0].endswith(f"[{r[3]}]") and r[1] == "fused" for r in runs)
+    assert {"klora [locon]", "klora [attn]", "blora [locon]", "blora [blora]", "craft [craft]",
+            "craft smooth [craft]", "ziplora [attn]"} <= set(labels)  # fmt: skip
+    assert "craft [locon]" not in labels and "nplora [attn]" not in labels  # only the chosen methods
+    for inputs in {r[3] for r in runs}:
+        assert f"direct [{inputs}]" in labels  # every row's paired baseline is there
+    klora = next(r for r in runs if r[0] == "klora [attn]")
+    assert klora[4] == {"non_attention": "ignore"}  # the official code touches nothing outside attention
+    assert "direct [attn]" in [r[0] for r in leaderboard_runs(["klora"])]

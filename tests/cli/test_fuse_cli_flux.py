@@ -45,3 +45,36 @@ def test_blora_alone_is_refused_with_the_reason(flux_files, tmp_path, capsys) ->
             str(tmp_path), "--base", "flux-tiny", "--steps", "2", "--no-progress", "--method", "blora"]  # fmt: skip
     assert main(argv) == 2
     assert "blora is not available on FLUX.1" in capsys.readouterr().err
+
+
+def test_lorafuse_train_then_fuse_on_flux_tiny(tmp_path, monkeypatch, capsys) -> None:
+    """The FLUX example config trains on flux-tiny from the command line (kohya-format files, a sample grid during
+    training), and `lorafuse fuse --base flux-tiny` fuses two such LoRAs."""
+    from pathlib import Path
+
+    from lorafuse.lora.io import load_lora
+    from lorafuse.world.dataset import write_style_dataset, write_subject_dataset
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "flux_subject_lora.toml"
+    monkeypatch.chdir(tmp_path)
+    write_subject_dataset("teapot_08", "data/teapot", n=2, repeats=1)
+    write_style_dataset("crayon", "data/crayon", n=2, repeats=1)
+    small = ["--pretrained_model_name_or_path", "flux-tiny", "--resolution", "64", "--enable_bucket", "false",
+             "--mixed_precision", "no", "--optimizer_type", "AdamW", "--max_train_epochs", "1",
+             "--sample_steps", "2", "--sample_every_n_epochs", "1", "--no-progress"]  # fmt: skip
+    files = {}
+    for role, data in (("content", "data/teapot"), ("style", "data/crayon")):
+        argv = ["train", str(example), *small, "--train_data_dir", data, "--output_name", role]
+        assert main(argv) == 0
+        files[role] = Path("out/flux_subject") / f"{role}.safetensors"
+        state = load_lora(files[role])
+        assert state.metadata["ss_network_module"] == "networks.lora_flux"
+        assert {k.split(".")[0] for k in state.modules} == {"transformer"}
+    assert len(list(Path("out/flux_subject/samples").glob("*.png"))) == 2
+    argv = ["fuse", "--content", str(files["content"]), "--style", str(files["style"]), "--prompt",
+            "a sks teapot", "--out", "fused", "--base", "flux-tiny", "--steps", "2", "--no-progress",
+            "--method", "klora"]  # fmt: skip
+    assert main(argv) == 0
+    record = json.loads(Path("fused/record.json").read_text())
+    assert record["method"] == "klora" and record["sampling"]["arch"] == "flux"
+    assert [Path(lora["source"]).name for lora in record["loras"]] == ["content.safetensors", "style.safetensors"]

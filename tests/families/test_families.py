@@ -98,3 +98,38 @@ def test_reference_architecture_is_real_size(name: str) -> None:
     assert all(p.device == torch.device("meta") for p in denoiser.parameters())
     n = sum(p.numel() for p in denoiser.parameters())
     assert abs(n - params[name]) / params[name] < 0.01, n
+
+
+def test_tiny_bases_come_from_the_families() -> None:
+    """A family registers its tiny test bases itself (`tiny_bases`): models/load.py has no list of its own."""
+    from lorafuse.models.load import BUILTIN_BASES, TINY_BASES
+
+    registered = {name: family for family in FAMILIES.values() for name in family.tiny_bases}
+    assert set(TINY_BASES) == set(registered) and set(registered) <= set(BUILTIN_BASES)
+    for name, family in registered.items():
+        assert family_of(load_base_pipeline(name)) is family, name
+
+
+def test_no_module_outside_the_families_branches_on_a_family_name() -> None:
+    """`x == "sdxl"`, `arch in ("sd15", "flux")`, `{"sdxl": ...}[arch]`: such code belongs in the family's module.
+    The one exception is the SD tiny builder, which builds both UNet architectures by parameter."""
+    import ast
+    from pathlib import Path
+
+    import lorafuse
+    from lorafuse.families import NAMES
+
+    names = set(NAMES) - {"world"}  # "world" is also the built-in base's name, compared as such
+    root = Path(lorafuse.__file__).parent
+    allowed = {root / "models" / "tiny.py"}
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if "families" in path.relative_to(root).parts or path in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                sides += [e for s in node.comparators if isinstance(s, (ast.Tuple, ast.List, ast.Set)) for e in s.elts]
+                if any(isinstance(s, ast.Constant) and s.value in names for s in sides):
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, found

@@ -17,7 +17,8 @@ from lorafuse.fusion.sampling import sample
 from lorafuse.fusion.synthetic import random_lora
 
 PROMPT = "a photo of sks dog"
-OURS = ("direct", "klora", "switch", "composite")  # these must run on every architecture with default options
+MARKED = "a photo of sks dog <c> in sks style <s>"  # what a method reading markers (CRAFT, SSR) plans with
+OURS = ("direct", "klora", "switch", "composite", "ssr")  # these must run on every architecture with default options
 _BASE: dict[str, np.ndarray] = {}
 
 
@@ -53,8 +54,10 @@ def snapshot(pipe) -> dict[str, torch.Tensor]:
 def plan_or_skip(name, pipe, content, style, **options):
     """Methods with requirements these generic inputs do not meet (references, an architecture) are skipped;
     the four built-in ones here must always plan."""
+    method = get_method(name)
     try:
-        return get_method(name)().plan(pipe, content, style, make_config(name, **options))
+        _, config = method.prepare_prompt(MARKED, make_config(name, **options))  # as `lorafuse.fuse` does
+        return method().plan(pipe, content, style, config)
     except UserInputError as e:
         if name in OURS:
             raise

@@ -53,7 +53,12 @@ def test_unknown_builtin_module_fails_loudly(monkeypatch) -> None:
 def test_methods_declare_what_callers_ask() -> None:
     # callers outside fusion/ read these instead of branching on method names
     assert [m for m in method_names() if get_method(m).needs_references] == ["ziplora"]
-    assert {get_method(m).lora_layers for m in method_names()} == {"attention", "craft"}
+    assert {get_method(m).lora_layers for m in method_names()} == {"locon", "craft"}
+    paper = {m: get_method(m).paper_inputs for m in method_names()}
+    assert {inputs for inputs, _ in paper.values()} == {"locon", "attn", "blora", "craft"}
+    assert paper["klora"] == ("attn", {"non_attention": "ignore"}) and paper["blora"][0] == "blora"
+    for m, (_, options) in paper.items():  # every declared option is one the method takes
+        assert set(options) <= set(get_method(m).config_cls.__dataclass_fields__), m
 
 
 @dataclass

@@ -122,6 +122,57 @@ def test_bad_options(name, options, match) -> None:
         make_config(name, **options)
 
 
+@pytest.mark.parametrize("arch", ["sd15", "flux"])
+def test_switch_official_matches_the_official_callback(arch, request) -> None:
+    # The official code switches after step i when i > 0 and i % τ == 0 (LoRA 0 runs τ + 1 steps), applies every
+    # LoRA at 0.8 and encodes the prompt with LoRA 0 alone. Reference: the prompt encoded with 0.8 w_c ΔW_c fused,
+    # then before each step the active LoRA fused at 0.8 w by hand.
+    sd15 = request.getfixturevalue(arch)  # the UNet, or FLUX.1's transformer (attn.to_q / to_v) and CLIP encoder
+    keep = lambda ref: ref.component == "text_encoder" or ref.path.endswith(("to_q", "to_v"))  # noqa: E731
+    content = random_lora(sd15, seed=5, rank=2, scale=0.3, keep=keep)
+    style = random_lora(sd15, seed=6, rank=2, scale=0.3, keep=keep)
+    plan = plan_of("switch", sd15, content, style, tau=2, content_weight=0.9, style_weight=1.1, official=True,
+                   mechanism="swap")  # precomputed fused weights: the same rounding as fusing by hand
+    try:
+        ours = run(sd15, plan.hooks)
+        assert plan.record["active"] == [0, 0, 0, 1, 1] and plan.record["official"] is True
+    finally:
+        plan.close()
+    w = {0: (content, 0.8 * 0.9), 1: (style, 0.8 * 1.1)}
+
+    def explicit(i: int, num_steps: int, unet) -> None:
+        unfuse(sd15)
+        fuse_into(sd15, *w[0 if i <= 2 else (i - 1) // 2 % 2])
+
+    fuse_into(sd15, *w[0])  # the prompt is encoded before step 0: content's text-encoder part only
+    try:
+        reference = run(sd15, [FunctionHook(explicit)])
+    finally:
+        unfuse(sd15)
+    # the text-encoder part is fused as a rank-concatenated sum (w·B) A, the reference as w·(B A): rounding only
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-4)
+    plain = plan_of("switch", sd15, content, style, tau=2, content_weight=0.9, style_weight=1.1)
+    try:
+        assert np.abs(run(sd15, plain.hooks) - ours).max() > 1e-2  # the option changes the images
+    finally:
+        plain.close()
+
+
+@pytest.mark.parametrize("arch", ["sd15", "flux"])
+def test_composite_official_is_every_lora_at_0_8(arch, request) -> None:
+    sd15 = request.getfixturevalue(arch)
+    content, style = pair(sd15)
+    images = []
+    for options in ({"official": True}, {"content_weight": 0.8, "style_weight": 0.8}, {}):
+        plan = plan_of("composite", sd15, content, style, **options)
+        try:
+            images.append(run(sd15, guidance=plan.guidance(G), steps=3))
+        finally:
+            plan.close()
+    np.testing.assert_array_equal(images[0], images[1])
+    assert np.abs(images[0] - images[2]).max() > 1e-3
+
+
 def test_inplace_keeps_no_device_copy_and_restores_bit_for_bit(sd15) -> None:
     # "inplace" rewrites the layer's own tensor (no fused copy beside it) and puts W0 back exactly
     from lorafuse.fusion.common import resolve

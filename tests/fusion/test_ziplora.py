@@ -133,8 +133,9 @@ def fused_objective(pipe, content, style, refs, mergers, w_c, w_s, seed) -> floa
     total = 0.0
     single = (merge_loras([content], [w_c]), merge_loras([style], [w_s]))
     for ref, alone in zip(refs, single, strict=True):
-        noise = torch.randn(ref.latents.shape, generator=generator)
+        # the training objectives' draw order (train/objectives.py): timesteps first, then the noise
         t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator)
+        noise = torch.randn(ref.latents.shape, generator=generator)
         noisy = scheduler.add_noise(ref.latents, noise, t)
         merged = ziplora_lora(content, style, mergers, w_c, w_s)
         total += torch.nn.functional.mse_loss(
@@ -254,23 +255,6 @@ def test_bad_options_name_method_and_option(options, pattern) -> None:
         make_config("ziplora", **options)
 
 
-def test_learns_mergers_on_flux(flux) -> None:
-    # rectified-flow forward process on the transformer: mergers move from 1, and close() restores the base
-    from lorafuse.fusion.synthetic import random_lora
-
-    content, style = random_lora(flux, seed=1, rank=4, scale=0.3), random_lora(flux, seed=2, rank=4, scale=0.3)
-    image = torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0)).numpy()
-    before = {k: v.clone() for k, v in flux.transformer.state_dict().items()}
-    config = make_config("ziplora", content_image=image, content_prompt="a photo of sks dog", style_image=image,
-                         style_prompt="watercolor style", max_steps=3)  # fmt: skip
-    plan = get_method("ziplora")().plan(flux, content, style, config)
-    try:
-        assert plan.record["merger_layers"] > 0 and plan.record["training"]["steps"] == 3
-    finally:
-        plan.close()
-    assert all(torch.equal(v, flux.transformer.state_dict()[k]) for k, v in before.items())
-
-
 def test_similarity_term_is_the_absolute_cosine(world) -> None:
     # L's third term is λ Σ_l |cos(m_c,l, m_s,l)| (ZipLoRA eq. 4). With m_c = (1, 1, 0, …) and m_s = (−1, 0, …) on
     # every shared layer, |cos| = 1/√2 per layer; mkshing's |m_c ⊙ m_s| would give 1 (summed) or 1/d (mean).
@@ -289,3 +273,21 @@ def test_similarity_term_is_the_absolute_cosine(world) -> None:
     without = ziplora_loss(world, content, style, *refs, mergers, similarity_weight=0.0, seed=2, draws=1)
     assert len(shared) > 5
     assert with_term - without == pytest.approx(lam * len(shared) / 2**0.5, rel=1e-5)
+
+
+def test_learns_mergers_on_flux(flux) -> None:
+    # rectified-flow forward process on the transformer: mergers move from 1, and close() restores the base
+    from lorafuse.fusion.synthetic import random_lora
+
+    content, style = random_lora(flux, seed=1, rank=4, scale=0.3), random_lora(flux, seed=2, rank=4, scale=0.3)
+    image = torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0)).numpy()
+    before = {k: v.clone() for k, v in flux.transformer.state_dict().items()}
+    config = make_config("ziplora", content_image=image, content_prompt="a photo of sks dog", style_image=image,
+                         style_prompt="watercolor style", max_steps=3)  # fmt: skip
+    plan = get_method("ziplora")().plan(flux, content, style, config)
+    try:
+        assert plan.record["merger_layers"] > 0 and plan.record["training"]["steps"] == 3
+    finally:
+        plan.close()
+    assert all(torch.equal(v, flux.transformer.state_dict()[k]) for k, v in before.items())
+

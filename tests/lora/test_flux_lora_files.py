@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from lorafuse.errors import LoraFormatError
 from lorafuse.families.flux import TRANSFORMER as FLUX_TRANSFORMER
-from lorafuse.lora.flux_keys import bfl_from_flat, bfl_target, target_of, transformer_shapes
+from lorafuse.families.flux import transformer_shapes
+from lorafuse.lora.flux_keys import bfl_from_flat, bfl_target, target_of
 from lorafuse.lora.io import load_lora, save_lora
 from lorafuse.lora.state import LoraModule, LoraState
 from lorafuse.lora.targets import base_modules, reference_modules

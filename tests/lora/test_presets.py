@@ -170,3 +170,20 @@ def test_presets_see_through_injected_peft_layers():
     before = resolve_layers(pipe, "all", "sd15")
     create_network(pipe, NetworkConfig(layers="attn", network_train_unet_only=True), "sd15")
     assert resolve_layers(pipe, "all", "sd15") == before
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_joint_blora_is_both_blocks_in_one_lora(arch):
+    # B-LoRA trains ONE LoRA on the content and the style block together (the official SDXL training script)
+    unet = _unet(arch)
+    joint = resolve_layers(unet, "blora", arch)
+    parts = [set(resolve_layers(unet, f"blora_{role}", arch)) for role in ("content", "style")]
+    assert set(joint) == parts[0] | parts[1] and parts[0] and parts[1]
+    assert "blora" in PRESET_NAMES
+
+
+def test_joint_blora_is_refused_on_flux_by_name_with_the_reason():
+    from lorafuse.models.load import load_base_pipeline
+
+    with pytest.raises(UserInputError, match="blora is not available on FLUX.1: .*no FLUX blocks"):
+        resolve_layers(load_base_pipeline("flux-tiny"), "blora")

@@ -242,3 +242,40 @@ def test_readme_lists_every_kohya_key():
     assert markdown_table() in readme, (
         "README's kohya table is stale: paste kohya_keys.markdown_table() output"
     )
+    from lorafuse.train import kohya_dataset, kohya_keys
+
+    for line in (kohya_keys.summary(), kohya_dataset.summary()):
+        assert line in readme, f"README's kohya counts are stale: {line}"
+
+
+def test_flux_train_network_keys():
+    """kohya's flux_train_network.py options: the loss and guidance keys map, the block selection of
+    networks.lora_flux becomes network.layers, the separate component files and the T5 mask are refused."""
+    base = {"pretrained_model_name_or_path": "flux-tiny", "train_data_dir": "d"}
+    flux = {
+        "network_module": "networks.lora_flux", "network_train_unet_only": True,
+        "timestep_sampling": "shift", "discrete_flow_shift": 3.1582, "sigmoid_scale": 1.0,
+        "model_prediction_type": "raw", "guidance_scale": 1.0, "t5xxl_max_token_length": 256,
+        "weighting_scheme": "none", "blocks_to_swap": 18, "cpu_offload_checkpointing": True,
+        "network_args": ["train_blocks=single", "train_single_block_indices=0,2-3"],
+    }  # fmt: skip
+    imp = convert_flat({**base, **flux})
+    assert not imp.refused
+    _covered(imp, {**base, **flux})
+    cfg = _build(imp)
+    assert cfg.network.network_module == "networks.lora" and cfg.network.network_train_unet_only
+    assert (cfg.loss.timestep_sampling, cfg.loss.discrete_flow_shift, cfg.loss.model_prediction_type) == (
+        "shift", 3.1582, "raw",
+    )  # fmt: skip
+    assert cfg.model.guidance_scale == 1.0 and cfg.dataset.t5xxl_max_token_length == 256
+    assert cfg.network.layers == (r"^single_transformer_blocks\.(0|2|3)\.",)
+    both = convert_flat({**base, "network_args": ["train_double_block_indices=1", "train_single_block_indices=none"]})
+    assert _build(both).network.layers == (r"^transformer_blocks\.(1)\.",)
+    assert _build(convert_flat({**base, "network_args": ["train_blocks=double"]})).network.layers == "double"
+
+    refused = convert_flat({**base, "ae": "ae.sft", "t5xxl": "t5.sft", "apply_t5_attn_mask": True,
+                            "network_args": ["train_blocks=middle"]})  # fmt: skip
+    reasons = {row.key.split(".")[0]: row.detail for row in refused.refused}
+    assert "come with the base" in reasons["ae"] and "come with the base" in reasons["t5xxl"]
+    assert "no text attention mask" in reasons["apply_t5_attn_mask"]
+    assert "train_blocks must be all, double or single" in reasons["network_args"]

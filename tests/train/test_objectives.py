@@ -132,3 +132,89 @@ def test_flow_loss_weighting(scheme):
 def test_unknown_sampling_is_named():
     with pytest.raises(ValueError, match="bogus"):
         FlowMatchObjective("bogus").draw(_x0(), None)  # type: ignore[arg-type]
+
+
+def _kohya_sigmas(loss, b: int, hw: tuple[int, int], seed: int) -> torch.Tensor:
+    """kohya's `get_noisy_model_input_and_timesteps` (flux_train_utils.py) for each timestep_sampling, by hand."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    g = torch.Generator().manual_seed(seed)
+    s = loss.timestep_sampling
+    if s == "uniform":
+        return torch.rand(b, generator=g)
+    if s == "sigma":  # a table built with shift = discrete_flow_shift, indexed by u from the weighting scheme
+        u = compute_density_for_timestep_sampling(
+            loss.weighting_scheme, b, loss.logit_mean, loss.logit_std, loss.mode_scale, generator=g
+        )
+        table = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=loss.discrete_flow_shift).sigmas
+        return table[(u * 1000).long()]
+    t = torch.sigmoid(torch.randn(b, generator=g) * loss.sigmoid_scale)
+    if s == "shift":
+        k = loss.discrete_flow_shift
+        return (t * k) / (1 + (k - 1) * t)
+    if s == "flux_shift":
+        x = (hw[0] // 2) * (hw[1] // 2)
+        mu = (1.15 - 0.5) / (4096 - 256) * x + (0.5 - (1.15 - 0.5) / (4096 - 256) * 256)
+        return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+    return t  # sigmoid
+
+
+KOHYA_LOSSES = [
+    {"timestep_sampling": "sigma"},
+    {"timestep_sampling": "sigma", "discrete_flow_shift": 1.0},  # diffusers' FLUX script: no static shift
+    {"timestep_sampling": "sigma", "weighting_scheme": "logit_normal", "logit_mean": 0.2, "logit_std": 1.3},
+    {"timestep_sampling": "sigma", "weighting_scheme": "mode", "mode_scale": 1.1},
+    {"timestep_sampling": "uniform"},
+    {"timestep_sampling": "sigmoid", "sigmoid_scale": 2.0},
+    {"timestep_sampling": "shift", "discrete_flow_shift": 3.1582},
+    {"timestep_sampling": "flux_shift", "sigmoid_scale": 0.8},
+]
+
+
+@pytest.mark.parametrize("settings", KOHYA_LOSSES, ids=lambda s: "-".join(map(str, s.values())))
+def test_loss_table_builds_kohyas_timestep_sampling(settings):
+    from lorafuse.train.config_optim import LossConfig
+    from lorafuse.train.objectives import objective_for
+
+    loss = LossConfig(**settings)
+    obj = objective_for("flow", {"num_train_timesteps": 1000}, loss)
+    for hw in ((8, 8), (64, 96)):
+        got = obj.sample_sigmas(256, torch.Generator().manual_seed(4), hw)
+        torch.testing.assert_close(got, _kohya_sigmas(loss, 256, hw, 4), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction", ["raw", "additive", "sigma_scaled"])
+@pytest.mark.parametrize("scheme", ["none", "sigma_sqrt", "cosmap"])
+def test_model_prediction_type_and_loss_weighting(prediction, scheme):
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    from lorafuse.train.config_optim import LossConfig
+    from lorafuse.train.objectives import objective_for
+
+    loss = LossConfig(timestep_sampling="uniform", model_prediction_type=prediction, weighting_scheme=scheme)
+    obj = objective_for("flow", {}, loss)
+    x0 = _x0()
+    n = obj.draw(x0, torch.Generator().manual_seed(1))
+    pred = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    s = n.sigmas.view(-1, 1, 1, 1)
+    # kohya's apply_model_prediction_type; the target stays ε − x0 in every case
+    expected = {"raw": pred, "additive": pred + n.noisy, "sigma_scaled": pred * (-s) + n.noisy}[prediction]
+    torch.testing.assert_close(obj.model_output(pred, n), expected)
+    torch.testing.assert_close(n.target, n.noise - x0)
+    if scheme == "none":
+        assert n.weight is None
+    else:
+        torch.testing.assert_close(n.weight, compute_loss_weighting_for_sd3(scheme, n.sigmas))
+
+
+def test_ddpm_objective_from_the_loss_table():
+    from lorafuse.train.config_optim import LossConfig
+    from lorafuse.train.objectives import objective_for
+
+    loss = LossConfig(min_timestep=100, max_timestep=400, timestep_bias="content", noise_offset=0.1)
+    obj = objective_for("epsilon", SCHEDULER, loss, v_prediction=True)
+    assert isinstance(obj, DDPMObjective) and obj.prediction_type == "v_prediction"
+    assert (obj.t_min, obj.t_max, obj.bias, obj.noise_offset) == (100, 400, "content", 0.1)
+    pred = torch.ones(2, 4, 8, 8)
+    assert obj.model_output(pred, obj.draw(torch.zeros(2, 4, 8, 8), None)) is pred

@@ -110,6 +110,12 @@ def ui_server(tmp_path_factory, browser):
 
 
 @pytest.fixture
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture
 def page(browser, ui_server):
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     pg = context.new_page()

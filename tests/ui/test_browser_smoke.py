@@ -46,7 +46,9 @@ def test_upload_that_is_not_an_image_is_refused(page, ui_server, tmp_path):
     assert not (ui_server.workspace / "datasets" / "fake").exists()
 
 
-def test_upload_writes_the_kohya_layout(page, ui_server, tmp_path):
+def test_upload_caption_table_and_subset(page, ui_server, tmp_path, artifacts):
+    """Upload an image, edit its caption in the table, then set the subset's trigger word and repeats: each is
+    a `lorafuse dataset` command, shown on the page, and its files are on disk."""
     import numpy as np
     from PIL import Image
 
@@ -54,8 +56,26 @@ def test_upload_writes_the_kohya_layout(page, ui_server, tmp_path):
     Image.fromarray(np.full((32, 48, 3), 200, np.uint8)).save(real)
     upload(page, real, "mine")
     page.get_by_text("wrote datasets/mine/10_sks dog").first.wait_for()
+    page.get_by_text("lorafuse dataset add datasets/mine dog.png --trigger sks --class dog").first.wait_for()
     folder = ui_server.workspace / "datasets" / "mine" / "10_sks dog"
-    assert (folder / "000.png").is_file() and (folder / "000.txt").read_text() == "a photo of a sks dog"
+    assert (folder / "dog.png").is_file() and (folder / "dog.txt").read_text() == "a photo of a sks dog\n"
+    # the picker followed the new dataset: its caption table lists the image; edit the caption cell
+    cell = page.locator("#caption-table [data-row='0'][data-col='1']").filter(visible=True).first
+    cell.filter(has_text="a photo of a sks dog").wait_for()
+    cell.dblclick()  # opens the cell's editor
+    editor = page.get_by_label("Edit cell").filter(visible=True).first
+    editor.fill("a photo of a sks dog on a red sofa")
+    editor.press("Enter")
+    page.locator("#caption-save").click()
+    page.get_by_text("saved 1 captions").first.wait_for()
+    assert (folder / "dog.txt").read_text() == "a photo of a sks dog on a red sofa\n"
+    # trigger word and repeats: the subset folder is renamed (kohya's layout), the table follows it
+    page.locator("#subset-trigger textarea, #subset-trigger input").first.fill("ohwx")
+    page.locator("#subset-repeats input").first.fill("3")
+    page.locator("#subset-set").click()
+    page.get_by_text("now 3_ohwx dog").first.wait_for()
+    assert (ui_server.workspace / "datasets" / "mine" / "3_ohwx dog" / "dog.txt").is_file() and not folder.exists()
+    page.screenshot(path=str(artifacts / "dataset-captions.png"), full_page=True)
 
 
 def test_pickle_is_refused_without_the_opt_in(page, ui_server):

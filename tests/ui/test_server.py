@@ -36,3 +36,31 @@ def test_cli_listen_without_token_exits_with_the_message(capsys):
 
     assert main(["ui", "--listen", "--port", "0"]) == 2
     assert "refuses to start without a token" in capsys.readouterr().err
+
+
+def test_the_page_is_built_without_torch_and_quick_commands_run_in_the_helper(tmp_path):
+    """The page's process serves without importing torch/diffusers (start-up time); the helper process has them
+    and runs the CLI's quick commands, returning the CLI's one-line error."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+from lorafuse.ui.app import build_app
+from lorafuse.ui.workspace import Workspace
+from lorafuse.ui.common import run_cli
+from lorafuse.ui.tab_fuse import method_catalog
+ws = Workspace.create({str(tmp_path / "ws")!r})
+build_app(ws, max_upload=1 << 20)
+heavy = [m for m in ("torch", "diffusers", "transformers", "peft") if m in sys.modules]
+assert not heavy, heavy
+names, text = method_catalog()
+assert "direct" in names and "klora" in names and "direct" in text
+result = run_cli(["inspect", "missing.safetensors"], ws.root)
+assert result.code == 2 and result.error.startswith("lorafuse inspect: error: "), result
+assert "missing.safetensors" in result.error
+assert not [m for m in ("torch", "diffusers") if m in sys.modules]
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from lorafuse.errors import UserInputError
-from lorafuse.ui.workspace import Workspace, WorkspacePathError, check_upload
+from lorafuse.ui.workspace import Workspace, WorkspacePathError
 
 
 @pytest.fixture
@@ -43,19 +41,3 @@ def test_pickle_needs_the_opt_in(ws, tmp_path):
         ws.check_pickle(path)
     Workspace(ws.root, allow_pickle=True).check_pickle(path)
     ws.check_pickle(ws.resolve("loras/x.safetensors"))
-
-
-def test_upload_checks(tmp_path):
-    good = tmp_path / "a.png"
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(good)
-    assert check_upload(good) == "PNG"
-    with pytest.raises(UserInputError, match="over the upload limit"):
-        check_upload(good, max_bytes=10)
-    fake = tmp_path / "b.png"
-    fake.write_bytes(b"#!/bin/sh\necho not an image\n")
-    with pytest.raises(UserInputError, match="b.png: not an image"):
-        check_upload(fake)
-    gif = tmp_path / "c.gif"
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(gif)
-    with pytest.raises(UserInputError, match="image type GIF is not accepted"):
-        check_upload(gif)

@@ -9,7 +9,7 @@ import pytest
 import tomllib
 
 from lorafuse.errors import UserInputError
-from lorafuse.utils.extras import EXTRAS, MissingExtraError, require
+from lorafuse.utils.extras import EXTRAS, NOT_IN_ALL, MissingExtraError, require
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
@@ -37,4 +37,7 @@ def test_pyproject_extras_install_what_the_code_requires():
         assert any(req.startswith(dist) for req in extras[extra]), f"[{extra}] does not install {dist}"
     combined = extras["all"][0]
     for _module, (_dist, extra) in EXTRAS.items():
-        assert extra in combined, f"[all] does not include [{extra}]"
+        assert (extra in combined) != (extra in NOT_IN_ALL), f"[all] must include [{extra}] or say why not"
+    dev = " ".join(extras["dev"])
+    for extra in NOT_IN_ALL:  # CI installs dev: what [all] leaves out must stay out of it too
+        assert not any(req.split(">")[0] in dev for req in extras[extra]), f"dev installs [{extra}]"

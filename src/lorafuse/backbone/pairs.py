@@ -205,6 +205,7 @@ def write_pairs(
     row_names: Sequence[str], col_names: Sequence[str], settings: dict[str, Any],
 ) -> Path:  # fmt: skip
     """Write images, pairs.json and contact_sheet.png (rows: content i, content-fixed then style-fixed)."""
+    from lorafuse.utils.atomic import atomic_write_text
     from lorafuse.utils.images import labelled_grid, save_image
 
     folder = Path(folder)
@@ -214,12 +215,13 @@ def write_pairs(
     for i in range(content_fixed.shape[0]):
         for j in range(content_fixed.shape[1]):
             name = f"{i:02d}_{j:02d}.png"
-            Image.fromarray(content_fixed[i, j]).save(folder / "content" / name)
-            Image.fromarray(style_fixed[i, j]).save(folder / "style" / name)
+            save_image(Image.fromarray(content_fixed[i, j]), folder / "content" / name)
+            save_image(Image.fromarray(style_fixed[i, j]), folder / "style" / name)
             pairs.append(Pair(i, j, f"content/{name}", f"style/{name}", captions[i][j]))
     manifest = {"version": 1, "contents": list(row_names), "styles": list(col_names), "settings": settings,
                 "pairs": [asdict(p) for p in pairs]}  # fmt: skip
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    # written atomically after every image: a killed run leaves no manifest that names half-written images
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
     rows, labels = [], []
     for i, name in enumerate(row_names):
         rows += [list(content_fixed[i]), list(style_fixed[i])]

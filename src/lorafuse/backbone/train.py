@@ -34,7 +34,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from lorafuse.backbone import para
@@ -43,7 +42,7 @@ from lorafuse.backbone.pairs import read_pairs
 from lorafuse.errors import ConfigError, UserInputError
 from lorafuse.families.unet import UNetDenoiser
 from lorafuse.train.objectives import DDPMObjective, Objective
-from lorafuse.utils.atomic import atomic_path
+from lorafuse.utils.atomic import atomic_folder, atomic_save_safetensors, atomic_write_text
 
 INFO_FILE = "craft_backbone.json"  # = fusion.craft.host.BACKBONE_INFO
 # settings a resumed run may change (where and how often it writes, how long it runs)
@@ -312,8 +311,9 @@ def train_backbone(config: BackboneConfig, *, pipe: Any = None, progress: bool =
 
     # 5. Save W' as a full pipeline
     _write_log(out, log)
-    with atomic_path(out / "bases.safetensors") as tmp:
-        save_file({k: v.detach().contiguous() for k, v in para.bases(pipe.unet).items()}, str(tmp))
+    atomic_save_safetensors(
+        out / "bases.safetensors", {k: v.detach().contiguous() for k, v in para.bases(pipe.unet).items()}
+    )
     info = {"base": str(config.base), "steps": step, "ranks": ranks, "settings": current}
     return save_backbone(pipe, out / "backbone", info)
 
@@ -332,9 +332,8 @@ def _feature_spec(spec: str, pipe: Any) -> str:
 
 
 def _write_log(out: Path, lines: list[str]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "log.csv").write_text(
-        "step,lr,loss_content,loss_style,perceptual\n" + "".join(f"{x}\n" for x in lines)
+    atomic_write_text(
+        out / "log.csv", "step,lr,loss_content,loss_style,perceptual\n" + "".join(f"{x}\n" for x in lines)
     )
 
 
@@ -342,8 +341,9 @@ def save_backbone(pipe: Any, folder: Path, info: dict[str, Any]) -> Path:
     """Bake W' into the UNet and save the whole pipeline with `info` as craft_backbone.json."""
     para.bake(pipe.unet)
     pipe.unet.requires_grad_(False)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    (Path(folder) / INFO_FILE).write_text(json.dumps(info, indent=1, default=str))
+    with atomic_folder(folder) as tmp:  # a killed save keeps the previous backbone, never half of one
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=1, default=str))
     return Path(folder)
 
 

@@ -12,8 +12,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     imp = sub.add_parser(
         "import",
         help="convert a kohya train_network.py TOML (kohya_ss GUI format) to a lorafuse config",
-        description="Read a kohya train_network.py / sdxl_train_network.py config file (and the dataset_config it "
-        "names), print what each key becomes, and write the equivalent lorafuse config. Keys lorafuse cannot "
+        description="Read a kohya train_network.py / sdxl_train_network.py / flux_train_network.py config file (and "
+        "the dataset_config it names), print what each key becomes, and write the equivalent lorafuse config. Keys lorafuse cannot "
         "reproduce are refused with the reason; nothing is dropped silently.",
     )
     imp.add_argument("kohya_config", type=Path, help="kohya flat TOML (train_network.py --config_file)")

@@ -324,7 +324,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     state = load_lora(args.file, allow_pickle=args.allow_pickle)
     _output_arch(args, [state])  # --arch against the tensors (and the metadata)
     check_output(args.out, estimate=estimated_size(state) * 2)
-    if args.arch != "world":
+    if args.arch in REFERENCE_ARCHS:
         from lorafuse.lora.targets import reference_modules
 
         # names only: the right architecture at another width (our tiny test models) is still convertible

@@ -19,7 +19,7 @@ from lorafuse import __version__
 from lorafuse.errors import UserInputError
 
 # subcommand modules, in the order `lorafuse --help` lists them
-COMMAND_MODULES = ("demo", "world", "lora_tools", "bake", "train", "config", "fuse", "grid", "report", "craft")
+COMMAND_MODULES = ("demo", "world", "dataset", "lora_tools", "bake", "train", "config", "fuse", "grid", "report", "craft")
 Register = Callable[[argparse._SubParsersAction], None]
 
 
@@ -39,7 +39,8 @@ def build_parser(extra: Sequence[Register] = ()) -> argparse.ArgumentParser:
 
 # Libraries that announce optional backends (torchvision, bitsandbytes kernels) or deprecations on import: their
 # chatter would come before, and bury, lorafuse's own one-line error. Their real errors still raise.
-_QUIET_LOGGERS = ("transformers", "diffusers", "bitsandbytes", "kernels", "accelerate", "peft", "torchao", "huggingface_hub")
+_QUIET_LOGGERS = ("transformers", "diffusers", "bitsandbytes", "kernels", "accelerate", "peft", "torchao", "huggingface_hub",
+                  "torch.utils._pytree")  # torchao registers enums with torch.compile on import and torch warns
 
 
 def quiet_libraries() -> None:

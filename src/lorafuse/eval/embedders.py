@@ -5,6 +5,7 @@
     clip.text_similarity(images, prompts, triggers=("sks",))   # CLIP-T: cosine to the cleaned prompt
     dino = DinoEmbedder.load("/models/dino-vits16")
     dino.image_similarity(images, references)   # CLS token of last_hidden_state (after the final layernorm)
+    clip = OpenClipEmbedder.load("ViT-B-32", "/models/vit-b-32.safetensors")   # open_clip (lorafuse[metrics])
 
 Which vector:
 - CLIP-I: `visual_projection(post_layernorm(CLS))`, i.e. `CLIPVisionModelWithProjection.image_embeds`. Computed
@@ -26,6 +27,7 @@ import contextlib
 import os
 import re
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -250,3 +252,65 @@ class DinoEmbedder(_Embedder):
 
     def _forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=pixel_values).last_hidden_state[:, 0]
+
+
+class OpenClipEmbedder(ClipEmbedder):
+    """CLIP-I and CLIP-T with an open_clip model (`pip install 'lorafuse[metrics]'`): an architecture name
+    (`open_clip.list_models()`, e.g. 'ViT-B-32') and a local weights file (.safetensors, .bin, .pt). Same vectors
+    as `ClipEmbedder`: `encode_image` / `encode_text` are the projected pooled embeddings; preprocessing is the
+    model's own evaluation transform. Nothing downloads: the weights must be a file, and architectures whose
+    tokenizer would come from the Hugging Face hub are refused."""
+
+    @classmethod
+    def load(cls, arch: str, weights: str | os.PathLike, **kwargs) -> OpenClipEmbedder:  # type: ignore[override]
+        open_clip = _import_open_clip()
+        weights = Path(weights)
+        if arch not in open_clip.list_models():
+            near = [m for m in open_clip.list_models() if arch.lower()[:5] in m.lower()][:6]
+            raise UserInputError(
+                f"metrics.clip_arch = {arch!r} is not an open_clip architecture"
+                + (f" (close: {', '.join(near)})" if near else " (see open_clip.list_models())")
+            )
+        if not weights.is_file():
+            raise UserInputError(
+                f"{weights}: open_clip weights file not found; metrics.clip must be a local file of {arch} "
+                "weights (lorafuse downloads nothing)"
+            )
+        if (open_clip.get_model_config(arch) or {}).get("text_cfg", {}).get("hf_tokenizer_name"):
+            raise UserInputError(
+                f"{arch}: its tokenizer comes from the Hugging Face hub, which lorafuse does not download; "
+                "use a CLIP architecture with open_clip's own tokenizer (e.g. ViT-B-32, ViT-L-14)"
+            )
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(weights.resolve()))
+        except (RuntimeError, ValueError, KeyError, OSError, AssertionError) as e:  # open_clip asserts shapes
+            raise UserInputError(f"{weights}: cannot load it as open_clip {arch} weights ({e})") from None
+        return cls(model.eval(), preprocess, open_clip.get_tokenizer(arch), str(weights), **kwargs)
+
+    def pixel_values(self, images) -> torch.Tensor:
+        return torch.stack([self.processor(im) for im in as_pil_list(images)])
+
+    def _forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixel_values)
+
+    @torch.no_grad()
+    def text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), self.batch):
+            tokens = self.tokenizer(list(texts[i : i + self.batch])).to(self.device)
+            out.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu())
+        return torch.cat(out)
+
+
+def _import_open_clip():
+    """open_clip, or one clear error: not installed (names the extra), or installed but broken (its torchvision
+    was built for another torch: the import fails deep inside torchvision)."""
+    from lorafuse.utils.extras import require
+
+    try:
+        return require("open_clip", "open_clip CLIP metrics (metrics.clip_arch)")
+    except (RuntimeError, OSError, AttributeError) as e:
+        raise UserInputError(
+            f"open_clip_torch is installed but does not import ({type(e).__name__}: {e}); this usually means its "
+            f"torchvision does not match torch {torch.__version__}: install the torchvision built for this torch"
+        ) from None

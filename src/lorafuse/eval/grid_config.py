@@ -70,7 +70,9 @@ class MetricsConfig:
     style_references: Path | None = None
     oracle: bool | None = None  # None: oracle metrics for world bases if its weights are installed
     oracle_path: Path | None = None
-    clip: str | None = None  # CLIP folder or cached hub id: CLIP-I and CLIP-T
+    clip: str | None = None  # CLIP folder or cached hub id: CLIP-I and CLIP-T; with clip_arch, a weights file
+    # an open_clip architecture ('ViT-B-32'): metrics.clip is then its local weights file (lorafuse[metrics])
+    clip_arch: str | None = None
     dino: str | None = None  # DINO ViT-S/16 (or DINOv2) folder or cached hub id
     triggers: list[str] = field(default_factory=lambda: ["sks"])  # removed from the prompt for CLIP-T
     cross_influence: bool = True  # fusion grids: also sample each LoRA alone, for the cross-influence score

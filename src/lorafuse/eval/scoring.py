@@ -55,7 +55,7 @@ class GridScorer:
     """`score(images, bases)` -> one dict of raw scores per image; `signature` changes whenever they would."""
 
     def __init__(self, cfg: MetricsConfig, bases: list[str], prompt: str, *, oracle: Any = None):
-        from lorafuse.eval.embedders import ClipEmbedder, DinoEmbedder
+        from lorafuse.eval.embedders import ClipEmbedder, DinoEmbedder, OpenClipEmbedder
 
         self.cfg, self.prompt = cfg, prompt
         content, style = _references(cfg)
@@ -67,8 +67,13 @@ class GridScorer:
                                         content_references=content, style_references=style)  # fmt: skip
         self.clip = self.dino = None
         self._clip_refs: dict[str, Any] = {}
+        if cfg.clip_arch is not None and cfg.clip is None:
+            raise ConfigError(f"metrics.clip_arch = {cfg.clip_arch!r} needs metrics.clip, the weights file")
         if cfg.clip is not None:
-            self.clip = ClipEmbedder.load(cfg.clip, device=cfg.device)
+            if cfg.clip_arch is not None:
+                self.clip = OpenClipEmbedder.load(cfg.clip_arch, cfg.clip, device=cfg.device)
+            else:
+                self.clip = ClipEmbedder.load(cfg.clip, device=cfg.device)
             self._clip_refs = {k: self.clip.image_embeds(v) for k, v in (("content", content), ("style", style))
                                if v is not None}  # fmt: skip
         if cfg.dino is not None:

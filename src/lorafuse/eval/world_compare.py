@@ -9,13 +9,15 @@ module answers it once:
     result.rows      # one dict per image: label, kind, seed, oracle scores, docs/algorithms.md §7.6 aggregates, seconds per image
     result.images    # label -> (seeds, H, W, 3) uint8, the same prompt and noise seeds in every row
 
-What runs, in order: the base model alone, the content LoRA alone, the style LoRA alone, then every method through
+What runs, in order: the base model alone, the single LoRAs of every input set, then every method through
 `lorafuse.fuse` (the single-LoRA rows are `direct` fusion with the other weight 0, which equals that LoRA alone:
-one sampling path for everything). A method declares the layers its LoRAs should cover (`FusionMethod.lora_layers`):
-CRAFT needs LoRAs trained on disjoint layer sets (`layers="craft"` recipes); every other method, B-LoRA included
-(it takes its two blocks from them), gets the attention LoRAs. Such a method's cross-influence is measured against
-its own LoRAs alone ("craft content only" / "craft style only" rows), so every method is compared with the LoRAs
-it actually fused.
+one sampling path for everything). Every row says which LoRAs it fused (`inputs`, a key of `INPUT_RECIPES`). By
+default a method gets the input set it declares (`FusionMethod.lora_layers`): the all-layer LoCon LoRAs of
+`train.world_personalize`'s recipes ("locon", what users have) for every method that accepts any LoRA (B-LoRA takes
+its two blocks from them), CRAFT its disjoint-layer pair ("craft"). `paper_runs` adds each method on the inputs
+its paper prescribes (`FusionMethod.paper_inputs`), and `compare_pair(runs=...)` runs any (label, kind, method,
+inputs, options) list. Cross-influence is measured against the single-LoRA rows of the same inputs, so every
+method is compared with the LoRAs it actually fused.
 
 Prompt: "a photo of a sks teapot <c>, in sks style <s>" (the trigger words the world datasets train with; the
 markers tag CRAFT's spans and are removed before the text encoder, for every method). A method that learns from
@@ -38,18 +40,27 @@ from lorafuse.eval.measures import derived
 from lorafuse.eval.metrics import OracleScorer
 from lorafuse.eval.report import group_stats
 
-ATTENTION = "attention"  # the layer set of the shared pair; other sets are trained only for methods that ask
 BASE, CONTENT, STYLE = "base", "content only", "style only"
 CRAFT_CONTENT, CRAFT_STYLE = "craft content only", "craft style only"  # the rows of CRAFT's own LoRAs alone
+LOCON = "locon"  # the shared pair: the baselines, and the datasets every input set trains on
+# Input sets: the recipe changes (over train.world_personalize's subject_recipe / style_recipe) that train each pair.
+INPUT_RECIPES: dict[str, dict[str, Any]] = {
+    LOCON: {},  # the recipes' defaults: every layer with LoCon 3x3 convs (the LoRAs users have)
+    "attn": {"layers": "attn", "conv_rank": 0},  # attention projections only (K-LoRA, ZipLoRA, NP-LoRA papers)
+    "blora": {"layers": "blora", "conv_rank": 0},  # ONE LoRA on B-LoRA's two blocks, trained jointly
+    "craft": {"layers": "craft"},  # CRAFT's disjoint content / style layer sets
+}
 # the columns people read first; every row has them (the right_* rates are 0/1 per image)
 SCORES = ("oracle_content", "oracle_style", "right_individual", "right_style", "oracle_hmean", "oracle_ci",
           "seconds_per_image")  # fmt: skip
 
+Run = tuple[str, str, str, str, dict[str, Any]]  # (label, kind, method, input set, options)
+
 
 @dataclass(frozen=True)
 class PairLoras:
-    """The trained LoRAs of one pair and their datasets. `own`: layer set -> (content, style) LoRAs for methods
-    whose `lora_layers` is not the attention pair (CRAFT's "craft")."""
+    """The trained LoRAs of one pair and their datasets. `own`: input set -> (content, style) LoRAs for the sets
+    other than the LoCon pair (`content`, `style_lora`)."""
 
     individual: str
     style: str
@@ -64,41 +75,53 @@ class PairLoras:
     def name(self) -> str:
         return f"{self.individual}+{self.style}"
 
+    def files(self, inputs: str) -> tuple[Path, Path]:
+        """(content, style) LoRA files of an input set; a set that was not trained is an error naming it."""
+        if inputs == LOCON:
+            return self.content, self.style_lora
+        if inputs not in self.own:
+            raise UserInputError(f"{self.name}: no LoRAs trained for input set {inputs!r}; train the pair with "
+                                 f"input_sets (or methods) that include it (known: {', '.join(INPUT_RECIPES)})")  # fmt: skip
+        return self.own[inputs]
+
+
+def input_sets_of(runs: Sequence[Run]) -> list[str]:
+    """The input sets `runs` use, the LoCon pair first (the baselines and the datasets come from it)."""
+    return list(dict.fromkeys([LOCON, *(r[3] for r in runs)]))
+
 
 def train_pair_loras(individual: str, style: str, work_dir: str | Path, *, methods: Sequence[str],
                      content_settings: Mapping[str, Any] | None = None,
-                     style_settings: Mapping[str, Any] | None = None, progress: bool = True) -> PairLoras:  # fmt: skip
-    """Write the datasets and train (or reuse, keyed by recipe) the LoRAs `methods` need: the attention pair
-    always (the baselines), and a pair on each other layer set a method asks for (`lora_layers`, e.g. CRAFT's
-    disjoint sets). `*_settings` override recipe fields (e.g. epochs=1 for a smoke run)."""
+                     style_settings: Mapping[str, Any] | None = None, progress: bool = True,
+                     input_sets: Sequence[str] | None = None) -> PairLoras:  # fmt: skip
+    """Write the datasets and train (or reuse, keyed by recipe) the LoRAs of every input set: the LoCon pair
+    always (the baselines), and the set each of `methods` declares (`lora_layers`, e.g. CRAFT's disjoint sets);
+    `input_sets` names them explicitly instead (keys of `INPUT_RECIPES`). `*_settings` override recipe fields
+    (e.g. epochs=1 for a smoke run)."""
     from lorafuse.train.world_personalize import recipe_paths, style_recipe, subject_recipe, train_world_lora
 
-    c_recipe = subject_recipe(individual, **dict(content_settings or {}))
-    s_recipe = style_recipe(style, **dict(style_settings or {}))
-    recipes = [c_recipe, s_recipe]
-    layer_sets = _layer_sets(methods)
-    for layers in layer_sets:
-        recipes += [subject_recipe(individual, **{**dict(content_settings or {}), "layers": layers}),
-                    style_recipe(style, **{**dict(style_settings or {}), "layers": layers})]  # fmt: skip
-    paths = [train_world_lora(r, work_dir, progress=progress) for r in recipes]
-    own = {layers: (paths[2 + 2 * i], paths[3 + 2 * i]) for i, layers in enumerate(layer_sets)}
+    wanted = list(input_sets) if input_sets is not None else input_sets_of(default_runs(methods))
+    unknown = sorted(set(wanted) - set(INPUT_RECIPES))
+    if unknown:
+        raise UserInputError(f"unknown input set(s) {unknown}; choose from {', '.join(INPUT_RECIPES)}")
+    recipes = {}
+    for inputs in dict.fromkeys([LOCON, *wanted]):
+        change = INPUT_RECIPES[inputs]
+        recipes[inputs] = (subject_recipe(individual, **{**dict(content_settings or {}), **change}),
+                           style_recipe(style, **{**dict(style_settings or {}), **change}))  # fmt: skip
+    files = {k: tuple(train_world_lora(r, work_dir, progress=progress) for r in pair) for k, pair in recipes.items()}
+    c_recipe, s_recipe = recipes[LOCON]
     return PairLoras(
-        individual=individual, style=style, content=paths[0], style_lora=paths[1],
+        individual=individual, style=style, content=files[LOCON][0], style_lora=files[LOCON][1],
         content_data=recipe_paths(c_recipe, work_dir)[0], style_data=recipe_paths(s_recipe, work_dir)[0],
-        own=own, runs=tuple(recipe_paths(r, work_dir)[1] for r in recipes),
+        own={k: v for k, v in files.items() if k != LOCON},
+        runs=tuple(recipe_paths(r, work_dir)[1] for pair in recipes.values() for r in pair),
     )  # fmt: skip
 
 
-def _layer_sets(methods: Sequence[str]) -> list[str]:
-    """The layer sets other than the attention pair that `methods` need their own LoRAs on, in method order."""
-    from lorafuse.fusion.registry import get_method
-
-    return list(dict.fromkeys(get_method(m).lora_layers for m in methods if get_method(m).lora_layers != ATTENTION))
-
-
-def _alone_labels(layers: str) -> tuple[str, str]:
-    """The rows of one layer set's LoRAs alone: ("content only", "style only") for the attention pair."""
-    return (CONTENT, STYLE) if layers == ATTENTION else (f"{layers} {CONTENT}", f"{layers} {STYLE}")
+def single_labels(inputs: str) -> tuple[str, str]:
+    """The rows of one input set's LoRAs alone: ("content only", "style only") for the LoCon pair."""
+    return (CONTENT, STYLE) if inputs == LOCON else (f"{inputs} {CONTENT}", f"{inputs} {STYLE}")
 
 
 def training_images(data_dir: Path) -> list[tuple[Path, str]]:
@@ -151,32 +174,49 @@ class CompareResult:
     skipped: dict[str, str] = field(default_factory=dict)  # method -> why it could not run
 
 
-def _runs(loras: PairLoras, methods: Sequence[str]) -> list[tuple[str, str, str, Path, Path, dict[str, Any]]]:
-    """(label, kind, method, content file, style file, options) of every row, baselines first."""
-    runs = [(BASE, "base", "direct", loras.content, loras.style_lora, {"content_weight": 0.0, "style_weight": 0.0}),
-            (CONTENT, "content", "direct", loras.content, loras.style_lora, {"style_weight": 0.0}),
-            (STYLE, "style", "direct", loras.content, loras.style_lora, {"content_weight": 0.0})]  # fmt: skip
+def default_runs(methods: Sequence[str]) -> list[Run]:
+    """Every method once, on the input set it declares (`lora_layers`), labelled by the method's name."""
     from lorafuse.fusion.registry import get_method
 
-    files = {ATTENTION: (loras.content, loras.style_lora), **loras.own}
-    for layers in _layer_sets(methods):
-        if layers not in files:
-            raise UserInputError(f"{loras.name}: methods on layer set {layers!r} need LoRAs trained on it; train "
-                                 f"the pair with those methods among `methods` (layers={layers!r} recipes)")  # fmt: skip
-        first = next(m for m in methods if get_method(m).lora_layers == layers)
-        c_label, s_label = _alone_labels(layers)
-        runs += [(c_label, "content", first, *files[layers], {"style_weight": 0.0}),
-                 (s_label, "style", first, *files[layers], {"content_weight": 0.0})]  # fmt: skip
+    return [(m, "fused", m, get_method(m).lora_layers, {}) for m in methods]
+
+
+def paper_runs(methods: Sequence[str]) -> list[Run]:
+    """Every method on the inputs and options its paper prescribes (`paper_inputs`), labelled 'method [inputs]'
+    ('method official [inputs]' when only the options differ from its default run)."""
+    from lorafuse.fusion.registry import get_method
+
+    out: list[Run] = []
     for m in methods:
-        runs.append((m, "fused", m, *files[get_method(m).lora_layers], {}))
-    return runs
+        inputs, options = get_method(m).paper_inputs
+        label = f"{m} official" if options and inputs == get_method(m).lora_layers else m
+        out.append((f"{label} [{inputs}]", "fused", m, inputs, dict(options)))
+    return out
+
+
+def _with_baselines(runs: Sequence[Run]) -> list[Run]:
+    """`runs` after the base row and the single-LoRA rows of every input set they use. A single row is `direct`
+    with the other weight 0, or, for a set some method cannot run without (`lora_layers`, CRAFT's), that method
+    with the other weight 0 (CRAFT's singles keep its layer routing and guidance)."""
+    from lorafuse.fusion.registry import get_method
+
+    out: list[Run] = [(BASE, "base", "direct", LOCON, {"content_weight": 0.0, "style_weight": 0.0})]
+    for inputs in dict.fromkeys(r[3] for r in runs):
+        own = [m for _, _, m, used, _ in runs if used == inputs and get_method(m).lora_layers == inputs != LOCON]
+        method = own[0] if own else "direct"
+        content, style = single_labels(inputs)
+        out += [(content, "content", method, inputs, {"style_weight": 0.0}),
+                (style, "style", method, inputs, {"content_weight": 0.0})]  # fmt: skip
+    return out + list(runs)
 
 
 def compare_pair(pipe: Any, loras: PairLoras, *, oracle: Any, methods: Sequence[str] | None = None,
                  seeds: int = 2, seed: int = 0, steps: int = 25, guidance: float = 4.0,
-                 options: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = True) -> CompareResult:  # fmt: skip
-    """Sample `seeds` images (noise seeds seed .. seed + seeds - 1) per row of `_runs`, score them with the oracle
-    against the pair's references, and return rows, images and records. `options`: extra options per method."""
+                 options: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = True,
+                 runs: Sequence[Run] | None = None) -> CompareResult:  # fmt: skip
+    """Sample `seeds` images (noise seeds seed .. seed + seeds - 1) per row, score them with the oracle against the
+    pair's references, and return rows, images and records. Rows: `runs` (default `default_runs(methods)`) after
+    the base and the single LoRAs of each input set. `options`: extra options per method."""
     from tqdm.auto import tqdm
 
     from lorafuse.fusion.api import fuse
@@ -189,11 +229,10 @@ def compare_pair(pipe: Any, loras: PairLoras, *, oracle: Any, methods: Sequence[
     scorer = OracleScorer(oracle, individual=loras.individual, style=loras.style)
     result = CompareResult(loras.name, prompt, list(range(seed, seed + seeds)))
     scores: dict[str, dict[str, np.ndarray]] = {}
-    runs = _runs(loras, methods)
-    for label, kind, method, content, style, weights in tqdm(
-        runs, desc=f"{loras.name}", disable=not progress
-    ):
-        extra = {**method_options(method, loras), **dict((options or {}).get(method, {})), **weights}
+    runs = _with_baselines(default_runs(methods) if runs is None else runs)
+    for label, kind, method, inputs, run_options in tqdm(runs, desc=f"{loras.name}", disable=not progress):
+        content, style = loras.files(inputs)
+        extra = {**method_options(method, loras), **dict((options or {}).get(method, {})), **run_options}
         try:
             # one call per row, all seeds in one batch: image k has noise seed `seed + k` in every row
             out = fuse(content, style, prompt=prompt, method=method, base=pipe, num_images=seeds, steps=steps,
@@ -210,7 +249,8 @@ def compare_pair(pipe: Any, loras: PairLoras, *, oracle: Any, methods: Sequence[
         timings = out.record["timings_s"]
         for k in range(seeds):
             row = {"pair": loras.name, "individual": loras.individual, "style": loras.style, "method": label,
-                   "kind": kind, "seed": seed + k, "cell": f"{loras.name}/{label}/{seed + k}",
+                   "kind": kind, "fusion": method, "inputs": inputs, "seed": seed + k,
+                   "cell": f"{loras.name}/{label}/{seed + k}",
                    **{key: _plain(v[k]) for key, v in scores[label].items()},
                    # plan time (ZipLoRA's merger training, K-LoRA's precompute) is shared by the batch
                    "seconds_per_image": (timings["plan"] + timings["sample"]) / seeds,
@@ -225,16 +265,14 @@ def _plain(value: Any) -> Any:
 
 
 def _add_aggregates(rows: list[dict[str, Any]]) -> None:
-    """docs/algorithms.md §7.6 means for every row, and cross-influence for fused rows against the same seed's single-LoRA rows of
-    the LoRAs that method fused (CRAFT's own, the attention pair for the others)."""
-    from lorafuse.fusion.registry import get_method
-
+    """docs/algorithms.md §7.6 means for every row, and cross-influence for fused rows against the same seed's
+    single-LoRA rows of the LoRAs that row fused (its input set)."""
     by_key = {(r["pair"], r["method"], r["seed"]): r for r in rows}
     for r in rows:
         if r["kind"] != "fused":
             r.update(derived(r))
             continue
-        singles = _alone_labels(get_method(r["method"]).lora_layers)
+        singles = single_labels(r["inputs"])
         alone = [by_key.get((r["pair"], s, r["seed"]), {}) for s in singles]
         r.update(derived(r, *alone))
 

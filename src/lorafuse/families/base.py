@@ -4,11 +4,16 @@ A family owns
 - detection: from a pipeline's components, a single-file checkpoint's keys, a LoRA file's keys or metadata;
 - the denoiser call behind the one-line contract `model_fn(x, t, cond) -> prediction` (`model_fn`);
 - prompt encoding into `Conditioning` rows (`encode_prompts`), and the latent layout the denoiser reads;
-- the training objective by name (`objective`, resolved by the training code), and the sampling defaults
-  (resolution, scheduler, guidance);
-- its LoRA components, the key layout name that `lora.keys` resolves, the layer presets (K-LoRA, B-LoRA,
-  CRAFT), and the presets or methods it refuses, with the reason.
-Adding a family is one module that subclasses `Family` and one line in `families/registry.py`.
+- training: the objective by name (`objective`, built by `train/objectives.py`), the text encoding, the
+  conditioning rows and the denoiser call of a training step (`training_text`, `training_cond`,
+  `training_denoiser`), latent normalisation, and the text encoders a LoRA may train;
+- the sampling defaults (resolution, scheduler, guidance);
+- its LoRA components and how its files are written: kohya prefixes, SGM UNet names, one alpha or per-module
+  alphas, `ss_network_module`, `modelspec.*`; the real-size module shapes a foreign LoRA is checked against;
+- the layer presets (K-LoRA, B-LoRA, CRAFT), and the presets or methods it refuses, with the reason;
+- its tiny random-weight test bases (`tiny_bases`: name -> "module:builder" in `models/`).
+Adding a family is one module that subclasses `Family`, one line in `families/registry.py` and its tiny builder
+in `models/`; no other module branches on a family's name (tests/families/test_families.py checks).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from lorafuse.errors import UserInputError
-from lorafuse.families.conditioning import GuidanceCond
+from lorafuse.families.conditioning import Conditioning, GuidanceCond
 from lorafuse.families.layers import Rule
 
 
@@ -45,6 +50,17 @@ class Family:
     presets: ClassVar[Mapping[str, Sequence[Rule]]] = {}
     refused: ClassVar[Mapping[str, str]] = {}  # preset or fusion method -> why this family cannot have it
     provisional: ClassVar[Mapping[str, str]] = {}  # preset -> where it comes from and why it is not final
+    trainable_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # text encoders a LoRA may train
+    uses_clip_skip: ClassVar[bool] = True  # kohya's clip_skip applies (SDXL fixes its layer; FLUX reads none)
+    long_prompts: ClassVar[bool] = True  # captions over 75 tokens go through kohya's 75-token CLIP windows
+    kohya_prefixes: ClassVar[Mapping[str, str]] = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # component ->
+    # the prefix of its modules in kohya files this family's trainers write
+    uniform_alpha_ok: ClassVar[bool] = True  # a kohya file of this family may store one alpha for all modules
+    kohya_sgm_unet: ClassVar[bool] = False  # kohya names this family's UNet modules by the SGM (LDM) blocks
+    kohya_network_module: ClassVar[str] = "networks.lora"  # `ss_network_module` of the kohya files we write
+    modelspec_prediction_type: ClassVar[str | None] = "epsilon"  # `modelspec.prediction_type`; None: not written
+    reference_unet: ClassVar[Mapping[str, Any] | None] = None  # the released UNet's config (its SGM block layout)
+    tiny_bases: ClassVar[Mapping[str, str]] = {}  # built-in tiny test base name -> "module:builder" in models/
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
@@ -138,18 +154,6 @@ class Family:
         """The denoiser's input at timestep t (scaled once on B rows: elementwise, so guidance never needs it)."""
         return scheduler.scale_model_input(latents, t)
 
-    def training_sample(self, scheduler_config: Any, x0: Tensor, noise: Tensor, generator: torch.Generator
-                        ) -> tuple[Tensor, Tensor]:  # fmt: skip
-        """(x_t in the denoiser's layout, t) of the training forward process at a uniformly drawn timestep.
-
-        For methods that only compare predictions at the same (x_t, t) (ZipLoRA); training itself uses the
-        objective named by `objective`. ε/v families: DDPM's `add_noise` at an integer t."""
-        from diffusers import DDPMScheduler
-
-        scheduler = DDPMScheduler.from_config(scheduler_config)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
-        return scheduler.add_noise(x0, noise, t), t
-
     def check_scheduler(self, name: str | None) -> None:
         if name in self.schedulers:
             return
@@ -159,8 +163,47 @@ class Family:
             raise UserInputError(f"scheduler {name!r} does not run {self.label}; expected {choices}")
         raise UserInputError(f"unknown scheduler {name!r}; expected one of {choices}")
 
+    # --- training ------------------------------------------------------------------------------------------
+
+    def training_text(
+        self, tokenizers: Sequence[Any], encoders: Sequence[nn.Module], captions: list[str], *, clip_skip: int,
+        max_token_length: int | None, t5_max_length: int | None = None,
+    ) -> dict[str, Tensor]:  # fmt: skip
+        """The text conditioning of a training batch, as named tensors a cache can store (abstract): at least
+        "encoder_hidden_states" (B, L, D); "pooled_prompt_embeds" (B, P) when the family has one. Differentiable."""
+        raise NotImplementedError
+
+    def check_text_options(self, max_token_length: int | None, t5_max_length: int | None) -> None:
+        """Raise `UserInputError` for caption-length settings this family cannot honour (before any work)."""
+        if t5_max_length is not None:
+            raise UserInputError(f"dataset.t5xxl_max_token_length is for FLUX.1's T5; {self.label} has no T5")
+
+    def training_cond(self, text: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Conditioning:
+        """`training_text`'s tensors (and the batch, for per-image conditioning) -> the denoiser's rows."""
+        return Conditioning(text["encoder_hidden_states"], text.get("pooled_prompt_embeds"))
+
+    def training_denoiser(
+        self, denoiser: nn.Module, *, latent_hw: tuple[int, int], guidance_scale: float | None = None
+    ) -> Any:
+        """`(x_t, t, cond) -> prediction` with x_t and the prediction in the VAE's layout (B, C, h, w), so the
+        objective and the loss never see the denoiser's own layout. guidance_scale: the embedded guidance of a
+        guidance-distilled family, ignored by the others."""
+        h, w = latent_hw
+        return self.model_fn(denoiser, height=h * 8, width=w * 8)
+
+    def normalize_latents(self, latents: Tensor, vae_config: Mapping[str, Any]) -> Tensor:
+        """VAE posterior latents -> the denoiser's latent space: (z - shift_factor) * scaling_factor (no shift for
+        SD's VAEs; FLUX's VAE has one)."""
+        shift = vae_config.get("shift_factor") or 0.0
+        return (latents - shift) * vae_config["scaling_factor"]
+
     # --- reference architecture --------------------------------------------------------------------------
 
     def reference_components(self) -> dict[str, nn.Module]:
         """{component: module} of the real-size architecture, built on the meta device (no weights)."""
         raise UserInputError(f"no reference architecture for {self.label}")
+
+    def reference_lora_targets(self) -> tuple[dict[str, nn.Module], dict[str, tuple[int, ...]]]:
+        """What a real-size LoRA of this family can target: (components built on the meta device, {canonical key:
+        weight shape} of modules written out instead of built, for components too slow to build)."""
+        return self.reference_components(), {}

@@ -15,10 +15,11 @@ both encoders without that LayerNorm, and clip skip counts from there (diffusers
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lorafuse.errors import UserInputError
 
@@ -86,3 +87,52 @@ def encode_pooled(te: Any, tokenizer: Any, texts: list[str]) -> Tensor:
     """(P, D) CLIP's pooled output (the final state at the end token), as FLUX reads it."""
     ids = tokenize(tokenizer, texts).input_ids.to(te.device)
     return te(ids, output_hidden_states=False).pooler_output
+
+
+def kohya_clip_embeddings(
+    tokenizers: Sequence,
+    text_encoders: Sequence[nn.Module],
+    captions: list[str],
+    clip_skip: int = 1,
+    max_token_length: int | None = None,
+) -> dict[str, Tensor]:
+    """Prompt embeddings as the UNet gets them in kohya's trainers, for SD1.5 (one encoder) or SDXL (two);
+    differentiable (a text-encoder LoRA trains through it).
+
+    SD1.5: hidden states of layer -clip_skip (kohya numbering), through the final layer norm as kohya and A1111
+    do -> {"encoder_hidden_states": (B, 77, D)}. SDXL: both encoders' penultimate hidden states concatenated,
+    plus text_encoder_2's projected pooled output -> also {"pooled_prompt_embeds": (B, D2)}; SDXL fixes the
+    layer, so clip_skip is ignored there (as kohya's sdxl_train_network).
+    max_token_length 150 / 225: kohya's 75-token windows (families/long_prompts.py) -> (B, 2 + 75 n, D); SDXL's
+    pooled embedding is the first window's.
+    """
+    from lorafuse.families.long_prompts import chunked_input_ids, merge_windows
+
+    hidden, out = [], {}
+    batch = len(captions)
+    for tok, te in zip(tokenizers, text_encoders, strict=True):
+        if max_token_length is not None and max_token_length > tok.model_max_length - 2:
+            ids = chunked_input_ids(tok, captions, max_token_length).flatten(0, 1)  # (B * n, 77)
+        else:
+            ids = tok(
+                captions,
+                padding="max_length",
+                max_length=tok.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+        windows = ids.shape[0] // batch
+        res = te(ids.to(next(te.parameters()).device), output_hidden_states=True)
+        if len(text_encoders) == 2:
+            states = res.hidden_states[-2]
+            if hasattr(res, "text_embeds"):
+                out["pooled_prompt_embeds"] = res.text_embeds[::windows].float()  # the first window's
+        elif clip_skip == 1:
+            states = res.last_hidden_state
+        else:
+            # transformers 5 put final_layer_norm on CLIPTextModel itself; 4.x has it under text_model.
+            norm = te.final_layer_norm if hasattr(te, "final_layer_norm") else te.text_model.final_layer_norm
+            states = norm(res.hidden_states[-clip_skip])
+        hidden.append(merge_windows(states, batch, tok.model_max_length) if windows > 1 else states)
+    out["encoder_hidden_states"] = torch.cat(hidden, dim=-1).float()
+    return out

@@ -19,6 +19,7 @@ B-LoRA is refused: its blocks were found in SDXL's UNet and nobody has published
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -81,6 +82,7 @@ SCHEDULER_DEV = dict(
     base_image_seq_len=256, max_image_seq_len=4096,
 )  # fmt: skip
 SCHEDULER_SCHNELL = {**SCHEDULER_DEV, "shift": 1.0, "use_dynamic_shifting": False}
+MLP_RATIO = 4  # FluxSingleTransformerBlock's mlp_hidden_dim = 4 · dim (not configurable in diffusers or BFL)
 MAX_SEQUENCE_LENGTH = 512  # T5 tokens, FluxPipeline's default
 DEFAULT_EMBEDDED_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale for dev
 
@@ -97,6 +99,51 @@ def _craft(num_layers: int, num_single: int) -> dict[str, list[Rule]]:
         "craft_content": blocks(EVERY_LINEAR, *span(DOUBLE, num_layers), *span(SINGLE, half)),
         "craft_style": blocks(EVERY_LINEAR, *span(SINGLE, num_single - half, start=half)),
     }
+
+
+def transformer_shapes(config: Mapping) -> dict[str, tuple[int, int]]:
+    """{canonical key: weight shape} of every Linear of a `FluxTransformer2DModel` with this config.
+
+    Written out from the architecture because building the real-size model, even on the meta device, takes
+    ~20 s on a busy CPU; tests/lora/test_flux_keys.py checks it against a built tiny model.
+    """
+    d = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    mlp = MLP_RATIO * d
+    out_channels = config.get("out_channels") or config["in_channels"]
+    shapes: dict[str, tuple[int, int]] = {
+        "time_text_embed.timestep_embedder.linear_1": (d, 256),  # sinusoidal projection to 256 channels
+        "time_text_embed.timestep_embedder.linear_2": (d, d),
+        "time_text_embed.text_embedder.linear_1": (d, int(config["pooled_projection_dim"])),
+        "time_text_embed.text_embedder.linear_2": (d, d),
+        "context_embedder": (d, int(config["joint_attention_dim"])),
+        "x_embedder": (d, int(config["in_channels"])),
+        "norm_out.linear": (2 * d, d),
+        "proj_out": (int(config.get("patch_size", 1)) ** 2 * int(out_channels), d),
+    }
+    if config.get("guidance_embeds"):
+        shapes["time_text_embed.guidance_embedder.linear_1"] = (d, 256)
+        shapes["time_text_embed.guidance_embedder.linear_2"] = (d, d)
+    double = {
+        "norm1.linear": (6 * d, d),
+        "norm1_context.linear": (6 * d, d),
+        "ff.net.0.proj": (mlp, d),
+        "ff.net.2": (d, mlp),
+        "ff_context.net.0.proj": (mlp, d),
+        "ff_context.net.2": (d, mlp),
+    }
+    for name in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
+        double[f"attn.{name}"] = (d, d)
+    single = {
+        "norm.linear": (3 * d, d),
+        "proj_mlp": (mlp, d),
+        "proj_out": (d, d + mlp),
+        **{f"attn.{n}": (d, d) for n in ("to_q", "to_k", "to_v")},
+    }
+    for i in range(int(config["num_layers"])):
+        shapes.update({f"transformer_blocks.{i}.{k}": v for k, v in double.items()})
+    for i in range(int(config["num_single_layers"])):
+        shapes.update({f"single_transformer_blocks.{i}.{k}": v for k, v in single.items()})
+    return {f"transformer.{k}": v for k, v in shapes.items()}
 
 
 @dataclass(frozen=True)
@@ -148,6 +195,18 @@ class Flux(Family):
     ss_base_version = "flux1"
     implementation = "https://github.com/black-forest-labs/flux"
     block_pattern = rf"^({DOUBLE}|{SINGLE})\.\d+$"
+    trainable_text_encoders = ("text_encoder",)  # CLIP-L, as kohya's lora_flux (T5 LoRAs are not trained)
+    uses_clip_skip = False  # FLUX reads CLIP-L's pooled output and T5's last layer
+    long_prompts = False  # kohya's 75-token CLIP windows: FLUX reads long captions through T5 instead
+    # kohya's FLUX.1 files: BFL transformer names under lora_unet_, CLIP-L under lora_te1_ (lora/flux_keys.py)
+    kohya_prefixes: ClassVar = {"transformer": "lora_unet_", "text_encoder": "lora_te1_"}
+    uniform_alpha_ok = False  # fused-qkv modules carry their own alphas (lora/formats/kohya.py)
+    kohya_network_module = "networks.lora_flux"
+    modelspec_prediction_type = None  # rectified flow: neither epsilon nor v
+    tiny_bases: ClassVar = {
+        "flux-tiny": "tiny_flux:tiny_flux_pipeline",
+        "flux-schnell-tiny": "tiny_flux:tiny_flux_schnell_pipeline",
+    }
     presets: ClassVar = {
         "attn": [pattern(rf"{DOUBLE}\.\d+", DOUBLE_ATTN), pattern(rf"{SINGLE}\.\d+", SINGLE_ATTN)],
         "default": _ALL,
@@ -261,20 +320,68 @@ class Flux(Family):
             scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
         scheduler.set_begin_index(0)
 
-    def training_sample(self, scheduler_config: Any, x0: Tensor, noise: Tensor, generator: torch.Generator
-                        ) -> tuple[Tensor, Tensor]:  # fmt: skip
-        # rectified flow: x_t = (1 - σ) x0 + σ ε with σ ~ U(0, 1); the transformer reads t = 1000 σ
-        sigma = torch.rand((len(x0),), generator=generator).to(x0)
-        s = sigma.view(-1, 1, 1, 1)
-        return self.pack_latents((1 - s) * x0 + s * noise), sigma * 1000
-
     def scale_initial_noise(self, scheduler: Any, latents: Tensor) -> Tensor:
         return latents  # flow matching starts from the noise itself (sigma = 1)
 
     def model_input(self, scheduler: Any, latents: Tensor, t: Tensor) -> Tensor:
         return latents
 
+    # --- training ------------------------------------------------------------------------------------------
+
+    def training_text(
+        self, tokenizers, encoders, captions, *, clip_skip, max_token_length, t5_max_length=None
+    ) -> dict[str, Tensor]:
+        """{"pooled_prompt_embeds": (B, 768) CLIP-L pooled, "encoder_hidden_states": (B, L, 4096) T5}, as
+        `encode_prompts` (FluxPipeline) encodes them; L = t5_max_length, default FluxPipeline's 512 (kohya's
+        t5xxl_max_token_length; kohya defaults to 256 for schnell, whose pipeline still samples with 512)."""
+        self.check_text_options(max_token_length, t5_max_length)
+        (clip_tok, t5_tok), (clip, t5) = tokenizers, encoders
+        pooled = encode_pooled(clip, clip_tok, captions)
+        length = min(t5_max_length or MAX_SEQUENCE_LENGTH, t5_tok.model_max_length)
+        ids = tokenize(t5_tok, captions, "T5", length).input_ids.to(t5.device)
+        states = t5(ids, output_hidden_states=False)[0]
+        return {"encoder_hidden_states": states.float(), "pooled_prompt_embeds": pooled.float()}
+
+    def check_text_options(self, max_token_length: int | None, t5_max_length: int | None) -> None:
+        if max_token_length not in (None, 75):
+            raise UserInputError(
+                f"dataset.max_token_length = {max_token_length}: kohya's 75-token CLIP windows are for SD1.5 and "
+                "SDXL; FLUX.1 reads CLIP-L's 77 tokens and T5 (set dataset.t5xxl_max_token_length instead)"
+            )
+
+    def training_denoiser(
+        self, denoiser: nn.Module, *, latent_hw: tuple[int, int], guidance_scale: float | None = None
+    ) -> Any:
+        """Packs (B, 16, h, w) into 2x2 patch tokens, calls the transformer with t / 1000 and (dev) the embedded
+        guidance `guidance_scale`, unpacks the velocity. kohya trains dev with guidance_scale 1.0."""
+        from diffusers import FluxPipeline
+
+        h, w = latent_hw
+        if h % 2 or w % 2:
+            raise UserInputError(f"FLUX.1 latents must have even sides (2x2 patches), got {h}x{w}")
+        inner = getattr(denoiser, "module", denoiser)  # accelerate's DDP wrapper holds the transformer
+        guidance = (1.0 if guidance_scale is None else guidance_scale) if inner.config.guidance_embeds else None
+        fn = self.model_fn(inner, height=h * self._latent_factor, width=w * self._latent_factor,
+                           embedded_guidance=guidance)  # fmt: skip
+        fn = dataclasses.replace(fn, transformer=denoiser)  # called through the wrapper (gradient sync)
+        pixels = (h * self._latent_factor, w * self._latent_factor)
+
+        def call(x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+            velocity = fn(self.pack_latents(x), t, cond)  # (B, h/2 * w/2, 64)
+            return FluxPipeline._unpack_latents(velocity, *pixels, self._latent_factor)  # (B, 16, h, w)
+
+        return call
+
     # --- reference architecture --------------------------------------------------------------------------
+
+    def reference_lora_targets(self) -> tuple[dict[str, nn.Module], dict[str, tuple[int, ...]]]:
+        """CLIP-L built, the transformer's Linears written out (`transformer_shapes`): building its 57 blocks and
+        T5-XXL, even on the meta device, takes ~20 s on a busy CPU; T5 never gets a LoRA here."""
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        return meta_modules(lambda: {"text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L))}), transformer_shapes(
+            TRANSFORMER
+        )
 
     def reference_components(self) -> dict[str, Any]:
         from diffusers import FluxTransformer2DModel

@@ -52,6 +52,8 @@ class SD15(UNetFamily):
     key_layout = "sd15"
     modelspec_arch = "stable-diffusion-v1"
     ss_base_version = "sd_v1"
+    tiny_bases: ClassVar = {"sd15-tiny": "tiny:tiny_sd15_pipeline"}
+    reference_unet: ClassVar = UNET
     presets: ClassVar = {
         **UNET_GENERIC,
         "blora_content": blocks(ATTN_PROJ, "up_blocks.1.attentions.0"),

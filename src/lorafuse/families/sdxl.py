@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lorafuse.errors import UserInputError
 from lorafuse.families.clip import encode_penultimate_pair
@@ -60,6 +60,12 @@ class SDXL(UNetFamily):
     ss_base_version = "sdxl_base_v1-0"
     # kohya writes SDXL LoRAs against the SGM UNet (modelspec.implementation)
     implementation = "https://github.com/Stability-AI/generative-models"
+    trainable_text_encoders = ("text_encoder", "text_encoder_2")
+    uses_clip_skip = False  # SDXL reads the penultimate layer of both encoders, as kohya's sdxl trainer
+    kohya_sgm_unet = True  # kohya's SDXL files name the SGM UNet (input_blocks, middle_block, output_blocks)
+    reference_unet: ClassVar = UNET
+    kohya_prefixes: ClassVar = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    tiny_bases: ClassVar = {"sdxl-tiny": "tiny:tiny_sdxl_pipeline"}
     presets: ClassVar = {
         **UNET_GENERIC,
         "blora_content": blocks(ATTN_PROJ, "up_blocks.0.attentions.0"),
@@ -102,6 +108,17 @@ class SDXL(UNetFamily):
         else:
             uncond = Conditioning(*encode_penultimate_pair(pipe, negatives or [""] * len(prompts), clip_skip), time_ids)
         return GuidanceCond(cond, uncond)
+
+    def training_cond(self, text: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Conditioning:
+        """The pooled text embedding and the (B, 6) size ids of each image: original size, crop top-left and
+        target size, (h, w) each, as kohya's sdxl trainer builds them."""
+        ids = [
+            [*o, *c, *t]
+            for o, c, t in zip(batch["original_size"], batch["crop_top_left"], batch["target_size"], strict=True)
+        ]
+        pooled = text["pooled_prompt_embeds"]
+        time_ids = torch.tensor(ids, device=pooled.device, dtype=pooled.dtype)
+        return Conditioning(text["encoder_hidden_states"], pooled, time_ids)
 
     def reference_components(self) -> dict[str, Any]:
         from diffusers import UNet2DConditionModel

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from lorafuse.errors import UserInputError
 from lorafuse.families.base import Family
-from lorafuse.families.clip import encode_last_normed
+from lorafuse.families.clip import encode_last_normed, kohya_clip_embeddings
 from lorafuse.families.conditioning import Conditioning, GuidanceCond
 from lorafuse.families.layers import UNET_BLOCK
 
@@ -81,6 +81,12 @@ class UNetFamily(Family):
 
     def matches_checkpoint(self, keys) -> bool:
         return any(k.startswith("model.diffusion_model.") for k in keys)
+
+    def training_text(
+        self, tokenizers, encoders, captions, *, clip_skip, max_token_length, t5_max_length=None
+    ) -> dict[str, Tensor]:
+        # kohya's CLIP encoding (clip skip through the final LayerNorm; SDXL's penultimate pair and pooled output)
+        return kohya_clip_embeddings(tokenizers, encoders, captions, clip_skip, max_token_length)
 
 
 def meta_modules(build: Any) -> Any:

@@ -184,6 +184,7 @@ def blora_parts(
 class BLora(FusionMethod):
     name = NAME
     config_cls = BLoraConfig
+    paper_inputs = ("blora", {})  # one LoRA on the two blocks, trained jointly (the paper's training)
     summary = (
         "B-LoRA: content block of LoRA A + style block of LoRA B (attention projections only), fused into the "
         "weights; linear in the weight (official code: quadratic)"

@@ -138,3 +138,19 @@ def raw_delta(module: LoraModule, shape: tuple[int, ...], scaled: bool = True) -
     if scaled or module.down is None:
         return module.delta_weight(shape)
     return LoraModule(down=module.down, up=module.up, alpha=None).delta_weight(shape)
+
+
+def layer_factors(module: LoraModule, layer: torch.nn.Module, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B') in float32 in the layer's own layout, B' = w · s · B, so the layer's update is B' A x (ZipLoRA's
+    and SSR-Merge's forward hooks). Dense updates (LoHa / LoKr) are factorized exactly first; a 2-D LoRA on a 1x1
+    conv (SD1.5 proj_in) gets conv shapes, a 1x1-conv LoRA on a Linear flat ones."""
+    from lorafuse.lora.resize import factorize
+
+    if module.down is None:
+        module = factorize(module.delta)
+    down, up = module.down.float(), (weight * module.scale) * module.up.float()
+    if isinstance(layer, torch.nn.Conv2d) and down.dim() == 2:
+        down, up = down[:, :, None, None], up[:, :, None, None]
+    elif isinstance(layer, torch.nn.Linear) and down.dim() == 4:
+        down, up = down.flatten(1), up.flatten(1)
+    return down, up

@@ -5,6 +5,10 @@ Costs N guided forwards per step (N = 2: content, style). Notation: `w_c` / `w_s
 own forward. As in Switch, the UNet part is what alternates (mechanism "swap": precomputed fused weights, a
 pointer swap around each forward; or "adapter"); the text-encoder parts act together as w_c ΔW_c + w_s ΔW_s,
 since prompts are encoded once before step 0.
+
+`official=True` scales every LoRA by 0.8 as the official code does (maszhongming/Multi-LoRA-Composition,
+`compose_lora.py --lora_scale 0.8`, which also reaches the text encoders through diffusers' lora scale); its
+prompt is encoded with all LoRAs active, as ours is.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any, Literal
 
 from lorafuse.errors import UserInputError
 from lorafuse.fusion.registry import FusionConfig, FusionMethod, FusionPlan, register
-from lorafuse.fusion.switch import unet_variants
+from lorafuse.fusion.switch import official_weights, unet_variants
 from lorafuse.fusion.variants import BASE, MECHANISMS, LayerVariants
 from lorafuse.guidance.cfg import ClassifierFreeGuidance, CompositeGuidance
 from lorafuse.lora.state import LoraState
@@ -27,9 +31,12 @@ ADAPTER_NAMES = ("composite_content", "composite_style")
 @dataclass
 class CompositeConfig(FusionConfig):
     mechanism: Literal["auto", "swap", "adapter", "inplace"] = "auto"
+    official: bool = False  # every LoRA at scale 0.8, as the official code
 
     def validate(self, method: str) -> None:
         super().validate(method)
+        if not isinstance(self.official, bool):
+            raise UserInputError(f"{method}: option official={self.official!r} must be true or false")
         if self.mechanism not in MECHANISMS:
             raise UserInputError(f"{method}: option mechanism={self.mechanism!r} must be 'auto', 'swap', 'adapter' or 'inplace'")
 
@@ -52,6 +59,7 @@ def only(variants: LayerVariants, variant: int) -> Callable[[], contextlib.Abstr
 class Composite(FusionMethod):
     name = "composite"
     config_cls = CompositeConfig
+    paper_inputs = ("locon", {"official": True})  # community LoRAs of every layer, run as the official code
     summary = "LoRA Composite: each LoRA's guided prediction every step, averaged (N forwards per step)"
 
     def _build(self, plan: FusionPlan, pipe: Any, content: LoraState, style: LoraState, config: CompositeConfig
@@ -59,7 +67,10 @@ class Composite(FusionMethod):
         plan.record.update({
             "order": ["content", "style"], "mechanism": config.mechanism,
             "content_weight": config.content_weight, "style_weight": config.style_weight,
+            "official": config.official,
         })  # fmt: skip
+        if config.official:
+            config = official_weights(config)
         variants = unet_variants(pipe, content, style, config, ADAPTER_NAMES, plan.record, plan.undo)
         contexts = [only(variants, 0), only(variants, 1)]
         plan.guidance = lambda scale: CompositeGuidance(ClassifierFreeGuidance(scale), contexts)

@@ -201,6 +201,8 @@ def _by_ref(refs: dict[str, ModuleRef]) -> dict[ModuleRef, str]:
 class KLora(FusionMethod):
     name = "klora"
     config_cls = KLoraConfig
+    # the paper fuses attention-only DreamBooth LoRAs; the official code loads nothing outside attention
+    paper_inputs = ("attn", {"non_attention": "ignore"})
     summary = "K-LoRA: per attention layer and step, content or style by Top-K sums and a rising scale"
 
     def _build(self, plan: FusionPlan, pipe: Any, content: LoraState, style: LoraState, config: KLoraConfig) -> None:

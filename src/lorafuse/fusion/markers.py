@@ -15,10 +15,15 @@ Rules (the paper states only the example; the rest is ours, chosen so that every
 - A span is stripped of surrounding spaces and of punctuation left over at its edges (", smiling" -> "smiling").
 - Errors, each naming the prompt and the position: a marker given twice; a marker that tags no text ("<c><s>",
   or "<c>" at the very start); any other one-letter tag (`<x>`, `<C>`: markers are lowercase); closing tags
-  (`</c>`: markers are single, not open/close pairs); look-alikes (an unclosed `<c`, `c>`, `<c/>`, `[c]`,
-  `{s}`, `(c)`: each would otherwise silently drop a span and set its λ to 0); A1111 LoRA tags (`<lora:name:0.8>`: lorafuse never reads
-  LoRAs from prompts). Longer angle-bracket words (`<cat-toy>`, textual-inversion placeholders) are ordinary
-  prompt text and pass through unchanged.
+  (`</c>`: markers are single, not open/close pairs); A1111 LoRA tags (`<lora:name:0.8>`: lorafuse never reads
+  LoRAs from prompts); and look-alikes, anything that reads as a marker but is not exactly `<c>` or `<s>`
+  (spaces inside the brackets are allowed: `< c >`). A look-alike would otherwise silently drop a span and set
+  its λ to 0, so each is refused: an unclosed `<c` or a `c>` without its `<`; extra characters in the brackets
+  (`<c/>`, `<c1>`, `<c:0.5>`, `<'c'>`, `<cs>`, `<content>`, `<style>`); doubled brackets (`<<c>>`, `<s>>`);
+  other brackets (`[c]`, `{S}`, `(c)`, but not the plural "dog(s)"); typographic and escaped angle brackets
+  (`‹c›`, `＜c＞`, `〈c〉`, `&lt;c&gt;`); and a look-alike formed by the text left once the markers are cut out
+  (`< <s>s` would show the text encoder "< s"). Longer angle-bracket words (`<cat-toy>`, textual-inversion
+  placeholders) are ordinary prompt text and pass through unchanged.
 - Clean prompt: markers removed, runs of whitespace collapsed to one space, no space before , . ; : ! ?
   and none at either end.
 """
@@ -33,11 +38,21 @@ from lorafuse.errors import UserInputError
 
 MARKERS = {"c": "content", "s": "style"}
 
-# one-letter tags, closing tags and A1111 LoRA tags; everything else in <...> is prompt text
-_TAG = re.compile(r"<\s*(/?)\s*([A-Za-z])\s*>|<\s*(lora|lyco|hypernet)\s*:[^>]*>", re.IGNORECASE)
-# what is left once real tags are cut out and still looks like a marker: an unclosed "<c", a "c>" without its
-# "<", "<c/>", or another bracket ("[c]", "{s}", "(c)"). Each silently dropped a span before, so it is an error.
-_LOOKALIKE = re.compile(r"<\s*/?\s*[cCsS](?![\w>-])|(?<![\w<])/?[cCsS]\s*>|[\[({]\s*[cs]\s*[\])}]")
+# One scanner for everything bracket-like, so that every spelling of a marker gets one reading. The first
+# alternative that matches at a position wins: A1111 tags, then exact one-letter tags (the only accepted form,
+# spaces allowed), then any other short bracketed group (text or a look-alike, decided by `_lookalike_group`),
+# then the unbracketed look-alikes: other bracket kinds, an unclosed "<c", a "c>" without its "<".
+_TOKEN = re.compile(
+    r"(?P<a1111><\s*(?:lora|lyco|hypernet)\s*:[^>]*>)"
+    r"|(?P<tag><\s*(?P<closing>/?)\s*(?P<letter>[A-Za-z])\s*>)"
+    r"|(?P<group>(?:<|‹|＜|〈|&lt;)(?P<inner>[^<>‹›＜＞〈〉]{0,40}?)(?:>|›|＞|〉|&gt;))"
+    r"|(?P<bracket>(?<!\w)[\[({]\s*[cCsS]\s*[\])}])"
+    r"|(?P<unclosed><\s*/?\s*[cCsS](?![\w>-]))"
+    r"|(?P<unopened>(?<![\w<])/?[cCsS]\s*>)",
+    re.IGNORECASE,
+)
+# letters inside brackets that can only mean a marker; other words (`<cat-toy>`, `<sks>`) are prompt text
+_MARKER_WORDS = {"c", "s", "cs", "sc", "content", "style"}
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?])")
 _EDGE_PUNCT = " \t\n,.;:!?"
 
@@ -77,15 +92,53 @@ def _error(prompt: str, pos: int, problem: str) -> UserInputError:
     return UserInputError(f"prompt {prompt!r}: {problem} (at character {pos}: {pointer!r})")
 
 
-def _check_lookalike(prompt: str, start: int, end: int) -> None:
-    m = _LOOKALIKE.search(prompt, start, end)
-    if m is not None:
+def _lookalike_error(prompt: str, pos: int, token: str) -> UserInputError:
+    return _error(
+        prompt,
+        pos,
+        f"{token!r} looks like a marker but is not one; write exactly <c> after the content words "
+        "and <s> after the style words",
+    )
+
+
+def _lookalike_group(m: re.Match) -> bool:
+    """A bracketed group other than an exact tag: a look-alike when its letters spell a marker."""
+    letters = re.sub(r"[^A-Za-z]", "", m.group("inner")).lower()
+    return letters in _MARKER_WORDS
+
+
+def _tag_letter(prompt: str, m: re.Match) -> str:
+    """The letter of an exact one-letter tag, or the error it deserves."""
+    closing, letter = m.group("closing"), m.group("letter")
+    before = prompt[m.start() - 1] if m.start() else ""
+    after = prompt[m.end()] if m.end() < len(prompt) else ""
+    if before == "<" or after == ">":  # "<<c>>", "<s>>": the extra bracket would reach the text encoder
+        token = prompt[m.start() - (before == "<") : m.end() + (after == ">")]
+        raise _lookalike_error(prompt, m.start() - (before == "<"), token)
+    if closing:
         raise _error(
-            prompt,
-            m.start(),
-            f"{m.group(0)!r} looks like a marker but is not one; write exactly <c> after the content words "
-            "and <s> after the style words",
+            prompt, m.start(), f"{m.group(0)!r}: markers are single tags <c> and <s>, not open/close pairs"
         )
+    if letter not in MARKERS:
+        hint = " (markers are lowercase)" if letter.lower() in MARKERS else ""
+        raise _error(prompt, m.start(), f"unknown marker {m.group(0)!r}{hint}; the markers are <c> and <s>")
+    return letter
+
+
+def _markers(prompt: str) -> list[re.Match]:
+    """The exact marker tags of a prompt, in order; any other marker-like token is an error."""
+    tags = []
+    for m in _TOKEN.finditer(prompt):
+        if m.group("a1111"):
+            raise _error(
+                prompt, m.start(), f"{m.group(0)!r} is A1111 LoRA syntax; pass LoRAs as files, not in prompts"
+            )
+        if m.group("tag"):
+            _tag_letter(prompt, m)
+            tags.append(m)
+        elif m.group("group") is None or _lookalike_group(m):
+            raise _lookalike_error(prompt, m.start(), m.group(0))
+    return tags
 
 
 def parse_prompt(prompt: str) -> MarkedPrompt:
@@ -96,24 +149,8 @@ def parse_prompt(prompt: str) -> MarkedPrompt:
     order: list[str] = []
     pieces: list[str] = []  # the prompt with markers cut out
     start = 0
-    for m in _TAG.finditer(prompt):
-        _check_lookalike(prompt, start, m.start())
-        closing, letter, a1111 = m.group(1), m.group(2), m.group(3)
-        if a1111:
-            raise _error(
-                prompt, m.start(), f"{m.group(0)!r} is A1111 LoRA syntax; pass LoRAs as files, not in prompts"
-            )
-        if closing:
-            raise _error(
-                prompt,
-                m.start(),
-                f"{m.group(0)!r}: markers are single tags <c> and <s>, not open/close pairs",
-            )
-        if letter not in MARKERS:
-            hint = " (markers are lowercase)" if letter.lower() in MARKERS else ""
-            raise _error(
-                prompt, m.start(), f"unknown marker {m.group(0)!r}{hint}; the markers are <c> and <s>"
-            )
+    for m in _markers(prompt):
+        letter = m.group("letter")
         if letter in spans:
             raise _error(prompt, m.start(), f"marker <{letter}> is given twice; each marker tags one span")
         text = _span(prompt[start : m.start()])
@@ -127,11 +164,17 @@ def parse_prompt(prompt: str) -> MarkedPrompt:
         order.append(letter)
         pieces.append(prompt[start : m.start()])
         start = m.end()
-    _check_lookalike(prompt, start, len(prompt))
     pieces.append(prompt[start:])
     clean = normalise(" ".join(pieces))
     if not clean:
         raise UserInputError(f"prompt {prompt!r} is empty once the markers are removed")
+    if order:  # the text around the markers must not join into a new one ("< <s>s" reads "< s")
+        for m in _TOKEN.finditer(clean):
+            if m.group("group") is None or _lookalike_group(m):
+                raise UserInputError(
+                    f"prompt {prompt!r}: once the markers are cut out it reads {clean!r}, where {m.group(0)!r} "
+                    "looks like a marker; write exactly <c> after the content words and <s> after the style words"
+                )
     return MarkedPrompt(
         raw=prompt,
         clean=clean,

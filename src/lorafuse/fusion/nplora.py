@@ -110,6 +110,7 @@ def nplora_lora(content: LoraState, style: LoraState, config: NPLoraConfig) -> L
 class NPLora(FusionMethod):
     name = NAME
     config_cls = NPLoraConfig
+    paper_inputs = ("attn", {})  # as ZipLoRA, whose inputs the paper reuses: attention-projection LoRAs
     summary = (
         "NP-LoRA: content update projected off the style LoRA's input subspace (strength mu), "
         "training-free, fused into the weights"

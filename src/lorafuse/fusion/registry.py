@@ -26,7 +26,7 @@ import importlib
 import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -109,8 +109,13 @@ class FusionMethod(ABC):
     # what callers ask instead of branching on the method's name:
     # options content_image / content_prompt / style_image / style_prompt are references the method learns from
     needs_references: ClassVar[bool] = False
-    # the layer set its LoRAs should be trained on: "attention" (any LoRA) or "craft" (disjoint content/style sets)
-    lora_layers: ClassVar[str] = "attention"
+    # the input set a comparison gives it by default: "locon" (any LoRA; the common all-layer LoCon pair users
+    # have) or "craft" (LoRAs trained on disjoint content/style layer sets, without which it cannot run)
+    lora_layers: ClassVar[str] = "locon"
+    # the inputs its paper prescribes, for the fair rows of a leaderboard: the input set its LoRAs are trained on
+    # ("locon"; "attn" = attention projections only; "blora" = one LoRA on B-LoRA's two blocks, trained jointly;
+    # "craft") and the options its official code runs with
+    paper_inputs: ClassVar[tuple[str, Mapping[str, Any]]] = ("locon", {})
 
     @staticmethod
     def prepare_prompt(prompt: Any, config: FusionConfig) -> tuple[Any, FusionConfig]:
@@ -200,7 +205,7 @@ def make_config(method: str, config: FusionConfig | str | os.PathLike | None = N
 
 
 # Built-in methods register themselves on import; the list is the order `--method all` shows them in.
-BUILTIN_MODULES = ("direct", "klora", "switch", "composite", "blora", "ziplora", "nplora", "craft")
+BUILTIN_MODULES = ("direct", "klora", "switch", "composite", "blora", "ziplora", "nplora", "craft", "ssr_merge")
 
 
 def _load_builtin_methods() -> None:

@@ -174,6 +174,7 @@ class ZipLoraConfig(FusionConfig):
 class ZipLora(FusionMethod):
     name = NAME
     config_cls = ZipLoraConfig
+    paper_inputs = ("attn", {})  # the paper merges SDXL DreamBooth LoRAs on the attention projections
     needs_references = True
     summary = (
         "ZipLoRA: per-column mergers learned on a content and a style reference (<= 100 Adam steps), "

@@ -24,19 +24,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lorafuse.errors import LoraFormatError, UserInputError
 from lorafuse.families import family_of
 from lorafuse.families.conditioning import Conditioning
-from lorafuse.fusion.common import DENOISERS, resolve
+from lorafuse.fusion.common import DENOISERS, layer_factors, resolve
 from lorafuse.fusion.prompts import encode_prompts
-from lorafuse.lora.resize import factorize
-from lorafuse.lora.state import LoraModule, LoraState
+from lorafuse.lora.state import LoraState
 from lorafuse.lora.targets import components_of
 from lorafuse.train.cache import encode_latents
-from lorafuse.utils.atomic import atomic_path
+from lorafuse.train.objectives import uniform_objective
+from lorafuse.utils.atomic import atomic_save_safetensors
 
 NAME = "ziplora"
 MERGERS_METADATA_KEY = "lorafuse.ziplora"
@@ -118,9 +117,7 @@ class ZipMergers:
             raise UserInputError(f"{path}: ZipLoRA mergers are written as .safetensors")
         tensors = {f"content/{k}": v.detach().float().contiguous() for k, v in self.m_c.items()}
         tensors.update({f"style/{k}": v.detach().float().contiguous() for k, v in self.m_s.items()})
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=self.metadata)
-        return path
+        return atomic_save_safetensors(path, tensors, self.metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> ZipMergers:
@@ -150,21 +147,6 @@ class ZipTrainReport:
     similarity: list[float]  # mean over layers of |cos(m_c, m_s)| after each step
 
 
-def _low_rank(module: LoraModule) -> LoraModule:
-    return factorize(module.delta) if module.down is None else module
-
-
-def _factors(module: LoraModule, layer: nn.Module, weight: float) -> tuple[Tensor, Tensor]:
-    """(A, B') in float32 in the layer's own layout, B' = w · s · B: the forward adds B' A x."""
-    module = _low_rank(module)
-    down, up = module.down.float(), (weight * module.scale) * module.up.float()
-    if isinstance(layer, nn.Conv2d) and down.dim() == 2:  # 2-D LoRA on a 1x1 conv (SD1.5 proj_in)
-        down, up = down[:, :, None, None], up[:, :, None, None]
-    elif isinstance(layer, nn.Linear) and down.dim() == 4:  # 1x1-conv LoRA on a linear
-        down, up = down.flatten(1), up.flatten(1)
-    return down, up
-
-
 class _Branches:
     """Forward hooks that add the content and/or style update to each LoRA'd layer's output, with or without
     the mergers, depending on `mode`: None (base), "content", "style" or "merged". One set of hooks serves the
@@ -181,7 +163,7 @@ class _Branches:
                 if isinstance(layer, nn.Conv2d) and layer.groups != 1:
                     raise UserInputError(f"{NAME}: {key}: grouped convolutions are not supported")
                 entry = self.layers.setdefault(key, (module, {}))
-                down, up = _factors(state.modules[key], layer, weight)
+                down, up = layer_factors(state.modules[key], layer, weight)
                 entry[1][role] = (down.to(layer.weight.device), up.to(layer.weight.device))
         self.mergers = {
             role: {
@@ -266,6 +248,7 @@ def _objective(
             raise UserInputError(f"{NAME}: {role}_ref must be a ZipReference (see encode_reference)")
     family = family_of(pipe)
     unet = family.denoiser(pipe)
+    objective = uniform_objective(family.objective, pipe.scheduler.config)
     params = [p for root in components_of(pipe).values() for p in root.parameters()]
     grad_flags = [p.requires_grad for p in params]
     branches = _Branches(pipe, content, style, w_c, w_s)
@@ -293,9 +276,9 @@ def _objective(
             mse = torch.zeros(())
             for ref, mode, cond_ref, cond_merged in tasks:
                 x0 = ref.latents.to(unet.device, unet.dtype)
-                noise = torch.randn(x0.shape, generator=generator).to(x0)
-                # the same x_t and t for both forwards
-                noisy, t = family.training_sample(pipe.scheduler.config, x0, noise, generator)
+                # the same x_t and t for both forwards, drawn by the family's training objective
+                noised = objective.draw(x0, generator)
+                noisy, t = family.pack_latents(noised.noisy), noised.timesteps
                 h, w = (n * pipe.vae_scale_factor for n in x0.shape[-2:])
                 model_fn = family.model_fn(unet, height=h, width=w)
                 with torch.no_grad(), branches.use(mode):

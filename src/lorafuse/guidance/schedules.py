@@ -66,6 +66,14 @@ def switch_index(step_index: int, tau: int, n: int) -> int:
     return (step_index // tau) % n
 
 
+def switch_index_official(step_index: int, tau: int, n: int) -> int:
+    """LoRA Switch as the official code runs it: it switches in a step-end callback when `i > 0 and i % τ == 0`,
+    after step i has run, so LoRA 0 runs steps 0 … τ (τ + 1 steps) and every later LoRA τ steps."""
+    if tau < 1 or n < 1:
+        raise UserInputError(f"LoRA Switch needs tau >= 1 and at least one LoRA, got tau={tau}, n={n}")
+    return (max(step_index - 1, 0) // tau) % n
+
+
 def klora_scale(step_index: int, num_steps: int, alpha: float = 1.5, beta: float = 0.5) -> float:
     """K-LoRA's paper scale S(i) = α · i / T + β (docs/algorithms.md §2; the official code's wrapped "s*" pattern differs)."""
     return alpha * progress(step_index, num_steps) + beta

@@ -14,9 +14,13 @@ import functools
 from torch import nn
 
 from lorafuse.errors import UserInputError
-from lorafuse.families import FAMILIES, get_family
+from lorafuse.families import FAMILIES, Family, get_family
 
-REFERENCE_ARCHS = ("sd15", "sdxl", "flux")  # the families whose foreign LoRAs we guess by shapes
+# the families with a published real-size architecture (the built-in world has none): foreign LoRAs are
+# guessed against these by shapes
+REFERENCE_ARCHS = tuple(
+    name for name, f in FAMILIES.items() if type(f).reference_components is not Family.reference_components
+)
 ARCH_LABELS = {name: family.label for name, family in FAMILIES.items()}
 
 

@@ -36,10 +36,10 @@ from dataclasses import dataclass
 import torch
 
 from lorafuse.errors import LoraFormatError
+from lorafuse.families.flux import MLP_RATIO
 from lorafuse.lora.state import LoraModule
 
 COMPONENT = "transformer"
-MLP_RATIO = 4  # FluxSingleTransformerBlock's mlp_hidden_dim = 4 · dim (not configurable in diffusers or BFL)
 
 _DOUBLE: dict[str, tuple[str, ...]] = {
     "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
@@ -329,51 +329,3 @@ def to_bfl(modules: Mapping[str, LoraModule], source: str) -> dict[str, LoraModu
         dims = piece_dims(pieces, target, where) if len(target.pieces) > 1 else []
         out[bfl] = fuse_pieces(pieces, target, dims, where)
     return out
-
-
-# --- module shapes -----------------------------------------------------------------------------------------
-
-
-def transformer_shapes(config: Mapping) -> dict[str, tuple[int, int]]:
-    """{canonical key: weight shape} of every Linear of a `FluxTransformer2DModel` with this config.
-
-    Written out from the architecture because building the real-size model, even on the meta device, takes
-    ~20 s on a busy CPU; tests/lora/test_flux_keys.py checks it against a built tiny model.
-    """
-    d = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
-    mlp = MLP_RATIO * d
-    out_channels = config.get("out_channels") or config["in_channels"]
-    shapes: dict[str, tuple[int, int]] = {
-        "time_text_embed.timestep_embedder.linear_1": (d, 256),  # sinusoidal projection to 256 channels
-        "time_text_embed.timestep_embedder.linear_2": (d, d),
-        "time_text_embed.text_embedder.linear_1": (d, int(config["pooled_projection_dim"])),
-        "time_text_embed.text_embedder.linear_2": (d, d),
-        "context_embedder": (d, int(config["joint_attention_dim"])),
-        "x_embedder": (d, int(config["in_channels"])),
-        "norm_out.linear": (2 * d, d),
-        "proj_out": (int(config.get("patch_size", 1)) ** 2 * int(out_channels), d),
-    }
-    if config.get("guidance_embeds"):
-        shapes["time_text_embed.guidance_embedder.linear_1"] = (d, 256)
-        shapes["time_text_embed.guidance_embedder.linear_2"] = (d, d)
-    double = {
-        "norm1.linear": (6 * d, d),
-        "norm1_context.linear": (6 * d, d),
-        "ff.net.0.proj": (mlp, d),
-        "ff.net.2": (d, mlp),
-        "ff_context.net.0.proj": (mlp, d),
-        "ff_context.net.2": (d, mlp),
-    }
-    for name in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
-        double[f"attn.{name}"] = (d, d)
-    single = {
-        "norm.linear": (3 * d, d),
-        "proj_mlp": (mlp, d),
-        "proj_out": (d, d + mlp),
-        **{f"attn.{n}": (d, d) for n in ("to_q", "to_k", "to_v")},
-    }
-    for i in range(int(config["num_layers"])):
-        shapes.update({f"transformer_blocks.{i}.{k}": v for k, v in double.items()})
-    for i in range(int(config["num_single_layers"])):
-        shapes.update({f"single_transformer_blocks.{i}.{k}": v for k, v in single.items()})
-    return {f"{COMPONENT}.{k}": v for k, v in shapes.items()}

@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from lorafuse.errors import LoraFormatError, UserInputError
+from lorafuse.families import FAMILIES, get_family
 from lorafuse.lora.checks import check_magnitudes, check_tensors
 from lorafuse.lora.formats import WRITE_FORMATS, bfl, detect_format, diffusers, kohya
 from lorafuse.lora.formats.metadata import build_metadata, to_str
-from lorafuse.lora.keys import ARCHS, SD15_LAYOUT, SDXL_LAYOUT, KeyIndex, NameResolver, UnetLayout
+from lorafuse.lora.keys import ARCHS, KeyIndex, NameResolver, UnetLayout
 from lorafuse.lora.state import LoraState
 from lorafuse.utils.atomic import atomic_save_safetensors
 from lorafuse.utils.inputs import check_input_file
@@ -122,7 +123,8 @@ def _layout(arch: str, base: object | None) -> UnetLayout | None:
         layout = base_modules(base).layout
         if layout is not None:
             return layout
-    return {"sd15": SD15_LAYOUT, "sdxl": SDXL_LAYOUT}.get(arch)
+    reference = get_family(arch).reference_unet
+    return UnetLayout.from_config(reference) if reference is not None else None
 
 
 def save_lora(
@@ -158,7 +160,9 @@ def save_lora(
     if format not in WRITE_FORMATS:
         raise UserInputError(f"unknown LoRA format {format!r}; choose from {', '.join(WRITE_FORMATS)}")
     if arch is None:
-        arch = "flux" if "transformer" in state.components() else "sd15"
+        # the first registered family whose denoiser the LoRA targets (SD1.5 for a UNet)
+        comps = state.components()
+        arch = next((f.name for f in FAMILIES.values() if f.denoiser_component in comps), "sd15")
     if arch not in ARCHS:
         raise UserInputError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
     if not state.modules:
@@ -169,7 +173,7 @@ def save_lora(
             if t is not None and not torch.isfinite(t).all():
                 raise LoraFormatError(f"{path}: module {key} has non-finite values in {name}; not saving it")
 
-    if format == "kohya" and uniform_alpha and arch != "flux":
+    if format == "kohya" and uniform_alpha and get_family(arch).uniform_alpha_ok:
         state = kohya.with_uniform_alpha(state)
     meta = build_metadata(state, fmt=format, arch=arch, path=path, training=training)
     if format == "kohya":

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from lorafuse.errors import LoraFormatError
-from lorafuse.families import NAMES
+from lorafuse.families import NAMES, get_family
 
 ARCHS = NAMES  # the registered base-model families
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -48,13 +48,8 @@ KOHYA_READ_PREFIXES = {
 
 
 def kohya_write_prefixes(arch: str) -> dict[str, str]:
-    """Component -> kohya prefix. SDXL numbers its two text encoders; SD1.5 (and our world) has one."""
-    if arch == "sdxl":
-        return {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-    if arch == "flux":
-        # kohya's FLUX.1 files: BFL transformer names under lora_unet_, CLIP-L under lora_te1_ (flux_keys.py)
-        return {"transformer": "lora_unet_", "text_encoder": "lora_te1_"}
-    return {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    """Component -> kohya prefix of the family's files (SDXL numbers its two text encoders: lora_te1_, lora_te2_)."""
+    return dict(get_family(arch).kohya_prefixes)
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -271,7 +266,7 @@ def kohya_name(key: str, arch: str, layout: UnetLayout | None = None) -> str:
             f"{key}: component {component!r} has no kohya prefix for arch {arch!r} "
             f"(kohya {arch} files have {', '.join(prefixes)})"
         )
-    if component == "unet" and arch == "sdxl":
+    if component == "unet" and get_family(arch).kohya_sgm_unet:
         sgm = unet_to_sgm(path, layout or SDXL_LAYOUT)
         if sgm is None:
             raise LoraFormatError(f"{key}: no SGM (kohya SDXL) name for this UNet module")

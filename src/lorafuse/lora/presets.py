@@ -11,6 +11,9 @@ Presets (named per family in `lorafuse.families`; the generic ones mean the same
     default        kohya's LoRA: every Linear / 1x1 conv of every Transformer2DModel (attention, ff, proj_in/out)
     all            kohya's LoCon: default + every ResnetBlock2D (conv1, conv2, conv_shortcut, time_emb_proj)
                    + the down/upsampler convs; 3x3 convs take conv_dim / conv_alpha when set
+    blora          B-LoRA as the paper trains it: ONE LoRA on both blocks' attention projections, trained jointly
+                   (docs/algorithms.md §4); fusion then takes the content block of one such LoRA and the
+                   style block of another
     blora_content  B-LoRA's content block, attention projections only (docs/algorithms.md §4)
     blora_style    B-LoRA's style block, attention projections only
     craft_content  CRAFT-LoRA's content layers I_c: the lower/middle resolutions (docs/algorithms.md §7.3)
@@ -29,23 +32,26 @@ from collections.abc import Sequence
 from torch import nn
 
 from lorafuse.errors import UserInputError
-from lorafuse.families import NAMES, Family, components, family_of, get_family
+from lorafuse.families import FAMILIES, NAMES, Family, components, family_of, get_family
 from lorafuse.families.layers import ATTN_PROJ, RESNET, SAMPLER, TRANSFORMER, Rule
 
 __all__ = ["ATTN_PROJ", "RESNET", "SAMPLER", "TRANSFORMER", "block_names", "detect_arch", "preset_rules",
            "resolve_layers"]  # fmt: skip
 
 ARCHS = NAMES
-PRESET_NAMES = (
+PRESET_NAMES = (  # every family has these (or refuses them by name); FAMILY_PRESET_NAMES adds the others
     "default",
     "attn",
     "all",
+    "blora",
     "blora_content",
     "blora_style",
     "craft_content",
     "craft_style",
 )
-# Presets that must never share a module (trained separately, fused later).
+FAMILY_PRESET_NAMES = tuple(dict.fromkeys([*PRESET_NAMES, *(p for f in FAMILIES.values() for p in f.presets)]))
+# Presets that must never share a module when trained separately and fused later (the joint `blora` preset is
+# their union: one LoRA holding both blocks).
 DISJOINT_PAIRS = (("blora_content", "blora_style"), ("craft_content", "craft_style"))
 
 
@@ -53,6 +59,8 @@ def preset_rules(preset: str, arch: str | Family, denoiser: nn.Module | None = N
     """The (block, members, exact) rules of `preset` on family `arch` (for `denoiser`'s depth, if given)."""
     family = get_family(arch)
     family.check_refused(preset)
+    if preset == "blora":  # joint B-LoRA training: both blocks in one LoRA
+        return preset_rules("blora_content", family, denoiser) + preset_rules("blora_style", family, denoiser)
     if preset in family.presets:
         return family.rules(preset, denoiser)
     names = [*PRESET_NAMES, *(p for p in family.presets if p not in PRESET_NAMES)]

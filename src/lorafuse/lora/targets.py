@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lorafuse.errors import UserInputError
-from lorafuse.families import components
+from lorafuse.families import components, get_family
 from lorafuse.lora.keys import KeyIndex, UnetLayout, canonical_key
 
 _TARGET_TYPES = (nn.Linear, nn.Conv2d)
@@ -91,22 +91,14 @@ def base_modules(base: object) -> BaseModules:
 @functools.lru_cache(maxsize=4)
 def reference_modules(arch: str) -> BaseModules:
     """BaseModules of the real-size architecture (meta device, no weights)."""
-    from lorafuse.lora.archs import reference_components
+    from lorafuse.lora.archs import REFERENCE_ARCHS
 
-    if arch != "flux":
-        return base_modules(reference_components(arch))
-    # FLUX.1's transformer Linears are written out (flux_keys): building its 57 blocks and T5-XXL, even on the
-    # meta device, takes ~20 s on a busy CPU; only CLIP-L is built
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from lorafuse.families.flux import TRANSFORMER
-    from lorafuse.families.sd15 import CLIP_L
-    from lorafuse.families.unet import meta_modules
-    from lorafuse.lora.flux_keys import transformer_shapes
-
-    base = base_modules(meta_modules(lambda: {"text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L))}))
+    if arch not in REFERENCE_ARCHS:
+        raise UserInputError(f"no reference architecture {arch!r}; known: {', '.join(REFERENCE_ARCHS)}")
+    built, written = get_family(arch).reference_lora_targets()
+    base = base_modules(built)
     modules = dict(base.modules)
-    for key, shape in transformer_shapes(TRANSFORMER).items():
+    for key, shape in written.items():
         component, path = key.split(".", 1)
         modules[key] = ModuleRef(component, path, shape)
-    return BaseModules(modules)
+    return BaseModules(modules, base.layout)

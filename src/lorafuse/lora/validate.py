@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorafuse.errors import LoraFormatError, UserInputError
+from lorafuse.families import FAMILIES
 from lorafuse.lora.archs import ARCH_LABELS, REFERENCE_ARCHS
 from lorafuse.lora.checks import check_against_base
 from lorafuse.lora.keys import ARCHS, split_key, split_kohya_prefix
@@ -131,8 +132,9 @@ def _check_family(state: LoraState, base: BaseModules, label: str, source: str) 
     if not lora_side or not base_side or lora_side & base_side:
         return
     keys = sorted(k for k in state.modules if split_key(k)[0] in lora_side)
-    if "transformer" in lora_side:
-        family = ARCH_LABELS["flux"]
+    transformer_families = [f.label for f in FAMILIES.values() if f.denoiser_component in lora_side - {"unet"}]
+    if transformer_families:
+        family = transformer_families[0]
     else:
         guess = _guess_arch(state, keys, exclude="")
         family = ARCH_LABELS[guess] if guess else "Stable Diffusion (UNet)"

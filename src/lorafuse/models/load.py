@@ -24,15 +24,12 @@ from pathlib import Path
 import torch
 
 from lorafuse.errors import UserInputError
-from lorafuse.families import family_of_checkpoint
+from lorafuse.families import FAMILIES, family_of_checkpoint
 from lorafuse.utils.devices import resolve_device, resolve_dtype
 
-# tiny random-weight bases by name: one line per family (and variant), in models/tiny*.py
+# tiny random-weight bases by name -> (module in models/, builder): each family registers its own (`tiny_bases`)
 TINY_BASES = {
-    "sd15-tiny": ("tiny", "tiny_sd15_pipeline"),
-    "sdxl-tiny": ("tiny", "tiny_sdxl_pipeline"),
-    "flux-tiny": ("tiny_flux", "tiny_flux_pipeline"),
-    "flux-schnell-tiny": ("tiny_flux", "tiny_flux_schnell_pipeline"),
+    name: tuple(spec.split(":")) for family in FAMILIES.values() for name, spec in family.tiny_bases.items()
 }
 
 log = logging.getLogger(__name__)

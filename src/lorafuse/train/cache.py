@@ -24,8 +24,10 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from lorafuse.errors import UserInputError
+from lorafuse.families import Family, get_family
 from lorafuse.train.buckets import crop_offset
 from lorafuse.train.data import DatasetIndex, ImageItem, image_tensor
+from lorafuse.train.masks import mask_pixels
 from lorafuse.utils.atomic import atomic_path, safetensors_bytes_to
 
 log = logging.getLogger(__name__)
@@ -152,6 +154,11 @@ class LatentCache:
 
     def item_key(self, item: ImageItem) -> str:
         a = item.assignment
+        # the loss mask is cached with the latents: its source is part of the key (absent without one, so
+        # caches of unmasked images stay valid)
+        mask = (
+            {} if item.mask is None else {"mask": "alpha" if item.mask == "alpha" else file_digest(item.mask)}
+        )
         return _key(
             kind="latents",
             image=file_digest(item.path),
@@ -159,6 +166,7 @@ class LatentCache:
             resized=a.resized,
             crop=crop_offset(a.resized, a.bucket, None),
             vae=self.vae_fingerprint,
+            **mask,
         )
 
     def release_vae(self) -> None:
@@ -174,7 +182,7 @@ class LatentCache:
         for idx, item in enumerate(index.items):
             if item.repeats == 0:
                 continue  # a reg image the balancing left out is never asked for
-            names = [_FLIP_NAMES[f] for f in self._flips(index, item)]
+            names = [_FLIP_NAMES[f] for f in self._flips(index, item)] + (["mask"] if item.mask else [])
             if self.store.valid(idx, item, self.item_key(item), names):
                 stats.reused += 1
             else:
@@ -201,6 +209,12 @@ class LatentCache:
             pixels = torch.stack([image_tensor(index.items[i], flip, None)[0] for i in chunk])  # (B, 3, H, W)
             for i, latent in zip(chunk, encode_latents(self.vae, pixels), strict=True):
                 per_item[i][_FLIP_NAMES[flip]] = latent
+        for i in chunk:  # the unflipped centre-crop mask (H, W) uint8; get_mask flips it
+            item = index.items[i]
+            if item.mask is not None:
+                per_item[i]["mask"] = mask_pixels(
+                    item, False, crop_offset(item.assignment.resized, item.assignment.bucket, None)
+                )
         for i, tensors in per_item.items():
             self.store.put(i, tensors)
 
@@ -208,6 +222,11 @@ class LatentCache:
         """(4, h, w) unscaled latents of one item."""
         name = _FLIP_NAMES[flip]
         return self.store.get(item_index, name)[name]
+
+    def get_mask(self, item_index: int, flip: bool) -> torch.Tensor:
+        """(H, W) uint8 loss mask of one item, at its bucket size (train/masks.py)."""
+        mask = self.store.get(item_index, "mask")["mask"]
+        return mask.flip(-1) if flip else mask
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
@@ -222,9 +241,10 @@ def encode_text(
     captions: list[str],
     clip_skip: int = 1,
     max_token_length: int | None = None,
+    **family_options,
 ) -> dict[str, torch.Tensor]:
     """`text_embeddings` without autograd: for caches and frozen text encoders."""
-    return text_embeddings(tokenizers, text_encoders, captions, clip_skip, max_token_length)
+    return text_embeddings(tokenizers, text_encoders, captions, clip_skip, max_token_length, **family_options)
 
 
 def text_embeddings(
@@ -233,47 +253,17 @@ def text_embeddings(
     captions: list[str],
     clip_skip: int = 1,
     max_token_length: int | None = None,
+    *,
+    family: Family | str = "sd15",
+    t5_max_length: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Prompt embeddings as the UNet gets them, for SD1.5 (one encoder) or SDXL (two); differentiable, so a
-    trained text-encoder LoRA and the cache share one definition.
-
-    SD1.5: hidden states of layer -clip_skip (kohya numbering), through the final layer norm as kohya and A1111
-    do -> {"encoder_hidden_states": (B, 77, D)}. SDXL: both encoders' penultimate hidden states concatenated,
-    plus text_encoder_2's projected pooled output -> also {"pooled_prompt_embeds": (B, D2)}; SDXL fixes the
-    layer, so clip_skip is ignored there (as kohya's sdxl_train_network).
-    max_token_length 150 / 225: kohya's 75-token windows (models/long_prompts.py) -> (B, 2 + 75 n, D); SDXL's
-    pooled embedding is the first window's.
-    """
-    from lorafuse.models.long_prompts import chunked_input_ids, merge_windows
-
-    hidden, out = [], {}
-    batch = len(captions)
-    for tok, te in zip(tokenizers, text_encoders, strict=True):
-        if max_token_length is not None and max_token_length > tok.model_max_length - 2:
-            ids = chunked_input_ids(tok, captions, max_token_length).flatten(0, 1)  # (B * n, 77)
-        else:
-            ids = tok(
-                captions,
-                padding="max_length",
-                max_length=tok.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
-        windows = ids.shape[0] // batch
-        res = te(ids.to(next(te.parameters()).device), output_hidden_states=True)
-        if len(text_encoders) == 2:
-            states = res.hidden_states[-2]
-            if hasattr(res, "text_embeds"):
-                out["pooled_prompt_embeds"] = res.text_embeds[::windows].float()  # the first window's
-        elif clip_skip == 1:
-            states = res.last_hidden_state
-        else:
-            # transformers 5 put final_layer_norm on CLIPTextModel itself; 4.x has it under text_model.
-            norm = te.final_layer_norm if hasattr(te, "final_layer_norm") else te.text_model.final_layer_norm
-            states = norm(res.hidden_states[-clip_skip])
-        hidden.append(merge_windows(states, batch, tok.model_max_length) if windows > 1 else states)
-    out["encoder_hidden_states"] = torch.cat(hidden, dim=-1).float()
-    return out
+    """Prompt embeddings as the family's denoiser gets them in training (`Family.training_text`); differentiable,
+    so a trained text-encoder LoRA and the cache share one definition. SD1.5, SDXL and the world base encode
+    alike (the number of encoders decides), hence the default family."""
+    return get_family(family).training_text(
+        tokenizers, text_encoders, captions, clip_skip=clip_skip, max_token_length=max_token_length,
+        t5_max_length=t5_max_length,
+    )  # fmt: skip
 
 
 class TextEncoderCache:
@@ -292,15 +282,20 @@ class TextEncoderCache:
         cache_dir: Path | None = None,
         batch_size: int = 8,
         max_token_length: int | None = None,
+        family: Family | str = "sd15",
+        t5_max_length: int | None = None,
     ):
         self.tokenizers, self.text_encoders = list(tokenizers), list(text_encoders)
         self.clip_skip, self.batch_size = clip_skip, batch_size
         self.max_token_length = max_token_length
+        self.family = get_family(family)
+        self.t5_max_length = t5_max_length
         self.fingerprint = _key(
             kind="text",
             te=module_fingerprint(*self.text_encoders),
             clip_skip=clip_skip,
             **({"max_token_length": max_token_length} if max_token_length else {}),
+            **({"t5_max_length": t5_max_length} if t5_max_length else {}),
             tok=[_tokenizer_fingerprint(t) for t in self.tokenizers],
         )
         self.store = _Store("te", to_disk, cache_dir)
@@ -326,8 +321,9 @@ class TextEncoderCache:
         for start in range(0, len(captions), self.batch_size):
             chunk = captions[start : start + self.batch_size]
             encoded = encode_text(
-                self.tokenizers, self.text_encoders, chunk, self.clip_skip, self.max_token_length
-            )
+                self.tokenizers, self.text_encoders, chunk, self.clip_skip, self.max_token_length,
+                family=self.family, t5_max_length=self.t5_max_length,
+            )  # fmt: skip
             for j, caption in enumerate(chunk):
                 for idx in todo[caption]:
                     self.store.put(idx, {name: t[j] for name, t in encoded.items()})

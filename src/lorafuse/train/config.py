@@ -20,12 +20,8 @@ from lorafuse.config.checks import bad as _bad
 from lorafuse.config.checks import check_positive as _positive
 from lorafuse.config.checks import check_rates as _rates
 from lorafuse.config.toml_io import load_config
-from lorafuse.lora.presets import PRESET_NAMES
 from lorafuse.train.config_optim import LossConfig, OptimizerConfig, SchedulerConfig
 from lorafuse.train.config_subsets import SubsetConfig
-
-# Preset names `lora.presets.resolve_layers` knows; anything else in `layers` must be a list of regexes.
-LAYER_PRESETS = PRESET_NAMES
 
 
 @dataclass(frozen=True)
@@ -36,6 +32,9 @@ class ModelConfig:
     v_parameterization: bool = False
     # kohya / A1111 numbering: 1 = last layer, 2 = penultimate. diffusers' `clip_skip` is this minus 1.
     clip_skip: int = 1
+    # embedded guidance the transformer of a guidance-distilled base (FLUX.1 dev) gets while training; kohya's
+    # FLUX guide trains with 1.0 (its option's default is 3.5). Bases without a guidance embedding ignore it.
+    guidance_scale: float = 1.0
     # the frozen denoiser's Linear weights stored in 8 bits while the LoRA trains: none, int8 (torchao, any
     # device), fp8 (CUDA with float8 support; kohya's fp8_base). Saves ~3/4 of those weights' memory
     quantize_base: str = "none"
@@ -47,6 +46,7 @@ class ModelConfig:
             raise _bad("quantize_base", f"must be none, int8 or fp8, got {self.quantize_base!r}")
         if self.clip_skip < 1:
             raise _bad("clip_skip", f"must be >= 1 (kohya numbering, 1 = last layer), got {self.clip_skip}")
+        _positive(self, "guidance_scale")
 
     @property
     def diffusers_clip_skip(self) -> int | None:
@@ -80,6 +80,8 @@ class DatasetConfig:
     flip_aug: bool = False
     # random instead of centre crops (not with cache_latents)
     random_crop: bool = False
+    # weight the loss by each image's alpha channel (kohya's alpha_mask): transparent pixels do not train
+    alpha_mask: bool = False
     # aspect-ratio buckets instead of square crops
     enable_bucket: bool = False
     # smallest bucket side in pixels
@@ -107,6 +109,8 @@ class DatasetConfig:
     subsets: tuple[SubsetConfig, ...] = ()
     # captions up to 150 or 225 tokens, encoded in 75-token chunks as kohya; None = CLIP's 75
     max_token_length: int | None = None
+    # T5 tokens of FLUX.1 captions (kohya's t5xxl_max_token_length); None = FluxPipeline's 512
+    t5xxl_max_token_length: int | None = None
     # fraction of the training images held out for the validation loss (kohya's validation_split)
     validation_split: float = 0.0
     # seed of the held-out split; None: the training seed
@@ -126,6 +130,7 @@ class DatasetConfig:
             raise _bad(
                 "max_token_length", f"must be 75, 150 or 225 (kohya's choices), got {self.max_token_length}"
             )
+        _positive(self, "t5xxl_max_token_length")
         if not 0.0 <= self.validation_split < 1.0:
             raise _bad("validation_split", f"must be in [0, 1), got {self.validation_split}")
         if any(side <= 0 or side % 8 for side in self.size):
@@ -197,8 +202,9 @@ class NetworkConfig:
     conv_dim: int | None = None  # LoCon-style 3x3 conv layers; None = linear and 1x1 layers only
     # alpha of 3x3 conv layers (kohya's default 1 when conv_dim is set)
     conv_alpha: float | None = None
-    # a preset: default (kohya's LoRA), attn, all (LoCon), blora_content, blora_style, craft_content, craft_style
-    # (lora/presets.py); or regexes, re.search-ed against UNet module paths
+    # a preset: default (kohya's LoRA), attn, all (LoCon), blora_content, blora_style, craft_content, craft_style,
+    # double, single (FLUX.1's block kinds) (lora/presets.py); or regexes, re.search-ed against the denoiser's
+    # module paths (by index: '^transformer_blocks\\.(0|3)\\.')
     layers: str | tuple[str, ...] = "default"
     # rank per UNet block in kohya's order IN00.., MID, OUT00.. (25 for SD1.5, 19 SDXL, 13 world); 0 = no LoRA
     block_dims: tuple[int, ...] | None = None
@@ -234,10 +240,13 @@ class NetworkConfig:
         _rates(self, "network_dropout")
         if self.conv_alpha is not None and self.conv_dim is None:
             raise _bad("conv_alpha", "is set but conv_dim is not")
-        if isinstance(self.layers, str) and self.layers not in LAYER_PRESETS:
+        # imported here: lora.presets loads torch, and the config (the web UI's training form) must load without it
+        from lorafuse.lora.presets import FAMILY_PRESET_NAMES as PRESET_NAMES  # every family's presets
+
+        if isinstance(self.layers, str) and self.layers not in PRESET_NAMES:
             raise _bad(
                 "layers",
-                f"unknown preset {self.layers!r}; use one of {', '.join(LAYER_PRESETS)} or a list of regexes",
+                f"unknown preset {self.layers!r}; use one of {', '.join(PRESET_NAMES)} or a list of regexes",
             )
         if not isinstance(self.layers, str):
             if not self.layers:
@@ -300,6 +309,8 @@ class TrainingConfig:
     save_precision: Literal["float", "fp16", "bf16"] = "float"
     # file format of LoRA files; only safetensors (kohya's ckpt / pt are pickles, refused with the reason)
     save_model_as: str = "safetensors"
+    # key layout of the LoRA files: kohya (A1111, ComfyUI, kohya, diffusers all load it) or diffusers (PEFT names)
+    lora_format: Literal["kohya", "diffusers"] = "kohya"
     # keep only the newest N LoRA files saved by save_every_n_epochs (older ones are deleted)
     save_last_n_epochs: int | None = None
     # keep only the step saves of the last N steps (older save_every_n_steps files are deleted)
@@ -375,6 +386,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         ds = self.dataset
+        if self.training.lora_format != "kohya" and self.network.network_module == "lycoris.kohya":
+            raise _bad("training.lora_format", "LyCORIS networks are written in LyCORIS's own (kohya) layout")
+        if self.loss.masked_loss:
+            _check_mask_sources(ds)
         if self.training.validate_every_n_steps and not ds.validation_split:
             raise _bad(
                 "training.validate_every_n_steps", "needs dataset.validation_split > 0 (the held-out images)"
@@ -397,6 +412,23 @@ class TrainConfig:
                     "dataset.cache_text_encoder_outputs",
                     f"cannot be used with {names} (captions change every epoch)",
                 )
+
+
+def _check_mask_sources(ds: DatasetConfig) -> None:
+    """masked_loss promises a mask for every image: a subset without one would train unmasked without a word."""
+    if not ds.subsets and not ds.alpha_mask:
+        raise _bad(
+            "loss.masked_loss",
+            "needs loss masks: set dataset.alpha_mask = true, or give [[dataset.subsets]] a mask_dir",
+        )
+    for i, sub in enumerate(ds.subsets):
+        alpha = ds.alpha_mask if sub.alpha_mask is None else sub.alpha_mask
+        if sub.mask_dir is None and not alpha:
+            raise _bad(
+                "loss.masked_loss",
+                f"needs a loss mask for every image, but dataset.subsets[{i}] ({sub.image_dir}) has neither "
+                "mask_dir nor alpha_mask = true",
+            )
 
 
 def load_train_config(

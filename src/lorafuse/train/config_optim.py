@@ -85,11 +85,32 @@ class LossConfig:
     max_timestep: int = 1000
     # sample noisy timesteps more often (content) or clean ones (style), cubic bias
     timestep_bias: Literal["none", "content", "style"] = "none"
+    # every image has a loss mask (dataset alpha_mask, or the subsets' mask_dir), checked before training;
+    # masks apply whenever a subset has one, as kohya's masked_loss / alpha_mask
+    masked_loss: bool = False
+    # --- flow-matching bases (FLUX.1); names and meanings of kohya's flux_train_network.py --------------------
+    # how σ is drawn: sigma (the discrete schedule shifted by discrete_flow_shift, u from weighting_scheme),
+    # uniform, sigmoid, shift (sigmoid then discrete_flow_shift), flux_shift (sigmoid then FLUX's
+    # resolution-dependent shift); train/objectives.py has the formulas
+    timestep_sampling: Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift"] = "sigma"
+    # scale s of sigmoid(s * n), n ~ N(0, 1) (sigmoid, shift, flux_shift)
+    sigmoid_scale: float = 1.0
+    # static shift k of σ -> k σ / (1 + (k - 1) σ) (shift, sigma); 1 = none (diffusers' FLUX script)
+    discrete_flow_shift: float = 3.0
+    # what the loss compares with the velocity target ε - x0: raw (the prediction), additive (+ x_t),
+    # sigma_scaled (x_t - σ·prediction, kohya's default; kohya's FLUX guide recommends raw, our default)
+    model_prediction_type: Literal["raw", "additive", "sigma_scaled"] = "raw"
+    # diffusers' weighting_scheme: logit_normal / mode draw u for timestep_sampling = sigma; sigma_sqrt / cosmap
+    # weight the loss (with any model_prediction_type; kohya weights only with sigma_scaled)
+    weighting_scheme: Literal["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"] = "none"
+    logit_mean: float = 0.0  # of weighting_scheme logit_normal
+    logit_std: float = 1.0  # of weighting_scheme logit_normal
+    mode_scale: float = 1.29  # of weighting_scheme mode
 
     def __post_init__(self) -> None:
         if self.huber_c is not None and not 0 < self.huber_c <= 1:
             raise _bad("huber_c", f"must be in (0, 1], got {self.huber_c}")
-        _positive(self, "min_snr_gamma")
+        _positive(self, "min_snr_gamma", "sigmoid_scale", "discrete_flow_shift", "logit_std")
         if self.noise_offset < 0:
             raise _bad("noise_offset", f"must be >= 0, got {self.noise_offset}")
         if not 0 <= self.min_timestep < self.max_timestep <= 1000:

@@ -38,9 +38,13 @@ class SubsetConfig:
     max_bucket_reso: int | None = None  # None: the [dataset] value
     bucket_reso_steps: int | None = None  # None: the [dataset] value
     bucket_no_upscale: bool | None = None  # None: the [dataset] value
+    alpha_mask: bool | None = None  # None: the [dataset] value
+    # loss masks: a folder of images named as this subset's images (white trains, black is ignored; kohya's
+    # conditioning_data_dir with masked_loss); wins over alpha_mask
+    mask_dir: Path | None = None
 
     def __post_init__(self) -> None:
-        as_paths(self, "image_dir")
+        as_paths(self, "image_dir", "mask_dir")
         if self.num_repeats < 1:
             raise _bad("num_repeats", f"must be >= 1, got {self.num_repeats}")
         if self.keep_tokens is not None and self.keep_tokens < 0:
@@ -56,7 +60,7 @@ class SubsetConfig:
         """Every optional setting with the dataset's value filled in."""
         out = {}
         for key, value in vars(self).items():
-            if key in ("image_dir", "num_repeats", "class_tokens", "is_reg"):
+            if key in ("image_dir", "num_repeats", "class_tokens", "is_reg", "mask_dir"):
                 continue
             out[key] = getattr(dataset, key) if value is None else value
         return out

@@ -18,7 +18,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -28,6 +28,7 @@ from PIL import Image, ImageOps
 
 from lorafuse.errors import UserInputError
 from lorafuse.train import captions as cap
+from lorafuse.train import masks
 from lorafuse.train.buckets import (
     BucketAssignment,
     BucketManager,
@@ -36,31 +37,22 @@ from lorafuse.train.buckets import (
     crop_offset,
     resize_and_crop,
 )
+
+# the folder layout, shared with `lorafuse dataset` (which must not import torch)
+from lorafuse.train.dataset_folders import FOLDER_PATTERN, IMAGE_EXTENSIONS, parse_subset_folder
 from lorafuse.utils.atomic import TMP_PREFIX
 from lorafuse.utils.inputs import problem_with_file
 
 if TYPE_CHECKING:
     from lorafuse.train.cache import LatentCache, TextEncoderCache
     from lorafuse.train.config import DatasetConfig, TrainingConfig
+    from lorafuse.train.masks import MaskSource
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _CACHE_FILE = re.compile(r"^.+\.(" + "|".join(e[1:] for e in IMAGE_EXTENSIONS) + r")\.[a-z_]+\.safetensors$", re.I)
-FOLDER_PATTERN = "<repeats>_<trigger> <class>"
-_FOLDER_RE = re.compile(r"^([0-9]+)_(\S.*)$")
 # Independent random streams per sample, so turning one augmentation on does not change the others.
 _ORDER, _FLIP, _CROP, _CAPTION = 0, 1, 2, 3
-
-
-def parse_subset_folder(folder: Path) -> tuple[int, str]:
-    """'10_sks dog' -> (10, 'sks dog'); anything else is an error naming the folder and the pattern."""
-    m = _FOLDER_RE.match(folder.name)
-    if m is None or int(m.group(1)) < 1:
-        raise UserInputError(
-            f"{folder}: folder name must be '{FOLDER_PATTERN}' with repeats >= 1 (e.g. '10_sks dog'), got '{folder.name}'"
-        )
-    return int(m.group(1)), m.group(2).strip()
 
 
 @dataclass(frozen=True)
@@ -72,6 +64,7 @@ class ImageItem:
     repeats: int  # for reg images: after balancing against the train images, as kohya (0 = unused)
     is_reg: bool
     subset: int = 0  # index into DatasetIndex.augments: the caption and image settings of its subset
+    mask: MaskSource = None  # loss mask: a mask image, "alpha" (its own alpha channel) or None (train.masks)
 
 
 @dataclass(frozen=True)
@@ -99,9 +92,11 @@ class DatasetIndex:
     samples: list[int] = field(init=False)  # item index of each sample of one epoch, repeats expanded
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     augments: list[Augment] = field(default_factory=list)  # per subset; empty: the dataset's settings
+    has_masks: bool = field(init=False)  # any loss mask: then every sample carries one (ones if it has none)
 
     def __post_init__(self) -> None:
         self.samples = [i for i, item in enumerate(self.items) for _ in range(item.repeats)]
+        self.has_masks = any(item.mask is not None for item in self.items)
         if not self.augments:
             self.augments = [Augment.of(self.config)]
 
@@ -260,7 +255,8 @@ def _scan_folder(
     folder: Path, cfg: DatasetConfig, buckets: BucketManager, is_reg: bool, skipped: list[tuple[Path, str]]
 ) -> list[ImageItem]:
     repeats, tokens = parse_subset_folder(folder)
-    source = ImageSource(folder, repeats, cfg.class_tokens or tokens, cfg.caption_extension, is_reg)
+    tokens = cfg.class_tokens or tokens
+    source = ImageSource(folder, repeats, tokens, cfg.caption_extension, is_reg, alpha_mask=cfg.alpha_mask)
     return scan_images(source, cfg, buckets, skipped)
 
 
@@ -274,6 +270,8 @@ class ImageSource:
     caption_extension: str
     is_reg: bool
     subset: int = 0
+    alpha_mask: bool = False
+    mask_dir: Path | None = None
 
 
 def scan_images(
@@ -284,7 +282,7 @@ def scan_images(
     images = _sort_entries(folder, cfg, skipped)
     if not images:
         log.warning("%s: no images (%s)", folder, ", ".join(IMAGE_EXTENSIONS))
-    items, uncaptioned = [], []
+    items, uncaptioned, opaque = [], [], []
     for path in images:
         try:
             size = load_rgb(path).size
@@ -311,7 +309,12 @@ def scan_images(
             text = fallback
         if not is_reg:  # regularisation images teach the class prior: no trigger word
             text = cap.inject_trigger(text, cfg.trigger)
-        items.append(ImageItem(path, text, size, assignment, repeats, is_reg, source.subset))
+        mask = masks.mask_source(path, source.alpha_mask, source.mask_dir)
+        if mask == "alpha" and not masks.file_has_alpha(path):
+            opaque.append(path)
+        items.append(ImageItem(path, text, size, assignment, repeats, is_reg, source.subset, mask))
+    masks.report_unmasked(folder, opaque)
+    masks.report_orphan_masks(source.mask_dir, images)
     if uncaptioned:
         other = cap.other_caption_file(uncaptioned[0], source.caption_extension)
         hint = f" ({other.name} exists: is caption_extension right?)" if other else ""
@@ -340,10 +343,7 @@ def balance_reg(reg: list[ImageItem], num_train: int) -> list[ImageItem]:
             if n >= num_train:
                 break
         first = False
-    return [
-        ImageItem(it.path, it.caption, it.size, it.assignment, r, True, it.subset)
-        for it, r in zip(reg, repeats, strict=True)
-    ]
+    return [replace(it, repeats=r) for it, r in zip(reg, repeats, strict=True)]
 
 
 def scan_dataset(cfg: DatasetConfig) -> DatasetIndex:
@@ -465,6 +465,8 @@ class TrainDataset(torch.utils.data.Dataset):
         else:
             crop_rng = _rng(self.seed, epoch, sid, _CROP) if aug.random_crop else None
             out["pixel_values"], offset = image_tensor(item, flip, crop_rng)
+        if self.index.has_masks:
+            out["mask"] = masks.sample_mask(self.index, item_idx, flip, offset, self.latent_cache)
         caption_rng = _rng(self.seed, epoch, sid, _CAPTION)
         out["caption"] = cap.process_caption(
             item.caption,

@@ -50,8 +50,9 @@ def scan_subsets(cfg: DatasetConfig) -> DatasetIndex:
         buckets = managers.setdefault(spec, BucketManager(spec))
         augments.append(Augment.of(settings))
         source = ImageSource(
-            sub.image_dir, sub.num_repeats, sub.class_tokens, settings["caption_extension"], sub.is_reg, i
-        )
+            sub.image_dir, sub.num_repeats, sub.class_tokens, settings["caption_extension"], sub.is_reg, i,
+            settings["alpha_mask"], sub.mask_dir,
+        )  # fmt: skip
         items = scan_images(source, cfg, buckets, skipped)
         (reg if sub.is_reg else train).extend(items)
     if not train:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorafuse.errors import ConfigError
-from lorafuse.train.kohya_keys import INACTIVE
+from lorafuse.train.kohya_keys import INACTIVE, Rule
 
 if TYPE_CHECKING:
     from lorafuse.train.kohya_import import KohyaImport
@@ -35,6 +35,7 @@ SUBSET_LEVEL = (
     "caption_tag_dropout_rate",
     "flip_aug",
     "random_crop",
+    "alpha_mask",
 )
 SUBSET_ONLY = ("image_dir", "num_repeats", "class_tokens", "is_reg")
 NOTED = {
@@ -54,11 +55,21 @@ REFUSED = {
     "caption_dropout_every_n_epochs": "caption dropout per epoch is not implemented",
     "caption_separator": "tags are split on ','",
     "metadata_file": "fine-tuning metadata subsets are not supported; use image_dir with captions beside the images",
-    "conditioning_data_dir": "ControlNet datasets are not supported",
     "network_multiplier": "a LoRA multiplier other than 1 during training is not supported",
     "custom_attributes": "not supported",
-    "alpha_mask": "alpha-channel loss masks are not implemented yet",
 }
+
+
+def summary() -> str:
+    """The dataset_config counts README states: keys of [general], [[datasets]] and [[datasets.subsets]]."""
+    mapped = {*DATASET_LEVEL, *SUBSET_LEVEL, *SUBSET_ONLY, "conditioning_data_dir", "batch_size", "validation_split"}
+    mapped |= {"validation_seed"}
+    return (
+        f"{len(mapped) + len(NOTED) + len(REFUSED)} dataset_config keys: {len(mapped)} mapped, {len(NOTED)} "
+        f"accepted with no effect here, {len(REFUSED)} refused unless off"
+    )
+
+
 _OFF = {"token_warmup_min": 1, "caption_separator": ",", "network_multiplier": 1}
 
 
@@ -141,7 +152,9 @@ def convert_dataset_config(imp: KohyaImport, path: Path, flat: dict[str, Any]) -
             else:
                 imp.refuse(f"{where}{key}", value, "unknown [[datasets]] key")
         for s, subset in enumerate(dataset.get("subsets", [])):
-            subsets.append(_subset(imp, f"datasets[{d}].subsets[{s}].", subset, inherited))
+            where = f"datasets[{d}].subsets[{s}]."
+            masked = not Rule("map").is_inactive(flat.get("masked_loss"))
+            subsets.append(_subset(imp, where, subset, inherited, masked))
             has_ext |= "caption_extension" in subset
     if subsets:
         imp.put("dataset.subsets", subsets, "dataset_config", str(path), f"{len(subsets)} subsets")
@@ -165,13 +178,23 @@ def convert_dataset_config(imp: KohyaImport, path: Path, flat: dict[str, Any]) -
 
 
 def _subset(
-    imp: KohyaImport, where: str, subset: dict[str, Any], inherited: dict[str, Any]
+    imp: KohyaImport, where: str, subset: dict[str, Any], inherited: dict[str, Any], masked_loss: bool
 ) -> dict[str, Any]:
     out = dict(inherited)
     for key, value in subset.items():
         if _handled(imp, where, key, value):
             continue
-        if key in SUBSET_ONLY or key in SUBSET_LEVEL or key in DATASET_LEVEL:
+        if key == "conditioning_data_dir":
+            # kohya reads this folder as loss masks only with masked_loss; otherwise it is ControlNet data
+            if masked_loss:
+                out["mask_dir"] = Path(value).as_posix()
+            elif value not in INACTIVE:
+                imp.refuse(
+                    f"{where}{key}",
+                    value,
+                    "mask images are read only with masked_loss = true (ControlNet datasets are not supported)",
+                )
+        elif key in SUBSET_ONLY or key in SUBSET_LEVEL or key in DATASET_LEVEL:
             out[key] = _value(key, value)
         else:
             imp.refuse(f"{where}{key}", value, "unknown subset key")
@@ -179,11 +202,12 @@ def _subset(
         raise ConfigError(f"{where}image_dir: missing (kohya requires it for DreamBooth-style subsets)")
     out["image_dir"] = Path(out["image_dir"]).as_posix()
     for key, value in sorted(out.items()):
-        imp.rows.append(_row(f"{where}{key}", value))
+        imp.rows.append(_row(where, key, value))
     return out
 
 
-def _row(key: str, value: Any):
+def _row(where: str, ours: str, value: Any):
     from lorafuse.train.kohya_import import Row
 
-    return Row(key, value, "mapped", f"dataset.subsets[].{key.rsplit('.', 1)[-1]} = {value!r}")
+    kohya = "conditioning_data_dir" if ours == "mask_dir" else ours
+    return Row(f"{where}{kohya}", value, "mapped", f"dataset.subsets[].{ours} = {value!r}")

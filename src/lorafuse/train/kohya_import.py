@@ -67,6 +67,8 @@ class KohyaImport:
         lines = [f"{'kohya key'.ljust(width)}  {'action'.ljust(9)}  lorafuse / reason"]
         for r in self.rows:
             lines.append(f"{r.key.ljust(width)}  {r.action.ljust(9)}  {r.detail}")
+        counts = {a: sum(r.action == a for r in self.rows) for a in ("mapped", "default", "no effect", "refused")}
+        lines.append(f"{len(self.rows)} keys: " + ", ".join(f"{n} {a}" for a, n in counts.items()))
         return "\n".join(lines)
 
     def check(self, source: str) -> None:
@@ -280,6 +282,8 @@ def _optimizer_args(imp, key, value, flat):
 
 _LYCORIS_ALGOS = ("locon", "loha", "lokr")
 _NETWORK_ARGS_OFF = {
+    "train_t5xxl": False,  # kohya lora_flux: T5-XXL LoRAs are not trained here (CLIP-L is)
+    "split_qkv": False,  # kohya lora_flux: its fused-qkv LoRA is the file layout we write anyway
     "preset": "full",
     "dropout": 0,
     "rank_dropout": 0,
@@ -294,14 +298,59 @@ _NETWORK_ARGS_OFF = {
 }
 
 
+_FLUX_BLOCK_ARGS = ("train_blocks", "train_double_block_indices", "train_single_block_indices")
+_FLUX_KINDS = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
+
+
+def flux_layers(args: dict) -> str | list[str]:
+    """kohya lora_flux's block selection -> network.layers: train_blocks (all, double, single) names the kinds,
+    train_double_block_indices / train_single_block_indices ("all", "none", or "0,2,5-8") the blocks of each."""
+    kinds = {"all": ("double", "single"), "double": ("double",), "single": ("single",)}.get(
+        str(args.get("train_blocks", "all")).strip().lower()
+    )
+    if kinds is None:
+        raise ValueError(f"train_blocks must be all, double or single, got {args['train_blocks']!r}")
+    def spec(kind: str) -> str:  # literal_eval made "0,2" a tuple and "3" an int
+        v = args.get(f"train_{kind}_block_indices", "all")
+        return ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v).strip().lower()
+
+    indices = {kind: spec(kind) for kind in kinds}
+    if all(chosen == "all" for chosen in indices.values()):
+        return "all" if len(kinds) == 2 else kinds[0]
+    patterns = []
+    for kind, chosen in indices.items():
+        if chosen == "none":
+            continue
+        if chosen == "all":
+            patterns.append(rf"^{_FLUX_KINDS[kind]}\.\d+\.")
+            continue
+        numbers: list[int] = []
+        for part in chosen.split(","):
+            lo, _, hi = part.strip().partition("-")
+            numbers += range(int(lo), int(hi or lo) + 1)
+        patterns.append(rf"^{_FLUX_KINDS[kind]}\.({'|'.join(map(str, sorted(set(numbers))))})\.")
+    if not patterns:
+        raise ValueError("train_double_block_indices and train_single_block_indices select no block")
+    return patterns
+
+
 def _network_args(imp, key, value, flat):
     try:
         args = split_args(value)
     except ValueError as e:
         imp.refuse(key, value, str(e))
         return
+    flux_blocks = {k: v for k, v in args if k in _FLUX_BLOCK_ARGS}
+    if flux_blocks:
+        sub = f"{key}.{'/'.join(flux_blocks)}"
+        try:
+            imp.put("network.layers", flux_layers(flux_blocks), sub, flux_blocks)
+        except ValueError as e:
+            imp.refuse(sub, flux_blocks, str(e))
     for k, v in args:
         sub = f"{key}.{k}"
+        if k in _FLUX_BLOCK_ARGS:
+            continue
         if k in ("conv_dim", "conv_alpha"):
             imp.put(f"network.{k}", v, sub, v)
         elif k in ("block_dims", "block_alphas"):
@@ -329,7 +378,9 @@ def _network_args(imp, key, value, flat):
 
 
 def _network_module(imp, key, value, flat):
-    if value in ("networks.lora", "lycoris.kohya"):
+    if value == "networks.lora_flux":  # kohya's FLUX.1 LoRA: networks.lora picks the modules by the base's family
+        imp.put("network.network_module", "networks.lora", key, value)
+    elif value in ("networks.lora", "lycoris.kohya"):
         imp.put("network.network_module", value, key, value)
     else:
         imp.refuse(

@@ -46,17 +46,19 @@ def _refuse(reason: str, ok: tuple = INACTIVE) -> Rule:
 
 # kohya keys with the same name and meaning as one of our fields: table of each.
 SAME_NAME: dict[str, str] = {
-    "model": "pretrained_model_name_or_path v_parameterization clip_skip",
+    "model": "pretrained_model_name_or_path v_parameterization clip_skip guidance_scale",
     "dataset": "train_data_dir reg_data_dir resolution caption_extension shuffle_caption keep_tokens "
     "caption_dropout_rate caption_tag_dropout_rate flip_aug random_crop enable_bucket min_bucket_reso "
     "max_bucket_reso bucket_reso_steps bucket_no_upscale cache_latents cache_latents_to_disk "
     "cache_text_encoder_outputs cache_text_encoder_outputs_to_disk prior_loss_weight "
-    "max_token_length validation_split validation_seed",
+    "max_token_length validation_split validation_seed alpha_mask t5xxl_max_token_length",
     "network": "network_module network_dim network_alpha network_dropout network_weights dim_from_weights "
     "network_train_unet_only network_train_text_encoder_only",
     "optimizer": "optimizer_type learning_rate unet_lr text_encoder_lr max_grad_norm",
     "scheduler": "lr_scheduler lr_warmup_steps lr_scheduler_num_cycles lr_scheduler_power",
-    "loss": "loss_type huber_c huber_schedule min_snr_gamma noise_offset min_timestep max_timestep",
+    "loss": "loss_type huber_c huber_schedule min_snr_gamma noise_offset min_timestep max_timestep masked_loss "
+    "timestep_sampling sigmoid_scale discrete_flow_shift model_prediction_type weighting_scheme logit_mean "
+    "logit_std mode_scale",
     "training": "max_train_epochs max_train_steps train_batch_size gradient_accumulation_steps "
     "gradient_checkpointing mixed_precision seed output_dir output_name save_every_n_epochs save_every_n_steps "
     "save_state save_precision save_model_as save_last_n_epochs save_last_n_steps save_last_n_epochs_state "
@@ -69,7 +71,11 @@ _META = "descriptive metadata; lorafuse writes its own ss_* / modelspec.* traini
 _UPLOAD = "lorafuse never uploads anything (no Hugging Face / wandb access at run time)"
 _LOSS = "a loss or noise variant lorafuse does not implement; training would differ from kohya's"
 _CAPTION = "a caption feature lorafuse does not implement"
-_OTHER_ARCH = "an option of kohya's FLUX / SD3 / SD2 trainers, not of SD1.5 / SDXL LoRA training"
+_OTHER_ARCH = "an option of kohya's SD3 / SD2 trainers, not of SD1.5 / SDXL / FLUX.1 LoRA training"
+_FLUX_PARTS = (
+    "FLUX.1's VAE and text encoders come with the base: give a diffusers FLUX.1 folder (or a Hugging Face cache id) "
+    "as pretrained_model_name_or_path; separate ae / clip_l / t5xxl files are not loaded"
+)
 
 RULES: dict[str, Rule] = {
     # --- mapped with a conversion or another name
@@ -85,7 +91,8 @@ RULES: dict[str, Rule] = {
     "network_args": _map(
         "network.conv_dim",
         "conv_dim, conv_alpha, algo, factor, block_dims, block_alphas, down_lr_weight, mid_lr_weight, "
-        "up_lr_weight, block_lr_zero_threshold",
+        "up_lr_weight, block_lr_zero_threshold; FLUX.1: train_blocks, train_double_block_indices, "
+        "train_single_block_indices (to network.layers)",
     ),
     "log_with": _map("training.logging", "tensorboard; wandb is refused"),
     "save_state_on_train_end": _map(
@@ -176,8 +183,6 @@ RULES: dict[str, Rule] = {
     "v_pred_like_loss": _refuse(_LOSS),
     "debiased_estimation_loss": _refuse(_LOSS),
     "huber_scale": _refuse(_LOSS, ok=(*INACTIVE, 1, 1.0)),
-    "masked_loss": _refuse("masked loss is not implemented yet (kohya's --masked_loss with alpha masks)"),
-    "alpha_mask": _refuse("alpha-channel loss masks are not implemented yet (kohya's --alpha_mask)"),
     "block_lr": _refuse(
         "per-block LRs of kohya's full SDXL fine-tune; for a LoRA use network_args down_lr_weight / mid_lr_weight "
         "/ up_lr_weight"
@@ -227,15 +232,27 @@ RULES: dict[str, Rule] = {
     "save_state_to_huggingface": _refuse(_UPLOAD),
     "resume_from_huggingface": _refuse(_UPLOAD),
     "async_upload": _refuse(_UPLOAD),
+    # --- kohya's FLUX.1 trainer (flux_train_network.py); its loss keys map by name above
+    "ae": _refuse(_FLUX_PARTS),
+    "clip_l": _refuse(_FLUX_PARTS),
+    "t5xxl": _refuse(_FLUX_PARTS),
+    "apply_t5_attn_mask": _refuse(
+        "diffusers' FluxTransformer2DModel takes no text attention mask, and FluxPipeline samples without one; a "
+        "LoRA trained with the mask would be sampled without it"
+    ),
+    "split_mode": _refuse("kohya's split_mode (deprecated there) is not implemented"),
+    "cpu_offload_checkpointing": _note(_MEMORY),
+    "blocks_to_swap": _note(_MEMORY),
+    "single_blocks_to_swap": _note(_MEMORY),
+    "double_blocks_to_swap": _note(_MEMORY),
+    "fused_backward_pass": _note(_MEMORY),
+    "mem_eff_save": _note("files are written by safetensors, atomically"),
+    "text_encoder_batch_size": _note("captions are encoded in lorafuse's own batches; results do not depend on it"),
     **{
         k: _refuse(_OTHER_ARCH)
         for k in (
-            "clip_l clip_g t5xxl ae discrete_flow_shift model_prediction_type timestep_sampling split_mode "
-            "t5xxl_max_token_length guidance_scale mem_eff_save apply_t5_attn_mask cpu_offload_checkpointing "
-            "blocks_to_swap single_blocks_to_swap double_blocks_to_swap fused_backward_pass weighting_scheme "
-            "logit_mean logit_std mode_scale clip_l_dropout_rate clip_g_dropout_rate t5_dropout_rate "
-            "enable_scaled_pos_embed pos_emb_random_crop_rate save_clip save_t5xxl t5xxl_device t5xxl_dtype "
-            "text_encoder_batch_size"
+            "clip_g clip_l_dropout_rate clip_g_dropout_rate t5_dropout_rate enable_scaled_pos_embed "
+            "pos_emb_random_crop_rate save_clip save_t5xxl t5xxl_device t5xxl_dtype"
         ).split()
     },
 }
@@ -246,7 +263,7 @@ CONVERTED = {
     "means network_train_unet_only",
     "unet_lr": "0 or unset: learning_rate",
     "optimizer_type": "case-insensitive: AdamW, AdamW8bit, Adafactor, Prodigy (others refused)",
-    "network_module": "networks.lora or lycoris.kohya (others refused)",
+    "network_module": "networks.lora, networks.lora_flux (as networks.lora) or lycoris.kohya (others refused)",
     "sample_prompts": "kohya's .txt prompt file is read; per-prompt options (--n, --w, ...) are listed as dropped",
     "train_data_dir": "no effect when dataset_config is set (as in kohya)",
     "reg_data_dir": "no effect when dataset_config is set (as in kohya)",
@@ -254,6 +271,10 @@ CONVERTED = {
     "huber_schedule": "kohya's default 'snr' with loss_type l2 / l1 is dropped as the no-op it is",
     "caption_extension": "unset: kohya's default .caption",
     "learning_rate": "unset: kohya's default 2e-6",
+    "masked_loss": "subsets' conditioning_data_dir mask images become their mask_dir; every image must have a "
+    "mask (kohya trains an image without one unmasked, silently)",
+    "model_prediction_type": "unset: raw (kohya's default is sigma_scaled, its FLUX guide recommends raw)",
+    "guidance_scale": "unset: 1.0 (kohya's FLUX guide; its option's default is 3.5)",
 }
 for _table, _names in SAME_NAME.items():
     for _name in _names.split():
@@ -268,6 +289,15 @@ OPTIMIZER_FIXED_ARGS = {
     "Adafactor": {"scale_parameter": False, "relative_step": False, "warmup_init": False},
     "Prodigy": {"decouple": True, "use_bias_correction": False, "safeguard_warmup": False, "d_coef": 1.0},
 }
+
+
+def summary() -> str:
+    """The counts README's "coming from kohya" section states, one line."""
+    n = {a: sum(r.action == a for r in RULES.values()) for a in ("map", "note", "refuse")}
+    return (
+        f"{len(RULES)} keys of train_network.py / sdxl_train_network.py / flux_train_network.py: {n['map']} mapped "
+        f"to lorafuse fields, {n['note']} accepted with no effect here, {n['refuse']} refused unless off"
+    )
 
 
 def markdown_table() -> str:

@@ -1,4 +1,5 @@
-"""`train_lora(cfg)`: kohya-style LoRA training for SD1.5, SDXL and the built-in world model, read top to bottom.
+"""`train_lora(cfg)`: kohya-style LoRA training for SD1.5, SDXL, FLUX.1 and the built-in world model, read top to
+bottom.
 
     run = prepare(cfg)                       checks, base, LoRA, caches, data, optimizer, resume, outputs
     for each epoch, for each micro-batch:
@@ -6,8 +7,11 @@
         on_step_end(run, epoch, i)           log, progress bar, periodic LoRA/state saves
     on_epoch_end(run, epoch)                 epoch saves and sample grids
     finish(run)                              final LoRA, state; the loss plot is drawn by `train_lora`
-Notation (Ho et al. 2020; `train/objectives.py`): x_0 latents, ε noise, t timestep, x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε;
-the target is ε, or v = √ᾱ_t ε − √(1−ᾱ_t) x_0 when the scheduler (or v_parameterization) says v-prediction.
+Notation (`train/objectives.py`): x_0 latents, ε noise, t timestep. The base's family names the objective:
+DDPM (Ho et al. 2020), x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε with target ε, or v = √ᾱ_t ε − √(1−ᾱ_t) x_0 when the scheduler
+(or v_parameterization) says v-prediction; rectified flow (FLUX.1), x_t = (1−σ) x_0 + σ ε with target ε − x_0.
+Everything else that differs between bases (text encoding, conditioning, the denoiser call with FLUX's 2x2 patch
+packing and embedded guidance) is asked of the family (`families/base.py`): nothing here branches on the base.
 
 Accelerate places models, runs mixed precision and gradient sync, so `accelerate launch -m lorafuse train ...`
 runs on several GPUs unchanged. Two things are done by hand on purpose: batches are sharded here (accelerate's
@@ -26,14 +30,14 @@ from pathlib import Path
 import torch
 
 from lorafuse.config.toml_io import config_to_dict
-from lorafuse.train.cache import encode_latents, text_embeddings
+from lorafuse.train.cache import encode_latents
 from lorafuse.train.checkpoint import Progress, rng_state, save_train_state
 from lorafuse.train.config import TrainConfig
 from lorafuse.train.losses import diffusion_loss
 from lorafuse.train.objectives import Noised
-from lorafuse.train.prepare import Run, TrainResult, prepare
+from lorafuse.train.prepare import Run, TrainResult, caption_embeddings, prepare
 from lorafuse.train.run_log import RunLog
-from lorafuse.train.run_setup import Shard, accelerate_state_scope, sdxl_added_cond
+from lorafuse.train.run_setup import Shard, accelerate_state_scope
 from lorafuse.train.sampling_during_training import sample_grid
 from lorafuse.train.saving import save_dtype
 from lorafuse.train.validation import Validator
@@ -104,7 +108,8 @@ def training_step(run: Run, i: int, batch: dict) -> bool:
     with acc.no_sync(run.model) if not sync and run.train_unet else contextlib.nullcontext():
         with acc.autocast():
             pred, noised = _predict(run, batch, shard)
-        loss = _loss(run, pred, noised, batch["loss_weight"].to(acc.device) * shard.loss_scale)
+        weight = batch["loss_weight"].to(acc.device) * shard.loss_scale
+        loss = _loss(run, pred, noised, weight, batch.get("mask"))
         acc.backward(loss / (g1 - g0))
     run.group_loss += _global_loss(run, loss.detach()) / (g1 - g0)
     if not sync:
@@ -142,36 +147,38 @@ def _predict(run: Run, batch: dict, shard: Shard) -> tuple[torch.Tensor, Noised]
 
 
 def _inputs(run: Run, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Scaled latents x_0 (B, 4, h, w) and the text conditioning of a batch."""
+    """Normalised latents x_0 (B, C, h, w) and the text conditioning tensors of a batch."""
     device = run.accelerator.device
     if "latents" in batch:
         latents = batch["latents"].to(device)
     else:
         latents = encode_latents(run.vae, batch["pixel_values"])
     if "text" in batch:
-        cond = {k: v.to(device) for k, v in batch["text"].items()}
+        text = {k: v.to(device) for k, v in batch["text"].items()}
     else:
         with torch.set_grad_enabled(run.train_te):
-            mtl = run.cfg.dataset.max_token_length
-            cond = text_embeddings(run.tokenizers, run.text_encoders, batch["caption"], run.clip_skip, mtl)
-    return latents * run.scaling_factor, cond
+            text = caption_embeddings(run, batch["caption"])
+    return run.family.normalize_latents(latents, run.vae_config), text
 
 
-def _denoise(run: Run, batch: dict, cond: dict, noised: Noised) -> torch.Tensor:
-    device, dtype = run.accelerator.device, run.weight_dtype
-    added = None
-    if run.arch == "sdxl":
-        added = sdxl_added_cond(batch, cond["pooled_prompt_embeds"], device, dtype)
-    return run.model(
-        noised.noisy.to(dtype),
-        noised.timesteps,
-        cond["encoder_hidden_states"].to(dtype),
-        added_cond_kwargs=added,
-    ).sample
+def _denoise(run: Run, batch: dict, text: dict, noised: Noised) -> torch.Tensor:
+    """The family's denoiser on x_t: its prediction in the latents' layout, as the loss compares it."""
+    dtype = run.weight_dtype
+    cond = run.family.training_cond({k: v.to(dtype) for k, v in text.items()}, batch)
+    model = run.family.training_denoiser(
+        run.model, latent_hw=tuple(noised.noisy.shape[-2:]), guidance_scale=run.cfg.model.guidance_scale
+    )
+    pred = model(noised.noisy.to(dtype), noised.timesteps, cond)
+    return run.objective.model_output(pred, noised)
 
 
-def _loss(run: Run, pred: torch.Tensor, noised: Noised, sample_weight: torch.Tensor | None) -> torch.Tensor:
+def _loss(
+    run: Run, pred: torch.Tensor, noised: Noised, sample_weight: torch.Tensor | None, mask: torch.Tensor | None
+) -> torch.Tensor:
     c = run.cfg.loss
+    if noised.weight is not None:  # the objective's own per-sample weighting (flow: weighting_scheme)
+        weight = noised.weight.to(pred.device)
+        sample_weight = weight if sample_weight is None else sample_weight * weight
     return diffusion_loss(
         pred,
         noised.target,
@@ -183,6 +190,7 @@ def _loss(run: Run, pred: torch.Tensor, noised: Noised, sample_weight: torch.Ten
         min_snr_gamma=c.min_snr_gamma,
         v_prediction=run.v_pred,
         sample_weight=sample_weight,
+        mask=mask,
     )
 
 
@@ -195,7 +203,7 @@ def validation_loss(run: Run, validator: Validator) -> float:
         noised = run.objective.noised(latents, noise.to(device), timesteps.to(device))
         with run.accelerator.autocast():
             pred = _denoise(run, batch, cond, noised)
-        return _loss(run, pred, noised, None)
+        return _loss(run, pred, noised, None, batch.get("mask"))
 
     for m in run.trained:
         m.eval()
@@ -288,7 +296,7 @@ def on_epoch_end(run: Run, epoch: int) -> None:
             steps=tc.sample_steps,
             seed=tc.seed,
             resolution=run.cfg.dataset.resolution,
-            clip_skip=run.cfg.model.diffusers_clip_skip if run.arch != "sdxl" else None,
+            clip_skip=run.cfg.model.diffusers_clip_skip if run.family.uses_clip_skip else None,
             title=f"{name} epoch {done}, step {run.global_step}",
             autocast=run.accelerator.autocast(),
             max_token_length=run.cfg.dataset.max_token_length,
@@ -341,7 +349,8 @@ def _save_lora(run: Run, path: Path, epoch: int, final: bool = False) -> None:
     if final:
         extra["ss_training_finished_at"] = str(int(time.time()))
     dtype = save_dtype(run.cfg.training.save_precision)
-    run.network.save(path, arch=run.arch, base=run.pipe, training=run.metadata, metadata=extra, dtype=dtype)
+    run.network.save(path, arch=run.arch, base=run.pipe, training=run.metadata, metadata=extra, dtype=dtype,
+                     format=run.cfg.training.lora_format)  # fmt: skip
     run.result.saved.append(path)
 
 

@@ -91,12 +91,19 @@ def diffusion_loss(
     min_snr_gamma: float | None = None,
     v_prediction: bool = False,
     sample_weight: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Scalar loss: elementwise loss, mean per sample, × min-SNR weight, × sample weight (prior loss), mean."""
+    """Scalar loss: elementwise loss (× the pixel mask (B, 1, H, W) area-resized to the latents, train/masks.py),
+    mean per sample, × min-SNR weight, × sample weight (prior loss), mean."""
     c = None
     if loss_type in ("huber", "smooth_l1"):
         c = huber_c_for(timesteps, alphas_cumprod, huber_c, huber_schedule, len(alphas_cumprod))
-    per_sample = elementwise_loss(pred, target, loss_type, c).mean(dim=tuple(range(1, pred.dim())))
+    loss = elementwise_loss(pred, target, loss_type, c)
+    if mask is not None:
+        from lorafuse.train.masks import apply_mask
+
+        loss = apply_mask(loss, mask)
+    per_sample = loss.mean(dim=tuple(range(1, pred.dim())))
     if min_snr_gamma:
         per_sample = per_sample * min_snr_weight(timesteps, alphas_cumprod, min_snr_gamma, v_prediction)
     if sample_weight is not None:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lorafuse.errors import UserInputError
+from lorafuse.families import Family, get_family
 from lorafuse.lora.keys import UnetLayout, canonical_key, unet_to_sgm
 from lorafuse.lora.presets import detect_arch, resolve_layers
 from lorafuse.lora.state import LoraModule, LoraState
@@ -40,6 +41,7 @@ TEXT_ENCODER_TARGETS = re.compile(
     r"(^|\.)encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$"
 )
 KOHYA_CONV_ALPHA = 1.0  # kohya's conv_alpha when conv_dim is set without it
+_BLOCKWISE = ("block_dims", "block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight")
 _SGM_BLOCK = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.|^middle_block\.")
 
 Plan = dict[str, dict[str, tuple[int, float]]]  # component -> module path -> (rank, alpha)
@@ -72,42 +74,13 @@ def _is_3x3(module: nn.Module) -> bool:
 def plan_network(pipe: object, net: NetworkConfig, arch: str | None = None) -> Plan:
     """Which modules get a LoRA and with which (rank, alpha); see the module docstring for the rules."""
     comps = components_of(pipe)
+    family = get_family(arch or detect_arch(pipe))
     plan: Plan = {}
     if net.train_unet:
-        unet = comps["unet"]
-        arch = arch or detect_arch(pipe)
-        layers = "all" if net.layers == "default" and net.conv_dim else net.layers
-        labels = block_labels(unet)
-        for key in ("block_dims", "block_alphas"):
-            values = getattr(net, key)
-            if values is not None and len(values) != len(labels):
-                raise UserInputError(
-                    f"network.{key} has {len(values)} entries, this {arch} UNet has {len(labels)} blocks "
-                    f"({labels[0]}..{labels[-1]} in kohya's order IN.., MID, OUT..)"
-                )
-        layout = UnetLayout.from_config(unet.config)
-        lr_weights = block_lr_weights(net, labels) or {}
-        targets: dict[str, tuple[int, float]] = {}
-        for path in resolve_layers(unet, layers, arch):
-            rank, alpha = net.network_dim, net.network_alpha
-            block = block_of(path, layout)
-            if block is not None and lr_weights.get(block, 1.0) <= net.block_lr_zero_threshold:
-                continue  # kohya drops blocks whose LR weight is at or below the threshold
-            if block is not None and net.block_dims is not None:
-                rank = net.block_dims[labels.index(block)]
-            if block is not None and net.block_alphas is not None:
-                alpha = net.block_alphas[labels.index(block)]
-            if rank == 0:
-                continue
-            if _is_3x3(unet.get_submodule(path)) and net.conv_dim:
-                rank = net.conv_dim
-                alpha = net.conv_alpha if net.conv_alpha is not None else KOHYA_CONV_ALPHA
-            targets[path] = (int(rank), float(alpha))
-        if not targets:
-            raise UserInputError("network.block_dims removes every UNet module: nothing left to train")
-        plan["unet"] = targets
+        name = family.denoiser_component
+        plan[name] = _denoiser_plan(comps[name], net, family)
     if net.train_text_encoder:
-        for name in ("text_encoder", "text_encoder_2"):
+        for name in family.trainable_text_encoders:
             if name in comps:
                 found = {
                     path: (net.network_dim, float(net.network_alpha))
@@ -120,6 +93,48 @@ def plan_network(pipe: object, net: NetworkConfig, arch: str | None = None) -> P
     if not plan:
         raise UserInputError("nothing to train: the base has none of the components the network asks for")
     return plan
+
+
+def _denoiser_plan(denoiser: nn.Module, net: NetworkConfig, family: Family) -> dict[str, tuple[int, float]]:
+    layers = "all" if net.layers == "default" and net.conv_dim else net.layers
+    if "up_block_types" not in denoiser.config:  # a transformer: no kohya IN/MID/OUT blocks
+        blockwise = [k for k in _BLOCKWISE if getattr(net, k) is not None]
+        if blockwise:
+            raise UserInputError(
+                f"network.{blockwise[0]} numbers kohya's UNet blocks (IN00.., MID, OUT00..); {family.label} has a "
+                "transformer: select its blocks with network.layers (double, single, or regexes by index)"
+            )
+        return {path: (net.network_dim, float(net.network_alpha))
+                for path in resolve_layers(denoiser, layers, family.name)}  # fmt: skip
+    labels = block_labels(denoiser)
+    for key in ("block_dims", "block_alphas"):
+        values = getattr(net, key)
+        if values is not None and len(values) != len(labels):
+            raise UserInputError(
+                f"network.{key} has {len(values)} entries, this {family.name} UNet has {len(labels)} blocks "
+                f"({labels[0]}..{labels[-1]} in kohya's order IN.., MID, OUT..)"
+            )
+    layout = UnetLayout.from_config(denoiser.config)
+    lr_weights = block_lr_weights(net, labels) or {}
+    targets: dict[str, tuple[int, float]] = {}
+    for path in resolve_layers(denoiser, layers, family.name):
+        rank, alpha = net.network_dim, net.network_alpha
+        block = block_of(path, layout)
+        if block is not None and lr_weights.get(block, 1.0) <= net.block_lr_zero_threshold:
+            continue  # kohya drops blocks whose LR weight is at or below the threshold
+        if block is not None and net.block_dims is not None:
+            rank = net.block_dims[labels.index(block)]
+        if block is not None and net.block_alphas is not None:
+            alpha = net.block_alphas[labels.index(block)]
+        if rank == 0:
+            continue
+        if _is_3x3(denoiser.get_submodule(path)) and net.conv_dim:
+            rank = net.conv_dim
+            alpha = net.conv_alpha if net.conv_alpha is not None else KOHYA_CONV_ALPHA
+        targets[path] = (int(rank), float(alpha))
+    if not targets:
+        raise UserInputError("network.block_dims removes every UNet module: nothing left to train")
+    return targets
 
 
 def _peft_config(targets: Mapping[str, tuple[int, float]], dropout: float):
@@ -173,9 +188,11 @@ class LoraNetwork:
         weight-1 group, so the log's lr_unet stays the base LR)."""
         groups = []
         for comp in sorted(self.plan):
-            lr = unet_lr if comp == "unet" else text_encoder_lr
-            if comp != "unet" or not self.lr_weights:
-                groups.append({"params": list(self.named_parameters(comp).values()), "lr": lr, "name": comp})
+            is_te = comp.startswith("text_encoder")
+            lr = text_encoder_lr if is_te else unet_lr
+            group = comp if is_te else "unet"  # kohya's name for the denoiser's LR (unet_lr), UNet or transformer
+            if is_te or not self.lr_weights:
+                groups.append({"params": list(self.named_parameters(comp).values()), "lr": lr, "name": group})
                 continue
             by_weight: dict[float, list[nn.Parameter]] = {}
             for path, layer in self.layers(comp):
@@ -185,7 +202,7 @@ class LoraNetwork:
                 ]
                 by_weight.setdefault(weight, []).extend(params)
             for weight, params in sorted(by_weight.items(), key=lambda wp: wp[0] != 1.0):
-                name = comp if weight == 1.0 else f"{comp}_x{weight:g}"
+                name = group if weight == 1.0 else f"{group}_x{weight:g}"
                 groups.append({"params": params, "lr": lr * weight, "name": name})
         return groups
 
@@ -214,13 +231,16 @@ class LoraNetwork:
                     )
                 param.copy_(tensors[name])
 
-    def save(self, path, *, arch: str, base: object, training: Mapping, metadata: Mapping, dtype) -> object:
-        """Write the LoRA file (kohya format) at `dtype` (save_precision)."""
+    def save(
+        self, path, *, arch: str, base: object, training: Mapping, metadata: Mapping, dtype, format: str = "kohya"
+    ) -> object:
+        """Write the LoRA file (kohya or diffusers format) at `dtype` (save_precision)."""
         from lorafuse.lora.io import save_lora
 
         return save_lora(
             self.to_lora_state(),
             path,
+            format=format,
             arch=arch,
             base=base,
             training=training,
@@ -252,6 +272,13 @@ def create_network(pipe: object, net: NetworkConfig, arch: str | None = None) ->
 
     if net.network_module == "lycoris.kohya":
         from lorafuse.train.network_lycoris import create_lycoris_network
+
+        family = get_family(arch or detect_arch(pipe))
+        if family.denoiser_component != "unet":
+            raise UserInputError(
+                f"network.network_module = 'lycoris.kohya' trains UNet bases here; for {family.label} use "
+                "networks.lora (kohya's networks.lora_flux)"
+            )
 
         return create_lycoris_network(pipe, net, arch or detect_arch(pipe))
 

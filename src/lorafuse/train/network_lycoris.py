@@ -81,8 +81,9 @@ class LycorisNetwork:
                 param.copy_(tensors[name])
 
     def save(
-        self, path: Path, *, arch: str, base: object, training: Mapping, metadata: Mapping, dtype
-    ) -> Path:
+        self, path: Path, *, arch: str, base: object, training: Mapping, metadata: Mapping, dtype,
+        format: str = "kohya",  # LyCORIS's own layout is the only one (TrainConfig refuses another)
+    ) -> Path:  # fmt: skip
         """Write with LyCORIS's key layout (its state_dict), our ss_* / modelspec.* metadata, atomically."""
         from lorafuse.lora.formats.metadata import build_metadata, to_str
         from lorafuse.lora.io import save_tensors

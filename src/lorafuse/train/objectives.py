@@ -25,10 +25,19 @@ timesteps first before this module existed, and keeping its order keeps every tr
     "logit_normal" u = sigmoid(m + d·n), n ~ N(0, 1), m = logit_mean, d = logit_std   (diffusers
                    `--weighting_scheme logit_normal`, SD3 paper §3.1)
     "mode"         u ~ U(0, 1), u ← 1 − u − c (cos²(πu/2) − 1 + u), c = mode_scale      (diffusers `mode`)
-    "logit_normal" and "mode" then index diffusers' discrete schedule as `train_dreambooth_lora_flux.py` does:
+    "discrete"     u ~ U(0, 1)                                           (kohya `sigma` / diffusers `none`)
+    "logit_normal", "mode" and "discrete" then index diffusers' discrete schedule as `train_dreambooth_lora_flux.py`
+    and kohya's `sigma` sampling do:
     i = ⌊u·T⌋, σ = (T − i)/T, T = 1000 (FlowMatchEulerDiscreteScheduler's training sigmas with dynamic shifting,
     FLUX's config), and with `shift` ≠ 1 the static shift σ ← k σ / (1 + (k − 1) σ) (SD3's config).
   `loss_weighting` is diffusers' `compute_loss_weighting_for_sd3` ("none", "sigma_sqrt", "cosmap").
+  `prediction` (kohya's `model_prediction_type`) is what the loss compares with the target ε − x0:
+    "raw"           the prediction v̂ itself (diffusers; kohya's recommendation for FLUX.1)
+    "additive"      v̂ + x_t                      (kohya)
+    "sigma_scaled"  x_t − σ v̂, i.e. the predicted x0 (kohya's default; kohya compares it with ε − x0 as well)
+
+`objective_for(family, scheduler_config, loss, ...)` builds the objective a base family names (`Family.objective`)
+from the [loss] table, and refuses the settings that objective does not use, by name.
 """
 
 from __future__ import annotations
@@ -43,8 +52,9 @@ from torch import Tensor
 from lorafuse.train.timesteps import TimestepBias, noise_like, sample_timesteps
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
-FlowSampling = Literal["uniform", "sigmoid", "shift", "flux_shift", "logit_normal", "mode"]
+FlowSampling = Literal["uniform", "sigmoid", "shift", "flux_shift", "logit_normal", "mode", "discrete"]
 FlowWeighting = Literal["none", "sigma_sqrt", "cosmap"]
+FlowPrediction = Literal["raw", "additive", "sigma_scaled"]
 
 
 @dataclass
@@ -70,6 +80,8 @@ class Objective(Protocol):
     def draw(self, x0: Tensor, generator: torch.Generator | None) -> Noised: ...
 
     def predicted_x0(self, pred: Tensor, noised: Noised) -> Tensor: ...
+
+    def model_output(self, pred: Tensor, noised: Noised) -> Tensor: ...
 
 
 class DDPMObjective:
@@ -113,6 +125,10 @@ class DDPMObjective:
             target = noise if self.prediction_type == "epsilon" else x0
         return Noised(noisy=noisy, timesteps=t, target=target, noise=noise)
 
+    def model_output(self, pred: Tensor, noised: Noised) -> Tensor:
+        """What the loss compares with `noised.target`: the prediction itself."""
+        return pred
+
     def predicted_x0(self, pred: Tensor, noised: Noised) -> Tensor:
         a = self.alphas_cumprod.to(pred)[noised.timesteps].view(-1, *([1] * (pred.dim() - 1)))
         if self.prediction_type == "v_prediction":
@@ -136,6 +152,7 @@ class FlowMatchObjective:
     base_shift: float = 0.5  # μ at 256 tokens, FLUX.1's scheduler config
     max_shift: float = 1.15  # μ at 4096 tokens
     loss_weighting: FlowWeighting = "none"
+    prediction: FlowPrediction = "raw"
     num_train_timesteps: int = 1000
 
     def sample_sigmas(
@@ -152,11 +169,12 @@ class FlowMatchObjective:
             if self.sampling == "flux_shift":
                 return 1 / (1 + math.exp(-self.flux_mu(latent_hw)) * (1 / sigma - 1))
             return sigma
-        if self.sampling in ("logit_normal", "mode"):
+        if self.sampling in ("logit_normal", "mode", "discrete"):
             from diffusers.training_utils import compute_density_for_timestep_sampling
 
+            scheme = "none" if self.sampling == "discrete" else self.sampling  # "none": u ~ U(0, 1)
             u = compute_density_for_timestep_sampling(
-                self.sampling, batch, self.logit_mean, self.logit_std, self.mode_scale, generator=generator
+                scheme, batch, self.logit_mean, self.logit_std, self.mode_scale, generator=generator
             )
             n = self.num_train_timesteps
             sigma = (n - (u * n).long()).float() / n
@@ -173,6 +191,13 @@ class FlowMatchObjective:
     def draw(self, x0: Tensor, generator: torch.Generator | None) -> Noised:
         sigma = self.sample_sigmas(x0.shape[0], generator, tuple(x0.shape[-2:]))
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+        return self._at(x0, noise, sigma)
+
+    def noised(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Noised:
+        """x_t and the target for given noise and timesteps t = 1000 σ (fixed draws, e.g. a validation set's)."""
+        return self._at(x0, noise, timesteps.float().cpu() / self.num_train_timesteps)
+
+    def _at(self, x0: Tensor, noise: Tensor, sigma: Tensor) -> Noised:
         s = sigma.to(x0.device, x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
         noisy = (1 - s) * x0 + s * noise
         weight = None
@@ -183,6 +208,82 @@ class FlowMatchObjective:
         timesteps = (sigma * self.num_train_timesteps).to(x0.device)
         return Noised(noisy, timesteps, noise - x0, noise, sigmas=sigma.to(x0.device), weight=weight)
 
+    def model_output(self, pred: Tensor, noised: Noised) -> Tensor:
+        """What the loss compares with the target ε − x0 (`prediction`, kohya's model_prediction_type)."""
+        if self.prediction == "raw":
+            return pred
+        if self.prediction == "additive":
+            return pred + noised.noisy
+        assert noised.sigmas is not None
+        return noised.noisy - noised.sigmas.to(pred).view(-1, *([1] * (pred.dim() - 1))) * pred
+
     def predicted_x0(self, pred: Tensor, noised: Noised) -> Tensor:
         assert noised.sigmas is not None
         return noised.noisy - noised.sigmas.to(pred).view(-1, *([1] * (pred.dim() - 1))) * pred
+
+
+# [loss] settings each objective does not use, with their inactive values and why (a set value is refused)
+_DDPM_ONLY = {
+    "min_snr_gamma": (None, "Min-SNR weighting needs a DDPM noise schedule (ᾱ_t)"),
+    "noise_offset": (0.0, "kohya's FLUX trainer adds no noise offset"),
+    "min_timestep": (0, "σ is drawn by timestep_sampling"),
+    "max_timestep": (1000, "σ is drawn by timestep_sampling"),
+    "timestep_bias": ("none", "σ is drawn by timestep_sampling"),
+}
+_FLOW_ONLY = ("timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type",
+              "weighting_scheme", "logit_mean", "logit_std", "mode_scale")  # fmt: skip
+
+
+def objective_for(
+    name: str, scheduler_config: Any, loss: Any, *, v_prediction: bool = False, label: str = ""
+) -> DDPMObjective | FlowMatchObjective:
+    """The training objective `name` (a family's `objective`: "epsilon" or "flow") from the [loss] table `loss`;
+    settings the objective would ignore are refused by name. v_prediction: the DDPM target is v (SD2-v bases)."""
+    from dataclasses import fields
+
+    from lorafuse.errors import UserInputError
+
+    defaults = {f.name: f.default for f in fields(loss)}
+    label = label or name
+    if name == "flow":
+        set_ = [(k, why) for k, (off, why) in _DDPM_ONLY.items() if getattr(loss, k) != off]
+        if v_prediction:
+            set_.append(("model.v_parameterization", "rectified flow predicts the velocity ε − x0 already"))
+        if loss.loss_type in ("huber", "smooth_l1") and loss.resolved_huber_schedule == "snr":
+            set_.append(("huber_schedule", "'snr' needs a DDPM noise schedule; use constant or exponential"))
+        if set_:
+            key, why = set_[0]
+            raise UserInputError(f"loss.{key} does not apply to {label} (rectified flow): {why}")
+        s = loss.timestep_sampling
+        scheme = loss.weighting_scheme
+        sampling = s if s != "sigma" else (scheme if scheme in ("logit_normal", "mode") else "discrete")
+        return FlowMatchObjective(
+            sampling, sigmoid_scale=loss.sigmoid_scale, discrete_flow_shift=loss.discrete_flow_shift,
+            logit_mean=loss.logit_mean, logit_std=loss.logit_std, mode_scale=loss.mode_scale,
+            shift=loss.discrete_flow_shift,  # kohya's `sigma` indexes a table shifted by discrete_flow_shift
+            loss_weighting=scheme if scheme in ("sigma_sqrt", "cosmap") else "none",
+            prediction=loss.model_prediction_type,
+            num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000),
+        )  # fmt: skip
+    if name == "epsilon":
+        changed = [k for k in _FLOW_ONLY if getattr(loss, k) != defaults[k]]
+        if changed:
+            raise UserInputError(
+                f"loss.{changed[0]} is for flow-matching bases (FLUX.1); {label} trains ε / v-prediction"
+            )
+        return DDPMObjective(
+            scheduler_config, "v_prediction" if v_prediction else "epsilon", t_min=loss.min_timestep,
+            t_max=loss.max_timestep, bias=loss.timestep_bias, noise_offset=loss.noise_offset,
+        )  # fmt: skip
+    raise ValueError(f"unknown training objective {name!r}")
+
+
+def uniform_objective(name: str, scheduler_config: Any) -> DDPMObjective | FlowMatchObjective:
+    """The objective `name` (a family's `objective`) with the plain forward process: t ~ U{0, …, T − 1} on the
+    DDPM schedule, or σ ~ U(0, 1) on rectified flow; no bias, offset or weighting. For methods that compare two
+    predictions at the same draw (ZipLoRA's mergers), which read x_t and t but not the target."""
+    if name == "flow":
+        return FlowMatchObjective("uniform", num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000))
+    if name == "epsilon":
+        return DDPMObjective(scheduler_config, "epsilon")
+    raise ValueError(f"unknown training objective {name!r}")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from lorafuse.config.toml_io import config_to_dict, save_config
-from lorafuse.lora.presets import detect_arch
+from lorafuse.families import Family, family_of
 from lorafuse.models.load import load_base_pipeline
 from lorafuse.train.cache import LatentCache, TextEncoderCache, encode_latents, text_embeddings
 from lorafuse.train.checkpoint import (
@@ -33,7 +33,7 @@ from lorafuse.train.checkpoint import (
 from lorafuse.train.config import TrainConfig
 from lorafuse.train.data import DatasetIndex, TrainDataset, collate_batch, describe, scan_dataset
 from lorafuse.train.network import create_network
-from lorafuse.train.objectives import DDPMObjective
+from lorafuse.train.objectives import Objective, objective_for
 from lorafuse.train.optim import make_lr_scheduler, make_optimizer
 from lorafuse.train.quantize import quantize_frozen_base
 from lorafuse.train.run_log import RunLog
@@ -79,17 +79,18 @@ class Run:
     validator: Validator | None = None
     # 2. base and objective
     pipe: Any = None
-    arch: str = ""
-    unet: Any = None
+    family: Family | None = None  # what differs between bases: text encoding, denoiser call, objective
+    arch: str = ""  # the family's name, for files and messages
+    denoiser: Any = None  # the UNet or transformer
     vae: Any = None
+    vae_config: dict = field(default_factory=dict)  # kept when the VAE is dropped after caching
     tokenizers: list = field(default_factory=list)
     text_encoders: list = field(default_factory=list)
-    objective: DDPMObjective | None = None
-    alphas_cumprod: torch.Tensor | None = None  # on the device, for the loss's SNR terms
+    objective: Objective | None = None
+    alphas_cumprod: torch.Tensor | None = None  # DDPM objectives, on the device, for the loss's SNR terms
     v_pred: bool = False
     weight_dtype: torch.dtype = torch.float32
     clip_skip: int = 1
-    scaling_factor: float = 1.0
     # 3. LoRA
     network: Any = None
     train_unet: bool = False
@@ -105,7 +106,7 @@ class Run:
     # 6-7. optimisation and resume
     optimizer: Any = None
     lr_scheduler: Any = None
-    model: Any = None  # the UNet as accelerate prepared it (DDP-wrapped with several processes)
+    model: Any = None  # the denoiser as accelerate prepared it (DDP-wrapped with several processes)
     trained: list = field(default_factory=list)  # modules with a LoRA
     params: list = field(default_factory=list)
     te_params: list = field(default_factory=list)
@@ -164,28 +165,26 @@ def prepare(cfg: TrainConfig, progress_bar: bool = True) -> Run:
 
 
 def _load_base(run: Run) -> None:
-    """2. The base model on the device, in the compute dtype, and the objective its scheduler implies."""
+    """2. The base model on the device, in the compute dtype, and the objective its family names."""
     cfg, accelerator = run.cfg, run.accelerator
     run.pipe = pipe = load_base_pipeline(cfg.model.pretrained_model_name_or_path)
-    run.arch = detect_arch(pipe)
-    run.unet, run.vae = pipe.unet, pipe.vae
+    run.family = family = family_of(pipe)
+    run.arch = family.name
+    run.denoiser, run.vae = family.denoiser(pipe), pipe.vae
+    run.vae_config = dict(pipe.vae.config)
     run.tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
     run.text_encoders = [
         t for t in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if t is not None
     ]
-    run.v_pred = cfg.model.v_parameterization or pipe.scheduler.config.prediction_type == "v_prediction"
+    family.check_text_options(cfg.dataset.max_token_length, cfg.dataset.t5xxl_max_token_length)
+    run.v_pred = cfg.model.v_parameterization or pipe.scheduler.config.get("prediction_type") == "v_prediction"
+    run.objective = objective_for(
+        family.objective, pipe.scheduler.config, cfg.loss, v_prediction=run.v_pred, label=family.label
+    )
     if run.v_pred:
         pipe.scheduler.register_to_config(prediction_type="v_prediction")  # samples during training too
-    loss = cfg.loss
-    run.objective = DDPMObjective(
-        pipe.scheduler.config,
-        "v_prediction" if run.v_pred else "epsilon",
-        t_min=loss.min_timestep,
-        t_max=loss.max_timestep,
-        bias=loss.timestep_bias,
-        noise_offset=loss.noise_offset,
-    )
-    run.alphas_cumprod = run.objective.alphas_cumprod.to(accelerator.device)
+    alphas = getattr(run.objective, "alphas_cumprod", None)
+    run.alphas_cumprod = None if alphas is None else alphas.to(accelerator.device)
     run.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
     )
@@ -193,25 +192,22 @@ def _load_base(run: Run) -> None:
     # need only the compute dtype; diffusers warns about any .to(dtype=...), so cast only when it changes.
     run.vae.to(accelerator.device)
     cast = {"dtype": run.weight_dtype} if run.weight_dtype != torch.float32 else {}
-    for module in (run.unet, *run.text_encoders):
+    for module in (run.denoiser, *run.text_encoders):
         module.to(accelerator.device, **cast)
     run.vae.requires_grad_(False)
-    run.clip_skip = (
-        cfg.model.clip_skip if run.arch != "sdxl" else 1
-    )  # SDXL fixes the layer, as kohya's trainer
-    run.scaling_factor = run.vae.config.scaling_factor
+    run.clip_skip = cfg.model.clip_skip if family.uses_clip_skip else 1  # SDXL and FLUX fix their layers
 
 
 def _inject_lora(run: Run) -> None:
     """3. The LoRA (trainable factors in float32) over the base (its Linear weights in 8 bits if asked), and
     gradient checkpointing."""
-    quantize_frozen_base(run.unet, run.cfg.model.quantize_base)
+    quantize_frozen_base(run.denoiser, run.cfg.model.quantize_base)
     run.network = network = create_network(run.pipe, run.cfg.network, run.arch)
-    run.train_unet = "unet" in network.plan
+    run.train_unet = run.family.denoiser_component in network.plan
     run.train_te = any(c.startswith("text_encoder") for c in network.plan)
     if not run.cfg.training.gradient_checkpointing:
         return
-    run.unet.enable_gradient_checkpointing()
+    run.denoiser.enable_gradient_checkpointing()
     for te in run.text_encoders if run.train_te else ():
         # non-reentrant: the reentrant variant passes no gradient to LoRA layers whose inputs need none
         kwargs = {"use_reentrant": False}
@@ -219,6 +215,15 @@ def _inject_lora(run: Run) -> None:
             te.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             te.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def caption_embeddings(run: Run, captions: list[str]) -> dict[str, torch.Tensor]:
+    """The text conditioning of `captions` as the run's family encodes it for training (differentiable)."""
+    ds = run.cfg.dataset
+    return text_embeddings(
+        run.tokenizers, run.text_encoders, captions, run.clip_skip, ds.max_token_length, family=run.family,
+        t5_max_length=ds.t5xxl_max_token_length,
+    )  # fmt: skip
 
 
 def _build_caches(run: Run) -> None:
@@ -231,8 +236,7 @@ def _build_caches(run: Run) -> None:
         loss = run.cfg.loss
         bs = run.cfg.training.train_batch_size
         run.validator = Validator(run.val_index, bs, run.val_seed, loss.min_timestep, loss.max_timestep)
-        tok, tes, skip, mtl = run.tokenizers, run.text_encoders, run.clip_skip, ds.max_token_length
-        frozen_text = None if run.train_te else (lambda c: text_embeddings(tok, tes, c, skip, mtl))
+        frozen_text = None if run.train_te else (lambda c: caption_embeddings(run, c))
         run.validator.prepare(lambda px: encode_latents(run.vae, px), frozen_text)
     if ds.cache_latents:
         run.latent_cache = LatentCache(run.vae, to_disk=ds.cache_latents_to_disk, cache_dir=ds.cache_dir)
@@ -245,6 +249,8 @@ def _build_caches(run: Run) -> None:
             to_disk=ds.cache_text_encoder_outputs_to_disk,
             cache_dir=ds.cache_dir,
             max_token_length=ds.max_token_length,
+            family=run.family,
+            t5_max_length=ds.t5xxl_max_token_length,
         )
         _prepare_shared(run, run.text_cache)
     # Dropped now rather than at the end, so the training steps reuse their memory (for SD1.5 the VAE encoder and
@@ -330,9 +336,9 @@ def _build_optimizer(run: Run) -> None:
     )
     run.trained = [network.components[c] for c in sorted(network.plan)]
     if run.train_unet:
-        run.model, run.optimizer = accelerator.prepare(run.unet, optimizer)
+        run.model, run.optimizer = accelerator.prepare(run.denoiser, optimizer)
     else:
-        run.model, run.optimizer = run.unet, accelerator.prepare(optimizer)
+        run.model, run.optimizer = run.denoiser, accelerator.prepare(optimizer)
     named = network.named_parameters()
     run.params = list(named.values())
     run.te_params = [p for n, p in named.items() if n.startswith("text_encoder")]
@@ -369,7 +375,9 @@ def _open_outputs(run: Run, progress_bar: bool) -> None:
         lora_path=out / f"{name}.safetensors", arch=run.arch, total_steps=run.total_steps
     )
     run.result.batches_per_epoch = run.batches_per_epoch
-    run.metadata = training_metadata(cfg, run.index, run.total_steps, run.num_epochs, run.v_pred)
+    run.metadata = training_metadata(
+        cfg, run.index, run.total_steps, run.num_epochs, run.v_pred, run.family.objective
+    )
     run.metadata["training_started_at"] = str(int(run.started))
     run.global_step, run.position = run.start.global_step, run.start
     run.lora_saves = SaveRotation(tc.save_last_n_epochs, tc.save_last_n_steps)

@@ -1,5 +1,5 @@
 """Pieces of `train_lora` that would interrupt its top-to-bottom reading: batch sharding across processes, the
-accelerator, kohya's training metadata, SDXL's size conditioning."""
+accelerator, kohya's training metadata. (SDXL's size conditioning is the family's: `families/sdxl.py`.)"""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import contextlib
 import importlib.util
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -125,10 +125,18 @@ def make_accelerator(cfg: TrainConfig):
         raise UserInputError(f"training.mixed_precision = {cfg.training.mixed_precision!r}: {e}") from e
 
 
+_FLOW_KEYS = ("timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type",
+              "weighting_scheme", "logit_mean", "logit_std", "mode_scale")  # fmt: skip
+
+
 def training_metadata(
-    cfg: TrainConfig, index: DatasetIndex, total_steps: int, num_epochs: int, v_pred: bool
+    cfg: TrainConfig, index: DatasetIndex, total_steps: int, num_epochs: int, v_pred: bool, objective: str = "epsilon"
 ) -> dict:
+    """kohya's ss_* training record; a flow-matching objective adds its sampling settings, as kohya's FLUX trainer."""
     o, ds, tc = cfg.optimizer, cfg.dataset, cfg.training
+    flow = {k: getattr(cfg.loss, k) for k in _FLOW_KEYS} if objective == "flow" else {}
+    if flow:
+        flow["guidance_scale"] = cfg.model.guidance_scale
     dirs: Counter[str] = Counter(it.path.parent.name for it in index.items if not it.is_reg)
     repeats = {it.path.parent.name: it.repeats for it in index.items if not it.is_reg}
     tags: dict[str, Counter[str]] = {}
@@ -164,19 +172,7 @@ def training_metadata(
         tag_frequency={d: dict(c) for d, c in sorted(tags.items())},
         resolution=ds.resolution,
         clip_skip=cfg.model.clip_skip,
-        v_parameterization=v_pred,
+        v_parameterization=None if flow else v_pred,  # rectified flow is neither ε nor v (no prediction_type)
         trigger_phrase=ds.trigger,
+        **flow,
     )
-
-
-def sdxl_added_cond(batch: dict[str, Any], pooled: torch.Tensor, device, dtype) -> dict[str, torch.Tensor]:
-    """SDXL's extra UNet inputs: the pooled text embedding and (B, 6) time ids, (h, w) each of the original size,
-    the crop's top-left corner and the target size."""
-    ids = [
-        [*o, *c, *t]
-        for o, c, t in zip(batch["original_size"], batch["crop_top_left"], batch["target_size"], strict=True)
-    ]
-    return {
-        "text_embeds": pooled.to(device, dtype),
-        "time_ids": torch.tensor(ids, device=device, dtype=dtype),
-    }

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from lorafuse.families import family_of
 from lorafuse.utils.images import labelled_grid, save_image, to_uint8
 
 GUIDANCE_SCALE = 7.0  # the character-style-transfer paper's sampling setting (Chu)
@@ -36,13 +37,16 @@ def sample_grid(
 
     With max_token_length 150 / 225 (or a prompt longer than 75 tokens) the prompts are encoded in kohya's
     75-token windows, as in training, instead of the pipeline's truncation at 77 tokens."""
+    family = family_of(pipe)
+    denoiser = family.denoiser(pipe)
     modules = [
-        m
-        for m in (pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None))
-        if m
+        m for m in (denoiser, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m
     ]
     modes = [m.training for m in modules]
     kwargs = {"clip_skip": clip_skip} if clip_skip else {}
+    # classifier-free guidance at the paper's scale; a guidance-distilled family keeps its pipeline's default
+    if family.default_guidance > 1:
+        kwargs["guidance_scale"] = GUIDANCE_SCALE
     width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     images = []
@@ -58,7 +62,6 @@ def sample_grid(
                 image = pipe(
                     **(text or {"prompt": prompt}),
                     num_inference_steps=steps,
-                    guidance_scale=GUIDANCE_SCALE,
                     height=height,
                     width=width,
                     generator=generator,
@@ -76,9 +79,11 @@ def sample_grid(
 def long_prompt_kwargs(pipe, prompt: str, max_token_length: int | None, clip_skip: int | None) -> dict | None:
     """Pipeline inputs (prompt_embeds, negative_prompt_embeds, pooled for SDXL) for a prompt longer than 75 tokens
     or a run with max_token_length; None when the pipeline's own 77-token encoding is the same."""
-    from lorafuse.models.long_prompts import WINDOW
+    from lorafuse.families.long_prompts import WINDOW
     from lorafuse.train.cache import text_embeddings
 
+    if not family_of(pipe).long_prompts:
+        return None
     tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
     encoders = [t for t in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if t is not None]
     n_tokens = len(tokenizers[0](prompt, add_special_tokens=False).input_ids)
@@ -88,7 +93,7 @@ def long_prompt_kwargs(pipe, prompt: str, max_token_length: int | None, clip_ski
         max_token_length = min(3, -(-n_tokens // WINDOW)) * WINDOW  # kohya's sampler allows up to 225 tokens
     kohya_skip = 1 if clip_skip is None else clip_skip + 1  # diffusers' clip_skip -> kohya numbering
     cond = text_embeddings(tokenizers, encoders, [prompt, ""], kohya_skip, max_token_length)
-    dtype = next(pipe.unet.parameters()).dtype
+    dtype = next(family_of(pipe).denoiser(pipe).parameters()).dtype
     states = cond["encoder_hidden_states"].to(dtype)
     out = {"prompt_embeds": states[:1], "negative_prompt_embeds": states[1:]}
     if "pooled_prompt_embeds" in cond:

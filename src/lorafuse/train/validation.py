@@ -12,7 +12,7 @@ and the same timesteps each time, so the curve moves only with the LoRA and is c
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ def split_validation(
     keep = [it for i, it in enumerate(index.items) if i not in held]
     # held-out items count once per evaluation, with no augmentation
     val_items = [it for i, it in enumerate(index.items) if i in held]
-    val_items = [type(it)(it.path, it.caption, it.size, it.assignment, 1, False, 0) for it in val_items]
+    val_items = [replace(it, repeats=1, is_reg=False, subset=0) for it in val_items]
     rest = DatasetIndex(index.config, keep, index.skipped, index.augments)
     return rest, DatasetIndex(index.config, val_items, [], [Augment()])
 

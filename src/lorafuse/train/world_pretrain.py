@@ -32,7 +32,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -40,7 +40,7 @@ from lorafuse.models.world import fresh_components, scheduler_config, world_toke
 from lorafuse.train.losses import min_snr_weight
 from lorafuse.train.objectives import DDPMObjective
 from lorafuse.train.run_setup import accelerate_state_scope
-from lorafuse.utils.atomic import atomic_path
+from lorafuse.utils.atomic import atomic_folder, atomic_save_safetensors
 from lorafuse.utils.images import to_uint8
 from lorafuse.world.catalog import SEEN_STYLES, all_individuals, caption
 from lorafuse.world.oracle import to_tensor
@@ -104,8 +104,7 @@ def unet_stages(cfg: PretrainConfig) -> list[UNetStage]:
 
 
 def _save_safetensors(module: torch.nn.Module, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp))
+    atomic_save_safetensors(path, {k: v.detach().contiguous() for k, v in module.state_dict().items()})
 
 
 # ------------------------------------------------------------------------------------------ 1. VAE
@@ -182,8 +181,7 @@ def cache_latents(cfg: PretrainConfig, vae: AutoencoderKL, pool: Pool) -> tuple[
         means.append(vae.encode(to_tensor(pool.images[i : i + 256])).latent_dist.mean)
     mean = torch.cat(means)
     scale = 1.0 / mean.std().item()  # SD's `scaling_factor`: unit-variance latents for the UNet
-    with atomic_path(path) as tmp:
-        save_file({"mean": mean.half().contiguous(), "scale": torch.tensor(scale)}, str(tmp))
+    atomic_save_safetensors(path, {"mean": mean.half().contiguous(), "scale": torch.tensor(scale)})
     return mean.half(), scale
 
 
@@ -244,7 +242,6 @@ def _checkpointer(run: _UNetRun, ckpt: Path, stage: UNetStage):
     from accelerate import Accelerator
 
     from lorafuse.errors import UserInputError
-    from lorafuse.utils.atomic import atomic_folder
 
     accelerator = Accelerator()
     accelerator.register_for_checkpointing(run.unet, run.te, run.opt, run.sched, run.ema, run.ema_te, run)
@@ -343,11 +340,12 @@ def export(cfg: PretrainConfig, unet, te, ema: EMAModel, ema_te: EMAModel, vae: 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te_e, tokenizer=tok, unet=unet_e,
                                    scheduler=DDIMScheduler(**scheduler_config()), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(out)
-    # transformers 5 saves only tokenizer.json; keep the real CLIP files (vocab.json + merges.txt) beside it so
-    # every CLIP loader (older transformers, open_clip-style code, A1111/ComfyUI) can read the tokenizer
-    shutil.copytree(Path(cfg.work_dir) / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
-    (out / "lorafuse_pretrain.json").write_text(json.dumps(asdict(cfg), indent=1))
+    with atomic_folder(out) as tmp:  # a killed export keeps the previous base folder, never half of one
+        pipe.save_pretrained(tmp)
+        # transformers 5 saves only tokenizer.json; keep the real CLIP files (vocab.json + merges.txt) beside it
+        # so every CLIP loader (older transformers, open_clip-style code, A1111/ComfyUI) can read the tokenizer
+        shutil.copytree(Path(cfg.work_dir) / "tokenizer", tmp / "tokenizer", dirs_exist_ok=True)
+        (tmp / "lorafuse_pretrain.json").write_text(json.dumps(asdict(cfg), indent=1))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -361,17 +359,14 @@ def finalize(cfg: PretrainConfig, out: str | Path) -> Path:
     ft = work / "vae_decoder_ft.safetensors"
     if ft.exists():
         pipe.vae.load_state_dict(load_file(str(ft)))
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    shutil.copytree(work / "tokenizer", tmp / "tokenizer", dirs_exist_ok=True)
-    (tmp / "lorafuse_pretrain.json").write_text(json.dumps(asdict(cfg), indent=1))
-    for stage in unet_stages(cfg):  # the oracle-accuracy curve of every stage
-        if (work / stage.log_name).exists():
-            shutil.copy(work / stage.log_name, tmp / ("pretrain_log.csv" if stage.name == "unet"
-                                                      else f"pretrain_{stage.name}_log.csv"))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)  # the folder appears whole or not at all
+    with atomic_folder(out) as tmp:  # the folder appears whole or not at all
+        pipe.save_pretrained(tmp)
+        shutil.copytree(work / "tokenizer", tmp / "tokenizer", dirs_exist_ok=True)
+        (tmp / "lorafuse_pretrain.json").write_text(json.dumps(asdict(cfg), indent=1))
+        for stage in unet_stages(cfg):  # the oracle-accuracy curve of every stage
+            if (work / stage.log_name).exists():
+                shutil.copy(work / stage.log_name, tmp / ("pretrain_log.csv" if stage.name == "unet"
+                                                          else f"pretrain_{stage.name}_log.csv"))
     return out
 
 

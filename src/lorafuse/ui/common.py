@@ -1,22 +1,18 @@
 """What the tabs share: running a quick CLI command in the page's process, and small formatting helpers.
 
-Quick commands (inspect, convert, merge, resize, `train --dry-run`, `world dataset`) run in the page's process
-through `lorafuse.cli.main.main`, exactly as typed in a terminal; long ones go to the job queue (`jobs.py`).
+Quick commands (inspect, convert, merge, resize, `train --dry-run`, `world dataset`) run in the page's helper
+process (`helper.py`) through `lorafuse.cli.main.main`, exactly as typed in a terminal; long ones go to the job
+queue (`jobs.py`).
 Either way the page shows the CLI's own output and its one-line error.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import shlex
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from lorafuse.errors import UserInputError
-
-_CLI_LOCK = threading.Lock()  # stdout redirection is process-wide: one in-process command at a time
 
 
 @dataclass(frozen=True)
@@ -42,25 +38,16 @@ class CliResult:
 
 
 def run_cli(argv: list[str], cwd: Path) -> CliResult:
-    """`lorafuse ARGV` in this process with `cwd` as working folder; its stdout and its one-line error."""
-    import os
-
-    from lorafuse.cli.main import main
+    """`lorafuse ARGV` with `cwd` as working folder, run in the page's helper process (which has torch loaded,
+    so the page's own process need not): its stdout and its one-line error."""
+    from lorafuse.ui import tasks
+    from lorafuse.ui.helper import HELPER
 
     argv = [str(a) for a in argv]
-    out, err = io.StringIO(), io.StringIO()
-    with _CLI_LOCK, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        previous = os.getcwd()
-        os.chdir(cwd)
-        try:
-            code = main(argv)
-        except SystemExit as e:  # argparse's usage errors
-            code = e.code if isinstance(e.code, int) else 2
-        finally:
-            os.chdir(previous)
-    lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+    code, out, err = HELPER.call(tasks.run_cli, argv, str(cwd))
+    lines = [ln for ln in err.splitlines() if ln.strip()]
     error = next((ln for ln in reversed(lines) if ": error:" in ln), lines[-1] if lines else "")
-    return CliResult(argv, code, out.getvalue(), error if code else "")
+    return CliResult(argv, code, out, error if code else "")
 
 
 def error_md(text: object) -> str:

@@ -82,13 +82,6 @@ def serve(app, bind: Binding, workspace, *, block: bool = True, max_upload: int)
         print(f"lorafuse ui: generated token (use it as the password): {bind.token}", flush=True)
     print(f"lorafuse ui: serving http://{bind.host}:{bind.port} (workspace {workspace.root})", flush=True)
     app.queue(default_concurrency_limit=4)
-    # The fusion registry (torch, diffusers, peft) loads before the server answers. Loading it in a background
-    # thread instead served the page sooner, but a click could then import the same packages from a second
-    # thread at the same time, and torch/diffusers' import cycles made such a click fail (seen in the browser
-    # test: "Apply preset" raised). One import, here, before any request.
-    from lorafuse.ui.tab_fuse import method_catalog
-
-    method_catalog()
     # gradio checks that it can reach its own page (HEAD, 3 s timeout) and gives up if not; on a loaded machine the
     # first page can take longer than that, so a failed self-check closes the server and launches again
     for attempt in range(3):
@@ -102,7 +95,7 @@ def serve(app, bind: Binding, workspace, *, block: bool = True, max_upload: int)
                 inbrowser=False,
                 show_error=True,
                 quiet=True,
-                prevent_thread_lock=not block,
+                prevent_thread_lock=True,
                 allowed_paths=[str(workspace.root)],
                 max_file_size=max_upload,
                 ssr_mode=False,
@@ -110,8 +103,15 @@ def serve(app, bind: Binding, workspace, *, block: bool = True, max_upload: int)
                 footer_links=[],
                 theme=THEME,
             )
-            return
+            break
         except ValueError as e:
             if "localhost is not accessible" not in str(e) or attempt == 2:
                 raise
             app.close()
+    # Only now, with the page served, the helper process starts loading torch, diffusers and the fusion
+    # registry for the quick commands (the page's own process never imports them: `helper.py`).
+    from lorafuse.ui.helper import HELPER
+
+    HELPER.start()
+    if block:
+        app.block_thread()

@@ -1,5 +1,6 @@
-"""Dataset tab: a world dataset in one click (`lorafuse world dataset`), your own images in kohya's layout, the
-caption table, and the bucket preview (`lorafuse train --dry-run`)."""
+"""Dataset tab: a world dataset in one click (`lorafuse world dataset`), your own images in kohya's layout
+(`lorafuse dataset add`), the caption table (`lorafuse dataset caption`), a subset's trigger / class / repeats
+(`lorafuse dataset subset`), and the bucket preview (`lorafuse train --dry-run`)."""
 
 from __future__ import annotations
 
@@ -18,99 +19,149 @@ def dataset_choices(ws: Workspace) -> list[str]:
 
 
 def build(ws: Workspace, max_upload: int) -> dict:
-    from lorafuse.world.catalog import HELD_OUT_STYLES, SEEN_STYLES, all_individuals
-
-    held_out = [x.name for x in all_individuals(held_out=True)]
     gr.Markdown("Datasets live in `datasets/` of the workspace, in kohya's layout: `<repeats>_<trigger> <class>/` "
                 "with an image and a `.txt` caption per sample.")  # fmt: skip
     with gr.Accordion("Built-in world: a subject or style dataset in one click", open=True):
-        with gr.Row():
-            kind = gr.Radio(["subject", "style"], value="subject", label="kind", elem_id="world-kind")
-            subject = gr.Dropdown(held_out, value=held_out[0], label="subject (held-out individual)",
-                                  elem_id="world-subject")  # fmt: skip
-            style = gr.Dropdown(list(HELD_OUT_STYLES) + list(SEEN_STYLES), value=HELD_OUT_STYLES[0],
-                                label="style", elem_id="world-style")  # fmt: skip
-        with gr.Row():
-            n = gr.Number(value=0, precision=0, label="images (0: 5 for a subject, 1 for a style)", elem_id="world-n")
-            repeats = gr.Number(value=0, precision=0, label="repeats (0: 10 subject, 20 style)",
-                                elem_id="world-repeats")  # fmt: skip
-            trigger = gr.Textbox(value="sks", label="trigger word")
-            name = gr.Textbox(value="", label="folder name (default: the subject or style)", elem_id="world-name")
-        make = gr.Button("Make world dataset", variant="primary", elem_id="world-make")
-        world_out = gr.Markdown(elem_id="world-out")
+        world_made = _world_section(ws)
     with gr.Accordion("Your images", open=False):
-        files = gr.File(file_count="multiple", file_types=["image"], label="upload images", elem_id="upload")
-        with gr.Row():
-            up_name = gr.Textbox(label="dataset name", value="my_subject", elem_id="upload-name")
-            up_trigger = gr.Textbox(label="trigger word", value="sks")
-            up_class = gr.Textbox(label="class", value="dog")
-            up_repeats = gr.Number(label="repeats", value=10, precision=0)
-        add = gr.Button("Add to dataset", elem_id="upload-add")
-        up_out = gr.Markdown(elem_id="upload-out")
-    with gr.Accordion("Captions and buckets", open=True):
+        uploaded = _upload_section(ws, max_upload)
+    with gr.Accordion("Captions, trigger word, class and repeats", open=True):
         with gr.Row():
             chosen = gr.Dropdown(dataset_choices(ws), label="dataset", elem_id="dataset-pick", allow_custom_value=True)
             refresh = gr.Button("Refresh", size="sm")
-        gallery = gr.Gallery(label="images", columns=8, height=180, elem_id="dataset-gallery")
-        table = gr.Dataframe(headers=["image", "caption"], datatype=["str", "str"], interactive=True,
-                             label="captions (edit, then save)", elem_id="caption-table", wrap=True)  # fmt: skip
-        save = gr.Button("Save captions", elem_id="caption-save")
-        saved = gr.Markdown()
-        with gr.Row():
-            resolution = gr.Number(value=64, precision=0, label="resolution")
-            batch = gr.Number(value=4, precision=0, label="batch size")
-            bucket = gr.Checkbox(value=True, label="enable_bucket")
-            min_reso = gr.Number(value=64, precision=0, label="min_bucket_reso")
-            max_reso = gr.Number(value=1024, precision=0, label="max_bucket_reso")
-            preview = gr.Button("Preview buckets", elem_id="bucket-preview")
-        buckets = gr.Textbox(label="lorafuse train --dry-run", lines=8, elem_id="bucket-out")
+        _captions_section(ws, chosen)
+    with gr.Accordion("Buckets", open=True):
+        _buckets_section(ws, chosen)
+    # the picker follows the dataset just made (each section returns its click event and a state holding it)
+    for event, made in (world_made, uploaded):
+        event.then(lambda made, v: choices_or(dataset_choices(ws), made or v), [made, chosen], chosen)
+    refresh.click(lambda v: choices_or(dataset_choices(ws), v), chosen, chosen)
+    return {"dataset": chosen}
+
+
+def _world_section(ws: Workspace) -> tuple:
+    from lorafuse.world.catalog import HELD_OUT_STYLES, SEEN_STYLES, all_individuals
+
+    held_out = [x.name for x in all_individuals(held_out=True)]
+    with gr.Row():
+        kind = gr.Radio(["subject", "style"], value="subject", label="kind", elem_id="world-kind")
+        subject = gr.Dropdown(held_out, value=held_out[0], label="subject (held-out individual)", elem_id="world-subject")
+        style = gr.Dropdown(list(HELD_OUT_STYLES) + list(SEEN_STYLES), value=HELD_OUT_STYLES[0], label="style",
+                            elem_id="world-style")  # fmt: skip
+    with gr.Row():
+        n = gr.Number(value=0, precision=0, label="images (0: 5 for a subject, 1 for a style)", elem_id="world-n")
+        repeats = gr.Number(value=0, precision=0, label="repeats (0: 10 subject, 20 style)", elem_id="world-repeats")
+        trigger = gr.Textbox(value="sks", label="trigger word")
+        name = gr.Textbox(value="", label="folder name (default: the subject or style)", elem_id="world-name")
+    make = gr.Button("Make world dataset", variant="primary", elem_id="world-make")
+    out = gr.Markdown(elem_id="world-out")
+    made = gr.State("")
 
     def on_make(kind, subject, style, n, repeats, trigger, name):
-        target = (name or "").strip() or (subject if kind == "subject" else style)
-        folder = f"datasets/{target}"
+        folder = f"datasets/{(name or '').strip() or (subject if kind == 'subject' else style)}"
         ws.resolve(folder)  # refuse paths that leave the workspace before the CLI sees them
         argv = ["world", "dataset", folder, f"--{kind}", subject if kind == "subject" else style,
                 "--trigger", trigger or "sks"]  # fmt: skip
         argv += ["--n", str(int(n))] if n else []
         argv += ["--repeats", str(int(repeats))] if repeats else []
         result = run_cli(argv, ws.root)
-        listing = dataset_choices(ws)
-        text = result.markdown() + (f"\n\nwrote `{result.out.strip()}`" if result.ok else "")
-        return text, gr.update(choices=listing, value=folder if result.ok else None)
+        return result.markdown() + (f"\n\nwrote `{result.out.strip()}`" if result.ok else ""), folder if result.ok else ""
 
-    def on_upload(files, name, trig, cls, reps):
+    event = make.click(on_make, [kind, subject, style, n, repeats, trigger, name], [out, made])
+    return event, made
+
+
+def _upload_section(ws: Workspace, max_upload: int) -> tuple:
+    files = gr.File(file_count="multiple", file_types=["image"], label="upload images", elem_id="upload")
+    with gr.Row():
+        name = gr.Textbox(label="dataset name", value="my_subject", elem_id="upload-name")
+        trigger = gr.Textbox(label="trigger word", value="sks", elem_id="upload-trigger")
+        cls = gr.Textbox(label="class", value="dog", elem_id="upload-class")
+        repeats = gr.Number(label="repeats", value=10, precision=0, elem_id="upload-repeats")
+    add = gr.Button("Add to dataset", elem_id="upload-add")
+    out = gr.Markdown(elem_id="upload-out")
+    made = gr.State("")
+
+    def on_upload(files, name, trigger, cls, repeats):
+        paths = [f if isinstance(f, str) else f.name for f in files or []]
         try:
-            folder = datasets.write_uploads(ws, name.strip(), [f if isinstance(f, str) else f.name for f in files or []],
-                                            trigger=trig, cls=cls, repeats=int(reps or 0), max_bytes=max_upload)  # fmt: skip
+            if not paths:
+                raise UserInputError("no images uploaded")
+            folder, command = datasets.add_uploads(ws, name, paths, trigger=trigger, cls=cls,
+                                                   repeats=int(repeats or 0), max_bytes=max_upload)  # fmt: skip
         except UserInputError as e:
-            return error_md(e), gr.update()
-        target = ws.relative(folder.parent)
-        return f"wrote `{ws.relative(folder)}`", gr.update(choices=dataset_choices(ws), value=target)
+            return error_md(e), ""
+        return f"`{command}`\n\nwrote `{ws.relative(folder)}`", ws.relative(folder.parent)
 
-    def on_pick(dataset):
+    event = add.click(on_upload, [files, name, trigger, cls, repeats], [out, made])
+    return event, made
+
+
+def _captions_section(ws: Workspace, chosen: gr.Dropdown) -> None:
+    gallery = gr.Gallery(label="images", columns=8, height=180, elem_id="dataset-gallery")
+    table = gr.Dataframe(headers=["image", "caption"], datatype=["str", "str"], interactive=True,
+                         label="captions (edit, then save)", elem_id="caption-table", wrap=True)  # fmt: skip
+    save = gr.Button("Save captions", elem_id="caption-save")
+    saved = gr.Markdown(elem_id="caption-saved")
+    with gr.Row():
+        subset = gr.Dropdown([], label="subset folder", elem_id="subset-pick", allow_custom_value=True)
+        trigger = gr.Textbox(label="trigger word", elem_id="subset-trigger")
+        cls = gr.Textbox(label="class", elem_id="subset-class")
+        repeats = gr.Number(label="repeats", precision=0, elem_id="subset-repeats")
+        rename = gr.Button("Set", elem_id="subset-set")
+    renamed = gr.Markdown(elem_id="subset-out")
+
+    def on_pick(dataset, keep=None):
         if not dataset:
-            return [], []
+            return [], [], gr.update(choices=[], value=None)
         try:
-            rows = datasets.caption_rows(ws, dataset)
+            rows, names = datasets.caption_rows(ws, dataset), datasets.subsets(ws, dataset)
         except UserInputError as e:
             gr.Warning(f"error: {e}")
-            return [], []
-        return [str(ws.resolve(r[0])) for r in rows], rows
+            return [], [], gr.update(choices=[], value=None)
+        return [str(ws.resolve(r[0])) for r in rows], rows, choices_or(names, keep)
 
     def on_save(rows):
-        values = rows.values.tolist() if hasattr(rows, "values") else rows
         try:
-            return f"saved {datasets.save_captions(ws, values)} captions"
+            count, command = datasets.save_captions(ws, rows.values.tolist() if hasattr(rows, "values") else rows)
         except UserInputError as e:
             return error_md(e)
+        return f"saved {count} captions (as `{command}`)"
+
+    def on_subset(name):
+        m = re.match(r"^(\d+)_(?:(.*) )?(\S+)$", name or "")
+        return (m.group(2) or "", m.group(3), int(m.group(1))) if m else ("", "", None)
+
+    def on_rename(dataset, name, trigger, cls, repeats):
+        try:
+            new, command = datasets.set_subset(ws, dataset or "", name or "", trigger=trigger, cls=cls, repeats=repeats)
+        except UserInputError as e:
+            return (error_md(e), *on_pick(dataset, name))
+        return (f"`{command}`: now `{new}`", *on_pick(dataset, new))
+
+    chosen.change(on_pick, chosen, [gallery, table, subset])
+    save.click(on_save, table, saved)
+    subset.change(on_subset, subset, [trigger, cls, repeats])
+    rename.click(on_rename, [chosen, subset, trigger, cls, repeats], [renamed, gallery, table, subset])
+
+
+def _buckets_section(ws: Workspace, chosen: gr.Dropdown) -> None:
+    with gr.Row():
+        resolution = gr.Number(value=64, precision=0, label="resolution")
+        batch = gr.Number(value=4, precision=0, label="batch size")
+        bucket = gr.Checkbox(value=True, label="enable_bucket")
+        min_reso = gr.Number(value=64, precision=0, label="min_bucket_reso")
+        max_reso = gr.Number(value=1024, precision=0, label="max_bucket_reso")
+        preview = gr.Button("Preview buckets", elem_id="bucket-preview")
+    buckets = gr.Textbox(label="lorafuse train --dry-run", lines=8, elem_id="bucket-out")
 
     def on_preview(dataset, res, bs, enable_bucket, min_reso, max_reso):
         if not dataset:
             return "choose a dataset first"
         ws.resolve(dataset, must_exist=True)
         argv = ["train", "--dry-run", "--pretrained_model_name_or_path", "world", "--train_data_dir", dataset,
-                "--resolution", str(int(res)),
-                "--train_batch_size", str(int(bs)), "--enable_bucket", str(bool(enable_bucket)).lower(),
+                "--resolution", str(int(res)), "--train_batch_size", str(int(bs)),
+                "--enable_bucket", str(bool(enable_bucket)).lower(),
                 "--min_bucket_reso", str(int(min_reso)), "--max_bucket_reso", str(int(max_reso))]  # fmt: skip
         result = run_cli(argv, ws.root)
         if not result.ok:
@@ -119,10 +170,4 @@ def build(ws: Workspace, max_upload: int) -> dict:
         plan = [ln for ln in result.out.splitlines() if re.match(r"  \S", ln) or "ignored" in ln]
         return result.command + "\n" + "\n".join(plan)
 
-    make.click(on_make, [kind, subject, style, n, repeats, trigger, name], [world_out, chosen])
-    add.click(on_upload, [files, up_name, up_trigger, up_class, up_repeats], [up_out, chosen])
-    chosen.change(on_pick, chosen, [gallery, table])
-    refresh.click(lambda v: choices_or(dataset_choices(ws), v), chosen, chosen)
-    save.click(on_save, table, saved)
     preview.click(on_preview, [chosen, resolution, batch, bucket, min_reso, max_reso], buckets)
-    return {"dataset": chosen}

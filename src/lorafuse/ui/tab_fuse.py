@@ -10,8 +10,9 @@ import time
 import gradio as gr
 
 from lorafuse.errors import UserInputError
-from lorafuse.ui import grids
+from lorafuse.ui import grids, tasks
 from lorafuse.ui.common import choices_or, error_md, split_list
+from lorafuse.ui.helper import HELPER
 from lorafuse.ui.jobs import JobStore
 from lorafuse.ui.tab_tools import BASES, lora_files
 from lorafuse.ui.workspace import Workspace
@@ -25,18 +26,13 @@ def fuse_jobs(store: JobStore, kind: str = "fuse") -> list[str]:
 
 def method_catalog() -> tuple[list[str], str]:
     """The registered methods and their one-line summaries (the Fuse and Compare tabs fill their lists from it
-    when a page loads; `server.serve` imports the registry once before the first request)."""
-    from lorafuse.fusion.options_doc import methods_help
-    from lorafuse.fusion.registry import method_names
-
-    return method_names(), methods_help()
+    when a page loads), from the registry loaded in the helper process."""
+    return HELPER.call(tasks.method_catalog)
 
 
 def show_options(method: str | None) -> str:
     """`lorafuse fuse --method NAME --help-options`, from the same registry."""
-    from lorafuse.fusion.options_doc import options_help
-
-    return options_help(method) if method else ""
+    return HELPER.call(tasks.options_help, method) if method else ""
 
 
 def build(ws: Workspace, store: JobStore) -> dict:

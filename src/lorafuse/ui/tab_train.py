@@ -14,7 +14,9 @@ import gradio as gr
 
 from lorafuse.errors import UserInputError
 from lorafuse.train.options import Option, options
+from lorafuse.ui import tasks
 from lorafuse.ui.common import choices_or, error_md
+from lorafuse.ui.helper import HELPER
 from lorafuse.ui.jobs import JobStore
 from lorafuse.ui.workspace import Workspace
 from lorafuse.utils.atomic import atomic_write_text
@@ -48,13 +50,8 @@ def shown(value: typing.Any) -> str | bool:
 
 def preset_values(preset: str) -> dict[str, typing.Any]:
     """The form values of a preset: the world recipe's `TrainConfig` (as `lorafuse.train.world_personalize` trains it)."""
-    from lorafuse.config.toml_io import config_to_dict
-    from lorafuse.train.world_personalize import style_recipe, subject_recipe, train_config
-
     kind, settings = PRESETS[preset]
-    recipe = subject_recipe("teapot_08", **settings) if kind == "subject" else style_recipe("crayon", **settings)
-    cfg = config_to_dict(train_config(recipe, Path("datasets/x"), Path("runs/x")))
-    flat = {f"{t}.{k}": v for t, table in cfg.items() for k, v in table.items()}
+    flat = HELPER.call(tasks.preset_values, kind, settings)
     for key in ("dataset.train_data_dir", "training.output_dir", "training.output_name"):
         flat.pop(key, None)
     prompt = "a photo of a sks teapot" if kind == "subject" else "a photo of a red mug, in sks style"
@@ -101,17 +98,8 @@ def flags(overrides: dict[str, str]) -> list[str]:
 
 def latest_state(run_dir: Path) -> Path | None:
     """The newest resumable state folder of a run (by its saved step), as `lorafuse train` reads it."""
-    from lorafuse.train.checkpoint import read_train_state
-
-    best, step = None, -1
-    for folder in run_dir.glob("*-state"):
-        try:
-            s = read_train_state(folder).progress.global_step
-        except UserInputError:  # half-written or from another version: not one to continue from
-            continue
-        if s > step:
-            best, step = folder, s
-    return best
+    found = HELPER.call(tasks.latest_state, str(run_dir))
+    return Path(found) if found else None
 
 
 def build(ws: Workspace, store: JobStore, dataset_picker) -> dict:
@@ -142,9 +130,6 @@ def build(ws: Workspace, store: JobStore, dataset_picker) -> dict:
         return [gr.update(value=shown(values[o.key]) if o.key in values else shown(o.default)) for o in opts]
 
     def config_for(dataset, name, values):
-        from lorafuse.config.toml_io import dump_config
-        from lorafuse.train.config import load_train_config
-
         if not dataset:
             raise UserInputError("choose a dataset first (Dataset tab)")
         name = (name or "").strip()
@@ -153,11 +138,11 @@ def build(ws: Workspace, store: JobStore, dataset_picker) -> dict:
         over = overrides_from_form(opts, values)
         over.update({"dataset.train_data_dir": dataset, "training.output_dir": ws.relative(run),
                      "training.output_name": name})  # fmt: skip
-        cfg = load_train_config(None, over)  # the CLI's checks: unknown keys, types, ranges
+        text, model = HELPER.call(tasks.train_config_toml, over)  # the CLI's checks: unknown keys, types, ranges
         path = f"{ws.relative(run)}/config.toml"
-        ws.check_pickle(Path(str(cfg.model.pretrained_model_name_or_path)))
+        ws.check_pickle(Path(model))
         cmd = f"lorafuse train {path}\n# or, with kohya-named flags:\nlorafuse train {shlex.join(flags(over))}"
-        return run, path, dump_config(cfg), cmd
+        return run, path, text, cmd
 
     def on_show(dataset, name, *values):
         try:

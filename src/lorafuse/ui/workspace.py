@@ -2,8 +2,8 @@
 
 Every path typed into the page or sent by the browser goes through `Workspace.resolve`, which takes paths
 relative to the workspace only: an absolute path, a `..` component, or a symlink whose target lies outside
-is refused with a message naming the path. Uploads go through `check_upload`: a size limit and a real image
-decode (the file's bytes, not its name, decide its type).
+is refused with a message naming the path. Uploads go through `lorafuse.train.dataset_folders.check_image`: a
+size limit and a real image decode (the file's bytes, not its name, decide its type).
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from lorafuse.errors import UserInputError
 
 DEFAULT_WORKSPACE = Path("lorafuse-workspace")
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a training image larger than this is almost surely not one
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # as train.data reads
 # the folders the UI creates; users may add their own
 LAYOUT = ("datasets", "runs", "fuse", "grids", "loras", "jobs", "bases")
 
@@ -100,24 +98,3 @@ class Workspace:
                 f"{self.relative(path)}: pickle files can run code when loaded; refused (start "
                 "`lorafuse ui --allow-pickle` to read them, as the CLI's --allow-pickle)"
             )
-
-
-def check_upload(path: str | os.PathLike, *, max_bytes: int = MAX_UPLOAD_BYTES) -> str:
-    """The image format of an uploaded file (PNG, JPEG, ...), or an error naming the file and the problem."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise UserInputError(
-            f"{path.name}: {size / 2**20:.1f} MB is over the upload limit of {max_bytes / 2**20:.0f} MB"
-        )
-    try:
-        with Image.open(path) as im:
-            fmt = im.format
-            im.verify()  # reads the whole file: a truncated or disguised file fails here
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise UserInputError(f"{path.name}: not an image ({type(e).__name__}); upload PNG, JPEG, WEBP or BMP") from None
-    if fmt not in IMAGE_FORMATS:
-        raise UserInputError(f"{path.name}: image type {fmt} is not accepted; upload PNG, JPEG, WEBP or BMP")
-    return fmt

@@ -5,7 +5,8 @@ pip install 'lorafuse[prodigy]'   prodigyopt     (optimizer_type = Prodigy)
 pip install 'lorafuse[lycoris]'   lycoris-lora   (network_module = lycoris.kohya)
 pip install 'lorafuse[ui]'        gradio         (the web UI)
 pip install 'lorafuse[quantize]'  torchao        (model.quantize_base = int8 / fp8: the frozen base in 8 bits)
-pip install 'lorafuse[all]'       all of the above that installs on a CPU machine
+pip install 'lorafuse[metrics]'   open_clip_torch (CLIP metrics with open_clip models: metrics.clip_arch)
+pip install 'lorafuse[all]'       all of the above that installs on a CPU machine (not metrics: see pyproject)
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "lycoris": ("lycoris-lora", "lycoris"),
     "gradio": ("gradio", "ui"),
     "torchao": ("torchao", "quantize"),
+    "open_clip": ("open_clip_torch", "metrics"),
+}
+# extras left out of [all], with the reason
+NOT_IN_ALL = {
+    "metrics": "open_clip_torch needs torchvision, and PyPI's torchvision wheels do not load with a CPU-only torch "
+    "(they break transformers' imports too); install it with the torchvision built for your torch",
 }
 
 

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from lorafuse.utils.atomic import atomic_path
+from lorafuse.utils.atomic import atomic_save_safetensors
 from lorafuse.utils.images import to_uint8
 from lorafuse.world.catalog import CLASS_NAMES, all_individuals
 from lorafuse.world.oracle import OracleModel, to_tensor
@@ -95,11 +94,10 @@ def train_oracle(pool: Pool, out: str | Path, steps: int = 1400, batch: int = 96
             log = {"ind": round(loss_ind.item(), 3), "cls": round(loss_cls.item(), 3), "sty": round(loss_sty.item(), 3)}
             bar.set_postfix(log)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out) as tmp:
-        meta = {"steps": str(steps), "seed": str(seed), "lr": str(lr)}
-        if init is not None:
-            meta["continued_from"] = Path(init).name
-        save_file(state, str(tmp), metadata=meta)
+    meta = {"steps": str(steps), "seed": str(seed), "lr": str(lr)}
+    if init is not None:
+        meta["continued_from"] = Path(init).name
+    atomic_save_safetensors(out, state, meta)
     return log
 
 

@@ -196,6 +196,7 @@ class Craft(FusionMethod):
     name = NAME
     config_cls = CraftConfig
     lora_layers = "craft"
+    paper_inputs = ("craft", {})
     summary = (
         "CRAFT-LoRA: content LoRA on I_c, style LoRA on I_s (disjoint), asymmetric timestep-aware CFG "
         "(LoRAs on the conditional branch only), optional rank-limited backbone"

@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lorafuse.errors import UserInputError
-from lorafuse.utils.atomic import atomic_path
+from lorafuse.utils.atomic import atomic_save_safetensors
 
 TextEmbedder = Callable[[Sequence[str]], torch.Tensor]
 UNKNOWN_ID = 0
@@ -138,11 +138,9 @@ def train_expert(
 
 def save_expert(model: ExpertEncoder, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:  # an interrupted save must not leave a half file that load_expert trusts
-        save_file(tensors, str(tmp), metadata={"lorafuse_craft_expert": json.dumps(model.config)})
-    return path
+    # an interrupted save must not leave a half file that load_expert trusts
+    return atomic_save_safetensors(path, tensors, {"lorafuse_craft_expert": json.dumps(model.config)})
 
 
 def load_expert(path: str | Path) -> ExpertEncoder:

@@ -18,7 +18,8 @@ from collections import defaultdict
 import torch
 
 from lorafuse.errors import LoraFormatError
-from lorafuse.lora.flux_keys import COMPONENT, MLP_RATIO, bfl_target, from_bfl
+from lorafuse.families.flux import MLP_RATIO
+from lorafuse.lora.flux_keys import COMPONENT, bfl_target, from_bfl
 from lorafuse.lora.formats.common import lora_pair
 from lorafuse.lora.keys import canonical_key
 from lorafuse.lora.state import LoraModule, LoraState

@@ -14,6 +14,7 @@ from collections import Counter, defaultdict
 import torch
 
 from lorafuse.errors import LoraFormatError
+from lorafuse.families import get_family
 from lorafuse.lora.checks import warn_missing_alpha
 from lorafuse.lora.flux_keys import bfl_from_flat, from_bfl, to_bfl
 from lorafuse.lora.formats.common import effective_alpha, lora_pair, require_low_rank
@@ -173,8 +174,9 @@ def _named_modules(
     """(what the module is called in messages, kohya name, module); FLUX.1 transformer pieces fused first."""
     source = state.source_path or "LoRA"
     flux_keys = {k: m for k, m in state.modules.items() if split_key(k)[0] == "transformer"}
-    if flux_keys and arch != "flux":
-        raise LoraFormatError(f"{source}: FLUX.1 transformer modules cannot be written as a kohya {arch} file")
+    if flux_keys and "transformer" not in get_family(arch).kohya_prefixes:
+        label = get_family(arch).label
+        raise LoraFormatError(f"{source}: FLUX.1 transformer modules cannot be written as a kohya {label} file")
     named = [(bfl, KOHYA_FLUX_PREFIX + flat(bfl), m) for bfl, m in to_bfl(flux_keys, source).items()]
     outside = sorted(bfl for bfl, _, _ in named if not bfl.startswith(("double_blocks.", "single_blocks.")))
     if outside:

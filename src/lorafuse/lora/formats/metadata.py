@@ -54,6 +54,16 @@ TRAINING_KEYS = {
     "training_finished_at": "ss_training_finished_at",
     "tag_frequency": "ss_tag_frequency",
     "dataset_dirs": "ss_dataset_dirs",
+    # flow-matching training (kohya's flux_train_network writes the same ss_* keys)
+    "timestep_sampling": "ss_timestep_sampling",
+    "sigmoid_scale": "ss_sigmoid_scale",
+    "discrete_flow_shift": "ss_discrete_flow_shift",
+    "model_prediction_type": "ss_model_prediction_type",
+    "weighting_scheme": "ss_weighting_scheme",
+    "logit_mean": "ss_logit_mean",
+    "logit_std": "ss_logit_std",
+    "mode_scale": "ss_mode_scale",
+    "guidance_scale": "ss_guidance_scale",
     "author": "modelspec.author",
     "description": "modelspec.description",
     "license": "modelspec.license",
@@ -137,10 +147,10 @@ def build_metadata(
         "modelspec.title": path.stem,
         "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
         "modelspec.resolution": f"{res}x{res}",
-        "modelspec.prediction_type": "epsilon",
     }
-    if arch == "flux":
-        del meta["modelspec.prediction_type"]  # rectified flow: neither epsilon nor v
+    prediction = FAMILIES[arch].modelspec_prediction_type
+    if prediction is not None:  # FLUX.1's rectified flow is neither epsilon nor v
+        meta["modelspec.prediction_type"] = prediction
     meta.update({k: v for k, v in state.metadata.items() if k.startswith(("ss_", "modelspec."))})
 
     meta["modelspec.sai_model_spec"] = "1.0.0"
@@ -151,7 +161,7 @@ def build_metadata(
         low_rank = [m for m in state.modules.values() if m.down is not None]
         conv = [m for m in low_rank if math.prod(m.down.shape[2:]) > 1]
         linear = [m for m in low_rank if math.prod(m.down.shape[2:]) == 1]
-        meta["ss_network_module"] = "networks.lora_flux" if arch == "flux" else "networks.lora"
+        meta["ss_network_module"] = FAMILIES[arch].kohya_network_module
         meta["ss_network_dim"] = _uniform_or_dynamic([m.rank for m in linear])
         meta["ss_network_alpha"] = _uniform_or_dynamic([effective_alpha(m) for m in linear])
         if conv:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafuse.models.long_prompts import chunked_input_ids
+from lorafuse.families.long_prompts import chunked_input_ids
 from lorafuse.models.tiny import TINY_WORDS, tiny_pipeline
 from lorafuse.train.cache import text_embeddings
 

@@ -133,8 +133,9 @@ def fused_objective(pipe, content, style, refs, mergers, w_c, w_s, seed) -> floa
     total = 0.0
     single = (merge_loras([content], [w_c]), merge_loras([style], [w_s]))
     for ref, alone in zip(refs, single, strict=True):
-        noise = torch.randn(ref.latents.shape, generator=generator)
+        # the training objectives' draw order (train/objectives.py): timesteps first, then the noise
         t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator)
+        noise = torch.randn(ref.latents.shape, generator=generator)
         noisy = scheduler.add_noise(ref.latents, noise, t)
         merged = ziplora_lora(content, style, mergers, w_c, w_s)
         total += torch.nn.functional.mse_loss(

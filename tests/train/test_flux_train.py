@@ -78,12 +78,12 @@ def test_a_few_steps_reduce_the_flow_loss(flux_overrides, world_dataset):
         "network.network_dim": 8, "network.network_alpha": 8, "network.network_train_unet_only": True,
         "dataset.cache_latents": True, "dataset.cache_text_encoder_outputs": True,
         "loss.timestep_sampling": "shift", "loss.discrete_flow_shift": 3.1582,
-        "optimizer.learning_rate": 3e-3, "training.train_batch_size": 3, "training.max_train_steps": 16,
+        "optimizer.learning_rate": 1e-2, "training.train_batch_size": 3, "training.max_train_steps": 16,
     }))  # fmt: skip
     assert result.arch == "flux" and result.global_step == 16
     before = _fixed_flow_loss(load_base_pipeline("flux-tiny"), world_dataset)
     after = _fixed_flow_loss(_merged(result.lora_path), world_dataset)
-    assert after < 0.9 * before, (before, after)
+    assert after < 0.85 * before, (before, after)  # 0.76 here
 
 
 def test_resume_is_bit_identical(flux_overrides, tmp_path):
@@ -154,7 +154,12 @@ def test_trained_file_loads_whole_in_flux_pipeline(fmt, layers, flux_overrides):
                                     "training.max_train_steps": 2}))  # fmt: skip
     pipe = load_base_pipeline("flux-tiny")
     state = load_lora(result.lora_path, base=pipe)
-    assert state.metadata["modelspec.architecture"].startswith("flux-1")
+    meta = state.metadata
+    assert meta["modelspec.architecture"].startswith("flux-1") and "modelspec.prediction_type" not in meta
+    # the sampling settings, under kohya's flux_train_network names
+    assert (meta["ss_timestep_sampling"], meta["ss_discrete_flow_shift"], meta["ss_guidance_scale"]) == (
+        "sigma", "3.0", "1.0",
+    )  # fmt: skip
     with _diffusers_warnings() as messages:
         pipe.load_lora_weights(str(result.lora_path))
     assert not [m for m in messages if "unexpected keys" in m or "missing keys" in m], messages
@@ -197,7 +202,40 @@ def test_settings_flow_does_not_use_are_refused(setting, message, flux_overrides
     assert not (tmp_path / "out").exists()
 
 
-def test_flow_settings_on_an_sd_base_are_refused(train_overrides, tmp_path):
-    with pytest.raises(UserInputError, match=r"loss\.timestep_sampling is for flow-matching bases"):
-        _run(train_overrides(**{"loss.timestep_sampling": "shift"}))
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"loss.timestep_sampling": "shift"}, r"loss\.timestep_sampling is for flow-matching bases"),
+        ({"dataset.t5xxl_max_token_length": 256}, r"t5xxl_max_token_length is for FLUX\.1's T5; .* has no T5"),
+    ],
+)
+def test_flow_settings_on_an_sd_base_are_refused(setting, message, train_overrides, tmp_path):
+    with pytest.raises(UserInputError, match=message):
+        _run(train_overrides(**setting))
     assert not (tmp_path / "out").exists()
+
+
+def test_caches_change_speed_not_results(flux_overrides, tmp_path):
+    """Cached FLUX latents (posterior mean, shifted and scaled at use) and cached T5 + pooled CLIP-L outputs give the
+    run an uncached one gives: the same losses, the same weights up to float rounding (the cache encodes images in
+    other batch sizes, and Adam's normalised steps carry that into the last digits, as on SD)."""
+    common = {"training.max_train_steps": 3, "network.network_train_unet_only": True}
+    plain = _run(flux_overrides(**common, **{"training.output_dir": tmp_path / "plain"}))
+    cached = _run(flux_overrides(**common, **{"training.output_dir": tmp_path / "cached",
+                                              "dataset.cache_latents": True,
+                                              "dataset.cache_text_encoder_outputs": True}))  # fmt: skip
+    torch.testing.assert_close(torch.tensor(cached.losses), torch.tensor(plain.losses), rtol=1e-6, atol=0)
+    a, b = load_file(str(plain.lora_path)), load_file(str(cached.lora_path))
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_up" in k)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
+
+
+def test_latents_are_shifted_and_scaled_like_diffusers():
+    """FLUX's VAE latents enter the transformer as (z - shift_factor) * scaling_factor, as diffusers' FLUX training
+    script and FluxPipeline's image-to-image path prepare them; SD's VAEs have no shift."""
+    z = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    config = {"scaling_factor": 0.3611, "shift_factor": 0.1159}
+    torch.testing.assert_close(FLUX.normalize_latents(z, config), (z - 0.1159) * 0.3611, rtol=0, atol=0)
+    sd = get_family("sd15").normalize_latents(z[:, :4], {"scaling_factor": 0.18215, "shift_factor": None})
+    torch.testing.assert_close(sd, z[:, :4] * 0.18215, rtol=0, atol=0)

@@ -74,15 +74,26 @@ def wait_http_200(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> f
 
 class UiServer:
     def __init__(self, workspace: Path, log: Path):
-        self.workspace, self.port = workspace, free_port()
+        self.workspace = workspace
+        self.log = open(log, "w")  # noqa: SIM115
+        self._start()
+
+    def _start(self) -> None:
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONUNBUFFERED": "1"}
-        self.log = open(log, "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lorafuse", "ui", "--workspace", str(workspace), "--port", str(self.port)],
+            [sys.executable, "-m", "lorafuse", "ui", "--workspace", str(self.workspace), "--port", str(self.port)],
             stdout=self.log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
         self.startup_s = wait_http_200(self.url, self.proc)
+
+    def kill_and_restart(self) -> None:
+        """SIGKILL the page's process (no clean-up of its own), then start `lorafuse ui` again on the same
+        workspace; the job worker, in its own session, goes on."""
+        self.proc.kill()
+        self.proc.wait(30)
+        self._start()
 
     def stop(self) -> None:
         """End the page, the worker and any job it started (only processes this test started, by pid)."""

@@ -76,7 +76,8 @@ def shot(page, name: str, focus: str | None = None) -> None:
             small.quantize(colors=128).save(DOCS / f"ui_{name}.png", optimize=True)
 
 
-def queue_training(page, preset: str, dataset: str, name: str, **fields) -> None:
+def queue_training(page, preset: str, dataset: str, name: str, **fields) -> str:
+    """Fill the Train form from a preset and queue it; returns the job id."""
     tab(page, "Train")
     choose(page, "train-preset", preset)
     page.locator("#train-apply").click()
@@ -86,10 +87,30 @@ def queue_training(page, preset: str, dataset: str, name: str, **fields) -> None
     for key, value in fields.items():
         fill(page, f"opt-training-{key}", value)
     page.locator("#train-queue").click()
-    wait_text(page, "train-queued", rf"queued .*lorafuse train runs/{name}/config.toml", 60)
+    return wait_text(page, "train-queued", rf"queued (\S+): lorafuse train runs/{name}/config.toml", 60).group(1)
+
+
+def wait_job(page, elem: str, status: str, command: str, timeout: float = 300.0) -> None:
+    """Wait until a job monitor shows `status` for the job whose command contains `command` (right after a
+    pick, it still shows the job picked before for up to a timer tick)."""
+    wait_text(page, elem, rf"(?s)\b{status}\b.*{re.escape(command)}", timeout)
+
+
+def ws_path(ws: Path, path: Path) -> str:
+    return path.relative_to(ws).as_posix()
+
+
+def tool(page, sub_tab: str, button: str, expect: str, **fields) -> str:
+    """One LoRA tool: its sub-tab, its fields, its button; waits for `expect` in the output and returns it."""
+    page.get_by_role("tab", name=sub_tab, exact=True).click()
+    for elem, value in fields.items():
+        fill(page, elem, value)
+    page.locator(f"#{button}").click()
+    return wait_text(page, "tools-output", expect, 120).group(0)
 
 
 def test_new_user_flow(page, ui_server):
+    """One server for the whole job (start-up is paid once), then a real restart on the same workspace."""
     ws = ui_server.workspace
 
     # 1. world datasets, one click each
@@ -111,74 +132,132 @@ def test_new_user_flow(page, ui_server):
     assert sorted(p.name for p in (ws / "datasets" / "teapot" / "2_sks teapot").glob("*.png")) == ["000.png", "001.png"]
     shot(page, "dataset")
 
-    # 2. two tiny LoRAs and a longer run, from the queue (one at a time)
-    tiny = {"max_train_epochs": 2, "train_batch_size": 4, "sample_steps": 2}  # 1 step an epoch
-    queue_training(page, "subject LoRA (world recipe)", "datasets/teapot", "teapot", **tiny)
-    queue_training(page, "style LoRA (world recipe)", "datasets/crayon", "crayon", **tiny)
-    queue_training(page, "subject LoRA (world recipe)", "datasets/teapot", "long", max_train_epochs=400,
-                   train_batch_size=4, sample_every_n_epochs="", save_every_n_epochs="")  # fmt: skip
-    assert (ws / "runs" / "teapot" / "config.toml").is_file()
-    assert "lorafuse train runs/long/config.toml" in text_of(page, "train-command")
+    # 2. a subject and a style LoRA from the queue (one at a time), 1 step an epoch; the subject run is long
+    # enough to watch and stop (its continuation is queued last, so finishing it is off the critical path)
+    tiny = {"train_batch_size": 4, "sample_steps": 2}
+    teapot = queue_training(page, "subject LoRA (world recipe)", "datasets/teapot", "teapot", max_train_epochs=8, **tiny)
+    crayon = queue_training(page, "style LoRA (world recipe)", "datasets/crayon", "crayon", max_train_epochs=2, **tiny)
+    assert "lorafuse train runs/crayon/config.toml" in text_of(page, "train-command")
+    type_choice(page, "run-pick", teapot)
 
-    # 3. the loss chart of the long run updates while it trains
-    long_job = page.locator("#run-pick input").input_value()
-    assert long_job.endswith("-train")
+    # 3. the loss chart updates while it trains; stop: a state and the LoRA so far are saved
+    wait_job(page, "run-status", "running", "lorafuse train runs/teapot/config.toml")
     first = int(wait_text(page, "run-status", r"step (\d+),", 300).group(1))
     later = int(wait_text(page, "run-status", rf"step ({first + 1}|{first + 2}|[1-9]\d+),", 120).group(1))
     assert later > first
     page.locator("#loss-plot canvas, #loss-plot svg").first.wait_for()
-    for run in ("teapot", "crayon"):  # they ran before it
-        assert (ws / "runs" / run / f"{run}.safetensors").is_file()
-        assert list((ws / "runs" / run / "samples").glob("*.png")), f"{run}: no sample grids"
+    page.locator("#run-stop").click()
+    wait_job(page, "run-status", "stopped", "lorafuse train runs/teapot/config.toml", 120)
+    states = sorted((ws / "runs" / "teapot").glob("teapot-step*-state"))
+    assert states, "stopping saved no state"
+    subject = states[-1].with_name(states[-1].name.removesuffix("-state") + ".safetensors")
+    epoch1 = ws / "runs" / "teapot" / "teapot-000001.safetensors"
+    assert subject.is_file() and epoch1.is_file()
     shot(page, "train", "run-pick")
 
-    # 4. stop (a state is saved) and continue (resumes from it), then stop again
-    page.locator("#run-stop").click()
-    wait_text(page, "run-status", r"\bstopped\b", 120)
-    states = sorted((ws / "runs" / "long").glob("long-step*-state"))
-    assert states, "stopping saved no state"
-    page.locator("#run-continue").click()
-    wait_text(page, "run-status", rf"training.resume=runs/long/{states[-1].name}", 30)
-    wait_text(page, "run-status", r"\brunning\b.*", 120)
-    continued = page.locator("#run-pick input").input_value()
-    deadline = time.monotonic() + 180
-    while "resumed from" not in (ws / "jobs" / f"{continued}.log").read_text():
-        assert time.monotonic() < deadline, "the continued run never resumed"
-        time.sleep(0.5)
-    page.locator("#run-stop").click()
-    wait_text(page, "run-status", r"\bstopped\b", 120)
-
-    # 5. LoRA tools: inspect the subject LoRA
+    # 4. LoRA tools on the style LoRA: inspect, resize, merge, convert, a bad file (the CLI's one-line
+    # error), bake (queued)
+    type_choice(page, "run-pick", crayon)
+    wait_job(page, "run-status", "done", "lorafuse train runs/crayon/config.toml")
+    assert list((ws / "runs" / "crayon" / "samples").glob("*.png")), "crayon: no sample grids"
     tab(page, "LoRA tools")
-    type_choice(page, "tools-lora", "runs/teapot/teapot.safetensors")
+    type_choice(page, "tools-lora", "runs/crayon/crayon.safetensors")
     page.locator("#tools-inspect").click()
     wait_text(page, "tools-output", r"(?i)rank", 120)
     shot(page, "tools", "tools-result")
+    tool(page, "resize", "tools-resize", r"resized to rank 2", **{"tools-resize-rank": 2})
+    page.get_by_role("tab", name="merge", exact=True).click()
+    type_choice(page, "tools-merge-more", "loras/resized.safetensors")
+    tool(page, "merge", "tools-merge", r"exact merge")
+    page.get_by_role("tab", name="convert", exact=True).click()
+    choose(page, "tools-convert-to", "diffusers")
+    tool(page, "convert", "tools-convert", r"diffusers format", **{"tools-convert-out": "loras/crayon_peft.safetensors"})
+    for name in ("resized", "merged", "crayon_peft"):
+        assert (ws / "loras" / f"{name}.safetensors").is_file(), name
+    (ws / "loras" / "broken.safetensors").write_bytes(b"not a safetensors file")
+    type_choice(page, "tools-lora", "loras/broken.safetensors")
+    line = tool(page, "convert", "tools-convert", r"lorafuse convert: error: .*")
+    assert "loras/broken.safetensors: not a readable safetensors file" in line and "\n" not in line
+    type_choice(page, "tools-lora", "runs/crayon/crayon.safetensors")
+    page.get_by_role("tab", name="bake", exact=True).click()
+    page.locator("#tools-bake").click()
+    wait_text(page, "tools-result", r"queued \S+: lorafuse bake --base world --lora runs/crayon/crayon.safetensors", 30)
 
-    # 6. fuse with two methods, same seed, oracle scores on the world base
+    # 5. fuse the stopped subject LoRA and the style LoRA with two methods, same seed (queued behind the bake)
     tab(page, "Fuse")
-    type_choice(page, "fuse-content", "runs/teapot/teapot.safetensors")
+    type_choice(page, "fuse-content", ws_path(ws, subject))
     type_choice(page, "fuse-style", "runs/crayon/crayon.safetensors")
     fill(page, "fuse-seeds", "0")
     fill(page, "fuse-steps", 4)
     page.locator("#fuse-run").click()
-    wait_text(page, "fuse-status", r"\bdone\b", 300)
+    fuse_job = wait_text(page, "fuse-status", r"lorafuse grid (fuse/\S+\.toml)", 60).group(1)
+
+    # 6. a small grid, weight x epoch, queued behind it, with its progress
+    tab(page, "Compare & report")
+    for epoch in (epoch1, subject):
+        type_choice(page, "cmp-ckpts", ws_path(ws, epoch))
+    fill(page, "cmp-weights", "0.5 1")
+    fill(page, "cmp-steps", 2)
+    page.locator("#cmp-run").click()
+    wait_text(page, "cmp-status", r"lorafuse grid grids/\S+\.toml --report", 60)
+
+    # 7. continue the stopped run (queued last)
+    tab(page, "Train")
+    type_choice(page, "run-pick", teapot)
+    wait_job(page, "run-status", "stopped", "lorafuse train runs/teapot/config.toml", 30)
+    page.locator("#run-continue").click()
+    wait_text(page, "run-status", rf"training.resume=runs/teapot/{states[-1].name}", 30)
+    continued = page.locator("#run-pick input").input_value()
+    assert continued != teapot
+
+    # 8. a real restart: the page's process is killed while jobs wait; the new one finds the queue and the runs
+    ui_server.kill_and_restart()
+    page.goto(ui_server.url)
+    page.wait_for_selector("#tab-dataset", state="attached")
+    tab(page, "Jobs")
+    jobs = wait_text(page, "jobs-table", r"grid", 60) and text_of(page, "jobs-table")
+    for job_id in (teapot, crayon, continued):
+        assert job_id in jobs
+    assert "stopped" in jobs and "done" in jobs and re.search(r"\b(queued|running)\b", jobs)
+
+    # 9. the fused images and scores, the report
+    tab(page, "Fuse")
+    page.locator("#fuse-pick input").first.click()
+    page.get_by_role("option").first.click()  # the newest fuse job
+    wait_job(page, "fuse-status", "done", fuse_job)
     page.locator("#fuse-grid img").first.wait_for()
     scores = text_of(page, "fuse-scores")
     assert "oracle_content" in scores and "direct" in scores and "klora" in scores
     page.locator("#fuse-schedule img").first.wait_for()
     shot(page, "fuse", "fuse-status")
-
-    # 7. open the report
     with page.expect_popup() as popup:
         page.locator("#fuse-report a").click()
     report = popup.value
     report.wait_for_load_state()
     assert "K-LoRA" in report.content() and report.locator("img").count() >= 2
     report.close()
+
+    # 10. the grid, viewed when done: pages, scores per cell, the report
     tab(page, "Compare & report")
+    page.locator("#cmp-pick input").first.click()
+    page.get_by_role("option").first.click()
+    wait_job(page, "cmp-status", "done", "lorafuse grid grids/")
+    page.locator("#cmp-grid img").first.wait_for()
+    cells = text_of(page, "cmp-scores")
+    assert epoch1.name in cells and subject.name in cells and "0.5" in cells
     page.locator("#report-refresh").click()
-    shot(page, "compare")
+    shot(page, "compare", "cmp-status")
+    assert (ws / "bases" / "baked" / "model_index.json").is_file()  # the bake ran in the queue too
+
+    # 11. the continued run, listed by the new page, resumes from the saved state; stop it again
+    tab(page, "Train")
+    choose(page, "run-pick", continued)
+    wait_job(page, "run-status", "running", "training.resume=", 120)
+    deadline = time.monotonic() + 120
+    while "resumed from" not in (ws / "jobs" / f"{continued}.log").read_text():
+        assert time.monotonic() < deadline, "the continued run never resumed"
+        time.sleep(0.5)
+    page.locator("#run-stop").click()
+    wait_job(page, "run-status", "stopped", "training.resume=", 120)
     tab(page, "Jobs")
-    wait_text(page, "jobs-table", r"done", 30)
     shot(page, "jobs")

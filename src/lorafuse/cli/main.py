@@ -23,13 +23,13 @@ COMMAND_MODULES = ("demo", "world", "dataset", "lora_tools", "bake", "train", "c
 Register = Callable[[argparse._SubParsersAction], None]
 
 
-def build_parser(extra: Sequence[Register] = ()) -> argparse.ArgumentParser:
-    """The parser of every subcommand; `extra`: `register` functions of commands built above the CLI (`lorafuse
-    ui`, added by the `lorafuse` entry point, `lorafuse.__main__`)."""
+def build_parser(extra: Sequence[Register] = (), modules: Sequence[str] = COMMAND_MODULES) -> argparse.ArgumentParser:
+    """The parser of every subcommand in `modules`; `extra`: `register` functions of commands built above the
+    CLI (`lorafuse ui`, added by the `lorafuse` entry point, `lorafuse.__main__`)."""
     parser = argparse.ArgumentParser(prog="lorafuse", description="Train, fuse and measure subject and style LoRAs.")
     parser.add_argument("--version", action="version", version=f"lorafuse {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in modules:
         # every name must import: a typo is an error, not a subcommand silently missing
         importlib.import_module(f"lorafuse.cli.{name}").register(sub)
     for register in extra:
@@ -66,9 +66,9 @@ def _show_warning(command: str):
     return show
 
 
-def main(argv: list[str] | None = None, extra: Sequence[Register] = ()) -> int:
+def main(argv: list[str] | None = None, extra: Sequence[Register] = (), modules: Sequence[str] = COMMAND_MODULES) -> int:
     quiet_libraries()
-    parser = build_parser(extra)
+    parser = build_parser(extra, modules)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

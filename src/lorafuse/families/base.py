@@ -154,18 +154,6 @@ class Family:
         """The denoiser's input at timestep t (scaled once on B rows: elementwise, so guidance never needs it)."""
         return scheduler.scale_model_input(latents, t)
 
-    def training_sample(self, scheduler_config: Any, x0: Tensor, noise: Tensor, generator: torch.Generator
-                        ) -> tuple[Tensor, Tensor]:  # fmt: skip
-        """(x_t in the denoiser's layout, t) of the training forward process at a uniformly drawn timestep.
-
-        For methods that only compare predictions at the same (x_t, t) (ZipLoRA); training itself uses the
-        objective named by `objective`. ε/v families: DDPM's `add_noise` at an integer t."""
-        from diffusers import DDPMScheduler
-
-        scheduler = DDPMScheduler.from_config(scheduler_config)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
-        return scheduler.add_noise(x0, noise, t), t
-
     def check_scheduler(self, name: str | None) -> None:
         if name in self.schedulers:
             return

@@ -320,13 +320,6 @@ class Flux(Family):
             scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
         scheduler.set_begin_index(0)
 
-    def training_sample(self, scheduler_config: Any, x0: Tensor, noise: Tensor, generator: torch.Generator
-                        ) -> tuple[Tensor, Tensor]:  # fmt: skip
-        # rectified flow: x_t = (1 - σ) x0 + σ ε with σ ~ U(0, 1); the transformer reads t = 1000 σ
-        sigma = torch.rand((len(x0),), generator=generator).to(x0)
-        s = sigma.view(-1, 1, 1, 1)
-        return self.pack_latents((1 - s) * x0 + s * noise), sigma * 1000
-
     def scale_initial_noise(self, scheduler: Any, latents: Tensor) -> Tensor:
         return latents  # flow matching starts from the noise itself (sigma = 1)
 

@@ -34,6 +34,7 @@ from lorafuse.fusion.prompts import encode_prompts
 from lorafuse.lora.state import LoraState
 from lorafuse.lora.targets import components_of
 from lorafuse.train.cache import encode_latents
+from lorafuse.train.objectives import uniform_objective
 from lorafuse.utils.atomic import atomic_save_safetensors
 
 NAME = "ziplora"
@@ -247,6 +248,7 @@ def _objective(
             raise UserInputError(f"{NAME}: {role}_ref must be a ZipReference (see encode_reference)")
     family = family_of(pipe)
     unet = family.denoiser(pipe)
+    objective = uniform_objective(family.objective, pipe.scheduler.config)
     params = [p for root in components_of(pipe).values() for p in root.parameters()]
     grad_flags = [p.requires_grad for p in params]
     branches = _Branches(pipe, content, style, w_c, w_s)
@@ -274,9 +276,9 @@ def _objective(
             mse = torch.zeros(())
             for ref, mode, cond_ref, cond_merged in tasks:
                 x0 = ref.latents.to(unet.device, unet.dtype)
-                noise = torch.randn(x0.shape, generator=generator).to(x0)
-                # the same x_t and t for both forwards
-                noisy, t = family.training_sample(pipe.scheduler.config, x0, noise, generator)
+                # the same x_t and t for both forwards, drawn by the family's training objective
+                noised = objective.draw(x0, generator)
+                noisy, t = family.pack_latents(noised.noisy), noised.timesteps
                 h, w = (n * pipe.vae_scale_factor for n in x0.shape[-2:])
                 model_fn = family.model_fn(unet, height=h, width=w)
                 with torch.no_grad(), branches.use(mode):

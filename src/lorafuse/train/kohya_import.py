@@ -275,6 +275,8 @@ def _optimizer_args(imp, key, value, flat):
 
 _LYCORIS_ALGOS = ("locon", "loha", "lokr")
 _NETWORK_ARGS_OFF = {
+    "train_t5xxl": False,  # kohya lora_flux: T5-XXL LoRAs are not trained here (CLIP-L is)
+    "split_qkv": False,  # kohya lora_flux: its fused-qkv LoRA is the file layout we write anyway
     "preset": "full",
     "dropout": 0,
     "rank_dropout": 0,

@@ -271,3 +271,14 @@ def objective_for(
             t_max=loss.max_timestep, bias=loss.timestep_bias, noise_offset=loss.noise_offset,
         )  # fmt: skip
     raise ValueError(f"unknown training objective {name!r}")
+
+
+def uniform_objective(name: str, scheduler_config: Any) -> DDPMObjective | FlowMatchObjective:
+    """The objective `name` (a family's `objective`) with the plain forward process: t ~ U{0, …, T − 1} on the
+    DDPM schedule, or σ ~ U(0, 1) on rectified flow; no bias, offset or weighting. For methods that compare two
+    predictions at the same draw (ZipLoRA's mergers), which read x_t and t but not the target."""
+    if name == "flow":
+        return FlowMatchObjective("uniform", num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000))
+    if name == "epsilon":
+        return DDPMObjective(scheduler_config, "epsilon")
+    raise ValueError(f"unknown training objective {name!r}")

@@ -348,7 +348,9 @@ def _open_outputs(run: Run, progress_bar: bool) -> None:
         lora_path=out / f"{name}.safetensors", arch=run.arch, total_steps=run.total_steps
     )
     run.result.batches_per_epoch = run.batches_per_epoch
-    run.metadata = training_metadata(cfg, run.index, run.total_steps, run.num_epochs, run.v_pred)
+    run.metadata = training_metadata(
+        cfg, run.index, run.total_steps, run.num_epochs, run.v_pred, run.family.objective
+    )
     run.metadata["training_started_at"] = str(int(run.started))
     run.global_step, run.position = run.start.global_step, run.start
     run.lora_saves = SaveRotation(tc.save_last_n_epochs, tc.save_last_n_steps)

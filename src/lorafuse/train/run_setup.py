@@ -78,10 +78,18 @@ def make_accelerator(cfg: TrainConfig):
         raise UserInputError(f"training.mixed_precision = {cfg.training.mixed_precision!r}: {e}") from e
 
 
+_FLOW_KEYS = ("timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type",
+              "weighting_scheme", "logit_mean", "logit_std", "mode_scale")  # fmt: skip
+
+
 def training_metadata(
-    cfg: TrainConfig, index: DatasetIndex, total_steps: int, num_epochs: int, v_pred: bool
+    cfg: TrainConfig, index: DatasetIndex, total_steps: int, num_epochs: int, v_pred: bool, objective: str = "epsilon"
 ) -> dict:
+    """kohya's ss_* training record; a flow-matching objective adds its sampling settings, as kohya's FLUX trainer."""
     o, ds, tc = cfg.optimizer, cfg.dataset, cfg.training
+    flow = {k: getattr(cfg.loss, k) for k in _FLOW_KEYS} if objective == "flow" else {}
+    if flow:
+        flow["guidance_scale"] = cfg.model.guidance_scale
     dirs: Counter[str] = Counter(it.path.parent.name for it in index.items if not it.is_reg)
     repeats = {it.path.parent.name: it.repeats for it in index.items if not it.is_reg}
     tags: dict[str, Counter[str]] = {}
@@ -117,6 +125,7 @@ def training_metadata(
         tag_frequency={d: dict(c) for d, c in sorted(tags.items())},
         resolution=ds.resolution,
         clip_skip=cfg.model.clip_skip,
-        v_parameterization=v_pred,
+        v_parameterization=None if flow else v_pred,  # rectified flow is neither ε nor v (no prediction_type)
         trigger_phrase=ds.trigger,
+        **flow,
     )

@@ -11,6 +11,8 @@ import hmac
 import os
 import secrets
 import socket
+import threading
+import time
 from dataclasses import dataclass
 
 from lorafuse.errors import UserInputError
@@ -74,6 +76,19 @@ def quiet_gradio() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+def _announce_helper(since: float) -> None:
+    """Tell the terminal when quick commands answer at once (the helper has loaded its packages)."""
+    from lorafuse.ui import tasks
+    from lorafuse.ui.helper import HELPER
+
+    try:
+        HELPER.call(tasks.method_catalog)
+    except Exception as e:  # shown, not raised: the page works on, and the next call restarts the helper
+        print(f"lorafuse ui: the helper process failed to start: {e}", flush=True)
+        return
+    print(f"lorafuse ui: quick commands ready ({time.monotonic() - since:.1f} s after the page)", flush=True)
+
+
 def serve(app, bind: Binding, workspace, *, block: bool = True, max_upload: int) -> None:
     """Launch `app` (a gr.Blocks) as `bind` says; files are served from the workspace only."""
     from lorafuse.ui.app import THEME
@@ -113,5 +128,6 @@ def serve(app, bind: Binding, workspace, *, block: bool = True, max_upload: int)
     from lorafuse.ui.helper import HELPER
 
     HELPER.start()
+    threading.Thread(target=_announce_helper, args=(time.monotonic(),), daemon=True).start()
     if block:
         app.block_thread()

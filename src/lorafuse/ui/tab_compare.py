@@ -22,6 +22,19 @@ def reports(ws: Workspace) -> list[str]:
 
 
 def build(ws: Workspace, store: JobStore) -> dict:
+    methods = _grid_section(ws, store)
+    with gr.Accordion("Reports of earlier runs and the demo", open=True):
+        _reports_section(ws, store)
+
+    def fill():
+        names = method_catalog()[0]
+        return gr.update(choices=names, value=[m for m in ("direct",) if m in names])
+
+    return {"on_load": (fill, [methods])}
+
+
+def _grid_section(ws: Workspace, store: JobStore) -> gr.Dropdown:
+    """A grid's axes, queued as `lorafuse grid --report`, and its progress, pages, scores and report link."""
     files = lora_files(ws)
     gr.Markdown("Each axis takes several values (commas or spaces); checkpoints are e.g. one LoRA per epoch.")
     with gr.Row():
@@ -41,14 +54,8 @@ def build(ws: Workspace, store: JobStore) -> dict:
     pick = gr.Dropdown(fuse_jobs(store, "grid"), label="grid job", allow_custom_value=True, elem_id="cmp-pick")
     status = gr.Markdown(elem_id="cmp-status")
     pages = gr.Gallery(label="grid pages", columns=1, height=420, object_fit="contain", elem_id="cmp-grid")
-    scores = gr.Dataframe(label="scores", interactive=False)
-    link = gr.HTML()
-    with gr.Accordion("Reports of earlier runs and the demo", open=True):
-        with gr.Row():
-            report = gr.Dropdown(reports(ws), label="report", allow_custom_value=True, elem_id="report-pick")
-            refresh_reports = gr.Button("Refresh", size="sm", elem_id="report-refresh")
-            demo = gr.Button("Run the demo (queued: about 3 min on 2 cores)", elem_id="demo-run")
-        open_link = gr.HTML(elem_id="report-open")
+    scores = gr.Dataframe(label="scores", interactive=False, elem_id="cmp-scores")
+    link = gr.HTML(elem_id="cmp-report")
 
     def on_run(ckpts, style_ckpts, weights, steps, bases, methods, seeds, prompt):
         try:
@@ -73,6 +80,23 @@ def build(ws: Workspace, store: JobStore) -> dict:
         text, page_list, table, _schedule, html = show_grid(ws, store, job_id)
         return text, page_list, table, html
 
+    def on_refresh():
+        names = lora_files(ws)
+        return gr.update(choices=names), gr.update(choices=names)
+
+    run.click(on_run, [ckpts, style_ckpts, weights, steps, bases, methods, seeds, prompt], pick)
+    gr.Timer(2.0).tick(on_tick, pick, [status, pages, scores, link])
+    refresh.click(on_refresh, None, [ckpts, style_ckpts])
+    return methods
+
+
+def _reports_section(ws: Workspace, store: JobStore) -> None:
+    with gr.Row():
+        report = gr.Dropdown(reports(ws), label="report", allow_custom_value=True, elem_id="report-pick")
+        refresh_reports = gr.Button("Refresh", size="sm", elem_id="report-refresh")
+        demo = gr.Button("Run the demo (queued: about 3 min on 2 cores)", elem_id="demo-run")
+    open_link = gr.HTML(elem_id="report-open")
+
     def on_report(path):
         if not path:
             return ""
@@ -86,19 +110,6 @@ def build(ws: Workspace, store: JobStore) -> dict:
         store.ensure_worker()
         return f"queued `{job.id}`: `{job.command}`; its report appears here as demo/report.html"
 
-    run.click(on_run, [ckpts, style_ckpts, weights, steps, bases, methods, seeds, prompt], pick)
-    gr.Timer(2.0).tick(on_tick, pick, [status, pages, scores, link])
     report.change(on_report, report, open_link)
     refresh_reports.click(lambda v: choices_or(reports(ws), v), report, report)
     demo.click(on_demo, None, open_link)
-
-    def on_refresh(c, s):
-        names = lora_files(ws)
-        return gr.update(choices=names), gr.update(choices=names)
-
-    refresh.click(on_refresh, [ckpts, style_ckpts], [ckpts, style_ckpts])
-    def fill():
-        names = method_catalog()[0]
-        return gr.update(choices=names, value=[m for m in ("direct",) if m in names])
-
-    return {"on_load": (fill, [methods])}

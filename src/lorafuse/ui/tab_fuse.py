@@ -36,55 +36,9 @@ def show_options(method: str | None) -> str:
 
 
 def build(ws: Workspace, store: JobStore) -> dict:
-    from lorafuse.world.catalog import HELD_OUT_STYLES, SEEN_STYLES, all_individuals
-
-    files = lora_files(ws)
-    with gr.Row():
-        content = gr.Dropdown(files, label="content (subject) LoRA", allow_custom_value=True, elem_id="fuse-content")
-        style = gr.Dropdown(files, label="style LoRA", allow_custom_value=True, elem_id="fuse-style")
-        base = gr.Dropdown(BASES, value="world", label="base", allow_custom_value=True)
-        refresh = gr.Button("Refresh", size="sm")
-    with gr.Row():
-        chosen = gr.CheckboxGroup([], label="methods (same seeds, side by side)", elem_id="fuse-methods", scale=8)
-        every = gr.Button("all methods", size="sm", scale=1)
-    every.click(lambda: gr.update(value=method_catalog()[0]), None, chosen)
-    with gr.Accordion("methods and their options", open=False):
-        summaries = gr.Markdown()
-        which = gr.Dropdown([], label="options of")
-        opts_text = gr.Code(language=None)
-        which.change(show_options, which, opts_text)
-
-    def fill():
-        names, text = method_catalog()
-        first = [m for m in ("direct", "klora") if m in names] or names[:1]
-        return (gr.update(choices=names, value=first), f"```\n{text}\n```",
-                gr.update(choices=names, value=first[-1]))  # fmt: skip
-
-    prompt = gr.Textbox(value="a photo of a sks teapot <c> in sks style <s>", elem_id="fuse-prompt",
-                        label="prompt: <c> ends the content span, <s> the style span (CRAFT reads them; other "
-                        "methods see the prompt without them)")  # fmt: skip
-    with gr.Row():
-        cw = gr.Number(value=1.0, label="content weight")
-        sw = gr.Number(value=1.0, label="style weight")
-        seeds = gr.Textbox(value="0 1", label="seeds", elem_id="fuse-seeds")
-        steps = gr.Number(value=25, precision=0, label="steps", elem_id="fuse-steps")
-        guidance = gr.Number(value=7.5, label="guidance")
-        scheduler = gr.Dropdown(SCHEDULERS, value="ddim", label="scheduler")
-    held = [x.name for x in all_individuals(held_out=True)]
-    with gr.Row():
-        individual = gr.Dropdown(["auto", "none", *held], value="auto", label="oracle: content individual")
-        world_style = gr.Dropdown(["auto", "none", *HELD_OUT_STYLES, *SEEN_STYLES], value="auto",
-                                  label="oracle: style")  # fmt: skip
-        singles = gr.Checkbox(value=False, label="also each LoRA alone (cross-influence score)")
+    inputs, fill = _inputs(ws)
     run = gr.Button("Fuse (queued)", variant="primary", elem_id="fuse-run")
-    with gr.Row():
-        pick = gr.Dropdown(fuse_jobs(store), label="fuse job", elem_id="fuse-pick", allow_custom_value=True)
-    status = gr.Markdown(elem_id="fuse-status")
-    pages = gr.Gallery(label="methods x seeds", columns=1, height=420, object_fit="contain", elem_id="fuse-grid")
-    scores = gr.Dataframe(label="oracle scores", interactive=False, elem_id="fuse-scores", wrap=True)
-    with gr.Row():
-        schedule = gr.Image(label="K-LoRA schedule (layers x steps)", elem_id="fuse-schedule", height=260)
-        report = gr.HTML(elem_id="fuse-report")
+    pick = _results(ws, store)
 
     def on_run(content, style, base, chosen, prompt, cw, sw, seeds, steps, guidance, scheduler, ind, sty, singles):
         try:
@@ -107,19 +61,75 @@ def build(ws: Workspace, store: JobStore) -> dict:
         job = grids.submit_grid(ws, store, "fuse", f"fuse {', '.join(chosen)}", config, out)
         return gr.update(choices=fuse_jobs(store), value=job.id)
 
-    def on_tick(job_id):
-        return show_grid(ws, store, job_id)
+    run.click(on_run, inputs, pick)
+    return {"content": inputs[0], "style": inputs[1], "on_load": fill}
 
-    run.click(on_run, [content, style, base, chosen, prompt, cw, sw, seeds, steps, guidance, scheduler, individual,
-                       world_style, singles], pick)  # fmt: skip
-    gr.Timer(2.0).tick(on_tick, pick, [status, pages, scores, schedule, report])
+
+def _inputs(ws: Workspace) -> tuple[list, tuple]:
+    """The LoRAs, base, methods (with their options), prompt, sampling and oracle settings; and the page-load
+    filler of the method lists (from the registry, in the helper process)."""
+    from lorafuse.world.catalog import HELD_OUT_STYLES, SEEN_STYLES, all_individuals
+
+    files = lora_files(ws)
+    with gr.Row():
+        content = gr.Dropdown(files, label="content (subject) LoRA", allow_custom_value=True, elem_id="fuse-content")
+        style = gr.Dropdown(files, label="style LoRA", allow_custom_value=True, elem_id="fuse-style")
+        base = gr.Dropdown(BASES, value="world", label="base", allow_custom_value=True)
+        refresh = gr.Button("Refresh", size="sm")
+    with gr.Row():
+        chosen = gr.CheckboxGroup([], label="methods (same seeds, side by side)", elem_id="fuse-methods", scale=8)
+        every = gr.Button("all methods", size="sm", scale=1)
+    with gr.Accordion("methods and their options", open=False):
+        summaries = gr.Markdown()
+        which = gr.Dropdown([], label="options of")
+        opts_text = gr.Code(language=None)
+    prompt = gr.Textbox(value="a photo of a sks teapot <c> in sks style <s>", elem_id="fuse-prompt",
+                        label="prompt: <c> ends the content span, <s> the style span (CRAFT reads them; other "
+                        "methods see the prompt without them)")  # fmt: skip
+    with gr.Row():
+        cw = gr.Number(value=1.0, label="content weight")
+        sw = gr.Number(value=1.0, label="style weight")
+        seeds = gr.Textbox(value="0 1", label="seeds", elem_id="fuse-seeds")
+        steps = gr.Number(value=25, precision=0, label="steps", elem_id="fuse-steps")
+        guidance = gr.Number(value=7.5, label="guidance")
+        scheduler = gr.Dropdown(SCHEDULERS, value="ddim", label="scheduler")
+    held = [x.name for x in all_individuals(held_out=True)]
+    with gr.Row():
+        individual = gr.Dropdown(["auto", "none", *held], value="auto", label="oracle: content individual")
+        world_style = gr.Dropdown(["auto", "none", *HELD_OUT_STYLES, *SEEN_STYLES], value="auto",
+                                  label="oracle: style")  # fmt: skip
+        singles = gr.Checkbox(value=False, label="also each LoRA alone (cross-influence score)")
+
+    def fill():
+        names, text = method_catalog()
+        first = [m for m in ("direct", "klora") if m in names] or names[:1]
+        return (gr.update(choices=names, value=first), f"```\n{text}\n```",
+                gr.update(choices=names, value=first[-1]))  # fmt: skip
 
     def on_refresh(c, s):
         names = lora_files(ws)
         return choices_or(names, c), choices_or(names, s)
 
+    every.click(lambda: gr.update(value=method_catalog()[0]), None, chosen)
+    which.change(show_options, which, opts_text)
     refresh.click(on_refresh, [content, style], [content, style])
-    return {"content": content, "style": style, "on_load": (fill, [chosen, summaries, which])}
+    inputs = [content, style, base, chosen, prompt, cw, sw, seeds, steps, guidance, scheduler, individual,
+              world_style, singles]  # fmt: skip
+    return inputs, (fill, [chosen, summaries, which])
+
+
+def _results(ws: Workspace, store: JobStore) -> gr.Dropdown:
+    """The fuse job picker and what it made: methods x seeds, oracle scores, K-LoRA's schedule, the report."""
+    with gr.Row():
+        pick = gr.Dropdown(fuse_jobs(store), label="fuse job", elem_id="fuse-pick", allow_custom_value=True)
+    status = gr.Markdown(elem_id="fuse-status")
+    pages = gr.Gallery(label="methods x seeds", columns=1, height=420, object_fit="contain", elem_id="fuse-grid")
+    scores = gr.Dataframe(label="oracle scores", interactive=False, elem_id="fuse-scores", wrap=True)
+    with gr.Row():
+        schedule = gr.Image(label="K-LoRA schedule (layers x steps)", elem_id="fuse-schedule", height=260)
+        report = gr.HTML(elem_id="fuse-report")
+    gr.Timer(2.0).tick(lambda j: show_grid(ws, store, j), pick, [status, pages, scores, schedule, report])
+    return pick
 
 
 def show_grid(ws: Workspace, store: JobStore, job_id: str | None):

@@ -32,6 +32,39 @@ def pickle_flag(ws: Workspace) -> list[str]:
     return ["--allow-pickle"] if ws.allow_pickle else []
 
 
+def _forms(files: list[str]) -> dict:
+    """One sub-tab per tool: its settings and its button."""
+    with gr.Tabs():
+        with gr.Tab("inspect"):
+            inspect_btn = gr.Button("Inspect", elem_id="tools-inspect")
+        with gr.Tab("convert"):
+            with gr.Row():
+                to = gr.Dropdown(["kohya", "diffusers"], value="kohya", label="to", elem_id="tools-convert-to")
+                arch = gr.Dropdown(["sd15", "sdxl", "world"], value="world", label="arch")
+                conv_out = gr.Textbox(value="loras/converted.safetensors", label="out", elem_id="tools-convert-out")
+            convert_btn = gr.Button("Convert", elem_id="tools-convert")
+        with gr.Tab("merge"):
+            with gr.Row():
+                others = gr.Dropdown(files, multiselect=True, label="more LoRA files", allow_custom_value=True,
+                                     elem_id="tools-merge-more")  # fmt: skip
+                weights = gr.Textbox(value="", label="weights (one per file, default all 1)")
+                merge_out = gr.Textbox(value="loras/merged.safetensors", label="out", elem_id="tools-merge-out")
+            merge_btn = gr.Button("Merge", elem_id="tools-merge")
+        with gr.Tab("resize"):
+            with gr.Row():
+                rank = gr.Number(value=4, precision=0, label="rank", elem_id="tools-resize-rank")
+                resize_out = gr.Textbox(value="loras/resized.safetensors", label="out", elem_id="tools-resize-out")
+            resize_btn = gr.Button("Resize", elem_id="tools-resize")
+        with gr.Tab("bake"):
+            with gr.Row():
+                weight = gr.Number(value=1.0, label="LoRA weight")
+                bake_out = gr.Textbox(value="bases/baked", label="out (a new pipeline folder)", elem_id="tools-bake-out")
+            bake_btn = gr.Button("Bake (queued as a job)", elem_id="tools-bake")
+    return {"inspect": inspect_btn, "convert": convert_btn, "to": to, "arch": arch, "conv_out": conv_out,
+            "merge": merge_btn, "others": others, "weights": weights, "merge_out": merge_out, "resize": resize_btn,
+            "rank": rank, "resize_out": resize_out, "bake": bake_btn, "weight": weight, "bake_out": bake_out}  # fmt: skip
+
+
 def build(ws: Workspace, store: JobStore) -> dict:
     files = lora_files(ws)
     gr.Markdown("Every button runs the `lorafuse` command shown under it; paths are relative to the workspace.")
@@ -39,31 +72,7 @@ def build(ws: Workspace, store: JobStore) -> dict:
         lora = gr.Dropdown(files, label="LoRA file", allow_custom_value=True, elem_id="tools-lora")
         base = gr.Dropdown(BASES, value="world", label="base (coverage check / bake)", allow_custom_value=True)
         refresh = gr.Button("Refresh", size="sm")
-    with gr.Tabs():
-        with gr.Tab("inspect"):
-            inspect_btn = gr.Button("Inspect", elem_id="tools-inspect")
-        with gr.Tab("convert"):
-            with gr.Row():
-                to = gr.Dropdown(["kohya", "diffusers"], value="kohya", label="to")
-                arch = gr.Dropdown(["sd15", "sdxl", "world"], value="world", label="arch")
-                conv_out = gr.Textbox(value="loras/converted.safetensors", label="out")
-            convert_btn = gr.Button("Convert")
-        with gr.Tab("merge"):
-            with gr.Row():
-                others = gr.Dropdown(files, multiselect=True, label="more LoRA files", allow_custom_value=True)
-                weights = gr.Textbox(value="", label="weights (one per file, default all 1)")
-                merge_out = gr.Textbox(value="loras/merged.safetensors", label="out")
-            merge_btn = gr.Button("Merge")
-        with gr.Tab("resize"):
-            with gr.Row():
-                rank = gr.Number(value=4, precision=0, label="rank")
-                resize_out = gr.Textbox(value="loras/resized.safetensors", label="out")
-            resize_btn = gr.Button("Resize")
-        with gr.Tab("bake"):
-            with gr.Row():
-                weight = gr.Number(value=1.0, label="LoRA weight")
-                bake_out = gr.Textbox(value="bases/baked", label="out (a new pipeline folder)")
-            bake_btn = gr.Button("Bake (queued as a job)")
+    ui = _forms(files)
     result = gr.Markdown(elem_id="tools-result")
     output = gr.Textbox(label="output", lines=12, elem_id="tools-output")
 
@@ -88,25 +97,25 @@ def build(ws: Workspace, store: JobStore) -> dict:
     def base_arg(b):
         return b if b in BASES else checked(ws, b)
 
-    inspect_btn.click(guarded(lambda f, b: ["inspect", checked(ws, f), *(["--base", base_arg(b)] if b else []),
+    ui["inspect"].click(guarded(lambda f, b: ["inspect", checked(ws, f), *(["--base", base_arg(b)] if b else []),
                                             *pickle_flag(ws)]), [lora, base], [result, output])  # fmt: skip
-    convert_btn.click(guarded(lambda f, t, a, o: ["convert", checked(ws, f), "--to", t, "--arch", a, "--out",
+    ui["convert"].click(guarded(lambda f, t, a, o: ["convert", checked(ws, f), "--to", t, "--arch", a, "--out",
                                                   checked(ws, o, must_exist=False), *pickle_flag(ws)]),
-                      [lora, to, arch, conv_out], [result, output])  # fmt: skip
-    merge_btn.click(guarded(lambda f, more, w, o: ["merge", checked(ws, f), *[checked(ws, m) for m in more or []],
+                      [lora, ui["to"], ui["arch"], ui["conv_out"]], [result, output])  # fmt: skip
+    ui["merge"].click(guarded(lambda f, more, w, o: ["merge", checked(ws, f), *[checked(ws, m) for m in more or []],
                                                    *(["--weights", *map(str, split_list(w, float))] if w.strip() else []),
                                                    "--out", checked(ws, o, must_exist=False), *pickle_flag(ws)]),
-                    [lora, others, weights, merge_out], [result, output])  # fmt: skip
-    resize_btn.click(guarded(lambda f, r, o: ["resize", checked(ws, f), "--rank", str(int(r)), "--out",
+                    [lora, ui["others"], ui["weights"], ui["merge_out"]], [result, output])  # fmt: skip
+    ui["resize"].click(guarded(lambda f, r, o: ["resize", checked(ws, f), "--rank", str(int(r)), "--out",
                                               checked(ws, o, must_exist=False), *pickle_flag(ws)]),
-                     [lora, rank, resize_out], [result, output])  # fmt: skip
-    bake_btn.click(guarded(lambda f, b, w, o: ["bake", "--base", base_arg(b), "--lora", checked(ws, f), str(w),
+                     [lora, ui["rank"], ui["resize_out"]], [result, output])  # fmt: skip
+    ui["bake"].click(guarded(lambda f, b, w, o: ["bake", "--base", base_arg(b), "--lora", checked(ws, f), str(w),
                                                *pickle_flag(ws), "--out", checked(ws, o, must_exist=False)]),
-                   [lora, base, weight, bake_out], [result, output])  # fmt: skip
+                   [lora, base, ui["weight"], ui["bake_out"]], [result, output])  # fmt: skip
 
     def on_refresh(current, more):
         names = lora_files(ws)
         return choices_or(names, current), gr.update(choices=names)
 
-    refresh.click(on_refresh, [lora, others], [lora, others])
+    refresh.click(on_refresh, [lora, ui["others"]], [lora, ui["others"]])
     return {}

@@ -102,7 +102,37 @@ def latest_state(run_dir: Path) -> Path | None:
     return Path(found) if found else None
 
 
+def config_for(ws: Workspace, opts: list[Option], dataset: str, name: str, values: list) -> tuple[Path, str, str, str]:
+    """(run folder, config path, config TOML, equivalent commands) of the form's values, checked as the CLI checks
+    them (unknown keys, types, ranges) in the helper process."""
+    if not dataset:
+        raise UserInputError("choose a dataset first (Dataset tab)")
+    name = (name or "").strip()
+    run = ws.resolve(f"runs/{name}")
+    ws.resolve(dataset, must_exist=True)
+    over = overrides_from_form(opts, values)
+    over.update({"dataset.train_data_dir": dataset, "training.output_dir": ws.relative(run),
+                 "training.output_name": name})  # fmt: skip
+    text, model = HELPER.call(tasks.train_config_toml, over)
+    path = f"{ws.relative(run)}/config.toml"
+    ws.check_pickle(Path(model))
+    cmd = f"lorafuse train {path}\n# or, with kohya-named flags:\nlorafuse train {shlex.join(flags(over))}"
+    return run, path, text, cmd
+
+
 def build(ws: Workspace, store: JobStore, dataset_picker) -> dict:
+    form = _form(ws, store)
+    with gr.Accordion("Runs: live loss and LR, samples per epoch, stop and continue", open=True):
+        run_pick = _runs(ws, store)
+    # a queued run is shown at once in the monitor
+    form["queued_event"].then(lambda j: gr.update(choices=train_jobs(store), value=j) if j else gr.update(),
+                              form["job"], run_pick)  # fmt: skip
+    dataset_picker.change(lambda v: choices_or(ws.list_dirs("datasets"), v), dataset_picker, form["dataset"])
+    return {"run_pick": run_pick, "dataset": form["dataset"]}
+
+
+def _form(ws: Workspace, store: JobStore) -> dict:
+    """Presets, the generated option form, the equivalent command and TOML, and "Add to queue"."""
     opts = [o for o in options() if o.key not in PAGE_SET]
     with gr.Row():
         preset = gr.Dropdown(list(PRESETS), value=list(PRESETS)[0], label="preset", elem_id="train-preset")
@@ -111,16 +141,15 @@ def build(ws: Workspace, store: JobStore, dataset_picker) -> dict:
         run_name = gr.Textbox(value="my_lora", label="run name (runs/NAME)", elem_id="train-name")
         apply = gr.Button("Apply preset", elem_id="train-apply")
     components = []
-    tables = list(dict.fromkeys(o.table for o in opts))
-    for table in tables:
+    for table in dict.fromkeys(o.table for o in opts):
         with gr.Accordion(f"[{table}]", open=table == "training"):
             with gr.Row(equal_height=False):
-                for opt in (o for o in opts if o.table == table):
-                    components.append(_component(opt))
+                components += [_component(opt) for opt in opts if opt.table == table]
     with gr.Row():
         show = gr.Button("Show command and TOML", elem_id="train-show")
         queue = gr.Button("Add to queue", variant="primary", elem_id="train-queue")
     queued = gr.Markdown(elem_id="train-queued")
+    job = gr.State("")
     with gr.Row():
         command = gr.Code(label="equivalent command", language="shell", elem_id="train-command")
         toml = gr.Code(label="config TOML", elem_id="train-toml")
@@ -129,51 +158,43 @@ def build(ws: Workspace, store: JobStore, dataset_picker) -> dict:
         values = preset_values(preset)
         return [gr.update(value=shown(values[o.key]) if o.key in values else shown(o.default)) for o in opts]
 
-    def config_for(dataset, name, values):
-        if not dataset:
-            raise UserInputError("choose a dataset first (Dataset tab)")
-        name = (name or "").strip()
-        run = ws.resolve(f"runs/{name}")
-        ws.resolve(dataset, must_exist=True)
-        over = overrides_from_form(opts, values)
-        over.update({"dataset.train_data_dir": dataset, "training.output_dir": ws.relative(run),
-                     "training.output_name": name})  # fmt: skip
-        text, model = HELPER.call(tasks.train_config_toml, over)  # the CLI's checks: unknown keys, types, ranges
-        path = f"{ws.relative(run)}/config.toml"
-        ws.check_pickle(Path(model))
-        cmd = f"lorafuse train {path}\n# or, with kohya-named flags:\nlorafuse train {shlex.join(flags(over))}"
-        return run, path, text, cmd
-
     def on_show(dataset, name, *values):
         try:
-            _, _, text, cmd = config_for(dataset, name, list(values))
+            _, _, text, cmd = config_for(ws, opts, dataset, name, list(values))
         except UserInputError as e:
             raise gr.Error(f"error: {e}", print_exception=False) from None
         return cmd, text
 
     def on_queue(dataset, name, *values):
         try:
-            run, path, text, cmd = config_for(dataset, name, list(values))
+            run, path, text, cmd = config_for(ws, opts, dataset, name, list(values))
         except UserInputError as e:  # shown where the user looks, as the CLI prints it
-            return error_md(e), gr.update(), gr.update(), gr.update()
+            return error_md(e), gr.update(), gr.update(), ""
         atomic_write_text(run / "config.toml", text)
         rel = ws.relative(run)
-        job = store.submit("train", f"train {run.name}", ["train", path],
+        new = store.submit("train", f"train {run.name}", ["train", path],
                            {"run": rel, "config": path, "csv": f"{rel}/logs/{run.name}.csv", "samples": f"{rel}/samples"})  # fmt: skip
         store.ensure_worker()
-        return f"queued `{job.id}`: `{job.command}`", cmd, text, gr.update(choices=train_jobs(store), value=job.id)
+        return f"queued `{new.id}`: `{new.command}`", cmd, text, new.id
 
-    with gr.Accordion("Runs: live loss and LR, samples per epoch, stop and continue", open=True):
-        with gr.Row():
-            run_pick = gr.Dropdown(train_jobs(store), label="training job", elem_id="run-pick", allow_custom_value=True)
-            stop = gr.Button("Stop (save state)", elem_id="run-stop")
-            cont = gr.Button("Continue", elem_id="run-continue")
-        run_status = gr.Markdown(elem_id="run-status")
-        with gr.Row():
-            loss_plot = gr.LinePlot(x="step", y="value", color="series", title="loss", elem_id="loss-plot", height=260)
-            lr_plot = gr.LinePlot(x="step", y="value", color="series", title="learning rate", elem_id="lr-plot",
-                                  height=260)  # fmt: skip
-        samples = gr.Gallery(label="samples per epoch", columns=4, height=260, elem_id="run-samples")
+    apply.click(on_apply, preset, components)
+    show.click(on_show, [dataset, run_name, *components], [command, toml])
+    queued_event = queue.click(on_queue, [dataset, run_name, *components], [queued, command, toml, job])
+    return {"dataset": dataset, "queued_event": queued_event, "job": job}
+
+
+def _runs(ws: Workspace, store: JobStore) -> gr.Dropdown:
+    """The run monitor: status, loss and LR charts, samples; stop (saving a state) and continue."""
+    with gr.Row():
+        run_pick = gr.Dropdown(train_jobs(store), label="training job", elem_id="run-pick", allow_custom_value=True)
+        stop = gr.Button("Stop (save state)", elem_id="run-stop")
+        cont = gr.Button("Continue", elem_id="run-continue")
+    run_status = gr.Markdown(elem_id="run-status")
+    with gr.Row():
+        loss_plot = gr.LinePlot(x="step", y="value", color="series", title="loss", elem_id="loss-plot", height=260)
+        lr_plot = gr.LinePlot(x="step", y="value", color="series", title="learning rate", elem_id="lr-plot",
+                              height=260)  # fmt: skip
+    samples = gr.Gallery(label="samples per epoch", columns=4, height=260, elem_id="run-samples")
 
     def on_stop(job_id):
         try:
@@ -197,15 +218,10 @@ def build(ws: Workspace, store: JobStore, dataset_picker) -> dict:
         store.ensure_worker()
         return f"queued `{new.id}`: `{new.command}`", gr.update(choices=train_jobs(store), value=new.id)
 
-    apply.click(on_apply, preset, components)
-    show.click(on_show, [dataset, run_name, *components], [command, toml])
-    queue.click(on_queue, [dataset, run_name, *components], [queued, command, toml, run_pick])
     stop.click(on_stop, run_pick, run_status)
     cont.click(on_continue, run_pick, [run_status, run_pick])
-    timer = gr.Timer(2.0)
-    timer.tick(lambda j: monitor(ws, store, j), run_pick, [run_status, loss_plot, lr_plot, samples])
-    dataset_picker.change(lambda v: choices_or(ws.list_dirs("datasets"), v), dataset_picker, dataset)
-    return {"run_pick": run_pick, "dataset": dataset}
+    gr.Timer(2.0).tick(lambda j: monitor(ws, store, j), run_pick, [run_status, loss_plot, lr_plot, samples])
+    return run_pick
 
 
 def train_jobs(store: JobStore) -> list[str]:

@@ -1,7 +1,7 @@
 """CRAFT-LoRA's ablation (the paper's Table 6b) on the built-in world, judged by the oracle.
 
 Rows: {with, without} the rank-limited backbone W' x {ACFG (window schedule), symmetric CFG (LoRAs on both
-branches, window schedule), ACFG with constant ω}. With the backbone, the LoRAs are trained ON the backbone
+branches, window schedule), ACFG with constant ω, ACFG with the smooth cosine schedule φ (App. C)}. With the backbone, the LoRAs are trained ON the backbone
 (recipe base = the backbone folder) and fused with option `backbone`; without it, trained and fused on the world
 base. Held-out individuals x held-out styles, several seeds; prompt "a sks CLASS <c> in sks style <s>".
 
@@ -49,6 +49,7 @@ GUIDANCE_ROWS = {  # label -> craft options
     "ACFG": {},
     "symmetric CFG": {"symmetric": True},
     "ACFG constant ω": {"schedule": "constant"},
+    "ACFG smooth φ": {"schedule": "smooth"},  # the paper's App. C cosine φ(u) = ½(1 + cos πu), against its window
 }
 FULL = "backbone + ACFG"
 METRICS = ("content", "style", "harmonic", "cross_influence", "ci_product")

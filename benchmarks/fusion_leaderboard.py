@@ -173,6 +173,22 @@ def paired_figures(rows: list[dict]) -> list:
     return out
 
 
+def ablation_figures(rows: list[dict], methods: list[str]) -> list:
+    """Each paper's full method against each of its ablations on the same inputs (full − ablation, so > 0 is the
+    paper's claim that the full method wins), per metric, t-interval then bootstrap."""
+    present = {r["method"] for r in rows}
+    out = []
+    for full, _, m, inputs, _ in paper_runs(methods):
+        for name, _ in ABLATIONS.get(m, ()):
+            ablation = label(f"{m} {name}", inputs)
+            if full not in present or ablation not in present:
+                continue
+            for metric in PAIRED_METRICS:
+                for interval in ("t", "bootstrap"):
+                    out.append(paired_difference(rows, full, ablation, metric, interval=interval))
+    return out
+
+
 def markdown_table(figures: dict, paired: list, rows: list[dict], command: str) -> str:
     """The README's table: per row its inputs, mean [95 % interval] of the scores, the paired differences to
     direct on the same inputs (t-interval over pairs), then seconds per image."""
@@ -198,7 +214,8 @@ def markdown_table(figures: dict, paired: list, rows: list[dict], command: str) 
     return "\n".join(lines) + f"\n\n`{command}`"
 
 
-def write_html(work: Path, done: list[dict], rows: list[dict], paired: list, args, elapsed: float) -> Path:
+def write_html(work: Path, done: list[dict], rows: list[dict], paired: list, args, elapsed: float,
+               ablations: list = ()) -> Path:  # fmt: skip
     folder = work / FILES
     report = HtmlReport(f"lorafuse fusion leaderboard: {len(done)} pairs x {args.seeds} seed(s)")
     report.paragraph(f"Every method on held-out individual x style pairs of the built-in world, {args.steps} DDIM "
@@ -212,6 +229,11 @@ def write_html(work: Path, done: list[dict], rows: list[dict], paired: list, arg
     report.table(["row", "metric", "t-interval", "bootstrap", "pairs", "verdict"],
                  [[d.method, d.metric, str(d), str(b), d.n, d.verdict]
                   for d, b in zip(paired[::2], paired[1::2], strict=True)])  # fmt: skip
+    if ablations:
+        report.heading("Full method − its ablations (same LoRAs; > 0: the full method wins)")
+        report.table(["full", "ablation", "metric", "t-interval", "bootstrap", "pairs", "verdict"],
+                     [[d.method, d.baseline, d.metric, str(d), str(b), d.n, d.verdict]
+                      for d, b in zip(ablations[::2], ablations[1::2], strict=True)])  # fmt: skip
     header, table = summary(rows)
     report.heading("Scores per row")
     report.table(header, table)
@@ -269,11 +291,15 @@ def main() -> None:
     print("\npaired differences to direct merging of the same LoRAs (mean over pairs, 95 % t-interval over pairs)")
     print_table(["row", "metric", "difference", "pairs", "verdict"],
                 [[d.method, d.metric, str(d), d.n, d.verdict] for d in paired if d.interval == "t"])  # fmt: skip
+    ablations = ablation_figures(rows, methods)
+    print("\nfull method − its ablation, same LoRAs (mean over pairs, 95 % t-interval over pairs; > 0: full wins)")
+    print_table(["full", "ablation", "metric", "difference", "pairs", "verdict"],
+                [[d.method, d.baseline, d.metric, str(d), d.n, d.verdict] for d in ablations if d.interval == "t"])  # fmt: skip
     figures = figures_of(rows)
     smoke = args.pairs < FULL["pairs"] or args.seeds < FULL["seeds"] or bool(args.content_epochs or args.style_epochs)
     command = " ".join(["python -m benchmarks.fusion_leaderboard", *sys.argv[1:]])  # as run, every flag
     print("\n" + markdown_table(figures, paired, rows, command) + "\n")
-    page = write_html(args.work, done, rows, paired, args, elapsed)
+    page = write_html(args.work, done, rows, paired, args, elapsed, ablations)
     print(f"report: {page}")
     config = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "methods": methods,
               "pairs_used": [f"{i}+{s}" for i, s in pairs], "smoke": smoke, "seconds": round(elapsed, 1),
@@ -281,6 +307,7 @@ def main() -> None:
               "seconds_per_pair": {d["pair"]: d.get("seconds") for d in done}}  # fmt: skip
     figures["skipped"] = {d["pair"]: d["skipped"] for d in done if d["skipped"]}
     figures["paired"] = [d.to_json() for d in paired]
+    figures["ablations"] = [d.to_json() for d in ablations]
     write_result("fusion_leaderboard_smoke" if smoke else "fusion_leaderboard", config, figures)
 
 

@@ -109,7 +109,8 @@ def main() -> None:
     def method_run(label: str, method: str, options: dict) -> Callable[[], float]:
         if method == "ziplora":
             options = {**options, "mergers": mergers}  # the merge is done; the plan only fuses
-        config = make_config(method, **options)
+        # planned as `lorafuse fuse` plans: the method sees the prompt first (SSR-Merge calibrates on it)
+        _, config = get_method(method).prepare_prompt(PROMPT, make_config(method, **options))
 
         def run() -> float:
             t = time.perf_counter()

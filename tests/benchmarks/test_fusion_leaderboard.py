@@ -1,7 +1,13 @@
 """The leaderboard's pair list and README table (the run itself is a benchmark, smoke-run by hand)."""
 
 import pytest
-from benchmarks.fusion_leaderboard import held_out_pairs, leaderboard_runs, markdown_table, paired_figures
+from benchmarks.fusion_leaderboard import (
+    ablation_figures,
+    held_out_pairs,
+    leaderboard_runs,
+    markdown_table,
+    paired_figures,
+)
 
 from lorafuse.errors import UserInputError
 from lorafuse.world.catalog import (
@@ -58,3 +64,16 @@ def test_every_row_names_its_inputs_and_has_its_direct_baseline() -> None:
     klora = next(r for r in runs if r[0] == "klora [attn]")
     assert klora[4] == {"non_attention": "ignore"}  # the official code touches nothing outside attention
     assert "direct [attn]" in [r[0] for r in leaderboard_runs(["klora"])]
+
+
+def test_ablations_are_compared_with_their_full_method() -> None:
+    # full − ablation per pair: craft beats "craft smooth" by 0.1 on content in every pair; "craft constant" is absent
+    rows = [{"pair": f"p{p}", "seed": s, "kind": "fused", "method": m, "inputs": "craft",
+             "oracle_content": 0.5 + p / 10 - (m == "craft smooth [craft]") * 0.1, "oracle_style": 0.3,
+             "oracle_hmean": 0.4}
+            for p in range(3) for s in range(2) for m in ("craft [craft]", "craft smooth [craft]")]  # fmt: skip
+    diffs = ablation_figures(rows, ["direct", "craft"])
+    assert {(d.method, d.baseline, d.interval) for d in diffs} == {
+        ("craft [craft]", "craft smooth [craft]", i) for i in ("t", "bootstrap")}
+    content = next(d for d in diffs if d.metric == "oracle_content" and d.interval == "t")
+    assert content.mean == pytest.approx(0.1) and content.n == 3 and content.verdict == "better"

@@ -202,7 +202,50 @@ def test_settings_flow_does_not_use_are_refused(setting, message, flux_overrides
     assert not (tmp_path / "out").exists()
 
 
-def test_flow_settings_on_an_sd_base_are_refused(train_overrides, tmp_path):
-    with pytest.raises(UserInputError, match=r"loss\.timestep_sampling is for flow-matching bases"):
-        _run(train_overrides(**{"loss.timestep_sampling": "shift"}))
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"loss.timestep_sampling": "shift"}, r"loss\.timestep_sampling is for flow-matching bases"),
+        ({"dataset.t5xxl_max_token_length": 256}, r"t5xxl_max_token_length is for FLUX\.1's T5; .* has no T5"),
+    ],
+)
+def test_flow_settings_on_an_sd_base_are_refused(setting, message, train_overrides, tmp_path):
+    with pytest.raises(UserInputError, match=message):
+        _run(train_overrides(**setting))
     assert not (tmp_path / "out").exists()
+
+
+def test_caches_change_speed_not_results(flux_overrides, tmp_path):
+    """Cached FLUX latents (posterior mean, shifted and scaled at use) and cached T5 + pooled CLIP-L outputs give the
+    run an uncached one gives: the same losses, the same weights up to float rounding (the cache encodes images in
+    other batch sizes, and Adam's normalised steps carry that into the last digits, as on SD)."""
+    common = {"training.max_train_steps": 3, "network.network_train_unet_only": True}
+    plain = _run(flux_overrides(**common, **{"training.output_dir": tmp_path / "plain"}))
+    cached = _run(flux_overrides(**common, **{"training.output_dir": tmp_path / "cached",
+                                              "dataset.cache_latents": True,
+                                              "dataset.cache_text_encoder_outputs": True}))  # fmt: skip
+    torch.testing.assert_close(torch.tensor(cached.losses), torch.tensor(plain.losses), rtol=1e-6, atol=0)
+    a, b = load_file(str(plain.lora_path)), load_file(str(cached.lora_path))
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_up" in k)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
+
+
+def test_latents_are_shifted_and_scaled_like_diffusers():
+    """FLUX's VAE latents enter the transformer as (z - shift_factor) * scaling_factor, as diffusers' FLUX training
+    script and FluxPipeline's image-to-image path prepare them; SD's VAEs have no shift."""
+    z = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    config = {"scaling_factor": 0.3611, "shift_factor": 0.1159}
+    torch.testing.assert_close(FLUX.normalize_latents(z, config), (z - 0.1159) * 0.3611, rtol=0, atol=0)
+    sd = get_family("sd15").normalize_latents(z[:, :4], {"scaling_factor": 0.18215, "shift_factor": None})
+    torch.testing.assert_close(sd, z[:, :4] * 0.18215, rtol=0, atol=0)
+
+
+def test_validation_loss_on_held_out_images(flux_overrides):
+    """kohya's validation loss on FLUX: fixed noise and t = 1000 σ, the same numbers whenever it is computed."""
+    over = {"dataset.validation_split": 0.34, "training.validate_every_n_steps": 1, "training.max_train_steps": 2,
+            "optimizer.learning_rate": 1e-9}  # fmt: skip
+    result = _run(flux_overrides(**over))
+    (s1, v1), (s2, v2) = result.val_losses
+    assert (s1, s2) == (1, 2) and torch.isfinite(torch.tensor([v1, v2])).all()
+    assert v1 == pytest.approx(v2, rel=1e-4)  # a negligible step: the fixed draws give the same loss

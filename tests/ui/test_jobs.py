@@ -61,7 +61,9 @@ def test_progress_and_error_lines():
     assert last_error(log) == "lorafuse world: error: give exactly one of --subject NAME or --style NAME"
 
 
-def test_worker_runs_the_queue_one_at_a_time(tmp_path):
+@pytest.mark.parametrize("fork", ["1", "0"], ids=["forked", "spawned"])
+def test_worker_runs_the_queue_one_at_a_time(tmp_path, monkeypatch, fork):
+    monkeypatch.setenv("LORAFUSE_UI_FORK", fork)  # the worker forks each job; where it cannot, it spawns one
     store = JobStore(tmp_path)
     ok = store.submit("dataset", "world dataset", ["world", "dataset", "datasets/t", "--subject", "teapot_08",
                                                    "--n", "1"])  # fmt: skip

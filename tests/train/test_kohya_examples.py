@@ -1,5 +1,5 @@
-"""examples/kohya/: the two kohya_ss GUI configs train with `lorafuse train` unchanged but for paths, on the
-tiny SD1.5 / SDXL models (and, to stay fast, a few steps at 64 px)."""
+"""examples/kohya/: the kohya_ss GUI configs train with `lorafuse train` unchanged but for paths, on the
+tiny SD1.5 / SDXL / FLUX.1 models (and, to stay fast, a few steps at 64 px)."""
 
 from __future__ import annotations
 
@@ -64,3 +64,21 @@ def test_sdxl_style_example_with_dataset_config(tmp_path):
     assert all(k.startswith("unet") for k in state.modules)  # network_train_unet_only
     assert any(m.down.dim() == 4 and m.down.shape[-1] == 3 for m in state.modules.values())  # LoCon conv_dim
     assert not validate_lora(state, pipe, arch="sdxl").warnings
+
+
+def test_flux_example(tmp_path):
+    """kohya's FLUX guide settings train flux-tiny unchanged but for paths; lora_flux's block indices pick the
+    blocks (single blocks 0-1 of the tiny model's 4)."""
+    write_subject_dataset("robot_09", tmp_path / "data", n=2, repeats=1)
+    argv = ["train", str(EXAMPLES / "flux_lora.toml"), "--pretrained_model_name_or_path", "flux-tiny",
+            "--train_data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"),
+            "--max_train_steps", "2", "--max_train_epochs", "none", "--mixed_precision", "no",
+            "--optimizer_type", "AdamW", *TINY]  # fmt: skip
+    assert main(argv) == 0
+    lora = tmp_path / "out" / "flux_subject.safetensors"
+    assert _dtypes(lora) == {torch.bfloat16}  # save_precision = "bf16"
+    state = load_lora(lora)
+    blocks = {".".join(k.split(".")[1:3]) for k in state.modules}
+    assert blocks == {"transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0",
+                      "single_transformer_blocks.1"}  # fmt: skip
+    assert state.metadata["ss_timestep_sampling"] == "shift" and state.metadata["ss_discrete_flow_shift"] == "3.1582"

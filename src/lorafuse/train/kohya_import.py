@@ -366,6 +366,8 @@ def _network_args(imp, key, value, flat):
             imp.put(f"network.{k}", values, sub, v)
         elif k in ("mid_lr_weight", "block_lr_zero_threshold"):
             imp.put(f"network.{k}", float(v), sub, v)
+        elif k == "train_t5xxl":
+            imp.refuse(sub, v, "T5-XXL LoRAs are not trained here (FLUX.1 trains the transformer and CLIP-L)")
         else:
             imp.refuse(sub, v, "network argument not supported")
 

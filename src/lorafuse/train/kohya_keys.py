@@ -1,5 +1,6 @@
-"""Every option of kohya's train_network.py / sdxl_train_network.py (and the keys the kohya_ss GUI writes into its
-`--config_file` TOML), each either mapped to a `TrainConfig` field or handled by name with the reason.
+"""Every option of kohya's train_network.py / sdxl_train_network.py / flux_train_network.py (and the keys the
+kohya_ss GUI writes into its `--config_file` TOML), each either mapped to a `TrainConfig` field or handled by name
+with the reason.
 
 Three actions:
 - map:    the value goes to our field (same name unless `target` says otherwise), converted where the formats

@@ -240,3 +240,13 @@ def test_latents_are_shifted_and_scaled_like_diffusers():
     torch.testing.assert_close(FLUX.normalize_latents(z, config), (z - 0.1159) * 0.3611, rtol=0, atol=0)
     sd = get_family("sd15").normalize_latents(z[:, :4], {"scaling_factor": 0.18215, "shift_factor": None})
     torch.testing.assert_close(sd, z[:, :4] * 0.18215, rtol=0, atol=0)
+
+
+def test_validation_loss_on_held_out_images(flux_overrides):
+    """kohya's validation loss on FLUX: fixed noise and t = 1000 σ, the same numbers whenever it is computed."""
+    over = {"dataset.validation_split": 0.34, "training.validate_every_n_steps": 1, "training.max_train_steps": 2,
+            "optimizer.learning_rate": 1e-9}  # fmt: skip
+    result = _run(flux_overrides(**over))
+    (s1, v1), (s2, v2) = result.val_losses
+    assert (s1, s2) == (1, 2) and torch.isfinite(torch.tensor([v1, v2])).all()
+    assert v1 == pytest.approx(v2, rel=1e-4)  # a negligible step: the fixed draws give the same loss

@@ -274,8 +274,9 @@ def test_flux_train_network_keys():
     assert _build(convert_flat({**base, "network_args": ["train_blocks=double"]})).network.layers == "double"
 
     refused = convert_flat({**base, "ae": "ae.sft", "t5xxl": "t5.sft", "apply_t5_attn_mask": True,
-                            "network_args": ["train_blocks=middle"]})  # fmt: skip
+                            "network_args": ["train_blocks=middle", "train_t5xxl=True"]})  # fmt: skip
     reasons = {row.key.split(".")[0]: row.detail for row in refused.refused}
     assert "come with the base" in reasons["ae"] and "come with the base" in reasons["t5xxl"]
     assert "no text attention mask" in reasons["apply_t5_attn_mask"]
-    assert "train_blocks must be all, double or single" in reasons["network_args"]
+    details = " | ".join(row.detail for row in refused.refused)
+    assert "train_blocks must be all, double or single" in details and "T5-XXL LoRAs are not trained" in details

@@ -15,6 +15,7 @@ from PIL import Image
 
 from lorafuse.config.toml_io import load_config
 from lorafuse.errors import ConfigError, UserInputError
+from lorafuse.families import get_family
 from lorafuse.lora.io import load_lora
 from lorafuse.lora.validate import validate_lora
 from lorafuse.models.load import load_base_pipeline
@@ -89,9 +90,9 @@ def test_a_few_steps_reduce_the_loss(train_overrides, world_dataset, tmp_path):
     assert len(result.losses) == 24 and result.global_step == 24
 
 
-@pytest.mark.parametrize("base", ["world-random", "sd15-folder", "sdxl-tiny"])
+@pytest.mark.parametrize("base", ["world-random", "sd15-folder", "sdxl-tiny", "flux-tiny"])
 def test_saved_file_loads_back_and_validates(base, train_overrides, tmp_path):
-    arch = {"world-random": "world", "sd15-folder": "sd15", "sdxl-tiny": "sdxl"}[base]
+    arch = {"world-random": "world", "sd15-folder": "sd15", "sdxl-tiny": "sdxl", "flux-tiny": "flux"}[base]
     if base == "sd15-folder":  # a diffusers folder on disk: the loading path real bases take
         from lorafuse.models.tiny import tiny_pipeline
 
@@ -105,9 +106,8 @@ def test_saved_file_loads_back_and_validates(base, train_overrides, tmp_path):
     state = load_lora(result.lora_path, base=pipe)
     report = validate_lora(state, pipe, arch=arch)
     assert not report.unmatched and report.coverage == 1.0
-    assert {k.split(".")[0] for k in state.modules} == (
-        {"unet", "text_encoder", "text_encoder_2"} if arch == "sdxl" else {"unet", "text_encoder"}
-    )
+    family = get_family(arch)  # the denoiser and every text encoder the family lets a LoRA train
+    assert {k.split(".")[0] for k in state.modules} == {family.denoiser_component, *family.trainable_text_encoders}
     meta = state.metadata
     assert meta["ss_steps"] == "2" and meta["ss_network_dim"] == "4" and meta["ss_num_train_images"] == "9"
     assert json.loads(meta["lorafuse_lr_at_save"]).keys() >= {"unet", "text_encoder"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -14,8 +15,9 @@ from lorafuse.train.config import load_train_config
 from lorafuse.train.loop import train_lora
 
 
-def test_sigint_saves_state_and_resume_finishes_identically(tmp_path, train_overrides, monkeypatch):
-    steps = {"training.max_train_steps": 6, "training.save_state": True}
+@pytest.mark.parametrize("base", ["world-random", "flux-tiny"])
+def test_sigint_saves_state_and_resume_finishes_identically(base, tmp_path, train_overrides, monkeypatch):
+    steps = {"training.max_train_steps": 6, "training.save_state": True, "model.pretrained_model_name_or_path": base}
     full = train_lora(load_train_config(None, train_overrides(**steps, **{"training.output_dir": tmp_path / "full"})),
                       progress_bar=False)  # fmt: skip
 

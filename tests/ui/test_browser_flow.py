@@ -1,6 +1,8 @@
-"""A new user's whole job in the browser: a world subject and style dataset, a tiny subject and style LoRA
-trained from the queue while the loss chart updates, a run stopped and continued, two fusion methods side by
-side with oracle scores, the HTML report opened. Screenshots of every tab go to the test artifacts (and, with
+"""A new user's whole job in the browser, on one server: world subject and style datasets; a subject and a style
+LoRA trained from the queue while the loss chart updates; a run stopped; the LoRA tools (and a broken file's
+one-line error); two fusion methods side by side with oracle scores and the report; a weight x epoch grid with
+its progress; the `lorafuse ui` process killed and started again on the same workspace, which finds the queue and
+the runs; the stopped run continued. Screenshots of every tab go to the test artifacts (and, with
 LORAFUSE_UPDATE_DOCS=1, small copies to docs/ for the README)."""
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ def test_new_user_flow(page, ui_server):
     # enough to watch and stop (its continuation is queued last, so finishing it is off the critical path)
     tiny = {"train_batch_size": 4, "sample_steps": 2}
     teapot = queue_training(page, "subject LoRA (world recipe)", "datasets/teapot", "teapot", max_train_epochs=8, **tiny)
-    crayon = queue_training(page, "style LoRA (world recipe)", "datasets/crayon", "crayon", max_train_epochs=2, **tiny)
+    crayon = queue_training(page, "style LoRA (world recipe)", "datasets/crayon", "crayon", max_train_epochs=1, **tiny)
     assert "lorafuse train runs/crayon/config.toml" in text_of(page, "train-command")
     type_choice(page, "run-pick", teapot)
 

@@ -38,7 +38,7 @@ def upload(page, path, name: str) -> None:
     page.get_by_text("Your images").click()
     page.locator("#upload-name textarea, #upload-name input").first.fill(name)
     page.locator("#upload input[type=file]").set_input_files([str(path)])
-    page.locator("#upload").get_by_text(path.name).first.wait_for()  # uploaded to the server
+    page.locator("#upload").get_by_text(path.name).first.wait_for(timeout=120_000)  # uploaded to the server
     page.locator("#upload-add").click()
 
 

@@ -6,6 +6,11 @@ Sampling follows diffusers' `FluxPipeline.__call__`: flow-match Euler over sigma
 mu, which grows linearly with the image's token count (`calculate_shift`); the transformer reads t / 1000. True
 CFG (a negative prompt and a scale g > 1) runs the unconditional rows as a second branch, as diffusers does.
 
+Training (`train/loop.py` through the `training_*` hooks): CLIP-L's pooled output and T5's states as the text
+conditioning, VAE latents (z − shift) · scale packed into 2x2 patch tokens, the transformer called with t / 1000
+and dev's embedded guidance (`model.guidance_scale`, kohya trains with 1.0), rectified flow as the objective
+(`train/objectives.py`: kohya's and diffusers' timestep samplings). LoRAs go on the transformer and CLIP-L.
+
 Presets. `attn` is the attention projections of both block kinds: double blocks' image (`to_q/k/v`, `to_out.0`)
 and text (`add_q/k/v_proj`, `to_add_out`) projections, single blocks' `to_q/k/v` (their output projection
 `proj_out` is shared with the MLP). `default`/`all` are every Linear of every block (kohya's FLUX LoRA
@@ -105,7 +110,7 @@ def transformer_shapes(config: Mapping) -> dict[str, tuple[int, int]]:
     """{canonical key: weight shape} of every Linear of a `FluxTransformer2DModel` with this config.
 
     Written out from the architecture because building the real-size model, even on the meta device, takes
-    ~20 s on a busy CPU; tests/lora/test_flux_keys.py checks it against a built tiny model.
+    ~20 s on a busy CPU; tests/lora/test_flux_lora_files.py checks it against a built tiny model.
     """
     d = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
     mlp = MLP_RATIO * d

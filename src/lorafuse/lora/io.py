@@ -63,9 +63,12 @@ def _resolver(base: object | None) -> NameResolver:
 
     if base is not None:
         return NameResolver([base_modules(base).index])
-    return NameResolver(
-        [reference_modules("sdxl").index, reference_modules("sd15").index, reference_modules("flux").index]
-    )
+    from lorafuse.lora.archs import REFERENCE_ARCHS
+
+    # families whose kohya files use SGM UNet names first: an SGM block number names another module in another
+    # UNet layout, so SDXL's names must not resolve against SD1.5's layout
+    order = sorted(REFERENCE_ARCHS, key=lambda arch: not get_family(arch).kohya_sgm_unet)
+    return NameResolver([reference_modules(arch).index for arch in order])
 
 
 def read_tensors(path: str | os.PathLike, *, allow_pickle: bool = False) -> tuple[dict, dict[str, str]]:

@@ -7,7 +7,8 @@ resolution or swapping the VAE never trains on old latents. Disk files go beside
 or in `cache_dir`; every write is atomic, so an interrupted caching run leaves no half file.
 
 Latents are stored unscaled and as the posterior mean (`latent_dist.mode()`): deterministic, so a resumed run
-matches an uninterrupted one; the training loop multiplies by `vae.config.scaling_factor`.
+matches an uninterrupted one; the training loop normalises them with the family's `normalize_latents`
+((z - shift_factor) * scaling_factor).
 """
 
 from __future__ import annotations

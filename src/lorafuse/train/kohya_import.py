@@ -238,6 +238,13 @@ def _use_8bit_adam(imp, key, value, flat):
         imp.note(key, value, "optimizer_type decides" if value else "off")
 
 
+def _fp8_base(imp, key, value, flat):
+    if value:
+        imp.put("model.quantize_base", "fp8", key, value)
+    else:
+        imp.note(key, value, "off")
+
+
 def split_args(value: Any) -> list[tuple[str, Any]]:
     """kohya's ["k=v", ...] (or one space-separated string) -> [(k, python value)] as kohya's literal_eval."""
     items = value.split() if isinstance(value, str) else list(value or [])
@@ -366,6 +373,8 @@ def _network_args(imp, key, value, flat):
             imp.put(f"network.{k}", values, sub, v)
         elif k in ("mid_lr_weight", "block_lr_zero_threshold"):
             imp.put(f"network.{k}", float(v), sub, v)
+        elif k == "train_t5xxl":
+            imp.refuse(sub, v, "T5-XXL LoRAs are not trained here (FLUX.1 trains the transformer and CLIP-L)")
         else:
             imp.refuse(sub, v, "network argument not supported")
 
@@ -448,6 +457,8 @@ _HANDLERS = {
     "unet_lr": _lr,
     "optimizer_type": _optimizer_type,
     "use_8bit_adam": _use_8bit_adam,
+    "fp8_base": _fp8_base,
+    "fp8_base_unet": _fp8_base,
     "optimizer_args": _optimizer_args,
     "network_args": _network_args,
     "network_module": _network_module,

@@ -1,5 +1,6 @@
-"""Every option of kohya's train_network.py / sdxl_train_network.py (and the keys the kohya_ss GUI writes into its
-`--config_file` TOML), each either mapped to a `TrainConfig` field or handled by name with the reason.
+"""Every option of kohya's train_network.py / sdxl_train_network.py / flux_train_network.py (and the keys the
+kohya_ss GUI writes into its `--config_file` TOML), each either mapped to a `TrainConfig` field or handled by name
+with the reason.
 
 Three actions:
 - map:    the value goes to our field (same name unless `target` says otherwise), converted where the formats
@@ -169,8 +170,8 @@ RULES: dict[str, Rule] = {
     "full_bf16": _refuse(
         "LoRA factors always train in float32 here; mixed_precision casts only the frozen base"
     ),
-    "fp8_base": _refuse("fp8 base weights are not supported"),
-    "fp8_base_unet": _refuse("fp8 base weights are not supported"),
+    "fp8_base": _map("model.quantize_base", "true -> fp8 (a CUDA GPU with float8; int8 runs everywhere)"),
+    "fp8_base_unet": _map("model.quantize_base", "true -> fp8: only the denoiser is stored in 8 bits here anyway"),
     "multires_noise_iterations": _refuse(_LOSS),
     "multires_noise_discount": _refuse(_LOSS, ok=(*INACTIVE, 0.3)),
     "adaptive_noise_scale": _refuse(_LOSS),

@@ -13,6 +13,9 @@ Ranks and alphas, per module (kohya's rules, `NetworkConfig` fields):
   removes the block; 3x3 convs keep conv_dim when it is set.
 - text encoders (unless network_train_unet_only): q/k/v/out projections and fc1/fc2 of every CLIP layer, as
   kohya, with network_dim / network_alpha.
+  Which encoders: the family's `trainable_text_encoders` (SDXL both CLIPs, FLUX.1 CLIP-L only, never T5).
+- a transformer denoiser (FLUX.1): every module `network.layers` selects (presets all/default, double, single,
+  or regexes), network_dim / network_alpha; kohya's UNet block dims and block LRs do not apply and are refused.
 Dropout is peft's `lora_dropout` (on the LoRA branch's input); kohya's `network_dropout` drops the rank features
 after `lora_down` instead. Both regularise; the numbers are not interchangeable between the two tools.
 """

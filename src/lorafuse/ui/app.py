@@ -35,7 +35,7 @@ def build_app(ws: Workspace, *, max_upload: int) -> gr.Blocks:
                 compare = tab_compare.build(ws, store)
             with gr.Tab("Jobs", id="jobs", elem_id="tab-jobs"):
                 tab_jobs.build(store)
-        # the method lists come from the fusion registry (imported once before the first request: server.serve)
+        # the method lists come from the fusion registry, loaded in the helper process (helper.py) once the page is up
         for fill, outputs in (fuse["on_load"], compare["on_load"]):
             app.load(fill, None, outputs)
     return app

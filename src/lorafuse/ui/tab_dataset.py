@@ -59,7 +59,10 @@ def _world_section(ws: Workspace) -> tuple:
 
     def on_make(kind, subject, style, n, repeats, trigger, name):
         folder = f"datasets/{(name or '').strip() or (subject if kind == 'subject' else style)}"
-        ws.resolve(folder)  # refuse paths that leave the workspace before the CLI sees them
+        try:
+            ws.resolve(folder)  # refuse paths that leave the workspace before the CLI sees them
+        except UserInputError as e:
+            return error_md(e), ""
         argv = ["world", "dataset", folder, f"--{kind}", subject if kind == "subject" else style,
                 "--trigger", trigger or "sks"]  # fmt: skip
         argv += ["--n", str(int(n))] if n else []

@@ -1,4 +1,4 @@
-"""LoRA tools tab: inspect, convert, merge, resize (run here, they take seconds) and bake (a job): each the
+"""LoRA tools tab: inspect, convert, merge, resize (in the helper process: they take seconds) and bake (a job): each the
 `lorafuse` command of that name, its output shown as printed and its error as the CLI's one line."""
 
 from __future__ import annotations

@@ -28,6 +28,13 @@ _SPACE_MARGIN = 16 * _MB
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
+def _size(n: int) -> str:
+    """Bytes for a message: a LoRA of a few kB must not read as '0 MB'."""
+    if n >= _MB:
+        return f"{n / _MB:.0f} MB"
+    return f"{n / 1024:.0f} kB" if n >= 1024 else f"{n} bytes"
+
+
 def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
@@ -112,7 +119,7 @@ def _existing_ancestor(path: Path) -> Path:
 def disk_full_error(final: Path, exc: BaseException | None = None) -> OutputError:
     where = _existing_ancestor(final.parent)
     try:
-        free = f"{shutil.disk_usage(where).free / _MB:.0f} MB free"
+        free = f"{_size(shutil.disk_usage(where).free)} free"
     except OSError:
         free = "free space unknown"
     return OutputError(
@@ -145,8 +152,9 @@ def check_output(path: str | os.PathLike, *, kind: str = "file", estimate: int =
         free = shutil.disk_usage(probe_dir).free
         if free < estimate + _SPACE_MARGIN:
             raise OutputError(
-                f"{path}: not enough disk space for the {what}: it needs about {estimate / _MB:.0f} MB, "
-                f"{free / _MB:.0f} MB are free in {probe_dir}. Free some space or choose another location."
+                f"{path}: not enough disk space for the {what}: it needs about {_size(estimate)} plus "
+                f"{_size(_SPACE_MARGIN)} of headroom, and {_size(free)} are free in {probe_dir}. Free some space "
+                "or choose another location."
             )
     return path
 

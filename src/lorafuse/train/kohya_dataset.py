@@ -9,13 +9,11 @@ table set, so our subset -> [dataset] fallback gives the same values.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lorafuse.errors import ConfigError
+from lorafuse.train.kohya_common import KohyaImport, Row, parse_resolution, read_toml
 from lorafuse.train.kohya_keys import INACTIVE, Rule
-
-if TYPE_CHECKING:
-    from lorafuse.train.kohya_import import KohyaImport
 
 # settings of a [[datasets]] entry (and of [general]) that our subsets carry as bucket settings
 DATASET_LEVEL = (
@@ -75,8 +73,6 @@ _OFF = {"token_warmup_min": 1, "caption_separator": ",", "network_multiplier": 1
 
 def _value(key: str, value: Any) -> Any:
     if key == "resolution":
-        from lorafuse.train.kohya_import import parse_resolution
-
         return parse_resolution(value)
     return value
 
@@ -96,8 +92,6 @@ def _handled(imp: KohyaImport, where: str, key: str, value: Any) -> bool:
 
 
 def convert_dataset_config(imp: KohyaImport, path: Path, flat: dict[str, Any]) -> None:
-    from lorafuse.train.kohya_import import read_toml
-
     if not path.is_file():
         imp.refuse("dataset_config", str(path), "file not found")
         return
@@ -207,7 +201,5 @@ def _subset(
 
 
 def _row(where: str, ours: str, value: Any):
-    from lorafuse.train.kohya_import import Row
-
     kohya = "conditioning_data_dir" if ours == "mask_dir" else ours
     return Row(f"{where}{kohya}", value, "mapped", f"dataset.subsets[].{ours} = {value!r}")

@@ -13,82 +13,19 @@ from __future__ import annotations
 
 import ast
 import os
-import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lorafuse.errors import ConfigError
+from lorafuse.train.kohya_common import KohyaImport, parse_resolution, read_toml
+from lorafuse.train.kohya_dataset import convert_dataset_config
 from lorafuse.train.kohya_keys import KOHYA_DEFAULTS, OPTIMIZER_FIXED_ARGS, OPTIMIZERS, RULES, Rule
-
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover - Python 3.10
-    pass
-
-
-@dataclass(frozen=True)
-class Row:
-    key: str  # the kohya key ("network_args.conv_dim", "datasets[0].subsets[1].num_repeats")
-    value: Any
-    action: str  # mapped | default | no effect | refused
-    detail: str  # our key and value, or the reason
-
-
-@dataclass
-class KohyaImport:
-    data: dict[str, Any] = field(default_factory=dict)  # our nested config data
-    rows: list[Row] = field(default_factory=list)
-    refused: list[Row] = field(default_factory=list)
-
-    def put(self, target: str, value: Any, key: str, raw: Any, how: str = "", action: str = "mapped") -> None:
-        table, name = target.split(".")
-        self.data.setdefault(table, {})[name] = value
-        shown = value.as_posix() if isinstance(value, Path) else value
-        text = (
-            f"[{len(value)} tables]"
-            if isinstance(value, list) and value and isinstance(value[0], dict)
-            else repr(shown)
-        )
-        self.rows.append(Row(key, raw, action, f"{target} = {text}" + (f" ({how})" if how else "")))
-
-    def note(self, key: str, raw: Any, reason: str) -> None:
-        self.rows.append(Row(key, raw, "no effect", reason))
-
-    def refuse(self, key: str, raw: Any, reason: str) -> None:
-        row = Row(key, raw, "refused", reason)
-        self.rows.append(row)
-        self.refused.append(row)
-
-    def table(self) -> str:
-        """The mapping as a plain-text table, one kohya key per line."""
-        width = max((len(r.key) for r in self.rows), default=10)
-        lines = [f"{'kohya key'.ljust(width)}  {'action'.ljust(9)}  lorafuse / reason"]
-        for r in self.rows:
-            lines.append(f"{r.key.ljust(width)}  {r.action.ljust(9)}  {r.detail}")
-        counts = {a: sum(r.action == a for r in self.rows) for a in ("mapped", "default", "no effect", "refused")}
-        lines.append(f"{len(self.rows)} keys: " + ", ".join(f"{n} {a}" for a, n in counts.items()))
-        return "\n".join(lines)
-
-    def check(self, source: str) -> None:
-        if self.refused:
-            lines = "\n".join(f"  {r.key} = {r.value!r}: {r.detail}" for r in self.refused)
-            raise ConfigError(
-                f"{source}: {len(self.refused)} kohya setting(s) that lorafuse does not reproduce; remove them or "
-                f"set them to their off value:\n{lines}"
-            )
 
 
 def looks_like_kohya(data: Mapping[str, Any]) -> bool:
     """kohya's config is flat (top-level values); ours has only tables ([model], [dataset], ...)."""
     return any(not isinstance(v, Mapping) for v in data.values())
-
-
-def read_toml(path: str | os.PathLike) -> dict[str, Any]:
-    from lorafuse.config.toml_io import read_toml as read  # missing, folder, unreadable, binary: one message
-
-    return read(path)
 
 
 def import_kohya_file(path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> KohyaImport:
@@ -188,18 +125,6 @@ def _convert(imp: KohyaImport, key: str, value: Any, rule: Rule, flat: Mapping[s
 
 
 # --- per-key conversions ------------------------------------------------------------------------------------
-
-
-def parse_resolution(value: Any) -> int | list[int]:
-    """512, "512", "512,768" or [512, 768] -> 512 or [512, 768] (kohya's W,H)."""
-    if isinstance(value, str):
-        parts = [int(p) for p in value.replace(" ", "").split(",") if p]
-        value = parts[0] if len(parts) == 1 else parts
-    if isinstance(value, (list, tuple)):
-        if len(value) == 2 and value[0] == value[1]:
-            return int(value[0])
-        return [int(v) for v in value]
-    return int(value)
 
 
 def _resolution(imp, key, value, flat):
@@ -446,8 +371,6 @@ def _sample_prompts(imp, key, value, flat):
 
 
 def _dataset_config(imp, key, value, flat):
-    from lorafuse.train.kohya_dataset import convert_dataset_config
-
     convert_dataset_config(imp, Path(value), flat)
 
 

@@ -48,13 +48,18 @@ class DemoConfig:
     classes: tuple[str, ...] = CLASS_NAMES
     styles: tuple[str, ...] = SEEN_STYLES
     base: str | None = None  # a pipeline folder instead of the built-in base model
+    device: str | None = None  # where fusion and sampling run (cpu by default; training picks its own)
+    dtype: str | None = None  # the base's precision for fusion and sampling: fp32 (default), bf16, fp16
     progress: bool = True
 
     def check(self) -> None:
         """Every mistake before any training: names, counts, methods."""
         from lorafuse.fusion.registry import get_method
+        from lorafuse.utils.devices import resolve_device, resolve_dtype
         from lorafuse.world.catalog import check_style, parse_individual
 
+        resolve_device(self.device)
+        resolve_dtype(self.dtype)
         try:
             parse_individual(self.individual)
             for s in (self.style, *self.styles):
@@ -127,7 +132,7 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     # 3-4. Every method beside the base and the single LoRAs, scored by the oracle
     t = time.perf_counter()
-    pipe = load_base(cfg.base or "world")
+    pipe = load_base(cfg.base or "world", device=cfg.device, dtype=cfg.dtype)
     with warnings.catch_warnings():
         # coverage notes (CRAFT and B-LoRA use part of each LoRA, by design) would bury the progress bars
         warnings.simplefilter("ignore")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from lorafuse.cli.options import add_device_arguments
 from lorafuse.demo import DemoConfig, run_demo
 
 
@@ -27,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--work", default=None, help="LoRA cache folder (default: OUT/work)")
     p.add_argument("--no-class-grid", action="store_true", help="skip the base model's class x style grid")
     p.add_argument("--base", default=None, help="a pipeline folder to use instead of the built-in base model")
+    add_device_arguments(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)
 
@@ -36,5 +38,6 @@ def _run(a: argparse.Namespace) -> int:
     run_demo(DemoConfig(out=a.out, individual=a.individual, style=a.style, seeds=a.seeds, seed=a.seed,
                         steps=a.steps, guidance=a.guidance, methods=methods, content_epochs=a.content_epochs,
                         style_epochs=a.style_epochs, work=a.work, class_grid=not a.no_class_grid, base=a.base,
+                        device=a.device, dtype=a.dtype,
                         progress=not a.no_progress))  # fmt: skip
     return 0

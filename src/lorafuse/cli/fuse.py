@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lorafuse.cli.options import add_device_arguments
 from lorafuse.errors import ConfigError, LoraFormatError, UserInputError
 
 ALL = "all"
@@ -89,6 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--config", type=Path, help="TOML file of method options ([method] tables with --method all)"
     )
+    add_device_arguments(p)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, help="CFG scale (default: the base's, 7.5 for SD, 1 = none for FLUX.1)")
@@ -174,7 +176,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     for path in (args.content, args.style):
         check_input_file(path, "LoRA file", LoraFormatError)
     check_output(args.out, kind="folder", what="output folder")
-    pipe = load_base(args.base)
+    pipe = load_base(args.base, device=args.device, dtype=args.dtype)
     common = dict(
         prompt=args.prompt, base=pipe, negative_prompt=args.negative_prompt, num_images=args.num_images,
         steps=args.steps, guidance=args.guidance, seed=args.seed, scheduler=args.scheduler,

@@ -24,6 +24,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--report", action="store_true", help="also write report.html into the output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="sample the cells in N processes (runs `accelerate launch --num_processes N`; GPUs, or CPUs); "
+        "the main process scores and writes the pages",
+    )
     p.set_defaults(func=cmd_grid)
 
 
@@ -48,7 +56,15 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
     if cfg.out is not None:
         check_output(cfg.out, kind="folder", what="grid output folder")  # before any model loads
+    from lorafuse.utils.launch import in_launched_process, relaunch
+
+    if args.num_processes < 1:
+        raise UserInputError(f"--num-processes {args.num_processes}: give 1 or more")
+    if args.num_processes > 1 and not in_launched_process():
+        return relaunch(args.num_processes, _grid_words(args))
     result = run_grid(cfg, progress=not args.no_progress)
+    if not result.main:
+        return 0
     print(
         f"{len(result.rows)} cells ({result.computed} sampled now, {result.reused} already done); "
         f"{len(result.pages)} grid page(s), {result.csv.name} and {result.json.name} in {result.out}"
@@ -58,3 +74,11 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
         print(write_report(result.out))
     return 0
+
+
+def _grid_words(args: argparse.Namespace) -> list[str]:
+    """This command's words for the launched processes (without --num-processes)."""
+    words = ["grid", str(args.config), *(w for item in args.set for w in ("--set", item))]
+    if args.out is not None:
+        words += ["--out", str(args.out)]
+    return words + ["--report"] * args.report + ["--no-progress"] * args.no_progress

@@ -43,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  lorafuse train examples/world_content_lora.toml\n"
         "  lorafuse train run.toml --set network.network_dim=16 --max_train_steps 200\n"
-        "  accelerate launch -m lorafuse train run.toml   # several GPUs",
+        "  lorafuse train run.toml --num-processes 2   # DDP: same as accelerate launch --num_processes 2 -m "
+        "lorafuse train run.toml",
     )
     p.add_argument("config", nargs="?", type=Path, help="TOML config file (tables [model], [dataset], ...)")
     p.add_argument(
@@ -58,6 +59,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dry-run", action="store_true", help="check the config and dataset, print the plan, exit"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train in N processes with DDP (runs `accelerate launch --num_processes N`; GPUs, or CPUs on gloo); "
+        "train_batch_size is per process",
+    )
     seen: set[str] = set()
     groups: dict[str, argparse._ArgumentGroup] = {}
     for opt in options():
@@ -162,6 +171,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(dump_config(cfg))
         print(describe(scan_dataset(cfg.dataset), cfg.training))
         return 0
+    from lorafuse.utils.launch import in_launched_process, relaunch
+
+    if args.num_processes < 1:
+        raise UserInputError(f"--num-processes {args.num_processes}: give 1 or more")
+    if args.num_processes > 1 and not in_launched_process():
+        words = ["train", *([str(args.config)] if args.config is not None else [])]
+        words += [w for key, value in collect_overrides(args).items() for w in ("--set", f"{key}={value}")]
+        return relaunch(args.num_processes, words + (["--no-progress"] if args.no_progress else []))
     from lorafuse.train.loop import train_lora
 
     result = train_lora(cfg, progress_bar=not args.no_progress)

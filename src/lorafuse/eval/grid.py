@@ -8,6 +8,7 @@ with one more axis value samples only the new cells):
     cells/<id>.png       one image per cell; <id> hashes everything that decides the image (grid_config.Cell)
     cells/<id>.json      the cell's full record (sampling settings, fusion plan, K-LoRA schedule)
     index.json           the done-index: id -> settings, scores; rewritten atomically after every cell
+                         (index.rank<r>.json per process while several processes sample; folded in after)
     grid_pNN.png         labelled grids (rows x cols axes; other axes and overflow go to more pages)
     cells.csv, cells.json, grid.toml (the config as run, paths resolved)
 A cell's PNG is written before the index names it, so an interrupted write never counts as done.
@@ -33,6 +34,7 @@ from lorafuse.eval.measures import derived
 from lorafuse.eval.scoring import GridScorer
 from lorafuse.utils.atomic import atomic_write_text
 from lorafuse.utils.images import labelled_grid, save_image, to_uint8
+from lorafuse.utils.launch import process_state
 
 ADAPTER = "grid_lora"
 COL_PREF = ("lora_weight", "style_weight", "steps", "guidance", "seed")
@@ -49,20 +51,33 @@ class GridResult:
     pages: list[Path]
     csv: Path
     json: Path
+    main: bool = True  # False in the other processes of a multi-process run (their rows are the main one's)
 
 
 class CellStore:
-    def __init__(self, out: Path):
+    """The run folder's done-index. In a run of several processes each writes its own shard
+    (`index.rank<r>.json`), and the next reader (the main process when they all finish, or any later run, also
+    after a process was killed) folds the shards into index.json: cells are keyed by id, so a cell is never
+    counted twice, and a cell a killed process did not record is simply still to do."""
+
+    def __init__(self, out: Path, rank: int | None = None):
         self.out = out
         self.index_path = out / "index.json"
+        self.shard_path = self.index_path if rank is None else out / f"index.rank{rank}.json"
         self.index: dict[str, dict[str, Any]] = {}
-        if self.index_path.is_file():
-            try:
-                self.index = json.loads(self.index_path.read_text())["cells"]
-            except (ValueError, KeyError) as e:
-                raise UserInputError(
-                    f"{self.index_path}: not a grid index ({e}); use a new output folder"
-                ) from None
+        for path in [self.index_path, *self._shards()]:
+            if path.is_file():
+                self.index.update(self._read(path))
+
+    def _shards(self) -> list[Path]:
+        return sorted(self.out.glob("index.rank*.json"))
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, dict[str, Any]]:
+        try:
+            return json.loads(path.read_text())["cells"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserInputError(f"{path}: not a grid index ({e}); use a new output folder") from None
 
     def png(self, cid: str) -> Path:
         return self.out / "cells" / f"{cid}.png"
@@ -76,7 +91,7 @@ class CellStore:
         save_image(Image.fromarray(image), self.png(cid))
         atomic_write_text(self.out / "cells" / f"{cid}.json", json.dumps(record, indent=1, default=str))
         self.index[cid] = {"settings": cell.settings(), "image": f"cells/{cid}.png"}
-        self.save()
+        self._write(self.shard_path)
 
     def image(self, cid: str) -> np.ndarray:
         from PIL import Image
@@ -84,7 +99,16 @@ class CellStore:
         return np.asarray(Image.open(self.png(cid)).convert("RGB"))
 
     def save(self) -> None:
-        atomic_write_text(self.index_path, json.dumps({"version": 1, "cells": self.index}, indent=1))
+        """index.json with every shard folded in; the shards go once index.json holds them."""
+        for path in self._shards():
+            for cid, entry in self._read(path).items():
+                self.index.setdefault(cid, entry)
+        self._write(self.index_path)
+        for path in self._shards():
+            path.unlink()
+
+    def _write(self, path: Path) -> None:
+        atomic_write_text(path, json.dumps({"version": 1, "cells": self.index}, indent=1))
 
 
 # --- sampling ---------------------------------------------------------------------------------------------------
@@ -132,19 +156,26 @@ def _sample_cell(pipe: Any, cell: Cell, states: dict[str, Any], cfg: GridConfig)
 
 
 def _sample_missing(
-    plan: GridPlan, store: CellStore, progress: bool, pipes: Mapping[str, Any]
+    plan: GridPlan, store: CellStore, progress: bool, pipes: Mapping[str, Any], state: Any = None
 ) -> tuple[int, int]:
+    """Sample the cells not done yet; with `state` (several processes) each samples its contiguous share of them
+    (`split_between_processes`, so a process loads few bases). Returns (cells to do, cells already done)."""
     from tqdm.auto import tqdm
 
     from lorafuse.models.load import load_base_pipeline
 
     cells = list({plan.cell_id(c): c for c in plan.all_cells()}.items())
     todo = [(cid, c) for cid, c in cells if not store.done(cid)]
-    bar = tqdm(total=len(todo), desc="grid cells", disable=not progress)
-    for base, group in itertools.groupby(todo, key=lambda item: item[1].base):
+    mine = todo
+    if state is not None:
+        state.wait_for_everyone()  # every process has read the same done-index before any process writes
+        with state.split_between_processes(todo) as share:
+            mine = list(share)
+    bar = tqdm(total=len(mine), desc="grid cells", disable=not progress)
+    for base, group in itertools.groupby(mine, key=lambda item: item[1].base):
         group = list(group)
         # a base loads only here, and only when it has cells left to do (a finished grid reruns in seconds)
-        pipe = pipes[base] if base in pipes else load_base_pipeline(base)
+        pipe = pipes[base] if base in pipes else load_base_pipeline(base, device=plan.cfg.device, dtype=plan.cfg.dtype)
         states = _load_states(pipe, [c for _, c in group], plan.cfg)
         for cid, cell in group:
             image, record = _sample_cell(pipe, cell, states, plan.cfg)
@@ -275,11 +306,19 @@ def run_grid(cfg: GridConfig, *, oracle: Any = None, progress: bool = True,
     scorer = GridScorer(cfg.metrics, bases, cfg.prompt, oracle=oracle)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "grid.toml")
-    store = CellStore(out)
+    state = process_state()  # several processes under `accelerate launch` (lorafuse grid --num-processes N)
+    if state is None or state.is_main_process:
+        save_config(cfg, out / "grid.toml")
+    store = CellStore(out, rank=None if state is None else state.process_index)
 
-    # 2. Sample what is missing, 3. score what is unscored, 4. pages and tables
-    computed, reused = _sample_missing(plan, store, progress, pipes or {})
+    # 2. Sample what is missing (each process its share), 3. score what is unscored, 4. pages and tables
+    computed, reused = _sample_missing(plan, store, progress, pipes or {}, state)
+    if state is not None:
+        state.wait_for_everyone()
+        if not state.is_main_process:  # the main process folds the shards in, scores and writes the pages
+            return GridResult(out, computed, reused, [], [], out / "cells.csv", out / "cells.json", main=False)
+        store = CellStore(out)
+    store.save()
     _score_missing(plan, store, scorer)
     rows = _rows(plan, store)
     pages = _pages(plan, store, out)

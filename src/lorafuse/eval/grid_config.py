@@ -29,8 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lorafuse.config.toml_io import load_config
 from lorafuse.errors import ConfigError, UserInputError
+from lorafuse.utils.devices import resolve_device, resolve_dtype
 
 OptionValue = bool | int | float | str
 DEFAULTS: dict[str, list[Any]] = {"base": ["world"], "lora_weight": [1.0], "style_weight": [1.0], "method": ["direct"],
@@ -94,6 +97,8 @@ class GridConfig:
     height: int | None = None  # default: the base's native size
     width: int | None = None
     allow_pickle: bool = False
+    device: str | None = None  # where the bases run: cpu (default), cuda, cuda:1, mps
+    dtype: str | None = None  # the bases' precision: fp32 (default), bf16, fp16; part of every cell's id
     axes: AxesConfig = field(default_factory=AxesConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     layout: LayoutConfig = field(default_factory=LayoutConfig)
@@ -177,9 +182,16 @@ class GridPlan:
         h, w = self.sizes[cell.base]
         key = {**cell.settings(), "prompt": self.cfg.prompt, "negative_prompt": self.cfg.negative_prompt,
                "scheduler": self.cfg.scheduler, "height": h, "width": w,
+               **_precision(self.cfg.dtype),
                "files": [_fingerprint(p) for p in (cell.content, cell.style) if p]}  # fmt: skip
         self._ids[cell] = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return self._ids[cell]
+
+
+def _precision(dtype: str | None) -> dict[str, str]:
+    """The id's dtype entry: none for fp32, so the ids of grids made before `dtype` existed stay valid."""
+    resolved = resolve_dtype(dtype)
+    return {} if resolved in (None, torch.float32) else {"dtype": str(resolved).removeprefix("torch.")}
 
 
 def _fingerprint(path: str) -> list[Any]:
@@ -314,6 +326,8 @@ def plan_grid(cfg: GridConfig) -> GridPlan:
     _check_numbers(cfg)
     values = _axis_values(cfg)
     check_scheduler_name(cfg.scheduler)
+    resolve_device(cfg.device)
+    resolve_dtype(cfg.dtype)
     fusion = cfg.axes.style_checkpoint is not None
     if fusion:
         _check_methods(cfg, values)

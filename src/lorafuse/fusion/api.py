@@ -43,9 +43,13 @@ class FuseResult:
         return to_uint8(self.images)
 
 
-def load_base(base: Any) -> Any:
-    """A pipeline as is; a name or path through `models.load.load_base_pipeline` (nothing downloads)."""
+def load_base(base: Any, *, device: str | None = None, dtype: str | None = None) -> Any:
+    """A pipeline as is; a name or path through `models.load.load_base_pipeline` (nothing downloads), its
+    weights moved to `device` and cast to `dtype` ("cuda", "bf16", ...) when given."""
     if not isinstance(base, str | os.PathLike):
+        if device is not None or dtype is not None:
+            raise UserInputError("device and dtype apply to a base given by name or path; move a pipeline "
+                                 "yourself (pipe.to(device, dtype)) before passing it")  # fmt: skip
         try:
             family_of(base)
         except UserInputError:
@@ -55,7 +59,7 @@ def load_base(base: Any) -> Any:
         return base
     from lorafuse.models.load import load_base_pipeline
 
-    return load_base_pipeline(os.fspath(base))
+    return load_base_pipeline(os.fspath(base), device=device, dtype=dtype)
 
 
 def load_pair(pipe: Any, content: LoraInput, style: LoraInput, method: str, *, allow_pickle: bool = False

@@ -147,6 +147,7 @@ def sample(
     latents = family.unpack_latents(latents, height, width, pipe)
     settings = _settings(family.name, prompts, negatives, num_images, steps, num_steps, guidance, model_fn, seeds,
                          sched, height, width, skip, hooks, output)  # fmt: skip
+    settings.update(dtype=str(denoiser.dtype).removeprefix("torch."), device=str(denoiser.device))
     return SampleResult(decode_latents(pipe, latents, output), latents, settings)
 
 

@@ -15,14 +15,17 @@ local Hugging Face cache; without it the error says how to convert the checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from lorafuse.errors import UserInputError
 from lorafuse.families import FAMILIES, family_of_checkpoint
+from lorafuse.utils.devices import resolve_device, resolve_dtype
 
 # tiny random-weight bases by name -> (module in models/, builder): each family registers its own (`tiny_bases`)
 TINY_BASES = {
@@ -66,7 +69,7 @@ def _world_pipeline():
     return world_random_pipeline()
 
 
-def _single_file(path: Path):
+def _single_file(path: Path, dtype_kw: dict):
     import diffusers
     from safetensors import SafetensorError, safe_open
 
@@ -78,7 +81,7 @@ def _single_file(path: Path):
     family = family_of_checkpoint(keys, str(path))
     cls = getattr(diffusers, family.pipeline_class)
     try:
-        return cls.from_single_file(str(path), local_files_only=True)
+        return cls.from_single_file(str(path), local_files_only=True, **dtype_kw)
     except (
         Exception
     ) as e:  # diffusers raises several types here; all mean "cannot build the pipeline offline"
@@ -97,18 +100,40 @@ def tiny_base(name: str, seed: int = 0):
     return getattr(importlib.import_module(f"lorafuse.models.{module}"), builder)(seed)
 
 
-def load_base_pipeline(name_or_path: str):
-    """A diffusers pipeline for `name_or_path` (see the module docstring), progress bars off, modules in eval."""
-    if name_or_path == "world":
-        pipe = _world_pipeline()
-    elif name_or_path == "world-random":
-        pipe = world_random_pipeline()
-    elif name_or_path in TINY_BASES:
-        pipe = tiny_base(name_or_path)
+def load_base_pipeline(name_or_path: str, *, device: str | torch.device | None = None,
+                       dtype: str | torch.dtype | None = None):  # fmt: skip
+    """A diffusers pipeline for `name_or_path` (see the module docstring), progress bars off, modules in eval.
+
+    device, dtype: where and in which precision its weights live ("cuda", "bf16", ...); None keeps the loaded
+    default (fp32 on the CPU). Both are checked before anything loads."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    if name_or_path in BUILTIN_BASES:
+        if name_or_path == "world":
+            pipe = _world_pipeline()
+        elif name_or_path == "world-random":
+            pipe = world_random_pipeline()
+        else:
+            pipe = tiny_base(name_or_path)
+        if dtype is not None:
+            # diffusers warns about modules to keep in fp32 even when a model names none, as ours do
+            with _quiet("diffusers.models.modeling_utils"):
+                pipe.to(dtype=dtype)
     else:
-        pipe = _from_path(name_or_path)
+        pipe = _from_path(name_or_path, {} if dtype is None else {"torch_dtype": dtype})
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe if device is None else pipe.to(device)
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str) -> Iterator[None]:
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in loggers]
+    for logger, _ in saved:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
 
 
 def base_folder(name_or_path: str) -> Path | None:
@@ -164,7 +189,7 @@ def check_weights_present(folder: Path) -> None:
         )
 
 
-def _from_path(name_or_path: str):
+def _from_path(name_or_path: str, dtype_kw: dict):
     from diffusers import DiffusionPipeline
 
     path = Path(name_or_path).expanduser()
@@ -176,17 +201,17 @@ def _from_path(name_or_path: str):
                 f"folder, a .safetensors checkpoint file, or one of {', '.join(BUILTIN_BASES)}"
             )
         check_weights_present(path)
-        return DiffusionPipeline.from_pretrained(path, **_no_safety_checker(path / "model_index.json"))
+        return DiffusionPipeline.from_pretrained(path, **_no_safety_checker(path / "model_index.json"), **dtype_kw)
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
             raise UserInputError(
                 f"{path}: lorafuse loads single-file checkpoints as .safetensors only ({path.suffix} files are "
                 "pickles that can run code when loaded); convert it to .safetensors first"
             )
-        return _single_file(path)
+        return _single_file(path, dtype_kw)
     if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
         try:
-            return DiffusionPipeline.from_pretrained(name_or_path, local_files_only=True)
+            return DiffusionPipeline.from_pretrained(name_or_path, local_files_only=True, **dtype_kw)
         except Exception as e:  # hub errors come in many types; all mean "not in the local cache"
             raise UserInputError(
                 f"{name_or_path}: no such folder, and not in the local Hugging Face cache (lorafuse never "

@@ -21,7 +21,7 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,7 @@ class SavedState:
     extra: dict[str, Any]
 
 
-def _rng_state(generator: torch.Generator) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def rng_state(generator: torch.Generator) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, py_state, py_gauss = random.getstate()
     plain = {
@@ -118,9 +118,13 @@ def save_train_state(
     config: Mapping[str, Any],
     log_csv: Path | None = None,
     scaler: Any = None,
+    process_rngs: Sequence[tuple[dict[str, Any], dict[str, torch.Tensor]]] | None = None,
 ) -> Path:
-    """Write a resumable state folder atomically and return its path."""
-    plain_rng, tensor_rng = _rng_state(generator)
+    """Write a resumable state folder atomically and return its path.
+
+    process_rngs: in a run of several processes, every process's `rng_state` in process order (each process
+    draws LoRA dropout from its own global RNG); None in a one-process run."""
+    plain_rng, tensor_rng = rng_state(generator) if process_rngs is None else process_rngs[0]
     state = {
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": lr_scheduler.state_dict(),
@@ -133,7 +137,11 @@ def save_train_state(
         "progress": asdict(progress),
         "rng": plain_rng,
         "config": dict(config),
+        "num_processes": 1 if process_rngs is None else len(process_rngs),
     }
+    if process_rngs is not None:
+        state["rng_processes"] = [tensors for _, tensors in process_rngs]
+        meta["rng_processes"] = [plain for plain, _ in process_rngs]
     with atomic_folder(Path(folder)) as tmp:
         safetensors_bytes_to(
             tmp / "lora.safetensors", {k: v.detach().contiguous().clone() for k, v in lora.items()}
@@ -186,6 +194,17 @@ def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], so
         )
 
 
+def check_resume_processes(saved: SavedState, num_processes: int) -> None:
+    """A state continues exactly only in a run of as many processes as saved it (each has its own random
+    streams and its share of every global batch)."""
+    saved_processes = saved.extra.get("num_processes", 1)
+    if saved_processes != num_processes:
+        raise UserInputError(
+            f"{saved.folder}: the state was saved by a run of {saved_processes} process(es) and this run has "
+            f"{num_processes}; resume with --num-processes {saved_processes}"
+        )
+
+
 def restore_train_state(
     saved: SavedState,
     *,
@@ -194,9 +213,13 @@ def restore_train_state(
     lr_scheduler: Any,
     generator: torch.Generator,
     scaler: Any = None,
+    process_index: int = 0,
+    num_processes: int = 1,
 ) -> None:
-    """Put the saved LoRA (via `load_lora(tensors, source)`), optimizer, schedule and RNG states back."""
+    """Put the saved LoRA (via `load_lora(tensors, source)`), optimizer, schedule and RNG states back; this
+    process's own RNG states when several processes saved them."""
     folder = saved.folder
+    check_resume_processes(saved, num_processes)
     try:
         tensors = load_file(str(folder / "lora.safetensors"))
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
@@ -207,4 +230,7 @@ def restore_train_state(
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])
-    _set_rng_state(saved.extra["rng"], state["rng"], generator)
+    if num_processes == 1:
+        _set_rng_state(saved.extra["rng"], state["rng"], generator)
+    else:
+        _set_rng_state(saved.extra["rng_processes"][process_index], state["rng_processes"][process_index], generator)

@@ -238,6 +238,13 @@ def _use_8bit_adam(imp, key, value, flat):
         imp.note(key, value, "optimizer_type decides" if value else "off")
 
 
+def _fp8_base(imp, key, value, flat):
+    if value:
+        imp.put("model.quantize_base", "fp8", key, value)
+    else:
+        imp.note(key, value, "off")
+
+
 def split_args(value: Any) -> list[tuple[str, Any]]:
     """kohya's ["k=v", ...] (or one space-separated string) -> [(k, python value)] as kohya's literal_eval."""
     items = value.split() if isinstance(value, str) else list(value or [])
@@ -450,6 +457,8 @@ _HANDLERS = {
     "unet_lr": _lr,
     "optimizer_type": _optimizer_type,
     "use_8bit_adam": _use_8bit_adam,
+    "fp8_base": _fp8_base,
+    "fp8_base_unet": _fp8_base,
     "optimizer_args": _optimizer_args,
     "network_args": _network_args,
     "network_module": _network_module,

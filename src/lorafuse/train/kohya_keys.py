@@ -170,8 +170,8 @@ RULES: dict[str, Rule] = {
     "full_bf16": _refuse(
         "LoRA factors always train in float32 here; mixed_precision casts only the frozen base"
     ),
-    "fp8_base": _refuse("fp8 base weights are not supported"),
-    "fp8_base_unet": _refuse("fp8 base weights are not supported"),
+    "fp8_base": _map("model.quantize_base", "true -> fp8 (a CUDA GPU with float8; int8 runs everywhere)"),
+    "fp8_base_unet": _map("model.quantize_base", "true -> fp8: only the denoiser is stored in 8 bits here anyway"),
     "multires_noise_iterations": _refuse(_LOSS),
     "multires_noise_discount": _refuse(_LOSS, ok=(*INACTIVE, 0.3)),
     "adaptive_noise_scale": _refuse(_LOSS),

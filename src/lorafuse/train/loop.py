@@ -31,12 +31,13 @@ import torch
 
 from lorafuse.config.toml_io import config_to_dict
 from lorafuse.train.cache import encode_latents
-from lorafuse.train.checkpoint import Progress, save_train_state
+from lorafuse.train.checkpoint import Progress, rng_state, save_train_state
 from lorafuse.train.config import TrainConfig
 from lorafuse.train.losses import diffusion_loss
 from lorafuse.train.objectives import Noised
 from lorafuse.train.prepare import Run, TrainResult, caption_embeddings, prepare
 from lorafuse.train.run_log import RunLog
+from lorafuse.train.run_setup import Shard, accelerate_state_scope
 from lorafuse.train.sampling_during_training import sample_grid
 from lorafuse.train.saving import save_dtype
 from lorafuse.train.validation import Validator
@@ -59,7 +60,12 @@ def train_lora(cfg: TrainConfig, *, progress_bar: bool = True) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, progress_bar: bool) -> tuple[TrainResult, RunLog | None]:
-    run = prepare(cfg, progress_bar)
+    with accelerate_state_scope():
+        run = prepare(cfg, progress_bar)
+        return _run_epochs(run)
+
+
+def _run_epochs(run: Run) -> tuple[TrainResult, RunLog | None]:
     for epoch in range(run.start.epoch, run.num_epochs):
         if run.global_step >= run.total_steps or run.stop.requested:
             break
@@ -98,22 +104,45 @@ def training_step(run: Run, i: int, batch: dict) -> bool:
     g0 = (i // run.accum) * run.accum
     g1 = min(g0 + run.accum, run.batches_per_epoch)
     sync = i + 1 == g1
+    shard = run.sampler.shard(i)
     with acc.no_sync(run.model) if not sync and run.train_unet else contextlib.nullcontext():
         with acc.autocast():
-            pred, noised = _predict(run, batch)
-        loss = _loss(run, pred, noised, batch["loss_weight"].to(acc.device), batch.get("mask"))
+            pred, noised = _predict(run, batch, shard)
+        weight = batch["loss_weight"].to(acc.device) * shard.loss_scale
+        loss = _loss(run, pred, noised, weight, batch.get("mask"))
         acc.backward(loss / (g1 - g0))
-    run.group_loss += loss.detach().item() / (g1 - g0)
+    run.group_loss += _global_loss(run, loss.detach()) / (g1 - g0)
     if not sync:
         return False
     _optimizer_step(run)
     return True
 
 
-def _predict(run: Run, batch: dict) -> tuple[torch.Tensor, Noised]:
+def _global_loss(run: Run, loss: torch.Tensor) -> float:
+    """The global batch's loss (what one process with the whole batch logs): the processes' losses carry
+    world · n_r / N (a pad's is 0), so their mean is Σ_r (n_r / N) loss_r."""
+    if run.accelerator.num_processes == 1:
+        return loss.item()
+    return run.accelerator.reduce(loss, "mean").item()
+
+
+def _draw(run: Run, latents: torch.Tensor, shard: Shard) -> Noised:
+    """(x_t, t, target) for this process's rows. Drawn for the whole global batch from the generator every
+    process seeds alike, then sliced: each sample gets the noise and timestep it gets in a one-process run."""
+    if shard.total == latents.shape[0]:
+        return run.objective.draw(latents, run.generator)
+    start, end = (
+        (shard.start, shard.end) if shard.end > shard.start else (0, 1)
+    )  # a pad: the batch's first row
+    x0 = latents.new_zeros((shard.total, *latents.shape[1:]))
+    x0[start:end] = latents
+    return run.objective.draw(x0, run.generator).rows(start, end)
+
+
+def _predict(run: Run, batch: dict, shard: Shard) -> tuple[torch.Tensor, Noised]:
     """The denoiser's prediction for one micro-batch, and the draw (x_t, t, target) it was made on."""
     latents, cond = _inputs(run, batch)
-    noised = run.objective.draw(latents, run.generator)
+    noised = _draw(run, latents, shard)
     return _denoise(run, batch, cond, noised), noised
 
 
@@ -232,12 +261,13 @@ def on_step_end(run: Run, epoch: int, i: int) -> None:
     run.group_loss = 0.0
     if tc.save_every_n_steps and step % tc.save_every_n_steps == 0 and step < run.total_steps:
         run.accelerator.wait_for_everyone()
+        stem = tc.output_dir / f"{tc.output_name}-step{step:08d}"
         if run.main:
-            stem = tc.output_dir / f"{tc.output_name}-step{step:08d}"
             _save_lora(run, Path(f"{stem}.safetensors"), epoch + 1)
             _forget(run.result.saved, run.lora_saves.add_step(step, run.result.saved[-1]))
-            if tc.save_state:
-                _save_state(run, Path(f"{stem}-state"))
+        if tc.save_state:
+            _save_state(run, Path(f"{stem}-state"))
+            if run.main:
                 _forget(run.result.states, run.state_saves.add_step(step, run.result.states[-1]))
 
 
@@ -248,14 +278,16 @@ def on_epoch_end(run: Run, epoch: int) -> None:
     run.position = Progress(done, 0, run.global_step)
     last = done == run.num_epochs or run.global_step >= run.total_steps
     run.accelerator.wait_for_everyone()
-    if not run.main:
-        return
     if tc.save_every_n_epochs and done % tc.save_every_n_epochs == 0 and not last:
-        _save_lora(run, tc.output_dir / f"{name}-{done:06d}.safetensors", done)
-        _forget(run.result.saved, run.lora_saves.add_epoch(done, run.result.saved[-1]))
+        if run.main:
+            _save_lora(run, tc.output_dir / f"{name}-{done:06d}.safetensors", done)
+            _forget(run.result.saved, run.lora_saves.add_epoch(done, run.result.saved[-1]))
         if tc.save_state:
             _save_state(run, tc.output_dir / f"{name}-{done:06d}-state")
-            _forget(run.result.states, run.state_saves.add_epoch(done, run.result.states[-1]))
+            if run.main:
+                _forget(run.result.states, run.state_saves.add_epoch(done, run.result.states[-1]))
+    if not run.main:
+        return
     if tc.sample_every_n_epochs and done % tc.sample_every_n_epochs == 0:
         grid = sample_grid(
             run.pipe,
@@ -291,8 +323,9 @@ def finish(run: Run) -> TrainResult:
     run.accelerator.wait_for_everyone()
     if run.main:
         _save_lora(run, result.lora_path, position.epoch + (position.batch_in_epoch > 0), final=True)
-        if tc.save_state:
-            _save_state(run, tc.output_dir / f"{tc.output_name}-state")
+    if tc.save_state:
+        _save_state(run, tc.output_dir / f"{tc.output_name}-state")
+    if run.main:
         if run.run_log is not None:
             result.losses = run.run_log.losses
     if tc.logging == "tensorboard":
@@ -322,6 +355,14 @@ def _save_lora(run: Run, path: Path, epoch: int, final: bool = False) -> None:
 
 
 def _save_state(run: Run, folder: Path) -> None:
+    """Every process calls it: each one's random streams are gathered, and the main process writes the folder."""
+    process_rngs = None
+    if run.accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        process_rngs = gather_object([rng_state(run.generator)])  # in process order
+    if not run.main:
+        return
     csv = run.run_log.csv_path if run.run_log is not None else None
     state = save_train_state(
         folder,
@@ -333,5 +374,6 @@ def _save_state(run: Run, folder: Path) -> None:
         lr_scheduler=run.lr_scheduler,
         generator=run.generator,
         scaler=run.accelerator.scaler,
+        process_rngs=process_rngs,
     )
     run.result.states.append(state)

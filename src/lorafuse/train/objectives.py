@@ -68,6 +68,11 @@ class Noised:
     sigmas: Tensor | None = None  # flow: σ (B,)
     weight: Tensor | None = None  # per-sample loss weight (B,) the objective asks for; None = 1
 
+    def rows(self, start: int, end: int) -> Noised:
+        """Rows [start, end) of every per-sample field (one process's share of a global batch's draw)."""
+        pick = {k: None if v is None else v[start:end] for k, v in vars(self).items()}
+        return Noised(**pick)
+
 
 class Objective(Protocol):
     """What a training loop needs from a base family's objective."""

@@ -26,6 +26,7 @@ from lorafuse.train.checkpoint import (
     Progress,
     SavedState,
     check_resume_config,
+    check_resume_processes,
     read_train_state,
     restore_train_state,
 )
@@ -34,6 +35,7 @@ from lorafuse.train.data import DatasetIndex, TrainDataset, collate_batch, descr
 from lorafuse.train.network import create_network
 from lorafuse.train.objectives import Objective, objective_for
 from lorafuse.train.optim import make_lr_scheduler, make_optimizer
+from lorafuse.train.quantize import quantize_frozen_base
 from lorafuse.train.run_log import RunLog
 from lorafuse.train.run_setup import ShardedBatchSampler, check_optimizer, make_accelerator, training_metadata
 from lorafuse.train.saving import SaveRotation, check_implemented
@@ -145,6 +147,8 @@ def prepare(cfg: TrainConfig, progress_bar: bool = True) -> Run:
     if saved is not None:
         check_resume_config(saved.config, config_to_dict(cfg), saved.folder)
     accelerator = make_accelerator(cfg)
+    if saved is not None:
+        check_resume_processes(saved, accelerator.num_processes)  # before any model loads
     from accelerate.utils import set_seed
 
     set_seed(tc.seed)  # python, numpy and torch; the LoRA's initial A draws from torch's
@@ -195,7 +199,9 @@ def _load_base(run: Run) -> None:
 
 
 def _inject_lora(run: Run) -> None:
-    """3. The LoRA (trainable factors in float32) and gradient checkpointing."""
+    """3. The LoRA (trainable factors in float32) over the base (its Linear weights in 8 bits if asked), and
+    gradient checkpointing."""
+    quantize_frozen_base(run.denoiser, run.cfg.model.quantize_base)
     run.network = network = create_network(run.pipe, run.cfg.network, run.arch)
     run.train_unet = run.family.denoiser_component in network.plan
     run.train_te = any(c.startswith("text_encoder") for c in network.plan)
@@ -234,7 +240,7 @@ def _build_caches(run: Run) -> None:
         run.validator.prepare(lambda px: encode_latents(run.vae, px), frozen_text)
     if ds.cache_latents:
         run.latent_cache = LatentCache(run.vae, to_disk=ds.cache_latents_to_disk, cache_dir=ds.cache_dir)
-        run.latent_cache.prepare(run.index)
+        _prepare_shared(run, run.latent_cache)
     if ds.cache_text_encoder_outputs:
         run.text_cache = TextEncoderCache(
             run.tokenizers,
@@ -246,7 +252,7 @@ def _build_caches(run: Run) -> None:
             family=run.family,
             t5_max_length=ds.t5xxl_max_token_length,
         )
-        run.text_cache.prepare(run.index)
+        _prepare_shared(run, run.text_cache)
     # Dropped now rather than at the end, so the training steps reuse their memory (for SD1.5 the VAE encoder and
     # CLIP are ~0.6 GB in fp32; kohya likewise moves the VAE off the GPU after caching). Samples during training
     # still need the text encoders and the VAE's decoder.
@@ -265,6 +271,24 @@ def _build_caches(run: Run) -> None:
                 setattr(pipe, name, None)
         run.text_encoders = []
     release_memory()  # the caching passes' activations and the dropped weights, back to the OS
+
+
+def _prepare_shared(run: Run, cache: LatentCache | TextEncoderCache) -> None:
+    """Encode a cache once, on the main process; the others read its files, or receive its memory entries."""
+    accelerator = run.accelerator
+    if accelerator.num_processes == 1:
+        cache.prepare(run.index)
+        return
+    from accelerate.utils import broadcast_object_list
+
+    if accelerator.is_main_process:
+        cache.prepare(run.index)
+    accelerator.wait_for_everyone()
+    if not cache.store.to_disk:
+        shared = broadcast_object_list([cache.store.memory if accelerator.is_main_process else None])
+        cache.store.memory = shared[0]
+    if not accelerator.is_main_process:
+        cache.prepare(run.index)  # every entry is valid now: nothing is encoded twice
 
 
 def _build_data(run: Run) -> None:
@@ -322,9 +346,10 @@ def _build_optimizer(run: Run) -> None:
 
 def _resume(run: Run) -> None:
     """7. LoRA, optimizer, schedule, every RNG, and the position in the data. Noise and timesteps draw from their
-    own CPU generator: the same numbers on any device, and savable."""
+    own CPU generator: the same numbers on any device, and savable. Every process seeds it alike (each draws for
+    the whole global batch and keeps its rows), so process 0's saved state is every process's."""
     tc, accelerator = run.cfg.training, run.accelerator
-    run.generator = torch.Generator().manual_seed(tc.seed + 1_000_003 * accelerator.process_index)
+    run.generator = torch.Generator().manual_seed(tc.seed)
     if run.saved is None:
         return
     restore_train_state(
@@ -334,6 +359,8 @@ def _resume(run: Run) -> None:
         lr_scheduler=run.lr_scheduler,
         generator=run.generator,
         scaler=accelerator.scaler,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
     )
     run.start = run.saved.progress
     if run.main:

@@ -3,9 +3,11 @@ accelerator, kohya's training metadata. (SDXL's size conditioning is the family'
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-import math
 from collections import Counter
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -16,24 +18,60 @@ from lorafuse.train.data import BucketBatchSampler, DatasetIndex, SampleKey, epo
 from lorafuse.train.optim import make_optimizer
 
 
+class Shard(NamedTuple):
+    """This process's rows [start, end) of a global batch of `total` samples."""
+
+    start: int
+    end: int
+    total: int
+    world: int = 1
+
+    @property
+    def share(self) -> float:
+        """n_r / N, this process's share of the global batch."""
+        return (self.end - self.start) / self.total
+
+    @property
+    def loss_scale(self) -> float:
+        """world · n_r / N: DDP averages the processes' gradients, so this makes the average the gradient of the
+        global batch's mean loss, whatever the split (a process with no rows gets a zero-weight pad sample).
+        Exactly 1.0 with one process."""
+        return self.world * (self.end - self.start) / self.total
+
+
 class ShardedBatchSampler(BucketBatchSampler):
-    """`BucketBatchSampler` for process `rank` of `world`: batch i of an epoch goes to process i % world, the list
-    padded by repeating its first batches so every process runs the same number of steps (as accelerate does).
-    `skip_batches` counts this process's batches. With world = 1 it yields exactly BucketBatchSampler's batches."""
+    """`BucketBatchSampler` for process `rank` of `world`: the epoch's batches are global batches of
+    batch_size · world samples (so one process with batch_size · world sees the same batches), each split into
+    contiguous rows, one share per process. Every sample is seen once per epoch; when a global batch has fewer
+    samples than processes, a process with none gets the batch's first sample as a pad with loss scale 0.
+    `shard(i)` tells which rows of global batch i this process has. With world = 1 it yields exactly
+    BucketBatchSampler's batches."""
 
     def __init__(self, index: DatasetIndex, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        super().__init__(index, batch_size, seed)
+        super().__init__(index, batch_size * world, seed)
         self.rank, self.world = rank, world
+        self._batches: tuple[int, list[list[int]]] | None = None
 
     @property
     def batches_per_epoch(self) -> int:
-        return math.ceil(self.index.steps_per_epoch(self.batch_size) / self.world)
+        return self.index.steps_per_epoch(self.batch_size)
+
+    def _global(self) -> list[list[int]]:
+        if self._batches is None or self._batches[0] != self.epoch:
+            self._batches = (self.epoch, epoch_batches(self.index, self.batch_size, self.seed, self.epoch))
+        return self._batches[1]
+
+    def shard(self, i: int) -> Shard:
+        """Rows of global batch i (of the current epoch) that this process trains on."""
+        total = len(self._global()[i])
+        base, extra = divmod(total, self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return Shard(start, start + base + (self.rank < extra), total, self.world)
 
     def __iter__(self):
-        batches = epoch_batches(self.index, self.batch_size, self.seed, self.epoch)
-        padded = [batches[i % len(batches)] for i in range(self.batches_per_epoch * self.world)]
-        for batch in padded[self.rank :: self.world][self.skip :]:
-            yield [SampleKey(self.epoch, sid) for sid in batch]
+        for i in range(self.skip, self.batches_per_epoch):
+            batch, (start, end, _, _) = self._global()[i], self.shard(i)
+            yield [SampleKey(self.epoch, sid) for sid in (batch[start:end] if end > start else batch[:1])]
 
     def __len__(self) -> int:
         return max(self.batches_per_epoch - self.skip, 0)
@@ -44,14 +82,22 @@ def check_optimizer(name: str) -> None:
     make_optimizer(name, [{"params": [torch.zeros(1, requires_grad=True)]}], lr=1e-4)
 
 
-def _forget_single_process_state() -> None:
-    # accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another
-    # mixed_precision; one process runs several trainings (the tests, the UI worker, the world recipes), so a
-    # single-process state from an earlier run is dropped. A launched multi-process run keeps its state.
-    from accelerate.state import AcceleratorState, PartialState
+@contextlib.contextmanager
+def accelerate_state_scope() -> Iterator[None]:
+    """Run a training inside it: afterwards (also after an error) the process holds no accelerate state.
 
-    if AcceleratorState._shared_state and PartialState().num_processes == 1:
-        AcceleratorState._reset_state()
+    accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another
+    mixed_precision, while one process runs several trainings (the tests, the UI worker, the world recipes).
+    So each single-process run drops the state it made when it ends. A launched multi-process run keeps it: the
+    process group lives as long as the process.
+    """
+    try:
+        yield
+    finally:
+        from accelerate.state import AcceleratorState, PartialState
+
+        if AcceleratorState._shared_state and PartialState().num_processes == 1:
+            AcceleratorState._reset_state()
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -67,9 +113,10 @@ def make_accelerator(cfg: TrainConfig):
                 "training.logging = 'tensorboard' needs the tensorboard package (pip install tensorboard)"
             )
         log_with = "tensorboard"
-    _forget_single_process_state()
     try:
         return Accelerator(
+            # cpu=True when there is no GPU: only then does accelerate join torchrun's processes on gloo (MULTI_CPU)
+            cpu=not torch.cuda.is_available(),
             mixed_precision=cfg.training.mixed_precision,
             log_with=log_with,
             project_dir=str(cfg.training.output_dir / "logs"),

@@ -39,6 +39,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from lorafuse.models.world import fresh_components, scheduler_config, world_tokenizer
 from lorafuse.train.losses import min_snr_weight
 from lorafuse.train.objectives import DDPMObjective
+from lorafuse.train.run_setup import accelerate_state_scope
 from lorafuse.utils.atomic import atomic_folder, atomic_save_safetensors
 from lorafuse.utils.images import to_uint8
 from lorafuse.world.catalog import SEEN_STYLES, all_individuals, caption
@@ -260,6 +261,13 @@ def _checkpointer(run: _UNetRun, ckpt: Path, stage: UNetStage):
 
 def train_unet(cfg: PretrainConfig, pool: Pool, latents: torch.Tensor, scale: float, oracle=None, vae=None,
                stage: UNetStage | None = None) -> dict:
+    """Train (or resume) one UNet stage; the accelerate state it makes for checkpointing ends with it."""
+    with accelerate_state_scope():
+        return _train_unet_stage(cfg, pool, latents, scale, oracle, vae, stage)
+
+
+def _train_unet_stage(cfg: PretrainConfig, pool: Pool, latents: torch.Tensor, scale: float, oracle, vae,
+                      stage: UNetStage | None) -> dict:
     stage = stage or unet_stages(cfg)[0]
     work = Path(cfg.work_dir)
     tok = CLIPTokenizer.from_pretrained(work / "tokenizer")

@@ -4,6 +4,7 @@ pip install 'lorafuse[8bit]'      bitsandbytes   (optimizer_type = AdamW8bit)
 pip install 'lorafuse[prodigy]'   prodigyopt     (optimizer_type = Prodigy)
 pip install 'lorafuse[lycoris]'   lycoris-lora   (network_module = lycoris.kohya)
 pip install 'lorafuse[ui]'        gradio         (the web UI)
+pip install 'lorafuse[quantize]'  torchao        (model.quantize_base = int8 / fp8: the frozen base in 8 bits)
 pip install 'lorafuse[metrics]'   open_clip_torch (CLIP metrics with open_clip models: metrics.clip_arch)
 pip install 'lorafuse[all]'       all of the above that installs on a CPU machine (not metrics: see pyproject)
 """
@@ -21,6 +22,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "prodigyopt": ("prodigyopt", "prodigy"),
     "lycoris": ("lycoris-lora", "lycoris"),
     "gradio": ("gradio", "ui"),
+    "torchao": ("torchao", "quantize"),
     "open_clip": ("open_clip_torch", "metrics"),
 }
 # extras left out of [all], with the reason

@@ -153,14 +153,24 @@ def test_every_marker_lookalike_is_refused(prompt):
 @pytest.mark.parametrize(
     ("prompt", "content", "style", "clean"),
     [
-        ("a teapot < c > in sks style < s >", "a teapot", "in sks style", "a teapot in sks style"),
-        ("a teapot <\tc\n> in sks style <s>", "a teapot", "in sks style", "a teapot in sks style"),
         ("two dog(s) <c> in sks style <s>", "two dog(s)", "in sks style", "two dog(s) in sks style"),
         ("a <sks> toy <c> b <s> at <sunset>", "a <sks> toy", "b", "a <sks> toy b at <sunset>"),
     ],
 )
-def test_exact_markers_with_spaces_and_ordinary_brackets_still_parse(prompt, content, style, clean):
+def test_exact_markers_and_ordinary_brackets_still_parse(prompt, content, style, clean):
     from lorafuse.fusion.markers import parse_prompt
 
     parsed = parse_prompt(prompt)
     assert (parsed.content_span, parsed.style_span, parsed.clean) == (content, style, clean)
+
+
+@pytest.mark.parametrize("marker", ["< c >", "<c >", "< s>", "<\tc\n>"])
+def test_spaces_inside_a_marker_are_refused(marker):
+    from lorafuse.errors import UserInputError
+    from lorafuse.fusion.markers import parse_prompt
+
+    prompt = f"a teapot {marker} in sks style <s>" if "c" in marker else f"a teapot <c> in sks style {marker}"
+    letter = "c" if "c" in marker else "s"
+    with pytest.raises(UserInputError, match=rf"has spaces inside the brackets; write exactly <{letter}>") as e:
+        parse_prompt(prompt)
+    assert repr(prompt) in str(e.value)

@@ -11,7 +11,8 @@ from PIL import Image
 
 from lorafuse.errors import UserInputError
 from lorafuse.train.config import DatasetConfig
-from lorafuse.train.data import load_rgb, scan_dataset
+from lorafuse.train.images import load_rgb
+from lorafuse.train.scan import scan_dataset
 
 SIZE = 32
 

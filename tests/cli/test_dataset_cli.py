@@ -21,7 +21,7 @@ def _images(folder, sizes=((64, 64), (96, 64)), fmt="PNG"):
 
 def test_add_writes_the_kohya_layout_that_training_scans(tmp_path, capsys):
     from lorafuse.train.config import DatasetConfig
-    from lorafuse.train.data import scan_dataset
+    from lorafuse.train.scan import scan_dataset
 
     files = _images(tmp_path / "in", fmt="JPEG")
     (tmp_path / "in" / "dog 1.txt").write_text("a sks dog on the grass\n")  # a caption beside the source is kept

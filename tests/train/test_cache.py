@@ -7,7 +7,8 @@ from lorafuse.errors import UserInputError
 from lorafuse.models.tiny import tiny_sd15_pipeline
 from lorafuse.train.cache import LatentCache, TextEncoderCache, encode_latents, module_fingerprint
 from lorafuse.train.config import DatasetConfig
-from lorafuse.train.data import SampleKey, TrainDataset, image_tensor, scan_dataset
+from lorafuse.train.data import SampleKey, TrainDataset, image_tensor
+from lorafuse.train.scan import scan_dataset
 from lorafuse.world.dataset import write_subject_dataset
 
 

@@ -17,10 +17,10 @@ from lorafuse.train.data import (
     collate_batch,
     describe,
     epoch_batches,
-    parse_subset_folder,
-    scan_dataset,
     steps_per_epoch,
 )
+from lorafuse.train.dataset_folders import parse_subset_folder
+from lorafuse.train.scan import scan_dataset
 from lorafuse.world.dataset import write_subject_dataset
 
 

@@ -6,7 +6,9 @@ import numpy as np
 from PIL import Image
 
 from lorafuse.train.config import DatasetConfig
-from lorafuse.train.data import image_tensor, load_rgb, scan_dataset
+from lorafuse.train.data import image_tensor
+from lorafuse.train.images import load_rgb
+from lorafuse.train.scan import scan_dataset
 
 
 def _sideways_jpeg(path, width=128, height=64):

@@ -20,9 +20,10 @@ from lorafuse.lora.validate import validate_lora
 from lorafuse.models.load import load_base_pipeline
 from lorafuse.train.cache import encode_latents
 from lorafuse.train.config import load_train_config
-from lorafuse.train.data import image_tensor, scan_dataset
+from lorafuse.train.data import image_tensor
 from lorafuse.train.loop import train_lora
 from lorafuse.train.network import plan_network
+from lorafuse.train.scan import scan_dataset
 
 FLUX = get_family("flux")
 

@@ -21,9 +21,9 @@ from lorafuse.lora.validate import validate_lora
 from lorafuse.models.load import load_base_pipeline
 from lorafuse.train.cache import encode_latents, text_embeddings
 from lorafuse.train.config import TrainConfig, load_train_config
-from lorafuse.train.data import scan_dataset
 from lorafuse.train.loop import train_lora
 from lorafuse.train.run_log import read_rows
+from lorafuse.train.scan import scan_dataset
 
 
 def _run(overrides: dict[str, str]):

@@ -13,8 +13,9 @@ from PIL import Image
 from lorafuse.errors import ConfigError, UserInputError
 from lorafuse.train.config import DatasetConfig
 from lorafuse.train.config_subsets import SubsetConfig
-from lorafuse.train.data import _FLIP, SampleKey, TrainDataset, _rng, scan_dataset
+from lorafuse.train.data import _FLIP, SampleKey, TrainDataset, _rng
 from lorafuse.train.losses import diffusion_loss
+from lorafuse.train.scan import scan_dataset
 
 ALPHAS = torch.linspace(0.9999, 0.01, 1000)
 

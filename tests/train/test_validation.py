@@ -8,9 +8,9 @@ import math
 import pytest
 
 from lorafuse.train.config import load_train_config
-from lorafuse.train.data import scan_dataset
 from lorafuse.train.loop import train_lora
 from lorafuse.train.run_log import read_rows
+from lorafuse.train.scan import scan_dataset
 from lorafuse.train.validation import fixed_timesteps, split_validation
 
 

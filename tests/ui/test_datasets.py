@@ -14,7 +14,7 @@ from lorafuse.ui.workspace import Workspace
 
 def test_uploads_become_a_kohya_subset_that_training_reads(tmp_path):
     from lorafuse.train.config import DatasetConfig
-    from lorafuse.train.data import scan_dataset
+    from lorafuse.train.scan import scan_dataset
 
     ws = Workspace.create(tmp_path / "ws")
     files = []

@@ -166,7 +166,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             if row.action == "no effect" and row.detail != "off":
                 print(f"  {row.key}: no effect here: {row.detail}", file=sys.stderr)
     if args.dry_run:
-        from lorafuse.train.data import describe, scan_dataset
+        from lorafuse.train.data import describe
+        from lorafuse.train.scan import scan_dataset
 
         print(dump_config(cfg))
         print(describe(scan_dataset(cfg.dataset), cfg.training))

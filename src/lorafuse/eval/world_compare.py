@@ -127,7 +127,7 @@ def single_labels(inputs: str) -> tuple[str, str]:
 def training_images(data_dir: Path) -> list[tuple[Path, str]]:
     """(image, caption) of a world dataset folder, read as the trainer reads it (kohya layout)."""
     from lorafuse.train.config import DatasetConfig
-    from lorafuse.train.data import scan_dataset
+    from lorafuse.train.scan import scan_dataset
 
     index = scan_dataset(DatasetConfig(train_data_dir=data_dir, resolution=64))
     return [(item.path, item.caption) for item in index.items]

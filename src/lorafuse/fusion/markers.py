@@ -16,9 +16,10 @@ Rules (the paper states only the example; the rest is ours, chosen so that every
 - Errors, each naming the prompt and the position: a marker given twice; a marker that tags no text ("<c><s>",
   or "<c>" at the very start); any other one-letter tag (`<x>`, `<C>`: markers are lowercase); closing tags
   (`</c>`: markers are single, not open/close pairs); A1111 LoRA tags (`<lora:name:0.8>`: lorafuse never reads
-  LoRAs from prompts); and look-alikes, anything that reads as a marker but is not exactly `<c>` or `<s>`
-  (spaces inside the brackets are allowed: `< c >`). A look-alike would otherwise silently drop a span and set
-  its λ to 0, so each is refused: an unclosed `<c` or a `c>` without its `<`; extra characters in the brackets
+  LoRAs from prompts); and look-alikes, anything that reads as a marker but is not exactly `<c>` or `<s>`. A
+  look-alike would otherwise silently drop a span and set its λ to 0 (or, read leniently, leave the user unsure
+  which spellings count), so each is refused: spaces inside the brackets (`< c >`, `<s >`); an unclosed `<c` or
+  a `c>` without its `<`; extra characters in the brackets
   (`<c/>`, `<c1>`, `<c:0.5>`, `<'c'>`, `<cs>`, `<content>`, `<style>`); doubled brackets (`<<c>>`, `<s>>`);
   other brackets (`[c]`, `{S}`, `(c)`, but not the plural "dog(s)"); typographic and escaped angle brackets
   (`‹c›`, `＜c＞`, `〈c〉`, `&lt;c&gt;`); and a look-alike formed by the text left once the markers are cut out
@@ -39,8 +40,8 @@ from lorafuse.errors import UserInputError
 MARKERS = {"c": "content", "s": "style"}
 
 # One scanner for everything bracket-like, so that every spelling of a marker gets one reading. The first
-# alternative that matches at a position wins: A1111 tags, then exact one-letter tags (the only accepted form,
-# spaces allowed), then any other short bracketed group (text or a look-alike, decided by `_lookalike_group`),
+# alternative that matches at a position wins: A1111 tags, then one-letter tags (accepted only when exact:
+# `_tag_letter` refuses spaces, closing slashes and other letters), then any other short bracketed group (text or a look-alike, decided by `_lookalike_group`),
 # then the unbracketed look-alikes: other bracket kinds, an unclosed "<c", a "c>" without its "<".
 _TOKEN = re.compile(
     r"(?P<a1111><\s*(?:lora|lyco|hypernet)\s*:[^>]*>)"
@@ -122,6 +123,8 @@ def _tag_letter(prompt: str, m: re.Match) -> str:
     if letter not in MARKERS:
         hint = " (markers are lowercase)" if letter.lower() in MARKERS else ""
         raise _error(prompt, m.start(), f"unknown marker {m.group(0)!r}{hint}; the markers are <c> and <s>")
+    if m.group(0) != f"<{letter}>":  # "< c >": one spelling only, so no user wonders which ones count
+        raise _error(prompt, m.start(), f"{m.group(0)!r} has spaces inside the brackets; write exactly <{letter}>")
     return letter
 
 

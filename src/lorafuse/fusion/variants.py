@@ -70,6 +70,24 @@ def _module(pipe: object, ref: ModuleRef) -> torch.nn.Module:
     return components_of(pipe)[ref.component].get_submodule(ref.path)
 
 
+def _base_weight(pipe: object, ref: ModuleRef) -> torch.nn.Parameter:
+    module = _module(pipe, ref)
+    return (module.get_base_layer() if hasattr(module, "get_base_layer") else module).weight
+
+
+def _fused_weight(ref: ModuleRef, w0: torch.Tensor, lora: LoraModule, weight: float, scaled: bool) -> torch.Tensor:
+    """`W0 + weight·ΔW` in W0's dtype, by the same expression as lora.merge.fuse_into (so a switched-in variant
+    equals a fused LoRA); refused when not finite."""
+    delta = raw_delta(lora, tuple(w0.shape), scaled).to(w0.device)
+    new = (w0.float() + weight * delta).to(w0.dtype)
+    if not torch.isfinite(new).all():
+        raise LorafuseError(
+            f"{ref.component}.{ref.path}: W + {weight}·ΔW is not finite (NaN/inf); the LoRA is broken or its weight "
+            "too large"
+        )
+    return new
+
+
 class FusedSwap(LayerVariants):
     """Mechanism "swap": precomputed `W + w_v ΔW_v` per layer and variant, switched by pointer assignment."""
 
@@ -86,9 +104,7 @@ class FusedSwap(LayerVariants):
         self._originals: list[torch.Tensor] = []
         self._fused: list[list[torch.Tensor]] = []
         for ref in self.layers:
-            module = _module(pipe, ref)
-            base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-            param = base.weight
+            param = _base_weight(pipe, ref)
             w0 = param.data
             fused = []
             for modules, weight in sources:
@@ -96,15 +112,7 @@ class FusedSwap(LayerVariants):
                 if lora is None or weight == 0:
                     fused.append(w0)  # the same tensor: a variant without an update is the base, exactly
                     continue
-                # the same expression as lora.merge.fuse_into, so a swapped-in variant equals a fused LoRA
-                delta = raw_delta(lora, tuple(w0.shape), scaled).to(w0.device)
-                new = (w0.float() + weight * delta).to(w0.dtype)
-                if not torch.isfinite(new).all():
-                    raise LorafuseError(
-                        f"{ref.component}.{ref.path}: W + {weight}·ΔW is not finite (NaN/inf); the LoRA is broken "
-                        "or its weight too large"
-                    )
-                fused.append(new)
+                fused.append(_fused_weight(ref, w0, lora, weight, scaled))
             self._params.append(param)
             self._originals.append(w0)
             self._fused.append(fused)
@@ -186,8 +194,7 @@ class InPlaceSwitch(LayerVariants):
         self._originals: list[torch.Tensor] = []
         self._loras: list[list[tuple[LoraModule | None, float]]] = []
         for ref in self.layers:
-            module = _module(pipe, ref)
-            param = (module.get_base_layer() if hasattr(module, "get_base_layer") else module).weight
+            param = _base_weight(pipe, ref)
             w0 = param.data
             variants = []
             for modules, weight in sources:
@@ -196,11 +203,7 @@ class InPlaceSwitch(LayerVariants):
                     variants.append((None, 0.0))
                     continue
                 lora = _on(lora, w0.device)  # the factors (r (in + out) numbers) live on the device
-                if not torch.isfinite(w0.float() + weight * raw_delta(lora, tuple(w0.shape), scaled)).all():
-                    raise LorafuseError(
-                        f"{ref.component}.{ref.path}: W + {weight}·ΔW is not finite (NaN/inf); the LoRA is broken "
-                        "or its weight too large"
-                    )
+                _fused_weight(ref, w0, lora, weight, scaled)  # checked once here, applied per switch later
                 variants.append((lora, weight))
             self._params.append(param)
             self._originals.append(w0.detach().to("cpu", copy=True))

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from lorafuse.errors import UserInputError
 from lorafuse.train import captions as cap
@@ -32,14 +32,14 @@ from lorafuse.train import masks
 from lorafuse.train.buckets import (
     BucketAssignment,
     BucketManager,
-    BucketSpec,
     Size,
     crop_offset,
     resize_and_crop,
 )
 
 # the folder layout, shared with `lorafuse dataset` (which must not import torch)
-from lorafuse.train.dataset_folders import FOLDER_PATTERN, IMAGE_EXTENSIONS, parse_subset_folder
+from lorafuse.train.dataset_folders import IMAGE_EXTENSIONS
+from lorafuse.train.images import image_frames, load_rgb
 from lorafuse.utils.atomic import TMP_PREFIX
 from lorafuse.utils.inputs import problem_with_file
 
@@ -139,81 +139,6 @@ def describe(index: DatasetIndex, training: TrainingConfig) -> str:
     return "\n".join("  " + line for line in lines)
 
 
-def upright(img: Image.Image) -> Image.Image:
-    """The image as it is meant to be seen: cameras store portrait photos sideways plus an EXIF Orientation tag,
-    which viewers apply and a plain decode does not. Applied before bucketing, so sizes and buckets are upright."""
-    return ImageOps.exif_transpose(img) or img
-
-
-def load_rgb(path: Path) -> Image.Image:
-    """Decode fully (a truncated file fails here, not hours into training), turn upright, convert to 8-bit RGB
-    by mode (16-bit and float gray rescaled, alpha flattened onto white)."""
-    with Image.open(path) as img:
-        img.load()  # the first frame of an animated file; the scan warns about the others
-        return to_rgb(upright(img))
-
-
-# 16-bit and float images hold their own ranges: PIL's convert("RGB") clips them at 255 (all white)
-_HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
-_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB from any PIL mode: high-depth gray rescaled, transparency flattened onto white."""
-    if img.mode in _HIGH_DEPTH:
-        return _high_depth_gray(img)
-    if img.mode in _ALPHA_MODES or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        # Plain convert("RGB") keeps whatever colour hides under transparent pixels, often black.
-        flat = Image.new("RGB", rgba.size, (255, 255, 255))
-        flat.paste(rgba, mask=rgba.getchannel("A"))
-        return flat
-    try:
-        return img.convert("RGB")
-    except ValueError as e:  # e.g. LAB or HSV, which PIL cannot convert directly
-        raise ValueError(f"images of mode {img.mode} are not supported; save it as 8-bit RGB") from e
-
-
-def _high_depth_gray(img: Image.Image) -> Image.Image:
-    a = np.asarray(img, dtype=np.float64)
-    peak = float(a.max()) if a.size else 0.0
-    if img.mode.startswith("I;16"):
-        full = 65535.0
-    elif img.mode == "F" and peak <= 1.0:
-        full = 1.0  # float images are stored in [0, 1] by the tools that write them (tifffile, OpenCV)
-    else:
-        # mode I (and F beyond 1) comes from 16-bit PNG/TIFF data, or 8-bit data widened by an editor
-        full = 65535.0 if peak > 255 else 255.0
-    gray = np.clip(np.rint(a * (255.0 / full)), 0, 255).astype(np.uint8)
-    return Image.fromarray(gray, "L").convert("RGB")
-
-
-def image_frames(path: Path) -> int:
-    with Image.open(path) as img:
-        return int(getattr(img, "n_frames", 1))
-
-
-def _subset_folders(root: Path, role: str) -> list[Path]:
-    if not root.is_dir():
-        raise UserInputError(f"{root}: {role} does not exist or is not a folder")
-    if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir() if p.is_file()):
-        raise UserInputError(
-            f"{root}: {role} holds images directly; kohya's layout puts them in subfolders named "
-            f"'{FOLDER_PATTERN}' (e.g. {root / '10_sks dog'}). If {root.name} is such a folder, use its parent."
-        )
-    folders = []
-    for p in sorted(root.iterdir()):
-        if not p.is_dir() or p.name.startswith("."):
-            continue
-        if not p.name[:1].isdigit():
-            # As kohya: a folder without a repeats prefix (e.g. the world dataset's references/) is not data.
-            log.warning("%s: ignored, its name does not start with '<repeats>_' (%s)", p, FOLDER_PATTERN)
-            continue
-        parse_subset_folder(p)  # a name that starts like one but is malformed is an error
-        folders.append(p)
-    return folders
-
-
 def _ours(name: str) -> bool:
     """Latent / text-encoder cache files (cache.py names them '<image name>.<kind>.safetensors') and our
     temporaries: written by lorafuse beside the images, so not the user's files to account for."""
@@ -249,15 +174,6 @@ def _sort_entries(folder: Path, cfg: DatasetConfig, skipped: list[tuple[Path, st
         else:
             log.warning("%s: ignored, not an image (%s) nor a caption", path, ", ".join(IMAGE_EXTENSIONS))
     return usable
-
-
-def _scan_folder(
-    folder: Path, cfg: DatasetConfig, buckets: BucketManager, is_reg: bool, skipped: list[tuple[Path, str]]
-) -> list[ImageItem]:
-    repeats, tokens = parse_subset_folder(folder)
-    tokens = cfg.class_tokens or tokens
-    source = ImageSource(folder, repeats, tokens, cfg.caption_extension, is_reg, alpha_mask=cfg.alpha_mask)
-    return scan_images(source, cfg, buckets, skipped)
 
 
 @dataclass(frozen=True)
@@ -344,43 +260,6 @@ def balance_reg(reg: list[ImageItem], num_train: int) -> list[ImageItem]:
                 break
         first = False
     return [replace(it, repeats=r) for it, r in zip(reg, repeats, strict=True)]
-
-
-def scan_dataset(cfg: DatasetConfig) -> DatasetIndex:
-    """Every usable image of train_data_dir (and reg_data_dir) or of the subsets, with its caption and bucket."""
-    if cfg.subsets:
-        from lorafuse.train.data_subsets import scan_subsets
-
-        return scan_subsets(cfg)
-    spec = BucketSpec(
-        cfg.resolution,
-        cfg.enable_bucket,
-        cfg.min_bucket_reso,
-        cfg.max_bucket_reso,
-        cfg.bucket_reso_steps,
-        cfg.bucket_no_upscale,
-    )
-    buckets, skipped = BucketManager(spec), []
-    train = [
-        it
-        for f in _subset_folders(cfg.train_data_dir, "train_data_dir")
-        for it in _scan_folder(f, cfg, buckets, False, skipped)
-    ]
-    if not train:
-        raise UserInputError(
-            f"{cfg.train_data_dir}: no usable training images in folders named '{FOLDER_PATTERN}'"
-        )
-    reg: list[ImageItem] = []
-    if cfg.reg_data_dir is not None:
-        reg = [
-            it
-            for f in _subset_folders(cfg.reg_data_dir, "reg_data_dir")
-            for it in _scan_folder(f, cfg, buckets, True, skipped)
-        ]
-        if not reg:
-            raise UserInputError(f"{cfg.reg_data_dir}: reg_data_dir is set but holds no usable images")
-        reg = balance_reg(reg, sum(it.repeats for it in train))
-    return DatasetIndex(cfg, train + reg, skipped)
 
 
 def _rng(seed: int, epoch: int, sample: int, stream: int) -> np.random.Generator:

@@ -3,7 +3,7 @@ Dataset tab.
 
 A dataset is a folder of subset folders named `<repeats>_<trigger> <class>` (e.g. `10_sks dog`), each holding
 images with a caption beside each (`000.png` + `000.txt`); `lorafuse train --train_data_dir DATASET` reads it
-(`lorafuse.train.data.scan_dataset`). This module only reads and writes files (PIL, no torch), so the UI
+(`lorafuse.train.scan.scan_dataset`). This module only reads and writes files (PIL, no torch), so the UI
 process can call it without loading a model library.
 
     add_images(dataset, images, trigger=, cls=, repeats=)   copy checked images into a subset folder

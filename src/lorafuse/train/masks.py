@@ -28,6 +28,8 @@ from PIL import Image
 
 from lorafuse.errors import UserInputError
 from lorafuse.train.buckets import resize_and_crop
+from lorafuse.train.dataset_folders import IMAGE_EXTENSIONS
+from lorafuse.train.images import ALPHA_MODES, to_rgb, upright
 
 if TYPE_CHECKING:
     from lorafuse.train.cache import LatentCache
@@ -52,8 +54,6 @@ def apply_mask(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def find_mask(image: Path, mask_dir: Path) -> Path:
     """The mask of `image` in `mask_dir`: the file with the same name, any image extension."""
-    from lorafuse.train.data import IMAGE_EXTENSIONS
-
     if not mask_dir.is_dir():
         raise UserInputError(f"{mask_dir}: mask_dir does not exist or is not a folder")
     found = sorted(p for p in mask_dir.glob(f"{image.stem}.*") if p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -76,9 +76,7 @@ def mask_source(image: Path, alpha_mask: bool, mask_dir: Path | None) -> MaskSou
 
 
 def has_alpha(img: Image.Image) -> bool:
-    from lorafuse.train.data import _ALPHA_MODES
-
-    return img.mode in _ALPHA_MODES or (img.mode in ("P", "L", "RGB") and "transparency" in img.info)
+    return img.mode in ALPHA_MODES or (img.mode in ("P", "L", "RGB") and "transparency" in img.info)
 
 
 def file_has_alpha(path: Path) -> bool:
@@ -88,8 +86,6 @@ def file_has_alpha(path: Path) -> bool:
 
 def load_mask(item: ImageItem) -> Image.Image:
     """The mask of `item` as an 8-bit gray image at the image's upright size (item.size)."""
-    from lorafuse.train.data import to_rgb, upright
-
     if item.mask == "alpha":
         with Image.open(item.path) as img:
             img.load()
@@ -138,8 +134,6 @@ def sample_mask(
 
 def report_orphan_masks(mask_dir: Path | None, images: list[Path]) -> None:
     """Mask images that match no image of the subset are named, not silently passed over (a typo'd name)."""
-    from lorafuse.train.data import IMAGE_EXTENSIONS
-
     if mask_dir is None or not mask_dir.is_dir():
         return
     stems = {p.stem for p in images}

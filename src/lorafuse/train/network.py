@@ -27,7 +27,6 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from lorafuse.errors import UserInputError
@@ -38,6 +37,7 @@ from lorafuse.lora.state import LoraModule, LoraState
 from lorafuse.lora.targets import components_of
 from lorafuse.train.block_lr import block_lr_weights
 from lorafuse.train.config import NetworkConfig
+from lorafuse.train.network_base import TrainableNetwork
 
 ADAPTER = "lorafuse_train"
 TEXT_ENCODER_TARGETS = re.compile(
@@ -160,7 +160,7 @@ def _peft_config(targets: Mapping[str, tuple[int, float]], dropout: float):
 
 
 @dataclass
-class LoraNetwork:
+class LoraNetwork(TrainableNetwork):
     """The injected, trainable LoRA of a pipeline. `parameters` are the only tensors the optimiser sees."""
 
     components: dict[str, nn.Module]
@@ -208,31 +208,6 @@ class LoraNetwork:
                 name = group if weight == 1.0 else f"{group}_x{weight:g}"
                 groups.append({"params": params, "lr": lr * weight, "name": name})
         return groups
-
-    def num_modules(self, component: str) -> int:
-        return len(self.plan.get(component, {}))
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: p.detach() for k, p in self.named_parameters().items()}
-
-    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
-        """Copy saved parameters in; the names must be exactly this network's (same layers, same ranks)."""
-        own = self.named_parameters()
-        missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-        if missing or extra:
-            raise UserInputError(
-                f"{source}: the saved LoRA does not fit this network ({len(missing)} parameters missing, "
-                f"{len(extra)} unexpected, e.g. {(missing or extra)[0]}); resume with the network settings it was "
-                "trained with"
-            )
-        with torch.no_grad():
-            for name, param in own.items():
-                if tuple(tensors[name].shape) != tuple(param.shape):
-                    raise UserInputError(
-                        f"{source}: {name} has shape {tuple(tensors[name].shape)}, the network needs "
-                        f"{tuple(param.shape)}"
-                    )
-                param.copy_(tensors[name])
 
     def save(
         self, path, *, arch: str, base: object, training: Mapping, metadata: Mapping, dtype, format: str = "kohya"

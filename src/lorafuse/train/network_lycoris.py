@@ -22,6 +22,7 @@ from torch import nn
 from lorafuse.errors import UserInputError
 from lorafuse.lora.targets import components_of
 from lorafuse.train.config import NetworkConfig
+from lorafuse.train.network_base import TrainableNetwork
 from lorafuse.utils.extras import require
 
 KOHYA_LOCON_PRESET = {
@@ -34,7 +35,7 @@ KOHYA_LOCON_PRESET = {
 
 
 @dataclass
-class LycorisNetwork:
+class LycorisNetwork(TrainableNetwork):
     """The trainable LyCORIS network, with the interface of `LoraNetwork` that the training loop uses."""
 
     components: dict[str, nn.Module]
@@ -63,22 +64,6 @@ class LycorisNetwork:
                 {"params": params, "lr": unet_lr if comp == "unet" else text_encoder_lr, "name": comp}
             )
         return groups
-
-    def num_modules(self, component: str) -> int:
-        return len(self.plan.get(component, {}))
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: p.detach() for k, p in self.named_parameters().items()}
-
-    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
-        own = self.named_parameters()
-        if set(own) != set(tensors):
-            raise UserInputError(
-                f"{source}: the saved LyCORIS weights do not fit this network (other modules)"
-            )
-        with torch.no_grad():
-            for name, param in own.items():
-                param.copy_(tensors[name])
 
     def save(
         self, path: Path, *, arch: str, base: object, training: Mapping, metadata: Mapping, dtype,

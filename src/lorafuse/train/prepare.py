@@ -31,7 +31,7 @@ from lorafuse.train.checkpoint import (
     restore_train_state,
 )
 from lorafuse.train.config import TrainConfig
-from lorafuse.train.data import DatasetIndex, TrainDataset, collate_batch, describe, scan_dataset
+from lorafuse.train.data import DatasetIndex, TrainDataset, collate_batch, describe
 from lorafuse.train.network import create_network
 from lorafuse.train.objectives import Objective, objective_for
 from lorafuse.train.optim import make_lr_scheduler, make_optimizer
@@ -39,6 +39,7 @@ from lorafuse.train.quantize import quantize_frozen_base
 from lorafuse.train.run_log import RunLog
 from lorafuse.train.run_setup import ShardedBatchSampler, check_optimizer, make_accelerator, training_metadata
 from lorafuse.train.saving import SaveRotation, check_implemented
+from lorafuse.train.scan import scan_dataset
 from lorafuse.train.stop import StopRequest
 from lorafuse.train.validation import Validator, split_validation
 from lorafuse.utils.atomic import check_output

@@ -24,7 +24,7 @@ from lorafuse.errors import UserInputError
 T = TypeVar("T")
 # imported by the helper as soon as it starts, before the first call: what the quick commands need
 WARM = ("lorafuse.cli.main", "lorafuse.fusion.registry", "lorafuse.fusion.options_doc", "lorafuse.lora.io",
-        "lorafuse.lora.presets", "lorafuse.train.data")  # fmt: skip
+        "lorafuse.lora.presets", "lorafuse.train.scan")  # fmt: skip
 
 
 class HelperDied(UserInputError):

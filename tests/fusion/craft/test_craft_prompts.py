@@ -36,8 +36,6 @@ PARSES = [
     ("a photo of a dog", None, None, "a photo of a dog", "a photo of a dog"),
     # longer angle-bracket words are prompt text (textual-inversion placeholders)
     ("a <cat-toy> <c> in sketch style <s>", "a <cat-toy>", "in sketch style", "a <cat-toy> in sketch style", ""),
-    # spaces inside a marker are tolerated
-    ("a dog < c > in oil style < s >", "a dog", "in oil style", "a dog in oil style", ""),
 ]  # fmt: skip
 
 

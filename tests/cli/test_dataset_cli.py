@@ -40,6 +40,18 @@ def test_add_writes_the_kohya_layout_that_training_scans(tmp_path, capsys):
     assert (folder / "dog_0-1.txt").read_text() == "second\n" and (folder / "dog_0.txt").exists()
 
 
+def test_add_takes_a_folder_of_images(tmp_path, capsys):
+    files = _images(tmp_path / "in")
+    (tmp_path / "in" / "notes.md").write_text("not an image, not in the folder's image list")
+    assert main(["dataset", "add", str(tmp_path / "ds"), str(tmp_path / "in"), "--class", "dog", "--repeats", "1"]) == 0
+    assert sorted(p.name for p in (tmp_path / "ds" / "1_sks dog").iterdir()) == [
+        "dog_0.png", "dog_0.txt", "dog_1.png", "dog_1.txt"]  # fmt: skip
+    (tmp_path / "empty").mkdir()
+    assert main(["dataset", "add", str(tmp_path / "ds2"), str(tmp_path / "empty"), files[0], "--class", "dog"]) == 2
+    assert "empty: no images in this folder" in capsys.readouterr().err
+    assert not (tmp_path / "ds2").exists()
+
+
 def test_caption_prints_and_reads_back_the_same_table(tmp_path, capsys):
     files = _images(tmp_path / "in")
     main(["dataset", "add", str(tmp_path / "ds"), *files, "--class", "dog", "--trigger", "zxq", "--repeats", "2"])

@@ -82,6 +82,21 @@ def test_upload_caption_table_and_subset(page, ui_server, tmp_path, artifacts):
     page.screenshot(path=str(artifacts / "dataset-captions.png"), full_page=True)
 
 
+def test_a_workspace_folder_becomes_a_dataset(page, ui_server):
+    import numpy as np
+    from PIL import Image
+
+    photos = ui_server.workspace / "photos"
+    photos.mkdir(exist_ok=True)
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(photos / "cat.png")
+    page.get_by_text("Your images").click()
+    page.locator("#upload-name textarea, #upload-name input").first.fill("from_folder")
+    page.locator("#upload-folder textarea, #upload-folder input").first.fill("photos")
+    page.locator("#upload-add").click()
+    page.get_by_text("lorafuse dataset add datasets/from_folder photos --trigger sks --class dog").first.wait_for()
+    assert (ui_server.workspace / "datasets" / "from_folder" / "10_sks dog" / "cat.png").is_file()
+
+
 def test_pickle_is_refused_without_the_opt_in(page, ui_server):
     (ui_server.workspace / "loras" / "old.ckpt").write_bytes(b"not read")
     page.get_by_role("tab", name="LoRA tools").click()

@@ -33,6 +33,14 @@ def test_uploads_become_a_kohya_subset_that_training_reads(tmp_path):
     assert (folder / "up1.txt").read_text() == "a photo of a sks dog, running\n"
     index = scan_dataset(DatasetConfig(train_data_dir=ws.root / "datasets" / "dog", resolution=64))
     assert index.num_train_samples == 6  # 2 images x 3 repeats
+    photos = ws.resolve("photos")  # a folder already in the workspace, added beside the uploads
+    photos.mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(photos / "up0.png")
+    folder, command = datasets.add_uploads(ws, "dog", [], trigger="sks", cls="dog", repeats=3, max_bytes=1 << 20,
+                                           folder="photos")  # fmt: skip
+    assert (folder / "up0-1.png").is_file() and command.startswith("lorafuse dataset add datasets/dog photos --trigger")
+    with pytest.raises(UserInputError, match="'..' is refused"):
+        datasets.add_uploads(ws, "dog", [], trigger="sks", cls="dog", repeats=3, max_bytes=1, folder="../x")
     new, command = datasets.set_subset(ws, "datasets/dog", "3_sks dog", trigger="ohwx", cls="", repeats=5)
     assert new == "5_ohwx dog" and command == "lorafuse dataset subset datasets/dog '3_sks dog' --trigger ohwx --repeats 5"
     assert datasets.subsets(ws, "datasets/dog") == ["5_ohwx dog"]

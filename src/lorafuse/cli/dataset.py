@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                       "Each gets a caption file: --caption, else the .txt beside the image, else "
                       "'a photo of a <trigger> <class>'.")  # fmt: skip
     q.add_argument("dataset", help="dataset folder (created if new)")
-    q.add_argument("images", nargs="+", help="image files")
+    q.add_argument("images", nargs="+", help="image files, or folders of them")
     q.add_argument("--trigger", default="sks", help="trigger word (default sks)")
     q.add_argument("--class", dest="cls", required=True, help="class word, e.g. dog")
     q.add_argument("--repeats", type=int, default=10, help="kohya repeats: times per epoch (default 10)")

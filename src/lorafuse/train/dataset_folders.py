@@ -81,15 +81,15 @@ def add_images(dataset: str | os.PathLike, images: Sequence[str | os.PathLike], 
                repeats: int, caption: str | None = None, max_bytes: int | None = None) -> Added:  # fmt: skip
     """Copy `images` into DATASET/<repeats>_<trigger> <class>/, each with a caption file.
 
-    Every image is checked (real image type, size) before anything is written. A copy keeps its file name
-    (made unique with -1, -2, ... if taken). Its caption: `caption` if given, else the `.txt` beside the source
-    image, else 'a photo of a <trigger> <class>'."""
-    if not images:
-        raise UserInputError("no images given")
+    A folder among `images` stands for the images directly in it (by name). Every image is checked (real image
+    type, size) before anything is written. A copy keeps its file name (made unique with -1, -2, ... if taken).
+    Its caption: `caption` if given, else the `.txt` beside the source image, else 'a photo of a <trigger> <class>'."""
     folder = Path(dataset) / subset_name(repeats, trigger, cls)
     if Path(dataset).exists() and not Path(dataset).is_dir():
         raise UserInputError(f"{dataset}: exists and is not a folder")
-    sources = [Path(p) for p in images]
+    sources = [q for p in map(Path, images) for q in (_images_in(p) if p.is_dir() else [p])]
+    if not sources:
+        raise UserInputError("no images given")
     formats = [check_image(p, max_bytes=max_bytes) for p in sources]
     default = f"a photo of a {trigger.strip()} {cls.strip()}"
     taken = {p.stem for p in folder.iterdir()} if folder.is_dir() else set()
@@ -105,6 +105,13 @@ def add_images(dataset: str | os.PathLike, images: Sequence[str | os.PathLike], 
         atomic_write_text(target.with_suffix(".txt"), text.strip() + "\n")
         written.append(target)
     return Added(folder, written)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not found:
+        raise UserInputError(f"{folder}: no images in this folder ({', '.join(IMAGE_EXTENSIONS)})")
+    return found
 
 
 def _free_stem(stem: str, taken: set[str]) -> str:

@@ -15,12 +15,15 @@ def command(*argv: object) -> str:
 
 
 def add_uploads(ws: Workspace, name: str, files: list[str], *, trigger: str, cls: str, repeats: int,
-                max_bytes: int) -> tuple[Path, str]:  # fmt: skip
-    """Uploaded files into datasets/NAME/<repeats>_<trigger> <class>/ (`lorafuse dataset add`)."""
+                max_bytes: int, folder: str = "") -> tuple[Path, str]:  # fmt: skip
+    """Uploaded files, and the images of a workspace folder, into datasets/NAME/<repeats>_<trigger> <class>/
+    (`lorafuse dataset add`)."""
     root = ws.resolve(f"datasets/{name.strip()}")
-    added = api.add_images(root, files, trigger=trigger, cls=cls, repeats=repeats, max_bytes=max_bytes)
-    shown = command("dataset", "add", ws.relative(root), *[Path(f).name for f in files], "--trigger", trigger,
-                    "--class", cls, "--repeats", repeats, "--max-mb", f"{max_bytes / 2**20:g}")  # fmt: skip
+    sources = [*files, *([ws.resolve(folder, must_exist=True)] if folder.strip() else [])]
+    added = api.add_images(root, sources, trigger=trigger, cls=cls, repeats=repeats, max_bytes=max_bytes)
+    shown = command("dataset", "add", ws.relative(root), *[Path(f).name for f in files],
+                    *([ws.relative(sources[-1])] if folder.strip() else []), "--trigger", trigger, "--class", cls,
+                    "--repeats", repeats, "--max-mb", f"{max_bytes / 2**20:g}")  # fmt: skip
     return added.folder, shown
 
 

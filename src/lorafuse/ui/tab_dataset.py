@@ -76,6 +76,8 @@ def _world_section(ws: Workspace) -> tuple:
 
 def _upload_section(ws: Workspace, max_upload: int) -> tuple:
     files = gr.File(file_count="multiple", file_types=["image"], label="upload images", elem_id="upload")
+    source = gr.Textbox(label="and/or a folder of images in the workspace", placeholder="e.g. photos/dog",
+                        elem_id="upload-folder")  # fmt: skip
     with gr.Row():
         name = gr.Textbox(label="dataset name", value="my_subject", elem_id="upload-name")
         trigger = gr.Textbox(label="trigger word", value="sks", elem_id="upload-trigger")
@@ -85,18 +87,18 @@ def _upload_section(ws: Workspace, max_upload: int) -> tuple:
     out = gr.Markdown(elem_id="upload-out")
     made = gr.State("")
 
-    def on_upload(files, name, trigger, cls, repeats):
+    def on_upload(files, source, name, trigger, cls, repeats):
         paths = [f if isinstance(f, str) else f.name for f in files or []]
         try:
-            if not paths:
-                raise UserInputError("no images uploaded")
-            folder, command = datasets.add_uploads(ws, name, paths, trigger=trigger, cls=cls,
+            if not paths and not (source or "").strip():
+                raise UserInputError("no images uploaded, and no folder given")
+            folder, command = datasets.add_uploads(ws, name, paths, trigger=trigger, cls=cls, folder=source or "",
                                                    repeats=int(repeats or 0), max_bytes=max_upload)  # fmt: skip
         except UserInputError as e:
             return error_md(e), ""
         return f"`{command}`\n\nwrote `{ws.relative(folder)}`", ws.relative(folder.parent)
 
-    event = add.click(on_upload, [files, name, trigger, cls, repeats], [out, made])
+    event = add.click(on_upload, [files, source, name, trigger, cls, repeats], [out, made])
     return event, made
 
 

@@ -321,7 +321,9 @@ def main() -> None:
     atomic_write_bytes(RESULTS / f"{name}_paired.png", (args.work / "paired_differences.png").read_bytes())
     config = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "methods": methods,
               "pairs_used": [d["pair"] for d in done], "pairs_asked": len(pairs), "smoke": smoke,
-              "seconds": round(elapsed, 1),
+              # this invocation's wall time (--done-only: only the reporting), and the pairs' own, summed
+              "seconds": round(elapsed, 1), "done_only": args.done_only,
+              "pair_seconds": round(sum(sum(d.get("seconds", {}).values()) for d in done), 1),
               "cpu_seconds": round(sum(sum(d.get("cpu_seconds", {}).values()) for d in done), 1),
               "input_recipes": INPUT_RECIPES,
               "seconds_per_pair": {d["pair"]: d.get("seconds") for d in done},

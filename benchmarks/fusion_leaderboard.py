@@ -38,7 +38,7 @@ import time
 import warnings
 from pathlib import Path
 
-from benchmarks.common import print_table, write_result
+from benchmarks.common import RESULTS, print_table, write_result
 from lorafuse.errors import UserInputError
 from lorafuse.eval.html import HtmlReport
 from lorafuse.eval.paired import forest_plot, paired_difference
@@ -56,7 +56,7 @@ from lorafuse.eval.world_compare import (
     summary,
     train_pair_loras,
 )
-from lorafuse.utils.atomic import atomic_write_text
+from lorafuse.utils.atomic import atomic_write_bytes, atomic_write_text
 from lorafuse.world.catalog import CLASS_NAMES, HELD_OUT_STYLES, INDIVIDUALS_PER_CLASS, SEEN_INDIVIDUALS
 
 FULL = {"pairs": 20, "seeds": 4}  # the issue's bar; fewer is a smoke run
@@ -104,8 +104,10 @@ def held_out_pairs(n: int) -> list[tuple[str, str]]:
     return pairs[:n]
 
 
-def run_pair(pipe, oracle, individual: str, style: str, args, methods: list[str], work: Path) -> dict:
-    """The rows of one pair, from WORK/pairs/<pair>/result.json when it was made with these settings."""
+def run_pair(pipe, oracle, individual: str, style: str, args, methods: list[str], work: Path,
+             done_only: bool = False) -> dict | None:  # fmt: skip
+    """The rows of one pair, from WORK/pairs/<pair>/result.json when it was made with these settings; with
+    `done_only` None when it was not (nothing is trained or sampled)."""
     settings = {"content": {}, "style": {}}
     if args.content_epochs:
         settings["content"]["epochs"] = args.content_epochs
@@ -131,11 +133,13 @@ def run_pair(pipe, oracle, individual: str, style: str, args, methods: list[str]
         done = json.loads(cached.read_text())
         if done.get("signature") == signature:
             return done
-    t0 = time.perf_counter()
+    if done_only:
+        return None
+    t0, c0 = time.perf_counter(), time.process_time()
     loras = train_pair_loras(individual, style, work, methods=methods, content_settings=settings["content"],
                              style_settings=settings["style"], progress=not args.no_progress,
                              input_sets=input_sets)  # fmt: skip
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # CRAFT and B-LoRA use part of each LoRA by design; they say so each time
         result = compare_pair(pipe, loras, oracle=oracle, methods=methods, seeds=args.seeds, seed=args.seed,
@@ -146,7 +150,9 @@ def run_pair(pipe, oracle, individual: str, style: str, args, methods: list[str]
     save_image(side_by_side(result, title=f"{result.pair}: {result.prompt}"), folder / "side_by_side.png")
     done = {"signature": signature, "pair": result.pair, "prompt": result.prompt, "seeds": result.seeds,
             "skipped": result.skipped, "rows": result.rows,
-            "seconds": {"train": round(t1 - t0, 1), "compare": round(time.perf_counter() - t1, 1)}}  # fmt: skip
+            "seconds": {"train": round(t1 - t0, 1), "compare": round(time.perf_counter() - t1, 1)},
+            # this process's CPU time (one thread): what the pair costs on an idle core, whatever else runs
+            "cpu_seconds": {"train": round(c1 - c0, 1), "compare": round(time.process_time() - c1, 1)}}  # fmt: skip
     atomic_write_text(cached, json.dumps(done, indent=1))
     return done
 
@@ -265,6 +271,9 @@ def main() -> None:
     ap.add_argument("--style-epochs", type=int, default=None, help="override the style recipe's epochs")
     ap.add_argument("--work", type=Path, default=Path("out/leaderboard"), help="LoRA and result cache")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--done-only", action="store_true",
+                    help="report on the pairs already done under --work with these settings; train and sample nothing "
+                         "(e.g. while a run is going, or after one was stopped)")  # fmt: skip
     args = ap.parse_args()
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else method_names()
     for m in methods:
@@ -274,18 +283,23 @@ def main() -> None:
     pairs = held_out_pairs(args.pairs)
 
     t0 = time.perf_counter()
-    pipe, oracle = load_base("world"), default_oracle()
+    pipe, oracle = (None, None) if args.done_only else (load_base("world"), default_oracle())
     done = []
     for k, (ind, sty) in enumerate(pairs):
-        done.append(run_pair(pipe, oracle, ind, sty, args, methods, args.work))
+        result = run_pair(pipe, oracle, ind, sty, args, methods, args.work, done_only=args.done_only)
+        if result is None:
+            continue
+        done.append(result)
         spent = time.perf_counter() - t0
         print(f"[{k + 1}/{len(pairs)}] {ind}+{sty}: {spent / 60:.1f} min so far, "
               f"~{spent / (k + 1) * (len(pairs) - k - 1) / 60:.0f} min to go", flush=True)  # fmt: skip
+    if not done:
+        raise UserInputError(f"{args.work}: no pair is done with these settings yet; run without --done-only")
     elapsed = time.perf_counter() - t0
     rows = [r for d in done for r in d["rows"]]
 
     header, table = summary(rows)
-    print(f"\n{len(pairs)} pairs x {args.seeds} seed(s), {args.steps} steps, guidance {args.guidance}")
+    print(f"\n{len(done)} of {len(pairs)} pairs x {args.seeds} seed(s), {args.steps} steps, guidance {args.guidance}")
     print_table(header, table)
     paired = paired_figures(rows)
     print("\npaired differences to direct merging of the same LoRAs (mean over pairs, 95 % t-interval over pairs)")
@@ -297,18 +311,27 @@ def main() -> None:
                 [[d.method, d.baseline, d.metric, str(d), d.n, d.verdict] for d in ablations if d.interval == "t"])  # fmt: skip
     figures = figures_of(rows)
     smoke = args.pairs < FULL["pairs"] or args.seeds < FULL["seeds"] or bool(args.content_epochs or args.style_epochs)
+    name = "fusion_leaderboard_smoke" if smoke else "fusion_leaderboard" if len(done) == len(pairs) else \
+        "fusion_leaderboard_partial"  # fmt: skip
     command = " ".join(["python -m benchmarks.fusion_leaderboard", *sys.argv[1:]])  # as run, every flag
     print("\n" + markdown_table(figures, paired, rows, command) + "\n")
     page = write_html(args.work, done, rows, paired, args, elapsed, ablations)
     print(f"report: {page}")
+    # the plot beside the JSON (committed; WORK is not)
+    atomic_write_bytes(RESULTS / f"{name}_paired.png", (args.work / "paired_differences.png").read_bytes())
     config = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "methods": methods,
-              "pairs_used": [f"{i}+{s}" for i, s in pairs], "smoke": smoke, "seconds": round(elapsed, 1),
+              "pairs_used": [d["pair"] for d in done], "pairs_asked": len(pairs), "smoke": smoke,
+              # this invocation's wall time (--done-only: only the reporting), and the pairs' own, summed
+              "seconds": round(elapsed, 1), "done_only": args.done_only,
+              "pair_seconds": round(sum(sum(d.get("seconds", {}).values()) for d in done), 1),
+              "cpu_seconds": round(sum(sum(d.get("cpu_seconds", {}).values()) for d in done), 1),
               "input_recipes": INPUT_RECIPES,
-              "seconds_per_pair": {d["pair"]: d.get("seconds") for d in done}}  # fmt: skip
+              "seconds_per_pair": {d["pair"]: d.get("seconds") for d in done},
+              "cpu_seconds_per_pair": {d["pair"]: d.get("cpu_seconds") for d in done}}  # fmt: skip
     figures["skipped"] = {d["pair"]: d["skipped"] for d in done if d["skipped"]}
     figures["paired"] = [d.to_json() for d in paired]
     figures["ablations"] = [d.to_json() for d in ablations]
-    write_result("fusion_leaderboard_smoke" if smoke else "fusion_leaderboard", config, figures)
+    write_result(name, config, figures)
 
 
 if __name__ == "__main__":

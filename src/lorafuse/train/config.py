@@ -292,6 +292,9 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     # compute dtype of the frozen base: no (float32), fp16, bf16; LoRA weights stay float32
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # on a CUDA device, stop before loading when the estimated peak memory does not fit (`--estimate`); false
+    # trains anyway
+    memory_check: bool = True
     # seeds data order, augmentation, noise, timesteps and the LoRA's initial weights
     seed: int = 42
     # where LoRA files, states, logs, samples and the effective config go

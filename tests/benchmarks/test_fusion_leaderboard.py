@@ -77,3 +77,40 @@ def test_ablations_are_compared_with_their_full_method() -> None:
         ("craft [craft]", "craft smooth [craft]", i) for i in ("t", "bootstrap")}
     content = next(d for d in diffs if d.metric == "oracle_content" and d.interval == "t")
     assert content.mean == pytest.approx(0.1) and content.n == 3 and content.verdict == "better"
+
+
+def test_a_done_pair_is_reused_and_done_only_never_trains(tmp_path, monkeypatch) -> None:
+    import argparse
+
+    import benchmarks.fusion_leaderboard as lb
+
+    from lorafuse.eval.world_compare import CompareResult
+
+    calls = []
+
+    def fake_train(individual, style, work, **kw):
+        calls.append(("train", individual, style, tuple(kw["input_sets"])))
+        return object()
+
+    def fake_compare(pipe, loras, **kw):
+        calls.append(("compare", kw["seeds"]))
+        return CompareResult("teapot_08+crayon", "a prompt", [0, 1], rows=[{"method": "direct [locon]", "seed": 0}])
+
+    monkeypatch.setattr(lb, "train_pair_loras", fake_train)
+    monkeypatch.setattr(lb, "compare_pair", fake_compare)
+    monkeypatch.setattr(lb, "side_by_side", lambda result, title: None)
+    monkeypatch.setattr("lorafuse.utils.images.save_image", lambda image, path: None)
+    args = argparse.Namespace(content_epochs=None, style_epochs=None, seeds=2, seed=0, steps=3, guidance=4.0,
+                              no_progress=True)  # fmt: skip
+    methods = ["direct", "klora"]
+    assert lb.run_pair(None, None, "teapot_08", "crayon", args, methods, tmp_path, done_only=True) is None
+    assert calls == []  # nothing done yet, and --done-only neither trains nor samples
+    first = lb.run_pair(None, None, "teapot_08", "crayon", args, methods, tmp_path)
+    assert [c[0] for c in calls] == ["train", "compare"] and calls[0][3] == ("locon", "attn")
+    assert first["rows"] == [{"method": "direct [locon]", "seed": 0}] and set(first["cpu_seconds"]) == {"train", "compare"}
+    # a rerun (killed run resumed, or --done-only) reads the pair back without training or sampling again
+    assert lb.run_pair(None, None, "teapot_08", "crayon", args, methods, tmp_path) == first
+    assert lb.run_pair(None, None, "teapot_08", "crayon", args, methods, tmp_path, done_only=True) == first
+    assert len(calls) == 2
+    args.seeds = 4  # other settings: the cached pair does not count
+    assert lb.run_pair(None, None, "teapot_08", "crayon", args, methods, tmp_path, done_only=True) is None

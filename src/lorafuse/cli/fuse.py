@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lorafuse.cli import options
 from lorafuse.cli.options import add_device_arguments
 from lorafuse.errors import ConfigError, LoraFormatError, UserInputError
 
@@ -106,13 +107,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def parse_sets(items: list[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserInputError(f"--set {item!r}: expected OPTION=VALUE, e.g. --set selection=random")
-        out[key.strip()] = value.strip()
-    return out
+    """A fusion method's `--set OPTION=VALUE` options."""
+    return options.parse_sets(items, "selection=random", form="OPTION=VALUE")
 
 
 def _method_tables(path: Path, methods: list[str]) -> dict[str, dict[str, Any]]:

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from lorafuse.cli.options import add_num_processes_argument, parse_sets
 from lorafuse.errors import UserInputError
 
 
@@ -24,32 +25,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--report", action="store_true", help="also write report.html into the output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--num-processes",
-        type=int,
-        default=1,
-        metavar="N",
-        help="sample the cells in N processes (runs `accelerate launch --num_processes N`; GPUs, or CPUs); "
-        "the main process scores and writes the pages",
-    )
+    add_num_processes_argument(p, "sample the cells in N processes", "the main process scores and writes the pages")
     p.set_defaults(func=cmd_grid)
-
-
-def parse_overrides(items: list[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserInputError(f"--set {item!r}: expected KEY=VALUE, e.g. --set axes.steps=[10,20]")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
     from lorafuse.eval.grid import run_grid
     from lorafuse.eval.grid_config import load_grid_config
 
-    cfg = load_grid_config(args.config, parse_overrides(args.set) or None)
+    cfg = load_grid_config(args.config, parse_sets(args.set, "axes.steps=[10,20]") or None)
     if args.out is not None:
         cfg = dataclasses.replace(cfg, out=args.out)
     from lorafuse.utils.atomic import check_output

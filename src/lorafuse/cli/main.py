@@ -53,6 +53,17 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", category=category, module=r"(transformers|diffusers|torch|torchvision|peft|accelerate|bitsandbytes|huggingface_hub)(\.|$)")  # fmt: skip
 
 
+def warm_up(modules: Sequence[str]) -> None:
+    """Quiet the libraries, then import `modules` ahead of their first use (the web UI's helper and job worker).
+    A missing optional one is skipped: the command that needs it reports it."""
+    quiet_libraries()
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
 def _show_warning(command: str):
     """lorafuse's own warnings as one line, `lorafuse CMD: warning: ...`, without the source line."""
     default = warnings.showwarning

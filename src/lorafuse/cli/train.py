@@ -15,6 +15,7 @@ import json
 import typing
 from pathlib import Path
 
+from lorafuse.cli.options import add_num_processes_argument, split_set
 from lorafuse.errors import UserInputError
 from lorafuse.train.options import Option, options
 
@@ -75,14 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --estimate: the GPU's memory in GiB (e.g. 24); says whether the run fits and what would make "
         "it fit. Default: the visible CUDA device's, none on a CPU",
     )
-    p.add_argument(
-        "--num-processes",
-        type=int,
-        default=1,
-        metavar="N",
-        help="train in N processes with DDP (runs `accelerate launch --num_processes N`; GPUs, or CPUs on gloo); "
-        "train_batch_size is per process",
-    )
+    add_num_processes_argument(p, "train in N processes with DDP", "train_batch_size is per process")
     seen: set[str] = set()
     groups: dict[str, argparse._ArgumentGroup] = {}
     for opt in options():
@@ -151,10 +145,7 @@ def collect_overrides(args: argparse.Namespace) -> dict[str, str]:
     by_key = {opt.key: opt for opt in options()}
     overrides: dict[str, str] = {}
     for item in args.overrides:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UserInputError(f"--set {item!r}: expected KEY=VALUE, e.g. --set network.network_dim=8")
+        key, value = split_set(item, "network.network_dim=8")
         if key in by_name and "." not in key:
             key = by_name[key].key  # a bare field name is unique across tables
         overrides[key] = value

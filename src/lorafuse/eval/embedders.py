@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +90,8 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def _model_type(path: str, local_files_only: bool, expected: str) -> str:
+def _model_type(path: str, local_files_only: bool, expected: str, allowed: Collection[str]) -> str:
+    """The checkpoint's `model_type`, refused unless it is one of `allowed` (`expected` says which in words)."""
     from transformers import AutoConfig
 
     try:
@@ -100,6 +101,8 @@ def _model_type(path: str, local_files_only: bool, expected: str) -> str:
             "no such folder, or not in the local Hugging Face cache" if not os.path.isdir(path) else str(e)
         )
         raise UserInputError(f"{path}: cannot read a model config ({where}); expected {expected}") from None
+    if config.model_type not in allowed:
+        raise UserInputError(f"{path}: holds a '{config.model_type}' model; expected {expected}")
     return config.model_type
 
 
@@ -179,9 +182,7 @@ class ClipEmbedder(_Embedder):
 
         path = os.fspath(path)
         expected = "a CLIP model (model_type 'clip', e.g. openai/clip-vit-large-patch14)"
-        kind = _model_type(path, local_files_only, expected)
-        if kind not in CLIP_TYPES:
-            raise UserInputError(f"{path}: holds a '{kind}' model; expected {expected}")
+        kind = _model_type(path, local_files_only, expected, CLIP_TYPES)
         processor = _processor(path, local_files_only)
         if kind == "clip_vision_model":  # an image encoder alone (IP-Adapter ships these): CLIP-I only
             return cls(_load(CLIPVisionModelWithProjection, path, local_files_only, "CLIP vision"), processor,
@@ -241,9 +242,7 @@ class DinoEmbedder(_Embedder):
 
         path = os.fspath(path)
         expected = "a DINO model (model_type 'vit' such as facebook/dino-vits16, or 'dinov2')"
-        kind = _model_type(path, local_files_only, expected)
-        if kind not in DINO_TYPES:
-            raise UserInputError(f"{path}: holds a '{kind}' model; expected {expected}")
+        kind = _model_type(path, local_files_only, expected, DINO_TYPES)
         if kind == "vit":  # no pooler: untrained in DINO checkpoints, and we never read it
             model = _load(ViTModel, path, local_files_only, "DINO ViT", add_pooling_layer=False)
         else:

@@ -18,10 +18,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lorafuse.errors import UserInputError
 from lorafuse.fusion.registry import FusionConfig, FusionMethod, FusionPlan, register
-from lorafuse.fusion.switch import official_weights, unet_variants
-from lorafuse.fusion.variants import BASE, MECHANISMS, LayerVariants
+from lorafuse.fusion.switch import check_switching, record_switching, unet_variants
+from lorafuse.fusion.variants import BASE, LayerVariants
 from lorafuse.guidance.cfg import ClassifierFreeGuidance, CompositeGuidance
 from lorafuse.lora.state import LoraState
 
@@ -35,10 +34,7 @@ class CompositeConfig(FusionConfig):
 
     def validate(self, method: str) -> None:
         super().validate(method)
-        if not isinstance(self.official, bool):
-            raise UserInputError(f"{method}: option official={self.official!r} must be true or false")
-        if self.mechanism not in MECHANISMS:
-            raise UserInputError(f"{method}: option mechanism={self.mechanism!r} must be 'auto', 'swap', 'adapter' or 'inplace'")
+        check_switching(method, self.official, self.mechanism)
 
 
 def only(variants: LayerVariants, variant: int) -> Callable[[], contextlib.AbstractContextManager[None]]:
@@ -64,13 +60,7 @@ class Composite(FusionMethod):
 
     def _build(self, plan: FusionPlan, pipe: Any, content: LoraState, style: LoraState, config: CompositeConfig
                ) -> None:  # fmt: skip
-        plan.record.update({
-            "order": ["content", "style"], "mechanism": config.mechanism,
-            "content_weight": config.content_weight, "style_weight": config.style_weight,
-            "official": config.official,
-        })  # fmt: skip
-        if config.official:
-            config = official_weights(config)
+        config = record_switching(plan, config)
         variants = unet_variants(pipe, content, style, config, ADAPTER_NAMES, plan.record, plan.undo)
         contexts = [only(variants, 0), only(variants, 1)]
         plan.guidance = lambda scale: CompositeGuidance(ClassifierFreeGuidance(scale), contexts)

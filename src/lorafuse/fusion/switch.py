@@ -47,14 +47,29 @@ class SwitchConfig(FusionConfig):
 
     def validate(self, method: str) -> None:
         super().validate(method)
-        if not isinstance(self.official, bool):
-            raise UserInputError(f"{method}: option official={self.official!r} must be true or false")
+        check_switching(method, self.official, self.mechanism)
         if isinstance(self.tau, bool) or not isinstance(self.tau, int) or self.tau < 1:
             raise UserInputError(
                 f"{method}: option tau={self.tau!r} must be an integer >= 1 (steps per LoRA)"
             )
-        if self.mechanism not in MECHANISMS:
-            raise UserInputError(f"{method}: option mechanism={self.mechanism!r} must be 'auto', 'swap', 'adapter' or 'inplace'")
+
+
+def check_switching(method: str, official: object, mechanism: object) -> None:
+    """The options Switch and Composite share: `official` true or false, `mechanism` one of MECHANISMS."""
+    if not isinstance(official, bool):
+        raise UserInputError(f"{method}: option official={official!r} must be true or false")
+    if mechanism not in MECHANISMS:
+        raise UserInputError(f"{method}: option mechanism={mechanism!r} must be 'auto', 'swap', 'adapter' or 'inplace'")
+
+
+def record_switching(plan: FusionPlan, config: Any, **first: Any) -> Any:
+    """Records `first`, then the options Switch and Composite share; returns the config the LoRAs are applied
+    with (the official code's weights when `official`)."""
+    plan.record.update({
+        **first, "order": ["content", "style"], "mechanism": config.mechanism,
+        "content_weight": config.content_weight, "style_weight": config.style_weight, "official": config.official,
+    })  # fmt: skip
+    return official_weights(config) if config.official else config
 
 
 class SwitchHook:
@@ -111,13 +126,7 @@ class Switch(FusionMethod):
     summary = "LoRA Switch: one LoRA active at a time, rotating every tau steps"
 
     def _build(self, plan: FusionPlan, pipe: Any, content: LoraState, style: LoraState, config: SwitchConfig) -> None:
-        plan.record.update({
-            "tau": config.tau, "order": ["content", "style"], "mechanism": config.mechanism,
-            "content_weight": config.content_weight, "style_weight": config.style_weight,
-            "official": config.official,
-        })  # fmt: skip
-        if config.official:
-            config = official_weights(config)
+        config = record_switching(plan, config, tau=config.tau)
         variants = unet_variants(pipe, content, style, config, ADAPTER_NAMES, plan.record, plan.undo,
                                  text_style_weight=0.0 if config.official else None)  # fmt: skip
         plan.hooks.append(SwitchHook(variants, config.tau, 2, plan.record, official=config.official))

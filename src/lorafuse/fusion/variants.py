@@ -88,8 +88,10 @@ def _fused_weight(ref: ModuleRef, w0: torch.Tensor, lora: LoraModule, weight: fl
     return new
 
 
-class FusedSwap(LayerVariants):
-    """Mechanism "swap": precomputed `W + w_v ΔW_v` per layer and variant, switched by pointer assignment."""
+class _WeightVariants(LayerVariants):
+    """The mechanisms that put each variant into the layer's own weight ("swap", "inplace"): per layer, the
+    parameter, its original tensor (`_keep`) and one entry per variant (`_variant`, or `_no_update` where the
+    variant leaves the layer as it is)."""
 
     def __init__(
         self,
@@ -100,32 +102,52 @@ class FusedSwap(LayerVariants):
         scaled: bool = True,
     ) -> None:
         super().__init__(layers)
+        self._scaled = scaled
         self._params: list[torch.nn.Parameter] = []
         self._originals: list[torch.Tensor] = []
-        self._fused: list[list[torch.Tensor]] = []
+        self._variants: list[list] = []
         for ref in self.layers:
             param = _base_weight(pipe, ref)
             w0 = param.data
-            fused = []
+            entries = []
             for modules, weight in sources:
                 lora = modules.get(ref)
-                if lora is None or weight == 0:
-                    fused.append(w0)  # the same tensor: a variant without an update is the base, exactly
-                    continue
-                fused.append(_fused_weight(ref, w0, lora, weight, scaled))
+                entries.append(self._no_update(w0) if lora is None or weight == 0 else self._variant(ref, w0, lora, weight))
             self._params.append(param)
-            self._originals.append(w0)
-            self._fused.append(fused)
+            self._originals.append(self._keep(w0))
+            self._variants.append(entries)
+
+    @abstractmethod
+    def _variant(self, ref: ModuleRef, w0: torch.Tensor, lora: LoraModule, weight: float) -> object: ...
+
+    @abstractmethod
+    def _no_update(self, w0: torch.Tensor) -> object: ...
+
+    @abstractmethod
+    def _keep(self, w0: torch.Tensor) -> torch.Tensor: ...
+
+
+class FusedSwap(_WeightVariants):
+    """Mechanism "swap": precomputed `W + w_v ΔW_v` per layer and variant, switched by pointer assignment."""
+
+    def _variant(self, ref: ModuleRef, w0: torch.Tensor, lora: LoraModule, weight: float) -> torch.Tensor:
+        return _fused_weight(ref, w0, lora, weight, self._scaled)
+
+    def _no_update(self, w0: torch.Tensor) -> torch.Tensor:
+        return w0  # the same tensor: a variant without an update is the base, exactly
+
+    def _keep(self, w0: torch.Tensor) -> torch.Tensor:
+        return w0
 
     def _apply(self, index: int, variant: int) -> None:
-        tensors = self._fused[index]
+        tensors = self._variants[index]
         self._params[index].data = self._originals[index] if variant == BASE else tensors[variant]
 
     def close(self) -> None:
         for param, original in zip(self._params, self._originals, strict=True):
             param.data = original
         self.current = [BASE] * len(self.layers)
-        self._fused = [[] for _ in self._fused]
+        self._variants = [[] for _ in self._variants]
 
 
 class AdapterSwitch(LayerVariants):
@@ -177,37 +199,20 @@ class AdapterSwitch(LayerVariants):
         self.current = [BASE] * len(self.layers)
 
 
-class InPlaceSwitch(LayerVariants):
+class InPlaceSwitch(_WeightVariants):
     """Mechanism "inplace": `W.copy_(W0 + w_v ΔW_v)` in the layer's own tensor; W0 kept on the CPU."""
 
-    def __init__(
-        self,
-        pipe: object,
-        layers: Sequence[ModuleRef],
-        sources: Sequence[tuple[dict[ModuleRef, LoraModule], float]],
-        *,
-        scaled: bool = True,
-    ) -> None:
-        super().__init__(layers)
-        self._scaled = scaled
-        self._params: list[torch.nn.Parameter] = []
-        self._originals: list[torch.Tensor] = []
-        self._loras: list[list[tuple[LoraModule | None, float]]] = []
-        for ref in self.layers:
-            param = _base_weight(pipe, ref)
-            w0 = param.data
-            variants = []
-            for modules, weight in sources:
-                lora = modules.get(ref)
-                if lora is None or weight == 0:
-                    variants.append((None, 0.0))
-                    continue
-                lora = _on(lora, w0.device)  # the factors (r (in + out) numbers) live on the device
-                _fused_weight(ref, w0, lora, weight, scaled)  # checked once here, applied per switch later
-                variants.append((lora, weight))
-            self._params.append(param)
-            self._originals.append(w0.detach().to("cpu", copy=True))
-            self._loras.append(variants)
+    def _variant(self, ref: ModuleRef, w0: torch.Tensor, lora: LoraModule, weight: float
+                 ) -> tuple[LoraModule, float]:  # fmt: skip
+        lora = _on(lora, w0.device)  # the factors (r (in + out) numbers) live on the device
+        _fused_weight(ref, w0, lora, weight, self._scaled)  # checked once here, applied per switch later
+        return lora, weight
+
+    def _no_update(self, w0: torch.Tensor) -> tuple[None, float]:
+        return None, 0.0
+
+    def _keep(self, w0: torch.Tensor) -> torch.Tensor:
+        return w0.detach().to("cpu", copy=True)
 
     def _apply(self, index: int, variant: int) -> None:
         w = self._params[index].data
@@ -215,7 +220,7 @@ class InPlaceSwitch(LayerVariants):
             w.copy_(self._originals[index])  # back to W0 exactly before another variant
         if variant == BASE:
             return
-        lora, weight = self._loras[index][variant]
+        lora, weight = self._variants[index][variant]
         if lora is not None:
             # the same expression as FusedSwap (and lora.merge.fuse_into): equal weights, bit for bit
             w.copy_((w.float() + weight * raw_delta(lora, tuple(w.shape), self._scaled)).to(w.dtype))

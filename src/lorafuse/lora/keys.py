@@ -147,21 +147,14 @@ _SGM_RE = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.(\d+)(?:\.(.+))?$")
 _SGM_MID_RE = re.compile(r"^middle_block\.(\d+)(?:\.(.+))?$")
 
 
-def _resnet_rest_to_sgm(rest: str | None) -> str | None:
+def _resnet_rest(rest: str | None, table: dict[str, str]) -> str | None:
+    """A resnet's inner path renamed by `table` (_RESNET_TO_SGM or _RESNET_FROM_SGM), with its leading dot; ""
+    for the resnet itself; None when no entry names it."""
     if rest is None:
         return ""
-    for name, sgm in _RESNET_TO_SGM.items():
-        if rest == name or rest.startswith(name + "."):
-            return "." + sgm + rest[len(name) :]
-    return None
-
-
-def _resnet_rest_from_sgm(rest: str | None) -> str | None:
-    if rest is None:
-        return ""
-    for sgm, name in _RESNET_FROM_SGM.items():
-        if rest == sgm or rest.startswith(sgm + "."):
-            return "." + name + rest[len(sgm) :]
+    for old, new in table.items():
+        if rest == old or rest.startswith(old + "."):
+            return "." + new + rest[len(old) :]
     return None
 
 
@@ -178,7 +171,7 @@ def unet_to_sgm(path: str, layout: UnetLayout) -> str | None:
         if head is None:
             return None
         if kind == "resnets":
-            tail = _resnet_rest_to_sgm(rest)
+            tail = _resnet_rest(rest, _RESNET_TO_SGM)
             return None if tail is None else head + tail
         return head + ("." + rest if rest else "")
     m = _BLOCK_RE.match(path)
@@ -201,7 +194,7 @@ def unet_to_sgm(path: str, layout: UnetLayout) -> str | None:
             return f"output_blocks.{b * n + layout.layers_per_block}.{slot}.conv"
         head = f"output_blocks.{b * n + j}"
     if kind == "resnets":
-        tail = _resnet_rest_to_sgm(rest)
+        tail = _resnet_rest(rest, _RESNET_TO_SGM)
         return None if tail is None else f"{head}.0{tail}"
     return f"{head}.1" + ("." + rest if rest else "")
 
@@ -220,7 +213,7 @@ def sgm_to_unet(path: str, layout: UnetLayout) -> str | None:
         if head is None:
             return None
         if head.startswith("resnets"):
-            tail = _resnet_rest_from_sgm(rest)
+            tail = _resnet_rest(rest, _RESNET_FROM_SGM)
             return None if tail is None else f"mid_block.{head}{tail}"
         return f"mid_block.{head}" + ("." + rest if rest else "")
     m = _SGM_RE.match(path)
@@ -241,7 +234,7 @@ def sgm_to_unet(path: str, layout: UnetLayout) -> str | None:
             return f"up_blocks.{b}.upsamplers.0.conv" if j == L else None
         kind_head = f"up_blocks.{b}"
     if slot == 0:
-        tail = _resnet_rest_from_sgm(rest)
+        tail = _resnet_rest(rest, _RESNET_FROM_SGM)
         return None if tail is None else f"{kind_head}.resnets.{j}{tail}"
     if slot == 1:
         return f"{kind_head}.attentions.{j}" + ("." + rest if rest else "")

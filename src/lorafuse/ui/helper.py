@@ -33,16 +33,9 @@ class HelperDied(UserInputError):
 
 def _serve(conn) -> None:
     """The helper's loop: (fn, args) in, ("ok", result) or ("error", exception or traceback text) out."""
-    import importlib
+    from lorafuse.cli.main import warm_up
 
-    from lorafuse.cli.main import quiet_libraries
-
-    quiet_libraries()
-    for name in WARM:
-        try:
-            importlib.import_module(name)
-        except ImportError:  # an optional piece missing: the call that needs it reports it
-            pass
+    warm_up(WARM)
     while True:
         try:
             fn, args = conn.recv()

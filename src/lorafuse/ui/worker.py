@@ -11,7 +11,6 @@ Where fork is missing, each job is a fresh `python -m lorafuse.ui.runner` proces
 from __future__ import annotations
 
 import fcntl
-import importlib
 import json
 import os
 import subprocess
@@ -39,7 +38,9 @@ def run(root: Path) -> int:
         return 0
     forking = hasattr(os, "fork") and os.environ.get("LORAFUSE_UI_FORK", "1") != "0"
     if forking:
-        _warm()
+        from lorafuse.cli.main import warm_up
+
+        warm_up(WARM)
     idle_since = time.monotonic()
     while time.monotonic() - idle_since < IDLE_EXIT_S:
         views = store.views()
@@ -56,17 +57,6 @@ def run(root: Path) -> int:
         print(f"{time.strftime('%H:%M:%S')} ended {job.id}: {code}", flush=True)
         idle_since = time.monotonic()
     return 0
-
-
-def _warm() -> None:
-    from lorafuse.cli.main import quiet_libraries
-
-    quiet_libraries()
-    for name in WARM:
-        try:
-            importlib.import_module(name)
-        except ImportError:  # an optional part missing: the job that needs it reports it
-            pass
 
 
 def _spawn_job(root: Path, store: JobStore, job: Job) -> int:

@@ -36,9 +36,21 @@ def _save_png(img: np.ndarray, path: Path) -> None:
         Image.fromarray(img).save(tmp, format="PNG")
 
 
-def _check_out(out: Path) -> None:
+def _new_output(out: str | Path, n: int) -> Path:
+    """The output folder, once `n` and the folder are checked (it must be new or empty)."""
+    if n < 1:
+        raise UserInputError(f"--n must be at least 1, got {n}")
+    out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserInputError(f"{out}: output folder exists and is not empty; choose a new folder")
+    return out
+
+
+def _write_images(folder: Path, items: list[tuple[Individual, str, str]], seed: int) -> None:
+    """(individual, style, caption) k -> k.png, rendered with the stream [seed, k], and k.txt."""
+    for k, (ind, style, text) in enumerate(items):
+        _save_png(render(ind, style, np.random.default_rng([seed, k])), folder / f"{k:03d}.png")
+        atomic_write_text(folder / f"{k:03d}.txt", text)
 
 
 def write_subject_dataset(name: str, out: str | Path, n: int = 5, repeats: int = 10, trigger: str = DEFAULT_TRIGGER,
@@ -47,15 +59,10 @@ def write_subject_dataset(name: str, out: str | Path, n: int = 5, repeats: int =
     ind = parse_individual(name)
     for s in styles:
         check_style(s)
-    if n < 1:
-        raise UserInputError(f"--n must be at least 1, got {n}")
-    out = Path(out)
-    _check_out(out)
+    out = _new_output(out, n)
     folder = out / f"{repeats}_{trigger} {ind.cls}"
-    for k in range(n):
-        style = styles[k % len(styles)]
-        _save_png(render(ind, style, np.random.default_rng([seed, k])), folder / f"{k:03d}.png")
-        atomic_write_text(folder / f"{k:03d}.txt", caption(ind, style, k, subject=f"{trigger} {ind.cls}"))
+    subject, per_image = f"{trigger} {ind.cls}", [styles[k % len(styles)] for k in range(n)]
+    _write_images(folder, [(ind, st, caption(ind, st, k, subject=subject)) for k, st in enumerate(per_image)], seed)
     _write_references(out, ind=ind, style=None, seed=seed)
     _write_info(out, {"kind": "subject", "individual": ind.name, "class": ind.cls, "trigger": trigger,
                       "styles": list(styles), "n": n, "repeats": repeats, "seed": seed})
@@ -66,17 +73,13 @@ def write_style_dataset(style: str, out: str | Path, n: int = 1, repeats: int = 
                         seed: int = 0) -> Path:
     """n images in `style` of different seen individuals; captions 'a photo of a red mug, in sks style'."""
     check_style(style)
-    if n < 1:
-        raise UserInputError(f"--n must be at least 1, got {n}")
-    out = Path(out)
-    _check_out(out)
+    out = _new_output(out, n)
     folder = out / f"{repeats}_{trigger} style"
     rng = np.random.default_rng(seed)
     seen = all_individuals(held_out=False)
     picks = [seen[int(i)] for i in rng.choice(len(seen), size=n, replace=False)]
-    for k, ind in enumerate(picks):
-        _save_png(render(ind, style, np.random.default_rng([seed, k])), folder / f"{k:03d}.png")
-        atomic_write_text(folder / f"{k:03d}.txt", f"a photo of a {ind.colour_names[0]} {ind.cls}, in {trigger} style")
+    _write_images(folder, [(ind, style, f"a photo of a {ind.colour_names[0]} {ind.cls}, in {trigger} style")
+                           for ind in picks], seed)  # fmt: skip
     _write_references(out, ind=None, style=style, seed=seed)
     _write_info(out, {"kind": "style", "style": style, "phrase": style_phrase(style), "trigger": trigger,
                       "individuals": [p.name for p in picks], "n": n, "repeats": repeats, "seed": seed})

@@ -38,15 +38,31 @@ class ModelConfig:
     # the frozen denoiser's Linear weights stored in 8 bits while the LoRA trains: none, int8 (torchao, any
     # device), fp8 (CUDA with float8 support; kohya's fp8_base). Saves ~3/4 of those weights' memory
     quantize_base: str = "none"
+    # FLUX.1 as kohya's flux_train_network.py / ComfyUI keep it: pretrained_model_name_or_path the transformer
+    # file (BFL names, fp8 / fp16 / bf16), and beside it the VAE (ae.safetensors), CLIP-L and T5-XXL files
+    ae: str | None = None
+    clip_l: str | None = None
+    t5xxl: str | None = None
+    # for those files: a diffusers FLUX.1 folder or Hugging Face cache id whose tokenizer/ and tokenizer_2/ (and
+    # component configs, if it has them) are used; None: openai/clip-vit-large-patch14 and google/t5-v1_1-xxl's
+    # tokenizers from the local cache. Nothing downloads
+    tokenizers: str | None = None
 
     def __post_init__(self) -> None:
         if not self.pretrained_model_name_or_path:
             raise _bad("pretrained_model_name_or_path", "must not be empty")
+        if self.tokenizers is not None and not self.part_files:
+            raise _bad("tokenizers", "completes the separate files ae / clip_l / t5xxl, and none is set")
         if self.quantize_base not in ("none", "int8", "fp8"):
             raise _bad("quantize_base", f"must be none, int8 or fp8, got {self.quantize_base!r}")
         if self.clip_skip < 1:
             raise _bad("clip_skip", f"must be >= 1 (kohya numbering, 1 = last layer), got {self.clip_skip}")
         _positive(self, "guidance_scale")
+
+    @property
+    def part_files(self) -> dict[str, str]:
+        """The separate component files given, by option name (`models.load.load_base_pipeline`'s parts)."""
+        return {k: v for k in ("ae", "clip_l", "t5xxl") if (v := getattr(self, k)) is not None}
 
     @property
     def diffusers_clip_skip(self) -> int | None:

@@ -178,7 +178,9 @@ def prepare(cfg: TrainConfig, progress_bar: bool = True) -> Run:
 def _load_base(run: Run) -> None:
     """2. The base model on the device, in the compute dtype, and the objective its family names."""
     cfg, accelerator = run.cfg, run.accelerator
-    run.pipe = pipe = load_base_pipeline(cfg.model.pretrained_model_name_or_path)
+    run.pipe = pipe = load_base_pipeline(
+        cfg.model.pretrained_model_name_or_path, parts=cfg.model.part_files, tokenizers=cfg.model.tokenizers
+    )
     run.family = family = family_of(pipe)
     run.arch = family.name
     run.denoiser, run.vae = family.denoiser(pipe), pipe.vae

@@ -67,16 +67,7 @@ def load_flux_parts(
         ff.check_kind(paths[option], option, shapes[option], kind)
     # 2. the configs, and each model built empty and checked against its converted file
     folder = _resolve_folder(tokenizers)
-    builders = _builders(folder, paths[BASE_OPTION])
-    models, converters = {}, {}
-    for option, (_, component) in PARTS.items():
-        models[component], converters[component] = builders[component](_meta(shapes[option]))
-        got = {k: tuple(v.shape) for k, v in converters[component](_meta(shapes[option])).items()}
-        want = {k: tuple(v.shape) for k, v in models[component].state_dict().items()}
-        given = folder is not None and (folder / component / "config.json").is_file()
-        source = f"{folder / component / 'config.json'}" if given else f"FLUX.1's released {component} config"
-        hint = _HINT.format(source=source, sub=component)
-        ff.check_fits(paths[option], option, got, want, f"the {component} model", hint)
+    models, converters = empty_models(paths, shapes, folder)
     # 3. the tokenizers (local files only), before the weights are read
     tokenizer, tokenizer_2 = _tokenizers(folder, tokenizers)
     # 4. the weights, cast to dtype
@@ -92,6 +83,24 @@ def load_flux_parts(
         tokenizer_2=tokenizer_2,
         **models,
     )
+
+
+def empty_models(
+    paths: Mapping[str, Path], shapes: Mapping[str, Mapping[str, tuple[int, ...]]], folder: Path | None
+) -> tuple[dict[str, nn.Module], dict[str, Convert]]:
+    """{component: its model with empty weights}, {component: its file's key converter}, each file's converted
+    header checked against its model (`shapes`: option -> {key: shape}, `read_shapes`)."""
+    builders = _builders(folder, paths[BASE_OPTION])
+    models, converters = {}, {}
+    for option, (_, component) in PARTS.items():
+        models[component], converters[component] = builders[component](_meta(shapes[option]))
+        got = {k: tuple(v.shape) for k, v in converters[component](_meta(shapes[option])).items()}
+        want = {k: tuple(v.shape) for k, v in models[component].state_dict().items()}
+        given = folder is not None and (folder / component / "config.json").is_file()
+        source = f"{folder / component / 'config.json'}" if given else f"FLUX.1's released {component} config"
+        hint = _HINT.format(source=source, sub=component)
+        ff.check_fits(paths[option], option, got, want, f"the {component} model", hint)
+    return models, converters
 
 
 def _meta(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:

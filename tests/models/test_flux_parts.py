@@ -185,6 +185,8 @@ def test_sizes_the_configs_do_not_describe(files, tmp_path):
 
 
 def test_tokenizers_not_available_offline(files, monkeypatch):
+    import shutil
+
     monkeypatch.setattr(flux_parts, "DEFAULT_TOKENIZERS", ("nobody/no-clip", "nobody/no-t5"))
     monkeypatch.setattr(flux_parts, "_config", lambda folder, sub: flux_parts.json.loads(
         (files["tokenizers"] / sub / "config.json").read_text()))  # fmt: skip
@@ -192,6 +194,10 @@ def test_tokenizers_not_available_offline(files, monkeypatch):
         UserInputError, match=r"tokenizers are not available offline: missing nobody/no-clip .*nobody/no-t5"
     ):
         _load(files, tokenizers=None)
+    folder = files["tokenizers"]
+    shutil.rmtree(folder / "tokenizer_2")  # a FLUX.1 folder without T5's tokenizer
+    with pytest.raises(UserInputError, match=r"missing .*tokenizer_2 \(no tokenizer\.json / spiece\.model\)"):
+        _load(files)
 
 
 def test_real_size_files_fit_the_released_configs():
@@ -221,3 +227,37 @@ def test_real_size_files_fit_the_released_configs():
     models, _ = flux_parts.empty_models(paths, shapes, None)
     config = models["transformer"].config
     assert {k: config[k] for k in TRANSFORMER} == TRANSFORMER
+
+
+def _cached(cache: Path, repo: str) -> Path:
+    """The snapshot folder of `repo` in a Hugging Face cache laid out as huggingface_hub writes it."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    return folder / "snapshots" / ("0" * 40)
+
+
+def test_tokenizers_from_the_local_cache(original, files, tmp_path, monkeypatch):
+    """Default: the hub ids' tokenizers from the cache (only their tokenizer files there); or a FLUX.1 repo id
+    whose cached snapshot holds tokenizer/, tokenizer_2/ and the configs. Nothing is fetched."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    clip_id, t5_id = flux_parts.DEFAULT_TOKENIZERS
+    original.tokenizer.save_pretrained(_cached(tmp_path / "hub", clip_id))
+    original.tokenizer_2.save_pretrained(_cached(tmp_path / "hub", t5_id))
+    monkeypatch.setattr(flux_parts, "_config", lambda folder, sub: flux_parts.json.loads(
+        (files["tokenizers"] / sub / "config.json").read_text()))  # fmt: skip
+    pipe = _load(files, tokenizers=None)
+    assert pipe.tokenizer("a red robot").input_ids == original.tokenizer("a red robot").input_ids
+    monkeypatch.undo()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    shutil.copytree(files["tokenizers"], _cached(tmp_path / "hub", "someone/flux-tiny"))
+    assert torch.equal(_latents(_load(files, tokenizers="someone/flux-tiny")), _latents(original))
+    with pytest.raises(
+        UserInputError, match="model.tokenizers = someone/absent: no such folder, and not in the local"
+    ):
+        _load(files, tokenizers="someone/absent")

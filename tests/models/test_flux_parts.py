@@ -108,6 +108,18 @@ def test_comfyui_prefixes_and_t5_variants():
     assert list(clip) == ["text_model.final_layer_norm.weight"]
     bfl = {"model.diffusion_model.img_in.weight": torch.ones(4, 2), "model.diffusion_model.img_in.bias": w}
     assert set(flux_files.transformer_to_diffusers(bfl)) == {"x_embedder.weight", "x_embedder.bias"}
+    diffusers_names = {"x_embedder.weight": w}  # a transformer saved with diffusers' names loads as it is
+    assert flux_files.transformer_to_diffusers(diffusers_names) == diffusers_names
+
+
+def test_tokenizers_option_needs_part_files():
+    from lorafuse.errors import ConfigError
+    from lorafuse.train.config import ModelConfig
+
+    with pytest.raises(ConfigError, match="tokenizers: completes the separate files"):
+        ModelConfig("flux-tiny", tokenizers="/models/FLUX.1-dev")
+    model = ModelConfig("flux1-dev.safetensors", ae="ae.safetensors", tokenizers="/models/FLUX.1-dev")
+    assert model.part_files == {"ae": "ae.safetensors"}
 
 
 # --- bad input: one error naming the file and the problem, before any weight is read ---------------------
@@ -173,6 +185,8 @@ def test_sizes_the_configs_do_not_describe(files, tmp_path):
 
 
 def test_tokenizers_not_available_offline(files, monkeypatch):
+    import shutil
+
     monkeypatch.setattr(flux_parts, "DEFAULT_TOKENIZERS", ("nobody/no-clip", "nobody/no-t5"))
     monkeypatch.setattr(flux_parts, "_config", lambda folder, sub: flux_parts.json.loads(
         (files["tokenizers"] / sub / "config.json").read_text()))  # fmt: skip
@@ -180,3 +194,70 @@ def test_tokenizers_not_available_offline(files, monkeypatch):
         UserInputError, match=r"tokenizers are not available offline: missing nobody/no-clip .*nobody/no-t5"
     ):
         _load(files, tokenizers=None)
+    folder = files["tokenizers"]
+    shutil.rmtree(folder / "tokenizer_2")  # a FLUX.1 folder without T5's tokenizer
+    with pytest.raises(UserInputError, match=r"missing .*tokenizer_2 \(no tokenizer\.json / spiece\.model\)"):
+        _load(files)
+
+
+def test_real_size_files_fit_the_released_configs():
+    """Headers shaped like the released files (flux1-dev, ae, clip_l, t5xxl: built on the meta device, nothing
+    read) pass every check with FLUX.1's own configs, and the transformer's keys give back its config."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from tests.flux_disk import vae_to_ldm
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from lorafuse.families.flux import T5_XXL, TRANSFORMER, VAE
+    from lorafuse.families.sd15 import CLIP_L
+
+    with init_empty_weights():
+        flux = FluxTransformer2DModel(**TRANSFORMER)
+        vae = AutoencoderKL(**VAE)
+        clip = CLIPTextModel(CLIPTextConfig(**CLIP_L))
+        t5 = T5EncoderModel(T5Config(**T5_XXL))
+    headers = {
+        "pretrained_model_name_or_path": transformer_to_bfl(flux.state_dict(), 19, 38),
+        "ae": vae_to_ldm(vae.state_dict(), 4),
+        "clip_l": {f"text_model.{k.removeprefix('text_model.')}": v for k, v in clip.state_dict().items()},
+        "t5xxl": {k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"},
+    }
+    shapes = {option: {k: tuple(v.shape) for k, v in sd.items()} for option, sd in headers.items()}
+    paths = {option: Path(f"{option}.safetensors") for option in shapes}
+    models, _ = flux_parts.empty_models(paths, shapes, None)
+    config = models["transformer"].config
+    assert {k: config[k] for k in TRANSFORMER} == TRANSFORMER
+
+
+def _cached(cache: Path, repo: str) -> Path:
+    """The snapshot folder of `repo` in a Hugging Face cache laid out as huggingface_hub writes it."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    return folder / "snapshots" / ("0" * 40)
+
+
+def test_tokenizers_from_the_local_cache(original, files, tmp_path, monkeypatch):
+    """Default: the hub ids' tokenizers from the cache (only their tokenizer files there); or a FLUX.1 repo id
+    whose cached snapshot holds tokenizer/, tokenizer_2/ and the configs. Nothing is fetched."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    clip_id, t5_id = flux_parts.DEFAULT_TOKENIZERS
+    original.tokenizer.save_pretrained(_cached(tmp_path / "hub", clip_id))
+    original.tokenizer_2.save_pretrained(_cached(tmp_path / "hub", t5_id))
+    monkeypatch.setattr(flux_parts, "_config", lambda folder, sub: flux_parts.json.loads(
+        (files["tokenizers"] / sub / "config.json").read_text()))  # fmt: skip
+    pipe = _load(files, tokenizers=None)
+    assert pipe.tokenizer("a red robot").input_ids == original.tokenizer("a red robot").input_ids
+    monkeypatch.undo()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    shutil.copytree(files["tokenizers"], _cached(tmp_path / "hub", "someone/flux-tiny"))
+    assert torch.equal(_latents(_load(files, tokenizers="someone/flux-tiny")), _latents(original))
+    with pytest.raises(
+        UserInputError, match="model.tokenizers = someone/absent: no such folder, and not in the local"
+    ):
+        _load(files, tokenizers="someone/absent")

@@ -67,16 +67,7 @@ def load_flux_parts(
         ff.check_kind(paths[option], option, shapes[option], kind)
     # 2. the configs, and each model built empty and checked against its converted file
     folder = _resolve_folder(tokenizers)
-    builders = _builders(folder, paths[BASE_OPTION])
-    models, converters = {}, {}
-    for option, (_, component) in PARTS.items():
-        models[component], converters[component] = builders[component](_meta(shapes[option]))
-        got = {k: tuple(v.shape) for k, v in converters[component](_meta(shapes[option])).items()}
-        want = {k: tuple(v.shape) for k, v in models[component].state_dict().items()}
-        given = folder is not None and (folder / component / "config.json").is_file()
-        source = f"{folder / component / 'config.json'}" if given else f"FLUX.1's released {component} config"
-        hint = _HINT.format(source=source, sub=component)
-        ff.check_fits(paths[option], option, got, want, f"the {component} model", hint)
+    models, converters = empty_models(paths, shapes, folder)
     # 3. the tokenizers (local files only), before the weights are read
     tokenizer, tokenizer_2 = _tokenizers(folder, tokenizers)
     # 4. the weights, cast to dtype
@@ -92,6 +83,24 @@ def load_flux_parts(
         tokenizer_2=tokenizer_2,
         **models,
     )
+
+
+def empty_models(
+    paths: Mapping[str, Path], shapes: Mapping[str, Mapping[str, tuple[int, ...]]], folder: Path | None
+) -> tuple[dict[str, nn.Module], dict[str, Convert]]:
+    """{component: its model with empty weights}, {component: its file's key converter}, each file's converted
+    header checked against its model (`shapes`: option -> {key: shape}, `read_shapes`)."""
+    builders = _builders(folder, paths[BASE_OPTION])
+    models, converters = {}, {}
+    for option, (_, component) in PARTS.items():
+        models[component], converters[component] = builders[component](_meta(shapes[option]))
+        got = {k: tuple(v.shape) for k, v in converters[component](_meta(shapes[option])).items()}
+        want = {k: tuple(v.shape) for k, v in models[component].state_dict().items()}
+        given = folder is not None and (folder / component / "config.json").is_file()
+        source = f"{folder / component / 'config.json'}" if given else f"FLUX.1's released {component} config"
+        hint = _HINT.format(source=source, sub=component)
+        ff.check_fits(paths[option], option, got, want, f"the {component} model", hint)
+    return models, converters
 
 
 def _meta(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
@@ -164,35 +173,52 @@ def _resolve_folder(source: str | None) -> Path | None:
     if source is None:
         return None
     path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
-        from huggingface_hub import snapshot_download
+    is_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
+    folder = _local_snapshot(path if path.is_dir() or not is_id else source)
+    if folder is None:
+        raise UserInputError(
+            f"model.tokenizers = {source}: no such folder"
+            + (", and not in the local Hugging Face cache (lorafuse never downloads)" if is_id else "")
+        )
+    return folder
 
-        try:
-            return Path(snapshot_download(source, local_files_only=True))
-        except Exception as e:  # hub errors come in many types; all mean "not in the local cache"
-            raise UserInputError(
-                f"model.tokenizers = {source}: no such folder, and not in the local Hugging Face cache (lorafuse "
-                f"never downloads): {e}"
-            ) from e
-    raise UserInputError(
-        f"model.tokenizers = {source}: no such folder (a diffusers FLUX.1 folder or a cache id)"
-    )
+
+_TOKENIZER_FILES = (("tokenizer.json", "vocab.json"), ("tokenizer.json", "spiece.model"))  # CLIP, T5: any of
+
+
+def _local_snapshot(name: str | Path) -> Path | None:
+    """A folder as is; a Hugging Face repo id as its snapshot in the local cache; None if neither."""
+    if Path(name).is_dir():
+        return Path(name)
+    if isinstance(name, Path):
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # hub errors come in many types; all mean "not in the local cache"
+        return None
 
 
 def _tokenizers(folder: Path | None, source: str | None) -> tuple[Any, Any]:
     """CLIP-L's and T5's tokenizers: from the folder's tokenizer/ and tokenizer_2/, else the hub ids' cached
     copies; one error naming everything missing."""
-    from transformers import AutoTokenizer
+    from transformers import CLIPTokenizer, T5TokenizerFast
 
+    # FluxPipeline's own classes (AutoTokenizer would also need the model's config.json, which a copy of only the
+    # tokenizer files lacks), from a folder checked first: transformers 5 builds an empty tokenizer, silently,
+    # when the files are not there
     where = [folder / "tokenizer", folder / "tokenizer_2"] if folder else list(DEFAULT_TOKENIZERS)
     found, missing = [], []
-    for name in where:
+    for cls, name, files in zip((CLIPTokenizer, T5TokenizerFast), where, _TOKENIZER_FILES, strict=True):
+        path = _local_snapshot(name)
+        if path is None or not any((path / f).is_file() for f in files):
+            missing.append(f"{name} (no {' / '.join(files)})")
+            continue
         try:
-            found.append(AutoTokenizer.from_pretrained(name, local_files_only=True))
-        except Exception as e:  # OSError, ValueError, hub errors: all mean "not available offline"
-            missing.append(f"{name} ({type(e).__name__})")
+            found.append(cls.from_pretrained(path, local_files_only=True))
+        except Exception as e:  # OSError, ValueError: a broken copy
+            missing.append(f"{name} ({type(e).__name__}: {e})")
     if missing:
         fix = (
             f"model.tokenizers = {source} must hold a diffusers FLUX.1 folder's tokenizer/ and tokenizer_2/"

@@ -95,7 +95,7 @@ def test_options_that_fit_names_single_changes_first_then_a_combination(train_ov
     assert [what for what, _ in single] == [
         "training.gradient_checkpointing = true",
         "training.cpu_offload_checkpointing = true (with gradient_checkpointing)",
-    ]
+    ]  # not blocks_to_swap: the world base has no swappable blocks (its estimate refuses the option)
     combined = options_that_fit(cfg, 12 * GB, _fake_estimate)  # needs checkpointing and bf16 (10 GB)
     assert combined == [
         ("training.gradient_checkpointing = true and training.mixed_precision = 'bf16'", 10 * GB)

@@ -196,6 +196,11 @@ class Family:
         h, w = latent_hw
         return self.model_fn(denoiser, height=h * 8, width=w * 8)
 
+    def swap_blocks(self, denoiser: nn.Module) -> tuple[Sequence[nn.Module], Sequence[nn.Module]] | None:
+        """(double-stream, single-stream) blocks that `training.blocks_to_swap` may keep in host memory (kohya's
+        FLUX.1 block swap); None: the family has no such blocks."""
+        return None
+
     def normalize_latents(self, latents: Tensor, vae_config: Mapping[str, Any]) -> Tensor:
         """VAE posterior latents -> the denoiser's latent space: (z - shift_factor) * scaling_factor (no shift for
         SD's VAEs; FLUX's VAE has one)."""

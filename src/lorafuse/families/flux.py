@@ -414,6 +414,10 @@ class Flux(Family):
 
         return call
 
+    def swap_blocks(self, denoiser: nn.Module) -> tuple[Any, Any]:
+        inner = getattr(denoiser, "module", denoiser)
+        return inner.transformer_blocks, inner.single_transformer_blocks
+
     # --- reference architecture --------------------------------------------------------------------------
 
     def reference_lora_targets(self) -> tuple[dict[str, nn.Module], dict[str, tuple[int, ...]]]:

@@ -309,6 +309,9 @@ class TrainingConfig:
     # with gradient_checkpointing, the checkpointed blocks' inputs and the other saved activations wait in host
     # memory instead of on the GPU (kohya's option of that name); gradients unchanged, two copies per block
     cpu_offload_checkpointing: bool = False
+    # FLUX.1: keep this many transformer blocks' frozen weights in host memory, each brought to the GPU only while
+    # it runs (kohya's blocks_to_swap: N // 2 double and 2 (N - N // 2) single blocks); needs gradient_checkpointing
+    blocks_to_swap: int = 0
     # compute dtype of the frozen base: no (float32), fp16, bf16; LoRA weights stay float32
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     # on a CUDA device, stop before loading when the estimated peak memory does not fit (`--estimate`); false
@@ -379,6 +382,14 @@ class TrainingConfig:
             )
         if self.save_model_as != "safetensors":
             raise _bad("save_model_as", f"must be 'safetensors', got {self.save_model_as!r}")
+        if self.blocks_to_swap < 0:
+            raise _bad("blocks_to_swap", f"must be >= 0, got {self.blocks_to_swap}")
+        if self.blocks_to_swap and not self.gradient_checkpointing:
+            raise _bad(
+                "blocks_to_swap",
+                "needs gradient_checkpointing = true: without it the forward pass keeps every block's weights on the "
+                "device for the backward pass, and swapping saves nothing",
+            )
         if self.cpu_offload_checkpointing and not self.gradient_checkpointing:
             raise _bad("cpu_offload_checkpointing", "needs gradient_checkpointing = true (it offloads its checkpoints)")
         if self.sample_every_n_epochs is not None and not self.sample_prompts:

@@ -164,6 +164,21 @@ def _lora(comps: dict[str, nn.Module], cfg: TrainConfig, family: Any) -> Any:
         return create_network(comps, cfg.network, family.name)
 
 
+def _swapped_bytes(cfg: TrainConfig, family: Any, denoiser: nn.Module) -> int:
+    """Weight bytes blocks_to_swap keeps off the device: the swapped blocks' less the largest one, which visits."""
+    n = cfg.training.blocks_to_swap
+    if not n:
+        return 0
+    from lorafuse.train.block_swap import swapped_blocks
+
+    kinds = family.swap_blocks(denoiser)
+    if kinds is None:
+        raise UserInputError(f"training.blocks_to_swap is for FLUX.1's transformer blocks; {family.label} has none")
+    sizes = [_denoiser_bytes(b, _DTYPE[cfg.training.mixed_precision], cfg.model.quantize_base)
+             for b in swapped_blocks(*kinds, n)]  # fmt: skip
+    return sum(sizes) - max(sizes)
+
+
 def _step_shape(cfg: TrainConfig, denoiser: nn.Module, vae: nn.Module):
     """(the probed step's `StepShape`, latent (C, h, w), text conditioning (tokens, width)) of a run."""
     from lorafuse.train.memory_probe import StepShape
@@ -230,7 +245,7 @@ def _estimate(
     if not ds.cache_latents:
         step = max(step, probes.vae(vae, tc.train_batch_size, ds.size[::-1]))
     caches = _cache_bytes(cfg, latent, text, samples)
-    den_bytes = _denoiser_bytes(denoiser, dtype, cfg.model.quantize_base)
+    den_bytes = _denoiser_bytes(denoiser, dtype, cfg.model.quantize_base) - _swapped_bytes(cfg, family, denoiser)
     est = MemoryEstimate(device=device, host_caches=0 if on_cpu else caches)
     est.parts = {
         "weights": den_bytes + (0 if free_te else te_bytes) + (vae_kept if ds.cache_latents else _bytes(vae)),
@@ -260,6 +275,8 @@ _OPTIONS: list[tuple[str, dict[str, dict[str, Any]]]] = [
     ("optimizer.optimizer_type = 'AdamW8bit'", {"optimizer": {"optimizer_type": "AdamW8bit"}}),
     ("training.cpu_offload_checkpointing = true (with gradient_checkpointing)", {"training": {"gradient_checkpointing": True,
                                                                  "cpu_offload_checkpointing": True}}),
+    ("training.blocks_to_swap = 18 (FLUX.1, with gradient_checkpointing)",
+     {"training": {"gradient_checkpointing": True, "blocks_to_swap": 18}}),
     ("training.train_batch_size = 1", {"training": {"train_batch_size": 1}}),
     ("no sample_every_n_epochs (frees the text encoders and the VAE after caching)",
      {"training": {"sample_every_n_epochs": None}}),
@@ -284,19 +301,25 @@ def options_that_fit(cfg: TrainConfig, capacity: int, estimate) -> list[tuple[st
     """Settings that bring the peak under `capacity`: each single change that suffices, else the changes of
     `_OPTIONS` taken in order until it fits. [(what to set, its peak)]; empty when nothing listed fits.
     `estimate(cfg) -> MemoryEstimate` (the caller's, so that the base is built once)."""
+    def estimate_or_none(c: TrainConfig) -> MemoryEstimate | None:
+        try:
+            return estimate(c)
+        except UserInputError:  # an option this base cannot take (blocks_to_swap without swappable blocks)
+            return None
+
     single = []
     for text, change in _OPTIONS:
         changed = _with(cfg, change)
-        if changed is not None and (est := estimate(changed)).fits(capacity):
+        if changed is not None and (est := estimate_or_none(changed)) is not None and est.fits(capacity):
             single.append((text, est.peak))
     if single:
         return single
     steps, current = [], cfg
     for text, change in _OPTIONS:
         changed = _with(current, change)
-        if changed is None:
+        if changed is None or (est := estimate_or_none(changed)) is None:
             continue
-        current, est = changed, estimate(changed)
+        current = changed
         steps.append(text)
         if est.fits(capacity):
             return [(" and ".join(steps), est.peak)]

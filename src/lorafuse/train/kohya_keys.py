@@ -61,7 +61,7 @@ SAME_NAME: dict[str, str] = {
     "timestep_sampling sigmoid_scale discrete_flow_shift model_prediction_type weighting_scheme logit_mean "
     "logit_std mode_scale",
     "training": "max_train_epochs max_train_steps train_batch_size gradient_accumulation_steps "
-    "gradient_checkpointing mixed_precision seed output_dir output_name save_every_n_epochs save_every_n_steps "
+    "gradient_checkpointing blocks_to_swap mixed_precision seed output_dir output_name save_every_n_epochs save_every_n_steps "
     "save_state save_precision save_model_as save_last_n_epochs save_last_n_steps save_last_n_epochs_state "
     "save_last_n_steps_state sample_every_n_epochs sample_prompts validate_every_n_steps",
 }
@@ -245,7 +245,6 @@ RULES: dict[str, Rule] = {
     "cpu_offload_checkpointing": _map(
         "training.cpu_offload_checkpointing", "true turns gradient_checkpointing on as well, as kohya does"
     ),
-    "blocks_to_swap": _note(_MEMORY),
     "single_blocks_to_swap": _note(_MEMORY),
     "double_blocks_to_swap": _note(_MEMORY),
     "fused_backward_pass": _note(_MEMORY),

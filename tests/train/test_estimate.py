@@ -83,7 +83,10 @@ def test_checkpointing_and_batch_size_move_the_estimate_the_right_way(train_over
 
 
 def _fake_estimate(cfg) -> MemoryEstimate:
-    """A stand-in estimator: 20 GB, less 6 with checkpointing, 4 with bf16, 3 with 8-bit AdamW."""
+    """A stand-in estimator: 20 GB, less 6 with checkpointing, 4 with bf16, 3 with 8-bit AdamW; a base without
+    swappable blocks, as the real estimate says of a UNet."""
+    if cfg.training.blocks_to_swap:
+        raise UserInputError("training.blocks_to_swap is for FLUX.1's transformer blocks")
     gb = 20 - 6 * cfg.training.gradient_checkpointing - 4 * (cfg.training.mixed_precision == "bf16")
     gb -= 3 * (cfg.optimizer.optimizer_type == "AdamW8bit")
     return MemoryEstimate(device="cuda", parts={"weights": gb * GB})
@@ -95,7 +98,7 @@ def test_options_that_fit_names_single_changes_first_then_a_combination(train_ov
     assert [what for what, _ in single] == [
         "training.gradient_checkpointing = true",
         "training.cpu_offload_checkpointing = true (with gradient_checkpointing)",
-    ]  # not blocks_to_swap: the world base has no swappable blocks (its estimate refuses the option)
+    ]  # not blocks_to_swap: this base has no swappable blocks, so the option is left out
     combined = options_that_fit(cfg, 12 * GB, _fake_estimate)  # needs checkpointing and bf16 (10 GB)
     assert combined == [
         ("training.gradient_checkpointing = true and training.mixed_precision = 'bf16'", 10 * GB)

@@ -106,8 +106,9 @@ def test_comfyui_prefixes_and_t5_variants():
         ["text_model.final_layer_norm.weight"],
     )
     assert list(clip) == ["text_model.final_layer_norm.weight"]
-    bfl = {"model.diffusion_model.img_in.weight": torch.ones(4, 2), "model.diffusion_model.img_in.bias": w}
-    assert set(flux_files.transformer_to_diffusers(bfl)) == {"x_embedder.weight", "x_embedder.bias"}
+    bfl = {"model.diffusion_model.img_in.weight": torch.ones(4, 2), "model.diffusion_model.img_in.bias": w,
+           "vae.encoder.conv_in.weight": w, "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": w}
+    assert set(flux_files.transformer_to_diffusers(bfl)) == {"x_embedder.weight", "x_embedder.bias"}  # ComfyUI's
     diffusers_names = {"x_embedder.weight": w}  # a transformer saved with diffusers' names loads as it is
     assert flux_files.transformer_to_diffusers(diffusers_names) == diffusers_names
 

@@ -3,7 +3,8 @@ them, turned into the state dicts of diffusers' / transformers' classes.
 
 - transformer (`flux1-dev.safetensors`): Black Forest Labs' names (`double_blocks.0.img_attn.qkv.weight`, fused
   q/k/v and, in single blocks, q/k/v/MLP rows in one `linear1`), bare or under ComfyUI's
-  `model.diffusion_model.`; diffusers names are accepted as they are. Possibly stored in fp8.
+  `model.diffusion_model.` (its all-in-one files: only those keys are read); diffusers names are accepted as they
+  are. Possibly stored in fp8.
 - ae (`ae.safetensors`): BFL's autoencoder, which has the LDM VAE names (`encoder.down.0.block.0.conv1`);
   diffusers' own LDM converter turns it into `AutoencoderKL` names.
 - clip_l: transformers' `CLIPTextModel` names (`text_model.encoder.layers.0...`), possibly under ComfyUI's
@@ -129,7 +130,10 @@ def transformer_to_diffusers(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     name are kept, so the model check reports them. Hand-written because diffusers'
     `convert_flux_transformer_checkpoint_to_diffusers` fixes FLUX.1's width (inner_dim 3072): it cannot convert
     a pruned or tiny model (tests/models/test_flux_parts.py checks the two agree at the real width)."""
-    sd = {k.removeprefix("model.diffusion_model."): v for k, v in sd.items()}
+    prefix = "model.diffusion_model."
+    if any(k.startswith(prefix) for k in sd):
+        # ComfyUI's all-in-one files also hold vae. / text_encoders. weights: the separate files replace them
+        sd = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
     if "img_in.weight" not in sd:
         return sd  # diffusers names already (or not a transformer: the model check says so)
     width = sd["img_in.weight"].shape[0]

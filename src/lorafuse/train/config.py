@@ -308,6 +308,9 @@ class TrainingConfig:
     gradient_accumulation_steps: int = 1
     # recompute activations in the backward pass: less memory, slower
     gradient_checkpointing: bool = False
+    # with gradient_checkpointing, the checkpointed blocks' inputs and the other saved activations wait in host
+    # memory instead of on the GPU (kohya's option of that name); gradients unchanged, two copies per block
+    cpu_offload_checkpointing: bool = False
     # compute dtype of the frozen base: no (float32), fp16, bf16; LoRA weights stay float32
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     # on a CUDA device, stop before loading when the estimated peak memory does not fit (`--estimate`); false
@@ -378,6 +381,8 @@ class TrainingConfig:
             )
         if self.save_model_as != "safetensors":
             raise _bad("save_model_as", f"must be 'safetensors', got {self.save_model_as!r}")
+        if self.cpu_offload_checkpointing and not self.gradient_checkpointing:
+            raise _bad("cpu_offload_checkpointing", "needs gradient_checkpointing = true (it offloads its checkpoints)")
         if self.sample_every_n_epochs is not None and not self.sample_prompts:
             raise _bad("sample_every_n_epochs", "is set but sample_prompts is empty")
 

@@ -242,7 +242,9 @@ RULES: dict[str, Rule] = {
         "LoRA trained with the mask would be sampled without it"
     ),
     "split_mode": _refuse("kohya's split_mode (deprecated there) is not implemented"),
-    "cpu_offload_checkpointing": _note(_MEMORY),
+    "cpu_offload_checkpointing": _map(
+        "training.cpu_offload_checkpointing", "true turns gradient_checkpointing on as well, as kohya does"
+    ),
     "blocks_to_swap": _note(_MEMORY),
     "single_blocks_to_swap": _note(_MEMORY),
     "double_blocks_to_swap": _note(_MEMORY),

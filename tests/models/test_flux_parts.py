@@ -106,9 +106,16 @@ def test_comfyui_prefixes_and_t5_variants():
         ["text_model.final_layer_norm.weight"],
     )
     assert list(clip) == ["text_model.final_layer_norm.weight"]
-    bfl = {"model.diffusion_model.img_in.weight": torch.ones(4, 2), "model.diffusion_model.img_in.bias": w,
-           "vae.encoder.conv_in.weight": w, "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": w}
-    assert set(flux_files.transformer_to_diffusers(bfl)) == {"x_embedder.weight", "x_embedder.bias"}  # ComfyUI's
+    bfl = {
+        "model.diffusion_model.img_in.weight": torch.ones(4, 2),
+        "model.diffusion_model.img_in.bias": w,
+        "vae.encoder.conv_in.weight": w,
+        "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": w,
+    }
+    assert set(flux_files.transformer_to_diffusers(bfl)) == {
+        "x_embedder.weight",
+        "x_embedder.bias",
+    }  # ComfyUI's
     diffusers_names = {"x_embedder.weight": w}  # a transformer saved with diffusers' names loads as it is
     assert flux_files.transformer_to_diffusers(diffusers_names) == diffusers_names
 
@@ -188,6 +195,9 @@ def test_sizes_the_configs_do_not_describe(files, tmp_path):
 def test_tokenizers_not_available_offline(files, monkeypatch):
     import shutil
 
+    from lorafuse.models.tiny import TINY_WORDS
+    from lorafuse.models.tokenizer import build_t5_tokenizer
+
     monkeypatch.setattr(flux_parts, "DEFAULT_TOKENIZERS", ("nobody/no-clip", "nobody/no-t5"))
     monkeypatch.setattr(flux_parts, "_config", lambda folder, sub: flux_parts.json.loads(
         (files["tokenizers"] / sub / "config.json").read_text()))  # fmt: skip
@@ -196,6 +206,13 @@ def test_tokenizers_not_available_offline(files, monkeypatch):
     ):
         _load(files, tokenizers=None)
     folder = files["tokenizers"]
+    bigger = build_t5_tokenizer([*TINY_WORDS, "zebra", "violin", "teapot"])  # another model's T5 tokenizer
+    shutil.rmtree(folder / "tokenizer_2")
+    bigger.save_pretrained(folder / "tokenizer_2")
+    with pytest.raises(
+        UserInputError, match=r"tokenizer for t5xxl .* has \d+ tokens, its embedding \d+ rows"
+    ):
+        _load(files)
     shutil.rmtree(folder / "tokenizer_2")  # a FLUX.1 folder without T5's tokenizer
     with pytest.raises(UserInputError, match=r"missing .*tokenizer_2 \(no tokenizer\.json / spiece\.model\)"):
         _load(files)

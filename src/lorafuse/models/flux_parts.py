@@ -70,6 +70,18 @@ def load_flux_parts(
     models, converters = empty_models(paths, shapes, folder)
     # 3. the tokenizers (local files only), before the weights are read
     tokenizer, tokenizer_2 = _tokenizers(folder, tokenizers)
+    for tok, option, component in (
+        (tokenizer, "clip_l", "text_encoder"),
+        (tokenizer_2, "t5xxl", "text_encoder_2"),
+    ):
+        rows = models[
+            component
+        ].config.vocab_size  # the file's embedding rows (checked against the config above)
+        if len(tok) > rows:  # ids past the embedding would fail at the first prompt, or index garbage
+            raise UserInputError(
+                f"the tokenizer for {option} ({paths[option]}) has {len(tok)} tokens, its embedding {rows} rows: "
+                f"the tokenizers ({tokenizers or ' / '.join(DEFAULT_TOKENIZERS)}) are not this model's"
+            )
     # 4. the weights, cast to dtype
     dtype = dtype or torch.float32
     for option, (_, component) in PARTS.items():

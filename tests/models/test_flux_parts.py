@@ -285,3 +285,32 @@ def test_tokenizers_from_the_local_cache(original, files, tmp_path, monkeypatch)
         UserInputError, match="model.tokenizers = someone/absent: no such folder, and not in the local"
     ):
         _load(files, tokenizers="someone/absent")
+
+
+def test_a_toml_file_names_the_base_for_every_command(original, files, tmp_path, capsys):
+    """--base kohya_flux.toml (kohya's flat keys) or a lorafuse training config ([model]) stands for the
+    separate files: load_base_pipeline, and through it `lorafuse fuse`, reads only the base keys."""
+    import json
+
+    from lorafuse.cli.main import main
+    from lorafuse.fusion.synthetic import random_lora
+    from lorafuse.lora.io import save_lora
+
+    keys = "\n".join(f'{k} = "{v.as_posix()}"' for k, v in files.items())
+    kohya = tmp_path / "kohya_flux.toml"
+    kohya.write_text(f"{keys}\nnetwork_dim = 16\nxformers = true\n")
+    ours = tmp_path / "ours.toml"
+    ours.write_text(f'[model]\n{keys}\n\n[network]\nnetwork_dim = 4\n')
+    for spec in (kohya, ours):
+        pipe = load_base_pipeline(str(spec))
+        assert all(torch.equal(v, pipe.transformer.state_dict()[k]) for k, v in original.transformer.state_dict().items())
+    content, style = (save_lora(random_lora(original, seed=s, rank=2, scale=0.3), tmp_path / f"{s}.safetensors",
+                                format="diffusers", arch="flux") for s in (1, 2))  # fmt: skip
+    argv = ["fuse", "--content", str(content), "--style", str(style), "--prompt", "a red car", "--out",
+            str(tmp_path / "out"), "--base", str(ours), "--steps", "2", "--no-progress", "--method", "direct"]  # fmt: skip
+    assert main(argv) == 0
+    record = json.loads((tmp_path / "out" / "record.json").read_text())
+    assert record["sampling"]["arch"] == "flux" and record["base"] == str(ours)
+    (tmp_path / "no_base.toml").write_text('[model]\nae = "ae.safetensors"\n')
+    with pytest.raises(UserInputError, match=r"no_base\.toml: a base given as a TOML file needs pretrained_model"):
+        load_base_pipeline(str(tmp_path / "no_base.toml"))

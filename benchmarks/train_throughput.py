@@ -17,7 +17,9 @@ measured the same way in every trainer from per-step wall-clock stamps.
 Bases: "world-random" (the built-in world architecture, 64 px, the default) or random weights of the released
 SD1.5 and SDXL configs at real width, built by `benchmarks.realsize.build` (SDXL with transformer depth
 (1, 2, 2) of (1, 2, 10); nothing downloaded) and saved once to a temporary diffusers folder that both trainers
-load; train them at a reduced --size (default 128 px) so a CPU run finishes.
+load; train them at a reduced --size (default 128 px) so a CPU run finishes. Results: results/train_throughput.json
+(world-random), results/train_throughput_{base}_{size}px.json. The example's rows also time its VAE encoder and
+text encoders per step: the share of its step that caching skips.
 
 Rounds interleave the trainers (the order rotates every round) so that load from other processes on a shared
 machine falls on all of them alike; each figure is the median over rounds, and a "vs example" ratio is the median
@@ -394,7 +396,7 @@ def main() -> None:
         omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
     )
     config["smoke"] = args.smoke
-    name = "train_throughput" if args.base == "world-random" else f"train_throughput_{args.base}"
+    name = "train_throughput" if args.base == "world-random" else f"train_throughput_{args.base}_{args.size}px"
     write_result(f"{name}_smoke" if args.smoke else name, config, figures)
 
 

@@ -45,8 +45,8 @@ def print_table(header: list[str], rows: list[list]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-def write_result(name: str, config: dict, figures: dict) -> Path:
-    path = RESULTS / f"{name}.json"
+def write_result(name: str, config: dict, figures: dict, folder: Path = RESULTS) -> Path:
+    path = Path(folder) / f"{name}.json"
     atomic_write_text(path, json.dumps({"benchmark": name, "config": config, "environment": environment(),
                                         "figures": figures}, indent=1))
     print(f"wrote {path}")

@@ -24,7 +24,11 @@ Smoke run (checks, not figures; writes fusion_leaderboard_smoke.json):
     python -m benchmarks.fusion_leaderboard --pairs 2 --seeds 1 --content-epochs 2 --style-epochs 4
 
 LoRAs and per-pair results are cached under --work (default out/leaderboard, not in git): a rerun with the
-same settings only redoes what is missing. Writes WORK/report.html, WORK/paired_differences.png and the per-pair
+same settings only redoes what is missing; `--done-only` reports on the pairs done so far without computing any.
+`--num-processes N` trains the missing LoRAs N at a time in worker processes, then splits the pairs to do between
+N processes started by `accelerate launch` (`split_between_processes`); each writes its pairs' result files and the
+main process reports on all of them. A pair is one result file, written when the pair is complete, so a killed
+process's unfinished pairs are redone on resume and no pair counts twice. Writes WORK/report.html, WORK/paired_differences.png and the per-pair
 JSON files WORK/pairs/<pair>/result.json.
 """
 
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 import warnings
@@ -59,6 +64,7 @@ from lorafuse.eval.world_compare import (
 from lorafuse.utils.atomic import atomic_write_bytes, atomic_write_text
 from lorafuse.world.catalog import CLASS_NAMES, HELD_OUT_STYLES, INDIVIDUALS_PER_CLASS, SEEN_INDIVIDUALS
 
+STARTED = "LORAFUSE_LEADERBOARD_STARTED"  # environment: the run's start (time.time()), for launched processes
 FULL = {"pairs": 20, "seeds": 4}  # the issue's bar; fewer is a smoke run
 PAIRED_METRICS = ("oracle_content", "oracle_style", "oracle_hmean")
 README_METRICS = ("oracle_content", "oracle_style", "oracle_hmean", "right_individual", "right_style", "oracle_ci")
@@ -104,25 +110,39 @@ def held_out_pairs(n: int) -> list[tuple[str, str]]:
     return pairs[:n]
 
 
-def run_pair(pipe, oracle, individual: str, style: str, args, methods: list[str], work: Path,
-             done_only: bool = False) -> dict | None:  # fmt: skip
-    """The rows of one pair, from WORK/pairs/<pair>/result.json when it was made with these settings; with
-    `done_only` None when it was not (nothing is trained or sampled)."""
-    settings = {"content": {}, "style": {}}
+def recipe_settings(args) -> dict[str, dict]:
+    """The recipe overrides of the command line (smoke runs), for content and style."""
+    settings: dict[str, dict] = {"content": {}, "style": {}}
     if args.content_epochs:
         settings["content"]["epochs"] = args.content_epochs
     if args.style_epochs:
         settings["style"]["epochs"] = args.style_epochs
-    from lorafuse.train.world_personalize import base_fingerprint, style_recipe, subject_recipe
+    return settings
+
+
+def pair_recipes(individual: str, style: str, args, methods: list[str]) -> dict[str, tuple]:
+    """input set -> (content recipe, style recipe) of every LoRA a pair's rows fuse."""
+    from lorafuse.train.world_personalize import style_recipe, subject_recipe
+
+    settings = recipe_settings(args)
+    return {inputs: (subject_recipe(individual, **{**settings["content"], **INPUT_RECIPES[inputs]}),
+                     style_recipe(style, **{**settings["style"], **INPUT_RECIPES[inputs]}))
+            for inputs in input_sets_of(leaderboard_runs(methods))}  # fmt: skip
+
+
+def run_pair(pipe, oracle, individual: str, style: str, args, methods: list[str], work: Path,
+             done_only: bool = False) -> dict | None:  # fmt: skip
+    """The rows of one pair, from WORK/pairs/<pair>/result.json when it was made with these settings; with
+    `done_only` None when it was not (nothing is trained or sampled)."""
+    from lorafuse.train.world_personalize import base_fingerprint
     from lorafuse.world.oracle import default_oracle_path
 
+    settings = recipe_settings(args)
     runs = leaderboard_runs(methods)
     input_sets = input_sets_of(runs)
     # a cached result is reused only when the same LoRAs (recipe keys hash the base's weights too) are judged by
     # the same oracle weights with the same rows and sampling settings
-    lora_keys = {inputs: [subject_recipe(individual, **{**settings["content"], **INPUT_RECIPES[inputs]}).key(),
-                          style_recipe(style, **{**settings["style"], **INPUT_RECIPES[inputs]}).key()]
-                 for inputs in input_sets}  # fmt: skip
+    lora_keys = {inputs: [r.key() for r in pair] for inputs, pair in pair_recipes(individual, style, args, methods).items()}
     key = {"runs": runs, "seeds": args.seeds, "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
            "recipes": settings, "lora_keys": lora_keys, "base": base_fingerprint("world"),
            "oracle": base_fingerprint(str(default_oracle_path()))}  # fmt: skip
@@ -253,6 +273,49 @@ def write_html(work: Path, done: list[dict], rows: list[dict], paired: list, arg
     return report.write(work / "report.html")
 
 
+def missing_recipes(pairs: list[tuple[str, str]], args, methods: list[str]) -> list:
+    """The recipes of the LoRAs `pairs` need that are not trained under WORK yet, each once (a style LoRA serves
+    several pairs)."""
+    from lorafuse.train.world_personalize import recipe_paths
+
+    recipes = {r.key(): r for p in pairs for pair in pair_recipes(*p, args, methods).values() for r in pair}
+    return [r for r in recipes.values() if not (recipe_paths(r, args.work)[1] / f"{r.stem}.safetensors").exists()]
+
+
+def _train(recipe, work: Path) -> None:
+    from lorafuse.train.world_personalize import train_world_lora
+
+    train_world_lora(recipe, work, progress=False)
+
+
+def train_missing(pairs: list[tuple[str, str]], args, methods: list[str], processes: int) -> int:
+    """Train the missing LoRAs of `pairs`, `processes` at a time in plain worker processes, before the pairs are
+    split between launched processes: a trainer inside an accelerate-launched process would join their DDP group
+    (and two processes must not train the same recipe into one folder). Returns how many were trained."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    missing = missing_recipes(pairs, args, methods)
+    if missing:
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_train, missing, [args.work] * len(missing)))
+    return len(missing)
+
+
+def _words_without_processes(words: list[str]) -> list[str]:
+    """The command line for the launched processes: the same words without --num-processes (they must not
+    launch again)."""
+    out, skip = [], False
+    for w in words:
+        if skip:
+            skip = False
+        elif w == "--num-processes":
+            skip = True
+        elif not w.startswith("--num-processes="):
+            out.append(w)
+    return out
+
+
 def main() -> None:
     from lorafuse.fusion.api import load_base
     from lorafuse.fusion.registry import get_method, method_names
@@ -271,6 +334,10 @@ def main() -> None:
     ap.add_argument("--style-epochs", type=int, default=None, help="override the style recipe's epochs")
     ap.add_argument("--work", type=Path, default=Path("out/leaderboard"), help="LoRA and result cache")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--num-processes", type=int, default=1, metavar="N",
+                    help="split the LoRAs to train, then the pairs, between N processes (`accelerate launch`; CPUs "
+                         "or GPUs); the main process reports")  # fmt: skip
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of the JSON and the plot")
     ap.add_argument("--done-only", action="store_true",
                     help="report on the pairs already done under --work with these settings; train and sample nothing "
                          "(e.g. while a run is going, or after one was stopped)")  # fmt: skip
@@ -282,20 +349,47 @@ def main() -> None:
         raise UserInputError(f"--seeds and --steps must be at least 1, got {args.seeds} and {args.steps}")
     pairs = held_out_pairs(args.pairs)
 
-    t0 = time.perf_counter()
-    pipe, oracle = (None, None) if args.done_only else (load_base("world"), default_oracle())
-    done = []
-    for k, (ind, sty) in enumerate(pairs):
-        result = run_pair(pipe, oracle, ind, sty, args, methods, args.work, done_only=args.done_only)
-        if result is None:
-            continue
-        done.append(result)
-        spent = time.perf_counter() - t0
-        print(f"[{k + 1}/{len(pairs)}] {ind}+{sty}: {spent / 60:.1f} min so far, "
-              f"~{spent / (k + 1) * (len(pairs) - k - 1) / 60:.0f} min to go", flush=True)  # fmt: skip
+    if args.num_processes < 1:
+        raise UserInputError(f"--num-processes {args.num_processes}: give 1 or more")
+    from lorafuse.utils.launch import in_launched_process, process_state, relaunch
+
+    def undone() -> list[tuple[str, str]]:
+        return [p for p in pairs if run_pair(None, None, *p, args, methods, args.work, done_only=True) is None]
+
+    # wall clock of the whole run; launched processes take the launcher's start, so the LoRAs it trained count
+    started = float(os.environ.setdefault(STARTED, str(time.time())))
+    if args.num_processes > 1 and not in_launched_process():
+        if not args.done_only:
+            print(f"trained {train_missing(undone(), args, methods, args.num_processes)} LoRA(s)", flush=True)
+        words = _words_without_processes(sys.argv[1:])
+        sys.exit(relaunch(args.num_processes, words, module="benchmarks.fusion_leaderboard"))
+
+    state = process_state()
+    todo = [] if args.done_only else undone()
+    computed = len(todo)
+    if state is not None:
+        if missing_recipes(todo, args, methods):  # every process sees the same: all stop here
+            raise UserInputError("LoRAs are missing under --work: start the run with --num-processes N (it trains "
+                                 "them before launching), not with accelerate launch directly")  # fmt: skip
+        state.wait_for_everyone()  # every process has read the same done pairs before any process writes one
+        with state.split_between_processes(todo) as share:
+            todo = list(share)
+    if todo:
+        pipe, oracle = load_base("world"), default_oracle()
+    for k, (ind, sty) in enumerate(todo):
+        run_pair(pipe, oracle, ind, sty, args, methods, args.work)
+        spent = time.time() - started
+        print(f"[{k + 1}/{len(todo)}] {ind}+{sty}: {spent / 60:.1f} min so far, "
+              f"~{spent / (k + 1) * (len(todo) - k - 1) / 60:.0f} min to go", flush=True)  # fmt: skip
+    if state is not None:
+        state.wait_for_everyone()  # the main process reports on every process's pairs, read back from WORK
+        if not state.is_main_process:
+            return
+    done = [d for p in pairs if (d := run_pair(None, None, *p, args, methods, args.work, done_only=True))]
     if not done:
         raise UserInputError(f"{args.work}: no pair is done with these settings yet; run without --done-only")
-    elapsed = time.perf_counter() - t0
+    print(f"{len(done)} of {len(pairs)} pairs done ({computed} computed now, {len(done) - computed} already done)")
+    elapsed = time.time() - started
     rows = [r for d in done for r in d["rows"]]
 
     header, table = summary(rows)
@@ -318,7 +412,7 @@ def main() -> None:
     page = write_html(args.work, done, rows, paired, args, elapsed, ablations)
     print(f"report: {page}")
     # the plot beside the JSON (committed; WORK is not)
-    atomic_write_bytes(RESULTS / f"{name}_paired.png", (args.work / "paired_differences.png").read_bytes())
+    atomic_write_bytes(args.results / f"{name}_paired.png", (args.work / "paired_differences.png").read_bytes())
     config = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "methods": methods,
               "pairs_used": [d["pair"] for d in done], "pairs_asked": len(pairs), "smoke": smoke,
               # this invocation's wall time (--done-only: only the reporting), and the pairs' own, summed
@@ -331,7 +425,7 @@ def main() -> None:
     figures["skipped"] = {d["pair"]: d["skipped"] for d in done if d["skipped"]}
     figures["paired"] = [d.to_json() for d in paired]
     figures["ablations"] = [d.to_json() for d in ablations]
-    write_result(name, config, figures)
+    write_result(name, config, figures, folder=args.results)
 
 
 if __name__ == "__main__":

@@ -32,12 +32,20 @@ from lorafuse.train.checkpoint import (
 )
 from lorafuse.train.config import TrainConfig
 from lorafuse.train.data import DatasetIndex, TrainDataset, collate_batch, describe
+from lorafuse.train.estimate import check_device_memory
 from lorafuse.train.network import create_network
 from lorafuse.train.objectives import Objective, objective_for
+from lorafuse.train.offload import Offload, enable_checkpointing
 from lorafuse.train.optim import make_lr_scheduler, make_optimizer
 from lorafuse.train.quantize import quantize_frozen_base
 from lorafuse.train.run_log import RunLog
-from lorafuse.train.run_setup import ShardedBatchSampler, check_optimizer, make_accelerator, training_metadata
+from lorafuse.train.run_setup import (
+    ShardedBatchSampler,
+    check_optimizer,
+    denoiser_joins_after_caching,
+    make_accelerator,
+    training_metadata,
+)
 from lorafuse.train.saving import SaveRotation, check_implemented
 from lorafuse.train.scan import scan_dataset
 from lorafuse.train.stop import StopRequest
@@ -150,6 +158,8 @@ def prepare(cfg: TrainConfig, progress_bar: bool = True) -> Run:
     accelerator = make_accelerator(cfg)
     if saved is not None:
         check_resume_processes(saved, accelerator.num_processes)  # before any model loads
+    if accelerator.device.type == "cuda" and tc.memory_check:
+        check_device_memory(cfg, accelerator.device, len(index.items))  # before any model loads
     from accelerate.utils import set_seed
 
     set_seed(tc.seed)  # python, numpy and torch; the LoRA's initial A draws from torch's
@@ -168,7 +178,9 @@ def prepare(cfg: TrainConfig, progress_bar: bool = True) -> Run:
 def _load_base(run: Run) -> None:
     """2. The base model on the device, in the compute dtype, and the objective its family names."""
     cfg, accelerator = run.cfg, run.accelerator
-    run.pipe = pipe = load_base_pipeline(cfg.model.pretrained_model_name_or_path)
+    run.pipe = pipe = load_base_pipeline(
+        cfg.model.pretrained_model_name_or_path, parts=cfg.model.part_files, tokenizers=cfg.model.tokenizers
+    )
     run.family = family = family_of(pipe)
     run.arch = family.name
     run.denoiser, run.vae = family.denoiser(pipe), pipe.vae
@@ -193,7 +205,8 @@ def _load_base(run: Run) -> None:
     # need only the compute dtype; diffusers warns about any .to(dtype=...), so cast only when it changes.
     run.vae.to(accelerator.device)
     cast = {"dtype": run.weight_dtype} if run.weight_dtype != torch.float32 else {}
-    for module in (run.denoiser, *run.text_encoders):
+    run.denoiser.to("cpu" if denoiser_joins_after_caching(cfg) else accelerator.device, **cast)
+    for module in run.text_encoders:
         module.to(accelerator.device, **cast)
     run.vae.requires_grad_(False)
     run.clip_skip = cfg.model.clip_skip if family.uses_clip_skip else 1  # SDXL and FLUX fix their layers
@@ -206,9 +219,10 @@ def _inject_lora(run: Run) -> None:
     run.network = network = create_network(run.pipe, run.cfg.network, run.arch)
     run.train_unet = run.family.denoiser_component in network.plan
     run.train_te = any(c.startswith("text_encoder") for c in network.plan)
-    if not run.cfg.training.gradient_checkpointing:
+    tc = run.cfg.training
+    if not tc.gradient_checkpointing:
         return
-    run.denoiser.enable_gradient_checkpointing()
+    enable_checkpointing(run.denoiser, Offload(run.accelerator.device) if tc.cpu_offload_checkpointing else None)
     for te in run.text_encoders if run.train_te else ():
         # non-reentrant: the reentrant variant passes no gradient to LoRA layers whose inputs need none
         kwargs = {"use_reentrant": False}
@@ -272,6 +286,7 @@ def _build_caches(run: Run) -> None:
                 setattr(pipe, name, None)
         run.text_encoders = []
     release_memory()  # the caching passes' activations and the dropped weights, back to the OS
+    run.denoiser.to(run.accelerator.device)  # it waited on the CPU while the caches were built
 
 
 def _prepare_shared(run: Run, cache: LatentCache | TextEncoderCache) -> None:

@@ -19,20 +19,21 @@ def in_launched_process() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
 
 
-def launch_command(num_processes: int, lorafuse_args: Sequence[str]) -> list[str]:
-    """The `accelerate launch` command line that runs `lorafuse *lorafuse_args` in `num_processes` processes."""
+def launch_command(num_processes: int, lorafuse_args: Sequence[str], module: str = "lorafuse") -> list[str]:
+    """The `accelerate launch` command line that runs `python -m module *lorafuse_args` (the CLI, or e.g. a
+    benchmark) in `num_processes` processes."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
     cmd += ["--num_processes", str(num_processes), "--num_machines", "1"]
     # the run's own config decides precision inside each process; these only silence the launcher's defaults
     cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
-    return [*cmd, "-m", "lorafuse", *lorafuse_args]
+    return [*cmd, "-m", module, *lorafuse_args]
 
 
-def relaunch(num_processes: int, lorafuse_args: Sequence[str]) -> int:
+def relaunch(num_processes: int, lorafuse_args: Sequence[str], module: str = "lorafuse") -> int:
     """Run the launcher and return its exit code (the children print their own output)."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default too; stated so the children do not oversubscribe
-    return subprocess.run(launch_command(num_processes, lorafuse_args), env=env).returncode
+    return subprocess.run(launch_command(num_processes, lorafuse_args, module), env=env).returncode
 
 
 def process_state():

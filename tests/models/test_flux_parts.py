@@ -51,6 +51,8 @@ def test_separate_files_give_the_original_pipeline(original, files):
 def test_fp8_transformer_is_upcast_and_schnell_is_detected(tiny_flux, tmp_path):
     schnell = tiny_flux(schnell=True)
     files = write_parts(schnell, tmp_path / "parts", fp8=True)
+    for option in ("pretrained_model_name_or_path", "ae"):  # BFL's first release: flux1-schnell.sft, ae.sft
+        files[option] = files[option].rename(files[option].with_suffix(".sft"))
     pipe = _load(files, dtype="bf16")
     assert not pipe.transformer.config.guidance_embeds  # no guidance_in weights: schnell
     assert pipe.scheduler.config.shift == 1.0 and not pipe.scheduler.config.use_dynamic_shifting
@@ -159,6 +161,10 @@ def test_an_sdxl_checkpoint_as_the_transformer(files, tmp_path):
 
 
 def test_missing_truncated_and_incomplete(files, tmp_path):
+    pickle = tmp_path / "ae.ckpt"
+    pickle.write_bytes(b"not loaded")
+    with pytest.raises(UserInputError, match=r"ae = .*ae\.ckpt: only \.safetensors / \.sft files are loaded"):
+        _load({**files, "ae": pickle})
     with pytest.raises(UserInputError, match=r"clip_l = .*nowhere\.safetensors: no such file"):
         _load({**files, "clip_l": tmp_path / "nowhere.safetensors"})
     cut = tmp_path / "ae_cut.safetensors"

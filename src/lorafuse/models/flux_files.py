@@ -47,6 +47,7 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "clip": ("a CLIP text encoder", (r"(^|\.)encoder\.layers\.\d+\.self_attn\.",)),
     "t5": ("a T5 encoder", (r"(^|\.)block\.\d+\.layer\.\d+\.SelfAttention\.",)),
 }
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # BFL first published flux1-dev.sft and ae.sft (same format)
 _WHOLE_SD = (r"^model\.diffusion_model\.(input_blocks|middle_block)\.", r"^conditioner\.embedders\.")
 
 
@@ -57,9 +58,9 @@ def read_shapes(path: Path, option: str) -> dict[str, tuple[int, ...]]:
 
     if not path.is_file():
         raise UserInputError(f"{option} = {path}: no such file")
-    if path.suffix.lower() != ".safetensors":
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
         raise UserInputError(
-            f"{option} = {path}: only .safetensors files are loaded ({path.suffix} files are pickles that can "
+            f"{option} = {path}: only .safetensors / .sft files are loaded ({path.suffix} files are pickles that can "
             "run code when loaded); convert it to .safetensors first"
         )
     try:

@@ -27,6 +27,7 @@ from torch import Tensor
 from lorafuse.errors import UserInputError
 from lorafuse.families import family_of_checkpoint
 from lorafuse.families.flux import BFL_DOUBLE, BFL_SINGLE, BFL_SWAPPED, BFL_TOP
+from lorafuse.utils.inputs import shape_mismatch
 
 # what each file must hold: kind -> (label for messages, key patterns that identify it)
 KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -242,19 +243,8 @@ def check_fits(
     hint: str,
 ) -> None:  # fmt: skip
     """One error listing how the converted file differs from the model it is loaded into."""
-    missing = sorted(set(want) - set(got))
-    extra = sorted(set(got) - set(want))
-    wrong = [k for k in want if k in got and tuple(got[k]) != tuple(want[k])]
-    if not (missing or extra or wrong):
-        return
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} of its {len(want)} weights missing (e.g. {missing[0]})")
-    if extra:
-        parts.append(f"{len(extra)} unexpected (e.g. {extra[0]})")
-    if wrong:
-        k = wrong[0]
-        parts.append(
-            f"{len(wrong)} of another shape (e.g. {k}: {tuple(got[k])} in the file, {tuple(want[k])} in {what})"
-        )
-    raise UserInputError(f"{option} = {path}: does not fit {what}: {'; '.join(parts)}. {hint}")
+    phrases = ("{n} of its {total} weights missing (e.g. {name})", "{n} unexpected (e.g. {name})",
+               "{n} of another shape (e.g. {name}: {got} in the file, {want} in {what})")  # fmt: skip
+    problem = shape_mismatch(got, want, phrases, what=what)
+    if problem is not None:
+        raise UserInputError(f"{option} = {path}: does not fit {what}: {problem}. {hint}")

@@ -48,11 +48,15 @@ def test_separate_files_give_the_original_pipeline(original, files):
     assert torch.equal(_latents(pipe), _latents(original))
 
 
-def test_fp8_transformer_is_upcast_and_schnell_is_detected(tiny_flux, tmp_path):
+def test_fp8_transformer_is_upcast_and_schnell_is_detected(tiny_flux, tmp_path, monkeypatch):
     schnell = tiny_flux(schnell=True)
     files = write_parts(schnell, tmp_path / "parts", fp8=True)
     for option in ("pretrained_model_name_or_path", "ae"):  # BFL's first release: flux1-schnell.sft, ae.sft
         files[option] = files[option].rename(files[option].with_suffix(".sft"))
+    from lorafuse.models import meta
+
+    monkeypatch.setattr(meta, "reference_components", lambda name: name)  # what `train --estimate` sizes
+    assert meta.meta_components(str(files["pretrained_model_name_or_path"])) == "flux"
     pipe = _load(files, dtype="bf16")
     assert not pipe.transformer.config.guidance_embeds  # no guidance_in weights: schnell
     assert pipe.scheduler.config.shift == 1.0 and not pipe.scheduler.config.use_dynamic_shifting

@@ -273,7 +273,9 @@ def _from_path(name_or_path: str, dtype_kw: dict):
         check_weights_present(path)
         return DiffusionPipeline.from_pretrained(path, **_no_safety_checker(path / "model_index.json"), **dtype_kw)
     if path.is_file():
-        if path.suffix.lower() != ".safetensors":
+        from lorafuse.models.flux_files import SAFETENSORS_SUFFIXES
+
+        if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
             raise UserInputError(
                 f"{path}: lorafuse loads single-file checkpoints as .safetensors only ({path.suffix} files are "
                 "pickles that can run code when loaded); convert it to .safetensors first"

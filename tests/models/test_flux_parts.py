@@ -48,9 +48,15 @@ def test_separate_files_give_the_original_pipeline(original, files):
     assert torch.equal(_latents(pipe), _latents(original))
 
 
-def test_fp8_transformer_is_upcast_and_schnell_is_detected(tiny_flux, tmp_path):
+def test_fp8_transformer_is_upcast_and_schnell_is_detected(tiny_flux, tmp_path, monkeypatch):
     schnell = tiny_flux(schnell=True)
     files = write_parts(schnell, tmp_path / "parts", fp8=True)
+    for option in ("pretrained_model_name_or_path", "ae"):  # BFL's first release: flux1-schnell.sft, ae.sft
+        files[option] = files[option].rename(files[option].with_suffix(".sft"))
+    from lorafuse.models import meta
+
+    monkeypatch.setattr(meta, "reference_components", lambda name: name)  # what `train --estimate` sizes
+    assert meta.meta_components(str(files["pretrained_model_name_or_path"])) == "flux"
     pipe = _load(files, dtype="bf16")
     assert not pipe.transformer.config.guidance_embeds  # no guidance_in weights: schnell
     assert pipe.scheduler.config.shift == 1.0 and not pipe.scheduler.config.use_dynamic_shifting
@@ -106,8 +112,16 @@ def test_comfyui_prefixes_and_t5_variants():
         ["text_model.final_layer_norm.weight"],
     )
     assert list(clip) == ["text_model.final_layer_norm.weight"]
-    bfl = {"model.diffusion_model.img_in.weight": torch.ones(4, 2), "model.diffusion_model.img_in.bias": w}
-    assert set(flux_files.transformer_to_diffusers(bfl)) == {"x_embedder.weight", "x_embedder.bias"}
+    bfl = {
+        "model.diffusion_model.img_in.weight": torch.ones(4, 2),
+        "model.diffusion_model.img_in.bias": w,
+        "vae.encoder.conv_in.weight": w,
+        "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": w,
+    }
+    assert set(flux_files.transformer_to_diffusers(bfl)) == {
+        "x_embedder.weight",
+        "x_embedder.bias",
+    }  # ComfyUI's
     diffusers_names = {"x_embedder.weight": w}  # a transformer saved with diffusers' names loads as it is
     assert flux_files.transformer_to_diffusers(diffusers_names) == diffusers_names
 
@@ -151,6 +165,10 @@ def test_an_sdxl_checkpoint_as_the_transformer(files, tmp_path):
 
 
 def test_missing_truncated_and_incomplete(files, tmp_path):
+    pickle = tmp_path / "ae.ckpt"
+    pickle.write_bytes(b"not loaded")
+    with pytest.raises(UserInputError, match=r"ae = .*ae\.ckpt: only \.safetensors / \.sft files are loaded"):
+        _load({**files, "ae": pickle})
     with pytest.raises(UserInputError, match=r"clip_l = .*nowhere\.safetensors: no such file"):
         _load({**files, "clip_l": tmp_path / "nowhere.safetensors"})
     cut = tmp_path / "ae_cut.safetensors"
@@ -187,6 +205,9 @@ def test_sizes_the_configs_do_not_describe(files, tmp_path):
 def test_tokenizers_not_available_offline(files, monkeypatch):
     import shutil
 
+    from lorafuse.models.tiny import TINY_WORDS
+    from lorafuse.models.tokenizer import build_t5_tokenizer
+
     monkeypatch.setattr(flux_parts, "DEFAULT_TOKENIZERS", ("nobody/no-clip", "nobody/no-t5"))
     monkeypatch.setattr(flux_parts, "_config", lambda folder, sub: flux_parts.json.loads(
         (files["tokenizers"] / sub / "config.json").read_text()))  # fmt: skip
@@ -195,6 +216,13 @@ def test_tokenizers_not_available_offline(files, monkeypatch):
     ):
         _load(files, tokenizers=None)
     folder = files["tokenizers"]
+    bigger = build_t5_tokenizer([*TINY_WORDS, "zebra", "violin", "teapot"])  # another model's T5 tokenizer
+    shutil.rmtree(folder / "tokenizer_2")
+    bigger.save_pretrained(folder / "tokenizer_2")
+    with pytest.raises(
+        UserInputError, match=r"tokenizer for t5xxl .* has \d+ tokens, its embedding \d+ rows"
+    ):
+        _load(files)
     shutil.rmtree(folder / "tokenizer_2")  # a FLUX.1 folder without T5's tokenizer
     with pytest.raises(UserInputError, match=r"missing .*tokenizer_2 \(no tokenizer\.json / spiece\.model\)"):
         _load(files)
@@ -261,3 +289,32 @@ def test_tokenizers_from_the_local_cache(original, files, tmp_path, monkeypatch)
         UserInputError, match="model.tokenizers = someone/absent: no such folder, and not in the local"
     ):
         _load(files, tokenizers="someone/absent")
+
+
+def test_a_toml_file_names_the_base_for_every_command(original, files, tmp_path, capsys):
+    """--base kohya_flux.toml (kohya's flat keys) or a lorafuse training config ([model]) stands for the
+    separate files: load_base_pipeline, and through it `lorafuse fuse`, reads only the base keys."""
+    import json
+
+    from lorafuse.cli.main import main
+    from lorafuse.fusion.synthetic import random_lora
+    from lorafuse.lora.io import save_lora
+
+    keys = "\n".join(f'{k} = "{v.as_posix()}"' for k, v in files.items())
+    kohya = tmp_path / "kohya_flux.toml"
+    kohya.write_text(f"{keys}\nnetwork_dim = 16\nxformers = true\n")
+    ours = tmp_path / "ours.toml"
+    ours.write_text(f'[model]\n{keys}\n\n[network]\nnetwork_dim = 4\n')
+    for spec in (kohya, ours):
+        pipe = load_base_pipeline(str(spec))
+        assert all(torch.equal(v, pipe.transformer.state_dict()[k]) for k, v in original.transformer.state_dict().items())
+    content, style = (save_lora(random_lora(original, seed=s, rank=2, scale=0.3), tmp_path / f"{s}.safetensors",
+                                format="diffusers", arch="flux") for s in (1, 2))  # fmt: skip
+    argv = ["fuse", "--content", str(content), "--style", str(style), "--prompt", "a red car", "--out",
+            str(tmp_path / "out"), "--base", str(ours), "--steps", "2", "--no-progress", "--method", "direct"]  # fmt: skip
+    assert main(argv) == 0
+    record = json.loads((tmp_path / "out" / "record.json").read_text())
+    assert record["sampling"]["arch"] == "flux" and record["base"] == str(ours)
+    (tmp_path / "no_base.toml").write_text('[model]\nae = "ae.safetensors"\n')
+    with pytest.raises(UserInputError, match=r"no_base\.toml: a base given as a TOML file needs pretrained_model"):
+        load_base_pipeline(str(tmp_path / "no_base.toml"))

@@ -3,7 +3,8 @@ them, turned into the state dicts of diffusers' / transformers' classes.
 
 - transformer (`flux1-dev.safetensors`): Black Forest Labs' names (`double_blocks.0.img_attn.qkv.weight`, fused
   q/k/v and, in single blocks, q/k/v/MLP rows in one `linear1`), bare or under ComfyUI's
-  `model.diffusion_model.`; diffusers names are accepted as they are. Possibly stored in fp8.
+  `model.diffusion_model.` (its all-in-one files: only those keys are read); diffusers names are accepted as they
+  are. Possibly stored in fp8.
 - ae (`ae.safetensors`): BFL's autoencoder, which has the LDM VAE names (`encoder.down.0.block.0.conv1`);
   diffusers' own LDM converter turns it into `AutoencoderKL` names.
 - clip_l: transformers' `CLIPTextModel` names (`text_model.encoder.layers.0...`), possibly under ComfyUI's
@@ -26,6 +27,7 @@ from torch import Tensor
 from lorafuse.errors import UserInputError
 from lorafuse.families import family_of_checkpoint
 from lorafuse.families.flux import BFL_DOUBLE, BFL_SINGLE, BFL_SWAPPED, BFL_TOP
+from lorafuse.utils.inputs import shape_mismatch
 
 # what each file must hold: kind -> (label for messages, key patterns that identify it)
 KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -46,6 +48,7 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "clip": ("a CLIP text encoder", (r"(^|\.)encoder\.layers\.\d+\.self_attn\.",)),
     "t5": ("a T5 encoder", (r"(^|\.)block\.\d+\.layer\.\d+\.SelfAttention\.",)),
 }
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # BFL first published flux1-dev.sft and ae.sft (same format)
 _WHOLE_SD = (r"^model\.diffusion_model\.(input_blocks|middle_block)\.", r"^conditioner\.embedders\.")
 
 
@@ -56,9 +59,9 @@ def read_shapes(path: Path, option: str) -> dict[str, tuple[int, ...]]:
 
     if not path.is_file():
         raise UserInputError(f"{option} = {path}: no such file")
-    if path.suffix.lower() != ".safetensors":
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
         raise UserInputError(
-            f"{option} = {path}: only .safetensors files are loaded ({path.suffix} files are pickles that can "
+            f"{option} = {path}: only .safetensors / .sft files are loaded ({path.suffix} files are pickles that can "
             "run code when loaded); convert it to .safetensors first"
         )
     try:
@@ -129,7 +132,10 @@ def transformer_to_diffusers(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     name are kept, so the model check reports them. Hand-written because diffusers'
     `convert_flux_transformer_checkpoint_to_diffusers` fixes FLUX.1's width (inner_dim 3072): it cannot convert
     a pruned or tiny model (tests/models/test_flux_parts.py checks the two agree at the real width)."""
-    sd = {k.removeprefix("model.diffusion_model."): v for k, v in sd.items()}
+    prefix = "model.diffusion_model."
+    if any(k.startswith(prefix) for k in sd):
+        # ComfyUI's all-in-one files also hold vae. / text_encoders. weights: the separate files replace them
+        sd = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
     if "img_in.weight" not in sd:
         return sd  # diffusers names already (or not a transformer: the model check says so)
     width = sd["img_in.weight"].shape[0]
@@ -138,14 +144,14 @@ def transformer_to_diffusers(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
         m = _BFL_BLOCK.match(key)
         if m:
             kind, i, module, param = m.groups()
-            prefix = f"{_DIFFUSERS_BLOCK[kind]}.{i}."
+            block = f"{_DIFFUSERS_BLOCK[kind]}.{i}."
             if param == "scale" and module in _NORMS:
-                out[prefix + _NORMS[module] + ".weight"] = value
+                out[block + _NORMS[module] + ".weight"] = value
                 continue
             pieces = (BFL_DOUBLE if kind == "double_blocks" else BFL_SINGLE).get(module)
             if pieces is not None and param != "scale":
                 rows = _split_rows(value, len(pieces), width) if len(pieces) > 1 else [value]
-                out.update({f"{prefix}{p}.{param}": r for p, r in zip(pieces, rows, strict=True)})
+                out.update({f"{block}{p}.{param}": r for p, r in zip(pieces, rows, strict=True)})
                 continue
         m = _BFL_TOP.match(key)
         if m and m.group(1) in BFL_TOP:
@@ -237,19 +243,8 @@ def check_fits(
     hint: str,
 ) -> None:  # fmt: skip
     """One error listing how the converted file differs from the model it is loaded into."""
-    missing = sorted(set(want) - set(got))
-    extra = sorted(set(got) - set(want))
-    wrong = [k for k in want if k in got and tuple(got[k]) != tuple(want[k])]
-    if not (missing or extra or wrong):
-        return
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} of its {len(want)} weights missing (e.g. {missing[0]})")
-    if extra:
-        parts.append(f"{len(extra)} unexpected (e.g. {extra[0]})")
-    if wrong:
-        k = wrong[0]
-        parts.append(
-            f"{len(wrong)} of another shape (e.g. {k}: {tuple(got[k])} in the file, {tuple(want[k])} in {what})"
-        )
-    raise UserInputError(f"{option} = {path}: does not fit {what}: {'; '.join(parts)}. {hint}")
+    phrases = ("{n} of its {total} weights missing (e.g. {name})", "{n} unexpected (e.g. {name})",
+               "{n} of another shape (e.g. {name}: {got} in the file, {want} in {what})")  # fmt: skip
+    problem = shape_mismatch(got, want, phrases, what=what)
+    if problem is not None:
+        raise UserInputError(f"{option} = {path}: does not fit {what}: {problem}. {hint}")

@@ -10,6 +10,9 @@ Names, checked in this order:
     a .safetensors file               `StableDiffusion(XL)Pipeline.from_single_file`; with separate part files
                                       (FLUX.1's ae, clip_l, t5xxl) the family's `parts_loader` assembles it
     "owner/name"                      a Hugging Face repo id, from the local cache only (nothing downloads)
+    a .toml file                      its pretrained_model_name_or_path with the part files beside it (`base_spec`:
+                                      a kohya FLUX.1 config or a lorafuse training config), so every --base can
+                                      name FLUX.1's separate files
 Nothing here downloads: `from_single_file` needs the model's diffusers config, which diffusers takes from the
 local Hugging Face cache; without it the error says how to convert the checkpoint to a folder instead.
 """
@@ -125,6 +128,32 @@ def _from_parts(name_or_path: str, parts: Mapping[str, str], tokenizers: str | N
     return loader(path, parts, tokenizers=tokenizers, dtype=dtype)
 
 
+def base_spec(path: Path) -> tuple[str, dict[str, str], str | None]:
+    """(base, parts, tokenizers) of a TOML file that stands for a base: its `pretrained_model_name_or_path` with
+    the separate part files and `tokenizers`, at the top level (kohya's flat config) or in [model] (a lorafuse
+    training config); other keys are not read. Relative paths are taken from the working folder, as training
+    takes them."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise UserInputError(f"{path}: not a readable TOML file ({e})") from e
+    table = data["model"] if isinstance(data.get("model"), dict) else data
+    base = table.get("pretrained_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise UserInputError(
+            f"{path}: a base given as a TOML file needs pretrained_model_name_or_path (at the top level, as kohya "
+            "writes it, or in [model])"
+        )
+    names = sorted({name for family in FAMILIES.values() for name in family.part_files})
+    tokenizers = table.get("tokenizers")
+    return base, {k: str(table[k]) for k in names if table.get(k)}, None if tokenizers is None else str(tokenizers)
+
+
 def tiny_base(name: str, seed: int = 0):
     """A tiny random-weight pipeline by name (`TINY_BASES`)."""
     import importlib
@@ -144,6 +173,8 @@ def load_base_pipeline(name_or_path: str, *, device: str | torch.device | None =
     "clip_l", "t5xxl"; None values are left out); tokenizers: where their loader finds tokenizers and configs."""
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     parts = {k: v for k, v in (parts or {}).items() if v}
+    if not parts and name_or_path.lower().endswith(".toml") and Path(name_or_path).expanduser().is_file():
+        name_or_path, parts, tokenizers = base_spec(Path(name_or_path).expanduser())
     if parts:
         pipe = _from_parts(name_or_path, parts, tokenizers, dtype)
     elif name_or_path in BUILTIN_BASES:
@@ -242,7 +273,9 @@ def _from_path(name_or_path: str, dtype_kw: dict):
         check_weights_present(path)
         return DiffusionPipeline.from_pretrained(path, **_no_safety_checker(path / "model_index.json"), **dtype_kw)
     if path.is_file():
-        if path.suffix.lower() != ".safetensors":
+        from lorafuse.models.flux_files import SAFETENSORS_SUFFIXES
+
+        if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
             raise UserInputError(
                 f"{path}: lorafuse loads single-file checkpoints as .safetensors only ({path.suffix} files are "
                 "pickles that can run code when loaded); convert it to .safetensors first"

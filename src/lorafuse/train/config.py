@@ -38,10 +38,12 @@ class ModelConfig:
     # the frozen denoiser's Linear weights stored in 8 bits while the LoRA trains: none, int8 (torchao, any
     # device), fp8 (CUDA with float8 support; kohya's fp8_base). Saves ~3/4 of those weights' memory
     quantize_base: str = "none"
-    # FLUX.1 as kohya's flux_train_network.py / ComfyUI keep it: pretrained_model_name_or_path the transformer
-    # file (BFL names, fp8 / fp16 / bf16), and beside it the VAE (ae.safetensors), CLIP-L and T5-XXL files
+    # FLUX.1 as kohya's flux_train_network.py / ComfyUI keep it, pretrained_model_name_or_path being the
+    # transformer file (BFL names, fp8 / fp16 / bf16): its VAE file (ae.safetensors)
     ae: str | None = None
+    # FLUX.1's CLIP-L text encoder file beside the transformer file (clip_l.safetensors)
     clip_l: str | None = None
+    # FLUX.1's T5-XXL text encoder file beside the transformer file (t5xxl_fp16.safetensors)
     t5xxl: str | None = None
     # for those files: a diffusers FLUX.1 folder or Hugging Face cache id whose tokenizer/ and tokenizer_2/ (and
     # component configs, if it has them) are used; None: openai/clip-vit-large-patch14 and google/t5-v1_1-xxl's

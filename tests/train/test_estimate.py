@@ -73,6 +73,13 @@ def test_checkpointing_and_batch_size_move_the_estimate_the_right_way(train_over
     one = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, train_batch_size=1))
     assert estimate_memory(ckpt, device="cpu").parts["activations"] < 0.7 * plain
     assert estimate_memory(one, device="cpu").parts["activations"] < 0.5 * plain
+    # cached latents, so the step (not the VAE pass) is the transient: offloading its checkpoints shrinks it
+    cached = dataclasses.replace(ckpt, dataset=dataclasses.replace(ckpt.dataset, cache_latents=True))
+    offloaded = dataclasses.replace(
+        cached, training=dataclasses.replace(cached.training, cpu_offload_checkpointing=True)
+    )
+    on_gpu = estimate_memory(cached, device="cuda").parts["activations"]
+    assert estimate_memory(offloaded, device="cuda").parts["activations"] < 0.6 * on_gpu
 
 
 def _fake_estimate(cfg) -> MemoryEstimate:
@@ -85,7 +92,10 @@ def _fake_estimate(cfg) -> MemoryEstimate:
 def test_options_that_fit_names_single_changes_first_then_a_combination(train_overrides):
     cfg = load_train_config(None, train_overrides())
     single = options_that_fit(cfg, 16 * GB, _fake_estimate)  # 16 GB less 8 % headroom: 14.7 GB
-    assert [what for what, _ in single] == ["training.gradient_checkpointing = true"]
+    assert [what for what, _ in single] == [
+        "training.gradient_checkpointing = true",
+        "training.cpu_offload_checkpointing = true (with gradient_checkpointing)",
+    ]
     combined = options_that_fit(cfg, 12 * GB, _fake_estimate)  # needs checkpointing and bf16 (10 GB)
     assert combined == [
         ("training.gradient_checkpointing = true and training.mixed_precision = 'bf16'", 10 * GB)

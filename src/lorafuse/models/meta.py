@@ -45,7 +45,9 @@ def meta_components(name_or_path: str) -> dict[str, nn.Module]:
     if folder is not None and (folder / "model_index.json").is_file():
         return _from_folder(folder)
     path = Path(name_or_path).expanduser()
-    if path.is_file() and path.suffix == ".safetensors":
+    from lorafuse.models.flux_files import SAFETENSORS_SUFFIXES
+
+    if path.is_file() and path.suffix.lower() in SAFETENSORS_SUFFIXES:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:

@@ -179,7 +179,7 @@ def _step_shape(cfg: TrainConfig, denoiser: nn.Module, vae: nn.Module):
     shape = StepShape(
         batch=tc.train_batch_size, latent_hw=latent[1:], latent_channels=latent[0], text_tokens=tokens,
         compute_dtype=_DTYPE[tc.mixed_precision], checkpointing=tc.gradient_checkpointing,
-        offload_checkpoints=getattr(tc, "cpu_offload_checkpointing", False), guidance_scale=cfg.model.guidance_scale,
+        offload_checkpoints=tc.cpu_offload_checkpointing, guidance_scale=cfg.model.guidance_scale,
     )  # fmt: skip
     return shape, latent, (tokens, width)
 
@@ -258,6 +258,8 @@ _OPTIONS: list[tuple[str, dict[str, dict[str, Any]]]] = [
     ("dataset.cache_latents = true", {"dataset": {"cache_latents": True}}),
     ("model.quantize_base = 'int8'", {"model": {"quantize_base": "int8"}}),
     ("optimizer.optimizer_type = 'AdamW8bit'", {"optimizer": {"optimizer_type": "AdamW8bit"}}),
+    ("training.cpu_offload_checkpointing = true (with gradient_checkpointing)", {"training": {"gradient_checkpointing": True,
+                                                                 "cpu_offload_checkpointing": True}}),
     ("training.train_batch_size = 1", {"training": {"train_batch_size": 1}}),
     ("no sample_every_n_epochs (frees the text encoders and the VAE after caching)",
      {"training": {"sample_every_n_epochs": None}}),

@@ -35,6 +35,7 @@ from lorafuse.train.data import DatasetIndex, TrainDataset, collate_batch, descr
 from lorafuse.train.estimate import check_device_memory
 from lorafuse.train.network import create_network
 from lorafuse.train.objectives import Objective, objective_for
+from lorafuse.train.offload import Offload, enable_checkpointing
 from lorafuse.train.optim import make_lr_scheduler, make_optimizer
 from lorafuse.train.quantize import quantize_frozen_base
 from lorafuse.train.run_log import RunLog
@@ -177,7 +178,9 @@ def prepare(cfg: TrainConfig, progress_bar: bool = True) -> Run:
 def _load_base(run: Run) -> None:
     """2. The base model on the device, in the compute dtype, and the objective its family names."""
     cfg, accelerator = run.cfg, run.accelerator
-    run.pipe = pipe = load_base_pipeline(cfg.model.pretrained_model_name_or_path)
+    run.pipe = pipe = load_base_pipeline(
+        cfg.model.pretrained_model_name_or_path, parts=cfg.model.part_files, tokenizers=cfg.model.tokenizers
+    )
     run.family = family = family_of(pipe)
     run.arch = family.name
     run.denoiser, run.vae = family.denoiser(pipe), pipe.vae
@@ -216,9 +219,10 @@ def _inject_lora(run: Run) -> None:
     run.network = network = create_network(run.pipe, run.cfg.network, run.arch)
     run.train_unet = run.family.denoiser_component in network.plan
     run.train_te = any(c.startswith("text_encoder") for c in network.plan)
-    if not run.cfg.training.gradient_checkpointing:
+    tc = run.cfg.training
+    if not tc.gradient_checkpointing:
         return
-    run.denoiser.enable_gradient_checkpointing()
+    enable_checkpointing(run.denoiser, Offload(run.accelerator.device) if tc.cpu_offload_checkpointing else None)
     for te in run.text_encoders if run.train_te else ():
         # non-reentrant: the reentrant variant passes no gradient to LoRA layers whose inputs need none
         kwargs = {"use_reentrant": False}

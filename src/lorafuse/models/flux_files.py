@@ -144,14 +144,14 @@ def transformer_to_diffusers(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
         m = _BFL_BLOCK.match(key)
         if m:
             kind, i, module, param = m.groups()
-            prefix = f"{_DIFFUSERS_BLOCK[kind]}.{i}."
+            block = f"{_DIFFUSERS_BLOCK[kind]}.{i}."
             if param == "scale" and module in _NORMS:
-                out[prefix + _NORMS[module] + ".weight"] = value
+                out[block + _NORMS[module] + ".weight"] = value
                 continue
             pieces = (BFL_DOUBLE if kind == "double_blocks" else BFL_SINGLE).get(module)
             if pieces is not None and param != "scale":
                 rows = _split_rows(value, len(pieces), width) if len(pieces) > 1 else [value]
-                out.update({f"{prefix}{p}.{param}": r for p, r in zip(pieces, rows, strict=True)})
+                out.update({f"{block}{p}.{param}": r for p, r in zip(pieces, rows, strict=True)})
                 continue
         m = _BFL_TOP.match(key)
         if m and m.group(1) in BFL_TOP:

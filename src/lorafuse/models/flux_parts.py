@@ -51,10 +51,10 @@ def load_flux_parts(
     missing = [p for p in PARTS if p != BASE_OPTION and not parts.get(p)]
     unknown = sorted(set(parts) - set(PARTS))
     if missing or unknown:
+        problems = [f"{what}: {', '.join(names)}" for what, names in (("missing", missing), ("unknown", unknown)) if names]
         raise UserInputError(
             f"{transformer}: a FLUX.1 transformer file needs model.ae, model.clip_l and model.t5xxl beside it "
-            f"(kohya's ae / clip_l / t5xxl); {'missing: ' + ', '.join(missing) if missing else ''}"
-            f"{' unknown: ' + ', '.join(unknown) if unknown else ''}"
+            f"(kohya's ae / clip_l / t5xxl); {'; '.join(problems)}"
         )
     # 1. every file there, readable and holding the component its option names (headers only)
     paths = {
@@ -70,18 +70,7 @@ def load_flux_parts(
     models, converters = empty_models(paths, shapes, folder)
     # 3. the tokenizers (local files only), before the weights are read
     tokenizer, tokenizer_2 = _tokenizers(folder, tokenizers)
-    for tok, option, component in (
-        (tokenizer, "clip_l", "text_encoder"),
-        (tokenizer_2, "t5xxl", "text_encoder_2"),
-    ):
-        rows = models[
-            component
-        ].config.vocab_size  # the file's embedding rows (checked against the config above)
-        if len(tok) > rows:  # ids past the embedding would fail at the first prompt, or index garbage
-            raise UserInputError(
-                f"the tokenizer for {option} ({paths[option]}) has {len(tok)} tokens, its embedding {rows} rows: "
-                f"the tokenizers ({tokenizers or ' / '.join(DEFAULT_TOKENIZERS)}) are not this model's"
-            )
+    _check_vocab({"clip_l": tokenizer, "t5xxl": tokenizer_2}, models, paths, tokenizers)
     # 4. the weights, cast to dtype
     dtype = dtype or torch.float32
     for option, (_, component) in PARTS.items():
@@ -113,6 +102,18 @@ def empty_models(
         hint = _HINT.format(source=source, sub=component)
         ff.check_fits(paths[option], option, got, want, f"the {component} model", hint)
     return models, converters
+
+
+def _check_vocab(tokenizers: Mapping[str, Any], models: Mapping[str, nn.Module], paths: Mapping[str, Path],
+                 source: str | None) -> None:  # fmt: skip
+    """Token ids past a text encoder's embedding rows would fail at the first prompt: another model's tokenizer."""
+    for option, tok in tokenizers.items():
+        rows = models[PARTS[option][1]].config.vocab_size  # the file's rows (checked against the config)
+        if len(tok) > rows:
+            raise UserInputError(
+                f"the tokenizer for {option} ({paths[option]}) has {len(tok)} tokens, its embedding {rows} rows: "
+                f"the tokenizers ({source or ' / '.join(DEFAULT_TOKENIZERS)}) are not this model's"
+            )
 
 
 def _meta(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:

@@ -277,10 +277,10 @@ def test_tokenizers_from_the_local_cache(original, files, tmp_path, monkeypatch)
     whose cached snapshot holds tokenizer/, tokenizer_2/ and the configs. Nothing is fetched."""
     import shutil
 
+    import huggingface_hub.constants
+
     from lorafuse.models.tiny import TINY_WORDS
     from lorafuse.models.tokenizer import build_clip_tokenizer
-
-    import huggingface_hub.constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))

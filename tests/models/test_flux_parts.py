@@ -203,6 +203,7 @@ def test_sizes_the_configs_do_not_describe(files, tmp_path):
 
 
 def test_tokenizers_not_available_offline(files, monkeypatch):
+    import importlib.util
     import shutil
 
     from lorafuse.models.tiny import TINY_WORDS
@@ -223,7 +224,13 @@ def test_tokenizers_not_available_offline(files, monkeypatch):
         UserInputError, match=r"tokenizer for t5xxl .* has \d+ tokens, its embedding \d+ rows"
     ):
         _load(files)
-    shutil.rmtree(folder / "tokenizer_2")  # a FLUX.1 folder without T5's tokenizer
+    shutil.rmtree(folder / "tokenizer_2")
+    if importlib.util.find_spec("sentencepiece") is None:  # google/t5-v1_1-xxl's files: a SentencePiece model only
+        (folder / "tokenizer_2").mkdir()
+        (folder / "tokenizer_2" / "spiece.model").write_bytes(b"not read")
+        with pytest.raises(UserInputError, match=r"tokenizer_2 \(only spiece\.model, which needs: pip install sentencepiece"):
+            _load(files)
+        shutil.rmtree(folder / "tokenizer_2")  # a FLUX.1 folder without T5's tokenizer
     with pytest.raises(UserInputError, match=r"missing .*tokenizer_2 \(no tokenizer\.json / spiece\.model\)"):
         _load(files)
 
@@ -272,10 +279,13 @@ def test_tokenizers_from_the_local_cache(original, files, tmp_path, monkeypatch)
 
     import huggingface_hub.constants
 
+    from lorafuse.models.tiny import TINY_WORDS
+    from lorafuse.models.tokenizer import build_clip_tokenizer
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     clip_id, t5_id = flux_parts.DEFAULT_TOKENIZERS
-    original.tokenizer.save_pretrained(_cached(tmp_path / "hub", clip_id))
+    build_clip_tokenizer(TINY_WORDS, _cached(tmp_path / "hub", clip_id))  # vocab.json + merges.txt, as openai's
     original.tokenizer_2.save_pretrained(_cached(tmp_path / "hub", t5_id))
     monkeypatch.setattr(flux_parts, "_config", lambda folder, sub: flux_parts.json.loads(
         (files["tokenizers"] / sub / "config.json").read_text()))  # fmt: skip

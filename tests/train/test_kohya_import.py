@@ -286,3 +286,15 @@ def test_flux_train_network_keys():
     assert "no text attention mask" in reasons["apply_t5_attn_mask"]
     details = " | ".join(row.detail for row in refused.refused)
     assert "train_blocks must be all, double or single" in details and "T5-XXL LoRAs are not trained" in details
+
+
+def test_flux_config_import_keeps_the_separate_files(in_repo, tmp_path, capsys):
+    """kohya's four FLUX.1 files survive `config import` and the TOML round trip as model.ae / clip_l / t5xxl."""
+    example = REPO / "examples" / "kohya" / "flux_lora.toml"
+    out = tmp_path / "flux.toml"
+    assert main(["config", "import", str(example), "--out", str(out)]) == 0
+    assert "model.t5xxl" in capsys.readouterr().out
+    cfg, imp = load_train_config_any(example)
+    assert imp is not None and load_train_config(out) == cfg
+    assert cfg.model.part_files == {"ae": "/models/ae.safetensors", "clip_l": "/models/clip_l.safetensors",
+                                    "t5xxl": "/models/t5xxl_fp16.safetensors"}  # fmt: skip

@@ -238,7 +238,8 @@ class Flux(Family):
     uses_clip_skip = False  # FLUX reads CLIP-L's pooled output and T5's last layer
     long_prompts = False  # kohya's 75-token CLIP windows: FLUX reads long captions through T5 instead
     # kohya's FLUX.1 files: BFL transformer names under lora_unet_, CLIP-L under lora_te1_ (lora/flux_keys.py)
-    kohya_prefixes: ClassVar = {"transformer": "lora_unet_", "text_encoder": "lora_te1_"}
+    # kohya's lora_flux numbers the text encoders: CLIP-L lora_te1_, T5-XXL lora_te3_
+    kohya_prefixes: ClassVar = {"transformer": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"}
     uniform_alpha_ok = False  # fused-qkv modules carry their own alphas (lora/formats/kohya.py)
     kohya_network_module = "networks.lora_flux"
     modelspec_prediction_type = None  # rectified flow: neither epsilon nor v

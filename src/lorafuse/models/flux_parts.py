@@ -14,6 +14,7 @@ The weights are then read and cast to the chosen dtype (fp8-stored files are upc
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -227,6 +228,11 @@ def _tokenizers(folder: Path | None, source: str | None) -> tuple[Any, Any]:
         path = _local_snapshot(name)
         if path is None or not any((path / f).is_file() for f in files):
             missing.append(f"{name} (no {' / '.join(files)})")
+            continue
+        only_spm = (path / "spiece.model").is_file() and not (path / "tokenizer.json").is_file()
+        if only_spm and importlib.util.find_spec("sentencepiece") is None:
+            # google/t5-v1_1-xxl ships only spiece.model; transformers then blames a missing tiktoken
+            missing.append(f"{name} (only spiece.model, which needs: pip install sentencepiece protobuf)")
             continue
         try:
             found.append(cls.from_pretrained(path, local_files_only=True))

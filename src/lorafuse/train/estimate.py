@@ -173,7 +173,9 @@ def _swapped_bytes(cfg: TrainConfig, family: Any, denoiser: nn.Module) -> int:
 
     kinds = family.swap_blocks(denoiser)
     if kinds is None:
-        raise UserInputError(f"training.blocks_to_swap is for FLUX.1's transformer blocks; {family.label} has none")
+        raise UserInputError(
+            f"training.blocks_to_swap is for FLUX.1's transformer blocks; {family.label} has none"
+        )
     sizes = [_denoiser_bytes(b, _DTYPE[cfg.training.mixed_precision], cfg.model.quantize_base)
              for b in swapped_blocks(*kinds, n)]  # fmt: skip
     return sum(sizes) - max(sizes)
@@ -245,7 +247,9 @@ def _estimate(
     if not ds.cache_latents:
         step = max(step, probes.vae(vae, tc.train_batch_size, ds.size[::-1]))
     caches = _cache_bytes(cfg, latent, text, samples)
-    den_bytes = _denoiser_bytes(denoiser, dtype, cfg.model.quantize_base) - _swapped_bytes(cfg, family, denoiser)
+    den_bytes = _denoiser_bytes(denoiser, dtype, cfg.model.quantize_base) - _swapped_bytes(
+        cfg, family, denoiser
+    )
     est = MemoryEstimate(device=device, host_caches=0 if on_cpu else caches)
     est.parts = {
         "weights": den_bytes + (0 if free_te else te_bytes) + (vae_kept if ds.cache_latents else _bytes(vae)),
@@ -301,6 +305,7 @@ def options_that_fit(cfg: TrainConfig, capacity: int, estimate) -> list[tuple[st
     """Settings that bring the peak under `capacity`: each single change that suffices, else the changes of
     `_OPTIONS` taken in order until it fits. [(what to set, its peak)]; empty when nothing listed fits.
     `estimate(cfg) -> MemoryEstimate` (the caller's, so that the base is built once)."""
+
     def estimate_or_none(c: TrainConfig) -> MemoryEstimate | None:
         try:
             return estimate(c)
@@ -320,10 +325,26 @@ def options_that_fit(cfg: TrainConfig, capacity: int, estimate) -> list[tuple[st
         if changed is None or (est := estimate_or_none(changed)) is None:
             continue
         current = changed
-        steps.append(text)
+        steps.append((text, change))
         if est.fits(capacity):
-            return [(" and ".join(steps), est.peak)]
+            return [_pruned(cfg, steps, capacity, estimate_or_none)]
     return []
+
+
+def _pruned(cfg: TrainConfig, steps: list, capacity: int, estimate) -> tuple[str, int]:
+    """The changes taken in order, less each one the others fit without (last first): a short list to set."""
+    kept = list(steps)
+    for step in reversed(steps):
+        trial = [s for s in kept if s is not step]
+        changed: TrainConfig | None = cfg
+        for _, change in trial:
+            changed = _with(changed, change) or changed
+        if trial and (est := estimate(changed)) is not None and est.fits(capacity):
+            kept = trial
+    final = cfg
+    for _, change in kept:
+        final = _with(final, change) or final
+    return " and ".join(text for text, _ in kept), estimate(final).peak
 
 
 def check_fits(

@@ -15,16 +15,19 @@ layer presets; timing `benchmarks.timing.interleaved`: rows interleaved per roun
     base           plain sampling: CFG --cfg on SD; FLUX dev without true CFG (embedded guidance 3.5)
     base + CFG     FLUX only: true CFG --cfg with a negative prompt (what CRAFT's ACFG is compared with)
     direct, klora (mechanism auto / inplace), switch (auto / inplace), craft (ACFG, the uncond half on the base)
-"x base" is the median over rounds of row time / base time in the same round (its IQR beside it); goals:
-K-LoRA <= 1.05x base, ACFG <= 1.10x plain CFG.
+Each plan samples --images images in a row (the base too): "x base" is the median over rounds of the last image's
+time over the base's last image in the same round (its IQR beside it), what each further seed or prompt costs;
+"1st image" is the same ratio for a plan's first image, which also pays what a mechanism does once per plan
+(ACFG's merges of W + ω ΔW, "inplace"'s first switches from the base). Goals: K-LoRA <= 1.05x base, ACFG <= 1.10x
+plain CFG.
 
 Memory. "held MB": resident memory the plan adds (RSS after plan() minus before, after gc; a CPU run, so weights
 and copies are in the same RAM). "extra GB at full size": `fusion.variants.mechanism_bytes` from the parameter
 counts of the full-size architectures (meta device), bf16 weights, float32 LoRA factors, two LoRAs on every
 attention projection at rank --rank: what each mechanism needs beyond the model, on the device and on the host.
 
-    OMP_NUM_THREADS=2 python -m benchmarks.realsize [--bases sd15 sdxl flux] [--size 256] [--steps 4]
-        [--repeats 3] [--rank 16] [--threads 2] [--quick]
+    OMP_NUM_THREADS=1 python -m benchmarks.realsize [--bases sd15 sdxl flux] [--size 256] [--steps 4]
+        [--repeats 3] [--rank 16] [--threads 1] [--images 2] [--quick]
     python -m benchmarks.realsize --smoke     # memory table + one base at 64 px, 2 steps, 1 round
 """
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import tempfile
 import time
 import warnings
@@ -166,9 +170,18 @@ def measure(name: str, args) -> dict:
     base_guidance = 1.0 if flux else args.cfg  # FLUX dev: no true CFG by default
     common = dict(steps=args.steps, seed=0, height=args.size, width=args.size, output="latent", progress=False)
     held: dict[str, float] = {}
+    first: dict[str, list[float]] = {}  # label -> the first image's seconds per kept round (warm-up included)
 
-    def plain(guidance: float, negative: str | None = None):
-        return lambda: _timed(lambda: sample(pipe, PROMPT, negative_prompt=negative, guidance=guidance, **common))
+    def images(label: str, one_image) -> float:
+        """`args.images` images in a row; the last one's seconds go to the ratio, the first one's to `first`:
+        a plan's first image also pays what the mechanism does once (ACFG's merges, inplace's first switches)."""
+        seconds = [_timed(one_image) for _ in range(args.images)]
+        first.setdefault(label, []).append(seconds[0])
+        return seconds[-1]
+
+    def plain(label: str, guidance: float, negative: str | None = None):
+        return lambda: images(label, lambda: sample(pipe, PROMPT, negative_prompt=negative, guidance=guidance,
+                                                    **common))  # fmt: skip
 
     def method(label: str, m: str, c, s, guidance: float, negative: str | None = None, **options):
         config = make_config(m, **options)
@@ -178,16 +191,16 @@ def measure(name: str, args) -> dict:
             plan = get_method(m)().plan(pipe, c, s, config)
             held[label] = max(held.get(label, 0.0), (_rss() - before) / 1e6)
             try:
-                return _timed(lambda: sample(pipe, PROMPT, negative_prompt=negative, hooks=plan.hooks,
-                                             guidance=plan.guidance(guidance), **common))  # fmt: skip
+                return images(label, lambda: sample(pipe, PROMPT, negative_prompt=negative, hooks=plan.hooks,
+                                                    guidance=plan.guidance(guidance), **common))  # fmt: skip
             finally:
                 plan.close()
 
         return run
 
-    runs = {"base": plain(base_guidance)}
+    runs = {"base": plain("base", base_guidance)}
     if flux:
-        runs["base + CFG"] = plain(args.cfg, NEGATIVE)
+        runs["base + CFG"] = plain("base + CFG", args.cfg, NEGATIVE)
     if not args.quick:
         runs["direct"] = method("direct", "direct", content, style, base_guidance)
     for mech in ("auto", "inplace"):
@@ -196,18 +209,20 @@ def measure(name: str, args) -> dict:
             runs[f"switch {mech}"] = method(f"switch {mech}", "switch", content, style, base_guidance,
                                             mechanism=mech)  # fmt: skip
     runs["craft (ACFG)"] = method("craft (ACFG)", "craft", craft_c, craft_s, args.cfg, NEGATIVE if flux else None)
+    load_before = os.getloadavg()[0]
     times = interleaved(runs, repeats=args.repeats, warmup=1,
                         on_round=lambda r: print(f"  {name}: round {r + 1}/{args.repeats + 1}", flush=True))  # fmt: skip
+    first = {label: seconds[1:] for label, seconds in first.items()}  # drop the warm-up round, as interleaved does
     cfg_ref = "base + CFG" if flux else "base"
-    per_base, per_cfg = ratios(times, "base"), ratios(times, cfg_ref)
     rows = {}
     for label in runs:
-        ref = per_cfg if label.startswith("craft") else per_base
-        rows[label] = {"sample_s": spread(times[label]), "ratio": spread(ref[label]),
-                       "over": cfg_ref if label.startswith("craft") else "base", "held_mb": held.get(label)}  # fmt: skip
+        ref = cfg_ref if label.startswith("craft") else "base"
+        rows[label] = {"sample_s": spread(times[label]), "ratio": spread(ratios(times, ref)[label]),
+                       "first_s": spread(first[label]), "first_ratio": spread(ratios(first, ref)[label]),
+                       "over": ref, "held_mb": held.get(label)}  # fmt: skip
     n_params = sum(p.numel() for p in family.denoiser(pipe).parameters())
-    result = {"reduced": REDUCED[name], "denoiser_params_b": n_params / 1e9, "build_s": built_s,
-              "rows": rows, "cfg": args.cfg, "base_guidance": base_guidance}  # fmt: skip
+    result = {"reduced": REDUCED[name], "denoiser_params_b": n_params / 1e9, "build_s": built_s, "rows": rows,
+              "cfg": args.cfg, "base_guidance": base_guidance, "load_avg": [load_before, os.getloadavg()[0]]}  # fmt: skip
     return result  # the pipeline goes with this frame; main() collects before the next base
 
 
@@ -225,12 +240,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--cfg", type=float, default=5.0, help="CFG scale (true CFG on FLUX.1)")
-    ap.add_argument("--threads", type=int, default=2)
+    # 1 thread by default: on a shared 2-core machine, 2 OpenMP threads make every op wait for a descheduled
+    # sibling at its barrier; that once made one base sampling 2.5x slower than the next in the same process
+    # (56 s vs 22 s at 64 px) and swamped every ratio. One thread per process is what the ratios need.
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--images", type=int, default=2,
+                    help="images per plan; the ratio is the last one's (a user sampling seeds pays that per image)")
     ap.add_argument("--quick", action="store_true", help="only the goal rows: base, CFG, K-LoRA, CRAFT")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
         args.bases, args.size, args.steps, args.repeats = args.bases[:1], 64, 2, 1
+    if args.images < 1:
+        ap.error("--images must be >= 1")
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
 
@@ -250,22 +272,26 @@ def main() -> None:
         results[name] = measure(name, args)
         gc.collect()
     labels = list(dict.fromkeys(label for r in results.values() for label in r["rows"]))
-    header = ["row", *(f"{n} x base (IQR)" for n in results), *(f"{n} held MB" for n in results)]
+    header = ["row", *(f"{n} x base (IQR)" for n in results), *(f"{n} 1st image" for n in results),
+              *(f"{n} held MB" for n in results)]  # fmt: skip
     table = []
     for label in labels:
-        cells, mem = [], []
+        cells, firsts, mem = [], [], []
         for r in results.values():
             row = r["rows"].get(label)
             if row is None:
                 cells.append("-")
+                firsts.append("-")
                 mem.append("-")
                 continue
             x = row["ratio"]
             vs = " vs CFG" if label.startswith("craft") else ""
             cells.append(f"{x['median']:.3f} ({x['q25']:.2f}-{x['q75']:.2f}){vs}")
+            firsts.append(f"{row['first_ratio']['median']:.3f}")
             mem.append("-" if row["held_mb"] is None else f"{row['held_mb']:.0f}")
-        table.append([label, *cells, *mem])
-    print(f"\nsampling time over the base's, {args.threads} threads; goals: K-LoRA <= {GOALS['klora']}x base, "
+        table.append([label, *cells, *firsts, *mem])
+    print(f"\nsampling time over the base's, image {args.images} of a plan (1st image: a plan's first, which also "
+          f"pays what a mechanism does once), {args.threads} thread(s); goals: K-LoRA <= {GOALS['klora']}x base, "
           f"ACFG <= {GOALS['craft']}x plain CFG")  # fmt: skip
     print_table(header, table)
     for name, r in results.items():

@@ -66,11 +66,16 @@ def test_sdxl_style_example_with_dataset_config(tmp_path):
     assert not validate_lora(state, pipe, arch="sdxl").warnings
 
 
-def test_flux_example(tmp_path):
-    """kohya's FLUX guide settings train flux-tiny unchanged but for paths; lora_flux's block indices pick the
-    blocks (single blocks 0-1 of the tiny model's 4)."""
+def test_flux_example(tmp_path, tiny_flux):
+    """kohya's FLUX guide settings train flux-tiny, given as kohya's four separate files (BFL transformer, ae,
+    clip_l, t5xxl), unchanged but for paths; lora_flux's block indices pick the blocks (single blocks 0-1 of the
+    tiny model's 4)."""
+    from tests.flux_disk import write_parts
+
+    files = write_parts(tiny_flux(), tmp_path / "models")
     write_subject_dataset("robot_09", tmp_path / "data", n=2, repeats=1)
-    argv = ["train", str(EXAMPLES / "flux_lora.toml"), "--pretrained_model_name_or_path", "flux-tiny",
+    paths = [f"--{k}={v}" for k, v in files.items()]  # the four files, and --tokenizers: a folder of flux-tiny's
+    argv = ["train", str(EXAMPLES / "flux_lora.toml"), *paths,
             "--train_data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"),
             "--max_train_steps", "2", "--max_train_epochs", "none", "--mixed_precision", "no",
             "--optimizer_type", "AdamW", *TINY]  # fmt: skip

@@ -250,7 +250,8 @@ def test_readme_lists_every_kohya_key():
 
 def test_flux_train_network_keys():
     """kohya's flux_train_network.py options: the loss and guidance keys map, the block selection of
-    networks.lora_flux becomes network.layers, the separate component files and the T5 mask are refused."""
+    networks.lora_flux becomes network.layers, the separate component files map to model.ae / clip_l / t5xxl, the
+    T5 mask is refused."""
     base = {"pretrained_model_name_or_path": "flux-tiny", "train_data_dir": "d"}
     flux = {
         "network_module": "networks.lora_flux", "network_train_unet_only": True,
@@ -273,10 +274,27 @@ def test_flux_train_network_keys():
     assert _build(both).network.layers == (r"^transformer_blocks\.(1)\.",)
     assert _build(convert_flat({**base, "network_args": ["train_blocks=double"]})).network.layers == "double"
 
-    refused = convert_flat({**base, "ae": "ae.sft", "t5xxl": "t5.sft", "apply_t5_attn_mask": True,
+    parts = {"pretrained_model_name_or_path": "flux1-dev.safetensors", "ae": "ae.safetensors",
+             "clip_l": "clip_l.safetensors", "t5xxl": "t5xxl_fp16.safetensors"}  # fmt: skip
+    model = _build(convert_flat({**base, **parts})).model
+    assert (model.ae, model.clip_l, model.t5xxl) == ("ae.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors")
+    assert model.part_files == {k: v for k, v in parts.items() if k != "pretrained_model_name_or_path"}
+
+    refused = convert_flat({**base, "apply_t5_attn_mask": True,
                             "network_args": ["train_blocks=middle", "train_t5xxl=True"]})  # fmt: skip
     reasons = {row.key.split(".")[0]: row.detail for row in refused.refused}
-    assert "come with the base" in reasons["ae"] and "come with the base" in reasons["t5xxl"]
     assert "no text attention mask" in reasons["apply_t5_attn_mask"]
     details = " | ".join(row.detail for row in refused.refused)
     assert "train_blocks must be all, double or single" in details and "T5-XXL LoRAs are not trained" in details
+
+
+def test_flux_config_import_keeps_the_separate_files(in_repo, tmp_path, capsys):
+    """kohya's four FLUX.1 files survive `config import` and the TOML round trip as model.ae / clip_l / t5xxl."""
+    example = REPO / "examples" / "kohya" / "flux_lora.toml"
+    out = tmp_path / "flux.toml"
+    assert main(["config", "import", str(example), "--out", str(out)]) == 0
+    assert "model.t5xxl" in capsys.readouterr().out
+    cfg, imp = load_train_config_any(example)
+    assert imp is not None and load_train_config(out) == cfg
+    assert cfg.model.part_files == {"ae": "/models/ae.safetensors", "clip_l": "/models/clip_l.safetensors",
+                                    "t5xxl": "/models/t5xxl_fp16.safetensors"}  # fmt: skip

@@ -10,7 +10,8 @@ from lorafuse.errors import UserInputError
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bake", help="fuse LoRAs into a base and save it as a new pipeline folder")
-    p.add_argument("--base", default="world", help="world, a diffusers folder or a .safetensors checkpoint")
+    p.add_argument("--base", default="world", help="world, a diffusers folder or a .safetensors checkpoint, or a TOML "
+                   "config naming FLUX.1's separate files (then baked into one diffusers folder)")
     p.add_argument("--lora", nargs="+", action="append", required=True, metavar="FILE [WEIGHT]",
                    help="a LoRA file and its weight (default 1); repeatable")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="new pipeline folder")

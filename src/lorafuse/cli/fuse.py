@@ -83,7 +83,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument(
-        "--base", default="world", help="world (default), sd15-tiny, sdxl-tiny, a folder or a checkpoint"
+        "--base",
+        default="world",
+        help="world (default), sd15-tiny, sdxl-tiny, a folder or a checkpoint, or a TOML config naming FLUX.1's "
+        "separate files (pretrained_model_name_or_path, ae, clip_l, t5xxl)",
     )
     p.add_argument(
         "--set", action="append", default=[], metavar="OPT=VALUE", help="a method option; repeatable"

@@ -38,14 +38,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
         help="train a LoRA (kohya options, TOML config)",
-        usage="lorafuse train [CONFIG.toml] [--set KEY=VALUE ...] [--dry-run] [--no-progress] [--FIELD VALUE ...]",
+        usage="lorafuse train [CONFIG.toml] [--set KEY=VALUE ...] [--dry-run] [--estimate [--device-memory GB]] "
+        "[--no-progress] [--FIELD VALUE ...]",
         description="Train a LoRA on a kohya-style dataset folder. Options come from CONFIG (TOML, one table per "
         "group below), then --set, then the flags; every flag is also a TOML key, shown in brackets.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  lorafuse train examples/world_content_lora.toml\n"
         "  lorafuse train run.toml --set network.network_dim=16 --max_train_steps 200\n"
         "  lorafuse train run.toml --num-processes 2   # DDP: same as accelerate launch --num_processes 2 -m "
-        "lorafuse train run.toml",
+        "lorafuse train run.toml\n"
+        "  lorafuse train run.toml --estimate --device-memory 24   # will it fit a 24 GB GPU? (loads nothing)",
     )
     p.add_argument("config", nargs="?", type=Path, help="TOML config file (tables [model], [dataset], ...)")
     p.add_argument(
@@ -60,6 +62,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dry-run", action="store_true", help="check the config and dataset, print the plan, exit"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--estimate",
+        action="store_true",
+        help="print the expected peak memory (weights, LoRA, optimizer, activations, caches) and exit; loads no "
+        "weights. Plan for a base you have not downloaded with --pretrained_model_name_or_path reference:sdxl",
+    )
+    p.add_argument(
+        "--device-memory",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="with --estimate: the GPU's memory in GiB (e.g. 24); says whether the run fits and what would make "
+        "it fit. Default: the visible CUDA device's, none on a CPU",
+    )
     add_num_processes_argument(p, "train in N processes with DDP", "train_batch_size is per process")
     seen: set[str] = set()
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -140,6 +156,27 @@ def collect_overrides(args: argparse.Namespace) -> dict[str, str]:
     return overrides
 
 
+def _estimate(cfg, device_memory: float | None) -> int:
+    import torch
+
+    from lorafuse.train.estimate import GB, check_fits, estimate_memory
+
+    if device_memory is not None and device_memory <= 0:
+        raise UserInputError(f"--device-memory {device_memory}: give the GPU's memory in GiB, e.g. 24")
+    capacity = None if device_memory is None else int(device_memory * GB)
+    if capacity is None and torch.cuda.is_available():
+        capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    if capacity is None:
+        print(estimate_memory(cfg, device="cpu").format())
+        return 0
+    try:
+        print(check_fits(cfg, capacity).format(capacity))
+    except UserInputError as e:
+        print(e)
+        return 1
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import sys
 
@@ -156,6 +193,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         for row in imported.rows:
             if row.action == "no effect" and row.detail != "off":
                 print(f"  {row.key}: no effect here: {row.detail}", file=sys.stderr)
+    if args.estimate:
+        return _estimate(cfg, args.device_memory)
     if args.dry_run:
         from lorafuse.train.data import describe
         from lorafuse.train.scan import scan_dataset

@@ -11,7 +11,8 @@ A family owns
 - its LoRA components and how its files are written: kohya prefixes, SGM UNet names, one alpha or per-module
   alphas, `ss_network_module`, `modelspec.*`; the real-size module shapes a foreign LoRA is checked against;
 - the layer presets (K-LoRA, B-LoRA, CRAFT), and the presets or methods it refuses, with the reason;
-- its tiny random-weight test bases (`tiny_bases`: name -> "module:builder" in `models/`).
+- its tiny random-weight test bases (`tiny_bases`: name -> "module:builder" in `models/`), and the separate
+  component files its single-file checkpoints come with (`part_files`, assembled by `parts_loader`).
 Adding a family is one module that subclasses `Family`, one line in `families/registry.py` and its tiny builder
 in `models/`; no other module branches on a family's name (tests/families/test_families.py checks).
 """
@@ -61,6 +62,10 @@ class Family:
     modelspec_prediction_type: ClassVar[str | None] = "epsilon"  # `modelspec.prediction_type`; None: not written
     reference_unet: ClassVar[Mapping[str, Any] | None] = None  # the released UNet's config (its SGM block layout)
     tiny_bases: ClassVar[Mapping[str, str]] = {}  # built-in tiny test base name -> "module:builder" in models/
+    # the separate component files a single-file checkpoint of this family may come with (model config names,
+    # e.g. FLUX.1's "ae", "clip_l", "t5xxl") and the "module:function" in models/ assembling a pipeline from them
+    part_files: ClassVar[tuple[str, ...]] = ()
+    parts_loader: ClassVar[str] = ""
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
@@ -190,6 +195,11 @@ class Family:
         guidance-distilled family, ignored by the others."""
         h, w = latent_hw
         return self.model_fn(denoiser, height=h * 8, width=w * 8)
+
+    def swap_blocks(self, denoiser: nn.Module) -> tuple[Sequence[nn.Module], Sequence[nn.Module]] | None:
+        """(double-stream, single-stream) blocks that `training.blocks_to_swap` may keep in host memory (kohya's
+        FLUX.1 block swap); None: the family has no such blocks."""
+        return None
 
     def normalize_latents(self, latents: Tensor, vae_config: Mapping[str, Any]) -> Tensor:
         """VAE posterior latents -> the denoiser's latent space: (z - shift_factor) * scaling_factor (no shift for

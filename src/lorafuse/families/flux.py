@@ -91,6 +91,40 @@ MLP_RATIO = 4  # FluxSingleTransformerBlock's mlp_hidden_dim = 4 · dim (not con
 MAX_SEQUENCE_LENGTH = 512  # T5 tokens, FluxPipeline's default
 DEFAULT_EMBEDDED_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale for dev
 
+# Black Forest Labs' module names -> diffusers' (fused Linears list their row blocks in order): base weights
+# (models/flux_files.py) and LoRA files (lora/flux_keys.py) use the same table
+BFL_DOUBLE: dict[str, tuple[str, ...]] = {
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "img_attn.proj": ("attn.to_out.0",),
+    "img_mlp.0": ("ff.net.0.proj",),
+    "img_mlp.2": ("ff.net.2",),
+    "img_mod.lin": ("norm1.linear",),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "txt_attn.proj": ("attn.to_add_out",),
+    "txt_mlp.0": ("ff_context.net.0.proj",),
+    "txt_mlp.2": ("ff_context.net.2",),
+    "txt_mod.lin": ("norm1_context.linear",),
+}
+BFL_SINGLE: dict[str, tuple[str, ...]] = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation.lin": ("norm.linear",),
+}
+BFL_TOP: dict[str, str] = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",
+}
+# AdaLayerNormContinuous chunks its output as (scale, shift); BFL's final layer as (shift, scale)
+BFL_SWAPPED = frozenset({"final_layer.adaLN_modulation.1"})
+
 DOUBLE, SINGLE = "transformer_blocks", "single_transformer_blocks"
 DOUBLE_ATTN = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
 SINGLE_ATTN = r"attn\.(to_q|to_k|to_v)"
@@ -204,7 +238,8 @@ class Flux(Family):
     uses_clip_skip = False  # FLUX reads CLIP-L's pooled output and T5's last layer
     long_prompts = False  # kohya's 75-token CLIP windows: FLUX reads long captions through T5 instead
     # kohya's FLUX.1 files: BFL transformer names under lora_unet_, CLIP-L under lora_te1_ (lora/flux_keys.py)
-    kohya_prefixes: ClassVar = {"transformer": "lora_unet_", "text_encoder": "lora_te1_"}
+    # kohya's lora_flux numbers the text encoders: CLIP-L lora_te1_, T5-XXL lora_te3_
+    kohya_prefixes: ClassVar = {"transformer": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"}
     uniform_alpha_ok = False  # fused-qkv modules carry their own alphas (lora/formats/kohya.py)
     kohya_network_module = "networks.lora_flux"
     modelspec_prediction_type = None  # rectified flow: neither epsilon nor v
@@ -212,6 +247,9 @@ class Flux(Family):
         "flux-tiny": "tiny_flux:tiny_flux_pipeline",
         "flux-schnell-tiny": "tiny_flux:tiny_flux_schnell_pipeline",
     }
+    # kohya's flux_train_network.py and ComfyUI keep the transformer, the VAE and both text encoders as files
+    part_files = ("ae", "clip_l", "t5xxl")
+    parts_loader = "flux_parts:load_flux_parts"
     presets: ClassVar = {
         "attn": [pattern(rf"{DOUBLE}\.\d+", DOUBLE_ATTN), pattern(rf"{SINGLE}\.\d+", SINGLE_ATTN)],
         "default": _ALL,
@@ -376,6 +414,10 @@ class Flux(Family):
             return FluxPipeline._unpack_latents(velocity, *pixels, self._latent_factor)  # (B, 16, h, w)
 
         return call
+
+    def swap_blocks(self, denoiser: nn.Module) -> tuple[Any, Any]:
+        inner = getattr(denoiser, "module", denoiser)
+        return inner.transformer_blocks, inner.single_transformer_blocks
 
     # --- reference architecture --------------------------------------------------------------------------
 

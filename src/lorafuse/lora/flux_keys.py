@@ -36,42 +36,12 @@ from dataclasses import dataclass
 import torch
 
 from lorafuse.errors import LoraFormatError
-from lorafuse.families.flux import MLP_RATIO
+from lorafuse.families.flux import BFL_DOUBLE, BFL_SINGLE, BFL_SWAPPED, BFL_TOP, MLP_RATIO
 from lorafuse.lora.state import LoraModule
 
 COMPONENT = "transformer"
 
-_DOUBLE: dict[str, tuple[str, ...]] = {
-    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "img_attn.proj": ("attn.to_out.0",),
-    "img_mlp.0": ("ff.net.0.proj",),
-    "img_mlp.2": ("ff.net.2",),
-    "img_mod.lin": ("norm1.linear",),
-    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "txt_attn.proj": ("attn.to_add_out",),
-    "txt_mlp.0": ("ff_context.net.0.proj",),
-    "txt_mlp.2": ("ff_context.net.2",),
-    "txt_mod.lin": ("norm1_context.linear",),
-}
-_SINGLE: dict[str, tuple[str, ...]] = {
-    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
-    "linear2": ("proj_out",),
-    "modulation.lin": ("norm.linear",),
-}
-_TOP: dict[str, str] = {
-    "img_in": "x_embedder",
-    "txt_in": "context_embedder",
-    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
-    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
-    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
-    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
-    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
-    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
-    "final_layer.linear": "proj_out",
-    "final_layer.adaLN_modulation.1": "norm_out.linear",
-}
-# AdaLayerNormContinuous chunks its output as (scale, shift); BFL's final layer as (shift, scale)
-_SWAPPED = frozenset({"final_layer.adaLN_modulation.1"})
+_DOUBLE, _SINGLE, _TOP, _SWAPPED = BFL_DOUBLE, BFL_SINGLE, BFL_TOP, BFL_SWAPPED
 _BLOCKS = {
     "double_blocks": ("transformer_blocks", _DOUBLE),
     "single_blocks": ("single_transformer_blocks", _SINGLE),

@@ -43,6 +43,7 @@ KOHYA_READ_PREFIXES = {
     "lora_transformer_": "transformer",
     "lora_te1_": "text_encoder",
     "lora_te2_": "text_encoder_2",
+    "lora_te3_": "text_encoder_2",  # FLUX.1: kohya numbers T5-XXL third (CLIP-L is lora_te1_)
     "lora_te_": "text_encoder",
 }
 
@@ -266,6 +267,8 @@ def kohya_name(key: str, arch: str, layout: UnetLayout | None = None) -> str:
         path = sgm
     elif component in TEXT_ENCODERS:
         path = te_canonical_path(path)
+        if path.startswith("text_model.encoder.block."):  # T5 (FLUX.1's lora_te3_): kohya names it without it
+            path = path.removeprefix("text_model.")
     return prefixes[component] + flat(path)
 
 

@@ -7,8 +7,12 @@ Names, checked in this order:
     sd15-tiny, sdxl-tiny, flux-tiny, flux-schnell-tiny
                   tiny random-weight SD1.5 / SDXL / FLUX.1 dev / schnell pipelines (models/tiny*.py)
     a folder with model_index.json    `DiffusionPipeline.from_pretrained`
-    a .safetensors file               `StableDiffusion(XL)Pipeline.from_single_file`
+    a .safetensors file               `StableDiffusion(XL)Pipeline.from_single_file`; with separate part files
+                                      (FLUX.1's ae, clip_l, t5xxl) the family's `parts_loader` assembles it
     "owner/name"                      a Hugging Face repo id, from the local cache only (nothing downloads)
+    a .toml file                      its pretrained_model_name_or_path with the part files beside it (`base_spec`:
+                                      a kohya FLUX.1 config or a lorafuse training config), so every --base can
+                                      name FLUX.1's separate files
 Nothing here downloads: `from_single_file` needs the model's diffusers config, which diffusers takes from the
 local Hugging Face cache; without it the error says how to convert the checkpoint to a folder instead.
 """
@@ -18,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -85,11 +89,69 @@ def _single_file(path: Path, dtype_kw: dict):
     except (
         Exception
     ) as e:  # diffusers raises several types here; all mean "cannot build the pipeline offline"
+        separate = (
+            f"; if the file holds only the {family.denoiser_component}, give its separate files as "
+            + ", ".join(f"model.{p}" for p in family.part_files)
+            if family.part_files
+            else ""
+        )
         raise UserInputError(
             f"{path}: from_single_file could not build a {family.label} pipeline offline ({e}). "
             "It needs the model's diffusers config from the local Hugging Face cache; alternatively convert the "
-            "checkpoint once to a diffusers folder (pipe.save_pretrained) and train on that folder."
+            f"checkpoint once to a diffusers folder (pipe.save_pretrained) and train on that folder{separate}."
         ) from e
+
+
+def _from_parts(name_or_path: str, parts: Mapping[str, str], tokenizers: str | None, dtype: torch.dtype | None):
+    """A single-file checkpoint with its separate component files, assembled by its family's `parts_loader`."""
+    import importlib
+
+    from lorafuse.models.flux_files import read_shapes
+
+    path = Path(name_or_path).expanduser()
+    given = ", ".join(f"model.{p}" for p in parts)
+    if not path.is_file():
+        raise UserInputError(
+            f"{name_or_path}: {given} go with a single-file checkpoint as pretrained_model_name_or_path, and there "
+            "is no such file"
+        )
+    family = family_of_checkpoint(list(read_shapes(path, "pretrained_model_name_or_path")), str(path))
+    if not family.part_files:
+        takes = [f.label for f in FAMILIES.values() if f.part_files]
+        raise UserInputError(
+            f"{path}: a checkpoint of the {family.label} family, but {given} are the separate files of "
+            f"{' / '.join(takes)} bases; a {family.label} checkpoint holds its own VAE and text encoders (leave "
+            "them out)"
+        )
+    module, function = family.parts_loader.split(":")
+    loader = getattr(importlib.import_module(f"lorafuse.models.{module}"), function)
+    return loader(path, parts, tokenizers=tokenizers, dtype=dtype)
+
+
+def base_spec(path: Path) -> tuple[str, dict[str, str], str | None]:
+    """(base, parts, tokenizers) of a TOML file that stands for a base: its `pretrained_model_name_or_path` with
+    the separate part files and `tokenizers`, at the top level (kohya's flat config) or in [model] (a lorafuse
+    training config); other keys are not read. Relative paths are taken from the working folder, as training
+    takes them."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise UserInputError(f"{path}: not a readable TOML file ({e})") from e
+    table = data["model"] if isinstance(data.get("model"), dict) else data
+    base = table.get("pretrained_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise UserInputError(
+            f"{path}: a base given as a TOML file needs pretrained_model_name_or_path (at the top level, as kohya "
+            "writes it, or in [model])"
+        )
+    names = sorted({name for family in FAMILIES.values() for name in family.part_files})
+    tokenizers = table.get("tokenizers")
+    return base, {k: str(table[k]) for k in names if table.get(k)}, None if tokenizers is None else str(tokenizers)
 
 
 def tiny_base(name: str, seed: int = 0):
@@ -101,13 +163,21 @@ def tiny_base(name: str, seed: int = 0):
 
 
 def load_base_pipeline(name_or_path: str, *, device: str | torch.device | None = None,
-                       dtype: str | torch.dtype | None = None):  # fmt: skip
+                       dtype: str | torch.dtype | None = None, parts: Mapping[str, str | None] | None = None,
+                       tokenizers: str | None = None):  # fmt: skip
     """A diffusers pipeline for `name_or_path` (see the module docstring), progress bars off, modules in eval.
 
     device, dtype: where and in which precision its weights live ("cuda", "bf16", ...); None keeps the loaded
-    default (fp32 on the CPU). Both are checked before anything loads."""
+    default (fp32 on the CPU). Both are checked before anything loads.
+    parts: the separate component files of a single-file checkpoint, by model config name (FLUX.1: "ae",
+    "clip_l", "t5xxl"; None values are left out); tokenizers: where their loader finds tokenizers and configs."""
     device, dtype = resolve_device(device), resolve_dtype(dtype)
-    if name_or_path in BUILTIN_BASES:
+    parts = {k: v for k, v in (parts or {}).items() if v}
+    if not parts and name_or_path.lower().endswith(".toml") and Path(name_or_path).expanduser().is_file():
+        name_or_path, parts, tokenizers = base_spec(Path(name_or_path).expanduser())
+    if parts:
+        pipe = _from_parts(name_or_path, parts, tokenizers, dtype)
+    elif name_or_path in BUILTIN_BASES:
         if name_or_path == "world":
             pipe = _world_pipeline()
         elif name_or_path == "world-random":
@@ -203,7 +273,9 @@ def _from_path(name_or_path: str, dtype_kw: dict):
         check_weights_present(path)
         return DiffusionPipeline.from_pretrained(path, **_no_safety_checker(path / "model_index.json"), **dtype_kw)
     if path.is_file():
-        if path.suffix.lower() != ".safetensors":
+        from lorafuse.models.flux_files import SAFETENSORS_SUFFIXES
+
+        if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
             raise UserInputError(
                 f"{path}: lorafuse loads single-file checkpoints as .safetensors only ({path.suffix} files are "
                 "pickles that can run code when loaded); convert it to .safetensors first"

@@ -38,15 +38,33 @@ class ModelConfig:
     # the frozen denoiser's Linear weights stored in 8 bits while the LoRA trains: none, int8 (torchao, any
     # device), fp8 (CUDA with float8 support; kohya's fp8_base). Saves ~3/4 of those weights' memory
     quantize_base: str = "none"
+    # FLUX.1 as kohya's flux_train_network.py / ComfyUI keep it, pretrained_model_name_or_path being the
+    # transformer file (BFL names, fp8 / fp16 / bf16): its VAE file (ae.safetensors)
+    ae: str | None = None
+    # FLUX.1's CLIP-L text encoder file beside the transformer file (clip_l.safetensors)
+    clip_l: str | None = None
+    # FLUX.1's T5-XXL text encoder file beside the transformer file (t5xxl_fp16.safetensors)
+    t5xxl: str | None = None
+    # for those files: a diffusers FLUX.1 folder or Hugging Face cache id whose tokenizer/ and tokenizer_2/ (and
+    # component configs, if it has them) are used; None: openai/clip-vit-large-patch14 and google/t5-v1_1-xxl's
+    # tokenizers from the local cache. Nothing downloads
+    tokenizers: str | None = None
 
     def __post_init__(self) -> None:
         if not self.pretrained_model_name_or_path:
             raise _bad("pretrained_model_name_or_path", "must not be empty")
+        if self.tokenizers is not None and not self.part_files:
+            raise _bad("tokenizers", "completes the separate files ae / clip_l / t5xxl, and none is set")
         if self.quantize_base not in ("none", "int8", "fp8"):
             raise _bad("quantize_base", f"must be none, int8 or fp8, got {self.quantize_base!r}")
         if self.clip_skip < 1:
             raise _bad("clip_skip", f"must be >= 1 (kohya numbering, 1 = last layer), got {self.clip_skip}")
         _positive(self, "guidance_scale")
+
+    @property
+    def part_files(self) -> dict[str, str]:
+        """The separate component files given, by option name (`models.load.load_base_pipeline`'s parts)."""
+        return {k: v for k in ("ae", "clip_l", "t5xxl") if (v := getattr(self, k)) is not None}
 
     @property
     def diffusers_clip_skip(self) -> int | None:
@@ -290,8 +308,17 @@ class TrainingConfig:
     gradient_accumulation_steps: int = 1
     # recompute activations in the backward pass: less memory, slower
     gradient_checkpointing: bool = False
+    # with gradient_checkpointing, the checkpointed blocks' inputs and the other saved activations wait in host
+    # memory instead of on the GPU (kohya's option of that name); gradients unchanged, two copies per block
+    cpu_offload_checkpointing: bool = False
+    # FLUX.1: keep this many transformer blocks' frozen weights in host memory, each brought to the GPU only while
+    # it runs (kohya's blocks_to_swap: N // 2 double and 2 (N - N // 2) single blocks); needs gradient_checkpointing
+    blocks_to_swap: int = 0
     # compute dtype of the frozen base: no (float32), fp16, bf16; LoRA weights stay float32
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # on a CUDA device, stop before loading when the estimated peak memory does not fit (`--estimate`); false
+    # trains anyway
+    memory_check: bool = True
     # seeds data order, augmentation, noise, timesteps and the LoRA's initial weights
     seed: int = 42
     # where LoRA files, states, logs, samples and the effective config go
@@ -357,6 +384,16 @@ class TrainingConfig:
             )
         if self.save_model_as != "safetensors":
             raise _bad("save_model_as", f"must be 'safetensors', got {self.save_model_as!r}")
+        if self.blocks_to_swap < 0:
+            raise _bad("blocks_to_swap", f"must be >= 0, got {self.blocks_to_swap}")
+        if self.blocks_to_swap and not self.gradient_checkpointing:
+            raise _bad(
+                "blocks_to_swap",
+                "needs gradient_checkpointing = true: without it the forward pass keeps every block's weights on the "
+                "device for the backward pass, and swapping saves nothing",
+            )
+        if self.cpu_offload_checkpointing and not self.gradient_checkpointing:
+            raise _bad("cpu_offload_checkpointing", "needs gradient_checkpointing = true (it offloads its checkpoints)")
         if self.sample_every_n_epochs is not None and not self.sample_prompts:
             raise _bad("sample_every_n_epochs", "is set but sample_prompts is empty")
 

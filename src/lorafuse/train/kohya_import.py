@@ -163,6 +163,18 @@ def _use_8bit_adam(imp, key, value, flat):
         imp.note(key, value, "optimizer_type decides" if value else "off")
 
 
+def _checkpointing(imp, key, value, flat):
+    """kohya turns gradient_checkpointing on whenever cpu_offload_checkpointing is on (what it offloads)."""
+    value, offload = bool(cli_value(value)), bool(cli_value(flat.get("cpu_offload_checkpointing", False)))
+    if key == "cpu_offload_checkpointing":
+        imp.put("training.cpu_offload_checkpointing", bool(value), key, value)
+        if value and "gradient_checkpointing" not in flat:
+            imp.data["training"]["gradient_checkpointing"] = True
+    else:
+        how = "cpu_offload_checkpointing turns it on, as in kohya" if offload and not value else ""
+        imp.put("training.gradient_checkpointing", bool(value) or offload, key, value, how)
+
+
 def _fp8_base(imp, key, value, flat):
     if value:
         imp.put("model.quantize_base", "fp8", key, value)
@@ -381,6 +393,8 @@ _HANDLERS = {
     "optimizer_type": _optimizer_type,
     "use_8bit_adam": _use_8bit_adam,
     "fp8_base": _fp8_base,
+    "cpu_offload_checkpointing": _checkpointing,
+    "gradient_checkpointing": _checkpointing,
     "fp8_base_unet": _fp8_base,
     "optimizer_args": _optimizer_args,
     "network_args": _network_args,

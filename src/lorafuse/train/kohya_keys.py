@@ -61,7 +61,7 @@ SAME_NAME: dict[str, str] = {
     "timestep_sampling sigmoid_scale discrete_flow_shift model_prediction_type weighting_scheme logit_mean "
     "logit_std mode_scale",
     "training": "max_train_epochs max_train_steps train_batch_size gradient_accumulation_steps "
-    "gradient_checkpointing mixed_precision seed output_dir output_name save_every_n_epochs save_every_n_steps "
+    "gradient_checkpointing blocks_to_swap mixed_precision seed output_dir output_name save_every_n_epochs save_every_n_steps "
     "save_state save_precision save_model_as save_last_n_epochs save_last_n_steps save_last_n_epochs_state "
     "save_last_n_steps_state sample_every_n_epochs sample_prompts validate_every_n_steps",
 }
@@ -74,8 +74,8 @@ _LOSS = "a loss or noise variant lorafuse does not implement; training would dif
 _CAPTION = "a caption feature lorafuse does not implement"
 _OTHER_ARCH = "an option of kohya's SD3 / SD2 trainers, not of SD1.5 / SDXL / FLUX.1 LoRA training"
 _FLUX_PARTS = (
-    "FLUX.1's VAE and text encoders come with the base: give a diffusers FLUX.1 folder (or a Hugging Face cache id) "
-    "as pretrained_model_name_or_path; separate ae / clip_l / t5xxl files are not loaded"
+    "a separate FLUX.1 file beside the transformer file (pretrained_model_name_or_path); tokenizers from "
+    "model.tokenizers or the local Hugging Face cache"
 )
 
 RULES: dict[str, Rule] = {
@@ -234,16 +234,17 @@ RULES: dict[str, Rule] = {
     "resume_from_huggingface": _refuse(_UPLOAD),
     "async_upload": _refuse(_UPLOAD),
     # --- kohya's FLUX.1 trainer (flux_train_network.py); its loss keys map by name above
-    "ae": _refuse(_FLUX_PARTS),
-    "clip_l": _refuse(_FLUX_PARTS),
-    "t5xxl": _refuse(_FLUX_PARTS),
+    "ae": _map("model.ae", _FLUX_PARTS),
+    "clip_l": _map("model.clip_l", _FLUX_PARTS),
+    "t5xxl": _map("model.t5xxl", _FLUX_PARTS),
     "apply_t5_attn_mask": _refuse(
         "diffusers' FluxTransformer2DModel takes no text attention mask, and FluxPipeline samples without one; a "
         "LoRA trained with the mask would be sampled without it"
     ),
     "split_mode": _refuse("kohya's split_mode (deprecated there) is not implemented"),
-    "cpu_offload_checkpointing": _note(_MEMORY),
-    "blocks_to_swap": _note(_MEMORY),
+    "cpu_offload_checkpointing": _map(
+        "training.cpu_offload_checkpointing", "true turns gradient_checkpointing on as well, as kohya does"
+    ),
     "single_blocks_to_swap": _note(_MEMORY),
     "double_blocks_to_swap": _note(_MEMORY),
     "fused_backward_pass": _note(_MEMORY),

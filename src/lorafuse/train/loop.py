@@ -35,6 +35,7 @@ from lorafuse.train.checkpoint import Progress, rng_state, save_train_state
 from lorafuse.train.config import TrainConfig
 from lorafuse.train.losses import diffusion_loss
 from lorafuse.train.objectives import Noised
+from lorafuse.train.offload import saved_on_host
 from lorafuse.train.prepare import Run, TrainResult, caption_embeddings, prepare
 from lorafuse.train.run_log import RunLog
 from lorafuse.train.run_setup import Shard, accelerate_state_scope
@@ -168,7 +169,9 @@ def _denoise(run: Run, batch: dict, text: dict, noised: Noised) -> torch.Tensor:
     model = run.family.training_denoiser(
         run.model, latent_hw=tuple(noised.noisy.shape[-2:]), guidance_scale=run.cfg.model.guidance_scale
     )
-    pred = model(noised.noisy.to(dtype), noised.timesteps, cond)
+    offload = run.cfg.training.cpu_offload_checkpointing and run.model.training
+    with saved_on_host(run.accelerator.device) if offload else contextlib.nullcontext():
+        pred = model(noised.noisy.to(dtype), noised.timesteps, cond)
     return run.objective.model_output(pred, noised)
 
 

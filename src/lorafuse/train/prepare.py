@@ -19,8 +19,10 @@ from typing import Any
 import torch
 
 from lorafuse.config.toml_io import config_to_dict, save_config
+from lorafuse.errors import UserInputError
 from lorafuse.families import Family, family_of
 from lorafuse.models.load import load_base_pipeline
+from lorafuse.train.block_swap import BlockSwap, swapped_blocks, to_device_except
 from lorafuse.train.cache import LatentCache, TextEncoderCache, encode_latents, text_embeddings
 from lorafuse.train.checkpoint import (
     Progress,
@@ -32,12 +34,20 @@ from lorafuse.train.checkpoint import (
 )
 from lorafuse.train.config import TrainConfig
 from lorafuse.train.data import DatasetIndex, TrainDataset, collate_batch, describe
+from lorafuse.train.estimate import check_device_memory
 from lorafuse.train.network import create_network
 from lorafuse.train.objectives import Objective, objective_for
+from lorafuse.train.offload import Offload, enable_checkpointing
 from lorafuse.train.optim import make_lr_scheduler, make_optimizer
 from lorafuse.train.quantize import quantize_frozen_base
 from lorafuse.train.run_log import RunLog
-from lorafuse.train.run_setup import ShardedBatchSampler, check_optimizer, make_accelerator, training_metadata
+from lorafuse.train.run_setup import (
+    ShardedBatchSampler,
+    check_optimizer,
+    denoiser_joins_after_caching,
+    make_accelerator,
+    training_metadata,
+)
 from lorafuse.train.saving import SaveRotation, check_implemented
 from lorafuse.train.scan import scan_dataset
 from lorafuse.train.stop import StopRequest
@@ -124,6 +134,7 @@ class Run:
     lora_saves: SaveRotation | None = None  # kohya's save_last_n_*: older periodic saves are deleted
     state_saves: SaveRotation | None = None
     stop: StopRequest | None = None
+    swap: BlockSwap | None = None  # blocks_to_swap's hooks
 
     @property
     def main(self) -> bool:
@@ -150,6 +161,8 @@ def prepare(cfg: TrainConfig, progress_bar: bool = True) -> Run:
     accelerator = make_accelerator(cfg)
     if saved is not None:
         check_resume_processes(saved, accelerator.num_processes)  # before any model loads
+    if accelerator.device.type == "cuda" and tc.memory_check:
+        check_device_memory(cfg, accelerator.device, len(index.items))  # before any model loads
     from accelerate.utils import set_seed
 
     set_seed(tc.seed)  # python, numpy and torch; the LoRA's initial A draws from torch's
@@ -168,7 +181,9 @@ def prepare(cfg: TrainConfig, progress_bar: bool = True) -> Run:
 def _load_base(run: Run) -> None:
     """2. The base model on the device, in the compute dtype, and the objective its family names."""
     cfg, accelerator = run.cfg, run.accelerator
-    run.pipe = pipe = load_base_pipeline(cfg.model.pretrained_model_name_or_path)
+    run.pipe = pipe = load_base_pipeline(
+        cfg.model.pretrained_model_name_or_path, parts=cfg.model.part_files, tokenizers=cfg.model.tokenizers
+    )
     run.family = family = family_of(pipe)
     run.arch = family.name
     run.denoiser, run.vae = family.denoiser(pipe), pipe.vae
@@ -193,10 +208,31 @@ def _load_base(run: Run) -> None:
     # need only the compute dtype; diffusers warns about any .to(dtype=...), so cast only when it changes.
     run.vae.to(accelerator.device)
     cast = {"dtype": run.weight_dtype} if run.weight_dtype != torch.float32 else {}
-    for module in (run.denoiser, *run.text_encoders):
+    run.denoiser.to(**cast)
+    if not denoiser_joins_after_caching(cfg):
+        _denoiser_to_device(run)
+    for module in run.text_encoders:
         module.to(accelerator.device, **cast)
     run.vae.requires_grad_(False)
     run.clip_skip = cfg.model.clip_skip if family.uses_clip_skip else 1  # SDXL and FLUX fix their layers
+
+
+def _denoiser_to_device(run: Run) -> None:
+    """The denoiser to the device; with blocks_to_swap, all but the swapped blocks, which stay in host memory and
+    come only while they run (`train/block_swap.py`)."""
+    n, device = run.cfg.training.blocks_to_swap, run.accelerator.device
+    if not n:
+        run.denoiser.to(device)
+        return
+    if run.swap is None:
+        kinds = run.family.swap_blocks(run.denoiser)
+        if kinds is None:
+            raise UserInputError(f"training.blocks_to_swap is for FLUX.1's transformer blocks; {run.family.label} has none")
+        if run.accelerator.num_processes > 1:
+            raise UserInputError("training.blocks_to_swap runs in one process (DDP needs each model on one device)")
+        run.swap = BlockSwap(swapped_blocks(*kinds, n), device)
+    to_device_except(run.denoiser, device, run.swap.blocks)
+    run.swap.install()
 
 
 def _inject_lora(run: Run) -> None:
@@ -204,11 +240,15 @@ def _inject_lora(run: Run) -> None:
     gradient checkpointing."""
     quantize_frozen_base(run.denoiser, run.cfg.model.quantize_base)
     run.network = network = create_network(run.pipe, run.cfg.network, run.arch)
+    if run.swap is not None:  # peft made the swapped blocks' factors beside their weights, in host memory
+        for p in network.named_parameters().values():
+            p.data = p.data.to(run.accelerator.device)
     run.train_unet = run.family.denoiser_component in network.plan
     run.train_te = any(c.startswith("text_encoder") for c in network.plan)
-    if not run.cfg.training.gradient_checkpointing:
+    tc = run.cfg.training
+    if not tc.gradient_checkpointing:
         return
-    run.denoiser.enable_gradient_checkpointing()
+    enable_checkpointing(run.denoiser, Offload(run.accelerator.device) if tc.cpu_offload_checkpointing else None)
     for te in run.text_encoders if run.train_te else ():
         # non-reentrant: the reentrant variant passes no gradient to LoRA layers whose inputs need none
         kwargs = {"use_reentrant": False}
@@ -272,6 +312,7 @@ def _build_caches(run: Run) -> None:
                 setattr(pipe, name, None)
         run.text_encoders = []
     release_memory()  # the caching passes' activations and the dropped weights, back to the OS
+    _denoiser_to_device(run)  # it waited on the CPU while the caches were built
 
 
 def _prepare_shared(run: Run, cache: LatentCache | TextEncoderCache) -> None:
@@ -337,7 +378,9 @@ def _build_optimizer(run: Run) -> None:
     )
     run.trained = [network.components[c] for c in sorted(network.plan)]
     if run.train_unet:
-        run.model, run.optimizer = accelerator.prepare(run.denoiser, optimizer)
+        # with block swap the model is placed already: accelerate's placement would move every block
+        placement = [run.swap is None, True]
+        run.model, run.optimizer = accelerator.prepare(run.denoiser, optimizer, device_placement=placement)
     else:
         run.model, run.optimizer = run.denoiser, accelerator.prepare(optimizer)
     named = network.named_parameters()

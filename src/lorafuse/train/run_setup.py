@@ -77,6 +77,13 @@ class ShardedBatchSampler(BucketBatchSampler):
         return max(self.batches_per_epoch - self.skip, 0)
 
 
+def denoiser_joins_after_caching(cfg: TrainConfig) -> bool:
+    """While caches are built the denoiser is not called, so it waits on the CPU and the caching pass has the
+    device to the encoders and their activations (kohya likewise). fp8 storage is made on the GPU."""
+    ds = cfg.dataset
+    return (ds.cache_latents or ds.cache_text_encoder_outputs) and cfg.model.quantize_base != "fp8"
+
+
 def check_optimizer(name: str) -> None:
     # An optimizer on a dummy parameter: a missing package (bitsandbytes, prodigyopt) fails here, not after loading.
     make_optimizer(name, [{"params": [torch.zeros(1, requires_grad=True)]}], lr=1e-4)

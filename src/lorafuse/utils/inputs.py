@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lorafuse.errors import UserInputError
@@ -59,3 +60,22 @@ def read_text(path: str | os.PathLike, what: str = "text file", error: type[User
             f"{path}: {what} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}, line {line}); "
             "save it as UTF-8"
         ) from None
+
+
+def shape_mismatch(
+    got: Mapping[str, Sequence[int]], want: Mapping[str, Sequence[int]], phrases: tuple[str, str, str], **fields: str
+) -> str | None:
+    """How the named shapes `got` (a file's) differ from `want` (a model's), or None when they match: one phrase
+    each for names only in `want`, names only in `got`, and names with other shapes, "; "-joined. A phrase is a
+    format string over n (how many), total (len(want)), name (the first, sorted), got / want (its two shapes)
+    and `fields`."""
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    wrong = sorted(k for k in set(want) & set(got) if tuple(got[k]) != tuple(want[k]))
+    parts = [
+        phrase.format(n=len(names), total=len(want), name=names[0], got=tuple(got.get(names[0], ())),
+                      want=tuple(want.get(names[0], ())), **fields)
+        for phrase, names in zip(phrases, (missing, extra, wrong), strict=True)
+        if names
+    ]  # fmt: skip
+    return "; ".join(parts) or None

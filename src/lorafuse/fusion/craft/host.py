@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lorafuse.errors import UserInputError
+from lorafuse.utils.inputs import shape_mismatch
 
 BACKBONE_INFO = "craft_backbone.json"  # written next to model_index.json by the backbone trainer
 
@@ -56,24 +57,15 @@ def swap_unet_weights(
     from another base), naming the first differences.
     """
     params = dict(unet.named_parameters())
-    missing = sorted(set(params) - set(state))
     buffers = {name for name, _ in unet.named_buffers()}
-    extra = sorted(set(state) - set(params) - buffers)
-    shapes = sorted(k for k in set(params) & set(state) if tuple(params[k].shape) != tuple(state[k].shape))
-    if missing or extra or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} base tensors missing (e.g. {missing[0]})")
-        if extra:
-            parts.append(f"{len(extra)} tensors this base lacks (e.g. {extra[0]})")
-        if shapes:
-            k = shapes[0]
-            parts.append(
-                f"{len(shapes)} shapes differ (e.g. {k}: {tuple(state[k].shape)} vs {tuple(params[k].shape)})"
-            )
-        raise UserInputError(
-            f"backbone {source} does not fit this base UNet: {'; '.join(parts)}. Train the backbone from this base"
-        )
+    problem = shape_mismatch(
+        {k: t.shape for k, t in state.items() if k in params or k not in buffers},
+        {k: p.shape for k, p in params.items()},
+        ("{n} base tensors missing (e.g. {name})", "{n} tensors this base lacks (e.g. {name})",
+         "{n} shapes differ (e.g. {name}: {got} vs {want})"),
+    )  # fmt: skip
+    if problem is not None:
+        raise UserInputError(f"backbone {source} does not fit this base UNet: {problem}. Train the backbone from this base")
     originals: dict[str, torch.Tensor] = {}
     for name, param in params.items():
         new = state[name].to(param.device, param.dtype)

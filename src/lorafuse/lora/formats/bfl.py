@@ -2,7 +2,8 @@
 
 - ComfyUI / BFL: `diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight` / `.lora_B.weight` (also
   `lora_down` / `lora_up`, an optional `.alpha`; fal's trainer writes the `base_model.model.` prefix instead, and
-  some files have no prefix). ComfyUI stores CLIP-L as `text_encoders.clip_l.transformer.<module>`.
+  some files have no prefix). ComfyUI stores CLIP-L as `text_encoders.clip_l.transformer.<module>` and T5-XXL as
+  `text_encoders.t5xxl.transformer.<module>` (diffusers 0.42 drops T5 LoRA keys with a log line; we apply them).
 - XLabs (x-flux): `double_blocks.0.processor.qkv_lora1.down.weight` (image stream; `…2` is the text stream),
   `proj_lora1/2`, and on single blocks `qkv_lora` / `proj_lora`. No alpha: scale 1 (diffusers reads it so too).
   A single block's `qkv_lora` adds to the q, k, v rows of `linear1` only (x-flux `SingleStreamBlockLoraProcessor`
@@ -25,7 +26,8 @@ from lorafuse.lora.keys import canonical_key
 from lorafuse.lora.state import LoraModule, LoraState
 
 _PREFIXES = ("diffusion_model.", "base_model.model.")
-_TE_PREFIX = "text_encoders.clip_l.transformer."
+# ComfyUI's text-encoder prefixes -> the FluxPipeline component
+_TE_PREFIXES = {"text_encoders.clip_l.transformer.": "text_encoder", "text_encoders.t5xxl.transformer.": "text_encoder_2"}
 _PART = re.compile(
     r"^(?P<mod>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight|alpha)$"
 )
@@ -57,8 +59,9 @@ def parse_key(key: str) -> tuple[str, str, str, str] | None:
         return None
     module, part = m.group("mod"), m.group("part")
     role = _ROLE.get(part, "alpha")
-    if module.startswith(_TE_PREFIX):
-        return "text_encoder", module[len(_TE_PREFIX) :], role, "comfyui"
+    for prefix, component in _TE_PREFIXES.items():
+        if module.startswith(prefix):
+            return component, module[len(prefix) :], role, "comfyui"
     for prefix in _PREFIXES:
         if module.startswith(prefix):
             module = module[len(prefix) :]

@@ -249,9 +249,10 @@ def write_html(work: Path, done: list[dict], rows: list[dict], paired: list, arg
                      f"every row. Rows are 'method [inputs]': locon = the all-layer LoCon LoRAs users have; attn, "
                      f"blora, craft = the inputs a paper prescribes. {elapsed:.0f} s.")  # fmt: skip
     report.heading("Paired differences to direct merging of the same LoRAs")
-    forest_plot([d for d in paired if d.interval == "t"], work / "paired_differences.png",
-                title="method − direct [same inputs], mean over pairs, 95 % t-interval over pairs")  # fmt: skip
-    report.image("paired_differences.png", "green: better than direct, red: worse, grey: no difference shown")
+    if paired:  # none when direct merging is the only method
+        forest_plot([d for d in paired if d.interval == "t"], work / "paired_differences.png",
+                    title="method − direct [same inputs], mean over pairs, 95 % t-interval over pairs")  # fmt: skip
+        report.image("paired_differences.png", "green: better than direct, red: worse, grey: no difference shown")
     report.table(["row", "metric", "t-interval", "bootstrap", "pairs", "verdict"],
                  [[d.method, d.metric, str(d), str(b), d.n, d.verdict]
                   for d, b in zip(paired[::2], paired[1::2], strict=True)])  # fmt: skip
@@ -412,7 +413,8 @@ def main() -> None:
     page = write_html(args.work, done, rows, paired, args, elapsed, ablations)
     print(f"report: {page}")
     # the plot beside the JSON (committed; WORK is not)
-    atomic_write_bytes(args.results / f"{name}_paired.png", (args.work / "paired_differences.png").read_bytes())
+    if paired:
+        atomic_write_bytes(args.results / f"{name}_paired.png", (args.work / "paired_differences.png").read_bytes())
     config = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "methods": methods,
               "pairs_used": [d["pair"] for d in done], "pairs_asked": len(pairs), "smoke": smoke,
               # this invocation's wall time (--done-only: only the reporting), and the pairs' own, summed

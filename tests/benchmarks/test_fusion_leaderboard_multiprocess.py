@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = ["--pairs", "2", "--seeds", "1", "--steps", "2", "--content-epochs", "1", "--style-epochs", "1",
-         "--methods", "direct,klora", "--no-progress"]  # fmt: skip
+         "--methods", "direct,switch", "--no-progress"]  # fmt: skip
 TIMING = {"seconds_per_image", "plan_s"}
 
 
@@ -42,12 +42,12 @@ def test_two_processes_make_the_leaderboard_one_process_makes(tmp_path: Path) ->
     results.mkdir()
     _leaderboard(one, results, 1)
     out = _leaderboard(two, results, 2)
-    assert "trained 8 LoRA(s)" in out  # 2 individuals + 2 styles, locon and attn (K-LoRA's paper inputs)
+    assert "trained 4 LoRA(s)" in out  # 2 individuals + 2 styles (the LoCon pair both methods use)
     assert out.count("2 of 2 pairs done (2 computed now, 0 already done)") == 1  # only the main process reports
     assert out.count("] teapot_08+crayon:") == 1 and out.count("] mug_08+blueprint:") == 1  # each pair once
     rows = _rows(two)
     assert rows == _rows(one) and len(rows) == 2
-    assert all(len(r) == 9 for r in rows.values())  # base, 2 x 2 singles, direct and klora on locon and attn
+    assert all(len(r) == 6 for r in rows.values())  # base, content only, style only, direct, switch (+ official)
     assert json.loads((results / "fusion_leaderboard_smoke.json").read_text())["config"]["pairs_used"] == ["teapot_08+crayon", "mug_08+blueprint"]
     assert (results / "fusion_leaderboard_smoke_paired.png").stat().st_size > 0
 

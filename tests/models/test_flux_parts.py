@@ -328,3 +328,20 @@ def test_a_toml_file_names_the_base_for_every_command(original, files, tmp_path,
     (tmp_path / "no_base.toml").write_text('[model]\nae = "ae.safetensors"\n')
     with pytest.raises(UserInputError, match=r"no_base\.toml: a base given as a TOML file needs pretrained_model"):
         load_base_pipeline(str(tmp_path / "no_base.toml"))
+
+
+def test_inspect_against_a_toml_base(files, tmp_path, capsys):
+    """`lorafuse inspect --base kohya_flux.toml`: the separate files' family, at its released shapes, without
+    reading a weight (a LoRA made for the real FLUX.1 covers it)."""
+    from lorafuse.cli.main import main
+    from lorafuse.lora.io import save_lora
+    from lorafuse.lora.state import LoraModule, LoraState
+
+    spec = tmp_path / "kohya_flux.toml"
+    spec.write_text("\n".join(f'{k} = "{v.as_posix()}"' for k, v in files.items()))
+    g = torch.Generator().manual_seed(0)
+    real = {f"transformer.transformer_blocks.0.attn.{n}": LoraModule(torch.randn(2, 3072, generator=g),
+            torch.randn(3072, 2, generator=g)) for n in ("to_q", "to_k")}  # fmt: skip
+    lora = save_lora(LoraState(modules=real), tmp_path / "real.safetensors", arch="flux")
+    assert main(["inspect", str(lora), "--base", str(spec)]) == 0
+    assert f"coverage against {spec}: 2 of 2 modules (100.0%)" in capsys.readouterr().out

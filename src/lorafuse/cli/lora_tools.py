@@ -197,7 +197,8 @@ def _meta_components(path: Path) -> tuple[dict, str]:
 
 
 def load_base(spec: str) -> tuple[object, str, bool]:
-    """(base, arch, check_shapes) for --base: a built-in name or a diffusers pipeline folder."""
+    """(base, arch, check_shapes) for --base: a built-in name, a diffusers pipeline folder, or a checkpoint file
+    (or a TOML naming one) checked against its family's released shapes."""
     if spec == "world":
         from lorafuse.models.world import load_world_pipeline
 
@@ -206,9 +207,15 @@ def load_base(spec: str) -> tuple[object, str, bool]:
         pipe = tiny_base(spec)
         return pipe, family_of(pipe).name, False  # tiny widths: a real LoRA can only match by name
     path = Path(spec)
+    if path.is_file():  # a checkpoint, or a TOML naming FLUX.1's separate files: its family's released shapes
+        from lorafuse.models.meta import meta_components
+
+        comps = meta_components(spec)
+        return comps, family_of(comps).name, True
     if not (path / "model_index.json").is_file():
         raise UserInputError(
-            f"--base {spec}: not a diffusers pipeline folder (no model_index.json) nor one of {', '.join(BUILTIN_BASES)}"
+            f"--base {spec}: not a diffusers pipeline folder (no model_index.json), a checkpoint file nor one of "
+            f"{', '.join(BUILTIN_BASES)}"
         )
     comps, arch = _meta_components(path)
     return comps, arch, True

@@ -46,7 +46,10 @@ def meta_components(name_or_path: str) -> dict[str, nn.Module]:
         return _from_folder(folder)
     path = Path(name_or_path).expanduser()
     from lorafuse.models.flux_files import SAFETENSORS_SUFFIXES
+    from lorafuse.models.load import base_spec
 
+    if path.is_file() and path.suffix.lower() == ".toml":  # a TOML naming the base's files: sized by its main file
+        return meta_components(base_spec(path)[0])
     if path.is_file() and path.suffix.lower() in SAFETENSORS_SUFFIXES:
         from safetensors import safe_open
 

@@ -47,6 +47,10 @@ CASES = {
         "sd15-tiny", 64, 2, {"dataset.cache_latents": "true", "network.network_train_unet_only": "true"},
     ),
     "sdxl-tiny": ("sdxl-tiny", 64, 2, {}),
+    "flux-tiny, checkpointing, 2 blocks swapped": (
+        "flux-tiny", 64, 2, {"training.gradient_checkpointing": "true", "training.blocks_to_swap": "2"},
+    ),
+    "world, bf16, 128 px": ("world-random", 128, 4, {"training.mixed_precision": "bf16"}),
 }  # fmt: skip
 
 

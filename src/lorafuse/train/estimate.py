@@ -10,9 +10,10 @@
                   at the batch size and resolution, in the compute dtype, with checkpointing and its offload
     caches        latents and text-encoder outputs in memory (float32); in host memory, on the device only
                   when the device is the CPU
-The peak is the larger of two phases: caching (the encoders loaded, the VAE encoding a batch of 4; on a GPU the
-denoiser waits on the CPU meanwhile) and training (what stays, plus the step). Weights come from parameter counts of the base built on the meta device
-(`models/meta.py`). Not counted: the CUDA context and kernels (~0.3-1 GB), allocator fragmentation, the
+The peak is the larger of two phases: caching (the encoders loaded, the VAE encoding a batch of 4 or the text
+encoders 8 captions; on a GPU the denoiser waits on the CPU meanwhile) and training (what stays, plus the step,
+in which frozen text encoders run when captions are not cached). Weights come from parameter counts of the base
+built on the meta device (`models/meta.py`). Not counted: the CUDA context and kernels (~0.3-1 GB), allocator fragmentation, the
 framework's workspaces; the CUDA check keeps `HEADROOM` free for them.
 """
 
@@ -32,6 +33,7 @@ from lorafuse.train.config import TrainConfig
 GB = 1024**3
 HEADROOM = 0.08  # of a CUDA device's memory left for the context, kernels and fragmentation
 CACHE_BATCH = 4  # `LatentCache`'s encoding batch
+TEXT_CACHE_BATCH = 8  # `TextEncoderCache`'s
 _DTYPE = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -57,7 +59,9 @@ class MemoryEstimate:
         lines = [f"estimated peak memory on {self.device}:"]
         lines += [f"  {name:<12} {_gb(n):>10}" for name, n in self.parts.items()]
         lines.append(f"  {'training':<12} {_gb(self.training_peak):>10}")
-        lines.append(f"  {'caching':<12} {_gb(self.caching_peak):>10}   (encoders loaded, VAE encoding)")
+        lines.append(
+            f"  {'caching':<12} {_gb(self.caching_peak):>10}   (encoders loaded, caches being built)"
+        )
         fits = (
             ""
             if capacity is None
@@ -207,12 +211,21 @@ class _Probes:
     def __init__(self) -> None:
         self.memo: dict = {}
 
-    def step(self, family, denoiser, encoders, params, shape) -> int:
+    def step(self, family, denoiser, encoders, params, shape, frozen=()) -> int:
         from lorafuse.train.memory_probe import probe_step
 
-        if ("step", shape) not in self.memo:
-            self.memo["step", shape] = probe_step(family, denoiser, encoders, params, shape)
-        return self.memo["step", shape]
+        key = ("step", shape, len(frozen))
+        if key not in self.memo:
+            self.memo[key] = probe_step(family, denoiser, encoders, params, shape, frozen)
+        return self.memo[key]
+
+    def text(self, encoders: list[nn.Module], batch: int, tokens: int, dtype: torch.dtype) -> int:
+        from lorafuse.train.memory_probe import probe_text_encode
+
+        key = ("text", tuple(id(e) for e in encoders), batch, tokens, dtype)
+        if key not in self.memo:
+            self.memo[key] = probe_text_encode(encoders, batch, tokens, dtype)
+        return self.memo[key]
 
     def vae(self, vae: nn.Module, batch: int, hw: tuple[int, int]) -> int:
         from lorafuse.train.memory_probe import probe_vae_encode
@@ -242,7 +255,12 @@ def _estimate(
     te_bytes = sum(_bytes(te, dtype) for te in encoders)
     free_te = ds.cache_text_encoder_outputs and not te_trained and not sampling
     vae_kept = (_bytes(vae.decoder) + _bytes(getattr(vae, "post_quant_conv", None))) if sampling else 0
-    step = probes.step(family, denoiser, te_trained, params, shape)
+    frozen_te = (
+        []
+        if ds.cache_text_encoder_outputs
+        else [te for te in encoders if all(te is not t for t in te_trained)]
+    )
+    step = probes.step(family, denoiser, te_trained, params, shape, frozen_te)
     # without cached latents the VAE encodes each batch before the denoiser runs: the larger transient counts
     if not ds.cache_latents:
         step = max(step, probes.vae(vae, tc.train_batch_size, ds.size[::-1]))
@@ -262,7 +280,10 @@ def _estimate(
     load = te_bytes + _bytes(vae) + 4 * te_lora
     if on_cpu or not denoiser_joins_after_caching(cfg):
         load += den_bytes + 4 * (sum(p.numel() for p in params) - te_lora)
-    cache_pass = probes.vae(vae, CACHE_BATCH, ds.size[::-1]) if ds.cache_latents else 0
+    cache_pass = max(
+        probes.vae(vae, CACHE_BATCH, ds.size[::-1]) if ds.cache_latents else 0,
+        probes.text(encoders, TEXT_CACHE_BATCH, text[0], dtype) if ds.cache_text_encoder_outputs else 0,
+    )
     est.caching_peak = load + cache_pass + (caches if on_cpu else 0)
     if te_trained:
         est.notes.append("text-encoder LoRA: its activations are counted at 77 tokens per caption")

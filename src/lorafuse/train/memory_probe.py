@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from lorafuse.train.offload import Offload, enable_checkpointing
+from lorafuse.train.offload import Offload, enable_checkpointing, enable_text_encoder_checkpointing
 
 
 class LiveBytes(TorchDispatchMode):
@@ -118,6 +118,18 @@ def _faked(modules: list[nn.Module], params: list[nn.Parameter] = ()) -> Iterato
             p.grad = None
 
 
+def _cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:
+    """The frozen floating weights and buffers in the compute dtype, as `prepare` casts the base (the LoRA's
+    factors stay float32)."""
+    for m in module.modules():
+        for p in m._parameters.values():
+            if p is not None and not p.requires_grad and p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for name, b in m._buffers.items():
+            if b is not None and b.is_floating_point():
+                m._buffers[name] = b.to(dtype)
+
+
 def _conditioning(family: Any, config: Mapping[str, Any], shape: StepShape) -> tuple[dict, dict]:
     """Zero text tensors of the sizes the denoiser's config implies, and the batch fields the family reads."""
     b, dtype = shape.batch, shape.compute_dtype
@@ -145,19 +157,25 @@ def probe_step(
     text_encoders: list[nn.Module],
     params: list[nn.Parameter],
     shape: StepShape,
+    frozen_encoders: list[nn.Module] = (),
 ) -> int:
     """Peak bytes above the weights of one forward + backward of `denoiser` (its LoRA injected, on the meta
     device) as the loop runs it. `text_encoders`: the ones a LoRA trains; their saved tensors stay alive through
-    the denoiser's pass, so their forward runs first, on the prompt's ids. `params`: the LoRA's, whose gradients
-    are allocated before the step (the estimate counts them with the LoRA)."""
-    modules = [denoiser, *text_encoders]
+    the denoiser's pass, so their forward runs first, on the prompt's ids; then `frozen_encoders` (captions not
+    cached: they run every step, without gradient, T5 at `shape.text_tokens`). `params`: the LoRA's, whose
+    gradients are allocated before the step (the estimate counts them with the LoRA)."""
+    modules = [denoiser, *text_encoders, *frozen_encoders]
     with _faked(modules, params):
         for m in modules:
-            m.train()
+            m.train(all(m is not f for f in frozen_encoders))  # as the loop: only modules with a LoRA train
+            _cast_frozen(m, shape.compute_dtype)
         if shape.checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
             # offloaded: the held block inputs go to meta, which LiveBytes does not count, as host memory
             offload = Offload(torch.device("cpu"), lambda t: t.to("meta"), lambda t: t.to("cpu"))
             enable_checkpointing(denoiser, offload if shape.offload_checkpoints else None)
+        te_checkpointing = shape.checkpointing and bool(text_encoders)  # as `prepare`: all of them, or none
+        for te in [*text_encoders, *frozen_encoders] if te_checkpointing else ():
+            enable_text_encoder_checkpointing(te)
         b, (h, w) = shape.batch, shape.latent_hw
         x = torch.zeros(b, shape.latent_channels, h, w)
         text, batch = _conditioning(family, denoiser.config, shape)
@@ -165,6 +183,12 @@ def probe_step(
         with live, _offloaded() if shape.offload_checkpoints else contextlib.nullcontext():
             with _autocast(shape):
                 te_out = [te(torch.zeros(b, 77, dtype=torch.long))[0] for te in text_encoders]
+                with torch.set_grad_enabled(
+                    bool(text_encoders)
+                ):  # as the loop: on when a text encoder trains
+                    frozen_out = [
+                        te(torch.zeros(b, _tokens(te, shape), dtype=torch.long))[0] for te in frozen_encoders
+                    ]
                 cond = family.training_cond(text, batch)
                 model = family.training_denoiser(
                     denoiser, latent_hw=(h, w), guidance_scale=shape.guidance_scale
@@ -172,9 +196,32 @@ def probe_step(
                 pred = model(x.to(shape.compute_dtype), torch.full((b,), 500.0), cond)
             loss = pred.float().pow(2).mean() + sum(o.float().mean() for o in te_out) * 0
             loss.backward()
-            del pred, loss, te_out
+            del pred, loss, te_out, frozen_out
         if shape.checkpointing and hasattr(denoiser, "disable_gradient_checkpointing"):
             denoiser.disable_gradient_checkpointing()
+        for te in [*text_encoders, *frozen_encoders] if te_checkpointing else ():
+            enable_text_encoder_checkpointing(te, enable=False)
+    return live.peak
+
+
+def _tokens(encoder: nn.Module, shape: StepShape) -> int:
+    return shape.text_tokens if getattr(encoder.config, "model_type", "") == "t5" else 77  # T5's or CLIP's
+
+
+def probe_text_encode(encoders: list[nn.Module], batch: int, t5_tokens: int, dtype: torch.dtype) -> int:
+    """Peak bytes above the weights of the frozen text encoders encoding a batch (no gradient), one after the
+    other with the earlier outputs held: CLIP at 77 tokens, T5 at `t5_tokens` (its L x L position bias and scores
+    make it the largest transient of a FLUX.1 step whose captions are not cached)."""
+    if not encoders:
+        return 0
+    with _faked(encoders):
+        for m in encoders:
+            _cast_frozen(m, dtype)
+        live = LiveBytes(storage_keys(*encoders))
+        shape = StepShape(batch, (1, 1), 1, t5_tokens, dtype, checkpointing=False)
+        with live, torch.no_grad(), _autocast(shape):
+            outs = [te(torch.zeros(batch, _tokens(te, shape), dtype=torch.long))[0] for te in encoders]
+            del outs
     return live.peak
 
 

@@ -65,6 +65,20 @@ def enable_checkpointing(denoiser: nn.Module, offload: Offload | None) -> None:
         denoiser.enable_gradient_checkpointing(gradient_checkpointing_func=offloaded_checkpoint(offload))
 
 
+def enable_text_encoder_checkpointing(te: nn.Module, enable: bool = True) -> None:
+    """transformers' gradient checkpointing on a text encoder (a training with a text-encoder LoRA turns it on for
+    every text encoder, frozen ones too), or off."""
+    # non-reentrant: the reentrant variant passes no gradient to LoRA layers whose inputs need none
+    kwargs = {"use_reentrant": False}
+    renamed = hasattr(te, "activation_checkpointing_enable")  # transformers 5 renamed it
+    if not enable:
+        (te.activation_checkpointing_disable if renamed else te.gradient_checkpointing_disable)()
+    elif renamed:
+        te.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        te.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 @contextlib.contextmanager
 def saved_on_host(device: torch.device) -> Iterator[None]:
     """Tensors autograd saves in the denoiser's forward (outside checkpointed blocks) wait in host memory; on a CPU

@@ -37,7 +37,7 @@ from lorafuse.train.data import DatasetIndex, TrainDataset, collate_batch, descr
 from lorafuse.train.estimate import check_device_memory
 from lorafuse.train.network import create_network
 from lorafuse.train.objectives import Objective, objective_for
-from lorafuse.train.offload import Offload, enable_checkpointing
+from lorafuse.train.offload import Offload, enable_checkpointing, enable_text_encoder_checkpointing
 from lorafuse.train.optim import make_lr_scheduler, make_optimizer
 from lorafuse.train.quantize import quantize_frozen_base
 from lorafuse.train.run_log import RunLog
@@ -250,12 +250,7 @@ def _inject_lora(run: Run) -> None:
         return
     enable_checkpointing(run.denoiser, Offload(run.accelerator.device) if tc.cpu_offload_checkpointing else None)
     for te in run.text_encoders if run.train_te else ():
-        # non-reentrant: the reentrant variant passes no gradient to LoRA layers whose inputs need none
-        kwargs = {"use_reentrant": False}
-        if hasattr(te, "activation_checkpointing_enable"):  # transformers 5 renamed it
-            te.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            te.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_text_encoder_checkpointing(te)
 
 
 def caption_embeddings(run: Run, captions: list[str]) -> dict[str, torch.Tensor]:

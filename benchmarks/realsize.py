@@ -214,11 +214,13 @@ def measure(name: str, args) -> dict:
                         on_round=lambda r: print(f"  {name}: round {r + 1}/{args.repeats + 1}", flush=True))  # fmt: skip
     first = {label: seconds[1:] for label, seconds in first.items()}  # drop the warm-up round, as interleaved does
     cfg_ref = "base + CFG" if flux else "base"
+    per_ref = {ref: (ratios(times, ref), ratios(first, ref)) for ref in {"base", cfg_ref}}
     rows = {}
     for label in runs:
         ref = cfg_ref if label.startswith("craft") else "base"
-        rows[label] = {"sample_s": spread(times[label]), "ratio": spread(ratios(times, ref)[label]),
-                       "first_s": spread(first[label]), "first_ratio": spread(ratios(first, ref)[label]),
+        next_image, first_image = per_ref[ref]
+        rows[label] = {"sample_s": spread(times[label]), "ratio": spread(next_image[label]),
+                       "first_s": spread(first[label]), "first_ratio": spread(first_image[label]),
                        "over": ref, "held_mb": held.get(label)}  # fmt: skip
     n_params = sum(p.numel() for p in family.denoiser(pipe).parameters())
     result = {"reduced": REDUCED[name], "denoiser_params_b": n_params / 1e9, "build_s": built_s, "rows": rows,

@@ -135,3 +135,16 @@ def write_parts(pipe, folder: Path, *, fp8: bool = False) -> dict[str, Path]:
         getattr(pipe, component).config.save_pretrained(tokenizers / component)
     paths["tokenizers"] = tokenizers
     return paths
+
+
+def flux_forward(transformer) -> torch.Tensor:
+    """One forward of a FLUX.1 transformer on a fixed small input (16 image and 8 text tokens, seed 1): the
+    input the block-swap and offload tests compare gradients on."""
+    cfg, g = transformer.config, torch.Generator().manual_seed(1)
+    return transformer(
+        hidden_states=torch.randn(1, 16, cfg.in_channels, generator=g),
+        encoder_hidden_states=torch.randn(1, 8, cfg.joint_attention_dim, generator=g),
+        pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
+        timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
+        guidance=torch.tensor([1.0]) if cfg.guidance_embeds else None,
+    ).sample  # fmt: skip

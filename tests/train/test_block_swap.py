@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.flux_disk import flux_forward
 
 from lorafuse.errors import UserInputError
 from lorafuse.models.load import load_base_pipeline
@@ -35,15 +36,8 @@ def _flux(seed: int = 0):
 
 
 def _call(transformer, grad: bool = True) -> torch.Tensor:
-    cfg, g = transformer.config, torch.Generator().manual_seed(1)
     with torch.set_grad_enabled(grad):
-        return transformer(
-            hidden_states=torch.randn(1, 16, cfg.in_channels, generator=g),
-            encoder_hidden_states=torch.randn(1, 8, cfg.joint_attention_dim, generator=g),
-            pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
-            timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
-            guidance=torch.tensor([1.0]) if cfg.guidance_embeds else None,
-        ).sample  # fmt: skip
+        return flux_forward(transformer)
 
 
 def test_kohya_split_and_its_limits():

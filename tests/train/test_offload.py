@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.flux_disk import flux_forward
 
 from lorafuse.errors import UserInputError
 from lorafuse.models.load import load_base_pipeline
@@ -29,18 +30,10 @@ def _lora_grads(base: str, offload: Offload | None, checkpointing: bool = True) 
     family_denoiser.train()
     if checkpointing:
         enable_checkpointing(family_denoiser, offload)
-    g = torch.Generator().manual_seed(1)
     if hasattr(pipe, "transformer"):
-        cfg = family_denoiser.config
-        out = family_denoiser(
-            hidden_states=torch.randn(1, 16, cfg.in_channels, generator=g),
-            encoder_hidden_states=torch.randn(1, 8, cfg.joint_attention_dim, generator=g),
-            pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
-            timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
-            guidance=torch.tensor([1.0]) if cfg.guidance_embeds else None,
-        ).sample  # fmt: skip
+        out = flux_forward(family_denoiser)
     else:
-        cfg = family_denoiser.config
+        cfg, g = family_denoiser.config, torch.Generator().manual_seed(1)
         x = torch.randn(2, cfg.in_channels, 16, 16, generator=g)
         text = torch.randn(2, 77, cfg.cross_attention_dim, generator=g)
         out = family_denoiser(x, torch.tensor([10, 500]), text).sample

@@ -27,8 +27,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     from lorafuse.errors import ConfigError
     from lorafuse.train.config import TrainConfig
     from lorafuse.train.kohya_import import convert_flat, looks_like_kohya, read_toml
+    from lorafuse.utils.atomic import check_output
 
     data = read_toml(args.kohya_config)
+    check_output(args.out, what="config file")
     if not looks_like_kohya(data):
         raise ConfigError(f"{args.kohya_config}: already a lorafuse config (only tables at the top level)")
     imported = convert_flat(data)

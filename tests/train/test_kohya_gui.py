@@ -113,3 +113,24 @@ def test_conv_block_dims_without_block_mode_is_refused_or_noted():
     assert not imp.refused
     (row,) = [r for r in imp.rows if r.key == "network_args.conv_block_dims"]
     assert row.action == "no effect" and "block_dims" in row.detail
+
+
+def test_gui_settings_files_are_refused_with_what_to_pass(tmp_path):
+    """The GUI's own saved settings (JSON, as its presets) carry form fields, not train_network.py options."""
+    import json
+
+    from lorafuse.train.kohya_import import load_train_config_any
+
+    saved = {"LoRA_type": "LyCORIS/LoHa", "max_resolution": "512,512", "optimizer": "AdamW8bit", "lr_warmup": 10,
+             "pretrained_model_name_or_path": "sd15-tiny", "train_data_dir": "d"}  # fmt: skip
+    as_json = tmp_path / "my_lora.json"
+    as_json.write_text(json.dumps(saved))
+    as_toml = tmp_path / "my_lora.toml"
+    as_toml.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in saved.items()))
+    for path in (as_json, as_toml):
+        with pytest.raises(ConfigError, match=r"kohya_ss GUI.*LoRA_type.*config_lora-<date>-<time>\.toml"):
+            load_train_config_any(path)
+    other = tmp_path / "x.json"
+    other.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="TOML files, not JSON"):
+        load_train_config_any(other)

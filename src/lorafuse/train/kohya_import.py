@@ -31,7 +31,11 @@ def looks_like_kohya(data: Mapping[str, Any]) -> bool:
 
 def import_kohya_file(path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> KohyaImport:
     """Convert a kohya flat config file (plus kohya flags in `extra`, which win); refused keys raise one error."""
+    from lorafuse.train.kohya_gui_preset import check_not_gui_settings
+
+    check_not_gui_settings(path)
     flat = {**read_toml(path), **(extra or {})}
+    check_not_gui_settings(path, flat)
     imp = convert_flat(flat)
     imp.check(str(path))
     return imp
@@ -308,11 +312,16 @@ def load_train_config_any(
     from lorafuse.config.toml_io import build_config
     from lorafuse.train.config import TrainConfig
 
+    from lorafuse.train.kohya_gui_preset import check_not_gui_settings
+
+    if path is not None:
+        check_not_gui_settings(path)
     data = read_toml(path) if path is not None else {}
     source = "<defaults>" if path is None else str(path)
     flags = {k: cli_value(v) for k, v in (kohya_flags or {}).items()}
     imp = None
     if path is not None and looks_like_kohya(data):
+        check_not_gui_settings(path, data)
         imp = convert_flat({**data, **flags})
         imp.check(f"{source} (kohya config)")
         data = imp.data

@@ -311,7 +311,6 @@ def load_train_config_any(
     kohya-only flags. Returns (config, KohyaImport or None)."""
     from lorafuse.config.toml_io import build_config
     from lorafuse.train.config import TrainConfig
-
     from lorafuse.train.kohya_gui_preset import check_not_gui_settings
 
     if path is not None:

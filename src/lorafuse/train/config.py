@@ -370,7 +370,7 @@ class TrainingConfig:
     resume: Path | None = None  # a state folder written with save_state
     # render sample_prompts every N epochs into samples/NAME-eNNNNNN.png
     sample_every_n_epochs: int | None = None
-    # prompts for the sample grids
+    # prompts for the sample grids; "PROMPT --n NEGATIVE" gives a negative prompt (kohya's prompt-file option)
     sample_prompts: tuple[str, ...] = ()
     # denoising steps per sample
     sample_steps: int = 20

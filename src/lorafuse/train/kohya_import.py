@@ -269,7 +269,7 @@ def _sample_prompts(imp, key, value, flat):
     imp.put("training.sample_prompts", prompts, key, value, f"{len(prompts)} prompts read from the file")
     for option in dropped:
         imp.note(
-            f"{key} {option}", value, "per-prompt sampling option; samples use resolution and sample_steps"
+            f"{key} {option}", value, "per-prompt sampling option; samples use resolution, sample_steps and seed"
         )
 
 

@@ -15,7 +15,7 @@ import tomli_w
 
 from lorafuse.errors import UserInputError
 from lorafuse.ui.jobs import Job, JobStore
-from lorafuse.ui.workspace import Workspace
+from lorafuse.ui.workspace import BUILTIN_BASES, Workspace
 from lorafuse.utils.atomic import atomic_write_text
 
 SCORE_COLUMNS = ("method", "checkpoint", "lora_weight", "steps", "base", "seed", "oracle_content", "oracle_style",
@@ -53,9 +53,10 @@ def write_grid(ws: Workspace, folder: str, name: str, *, prompt: str, axes: dict
     out = ws.resolve(f"{folder}/{name}")
     for key in ("checkpoint", "style_checkpoint"):
         if axes.get(key):
-            axes[key] = [os.path.relpath(ws.resolve(p, must_exist=True), config.parent) for p in axes[key]]
-            for p in axes[key]:
-                ws.check_pickle(config.parent / p)
+            axes[key] = [os.path.relpath(ws.root / ws.input_file(p, key), config.parent) for p in axes[key]]
+    # a base is a built-in name or a path in the workspace (relative to the config, as the LoRAs)
+    axes["base"] = [b if b in BUILTIN_BASES else os.path.relpath(ws.root / ws.base_model(b), config.parent)
+                    for b in axes.get("base") or ["world"]]  # fmt: skip
     doc = {"prompt": prompt, "scheduler": scheduler, "out": name, "allow_pickle": ws.allow_pickle, "axes": axes,
            "metrics": {k: v for k, v in metrics.items() if v not in (None, "")}}  # fmt: skip
     atomic_write_text(config, tomli_w.dumps(doc))

@@ -18,6 +18,10 @@ DEFAULT_WORKSPACE = Path("lorafuse-workspace")
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a training image larger than this is almost surely not one
 # the folders the UI creates; users may add their own
 LAYOUT = ("datasets", "runs", "fuse", "grids", "loras", "jobs", "bases")
+# base models by name (`lorafuse.models.load.BUILTIN_BASES`, which imports torch: the page does not; a test
+# keeps the two equal); any other base is a folder or file in the workspace
+BUILTIN_BASES = ("world", "world-random", "sd15-tiny", "sdxl-tiny", "flux-tiny", "flux-schnell-tiny")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 class WorkspacePathError(UserInputError):
@@ -93,8 +97,28 @@ class Workspace:
 
     def check_pickle(self, path: Path) -> None:
         """Pickle-based weights run code when read: refused unless `lorafuse ui --allow-pickle` was given."""
-        if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin") and not self.allow_pickle:
+        if path.suffix.lower() in PICKLE_SUFFIXES and not self.allow_pickle:
             raise UserInputError(
                 f"{self.relative(path)}: pickle files can run code when loaded; refused (start "
                 "`lorafuse ui --allow-pickle` to read them, as the CLI's --allow-pickle)"
             )
+
+    def input_file(self, path: str, what: str) -> str:
+        """A file or folder the CLI will read, as a workspace-relative path: inside the workspace, present, and not
+        a pickle without the opt-in. `what` names the field in the message."""
+        if not (path or "").strip():
+            raise UserInputError(f"{what}: choose a file first")
+        try:
+            resolved = self.resolve(path, must_exist=True)
+        except UserInputError as e:
+            raise type(e)(f"{what}: {e}") from None
+        self.check_pickle(resolved)
+        return self.relative(resolved)
+
+    def base_model(self, name_or_path: str, what: str = "base") -> str:
+        """A base model for the CLI: a built-in name, or a folder / checkpoint inside the workspace (not a Hugging
+        Face id: that would read the cache outside the workspace; put the model under bases/ instead)."""
+        text = (name_or_path or "").strip()
+        if text in BUILTIN_BASES:
+            return text
+        return self.input_file(text, f"{what} (one of {', '.join(BUILTIN_BASES)}, or a path in the workspace)")

@@ -90,3 +90,34 @@ def test_every_path_option_of_the_train_form_stays_in_the_workspace(ws, tmp_path
             assert key in str(e.value)
     paths = {o.key for o in opts if "Path" in str(o.type)}
     assert paths <= set(keys), f"a new path option is not checked here: {paths - set(keys)}"
+
+
+def test_listings_survive_a_job_writing_at_the_same_time(ws, monkeypatch):
+    """A job's atomic write leaves `.lorafuse-tmp-*` for a moment, then renames it: a listing must neither show it
+    nor fail when a file it saw is gone by the time of its stat (the restarted page once died building the
+    Compare tab this way, while the continued run saved a checkpoint)."""
+    from pathlib import Path
+
+    from lorafuse.ui.tab_tools import lora_files
+
+    run = ws.root / "runs" / "teapot"
+    run.mkdir()
+    (run / "teapot-000001.safetensors").write_bytes(b"x")
+    (run / ".lorafuse-tmp-1560-743092-teapot-000016.safetensors").write_bytes(b"x")
+    (run / "teapot-000002.safetensors").write_bytes(b"x")
+    assert sorted(lora_files(ws)) == ["runs/teapot/teapot-000001.safetensors", "runs/teapot/teapot-000002.safetensors"]
+    real_stat = Path.stat
+    seen = []
+
+    def vanishing(self, *a, **k):  # teapot-000002 is there for its first stat (is_file), gone for the next
+        if self.name == "teapot-000002.safetensors":
+            seen.append(self)
+            if len(seen) > 1:
+                raise FileNotFoundError(2, "No such file or directory", str(self))
+        return real_stat(self, *a, **k)
+
+    monkeypatch.setattr(Path, "stat", vanishing)
+    assert lora_files(ws) == ["runs/teapot/teapot-000001.safetensors"]
+    assert len(seen) >= 2
+    (ws.root / "datasets" / ".lorafuse-tmp-1-2-new").mkdir()
+    assert ws.list_dirs("datasets") == []

@@ -181,7 +181,9 @@ def _caption_beside(image: Path, inside: Path | None) -> str:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    # dot-names: an atomic write's temporary file (gone a moment later) or a hidden file, not a sample
+    found = sorted(p for p in folder.iterdir()
+                   if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())  # fmt: skip
     if not found:
         raise UserInputError(f"{folder}: no images in this folder ({', '.join(IMAGE_EXTENSIONS)})")
     return found
@@ -201,7 +203,7 @@ def subset_folders(dataset: str | os.PathLike) -> list[Path]:
     root = Path(dataset)
     if not root.is_dir():
         raise UserInputError(f"{root}: no such dataset folder")
-    found = [(p, FOLDER_RE.match(p.name)) for p in sorted(root.iterdir()) if p.is_dir()]
+    found = [(p, FOLDER_RE.match(p.name)) for p in sorted(root.iterdir()) if p.is_dir()]  # dot-names never match
     return [p for p, m in found if m and int(m.group(1)) > 0]
 
 
@@ -209,9 +211,13 @@ def caption_rows(dataset: str | os.PathLike) -> list[tuple[Path, str]]:
     """(image, caption) for every image of every subset folder; '' where an image has no caption file."""
     rows = []
     for folder in subset_folders(dataset):
-        for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
-            txt = image.with_suffix(".txt")
-            rows.append((image, txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""))
+        for image in sorted(p for p in folder.iterdir()
+                            if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):  # fmt: skip
+            try:  # a caption is replaced atomically, but a user may delete one while this reads
+                caption = image.with_suffix(".txt").read_text(encoding="utf-8").strip()
+            except FileNotFoundError:
+                caption = ""
+            rows.append((image, caption))
     return rows
 
 

@@ -15,7 +15,7 @@ import tomli_w
 
 from lorafuse.errors import UserInputError
 from lorafuse.ui.jobs import Job, JobStore
-from lorafuse.ui.workspace import BUILTIN_BASES, Workspace
+from lorafuse.ui.workspace import BUILTIN_BASES, Workspace, hidden
 from lorafuse.utils.atomic import atomic_write_text
 
 SCORE_COLUMNS = ("method", "checkpoint", "lora_weight", "steps", "base", "seed", "oracle_content", "oracle_style",
@@ -73,7 +73,7 @@ def submit_grid(ws: Workspace, store: JobStore, kind: str, title: str, config: s
 def results(ws: Workspace, out: str) -> dict[str, Any]:
     """What a finished (or partly finished) grid folder holds."""
     folder = ws.resolve(out)
-    pages = sorted(folder.glob("grid_p*.png"))
+    pages = sorted(p for p in folder.glob("grid_p*.png") if not hidden(p))
     table: list[list[Any]] = []
     header: list[str] = []
     csv_path = folder / "cells.csv"
@@ -84,7 +84,7 @@ def results(ws: Workspace, out: str) -> dict[str, Any]:
         extra = [c for c in (rows[0] if rows else {}) if c.startswith("oracle_") and c not in present]
         header = present + extra
         table = [[_short(r.get(c, "")) for c in header] for r in rows if r.get("kind", "fused") != "single"]
-    schedules = sorted(p for p in folder.rglob("*schedule*.png"))
+    schedules = sorted(p for p in folder.rglob("*schedule*.png") if not hidden(p, folder))
     report = folder / "report.html"
     return {"pages": pages, "header": header, "table": table, "schedule": schedules[0] if schedules else None,
             "report": report if report.is_file() else None}  # fmt: skip

@@ -18,7 +18,7 @@ from lorafuse.ui import tasks
 from lorafuse.ui.common import choices_or, error_md
 from lorafuse.ui.helper import HELPER
 from lorafuse.ui.jobs import JobStore
-from lorafuse.ui.workspace import Workspace
+from lorafuse.ui.workspace import Workspace, hidden
 from lorafuse.utils.atomic import atomic_write_text
 
 PRESETS = {
@@ -282,5 +282,5 @@ def monitor(ws: Workspace, store: JobStore, job_id: str | None):
         loss, lr = frame(("loss", "loss_avg")), frame(("lr_unet", "lr_text_encoder"))
         text += f"  \nstep {int(rows[-1]['step'])}, loss {rows[-1]['loss']:.4f}"
     folder = ws.resolve(out["samples"])
-    grids = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    grids = sorted(p for p in folder.glob("*.png") if not hidden(p)) if folder.is_dir() else []
     return text, loss, lr, [(str(p), p.stem) for p in grids]

@@ -8,6 +8,7 @@ size limit and a real image decode (the file's bytes, not its name, decide its t
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -22,6 +23,13 @@ LAYOUT = ("datasets", "runs", "fuse", "grids", "loras", "jobs", "bases")
 # keeps the two equal); any other base is a folder or file in the workspace
 BUILTIN_BASES = ("world", "world-random", "sd15-tiny", "sdxl-tiny", "flux-tiny", "flux-schnell-tiny")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def hidden(path: Path, below: Path | None = None) -> bool:
+    """A dot-name on the way from `below` to `path`: an atomic write's `.lorafuse-tmp-*` file or folder (gone
+    again a moment later), or a file the user hid."""
+    parts = path.relative_to(below).parts if below is not None else (path.name,)
+    return any(part.startswith(".") for part in parts)
 
 
 class WorkspacePathError(UserInputError):
@@ -72,21 +80,29 @@ class Workspace:
         return Path(path).resolve().relative_to(self.root).as_posix()
 
     def list_files(self, folder: str, suffixes: tuple[str, ...], *, recursive: bool = True) -> list[str]:
-        """Workspace-relative paths of files under `folder` with one of `suffixes`, newest first."""
+        """Workspace-relative paths of files under `folder` with one of `suffixes`, newest first. Jobs write
+        while the page lists: hidden names (an atomic write's `.lorafuse-tmp-*` file) are not listed, and a file
+        that vanishes between the listing and its stat is left out instead of failing the page."""
         base = self.resolve(folder)
         if not base.is_dir():
             return []
         found = base.rglob("*") if recursive else base.iterdir()
-        files = [p for p in found if p.is_file() and p.suffix.lower() in suffixes and self._inside(p)]
-        files.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-        return [self.relative(p) for p in files]
+        dated = []
+        for p in found:
+            if p.suffix.lower() not in suffixes or hidden(p, base):
+                continue
+            with contextlib.suppress(OSError):  # gone, or unreadable: not listed
+                if p.is_file() and self._inside(p):
+                    dated.append((p.stat().st_mtime, p))
+        dated.sort(key=lambda t: t[0], reverse=True)
+        return [self.relative(p) for _, p in dated]
 
     def list_dirs(self, folder: str, *, containing: str | None = None) -> list[str]:
         """Workspace-relative sub-folders of `folder` (those holding a file named `containing`, if given)."""
         base = self.resolve(folder)
         if not base.is_dir():
             return []
-        dirs = [p for p in sorted(base.iterdir()) if p.is_dir() and self._inside(p)]
+        dirs = [p for p in sorted(base.iterdir()) if not p.name.startswith(".") and p.is_dir() and self._inside(p)]
         if containing:
             dirs = [p for p in dirs if (p / containing).exists()]
         return [self.relative(p) for p in dirs]

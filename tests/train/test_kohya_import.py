@@ -62,9 +62,13 @@ def test_sd15_gui_config(in_repo):
         "fp16",
         2,
     )
-    assert tc.sample_prompts == ("geralt of rivia", "geralt of rivia, 1boy, upper body, realistic")
+    assert tc.sample_prompts == (  # negative prompts kept, the other per-prompt options noted as dropped
+        "geralt of rivia --n lowres, bad anatomy",
+        "geralt of rivia, 1boy, upper body, realistic --n lowres",
+    )
     notes = {r.key: r for r in imp.rows if r.action == "no effect"}
-    assert "xformers" not in notes and "sdpa" in notes and "sample_prompts --n" in notes
+    assert "xformers" not in notes and "sdpa" in notes and "sample_prompts --w" in notes
+    assert "sample_prompts --n" not in notes
 
 
 def test_sdxl_gui_config_with_dataset_config(in_repo):

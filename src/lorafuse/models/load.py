@@ -271,18 +271,26 @@ def _is_lfs_pointer(path: Path) -> bool:
         return fh.read(40).startswith(b"version https://git-lfs")
 
 
+# classes of model_index.json entries that hold no weights (their folders hold configs or vocabularies only)
+_WEIGHTLESS = ("Tokenizer", "Scheduler", "FeatureExtractor", "ImageProcessor", "Processor")
+
+
 def check_weights_present(folder: Path) -> None:
-    """One clear error when a pipeline folder's models (unet, vae, text encoders, ...) have configs but no
-    weight files, e.g. a repo cloned without git-lfs or a copy of only the JSON files; diffusers would raise a
-    raw OSError deep inside from_pretrained instead."""
+    """One clear error when a pipeline folder's models (unet, vae, text encoders, ...) have no weight files: a repo
+    cloned without git-lfs, a copy of only the JSON files, or only model_index.json; diffusers would raise a raw
+    OSError deep inside from_pretrained instead."""
     import json
 
     index = json.loads((folder / "model_index.json").read_text())
     missing = []
     for name, spec in sorted(index.items()):
+        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
+            continue
         sub = folder / name
-        # model components hold a config.json; tokenizers, schedulers and feature extractors have no weights
-        if name.startswith("_") or not isinstance(spec, list) or not (sub / "config.json").is_file():
+        if any(kind in str(spec[1]) for kind in _WEIGHTLESS):
+            continue
+        if not (sub / "config.json").is_file():
+            missing.append(f"{name} (no {name}/ folder)" if not sub.is_dir() else f"{name} (no {name}/config.json)")
             continue
         files = [p for p in sub.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
         if not files:
@@ -291,7 +299,7 @@ def check_weights_present(folder: Path) -> None:
             missing.append(f"{name} (only git-lfs pointer files)")
     if missing:
         raise UserInputError(
-            f"{folder}: the pipeline folder has configs but no weights for {', '.join(missing)} (no "
+            f"{folder}: the pipeline folder has no weights for {', '.join(missing)} (no "
             f"{'/'.join(WEIGHT_SUFFIXES)} files). Copy or download the weight files too (for a git clone: "
             "git lfs pull), or give a .safetensors checkpoint instead"
         )

@@ -199,6 +199,9 @@ class DatasetConfig:
         return (r, r) if isinstance(r, int) else (r[0], r[1])
 
 
+_BLOCK_LISTS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
+
+
 @dataclass(frozen=True)
 class NetworkConfig:
     # networks.lora (kohya's LoRA / LoCon) or lycoris.kohya (LyCORIS: algo = locon, loha, lokr)
@@ -228,6 +231,10 @@ class NetworkConfig:
     block_dims: tuple[int, ...] | None = None
     # per-block alphas, same order and length as block_dims
     block_alphas: tuple[float, ...] | None = None
+    # rank of the 3x3 convs per UNet block (kohya's conv_block_dims; instead of conv_dim), same order as block_dims
+    conv_block_dims: tuple[int, ...] | None = None
+    # alphas of the 3x3 convs per block (unset: conv_alpha, or 1 as kohya)
+    conv_block_alphas: tuple[float, ...] | None = None
     # LR weight per input block IN00.. (a list), or a kohya preset: sine, cosine, linear, reverse_linear, zeros
     down_lr_weight: str | tuple[float, ...] | None = None
     mid_lr_weight: float | None = None  # LR weight of the MID block
@@ -244,12 +251,12 @@ class NetworkConfig:
         as_paths(self, "network_weights")
         _positive(self, "network_dim", "network_alpha", "conv_dim", "conv_alpha")
         if self.network_module == "lycoris.kohya" and (
-            self.layers != "default" or self.block_dims is not None or self.block_alphas is not None
+            self.layers != "default" or any(getattr(self, k) is not None for k in _BLOCK_LISTS)
         ):
             raise _bad(
                 "network_module",
-                "lycoris.kohya chooses its modules itself (kohya's LoCon set); layers / block_dims / block_alphas "
-                "are for networks.lora",
+                "lycoris.kohya chooses its modules itself (kohya's LoCon set); layers / block_dims / block_alphas / "
+                "conv_block_dims / conv_block_alphas are for networks.lora",
             )
         if self.network_module == "networks.lora" and (self.algo != "locon" or self.factor != -1):
             raise _bad("algo", "and factor are LyCORIS settings: set network_module = 'lycoris.kohya'")
@@ -274,19 +281,34 @@ class NetworkConfig:
                     re.compile(pattern)
                 except re.error as e:
                     raise _bad("layers", f"{pattern!r} is not a valid regular expression: {e}") from None
-        for key in ("block_dims", "block_alphas"):
+        for key in _BLOCK_LISTS:
             if any(v < 0 for v in getattr(self, key) or ()):
                 raise _bad(
                     key, f"entries must be >= 0 (0 = no LoRA in that block), got {list(getattr(self, key))}"
                 )
-        if self.block_dims and self.block_alphas and len(self.block_dims) != len(self.block_alphas):
+        for dims, alphas in (("block_dims", "block_alphas"), ("conv_block_dims", "conv_block_alphas")):
+            d, a = getattr(self, dims), getattr(self, alphas)
+            if d and a and len(d) != len(a):
+                raise _bad(alphas, f"has {len(a)} entries, {dims} {len(d)}")
+        if self.conv_block_alphas is not None and self.conv_block_dims is None:
+            raise _bad("conv_block_alphas", "is set but conv_block_dims is not")
+        if self.conv_block_dims is not None and not self.block_mode:
             raise _bad(
-                "block_alphas", f"has {len(self.block_alphas)} entries, block_dims {len(self.block_dims)}"
+                "conv_block_dims",
+                "needs block_dims or a block LR weight (down/mid/up_lr_weight), as in kohya, which ignores it "
+                "otherwise; for one conv rank everywhere use conv_dim",
             )
         if self.network_train_unet_only and self.network_train_text_encoder_only:
             raise _bad(
                 "network_train_unet_only", "and network_train_text_encoder_only are both true: nothing trains"
             )
+
+    @property
+    def block_mode(self) -> bool:
+        """kohya's networks.lora works per block when block_dims or a block LR weight is set."""
+        return any(
+            getattr(self, k) is not None for k in ("block_dims", "down_lr_weight", "mid_lr_weight", "up_lr_weight")
+        )
 
     @property
     def train_text_encoder(self) -> bool:
@@ -348,7 +370,7 @@ class TrainingConfig:
     resume: Path | None = None  # a state folder written with save_state
     # render sample_prompts every N epochs into samples/NAME-eNNNNNN.png
     sample_every_n_epochs: int | None = None
-    # prompts for the sample grids
+    # prompts for the sample grids; "PROMPT --n NEGATIVE" gives a negative prompt (kohya's prompt-file option)
     sample_prompts: tuple[str, ...] = ()
     # denoising steps per sample
     sample_steps: int = 20

@@ -79,3 +79,26 @@ def parse_resolution(value: Any) -> int | list[int]:
             return int(value[0])
         return [int(v) for v in value]
     return int(value)
+
+
+def round_bucket_limits(imp: KohyaImport) -> None:
+    """kohya rounds min_bucket_reso down and max_bucket_reso up to multiples of bucket_reso_steps (with a
+    warning) where lorafuse's config refuses them; a kohya config gets kohya's rounding, shown in its table."""
+    dataset = imp.data.get("dataset", {})
+    tables = [("", dataset)] + [(f"subsets[{i}].", s) for i, s in enumerate(dataset.get("subsets", []))]
+    for where, table in tables:
+        step = int(table.get("bucket_reso_steps", dataset.get("bucket_reso_steps", 64)) or 64)
+        for key in ("min_bucket_reso", "max_bucket_reso"):
+            value = table.get(key)
+            if not isinstance(value, int) or value % step == 0:
+                continue
+            rounded = max(step, value - value % step) if key.startswith("min") else value + step - value % step
+            table[key] = rounded
+            imp.rows.append(
+                Row(
+                    f"{where}{key}",
+                    value,
+                    "mapped",
+                    f"dataset.{where}{key} = {rounded} (kohya rounds it to a multiple of bucket_reso_steps {step})",
+                )
+            )

@@ -11,16 +11,17 @@ collects every refused key into one error.
 
 from __future__ import annotations
 
-import ast
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from lorafuse.errors import ConfigError
-from lorafuse.train.kohya_common import KohyaImport, parse_resolution, read_toml
+from lorafuse.train.kohya_common import KohyaImport, parse_resolution, read_toml, round_bucket_limits
 from lorafuse.train.kohya_dataset import convert_dataset_config
 from lorafuse.train.kohya_keys import KOHYA_DEFAULTS, OPTIMIZER_FIXED_ARGS, OPTIMIZERS, RULES, Rule
+from lorafuse.train.kohya_network_args import network_args as _network_args
+from lorafuse.train.kohya_network_args import split_args
 
 
 def looks_like_kohya(data: Mapping[str, Any]) -> bool:
@@ -30,7 +31,11 @@ def looks_like_kohya(data: Mapping[str, Any]) -> bool:
 
 def import_kohya_file(path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> KohyaImport:
     """Convert a kohya flat config file (plus kohya flags in `extra`, which win); refused keys raise one error."""
+    from lorafuse.train.kohya_gui_preset import check_not_gui_settings
+
+    check_not_gui_settings(path)
     flat = {**read_toml(path), **(extra or {})}
+    check_not_gui_settings(path, flat)
     imp = convert_flat(flat)
     imp.check(str(path))
     return imp
@@ -77,6 +82,7 @@ def convert_flat(flat: Mapping[str, Any], *, defaults: bool = True) -> KohyaImpo
             _convert(imp, key, value, rule, flat)
     if defaults:
         _kohya_defaults(imp, flat)
+    round_bucket_limits(imp)
     return imp
 
 
@@ -182,22 +188,6 @@ def _fp8_base(imp, key, value, flat):
         imp.note(key, value, "off")
 
 
-def split_args(value: Any) -> list[tuple[str, Any]]:
-    """kohya's ["k=v", ...] (or one space-separated string) -> [(k, python value)] as kohya's literal_eval."""
-    items = value.split() if isinstance(value, str) else list(value or [])
-    out = []
-    for item in items:
-        k, sep, v = str(item).partition("=")
-        if not sep:
-            raise ValueError(f"{item!r} is not key=value")
-        try:
-            parsed = ast.literal_eval(v.strip())
-        except (ValueError, SyntaxError):
-            parsed = v.strip()
-        out.append((k.strip(), parsed))
-    return out
-
-
 def _optimizer_args(imp, key, value, flat):
     name = OPTIMIZERS.get(str(flat.get("optimizer_type", "")).strip().lower() or "adamw", "AdamW")
     try:
@@ -215,105 +205,6 @@ def _optimizer_args(imp, key, value, flat):
             imp.note(sub, v, f"what lorafuse's {name} already uses")
         else:
             imp.refuse(sub, v, f"optimizer argument not supported for {name} (weight_decay and betas are)")
-
-
-_LYCORIS_ALGOS = ("locon", "loha", "lokr")
-_NETWORK_ARGS_OFF = {
-    "train_t5xxl": False,  # kohya lora_flux: T5-XXL LoRAs are not trained here (CLIP-L is)
-    "split_qkv": False,  # kohya lora_flux: its fused-qkv LoRA is the file layout we write anyway
-    "preset": "full",
-    "dropout": 0,
-    "rank_dropout": 0,
-    "module_dropout": 0,
-    "use_tucker": False,
-    "use_cp": False,
-    "use_scalar": False,
-    "train_norm": False,
-    "bypass_mode": False,
-    "dora_wd": False,
-    "decompose_both": False,
-}
-
-
-_FLUX_BLOCK_ARGS = ("train_blocks", "train_double_block_indices", "train_single_block_indices")
-_FLUX_KINDS = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
-
-
-def flux_layers(args: dict) -> str | list[str]:
-    """kohya lora_flux's block selection -> network.layers: train_blocks (all, double, single) names the kinds,
-    train_double_block_indices / train_single_block_indices ("all", "none", or "0,2,5-8") the blocks of each."""
-    kinds = {"all": ("double", "single"), "double": ("double",), "single": ("single",)}.get(
-        str(args.get("train_blocks", "all")).strip().lower()
-    )
-    if kinds is None:
-        raise ValueError(f"train_blocks must be all, double or single, got {args['train_blocks']!r}")
-    def spec(kind: str) -> str:  # literal_eval made "0,2" a tuple and "3" an int
-        v = args.get(f"train_{kind}_block_indices", "all")
-        return ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v).strip().lower()
-
-    indices = {kind: spec(kind) for kind in kinds}
-    if all(chosen == "all" for chosen in indices.values()):
-        return "all" if len(kinds) == 2 else kinds[0]
-    patterns = []
-    for kind, chosen in indices.items():
-        if chosen == "none":
-            continue
-        if chosen == "all":
-            patterns.append(rf"^{_FLUX_KINDS[kind]}\.\d+\.")
-            continue
-        numbers: list[int] = []
-        for part in chosen.split(","):
-            lo, _, hi = part.strip().partition("-")
-            numbers += range(int(lo), int(hi or lo) + 1)
-        patterns.append(rf"^{_FLUX_KINDS[kind]}\.({'|'.join(map(str, sorted(set(numbers))))})\.")
-    if not patterns:
-        raise ValueError("train_double_block_indices and train_single_block_indices select no block")
-    return patterns
-
-
-def _network_args(imp, key, value, flat):
-    try:
-        args = split_args(value)
-    except ValueError as e:
-        imp.refuse(key, value, str(e))
-        return
-    flux_blocks = {k: v for k, v in args if k in _FLUX_BLOCK_ARGS}
-    if flux_blocks:
-        sub = f"{key}.{'/'.join(flux_blocks)}"
-        try:
-            imp.put("network.layers", flux_layers(flux_blocks), sub, flux_blocks)
-        except ValueError as e:
-            imp.refuse(sub, flux_blocks, str(e))
-    for k, v in args:
-        sub = f"{key}.{k}"
-        if k in _FLUX_BLOCK_ARGS:
-            continue
-        if k in ("conv_dim", "conv_alpha"):
-            imp.put(f"network.{k}", v, sub, v)
-        elif k in ("block_dims", "block_alphas"):
-            values = list(v) if isinstance(v, (tuple, list)) else [v]
-            imp.put(f"network.{k}", values, sub, v)
-        elif k == "algo":  # NetworkConfig checks that it goes with network_module = lycoris.kohya
-            if v in _LYCORIS_ALGOS:
-                imp.put("network.algo", v, sub, v)
-            else:
-                imp.refuse(sub, v, f"LyCORIS algorithm not supported; use one of {', '.join(_LYCORIS_ALGOS)}")
-        elif k == "factor":
-            imp.put("network.factor", int(v), sub, v)
-        elif k in _NETWORK_ARGS_OFF and (v == _NETWORK_ARGS_OFF[k] or v in (None, "", 0, False)):
-            imp.note(sub, v, "off / the default")
-        elif k in ("down_lr_weight", "up_lr_weight"):
-            # kohya: a preset name ("cosine+0.5") or comma-separated numbers
-            values = (
-                v if isinstance(v, str) else [float(x) for x in (v if isinstance(v, (tuple, list)) else [v])]
-            )
-            imp.put(f"network.{k}", values, sub, v)
-        elif k in ("mid_lr_weight", "block_lr_zero_threshold"):
-            imp.put(f"network.{k}", float(v), sub, v)
-        elif k == "train_t5xxl":
-            imp.refuse(sub, v, "T5-XXL LoRAs are not trained here (FLUX.1 trains the transformer and CLIP-L)")
-        else:
-            imp.refuse(sub, v, "network argument not supported")
 
 
 def _network_module(imp, key, value, flat):
@@ -378,7 +269,7 @@ def _sample_prompts(imp, key, value, flat):
     imp.put("training.sample_prompts", prompts, key, value, f"{len(prompts)} prompts read from the file")
     for option in dropped:
         imp.note(
-            f"{key} {option}", value, "per-prompt sampling option; samples use resolution and sample_steps"
+            f"{key} {option}", value, "per-prompt sampling option; samples use resolution, sample_steps and seed"
         )
 
 
@@ -420,12 +311,16 @@ def load_train_config_any(
     kohya-only flags. Returns (config, KohyaImport or None)."""
     from lorafuse.config.toml_io import build_config
     from lorafuse.train.config import TrainConfig
+    from lorafuse.train.kohya_gui_preset import check_not_gui_settings
 
+    if path is not None:
+        check_not_gui_settings(path)
     data = read_toml(path) if path is not None else {}
     source = "<defaults>" if path is None else str(path)
     flags = {k: cli_value(v) for k, v in (kohya_flags or {}).items()}
     imp = None
     if path is not None and looks_like_kohya(data):
+        check_not_gui_settings(path, data)
         imp = convert_flat({**data, **flags})
         imp.check(f"{source} (kohya config)")
         data = imp.data

@@ -9,8 +9,9 @@ Ranks and alphas, per module (kohya's rules, `NetworkConfig` fields):
   `all`, `craft_style`, or regexes), they take network_dim / network_alpha;
 - `default` with conv_dim set is kohya's LoCon, i.e. the `all` preset;
 - block_dims / block_alphas: one entry per SGM block in kohya's order IN00.., MID, OUT00.. (25 entries for SD1.5,
-  19 for SDXL, 13 for the world UNet); they replace network_dim / network_alpha for the block's modules, a 0
-  removes the block; 3x3 convs keep conv_dim when it is set.
+  19 for SDXL, 13 for the world UNet); they replace network_dim / network_alpha for the block's Linear and 1x1
+  modules, a 0 removes them; 3x3 convs take conv_block_dims / conv_block_alphas for their block when set (block
+  mode only, as kohya), else conv_dim / conv_alpha, whatever block_dims says (kohya's rule).
 - text encoders (unless network_train_unet_only): q/k/v/out projections and fc1/fc2 of every CLIP layer, as
   kohya, with network_dim / network_alpha.
   Which encoders: the family's `trainable_text_encoders` (SDXL both CLIPs, FLUX.1 CLIP-L only, never T5).
@@ -44,7 +45,10 @@ TEXT_ENCODER_TARGETS = re.compile(
     r"(^|\.)encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$"
 )
 KOHYA_CONV_ALPHA = 1.0  # kohya's conv_alpha when conv_dim is set without it
-_BLOCKWISE = ("block_dims", "block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight")
+_BLOCKWISE = (
+    "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight", "mid_lr_weight",
+    "up_lr_weight",
+)
 _SGM_BLOCK = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.|^middle_block\.")
 
 Plan = dict[str, dict[str, tuple[int, float]]]  # component -> module path -> (rank, alpha)
@@ -99,7 +103,7 @@ def plan_network(pipe: object, net: NetworkConfig, arch: str | None = None) -> P
 
 
 def _denoiser_plan(denoiser: nn.Module, net: NetworkConfig, family: Family) -> dict[str, tuple[int, float]]:
-    layers = "all" if net.layers == "default" and net.conv_dim else net.layers
+    layers = "all" if net.layers == "default" and (net.conv_dim or net.conv_block_dims) else net.layers
     if "up_block_types" not in denoiser.config:  # a transformer: no kohya IN/MID/OUT blocks
         blockwise = [k for k in _BLOCKWISE if getattr(net, k) is not None]
         if blockwise:
@@ -110,7 +114,7 @@ def _denoiser_plan(denoiser: nn.Module, net: NetworkConfig, family: Family) -> d
         return {path: (net.network_dim, float(net.network_alpha))
                 for path in resolve_layers(denoiser, layers, family.name)}  # fmt: skip
     labels = block_labels(denoiser)
-    for key in ("block_dims", "block_alphas"):
+    for key in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"):
         values = getattr(net, key)
         if values is not None and len(values) != len(labels):
             raise UserInputError(
@@ -121,23 +125,33 @@ def _denoiser_plan(denoiser: nn.Module, net: NetworkConfig, family: Family) -> d
     lr_weights = block_lr_weights(net, labels) or {}
     targets: dict[str, tuple[int, float]] = {}
     for path in resolve_layers(denoiser, layers, family.name):
-        rank, alpha = net.network_dim, net.network_alpha
         block = block_of(path, layout)
         if block is not None and lr_weights.get(block, 1.0) <= net.block_lr_zero_threshold:
             continue  # kohya drops blocks whose LR weight is at or below the threshold
-        if block is not None and net.block_dims is not None:
-            rank = net.block_dims[labels.index(block)]
-        if block is not None and net.block_alphas is not None:
-            alpha = net.block_alphas[labels.index(block)]
-        if rank == 0:
-            continue
-        if _is_3x3(denoiser.get_submodule(path)) and net.conv_dim:
-            rank = net.conv_dim
-            alpha = net.conv_alpha if net.conv_alpha is not None else KOHYA_CONV_ALPHA
-        targets[path] = (int(rank), float(alpha))
+        index = None if block is None else labels.index(block)
+        if _is_3x3(denoiser.get_submodule(path)) and (net.conv_dim or net.conv_block_dims):
+            rank, alpha = _conv_rank(net, index)
+        else:  # as kohya: block_dims / block_alphas rank the Linear and 1x1 layers only
+            rank, alpha = net.network_dim, net.network_alpha
+            if index is not None and net.block_dims is not None:
+                rank = net.block_dims[index]
+            if index is not None and net.block_alphas is not None:
+                alpha = net.block_alphas[index]
+        if rank:
+            targets[path] = (int(rank), float(alpha))
     if not targets:
         raise UserInputError("network.block_dims removes every UNet module: nothing left to train")
     return targets
+
+
+def _conv_rank(net: NetworkConfig, index: int | None) -> tuple[int, float]:
+    """A 3x3 conv's (rank, alpha): conv_block_dims / conv_block_alphas for its block, else conv_dim / conv_alpha."""
+    alpha = net.conv_alpha if net.conv_alpha is not None else KOHYA_CONV_ALPHA
+    if net.conv_block_dims is None or index is None:
+        return net.conv_dim or 0, alpha
+    if net.conv_block_alphas is not None:
+        alpha = net.conv_block_alphas[index]
+    return net.conv_block_dims[index], alpha
 
 
 def _peft_config(targets: Mapping[str, tuple[int, float]], dropout: float):

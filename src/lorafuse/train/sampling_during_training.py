@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lorafuse.families import family_of
+from lorafuse.train.kohya_prompts import split_negative
 from lorafuse.utils.images import labelled_grid, save_image, to_uint8
 
 GUIDANCE_SCALE = 7.0  # the character-style-transfer paper's sampling setting (Chu)
@@ -35,8 +36,8 @@ def sample_grid(
 ) -> Path:
     """Render each prompt once (seed + prompt index) and save a labelled grid (one row per prompt) at `out`.
 
-    With max_token_length 150 / 225 (or a prompt longer than 75 tokens) the prompts are encoded in kohya's
-    75-token windows, as in training, instead of the pipeline's truncation at 77 tokens."""
+    A prompt longer than 75 tokens, with (word:1.2) weights or A1111's BREAK is encoded as kohya's sampler does
+    (families/sample_text.py) instead of the pipeline's truncation at 77 tokens."""
     family = family_of(pipe)
     denoiser = family.denoiser(pipe)
     modules = [
@@ -54,13 +55,15 @@ def sample_grid(
         with torch.random.fork_rng(devices=devices), torch.no_grad(), autocast or contextlib.nullcontext():
             for m in modules:
                 m.eval()
-            for k, prompt in enumerate(prompts):
+            for k, line in enumerate(prompts):
                 generator = torch.Generator().manual_seed(seed + k)
-                text = long_prompt_kwargs(pipe, prompt, max_token_length, clip_skip)
+                prompt, negative = split_negative(line)
+                text = long_prompt_kwargs(pipe, prompt, max_token_length, clip_skip, negative)
                 if text:
                     kwargs.pop("clip_skip", None)  # applied while encoding
+                plain = {"prompt": prompt, **({"negative_prompt": negative} if negative else {})}
                 image = pipe(
-                    **(text or {"prompt": prompt}),
+                    **(text or plain),
                     num_inference_steps=steps,
                     height=height,
                     width=width,
@@ -72,27 +75,33 @@ def sample_grid(
     finally:
         for m, mode in zip(modules, modes, strict=True):
             m.train(mode)
-    labels = [p if len(p) <= 40 else p[:37] + "..." for p in prompts]
+    labels = [split_negative(p)[0] for p in prompts]
+    labels = [p if len(p) <= 40 else p[:37] + "..." for p in labels]
     return save_image(labelled_grid([[img] for img in images], labels, ["sample"], title=title), out)
 
 
-def long_prompt_kwargs(pipe, prompt: str, max_token_length: int | None, clip_skip: int | None) -> dict | None:
-    """Pipeline inputs (prompt_embeds, negative_prompt_embeds, pooled for SDXL) for a prompt longer than 75 tokens
-    or a run with max_token_length; None when the pipeline's own 77-token encoding is the same."""
-    from lorafuse.families.long_prompts import WINDOW
-    from lorafuse.train.cache import text_embeddings
+def long_prompt_kwargs(
+    pipe, prompt: str, max_token_length: int | None, clip_skip: int | None, negative: str = ""
+) -> dict | None:
+    """Pipeline inputs (prompt_embeds, negative_prompt_embeds, pooled for SDXL) for a prompt as kohya's sampler
+    encodes it (families/sample_text.py: up to 225 tokens in 75-token windows, (word:1.2) weights, A1111's BREAK);
+    None when the pipeline's own 77-token encoding is the same (a plain prompt of at most 75 tokens, no clip skip).
+    max_token_length does not matter here: kohya's sampler allows 225 tokens whatever the training used."""
+    from lorafuse.families.sample_text import WINDOW, parse_weights, prompt_tokens, sample_embeddings
 
+    del max_token_length
     if not family_of(pipe).long_prompts:
         return None
     tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
     encoders = [t for t in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if t is not None]
-    n_tokens = len(tokenizers[0](prompt, add_special_tokens=False).input_ids)
-    if not max_token_length or max_token_length <= WINDOW:
-        if n_tokens <= WINDOW:
-            return None
-        max_token_length = min(3, -(-n_tokens // WINDOW)) * WINDOW  # kohya's sampler allows up to 225 tokens
+    plain = all(w == 1.0 for text in (prompt, negative) for _, w in parse_weights(text))
+    short = all(len(prompt_tokens(tokenizers[0], text)[0]) <= WINDOW for text in (prompt, negative))
+    # with a clip skip ours too: diffusers' encode_prompt reaches text_model.final_layer_norm, which transformers 5
+    # moved onto CLIPTextModel itself (AttributeError)
+    if plain and short and not clip_skip:
+        return None
     kohya_skip = 1 if clip_skip is None else clip_skip + 1  # diffusers' clip_skip -> kohya numbering
-    cond = text_embeddings(tokenizers, encoders, [prompt, ""], kohya_skip, max_token_length)
+    cond = sample_embeddings(tokenizers, encoders, [prompt, negative], kohya_skip)
     dtype = next(family_of(pipe).denoiser(pipe).parameters()).dtype
     states = cond["encoder_hidden_states"].to(dtype)
     out = {"prompt_embeds": states[:1], "negative_prompt_embeds": states[1:]}

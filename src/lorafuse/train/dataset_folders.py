@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafuse.errors import UserInputError
-from lorafuse.utils.atomic import atomic_path, atomic_write_text
+from lorafuse.utils.atomic import atomic_path, atomic_write_text, check_output
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # what training reads
 ADD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # what `add_images` accepts (decoded, not judged by the name)
@@ -98,12 +98,11 @@ def add_images(dataset: str | os.PathLike, images: Sequence[str | os.PathLike], 
     type, size) before anything is written. A copy keeps its file name (made unique with -1, -2, ... if taken).
     Its caption: `caption` if given, else the `.txt` beside the source image, else 'a photo of a <trigger> <class>'."""
     folder = Path(dataset) / subset_name(repeats, trigger, cls)
-    if Path(dataset).exists() and not Path(dataset).is_dir():
-        raise UserInputError(f"{dataset}: exists and is not a folder")
     sources = [q for p in map(Path, images) for q in (_images_in(p) if p.is_dir() else [p])]
     if not sources:
         raise UserInputError("no images given")
     formats = [check_image(p, max_bytes=max_bytes) for p in sources]
+    check_output(dataset, kind="folder", what="dataset folder", estimate=sum(p.stat().st_size for p in sources))
     default = f"a photo of a {trigger.strip()} {cls.strip()}"
     taken = {p.stem for p in folder.iterdir()} if folder.is_dir() else set()
     written = []

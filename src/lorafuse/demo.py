@@ -110,7 +110,10 @@ def run_demo(cfg: DemoConfig) -> Path:
     # 1. Check inputs, before any compute
     cfg.check()
     methods = list(cfg.methods) if cfg.methods is not None else method_names()
-    out = Path(cfg.out)
+    from lorafuse.utils.atomic import check_output
+
+    out = check_output(cfg.out, kind="folder", what="demo output folder")
+    check_output(cfg.work_dir, kind="folder", what="demo work folder")
     out.mkdir(parents=True, exist_ok=True)
     oracle = default_oracle()  # missing weights fail here, not after training
     times: dict[str, float] = {}

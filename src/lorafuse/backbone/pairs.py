@@ -205,10 +205,32 @@ def write_pairs(
     row_names: Sequence[str], col_names: Sequence[str], settings: dict[str, Any],
 ) -> Path:  # fmt: skip
     """Write images, pairs.json and contact_sheet.png (rows: content i, content-fixed then style-fixed)."""
+    from lorafuse.utils.atomic import atomic_folder
+
+    final = _check_pairs_folder(Path(folder))
+    with atomic_folder(final) as folder:  # a previous pairs set is replaced whole; a failed write keeps it
+        _write_pairs_into(folder, content_fixed, style_fixed, captions, row_names, col_names, settings)
+    return final
+
+
+def _check_pairs_folder(folder: Path) -> Path:
+    """A new, empty or previous pairs folder (replaced whole); anything else is refused, not overwritten."""
+    from lorafuse.utils.atomic import check_output
+
+    folder = check_output(folder, kind="folder", what="pairs dataset folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / MANIFEST).is_file():
+        raise UserInputError(f"{folder}: exists, is not empty and holds no {MANIFEST} (not a pairs dataset); "
+                             "choose a new folder")  # fmt: skip
+    return folder
+
+
+def _write_pairs_into(
+    folder: Path, content_fixed: np.ndarray, style_fixed: np.ndarray, captions: Sequence[Sequence[str]],
+    row_names: Sequence[str], col_names: Sequence[str], settings: dict[str, Any],
+) -> None:  # fmt: skip
     from lorafuse.utils.atomic import atomic_write_text
     from lorafuse.utils.images import labelled_grid, save_image
 
-    folder = Path(folder)
     for sub in ("content", "style"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     pairs = []
@@ -231,7 +253,6 @@ def write_pairs(
         rows, labels, list(col_names), scale=scale, title="content-fixed / style-fixed pairs"
     )
     save_image(sheet, folder / "contact_sheet.png")
-    return folder
 
 
 def read_pairs(folder: str | Path) -> list[Pair]:
@@ -267,6 +288,7 @@ def build_pairs_dataset(
         raise UserInputError(
             f"unknown pairs mode {mode!r}; choose render (world, exact) or generate (any base)"
         )
+    _check_pairs_folder(Path(folder))  # before any image is rendered or a base loads
     settings: dict[str, Any] = {"mode": mode, "seed": seed}
     if mode == "render":
         default_c, default_s = world_references()

@@ -42,7 +42,7 @@ from lorafuse.backbone.pairs import read_pairs
 from lorafuse.errors import ConfigError, UserInputError
 from lorafuse.families.unet import UNetDenoiser
 from lorafuse.train.objectives import DDPMObjective, Objective
-from lorafuse.utils.atomic import atomic_folder, atomic_save_safetensors, atomic_write_text
+from lorafuse.utils.atomic import atomic_folder, atomic_save_safetensors, atomic_write_text, check_output
 
 INFO_FILE = "craft_backbone.json"  # = fusion.craft.host.BACKBONE_INFO
 # settings a resumed run may change (where and how often it writes, how long it runs)
@@ -248,8 +248,8 @@ def train_backbone(config: BackboneConfig, *, pipe: Any = None, progress: bool =
     from lorafuse.train.optim import make_optimizer
 
     # 1. Check inputs and load: pairs, base, feature network
-    out = Path(config.output_dir)
     read_pairs(config.pairs)  # a missing or broken dataset fails before any model loads
+    out = check_output(config.output_dir, kind="folder", what="backbone output_dir")
     if pipe is None:
         from lorafuse.models.load import load_base_pipeline
 

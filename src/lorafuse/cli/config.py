@@ -28,10 +28,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     from lorafuse.train.config import TrainConfig
     from lorafuse.train.kohya_gui_preset import check_not_gui_settings
     from lorafuse.train.kohya_import import convert_flat, looks_like_kohya, read_toml
+    from lorafuse.utils.atomic import check_output
 
     check_not_gui_settings(args.kohya_config)
     data = read_toml(args.kohya_config)
     check_not_gui_settings(args.kohya_config, data)
+    check_output(args.out, what="config file")
     if not looks_like_kohya(data):
         raise ConfigError(f"{args.kohya_config}: already a lorafuse config (only tables at the top level)")
     imported = convert_flat(data)

@@ -104,6 +104,10 @@ def cmd_expert(args: argparse.Namespace) -> int:
             f"--grid wants comma-separated numbers such as 0,0.5,1, got {args.grid!r}"
         ) from None
     pairs = [parse_pair(p) for p in args.pair]  # every pair checked before any LoRA trains
+    from lorafuse.utils.atomic import check_output
+
+    check_output(args.out, what="expert file")
+    check_output(args.work_dir, kind="folder", what="LoRA work folder")
     path, _ = train_world_expert(pairs, args.work_dir, args.out, grid=lambda_grid(values), seeds=args.seeds,
                                  steps=args.steps, guidance=args.guidance, expert_steps=args.expert_steps)  # fmt: skip
     print(path)

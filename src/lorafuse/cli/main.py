@@ -8,6 +8,7 @@ with status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -78,8 +79,12 @@ def _show_warning(command: str):
 
 
 def main(argv: list[str] | None = None, extra: Sequence[Register] = (), modules: Sequence[str] = COMMAND_MODULES) -> int:
-    quiet_libraries()
-    parser = build_parser(extra, modules)
+    try:
+        quiet_libraries()
+        parser = build_parser(extra, modules)  # imports the commands' modules: Ctrl-C may land here too
+    except KeyboardInterrupt:
+        print("lorafuse: interrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -93,23 +98,49 @@ def main(argv: list[str] | None = None, extra: Sequence[Register] = (), modules:
     handler.addFilter(_lower_level)
     package_log = logging.getLogger("lorafuse")
     package_log.addHandler(handler)
+    from lorafuse.utils import atomic
+
+    atomic.forget_created_folders()
     try:
         result = args.func(args)
     except UserInputError as exc:
+        atomic.discard_created_folders()
         print(f"lorafuse {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # every write is atomic: what was complete stays (a grid's cells, a training run's saved states),
+        # nothing half-written does; the output folders this run created and left empty go too
+        atomic.discard_created_folders()
+        print(f"lorafuse {args.command}: interrupted (Ctrl-C); finished files were kept, nothing half-written "
+              "was left", file=sys.stderr)  # fmt: skip
+        return 130
     except OSError as exc:
-        from lorafuse.utils.atomic import is_disk_full
-
-        if not is_disk_full(exc):
+        message = _write_error(exc)
+        if message is None:
             raise
-        name = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        print(f"lorafuse {args.command}: error: {name}the disk is full; free some space and run again", file=sys.stderr)
+        atomic.discard_created_folders()
+        print(f"lorafuse {args.command}: error: {message}", file=sys.stderr)
         return 2
     finally:
         warnings.showwarning = previous
         package_log.removeHandler(handler)
+        atomic.forget_created_folders()
     return int(result or 0)
+
+
+# errors of the OS that say where a file could not be written, not that lorafuse has a bug: one line naming it
+_WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EEXIST}
+
+
+def _write_error(exc: OSError) -> str | None:
+    from lorafuse.utils.atomic import is_disk_full
+
+    name = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+    if is_disk_full(exc):
+        return f"{name}the disk is full; free some space and run again"
+    if exc.errno in _WRITE_ERRNOS and name:
+        return f"{name}{(exc.strerror or str(exc)).lower()}"
+    return None
 
 
 def _lower_level(record: logging.LogRecord) -> bool:

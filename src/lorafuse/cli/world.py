@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from lorafuse.errors import UserInputError
 
@@ -20,12 +19,14 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_render(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from lorafuse.utils.atomic import check_output
     from lorafuse.utils.images import labelled_grid, save_image
     from lorafuse.world.catalog import check_style, parse_individual
     from lorafuse.world.render import render
 
     ind = parse_individual(args.individual)
     styles = [check_style(s) for s in args.styles]
+    check_output(args.out, what="picture")
     tiles = [[render(ind, s, np.random.default_rng([args.seed, k])) for s in styles] for k in range(args.n)]
     path = save_image(labelled_grid(tiles, [f"seed {args.seed}.{k}" for k in range(args.n)], styles), args.out)
     print(path)
@@ -54,13 +55,15 @@ def _cmd_dataset(args: argparse.Namespace) -> int:
 def _cmd_train_oracle(args: argparse.Namespace) -> int:
     import numpy as np
 
+    # pool seeds 1, 3, 5, ...: the shipped oracle = 1400 steps on seed 1, then --init it --extra-pools 1 --lr 7e-4,
+    # then --init it --decoded 12000 --lr 5e-4 (see the README)
+    from lorafuse.utils.atomic import check_output
     from lorafuse.world.catalog import STYLE_NAMES, all_individuals
     from lorafuse.world.oracle_train import decoded_pool, train_oracle
     from lorafuse.world.pool import Pool, cached_pool, load_pool, save_pool
 
-    # pool seeds 1, 3, 5, ...: the shipped oracle = 1400 steps on seed 1, then --init it --extra-pools 1 --lr 7e-4,
-    # then --init it --decoded 12000 --lr 5e-4 (see the README)
-    work = Path(args.work)
+    check_output(args.out, what="oracle file")
+    work = check_output(args.work, kind="folder", what="work folder")
     pools = [cached_pool(work / ("oracle_pool.npz" if k == 0 else f"oracle_pool{2 * k + 1}.npz"), args.pool,
                          all_individuals(), list(STYLE_NAMES), seed=2 * k + 1) for k in range(1 + args.extra_pools)]
     if args.decoded:
@@ -86,11 +89,13 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         train_vae,
         unet_stages,
     )
+    from lorafuse.utils.atomic import check_output
     from lorafuse.world.catalog import SEEN_STYLES, STYLE_NAMES, all_individuals
     from lorafuse.world.oracle import Oracle
     from lorafuse.world.pool import cached_pool
 
-    work = Path(args.work)
+    check_output(args.out, kind="folder", what="pipeline folder")
+    work = check_output(args.work, kind="folder", what="work folder")
     cfg = PretrainConfig(work_dir=str(work), vae_steps=args.vae_steps, unet_steps=args.unet_steps,
                          unet_batch=args.batch, seed=args.seed, caption_ft_steps=args.caption_ft_steps)
     pool = cached_pool(work / "base_pool.npz", args.pool, all_individuals(held_out=False), list(SEEN_STYLES), seed=2)

@@ -22,12 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafuse.errors import UserInputError
-from lorafuse.utils.atomic import atomic_path, atomic_write_text
+from lorafuse.utils.atomic import atomic_path, atomic_write_text, check_output
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # what training reads
 ADD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # what `add_images` accepts (decoded, not judged by the name)
 FOLDER_PATTERN = "<repeats>_<trigger> <class>"
 FOLDER_RE = re.compile(r"^([0-9]+)_(\S.*)$")
+# An epoch lists every image `repeats` times; real datasets use 1 to a few hundred. Far above that is a typo,
+# and a number like 99999999999999999999 would otherwise build a list of that length and hang the run.
+MAX_REPEATS = 10_000
 _WORD = re.compile(r"^\w[\w .-]*$")
 
 
@@ -38,13 +41,23 @@ def parse_subset_folder(folder: Path) -> tuple[int, str]:
         raise UserInputError(
             f"{folder}: folder name must be '{FOLDER_PATTERN}' with repeats >= 1 (e.g. '10_sks dog'), got '{folder.name}'"
         )
+    check_repeats(int(m.group(1)), str(folder))
     return int(m.group(1)), m.group(2).strip()
+
+
+def check_repeats(repeats: int, where: str) -> None:
+    if repeats > MAX_REPEATS:
+        raise UserInputError(
+            f"{where}: {repeats} repeats is more than {MAX_REPEATS}, which no dataset needs (an epoch shows each image "
+            "that many times); use a smaller number and set max_train_epochs or max_train_steps for a longer run"
+        )
 
 
 def subset_name(repeats: int, trigger: str, cls: str) -> str:
     """kohya's folder name: (10, 'sks', 'dog') -> '10_sks dog'. Trigger and class become the caption's subject."""
     if int(repeats) < 1:
         raise UserInputError(f"repeats must be >= 1, got {repeats}")
+    check_repeats(int(repeats), "repeats")
     for label, value in (("trigger", trigger), ("class", cls)):
         if not _WORD.match(value.strip()):
             raise UserInputError(f"{label} {value!r}: use letters, digits, spaces, '.', '-' or '_'")
@@ -149,14 +162,13 @@ def add_images(dataset: str | os.PathLike, images: Sequence[str | os.PathLike], 
     -2, ... if taken). Its caption: `caption` if given, else the `.txt` beside the source image, else
     'a photo of a <trigger> <class>'."""
     folder = Path(dataset) / subset_name(repeats, trigger, cls)
-    if Path(dataset).exists() and not Path(dataset).is_dir():
-        raise UserInputError(f"{dataset}: exists and is not a folder")
     confine = Path(inside) if inside is not None else None
     sources = [(q, confine if p.is_dir() else None) for p in map(Path, images)
                for q in (_images_in(p) if p.is_dir() else [p])]  # fmt: skip
     if not sources:
         raise UserInputError("no images given")
     formats = [check_image(p, max_bytes=max_bytes, inside=within) for p, within in sources]
+    check_output(dataset, kind="folder", what="dataset folder", estimate=sum(p.stat().st_size for p, _ in sources))
     default = f"a photo of a {trigger.strip()} {cls.strip()}"
     taken = {p.stem for p in folder.iterdir()} if folder.is_dir() else set()
     written = []

@@ -211,6 +211,8 @@ def train_world_lora(recipe: WorldLoraRecipe, work_dir: str | Path, *, progress:
             write_style_dataset(recipe.name, data, n=recipe.images, repeats=recipe.repeats, seed=recipe.seed)
     result = train_lora(train_config(recipe, data, run, save_every_n_epochs=save_every_n_epochs),
                         progress_bar=progress)
+    if result.stopped:  # Ctrl-C stopped the training cleanly; the command that asked for the LoRA stops too
+        raise KeyboardInterrupt
     if result.lora_path != lora:
         raise RuntimeError(f"trainer wrote {result.lora_path}, expected {lora}")
     return lora

@@ -7,13 +7,19 @@ path that cannot be written is refused before any model loads.
   success; remove the temporary on every error. A full disk becomes one `OutputError`.
 - Temporary names start with `TMP_PREFIX` and carry the writer's pid, so `sweep_stale(folder)` (run at every
   write's start in that folder) can remove what a killed run left without touching a live writer's files.
+- An output path that is a symbolic link is written through: the link stays and its target gets the new
+  content (as `cp` and a shell's `>` do), for files and folders alike.
+- `check_output(kind="folder")` remembers the folders it will create; `discard_created_folders()` (called by the
+  CLI when a command fails or is interrupted) removes those of them that are still empty.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -59,20 +65,30 @@ def _tmp_owner(name: str) -> int | None:
     return int(pid) if pid.isdigit() else None
 
 
+# an old folder that `atomic_folder` moved aside: `.lorafuse-tmp-<pid>-<hex>.old-<name>`
+_ASIDE = re.compile(r"^\d+-[0-9a-f]+\.old-(?P<name>.+)$")
+
+
 def sweep_stale(folder: str | os.PathLike) -> list[Path]:
-    """Remove temporaries of dead writers in `folder` (left by kill -9 or a power cut); return what went."""
+    """Remove temporaries of dead writers in `folder` (left by kill -9 or a power cut); return what went.
+
+    An old folder that a killed `atomic_folder` had moved aside while its replacement was not yet in place
+    goes back under its name (the previous output, whole), rather than being deleted."""
     folder = Path(folder)
     removed: list[Path] = []
     try:
-        entries = list(folder.iterdir())
+        entries = sorted(folder.iterdir(), key=lambda e: not _ASIDE.match(e.name[len(TMP_PREFIX) :]))
     except OSError:
         return removed
     for entry in entries:
         pid = _tmp_owner(entry.name)
-        if pid is None or (pid != os.getpid() and _pid_alive(pid)):
-            continue
-        if pid == os.getpid():
-            continue  # ours and still in use (nested writes)
+        if pid is None or pid == os.getpid() or _pid_alive(pid):
+            continue  # not ours, or a running writer's (this process's own: nested writes)
+        aside = _ASIDE.match(entry.name[len(TMP_PREFIX) :])
+        if aside and not (folder / aside["name"]).exists() and not (folder / aside["name"]).is_symlink():
+            with contextlib.suppress(OSError):
+                os.replace(entry, folder / aside["name"])
+                continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:
@@ -82,8 +98,31 @@ def sweep_stale(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def tmp_name(final: Path) -> Path:
-    return final.with_name(f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(3)}-{final.name}")
+def tmp_name(final: Path, aside: bool = False) -> Path:
+    return final.with_name(f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(3)}{'.old' if aside else ''}-{final.name}")
+
+
+def resolve_link(path: str | os.PathLike) -> Path:
+    """`path`, or the file or folder it links to: outputs are written through symbolic links."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _reason(e: OSError) -> str:
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return (e.strerror or str(e)).lower()
+
+
+def _cannot_write(final: Path, e: OSError, what: str = "output") -> OutputError:
+    """One message for a write refused by the OS, naming the user's path and, if it differs, the folder."""
+    if is_disk_full(e):
+        return disk_full_error(final, e)
+    anchor = _existing_ancestor(final.parent)
+    if not anchor.is_dir():
+        return OutputError(f"{final}: cannot create the {what} there, because {anchor} is a file, not a folder")
+    where = f"{anchor}: " if anchor != final else ""
+    return OutputError(f"{final}: cannot write the {what} there ({where}{_reason(e)}); choose a folder you can write to")
 
 
 def is_disk_full(exc: BaseException, folder: Path | None = None) -> bool:
@@ -111,9 +150,42 @@ def is_disk_full(exc: BaseException, folder: Path | None = None) -> bool:
 def _existing_ancestor(path: Path) -> Path:
     path = path.absolute()
     for parent in (path, *path.parents):
-        if parent.exists():
+        if parent.exists() or parent.is_symlink():
             return parent
     return Path("/")
+
+
+# folders `check_output` found missing (so the command will create them): removed again, if still empty, when
+# the command fails (`discard_created_folders`), so a refused or interrupted run leaves no empty output folder
+_CREATED: list[Path] = []
+
+
+def _note_created(path: Path) -> None:
+    top = path.absolute()
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    _CREATED.append(top)
+
+
+def discard_created_folders() -> list[Path]:
+    """Remove the folders `check_output` saw missing that hold no file now (empty subfolders included)."""
+    removed = []
+    while _CREATED:
+        top = _CREATED.pop()
+        if not top.is_dir() or top.is_symlink():
+            continue
+        subdirs = sorted((p for p in top.rglob("*") if p.is_dir() and not p.is_symlink()), key=lambda p: -len(p.parts))
+        if any(not p.is_dir() or p.is_symlink() for p in top.rglob("*")):
+            continue  # something was written: whole files (every write is atomic), kept
+        for p in [*subdirs, top]:
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        removed.append(top)
+    return removed
+
+
+def forget_created_folders() -> None:
+    _CREATED.clear()
 
 
 def disk_full_error(final: Path, exc: BaseException | None = None) -> OutputError:
@@ -134,9 +206,20 @@ def check_output(path: str | os.PathLike, *, kind: str = "file", estimate: int =
     kind: "file" (replaced atomically if it exists) or "folder" (created if missing, reused if it exists).
     estimate: bytes the output will need; refused when the filesystem has less free (plus a small margin).
     """
-    path = Path(path)
+    given, path = Path(path), resolve_link(path)
     if kind not in ("file", "folder"):
         raise ValueError(f"kind must be 'file' or 'folder', got {kind!r}")
+    if path != given:
+        try:
+            _check_target(path, kind, estimate, what)
+        except OutputError as e:
+            raise OutputError(f"{given} (a link to {path}): {str(e).removeprefix(f'{path}: ')}") from None
+        return given
+    _check_target(path, kind, estimate, what)
+    return path
+
+
+def _check_target(path: Path, kind: str, estimate: int, what: str) -> None:
     if kind == "file" and path.is_dir():
         raise OutputError(f"{path}: the {what} path is an existing folder; give a file name (e.g. {path / 'out'}…)")
     if kind == "folder" and path.exists() and not path.is_dir():
@@ -156,7 +239,8 @@ def check_output(path: str | os.PathLike, *, kind: str = "file", estimate: int =
                 f"{_size(_SPACE_MARGIN)} of headroom, and {_size(free)} are free in {probe_dir}. Free some space "
                 "or choose another location."
             )
-    return path
+    if kind == "folder" and not path.exists():
+        _note_created(path)
 
 
 def _probe_writable(path: Path, folder: Path, what: str) -> None:
@@ -167,13 +251,40 @@ def _probe_writable(path: Path, folder: Path, what: str) -> None:
     except FileExistsError:
         return
     except OSError as e:
-        reason = "permission denied" if e.errno in (errno.EACCES, errno.EPERM) else (e.strerror or str(e)).lower()
         raise OutputError(
-            f"{path}: cannot write the {what} there ({folder}: {reason}); choose a folder you can write to"
+            f"{path}: cannot write the {what} there ({folder}: {_reason(e)}); choose a folder you can write to"
         ) from None
     os.close(fd)
     with contextlib.suppress(OSError):
         os.unlink(probe)
+
+
+def _prepare(final: Path, kind: str) -> None:
+    """The checks every atomic write starts with: the name's kind, its folder (created), the stale sweep."""
+    if kind == "file" and final.is_dir():
+        raise OutputError(f"{final}: is an existing folder; cannot write a file under this name")
+    if kind == "folder" and final.exists() and not final.is_dir():
+        raise OutputError(f"{final}: is an existing file; cannot write a folder under this name")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _cannot_write(final, e) from None
+    sweep_stale(final.parent)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a written file (or a folder's entries) to the disk, so a power cut after the rename cannot leave
+    an empty file under the final name; a kill -9 alone never could (the kernel keeps the written pages)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -182,66 +293,98 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
 
     The temp file lives in the same folder so the rename is atomic on POSIX (same filesystem). The file gets
     the permissions a plain open() would give (0666 minus umask), also when the writer (safetensors) replaced
-    our temp file with its own 0600 one.
+    our temp file with its own 0600 one. A symbolic link `final` keeps pointing at the new file.
     """
-    final = Path(final)
-    if final.is_dir():
-        raise OutputError(f"{final}: is an existing folder; cannot write a file under this name")
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"{final}: cannot create its folder ({e.strerror or e})") from None
-    sweep_stale(final.parent)
+    user, final = Path(final), resolve_link(final)
+    _prepare(final, "file")
     tmp = tmp_name(final)
     try:
         fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o666 & ~_umask())
     except OSError as e:
-        if is_disk_full(e):
-            raise disk_full_error(final, e) from None
-        raise OutputError(f"{final}: cannot write here ({e.strerror or e})") from None
+        raise _cannot_write(user, e) from None
     os.close(fd)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
+        _fsync(tmp)
         os.replace(tmp, final)
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
         if isinstance(e, Exception) and is_disk_full(e, final.parent):
-            raise disk_full_error(final, e) from None
+            raise disk_full_error(user, e) from None
         raise
+
+
+def _umask_modes(folder: Path) -> None:
+    """Files 0666 and folders 0777 minus the umask, as a plain open()/mkdir() gives: libraries writing into the
+    folder (diffusers' save_pretrained through safetensors) leave 0600 files otherwise."""
+    umask = _umask()
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~umask)
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one step (Linux renameat2 RENAME_EXCHANGE; the standard library has no binding).
+    False where the system or file system cannot: the caller falls back to two renames."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 @contextlib.contextmanager
 def atomic_folder(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside `final`; on success it replaces `final` (rename), on error it is removed.
+    """Yield a temporary folder beside `final`; on success it replaces `final`, on error it is removed.
 
-    A folder cannot be renamed onto a non-empty one, so the old one is moved aside first and deleted after;
-    a kill between the two renames leaves the old folder under a temporary name, which the next sweep removes.
+    An existing `final` is swapped with the new folder in one step where the system allows it; elsewhere it is
+    moved aside first (`.lorafuse-tmp-<pid>-<hex>.old-<name>`) and deleted after, and a kill between the two
+    renames leaves it aside, where the next sweep puts it back: the old folder or the new one, never neither.
     """
-    final = Path(final)
-    if final.exists() and not final.is_dir():
-        raise OutputError(f"{final}: is an existing file; cannot write a folder under this name")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(final.parent)
+    user, final = Path(final), resolve_link(final)
+    _prepare(final, "folder")
     tmp = tmp_name(final)
     try:
         tmp.mkdir(mode=0o777)
     except OSError as e:
-        if is_disk_full(e):
-            raise disk_full_error(final, e) from None
-        raise OutputError(f"{final}: cannot write here ({e.strerror or e})") from None
+        raise _cannot_write(user, e) from None
+    old = tmp_name(final, aside=True)
     try:
         yield tmp
-        old = tmp_name(final)
-        if final.exists():
+        _umask_modes(tmp)
+        _fsync(tmp)
+        if final.exists() and _exchange(tmp, final):
+            shutil.rmtree(tmp, ignore_errors=True)  # the old folder, now under the temporary name
+        elif final.exists():
             os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync(final.parent)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            with contextlib.suppress(OSError):
+                os.replace(old, final)  # the second rename failed: the old folder goes back
         if isinstance(e, Exception) and is_disk_full(e, final.parent):
-            raise disk_full_error(final, e) from None
+            raise disk_full_error(user, e) from None
         raise
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from lorafuse.errors import UserInputError
-from lorafuse.utils.atomic import atomic_path, atomic_write_text
+from lorafuse.utils.atomic import atomic_folder, atomic_path, atomic_write_text, check_output
 from lorafuse.world.catalog import (
     CLASS_NAMES,
     SEEN_STYLES,
@@ -40,8 +40,8 @@ def _new_output(out: str | Path, n: int) -> Path:
     """The output folder, once `n` and the folder are checked (it must be new or empty)."""
     if n < 1:
         raise UserInputError(f"--n must be at least 1, got {n}")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    out = check_output(out, kind="folder", what="dataset folder")
+    if out.is_dir() and any(out.iterdir()):
         raise UserInputError(f"{out}: output folder exists and is not empty; choose a new folder")
     return out
 
@@ -60,13 +60,15 @@ def write_subject_dataset(name: str, out: str | Path, n: int = 5, repeats: int =
     for s in styles:
         check_style(s)
     out = _new_output(out, n)
-    folder = out / f"{repeats}_{trigger} {ind.cls}"
+    name = f"{repeats}_{trigger} {ind.cls}"
     subject, per_image = f"{trigger} {ind.cls}", [styles[k % len(styles)] for k in range(n)]
-    _write_images(folder, [(ind, st, caption(ind, st, k, subject=subject)) for k, st in enumerate(per_image)], seed)
-    _write_references(out, ind=ind, style=None, seed=seed)
-    _write_info(out, {"kind": "subject", "individual": ind.name, "class": ind.cls, "trigger": trigger,
-                      "styles": list(styles), "n": n, "repeats": repeats, "seed": seed})
-    return folder
+    with atomic_folder(out) as tmp:  # the dataset appears whole or not at all
+        _write_images(tmp / name, [(ind, st, caption(ind, st, k, subject=subject)) for k, st in enumerate(per_image)],
+                      seed)  # fmt: skip
+        _write_references(tmp, ind=ind, style=None, seed=seed)
+        _write_info(tmp, {"kind": "subject", "individual": ind.name, "class": ind.cls, "trigger": trigger,
+                          "styles": list(styles), "n": n, "repeats": repeats, "seed": seed})
+    return out / name
 
 
 def write_style_dataset(style: str, out: str | Path, n: int = 1, repeats: int = 20, trigger: str = DEFAULT_TRIGGER,
@@ -74,16 +76,17 @@ def write_style_dataset(style: str, out: str | Path, n: int = 1, repeats: int = 
     """n images in `style` of different seen individuals; captions 'a photo of a red mug, in sks style'."""
     check_style(style)
     out = _new_output(out, n)
-    folder = out / f"{repeats}_{trigger} style"
+    name = f"{repeats}_{trigger} style"
     rng = np.random.default_rng(seed)
     seen = all_individuals(held_out=False)
     picks = [seen[int(i)] for i in rng.choice(len(seen), size=n, replace=False)]
-    _write_images(folder, [(ind, style, f"a photo of a {ind.colour_names[0]} {ind.cls}, in {trigger} style")
-                           for ind in picks], seed)  # fmt: skip
-    _write_references(out, ind=None, style=style, seed=seed)
-    _write_info(out, {"kind": "style", "style": style, "phrase": style_phrase(style), "trigger": trigger,
-                      "individuals": [p.name for p in picks], "n": n, "repeats": repeats, "seed": seed})
-    return folder
+    with atomic_folder(out) as tmp:  # the dataset appears whole or not at all
+        _write_images(tmp / name, [(ind, style, f"a photo of a {ind.colour_names[0]} {ind.cls}, in {trigger} style")
+                                   for ind in picks], seed)  # fmt: skip
+        _write_references(tmp, ind=None, style=style, seed=seed)
+        _write_info(tmp, {"kind": "style", "style": style, "phrase": style_phrase(style), "trigger": trigger,
+                          "individuals": [p.name for p in picks], "n": n, "repeats": repeats, "seed": seed})
+    return out / name
 
 
 def _write_references(out: Path, ind: Individual | None, style: str | None, seed: int, count: int = 8) -> None:

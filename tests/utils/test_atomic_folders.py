@@ -1,0 +1,110 @@
+"""`atomic_folder` and the helpers around it: a replaced folder is swapped whole, a kill between the two renames of
+the fallback path leaves the old folder (put back by the next sweep), links are written through, and the folders
+a failed command created are removed again when empty."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import lorafuse.utils.atomic as atomic
+from lorafuse.errors import OutputError
+from lorafuse.utils.atomic import TMP_PREFIX, atomic_folder, check_output, sweep_stale
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["one-step-swap", "two-renames"])
+def test_an_existing_folder_is_replaced_whole(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    final = tmp_path / "model"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with atomic_folder(final) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "new.txt").write_text("new")
+    assert _tree(final) == {"sub/new.txt": "new"}
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_a_failed_folder_write_keeps_the_old_one(tmp_path):
+    final = tmp_path / "model"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_folder(final) as tmp:
+        (tmp / "half.txt").write_text("half")
+        raise RuntimeError("the write failed")
+    assert _tree(final) == {"old.txt": "old"}
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+KILL_BETWEEN_RENAMES = """
+import os, signal, sys
+from pathlib import Path
+import lorafuse.utils.atomic as atomic
+atomic._exchange = lambda a, b: False  # a file system without the one-step swap
+real = os.replace
+def replace(src, dst):
+    real(src, dst)
+    if ".old-" in str(dst):  # the old folder is aside, the new one not yet in place
+        os.kill(os.getpid(), signal.SIGKILL)
+atomic.os.replace = replace
+with atomic.atomic_folder(Path(sys.argv[1])) as tmp:
+    (tmp / "new.txt").write_text("new")
+"""
+
+
+def test_a_kill_between_the_two_renames_leaves_the_old_folder(tmp_path):
+    final = tmp_path / "model"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    proc = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES, str(final)], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert not final.exists()  # the moment the kill hit: both folders under temporary names
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]) == 2
+    sweep_stale(tmp_path)  # what the next write in this folder does first
+    assert _tree(final) == {"old.txt": "old"}
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_a_live_writers_aside_folder_is_left_alone(tmp_path):
+    live = tmp_path / f"{TMP_PREFIX}{os.getppid()}-abcdef.old-model"
+    live.mkdir()
+    sweep_stale(tmp_path)
+    assert live.is_dir() and not (tmp_path / "model").exists()
+
+
+def test_a_symlinked_output_folder_keeps_its_link(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "old.txt").write_text("old")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with atomic_folder(tmp_path / "link") as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert (tmp_path / "link").is_symlink() and _tree(tmp_path / "real") == {"new.txt": "new"}
+
+
+def test_check_output_through_a_link_names_the_link(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / "real")
+    with pytest.raises(OutputError, match=r"link\.safetensors \(a link to .*real\): the output path is an existing folder"):
+        check_output(tmp_path / "link.safetensors")
+
+
+def test_created_folders_go_again_when_empty(tmp_path):
+    atomic.forget_created_folders()
+    check_output(tmp_path / "a" / "b" / "out", kind="folder")
+    check_output(tmp_path / "kept" / "out", kind="folder")
+    (tmp_path / "a" / "b" / "out" / "sub").mkdir(parents=True)  # folders only: nothing was written
+    (tmp_path / "kept" / "out").mkdir(parents=True)
+    (tmp_path / "kept" / "out" / "whole.png").write_bytes(b"a finished file")
+    (tmp_path / "existing").mkdir()
+    check_output(tmp_path / "existing", kind="folder")  # was there before: never removed
+    atomic.discard_created_folders()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "kept"]
+    assert (tmp_path / "kept" / "out" / "whole.png").is_file()

@@ -123,6 +123,66 @@ def test_lora_loader_never_crashes_on_raw_bytes(tmp_path_factory, data):
         _load(path)
 
 
+KINDS = {  # the parts one module of each kind may have; a drawn module gets a random subset, random shapes
+    "kohya": ["lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha"],
+    "loha": ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha"],
+    "lokr": ["lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"],
+}
+FACTOR_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+@st.composite
+def one_module(draw):
+    """One module whose parts all exist by name but whose shapes (0 included), ranks and dtypes are random: the
+    class of files where only the factors' sizes are wrong (rank mismatch, rank 0, LyCORIS parts that do not
+    multiply, float8 factors)."""
+    kind = draw(st.sampled_from(sorted(KINDS)))
+    parts = draw(st.lists(st.sampled_from(KINDS[kind]), min_size=1, max_size=len(KINDS[kind]), unique=True))
+    dims = st.integers(0, 4)
+    out = {}
+    for part in parts:
+        if part == "alpha":
+            out[f"{MODULES[0]}.alpha"] = torch.tensor(draw(st.sampled_from([0.0, 1.0, 2.0, 1e3])))
+            continue
+        shape = tuple(draw(st.lists(dims, min_size=2, max_size=4)))
+        out[f"{MODULES[0]}.{part}"] = (torch.rand(shape) * 0.1).to(draw(st.sampled_from(FACTOR_DTYPES)))
+    return out
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tensors=one_module())
+def test_lora_loader_never_crashes_on_factor_shapes(tmp_path_factory, tensors):
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("m") / "x.safetensors"
+    save_file(tensors, str(path))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _load(path)
+
+
+@FAST
+@given(names=st.lists(key_names, min_size=1, max_size=4), twice=st.integers(0, 3))
+def test_a_header_naming_a_tensor_twice_is_refused(tmp_path_factory, names, twice):
+    """JSON keeps the last of two equal keys without a word; the loader must not."""
+    import warnings
+
+    entries = [f'"{n}": {{"dtype": "F32", "shape": [1], "data_offsets": [{4 * i}, {4 * i + 4}]}}'
+               for i, n in enumerate(names)]  # fmt: skip
+    entries.append(entries[twice % len(entries)].replace(f"[{4 * (twice % len(entries))}, ", f"[{4 * len(names)}, ")
+                   .replace(f"{4 * (twice % len(entries)) + 4}]", f"{4 * len(names) + 4}]"))  # fmt: skip
+    header = ("{" + ", ".join(entries) + "}").encode()
+    path = tmp_path_factory.mktemp("d") / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(4 * (len(names) + 1)))
+    from lorafuse.lora.io import load_lora
+
+    with warnings.catch_warnings(), pytest.raises(UserInputError, match="twice"):
+        warnings.simplefilter("ignore")
+        load_lora(path)
+
+
 @FAST
 @given(keys=st.lists(key_names, min_size=1, max_size=6, unique=True))
 def test_format_detector_never_crashes(keys):
@@ -164,6 +224,27 @@ def test_marker_parser_answers_or_refuses(pieces):
     assert again.clean == parsed.clean and again.order == ()
 
 
+# characters drawn like "<", ">", "c" or "s" in other scripts and blocks: each makes a marker a look-alike
+LOOKALIKE = {"<": "‹＜〈《❮˂≤⟨«﹤", ">": "›＞〉》❯˃≥⟩»﹥", "c": "сϲᴄｃćçⅽ", "s": "ѕꜱｓśšş"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(words=st.lists(st.sampled_from(["a", "sks", "teapot", "in", "ink", "style", "dog(s)", ","]), min_size=2,
+                      max_size=6),
+       marker=st.sampled_from(["<c>", "<s>"]), where=st.integers(0, 2), data=st.data())  # fmt: skip
+def test_a_marker_with_one_lookalike_character_is_refused(words, marker, where, data):
+    """Every marker spelled with one character swapped for a look-alike (`<с>` with a Cyrillic es, `《s》`, `˂c˃`)
+    is an error, never a span silently lost."""
+    from lorafuse.fusion.markers import parse_prompt
+
+    ch = marker[where]
+    fake = marker[:where] + data.draw(st.sampled_from(LOOKALIKE[ch if ch in "<>" else marker[1]])) + marker[where + 1 :]
+    other = "<s>" if marker == "<c>" else "<c>"
+    prompt = f"{' '.join(words)} {fake} more words {other}"
+    with pytest.raises(UserInputError, match="looks like a marker"):
+        parse_prompt(prompt)
+
+
 @settings(max_examples=200, deadline=None)
 @given(text=st.text(max_size=40))
 def test_marker_parser_on_any_text(text):
@@ -179,6 +260,7 @@ def test_marker_parser_on_any_text(text):
 
 toml_scalars = st.one_of(
     st.integers(-(2**40), 2**40).map(str),
+    st.integers(-(2**80), 2**80).map(str),  # beyond 64 bits, which TOML forbids and tomllib still returns
     st.floats(allow_nan=True, allow_infinity=True).map(lambda f: "nan" if math.isnan(f) else repr(f).replace("inf", "inf")),
     st.sampled_from(["true", "false", '"a"', '"8"', "[1, 2]", '["attn"]', "{}", "1979-05-27", "inf", "-inf", "nan"]),
 )

@@ -19,7 +19,7 @@ from lorafuse.errors import LoraFormatError, UserInputError
 from lorafuse.families import FAMILIES, family_of, family_of_lora_keys, family_of_metadata
 from lorafuse.lora.archs import REFERENCE_ARCHS
 from lorafuse.lora.formats import WRITE_FORMATS
-from lorafuse.lora.io import estimated_size, load_lora, save_lora
+from lorafuse.lora.io import check_lora_file, estimated_size, load_lora, save_lora
 from lorafuse.lora.keys import ARCHS
 from lorafuse.lora.merge import MERGE_METADATA_KEY, MERGE_MODES, merge_loras
 from lorafuse.lora.resize import factorize, resize_lora
@@ -244,6 +244,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     base = arch = None
     check_shapes = True
     if args.base:
+        check_lora_file(args.file, allow_pickle=args.allow_pickle)  # a broken file fails before the base loads
         base, arch, check_shapes = load_base(args.base)
     state = load_lora(args.file, allow_pickle=args.allow_pickle, base=base)
     mods = state.modules

@@ -195,17 +195,19 @@ def cmd_train(args: argparse.Namespace) -> int:
                 print(f"  {row.key}: no effect here: {row.detail}", file=sys.stderr)
     if args.estimate:
         return _estimate(cfg, args.device_memory)
+    if args.num_processes < 1:
+        raise UserInputError(f"--num-processes {args.num_processes}: give 1 or more")
     if args.dry_run:
         from lorafuse.train.data import describe
+        from lorafuse.train.run_setup import check_settings
         from lorafuse.train.scan import scan_dataset
 
+        check_settings(cfg)
         print(dump_config(cfg))
         print(describe(scan_dataset(cfg.dataset), cfg.training))
         return 0
     from lorafuse.utils.launch import in_launched_process, relaunch
 
-    if args.num_processes < 1:
-        raise UserInputError(f"--num-processes {args.num_processes}: give 1 or more")
     if args.num_processes > 1 and not in_launched_process():
         words = ["train", *([str(args.config)] if args.config is not None else [])]
         words += [w for key, value in collect_overrides(args).items() for w in ("--set", f"{key}={value}")]

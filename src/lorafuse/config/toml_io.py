@@ -48,6 +48,14 @@ class _NotFinite(_Mismatch):
     """Internal: inf or nan where a number is expected (TOML allows both; no setting means them)."""
 
 
+class _TooLarge(_Mismatch):
+    """Internal: an integer beyond 64 bits. TOML 1.0 says a parser must refuse it; tomllib does not, and torch,
+    numpy and the seed generators would overflow on it far from the config."""
+
+
+INT64 = (-(2**63), 2**63 - 1)
+
+
 def type_name(tp: Any) -> str:
     """How a type reads in a message: `int | float`, `list[str]`, `one of 'l1', 'l2'`."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -78,7 +86,7 @@ def _convert(value: Any, tp: Any, from_cli: bool) -> Any:
                 continue
             try:
                 return _convert(value, member, from_cli)
-            except _NotFinite:
+            except (_NotFinite, _TooLarge):
                 raise
             except _Mismatch:
                 continue
@@ -119,9 +127,13 @@ def _convert_scalar(value: Any, tp: Any, from_cli: bool) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):  # bool is an int subclass: refuse it
+            if not INT64[0] <= value <= INT64[1]:
+                raise _TooLarge
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, int) and abs(value) > sys.float_info.max:  # a float would overflow to inf
+                raise _NotFinite
             if not math.isfinite(value):
                 raise _NotFinite
             return float(value)
@@ -196,6 +208,11 @@ def _build(cls: type[T], data: Any, source: str, prefix: str, cli_keys: frozense
         except _NotFinite:
             raise ConfigError(
                 f"{source}: {dotted}: must be a finite number, got {value!r}; inf and nan are not settings"
+            ) from None
+        except _TooLarge:
+            raise ConfigError(
+                f"{source}: {dotted}: {value} does not fit in a 64-bit integer, the most TOML allows "
+                f"([{INT64[0]}, {INT64[1]}])"
             ) from None
         except _Mismatch:
             raise ConfigError(f"{source}: {dotted}: expected {type_name(tp)}, got {value!r}") from None

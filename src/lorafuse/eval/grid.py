@@ -20,7 +20,7 @@ import csv
 import io
 import itertools
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,10 +156,13 @@ def _sample_cell(pipe: Any, cell: Cell, states: dict[str, Any], cfg: GridConfig)
 
 
 def _sample_missing(
-    plan: GridPlan, store: CellStore, progress: bool, pipes: Mapping[str, Any], state: Any = None
-) -> tuple[int, int]:
+    plan: GridPlan, store: CellStore, progress: bool, pipes: Mapping[str, Any], state: Any = None,
+    opened: Callable[[], None] = lambda: None,
+) -> tuple[int, int]:  # fmt: skip
     """Sample the cells not done yet; with `state` (several processes) each samples its contiguous share of them
-    (`split_between_processes`, so a process loads few bases). Returns (cells to do, cells already done)."""
+    (`split_between_processes`, so a process loads few bases). Returns (cells to do, cells already done).
+    `opened` makes the output folder: called once the first base and its LoRAs passed their checks, so a LoRA
+    that does not fit leaves no folder and no progress bar in front of its error."""
     from tqdm.auto import tqdm
 
     from lorafuse.models.load import load_base_pipeline
@@ -171,18 +174,24 @@ def _sample_missing(
         state.wait_for_everyone()  # every process has read the same done-index before any process writes
         with state.split_between_processes(todo) as share:
             mine = list(share)
-    bar = tqdm(total=len(mine), desc="grid cells", disable=not progress)
+    bar = None
     for base, group in itertools.groupby(mine, key=lambda item: item[1].base):
         group = list(group)
         # a base loads only here, and only when it has cells left to do (a finished grid reruns in seconds)
         pipe = pipes[base] if base in pipes else load_base_pipeline(base, device=plan.cfg.device, dtype=plan.cfg.dtype)
         states = _load_states(pipe, [c for _, c in group], plan.cfg)
+        if bar is None:
+            opened()
+            bar = tqdm(total=len(mine), desc="grid cells", disable=not progress)
         for cid, cell in group:
             image, record = _sample_cell(pipe, cell, states, plan.cfg)
             store.add(cid, cell, image, record)
             bar.update(1)
         del pipe, states
-    bar.close()
+    if bar is None:
+        opened()
+    else:
+        bar.close()
     return len(todo), len(cells) - len(todo)
 
 
@@ -305,14 +314,16 @@ def run_grid(cfg: GridConfig, *, oracle: Any = None, progress: bool = True,
     bases = list(dict.fromkeys(c.base for c in plan.cells))
     scorer = GridScorer(cfg.metrics, bases, cfg.prompt, oracle=oracle)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     state = process_state()  # several processes under `accelerate launch` (lorafuse grid --num-processes N)
-    if state is None or state.is_main_process:
-        save_config(cfg, out / "grid.toml")
     store = CellStore(out, rank=None if state is None else state.process_index)
 
+    def open_out() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        if state is None or state.is_main_process:
+            save_config(cfg, out / "grid.toml")
+
     # 2. Sample what is missing (each process its share), 3. score what is unscored, 4. pages and tables
-    computed, reused = _sample_missing(plan, store, progress, pipes or {}, state)
+    computed, reused = _sample_missing(plan, store, progress, pipes or {}, state, open_out)
     if state is not None:
         state.wait_for_everyone()
         if not state.is_main_process:  # the main process folds the shards in, scores and writes the pages

@@ -255,6 +255,21 @@ def _check_numbers(cfg: GridConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise ConfigError(f"{name} must be a positive number of pixels, got {value}")
+    from lorafuse.fusion.sampling import SEED_RANGE
+
+    if any(not SEED_RANGE[0] <= s <= SEED_RANGE[1] for s in a.seed or []):
+        raise ConfigError(f"axes.seed: every value must lie in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {a.seed}")
+
+
+def _check_files(cfg: GridConfig, bases: list[str]) -> None:
+    """Every base named and every LoRA file readable, before the output folder is made or a base loads."""
+    from lorafuse.lora.io import check_lora_file
+    from lorafuse.models.load import check_base_name
+
+    for base in bases:
+        check_base_name(base)
+    for path in dict.fromkeys([*(cfg.axes.checkpoint or []), *(cfg.axes.style_checkpoint or [])]):
+        check_lora_file(path, allow_pickle=cfg.allow_pickle)
 
 
 def _check_methods(cfg: GridConfig, values: dict[str, list[Any]]) -> None:
@@ -325,6 +340,7 @@ def plan_grid(cfg: GridConfig) -> GridPlan:
     _check_mode(cfg)
     _check_numbers(cfg)
     values = _axis_values(cfg)
+    _check_files(cfg, values["base"])
     check_scheduler_name(cfg.scheduler)
     resolve_device(cfg.device)
     resolve_dtype(cfg.dtype)

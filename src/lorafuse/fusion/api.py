@@ -62,6 +62,18 @@ def load_base(base: Any, *, device: str | None = None, dtype: str | None = None)
     return load_base_pipeline(os.fspath(base), device=device, dtype=dtype)
 
 
+def precheck_pair(content: LoraInput, style: LoraInput, method: str, *, allow_pickle: bool = False) -> None:
+    """The file-level checks of both LoRA files (no base needed), named by role as `load_pair` names them."""
+    from lorafuse.lora.io import check_lora_file
+
+    for given, role in ((content, "content"), (style, "style")):
+        if isinstance(given, str | os.PathLike):
+            try:
+                check_lora_file(given, allow_pickle=allow_pickle)
+            except UserInputError as e:
+                raise type(e)(f"{method}: {role} LoRA: {e}") from None
+
+
 def load_pair(pipe: Any, content: LoraInput, style: LoraInput, method: str, *, allow_pickle: bool = False
               ) -> tuple[LoraState, LoraState, list[str]]:  # fmt: skip
     """Read and check both LoRAs against `pipe`; returns them and the coverage warnings."""
@@ -126,13 +138,18 @@ def fuse(
     seed: image k starts from noise seeded `seed + k`, so every method sees the same noise for the same seed.
     """
     from lorafuse import __version__
-    from lorafuse.fusion.sampling import check_inputs, sample
+    from lorafuse.fusion.sampling import check_counts, check_inputs, sample
 
     # 1. Check inputs, before any compute: method and options, base, sampling arguments, LoRAs
     fusion = get_method(method)
     cfg = make_config(method, config, **method_options)
     # every method drops `<c>`/`<s>` markers before the text encoder; CRAFT also reads them for its λ
     prompt, cfg = fusion.prepare_prompt(prompt, cfg)
+    try:
+        check_counts(num_images, steps, seed)
+    except UserInputError as e:
+        raise UserInputError(f"{method}: {e}") from None
+    precheck_pair(content, style, method, allow_pickle=allow_pickle)  # a broken file fails before the base loads
     pipe = load_base(base)
     family = family_of(pipe)
     family.check_refused(method)

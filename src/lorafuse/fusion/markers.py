@@ -21,8 +21,10 @@ Rules (the paper states only the example; the rest is ours, chosen so that every
   which spellings count), so each is refused: spaces inside the brackets (`< c >`, `<s >`); an unclosed `<c` or
   a `c>` without its `<`; extra characters in the brackets
   (`<c/>`, `<c1>`, `<c:0.5>`, `<'c'>`, `<cs>`, `<content>`, `<style>`); doubled brackets (`<<c>>`, `<s>>`);
-  other brackets (`[c]`, `{S}`, `(c)`, but not the plural "dog(s)"); typographic and escaped angle brackets
-  (`‹c›`, `＜c＞`, `〈c〉`, `&lt;c&gt;`); and a look-alike formed by the text left once the markers are cut out
+  other brackets (`[c]`, `{S}`, `(c)`, but not the plural "dog(s)"); any character drawn like an angle
+  bracket or like c / s (`‹c›`, `＜ｃ＞`, `〈c〉`, `《s》`, `˂c˃`, `≤c>`, `<с>` with a Cyrillic es, `<ć>`: the
+  scanner reads a skeleton of the prompt where each maps to its ASCII look), escaped brackets (`&lt;c&gt;`,
+  `%3Cc%3E`); and a look-alike formed by the text left once the markers are cut out
   (`< <s>s` would show the text encoder "< s"). Longer angle-bracket words (`<cat-toy>`, textual-inversion
   placeholders) are ordinary prompt text and pass through unchanged.
 - Clean prompt: markers removed, runs of whitespace collapsed to one space, no space before , . ; : ! ?
@@ -32,6 +34,7 @@ Rules (the paper states only the example; the rest is ours, chosen so that every
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,12 +49,39 @@ MARKERS = {"c": "content", "s": "style"}
 _TOKEN = re.compile(
     r"(?P<a1111><\s*(?:lora|lyco|hypernet)\s*:[^>]*>)"
     r"|(?P<tag><\s*(?P<closing>/?)\s*(?P<letter>[A-Za-z])\s*>)"
-    r"|(?P<group>(?:<|‹|＜|〈|&lt;)(?P<inner>[^<>‹›＜＞〈〉]{0,40}?)(?:>|›|＞|〉|&gt;))"
+    r"|(?P<group>(?:<|&lt;|%3C)(?P<inner>[^<>]{0,40}?)(?:>|&gt;|%3E))"
     r"|(?P<bracket>(?<!\w)[\[({]\s*[cCsS]\s*[\])}])"
     r"|(?P<unclosed><\s*/?\s*[cCsS](?![\w>-]))"
     r"|(?P<unopened>(?<![\w<])/?[cCsS]\s*>)",
     re.IGNORECASE,
 )
+# Characters that read as an ASCII angle bracket or as the letter c / s but are not one (`<с>` with a Cyrillic es,
+# `❮c❯`, `《s》`, `˂c˃`, `<ć>`): the scanner reads the prompt through `_skeleton`, so one rule covers every script
+# instead of a list of bracket spellings. Unicode's confusables table is not in the standard library; these are
+# the letters of other scripts drawn exactly like c and s.
+_CONFUSABLE = {"с": "c", "С": "C", "ϲ": "c", "Ϲ": "C", "ᴄ": "c", "ѕ": "s", "Ѕ": "S", "ꜱ": "s"}
+
+
+def _skeleton_char(ch: str) -> str:
+    if ch.isascii():
+        return ch
+    folded = "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
+    if len(folded) == 1 and folded.isascii():  # fullwidth ＜ｃ＞, accented ć, small forms
+        return folded
+    name = unicodedata.name(ch, "")
+    if "ANGLE" in name or "ARROWHEAD" in name or "-THAN" in name:
+        if "LEFT" in name or "LESS-THAN" in name:
+            return "<"
+        if "RIGHT" in name or "GREATER-THAN" in name:
+            return ">"
+    return _CONFUSABLE.get(ch, ch)
+
+
+def _skeleton(prompt: str) -> str:
+    """`prompt` with every look-alike of `<`, `>`, `c` and `s` replaced by the ASCII character, position by position."""
+    return "".join(map(_skeleton_char, prompt))
+
+
 # letters inside brackets that can only mean a marker; other words (`<cat-toy>`, `<sks>`) are prompt text
 _MARKER_WORDS = {"c", "s", "cs", "sc", "content", "style"}
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?])")
@@ -108,14 +138,17 @@ def _lookalike_group(m: re.Match) -> bool:
     return letters in _MARKER_WORDS
 
 
-def _tag_letter(prompt: str, m: re.Match) -> str:
-    """The letter of an exact one-letter tag, or the error it deserves."""
+def _tag_letter(prompt: str, skeleton: str, m: re.Match) -> str:
+    """The letter of an exact one-letter tag (`m` matched in the prompt's skeleton), or the error it deserves."""
     closing, letter = m.group("closing"), m.group("letter")
-    before = prompt[m.start() - 1] if m.start() else ""
-    after = prompt[m.end()] if m.end() < len(prompt) else ""
+    before = skeleton[m.start() - 1] if m.start() else ""
+    after = skeleton[m.end()] if m.end() < len(skeleton) else ""
     if before == "<" or after == ">":  # "<<c>>", "<s>>": the extra bracket would reach the text encoder
         token = prompt[m.start() - (before == "<") : m.end() + (after == ">")]
         raise _lookalike_error(prompt, m.start() - (before == "<"), token)
+    original = prompt[m.start() : m.end()]
+    if original != m.group(0):  # drawn like a tag, spelled with other characters ("<с>", "❮c❯")
+        raise _lookalike_error(prompt, m.start(), original)
     if closing:
         raise _error(
             prompt, m.start(), f"{m.group(0)!r}: markers are single tags <c> and <s>, not open/close pairs"
@@ -131,16 +164,16 @@ def _tag_letter(prompt: str, m: re.Match) -> str:
 def _markers(prompt: str) -> list[re.Match]:
     """The exact marker tags of a prompt, in order; any other marker-like token is an error."""
     tags = []
-    for m in _TOKEN.finditer(prompt):
+    skeleton = _skeleton(prompt)
+    for m in _TOKEN.finditer(skeleton):
+        token = prompt[m.start() : m.end()]
         if m.group("a1111"):
-            raise _error(
-                prompt, m.start(), f"{m.group(0)!r} is A1111 LoRA syntax; pass LoRAs as files, not in prompts"
-            )
+            raise _error(prompt, m.start(), f"{token!r} is A1111 LoRA syntax; pass LoRAs as files, not in prompts")
         if m.group("tag"):
-            _tag_letter(prompt, m)
+            _tag_letter(prompt, skeleton, m)
             tags.append(m)
         elif m.group("group") is None or _lookalike_group(m):
-            raise _lookalike_error(prompt, m.start(), m.group(0))
+            raise _lookalike_error(prompt, m.start(), token)
     return tags
 
 
@@ -172,10 +205,11 @@ def parse_prompt(prompt: str) -> MarkedPrompt:
     if not clean:
         raise UserInputError(f"prompt {prompt!r} is empty once the markers are removed")
     if order:  # the text around the markers must not join into a new one ("< <s>s" reads "< s")
-        for m in _TOKEN.finditer(clean):
+        for m in _TOKEN.finditer(_skeleton(clean)):
             if m.group("group") is None or _lookalike_group(m):
                 raise UserInputError(
-                    f"prompt {prompt!r}: once the markers are cut out it reads {clean!r}, where {m.group(0)!r} "
+                    f"prompt {prompt!r}: once the markers are cut out it reads {clean!r}, where "
+                    f"{clean[m.start() : m.end()]!r} "
                     "looks like a marker; write exactly <c> after the content words and <s> after the style words"
                 )
     return MarkedPrompt(

@@ -91,6 +91,7 @@ def sample(
     guidance = family.default_guidance if guidance is None else guidance
 
     # 1. Check inputs, before any compute
+    check_counts(num_images, steps, seed)
     check_inputs(
         pipe, prompt, negative_prompt, num_images, steps, guidance, scheduler, height, width,
         clip_skip, clip_skip_convention, latents, hooks, output, embedded_guidance,
@@ -207,6 +208,21 @@ def _as_list(text: str | Sequence[str], n: int) -> list[str]:
     return [text] * n if isinstance(text, str) else list(text)
 
 
+SEED_RANGE = (-(2**63), 2**63 - 1)  # what torch.Generator.manual_seed takes without overflowing
+
+
+def check_counts(num_images: Any, steps: Any, seed: Any = 0) -> None:
+    """The numbers of a sampling call that need no base: run before a base loads."""
+    for name, value in (("num_images", num_images), ("steps", steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserInputError(f"{name} must be an int >= 1, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserInputError(f"seed must be an int, got {seed!r}")
+    low, high = SEED_RANGE
+    if not (low <= seed and seed + num_images - 1 <= high):
+        raise UserInputError(f"seed {seed}: seeds (seed + image index) must lie in [{low}, {high}]")
+
+
 def check_inputs(
     pipe: DiffusionPipeline,
     prompt: Any,
@@ -240,9 +256,10 @@ def check_inputs(
             raise UserInputError(
                 f"{len(negative_prompt)} negative prompts for {n_prompts} prompts; give one per prompt or a single string"
             )
-    for name, value in (("num_images", num_images), ("steps", steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserInputError(f"{name} must be an int >= 1, got {value!r}")
+    check_counts(num_images, steps)
+    trained = getattr(getattr(pipe, "scheduler", None), "config", {}).get("num_train_timesteps")
+    if isinstance(trained, int) and steps > trained:  # diffusers' set_timesteps would raise deep in sampling
+        raise UserInputError(f"steps must be at most {trained}, the timesteps this base was trained with; got {steps}")
     if not callable(guidance):
         ClassifierFreeGuidance(guidance)  # validates the number: finite and >= 0
     family = family_of(pipe)

@@ -22,7 +22,7 @@ from lorafuse.utils.inputs import check_input_file
 def bake_loras(base: str, loras: Sequence[tuple[str | os.PathLike, float]], out: str | os.PathLike, *,
                allow_pickle: bool = False) -> Path:  # fmt: skip
     """Load `base`, fuse every (LoRA file, weight) into its weights, save a pipeline folder at `out`."""
-    from lorafuse.lora.io import load_lora
+    from lorafuse.lora.io import check_lora_file, load_lora
     from lorafuse.lora.merge import fuse_into
     from lorafuse.models.load import base_folder, load_base_pipeline
 
@@ -32,8 +32,9 @@ def bake_loras(base: str, loras: Sequence[tuple[str | os.PathLike, float]], out:
     if out.exists():
         raise UserInputError(f"{out}: already exists; choose a new folder (a baked model is never overwritten)")
     check_output(out, kind="folder", what="baked model folder", estimate=_weights_bytes(base))
-    for path, _ in loras:  # a missing or unreadable file must show before the base loads
+    for path, _ in loras:  # a missing, unreadable or broken file must show before the base loads
         check_input_file(path, "LoRA file", LoraFormatError)
+        check_lora_file(path, allow_pickle=allow_pickle)
     pipe = load_base_pipeline(base)
     # read every file before fusing any: a broken second file must not cost the first one's fuse
     states = [load_lora(path, allow_pickle=allow_pickle, base=pipe) for path, _ in loras]

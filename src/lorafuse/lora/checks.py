@@ -121,9 +121,15 @@ def _numel(module: LoraModule) -> int:
 
 
 def check_magnitudes(state: LoraState) -> None:
-    """Every module's ΔW finite and with entries of RMS below `ABS_RMS_LIMIT` (no base needed)."""
+    """Every module's ΔW finite and with entries of RMS below `ABS_RMS_LIMIT` (no base needed); a warning for
+    ranks above the layer's size, which no trainer writes (swapped factors, or a broken export)."""
     source = state.source_path or "LoRA"
+    oversized = []
     for key, module in state.modules.items():
+        if module.down is not None and module.up is not None:
+            out_f, in_f = int(module.up.shape[0]), module.down[0].numel()
+            if module.rank > min(out_f, in_f):
+                oversized.append(f"{_shown(state, key)}: rank {module.rank}, layer {out_f}x{in_f}")
         norm = update_norm(module)
         rms = norm / math.sqrt(max(_numel(module), 1))
         if not math.isfinite(norm) or rms > ABS_RMS_LIMIT:
@@ -132,6 +138,14 @@ def check_magnitudes(state: LoraState) -> None:
                 f"of RMS {rms:.3g} (limit {ABS_RMS_LIMIT:g}; alpha {module.alpha}, rank {module.rank}). Applying it "
                 "would give a black or noise image; the alpha or the factors are broken."
             )
+    if oversized:
+        warnings.warn(
+            f"{source}: {len(oversized)} module(s) have a rank above their layer's size ({_names(oversized)}), "
+            "which only stores a full-rank update at more than its size; are lora_up and lora_down swapped? "
+            "`lorafuse resize` makes it a real low-rank LoRA",
+            LoraValueWarning,
+            stacklevel=3,
+        )
 
 
 def _shown(state: LoraState, key: str) -> str:

@@ -9,6 +9,7 @@ through `lorafuse.utils.atomic`: an interrupted save never leaves half a LoRA un
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -27,15 +28,88 @@ from lorafuse.utils.inputs import check_input_file
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".bin", ".pth")
 
 
+# What a file that does not start like a safetensors file (8-byte header length, then "{") really is: a
+# renamed archive or a failed download deserves its own next step, not "corrupt".
+_MAGIC = (
+    (b"\x1f\x8b", "a gzip archive; unpack it (gunzip) and pass the .safetensors file inside"),
+    (b"PK\x03\x04", "a zip archive (or a torch.save checkpoint); unzip it, or for a torch file rename it to .pt "
+                    "and pass --allow-pickle"),
+    (b"\x80", "a Python pickle (a .ckpt/.pt file renamed); rename it to .pt and pass --allow-pickle"),
+    (b"version https://git-lfs", "a Git LFS pointer, not the file itself; run `git lfs pull` to fetch it"),
+    (b"7z\xbc\xaf", "a 7-Zip archive; unpack it and pass the .safetensors file inside"),
+    (b"Rar!", "a RAR archive; unpack it and pass the .safetensors file inside"),
+    (b"\x89PNG", "a PNG image, not a LoRA"),
+    (b"\xff\xd8\xff", "a JPEG image, not a LoRA"),
+)
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit
+
+
+def _header_problem(path: Path) -> str | None:
+    """Why `path` is not a well-formed safetensors file, checked before the library reads it, or None."""
+    import json
+
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        first = fh.read(min(n, _MAX_HEADER, 64))
+    looks_right = len(head) == 8 and n <= _MAX_HEADER and first.startswith(b"{")
+    for magic, what in _MAGIC if not looks_right else ():
+        if (head + first).startswith(magic):
+            return f"it is {what}"
+    if not looks_right and (head + first).lstrip()[:1] == b"<":
+        return "it is an HTML/XML page (a failed download?); download the file again"
+    if len(head) < 8:
+        return f"only {size} bytes, too short for a safetensors file; the file is empty or cut short, download or export it again"  # fmt: skip
+    if not looks_right:
+        return ("it does not start like one (an 8-byte header length, then a JSON header); it is another kind of "
+                "file or damaged")  # fmt: skip
+    if 8 + n > size:
+        return (f"its header length field says {n} bytes follow, but the file has only {size - 8} more: it is cut "
+                "short; download or export it again")  # fmt: skip
+    with open(path, "rb") as fh:
+        fh.seek(8)
+        raw = fh.read(n)
+    twice: list[str] = []
+
+    def pairs(items: list) -> dict:  # json keeps the last of two equal keys without a word
+        keys = [key for key, _ in items]
+        twice.extend(sorted({key for key in keys if keys.count(key) > 1}))
+        return dict(items)
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=pairs)
+    except UnicodeDecodeError as e:
+        return f"its header is not UTF-8 text (byte {e.start}); the file is damaged"
+    except ValueError as e:
+        return f"its header is not valid JSON ({e}); the file is damaged"
+    if twice:
+        return (f"its header lists tensor {twice[0]!r} twice, so one copy would silently replace the other; the "
+                "file is damaged, export it again")  # fmt: skip
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+            and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2
+            and isinstance(v["data_offsets"][1], int)]  # fmt: skip
+    if ends and 8 + n + max(ends) > size:
+        return (f"cut short: its tensors need {8 + n + max(ends)} bytes but the file has {size}; download or export "
+                "it again")  # fmt: skip
+    return None
+
+
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
+    problem = _header_problem(path)
+    if problem is not None:
+        raise LoraFormatError(f"{path}: not a readable safetensors file: {problem}")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
             tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise LoraFormatError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+        raise LoraFormatError(
+            f"{path}: not a readable safetensors file: its header is inconsistent ({e}); the file is damaged, "
+            "download or export it again"
+        ) from e
     return tensors, metadata
 
 
@@ -43,9 +117,13 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types; all mean "not a plain tensor file"
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        # torch's message opens with advice to retry with weights_only=False, i.e. to run the file's code
+        first = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0])
+        first = first.removeprefix("WeightsUnpickler error: ")
         raise LoraFormatError(
             f"{path}: could not be read with torch.load(weights_only=True) (corrupt, or it holds objects other "
-            f"than tensors): {e}"
+            f"than tensors, which may run code: {first}); convert it to .safetensors with the tool that wrote it"
         ) from e
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
@@ -87,6 +165,9 @@ def read_tensors(path: str | os.PathLike, *, allow_pickle: bool = False) -> tupl
         tensors, metadata = _read_pickle(path), {}
     else:
         raise LoraFormatError(f"{path}: unknown LoRA file type {suffix!r}; expected .safetensors")
+    # float8 (e4m3 / e5m2) factors: torch has no isfinite or matmul for them on CPU, and float16 holds every
+    # float8 value exactly, so they are widened once here
+    tensors = {k: v.half() if v.is_floating_point() and v.element_size() == 1 else v for k, v in tensors.items()}
     return check_tensors(tensors, str(path)), metadata
 
 
@@ -112,6 +193,15 @@ def load_lora(
         state = diffusers.read(tensors, metadata, source)
     check_magnitudes(state)
     return state
+
+
+def check_lora_file(path: str | os.PathLike, *, allow_pickle: bool = False) -> None:
+    """Every check of `load_lora` that needs no base model, run on `path` and the result dropped. Commands that
+    load a base before their LoRAs call this first, so a broken file fails in a second, not after the model has
+    loaded (the file is read twice; a LoRA is small next to a base)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the real load, against the base, warns
+        load_lora(path, allow_pickle=allow_pickle)
 
 
 def kohya_layout(arch: str, base: object | None) -> UnetLayout | None:
@@ -220,4 +310,4 @@ def estimated_size(state: LoraState) -> int:
     return total
 
 
-__all__ = ["load_lora", "save_lora", "read_tensors", "KeyIndex"]
+__all__ = ["check_lora_file", "load_lora", "save_lora", "read_tensors", "KeyIndex"]

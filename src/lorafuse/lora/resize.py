@@ -170,6 +170,9 @@ def resize_lora(
     Returns the new state and a `ResizeReport` with the relative Frobenius error per module and in total.
     """
     conv_rank = rank if conv_rank is None else conv_rank
+    for name, value in (("rank", rank), ("conv rank", conv_rank)):  # checked even when no module would use it
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserInputError(f"target {name} must be an int, at least 1, got {value!r}")
     report = ResizeReport(rank=rank, conv_rank=conv_rank)
     modules: dict[str, LoraModule] = {}
     for key in sorted(state.modules):

@@ -175,6 +175,45 @@ def load_base_pipeline(name_or_path: str, *, device: str | torch.device | None =
     parts = {k: v for k, v in (parts or {}).items() if v}
     if not parts and name_or_path.lower().endswith(".toml") and Path(name_or_path).expanduser().is_file():
         name_or_path, parts, tokenizers = base_spec(Path(name_or_path).expanduser())
+    with _no_load_bars():
+        pipe = _load(name_or_path, dtype, parts, tokenizers)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if device is None else pipe.to(device)
+
+
+def check_base_name(name_or_path: str) -> None:
+    """The error `load_base_pipeline` would give for a base that does not exist, without loading anything
+    (for `--dry-run` and grid plans). A hub id ("owner/name") is left to the loader: only it knows the cache."""
+    if name_or_path in BUILTIN_BASES or Path(name_or_path).expanduser().exists():
+        return
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
+        return
+    raise UserInputError(
+        f"{name_or_path}: no such file or folder; give a diffusers pipeline folder, a .safetensors checkpoint, "
+        f"or one of {', '.join(BUILTIN_BASES)}"
+    )
+
+
+@contextlib.contextmanager
+def _no_load_bars() -> Iterator[None]:
+    """diffusers' "Loading pipeline components" and transformers' "Loading weights" bars would come before, and
+    bury, a one-line error about the inputs (a LoRA that does not fit this base)."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    was = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            dlog.enable_progress_bar()
+        if was[1]:
+            tlog.enable_progress_bar()
+
+
+def _load(name_or_path: str, dtype: torch.dtype | None, parts: Mapping[str, str], tokenizers: str | None):
     if parts:
         pipe = _from_parts(name_or_path, parts, tokenizers, dtype)
     elif name_or_path in BUILTIN_BASES:
@@ -190,8 +229,7 @@ def load_base_pipeline(name_or_path: str, *, device: str | torch.device | None =
                 pipe.to(dtype=dtype)
     else:
         pipe = _from_path(name_or_path, {} if dtype is None else {"torch_dtype": dtype})
-    pipe.set_progress_bar_config(disable=True)
-    return pipe if device is None else pipe.to(device)
+    return pipe
 
 
 @contextlib.contextmanager

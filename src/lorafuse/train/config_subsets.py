@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lorafuse.config.checks import as_paths
 from lorafuse.config.checks import bad as _bad
+from lorafuse.train.dataset_folders import MAX_REPEATS
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,8 @@ class SubsetConfig:
 
     def __post_init__(self) -> None:
         as_paths(self, "image_dir", "mask_dir")
-        if self.num_repeats < 1:
-            raise _bad("num_repeats", f"must be >= 1, got {self.num_repeats}")
+        if not 1 <= self.num_repeats <= MAX_REPEATS:
+            raise _bad("num_repeats", f"must be in [1, {MAX_REPEATS}], got {self.num_repeats}")
         if self.keep_tokens is not None and self.keep_tokens < 0:
             raise _bad("keep_tokens", f"must be >= 0, got {self.keep_tokens}")
         for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):

@@ -155,7 +155,9 @@ def _sort_entries(folder: Path, cfg: DatasetConfig, skipped: list[tuple[Path, st
     for path in entries:
         if _ours(path.name):
             continue
-        if path in images:
+        if path.name.startswith("._"):  # macOS writes these beside every file it copies to a foreign disk
+            log.warning("%s: ignored, a macOS metadata file (AppleDouble '._' file), not an image", path)
+        elif path in images:
             problem = problem_with_file(path, "image")
             if problem is None:
                 usable.append(path)
@@ -200,8 +202,9 @@ def scan_images(
         log.warning("%s: no images (%s)", folder, ", ".join(IMAGE_EXTENSIONS))
     items, uncaptioned, opaque = [], [], []
     for path in images:
+        notes: list[str] = []
         try:
-            size = load_rgb(path).size
+            size = load_rgb(path, notes).size
             assignment = buckets.assign(size)
             frames = image_frames(path)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -212,6 +215,8 @@ def scan_images(
             log.warning("%s: skipped, cannot use this image (%s)", path, e)
             skipped.append((path, str(e)))
             continue
+        if notes:
+            log.warning("%s: %s (the image is used as decoded)", path, "; ".join(notes))
         if frames > 1:  # the first frame is a real picture of the subject; refusing would drop it silently too
             log.warning("%s: animated image with %d frames; only the first frame is used", path, frames)
         text = cap.read_caption(path, source.caption_extension)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +15,19 @@ def upright(img: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(img) or img
 
 
-def load_rgb(path: Path) -> Image.Image:
+def load_rgb(path: Path, notes: list[str] | None = None) -> Image.Image:
     """Decode fully (a truncated file fails here, not hours into training), turn upright, convert to 8-bit RGB
-    by mode (16-bit and float gray rescaled, alpha flattened onto white)."""
-    with Image.open(path) as img:
-        img.load()  # the first frame of an animated file; the scan warns about the others
-        return to_rgb(upright(img))
+    by mode (16-bit and float gray rescaled, alpha flattened onto white). PIL's own warnings (damaged EXIF data,
+    a very large image) go to `notes`, for the dataset scan to name the file once, instead of to stderr with
+    PIL's source line on every load."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Image.open(path) as img:
+            img.load()  # the first frame of an animated file; the scan warns about the others
+            out = to_rgb(upright(img))
+    if notes is not None:
+        notes += sorted({" ".join(str(w.message).split()) for w in caught})
+    return out
 
 
 # 16-bit and float images hold their own ranges: PIL's convert("RGB") clips them at 255 (all white)
@@ -58,5 +66,7 @@ def _high_depth_gray(img: Image.Image) -> Image.Image:
 
 
 def image_frames(path: Path) -> int:
-    with Image.open(path) as img:
-        return int(getattr(img, "n_frames", 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # load_rgb has reported them
+        with Image.open(path) as img:
+            return int(getattr(img, "n_frames", 1))

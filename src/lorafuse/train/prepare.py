@@ -43,12 +43,12 @@ from lorafuse.train.quantize import quantize_frozen_base
 from lorafuse.train.run_log import RunLog
 from lorafuse.train.run_setup import (
     ShardedBatchSampler,
-    check_optimizer,
+    check_settings,
     denoiser_joins_after_caching,
     make_accelerator,
     training_metadata,
 )
-from lorafuse.train.saving import SaveRotation, check_implemented
+from lorafuse.train.saving import SaveRotation
 from lorafuse.train.scan import scan_dataset
 from lorafuse.train.stop import StopRequest
 from lorafuse.train.validation import Validator, split_validation
@@ -149,12 +149,11 @@ def prepare(cfg: TrainConfig, progress_bar: bool = True) -> Run:
     """Steps 1-8 of the module docstring. User errors raise `UserInputError` before any model loads."""
     started = time.time()
     tc, ds = cfg.training, cfg.dataset
-    check_implemented(cfg)
+    check_settings(cfg)
     check_output(tc.output_dir, kind="folder", what="training.output_dir")
     index = scan_dataset(ds)
     val_seed = ds.validation_seed if ds.validation_seed is not None else tc.seed
     index, val_index = split_validation(index, ds.validation_split, val_seed)
-    check_optimizer(cfg.optimizer.optimizer_type)
     saved = read_train_state(tc.resume) if tc.resume is not None else None
     if saved is not None:
         check_resume_config(saved.config, config_to_dict(cfg), saved.folder)

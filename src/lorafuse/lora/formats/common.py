@@ -19,6 +19,11 @@ def lora_pair(down: torch.Tensor, up: torch.Tensor, alpha: float | None, where: 
         )
     if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
         raise LoraFormatError(f"{where}: conv up factor must be 1x1, got {tuple(up.shape)}")
+    if 0 in down.shape or 0 in up.shape:  # rank 0 or an empty layer: alpha / rank would divide by zero
+        raise LoraFormatError(
+            f"{where}: empty factor (down {tuple(down.shape)}, up {tuple(up.shape)}); a LoRA module needs rank >= 1 "
+            "and non-empty layers. The file is damaged; remove the module or re-export the LoRA."
+        )
     return LoraModule(down=down, up=up, alpha=alpha)
 
 

@@ -130,19 +130,36 @@ def _module(parts: dict[str, torch.Tensor], where: str) -> tuple[LoraModule, str
     for part, why in UNSUPPORTED_PARTS.items():
         if part in parts:
             raise LoraFormatError(f"{where}: {why} is not supported by lorafuse")
+    empty = sorted(k for k, v in parts.items() if k != "alpha" and v.numel() == 0)
+    if empty:  # rank 0 or an empty layer: the scale alpha / rank would divide by zero
+        shapes = ", ".join(f"{k} {tuple(parts[k].shape)}" for k in empty)
+        raise LoraFormatError(
+            f"{where}: empty factor ({shapes}); a LoRA module needs rank >= 1 and non-empty layers. The file is "
+            "damaged; remove the module or re-export the LoRA."
+        )
     alpha_t = parts.get("alpha")
     # kohya's convention: a zero alpha means none (alpha = rank); checks.py has warned about it
     alpha = (float(alpha_t.item()) or None) if alpha_t is not None else None
-    if parts.keys() & (LOHA_PARTS - {"alpha"}):
-        return LoraModule(delta=loha_delta(parts, where)), "lycoris_loha"
-    if parts.keys() & (LOKR_PARTS - {"alpha"}):
-        return LoraModule(delta=lokr_delta(parts, where)), "lycoris_lokr"
-    if "lora_down.weight" in parts and "lora_up.weight" in parts:
-        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-        if "lora_mid.weight" in parts:
-            return LoraModule(delta=locon_tucker_delta(down, parts["lora_mid.weight"], up, alpha)), "lycoris_locon"
-        return lora_pair(down, up, alpha, where), "kohya"
-    raise LoraFormatError(f"{where}: incomplete module, has only {', '.join(sorted(parts))}")
+    try:
+        if parts.keys() & (LOHA_PARTS - {"alpha"}):
+            return LoraModule(delta=loha_delta(parts, where)), "lycoris_loha"
+        if parts.keys() & (LOKR_PARTS - {"alpha"}):
+            return LoraModule(delta=lokr_delta(parts, where)), "lycoris_lokr"
+        if "lora_down.weight" in parts and "lora_up.weight" in parts:
+            down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+            if "lora_mid.weight" in parts:
+                mid = parts["lora_mid.weight"]
+                return LoraModule(delta=locon_tucker_delta(down, mid, up, alpha)), "lycoris_locon"
+            return lora_pair(down, up, alpha, where), "kohya"
+    except (RuntimeError, IndexError, ArithmeticError) as e:  # torch's own shape errors when LyCORIS parts do not fit together
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(parts.items()) if k != "alpha")
+        raise LoraFormatError(
+            f"{where}: the parts of this module do not fit together ({shapes}): {str(e).splitlines()[0]}. "
+            "The file is damaged or was written by a tool lorafuse does not know."
+        ) from e
+    raise LoraFormatError(
+        f"{where}: incomplete module, has only {', '.join(sorted(parts))}; the file is damaged or was cut short"
+    )
 
 
 def with_uniform_alpha(state: LoraState) -> LoraState:

@@ -201,3 +201,15 @@ def test_kohya_config_readme_dataset_configs(tmp_path):
     cfg = config_from_dict(TrainConfig, imp.data, "<json>")
     assert [s.num_repeats for s in cfg.dataset.subsets] == [3, 5, 3]
     assert [s.resolution for s in cfg.dataset.subsets] == [512, 512, 768] and cfg.dataset.resolution == 512
+
+
+def test_a_step_limit_on_the_command_line_wins_over_the_guis_epoch(tmp_path):
+    from lorafuse.train.kohya_import import load_train_config_any
+
+    cfg_file = tmp_path / "gui.toml"
+    cfg_file.write_text('pretrained_model_name_or_path = "sd15-tiny"\ntrain_data_dir = "d"\nepoch = 10\n')
+    cfg, imp = load_train_config_any(cfg_file)
+    assert cfg.training.max_train_epochs == 10  # alone, the GUI's epoch count is the run's length
+    cfg, imp = load_train_config_any(cfg_file, {"training.max_train_steps": "3"})
+    assert (cfg.training.max_train_steps, cfg.training.max_train_epochs) == (3, None)
+    assert any(r.key == "epoch" and r.action == "no effect" for r in imp.rows)

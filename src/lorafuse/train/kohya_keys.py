@@ -141,6 +141,7 @@ RULES: dict[str, Rule] = {
     "config_file": _note("this file is the config"),
     "wandb_run_name": _note("no wandb logging (see log_with)"),
     "cache_info": _note("image sizes are read once per run"),
+    "resize_interpolation": _note("images resize with LANCZOS (kohya's default for upscaling)"),
     # --- refused unless off
     "v2": _refuse(
         "SD 2.x bases are not supported (lorafuse trains SD1.5, SDXL and the built-in world model)"
@@ -220,6 +221,7 @@ RULES: dict[str, Rule] = {
     ),
     "no_metadata": _refuse("lorafuse always writes kohya-style metadata (A1111 / ComfyUI read it)"),
     "debug_dataset": _refuse("use `lorafuse train --dry-run` to inspect the dataset"),
+    "dataset_class": _refuse("custom dataset classes are not supported; use train_data_dir or dataset_config"),
     "validate_every_n_epochs": _refuse("use validate_every_n_steps"),
     "max_validation_steps": _refuse("the validation loss always covers the whole held-out set"),
     "deepspeed": _refuse("DeepSpeed is not supported; use `accelerate launch` for several GPUs"),

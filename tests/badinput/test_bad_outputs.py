@@ -445,3 +445,14 @@ def test_training_disk_full_at_a_later_save(cli, tmp_path, inputs, monkeypatch):
     code, _, err = cli(*argv, "--resume", out / "r-step00000001-state")
     assert code == 0, err
     assert load_lora(out / "r.safetensors").modules
+
+
+def test_bake_checks_the_space_for_the_bases_size_before_it_loads(cli, tmp_path, lora_files, no_model, monkeypatch):
+    base = tmp_path / "base"
+    (base / "unet").mkdir(parents=True)
+    (base / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 300_000)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
+    out = tmp_path / "baked"
+    cli.refused(["bake", "--base", base, "--lora", lora_files["sd15"], "--out", out], str(out),
+                "not enough disk space", "about 293 kB", watch=tmp_path)  # fmt: skip

@@ -178,3 +178,16 @@ def test_broken_file_fails_before_the_base_loads(cli, work, monkeypatch, command
                   "--resolution", "64", "--output_dir", work / "out", "--network_weights", path, "--dry-run"],
     }[command]  # fmt: skip
     cli.refused(argv, str(path), "cut short", watch=work)
+
+
+@pytest.mark.parametrize(
+    ("keys", "says"),
+    [
+        (["conv_in.weight", "down_blocks.0.attentions.0.proj_in.bias"], "the weights of a whole model"),
+        (["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.decoder.conv_in.weight"],
+         "a full Stable Diffusion checkpoint"),  # fmt: skip
+    ],
+)
+def test_a_model_file_given_as_a_lora(cli, h, work, keys, says):
+    path = h.write_tensors(work / "model.safetensors", {k: torch.ones(4, 4) for k in keys})
+    cli.refused(["inspect", path], str(path), says, "not a LoRA", "--base", watch=work)

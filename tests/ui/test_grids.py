@@ -45,3 +45,17 @@ def test_grid_refuses_paths_outside_and_pickles(tmp_path):
         grids.write_grid(ws, "grids", "g", prompt="p", axes={"checkpoint": ["loras/old.ckpt"]}, metrics={})
     with pytest.raises(UserInputError, match="write a prompt"):
         grids.write_grid(ws, "grids", "g", prompt=" ", axes={}, metrics={})
+
+
+def test_a_grid_base_is_a_builtin_name_or_a_workspace_path(tmp_path):
+    ws = Workspace.create(tmp_path / "ws")
+    (ws.root / "loras" / "a.safetensors").write_bytes(b"")
+    axes = {"checkpoint": ["loras/a.safetensors"], "steps": [2]}
+    for bad, message in [("/etc", "absolute paths"), ("../x", "'..' is refused"), ("owner/model", "no such file")]:
+        with pytest.raises(UserInputError, match=message):
+            grids.write_grid(ws, "grids", "g", prompt="p", axes={**axes, "base": [bad]}, metrics={})
+    (ws.root / "bases" / "mine").mkdir()
+    config, _ = grids.write_grid(ws, "grids", "g", prompt="p", axes={**axes, "base": ["world", "bases/mine"]},
+                                 metrics={})  # fmt: skip
+    cfg = load_grid_config(ws.root / config)
+    assert cfg.axes.base == ["world", str(ws.root / "grids" / ".." / "bases" / "mine")]

@@ -86,3 +86,69 @@ def test_worker_runs_the_queue_one_at_a_time(tmp_path, monkeypatch, fork):
             os.kill(worker, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_unreadable_state_files_are_listed_not_fatal(tmp_path):
+    """A half-written or hand-edited file in jobs/ neither stops the page from listing the others nor the worker
+    from running them; the bad job is shown as unreadable, with the file and the reason, and never run."""
+    store = JobStore(tmp_path)
+    good = store.submit("world", "list", ["world", "list"])
+    (store.dir / "20200101-000000-000-train.json").write_text('{"id": "20200101-000000-000-tr')  # cut off
+    (store.dir / "20200101-000000-001-train.json").write_text('{"id": "20200101-000000-001-train"}')  # fields missing
+    (store.dir / "20200101-000000-002-train.json").write_bytes(b"\xff\xfe\x00")  # not even text
+    views = JobStore(tmp_path).views()
+    assert [v.status for v in views] == ["unreadable"] * 3 + ["queued"]
+    assert views[0].error.startswith("jobs/20200101-000000-000-train.json: not a readable job file")
+    assert store.next_queued().id == good.id
+    with pytest.raises(UserInputError, match="not a readable job file"):
+        store.request_stop("20200101-000000-000-train")
+    # the small state files: unreadable ones mean "it started" / "it ended", never a crash
+    store.path(good.id, "start").write_text("[]")
+    assert store.view(good).status == "interrupted"
+    store.path(good.id, "rc").write_text('{"code": 0}')
+    view = store.view(good)
+    assert view.status == "failed" and view.error == f"jobs/{good.id}.rc: unreadable exit status"
+
+
+def test_a_pid_taken_by_another_program_is_not_the_job(tmp_path):
+    """After a reboot a job's recorded pid can belong to another process: the job is not "running" then (or the
+    queue would wait for it forever)."""
+    store = JobStore(tmp_path)
+    job = store.submit("world", "list", ["world", "list"])
+    atomic_write_text(store.path(job.id, "start"), json.dumps({"pid": os.getpid(), "time": time.time()}))
+    assert store.view(job).status == "running"
+    atomic_write_text(store.path(job.id, "start"), json.dumps({"pid": os.getpid(), "time": time.time() - 3600}))
+    assert store.view(job).status == "interrupted"  # this process began long after the job's start
+
+
+def test_a_job_killed_by_a_signal_says_so_and_a_dead_worker_is_replaced(tmp_path):
+    """kill -9 of the job's process: the worker records it as failed with the reason, and the next job runs. kill
+    -9 of the worker: the page's keeper starts a new one for the jobs still waiting."""
+    import threading
+
+    from lorafuse.ui.app import keep_worker
+
+    stop = threading.Event()
+    store = JobStore(tmp_path)
+    # far more images than it can render before the kill (about 100 a second)
+    slow = store.submit("dataset", "slow", ["world", "dataset", "datasets/t", "--subject", "teapot_08", "--n", "100000"])
+    worker = store.ensure_worker()
+    try:
+        _wait(lambda: store.view(slow).status == "running")
+        os.kill(store.view(slow).pid, signal.SIGKILL)
+        _wait(lambda: store.view(slow).status == "failed")
+        assert "killed by SIGKILL" in store.view(slow).error
+        # now the worker itself: killed while idle; a job queued afterwards still runs (the keeper's restart)
+        os.kill(worker, signal.SIGKILL)
+        _wait(lambda: not store.worker_alive())
+        later = store.submit("world", "list", ["world", "list"])
+        threading.Thread(target=keep_worker, args=(store, 0.2, stop), daemon=True).start()
+        _wait(lambda: store.view(later).status == "done")
+    finally:
+        stop.set()
+        pid = json.loads((store.dir / "worker.pid").read_text())["pid"]
+        for p in {worker, pid}:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

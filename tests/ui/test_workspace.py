@@ -41,3 +41,83 @@ def test_pickle_needs_the_opt_in(ws, tmp_path):
         ws.check_pickle(path)
     Workspace(ws.root, allow_pickle=True).check_pickle(path)
     ws.check_pickle(ws.resolve("loras/x.safetensors"))
+
+
+def test_builtin_base_names_match_the_loader():
+    from lorafuse.models.load import BUILTIN_BASES
+    from lorafuse.ui.workspace import BUILTIN_BASES as ui_names
+
+    assert set(ui_names) == set(BUILTIN_BASES)
+
+
+def test_a_base_model_is_a_builtin_name_or_a_workspace_path(ws, tmp_path):
+    assert ws.base_model("sd15-tiny") == "sd15-tiny"
+    (ws.root / "bases" / "mine").mkdir()
+    assert ws.base_model("bases/mine/") == "bases/mine"
+    for bad, message in [("/etc", "absolute paths are refused"), ("../x", "'..' is refused"),
+                         ("runwayml/stable-diffusion-v1-5", "no such file or folder in the workspace"),
+                         ("bases/old.ckpt", "pickle files can run code")]:  # fmt: skip
+        if bad.endswith(".ckpt"):
+            (ws.root / bad).write_bytes(b"x")
+        with pytest.raises(UserInputError, match=message) as e:
+            ws.base_model(bad)
+        said = str(e.value)
+        assert (said.startswith("base (one of world, ") or said.startswith(bad)) and "\n" not in said
+
+
+def test_every_path_option_of_the_train_form_stays_in_the_workspace(ws, tmp_path):
+    """The generated form holds options naming files the run reads (base model, LoRA to start from, regularisation
+    images, FLUX.1 part files) and writes (latent cache): each is confined like every other path on the page."""
+    from lorafuse.train.options import options
+    from lorafuse.ui.tab_train import PAGE_SET, checked_paths
+
+    opts = [o for o in options() if o.key not in PAGE_SET]
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(b"x")
+    (ws.root / "loras" / "start.safetensors").write_bytes(b"x")
+    (ws.root / "loras" / "link.safetensors").symlink_to(outside)
+    ok = checked_paths(ws, opts, {"model.pretrained_model_name_or_path": "world", "network.network_weights":
+                                  "loras/start.safetensors", "dataset.cache_dir": "cache/new", "training.seed": "3"})
+    assert ok == {"model.pretrained_model_name_or_path": "world", "network.network_weights": "loras/start.safetensors",
+                  "dataset.cache_dir": "cache/new", "training.seed": "3"}  # fmt: skip
+    keys = ["model.pretrained_model_name_or_path", "model.ae", "model.clip_l", "model.t5xxl", "model.tokenizers",
+            "dataset.reg_data_dir", "dataset.cache_dir", "network.network_weights"]  # fmt: skip
+    for key in keys:
+        for bad, message in [(str(outside), "absolute paths"), ("../x", "'..' is refused"),
+                             ("loras/link.safetensors", "symlink leads outside")]:  # fmt: skip
+            with pytest.raises(UserInputError, match=message) as e:
+                checked_paths(ws, opts, {key: bad})
+            assert key in str(e.value)
+    paths = {o.key for o in opts if "Path" in str(o.type)}
+    assert paths <= set(keys), f"a new path option is not checked here: {paths - set(keys)}"
+
+
+def test_listings_survive_a_job_writing_at_the_same_time(ws, monkeypatch):
+    """A job's atomic write leaves `.lorafuse-tmp-*` for a moment, then renames it: a listing must neither show it
+    nor fail when a file it saw is gone by the time of its stat (the restarted page once died building the
+    Compare tab this way, while the continued run saved a checkpoint)."""
+    from pathlib import Path
+
+    from lorafuse.ui.tab_tools import lora_files
+
+    run = ws.root / "runs" / "teapot"
+    run.mkdir()
+    (run / "teapot-000001.safetensors").write_bytes(b"x")
+    (run / ".lorafuse-tmp-1560-743092-teapot-000016.safetensors").write_bytes(b"x")
+    (run / "teapot-000002.safetensors").write_bytes(b"x")
+    assert sorted(lora_files(ws)) == ["runs/teapot/teapot-000001.safetensors", "runs/teapot/teapot-000002.safetensors"]
+    real_stat = Path.stat
+    seen = []
+
+    def vanishing(self, *a, **k):  # teapot-000002 is there for its first stat (is_file), gone for the next
+        if self.name == "teapot-000002.safetensors":
+            seen.append(self)
+            if len(seen) > 1:
+                raise FileNotFoundError(2, "No such file or directory", str(self))
+        return real_stat(self, *a, **k)
+
+    monkeypatch.setattr(Path, "stat", vanishing)
+    assert lora_files(ws) == ["runs/teapot/teapot-000001.safetensors"]
+    assert len(seen) >= 2
+    (ws.root / "datasets" / ".lorafuse-tmp-1-2-new").mkdir()
+    assert ws.list_dirs("datasets") == []

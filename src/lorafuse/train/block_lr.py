@@ -5,13 +5,18 @@ mid_lr_weight for MID, up_lr_weight per output block OUT00.. (kohya's numbering,
 SD1.5, 9 + 1 + 9 for SDXL). A weight list may also be a kohya preset name: sine, cosine, linear,
 reverse_linear or zeros, with an optional "+offset" ("cosine+0.5"). Blocks whose weight is <= block_lr_zero_threshold
 get no LoRA at all, as in kohya. Modules outside the numbered blocks (and the text encoders) keep weight 1.
+As kohya, a down / up list shorter than the blocks is filled with 1.0 and a longer one cut (with a warning); SDXL's
+mid_lr_weight may be kohya's three values, one per middle_block.0 / .1 / .2 (keys MID0..MID2 here).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 from lorafuse.errors import UserInputError
+
+log = logging.getLogger(__name__)
 
 PRESETS = ("sine", "cosine", "linear", "reverse_linear", "zeros")
 
@@ -36,12 +41,16 @@ def preset_weights(spec: str, n: int) -> list[float]:
     )
 
 
-def _weights(spec: str | tuple[float, ...] | None, n: int, key: str) -> list[float] | None:
+def _weights(spec: str | float | tuple[float, ...] | None, n: int, key: str) -> list[float] | None:
     if spec is None:
         return None
-    values = preset_weights(spec, n) if isinstance(spec, str) else [float(v) for v in spec]
-    if len(values) != n:
-        raise UserInputError(f"network.{key} has {len(values)} entries, this UNet has {n} such blocks")
+    if isinstance(spec, str):
+        return preset_weights(spec, n)
+    values = [float(v) for v in (spec if isinstance(spec, (tuple, list)) else [spec])]
+    if len(values) != n:  # kohya's rule: fill with 1.0, or cut
+        log.warning("network.%s has %d entries for %d blocks: %s as kohya does", key, len(values), n,
+                    "filled with 1.0" if len(values) < n else "cut")  # fmt: skip
+        values = (values + [1.0] * n)[:n]
     return values
 
 
@@ -59,6 +68,19 @@ def block_lr_weights(net, labels: list[str]) -> dict[str, float] | None:
         values = _weights(spec, len(names), key)
         if values is not None:
             out.update(zip(names, values, strict=True))
-    if net.mid_lr_weight is not None:
-        out["MID"] = float(net.mid_lr_weight)
+    mid = net.mid_lr_weight
+    if isinstance(mid, (tuple, list)) and len(mid) > 1 and len(outs) == 9:  # SDXL: kohya's three middle blocks
+        out.update({f"MID{i}": w for i, w in enumerate(_weights(mid, 3, "mid_lr_weight"))})
+        out["MID"] = max(out["MID0"], out["MID1"], out["MID2"])  # the block group's LR (its modules look up MIDi)
+    elif mid is not None:
+        out["MID"] = _weights(mid, 1, "mid_lr_weight")[0]
     return out
+
+
+def module_lr_weight(weights: dict[str, float], block: str | None, mid_index: int | None) -> float:
+    """The LR weight of a module in `block` ("MID" modules of SDXL: middle_block.`mid_index`)."""
+    if block is None:
+        return 1.0
+    if block == "MID" and mid_index is not None and "MID0" in weights:
+        return weights[f"MID{mid_index}"]
+    return weights.get(block, 1.0)

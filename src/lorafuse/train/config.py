@@ -227,7 +227,8 @@ class NetworkConfig:
     # double, single (FLUX.1's block kinds) (lora/presets.py); or regexes, re.search-ed against the denoiser's
     # module paths (by index: '^transformer_blocks\\.(0|3)\\.')
     layers: str | tuple[str, ...] = "default"
-    # rank per UNet block in kohya's order IN00.., MID, OUT00.. (25 for SD1.5, 19 SDXL, 13 world); 0 = no LoRA
+    # rank per UNet block in kohya's order IN00.., MID, OUT00.. (25 for SD1.5, 19 SDXL (or kohya's 23: embedding,
+    # IN00-08, middle_block 0-2, OUT00-08, out), 13 world); 0 = no LoRA
     block_dims: tuple[int, ...] | None = None
     # per-block alphas, same order and length as block_dims
     block_alphas: tuple[float, ...] | None = None
@@ -237,7 +238,8 @@ class NetworkConfig:
     conv_block_alphas: tuple[float, ...] | None = None
     # LR weight per input block IN00.. (a list), or a kohya preset: sine, cosine, linear, reverse_linear, zeros
     down_lr_weight: str | tuple[float, ...] | None = None
-    mid_lr_weight: float | None = None  # LR weight of the MID block
+    # LR weight of the MID block (SDXL: also kohya's three, for middle_block.0 / .1 / .2)
+    mid_lr_weight: float | tuple[float, ...] | None = None
     # LR weight per output block OUT00.. (a list), or a preset name as down_lr_weight
     up_lr_weight: str | tuple[float, ...] | None = None
     # blocks whose LR weight is <= this get no LoRA (kohya's block_lr_zero_threshold)

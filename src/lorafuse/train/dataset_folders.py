@@ -13,9 +13,10 @@ process can call it without loading a model library.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-import shutil
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,25 +64,84 @@ def subset_name(repeats: int, trigger: str, cls: str) -> str:
     return f"{int(repeats)}_{trigger.strip()} {cls.strip()}"
 
 
-def check_image(path: str | os.PathLike, *, max_bytes: int | None = None) -> str:
+MAX_PIXELS = 8192 * 8192  # larger than any training resolution needs; a "decompression bomb" claims far more
+
+
+def check_image(path: str | os.PathLike, *, max_bytes: int | None = None, inside: Path | None = None) -> str:
     """The format of an image file (PNG, JPEG, ...) decoded from its bytes, or one error naming the file."""
+    with _open_image(Path(path), max_bytes, inside) as im:
+        return im.format
+
+
+def _open_confined(path: Path, inside: Path | None):
+    """`path` opened for reading; with `inside`, refused unless the file actually opened lies in that folder (its
+    /proc/self/fd link names it after every symlink was followed, so no check-then-open window)."""
+    fh = open(path, "rb")  # noqa: SIM115 - the caller closes it
+    if inside is not None:
+        link = f"/proc/self/fd/{fh.fileno()}"
+        real = Path(os.path.realpath(link if os.path.exists(link) else path))
+        if Path(inside).resolve() not in real.parents:
+            fh.close()
+            raise UserInputError(f"{path.name}: a symlink leads outside {inside} (to {real}); refused")
+    return fh
+
+
+@contextlib.contextmanager
+def _open_image(path: Path, max_bytes: int | None, inside: Path | None):
+    """The image at `path`, checked: its size, its real type (decoded, not judged by the name), its pixel count
+    (before decoding: a small file can claim billions of pixels), and the whole file read (a truncated or
+    disguised file fails here). With `inside`, the file actually opened must lie in that folder: checked on the
+    open file itself, so a symlink (also one swapped in after the caller's checks) cannot lead the read out."""
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"{path}: no such image file")
-    size = path.stat().st_size
-    if max_bytes is not None and size > max_bytes:
-        raise UserInputError(f"{path.name}: {size:,} bytes is over the limit of {max_bytes:,} bytes")
     try:
-        with Image.open(path) as im:
-            fmt = im.format
-            im.verify()  # reads the whole file: a truncated or disguised file fails here
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise UserInputError(f"{path.name}: not an image ({type(e).__name__}); give PNG, JPEG, WEBP or BMP") from None
-    if fmt not in ADD_FORMATS:
-        raise UserInputError(f"{path.name}: image type {fmt} is not accepted; give PNG, JPEG, WEBP or BMP")
-    return fmt
+        fh = _open_confined(path, inside)
+    except FileNotFoundError:
+        raise UserInputError(f"{path}: no such image file") from None
+    except IsADirectoryError:
+        raise UserInputError(f"{path}: is a folder, not an image file") from None
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        if max_bytes is not None and size > max_bytes:
+            raise UserInputError(f"{path.name}: {size:,} bytes is over the limit of {max_bytes:,} bytes")
+        too_big = f"{path.name}: more pixels than the limit of {MAX_PIXELS:,} (8192 x 8192); scale it down first"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                im = Image.open(fh)
+            if im.width * im.height > MAX_PIXELS:
+                raise UserInputError(f"{too_big} (it has {im.width} x {im.height})")
+            if im.format not in ADD_FORMATS:
+                raise UserInputError(f"{path.name}: image type {im.format} is not accepted; give PNG, JPEG, WEBP or BMP")
+            im.verify()  # the file's structure and checksums (a cut-off PNG whose pixels still decode fails here)
+            fh.seek(0)
+            im = Image.open(fh)  # verify() leaves the image unusable: open it again to decode
+            im.load()  # every pixel decoded: a truncated or corrupt file fails here, not in training
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise UserInputError(too_big) from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise UserInputError(f"{path.name}: not an image ({type(e).__name__}); give PNG, JPEG, WEBP or BMP") from None
+        yield im
+
+
+def _write_image(src: Path, target: Path, max_bytes: int | None, inside: Path | None) -> None:
+    """A fresh encoding of the decoded pixels, never the uploaded bytes: whatever rode along in the file (an
+    appended zip, a script in a comment or metadata chunk: a polyglot) is gone. JPEG stays JPEG with its own
+    quantisation tables; the rest become PNG (lossless). The EXIF rotation is applied, as training applies it."""
+    from PIL import ImageOps
+
+    with _open_image(src, max_bytes, inside) as im:
+        rotated = im.getexif().get(0x0112, 1) not in (0, 1)  # EXIF orientation
+        with atomic_path(target) as tmp:
+            if target.suffix == ".jpg" and not rotated:  # "keep" needs the decoded JPEG itself
+                im.save(tmp, format="JPEG", quality="keep", subsampling="keep")
+            elif target.suffix == ".jpg":
+                ImageOps.exif_transpose(im).save(tmp, format="JPEG", quality=95)
+            else:
+                out = ImageOps.exif_transpose(im) if rotated else im
+                if out.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I"):
+                    out = out.convert("RGBA" if "A" in out.getbands() else "RGB")
+                out.save(tmp, format="PNG")
 
 
 @dataclass(frozen=True)
@@ -91,36 +151,51 @@ class Added:
 
 
 def add_images(dataset: str | os.PathLike, images: Sequence[str | os.PathLike], *, trigger: str, cls: str,
-               repeats: int, caption: str | None = None, max_bytes: int | None = None) -> Added:  # fmt: skip
-    """Copy `images` into DATASET/<repeats>_<trigger> <class>/, each with a caption file.
+               repeats: int, caption: str | None = None, max_bytes: int | None = None,
+               inside: str | os.PathLike | None = None) -> Added:  # fmt: skip
+    """Write `images` into DATASET/<repeats>_<trigger> <class>/, each with a caption file.
 
-    A folder among `images` stands for the images directly in it (by name). Every image is checked (real image
-    type, size) before anything is written. A copy keeps its file name (made unique with -1, -2, ... if taken).
-    Its caption: `caption` if given, else the `.txt` beside the source image, else 'a photo of a <trigger> <class>'."""
+    A folder among `images` stands for the images directly in it (by name); with `inside` (the web UI's
+    workspace), every image read through such a folder must really lie inside that folder tree (`_open_image`).
+    Every image is checked (size, real image type, pixel count, a full decode) before anything is written; each
+    is written as a fresh encoding of its pixels (`_write_image`), keeping its file name (made unique with -1,
+    -2, ... if taken). Its caption: `caption` if given, else the `.txt` beside the source image, else
+    'a photo of a <trigger> <class>'."""
     folder = Path(dataset) / subset_name(repeats, trigger, cls)
-    sources = [q for p in map(Path, images) for q in (_images_in(p) if p.is_dir() else [p])]
+    confine = Path(inside) if inside is not None else None
+    sources = [(q, confine if p.is_dir() else None) for p in map(Path, images)
+               for q in (_images_in(p) if p.is_dir() else [p])]  # fmt: skip
     if not sources:
         raise UserInputError("no images given")
-    formats = [check_image(p, max_bytes=max_bytes) for p in sources]
-    check_output(dataset, kind="folder", what="dataset folder", estimate=sum(p.stat().st_size for p in sources))
+    formats = [check_image(p, max_bytes=max_bytes, inside=within) for p, within in sources]
+    check_output(dataset, kind="folder", what="dataset folder", estimate=sum(p.stat().st_size for p, _ in sources))
     default = f"a photo of a {trigger.strip()} {cls.strip()}"
     taken = {p.stem for p in folder.iterdir()} if folder.is_dir() else set()
     written = []
-    for src, fmt in zip(sources, formats, strict=True):
+    for (src, within), fmt in zip(sources, formats, strict=True):
         stem = _free_stem(src.stem, taken)
         taken.add(stem)
-        target = folder / (stem + {"JPEG": ".jpg"}.get(fmt, "." + fmt.lower()))
-        with atomic_path(target) as tmp:
-            shutil.copyfile(src, tmp)
-        beside = src.with_suffix(".txt")
-        text = caption if caption is not None else (beside.read_text().strip() if beside.is_file() else default)
+        target = folder / (stem + (".jpg" if fmt == "JPEG" else ".png"))
+        _write_image(src, target, max_bytes, within)
+        text = caption if caption is not None else (_caption_beside(src, within) or default)
         atomic_write_text(target.with_suffix(".txt"), text.strip() + "\n")
         written.append(target)
     return Added(folder, written)
 
 
+def _caption_beside(image: Path, inside: Path | None) -> str:
+    """The caption file beside a source image, if any (read only if it too lies inside `inside`)."""
+    try:
+        with _open_confined(image.with_suffix(".txt"), inside) as fh:
+            return fh.read().decode("utf-8", "replace").strip()
+    except (FileNotFoundError, IsADirectoryError):
+        return ""
+
+
 def _images_in(folder: Path) -> list[Path]:
-    found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    # dot-names: an atomic write's temporary file (gone a moment later) or a hidden file, not a sample
+    found = sorted(p for p in folder.iterdir()
+                   if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())  # fmt: skip
     if not found:
         raise UserInputError(f"{folder}: no images in this folder ({', '.join(IMAGE_EXTENSIONS)})")
     return found
@@ -140,7 +215,7 @@ def subset_folders(dataset: str | os.PathLike) -> list[Path]:
     root = Path(dataset)
     if not root.is_dir():
         raise UserInputError(f"{root}: no such dataset folder")
-    found = [(p, FOLDER_RE.match(p.name)) for p in sorted(root.iterdir()) if p.is_dir()]
+    found = [(p, FOLDER_RE.match(p.name)) for p in sorted(root.iterdir()) if p.is_dir()]  # dot-names never match
     return [p for p, m in found if m and int(m.group(1)) > 0]
 
 
@@ -148,9 +223,13 @@ def caption_rows(dataset: str | os.PathLike) -> list[tuple[Path, str]]:
     """(image, caption) for every image of every subset folder; '' where an image has no caption file."""
     rows = []
     for folder in subset_folders(dataset):
-        for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
-            txt = image.with_suffix(".txt")
-            rows.append((image, txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""))
+        for image in sorted(p for p in folder.iterdir()
+                            if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):  # fmt: skip
+            try:  # a caption is replaced atomically, but a user may delete one while this reads
+                caption = image.with_suffix(".txt").read_text(encoding="utf-8").strip()
+            except FileNotFoundError:
+                caption = ""
+            rows.append((image, caption))
     return rows
 
 

@@ -321,7 +321,12 @@ def load_train_config_any(
     imp = None
     if path is not None and looks_like_kohya(data):
         check_not_gui_settings(path, data)
+        # the GUI's `epoch` counts only while no step / epoch limit is given, also on the command line
+        limits = {"training.max_train_steps", "training.max_train_epochs"} & set(overrides or {})
+        epoch = data.pop("epoch", None) if limits else None
         imp = convert_flat({**data, **flags})
+        if epoch is not None:
+            imp.note("epoch", epoch, f"the kohya_ss GUI's epoch count; {sorted(limits)[0]} on the command line decides")
         imp.check(f"{source} (kohya config)")
         data = imp.data
         source += " (kohya config)"

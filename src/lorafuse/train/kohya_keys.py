@@ -91,9 +91,11 @@ RULES: dict[str, Rule] = {
     "optimizer_args": _map("optimizer.weight_decay", "weight_decay=, betas=; optimizer defaults accepted"),
     "network_args": _map(
         "network.conv_dim",
-        "conv_dim, conv_alpha, algo, factor, block_dims, block_alphas, down_lr_weight, mid_lr_weight, "
-        "up_lr_weight, block_lr_zero_threshold; FLUX.1: train_blocks, train_double_block_indices, "
-        "train_single_block_indices (to network.layers)",
+        "conv_dim, conv_alpha, algo, factor, block_dims, block_alphas, conv_block_dims, conv_block_alphas, "
+        "down_lr_weight, mid_lr_weight, up_lr_weight, block_lr_zero_threshold; FLUX.1: train_blocks, "
+        "train_double_block_indices, train_single_block_indices (to network.layers); the GUI's LyCORIS arguments "
+        "at their off values (preset=full, rank_dropout=0, use_tucker=False, ...) accepted, other values refused "
+        "by name",
     ),
     "log_with": _map("training.logging", "tensorboard; wandb is refused"),
     "save_state_on_train_end": _map(
@@ -266,7 +268,8 @@ CONVERTED = {
     "unet_lr": "0 or unset: learning_rate",
     "optimizer_type": "case-insensitive: AdamW, AdamW8bit, Adafactor, Prodigy (others refused)",
     "network_module": "networks.lora, networks.lora_flux (as networks.lora) or lycoris.kohya (others refused)",
-    "sample_prompts": "kohya's .txt prompt file is read; per-prompt options (--n, --w, ...) are listed as dropped",
+    "sample_prompts": "kohya's .txt prompt file is read, --n negative prompts kept; the other per-prompt options "
+    "(--w, --s, --d, ...) are listed as dropped",
     "train_data_dir": "no effect when dataset_config is set (as in kohya)",
     "reg_data_dir": "no effect when dataset_config is set (as in kohya)",
     "huber_c": "kohya's default 0.1 with loss_type l2 / l1 is dropped as the no-op it is",

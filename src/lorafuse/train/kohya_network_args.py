@@ -120,7 +120,10 @@ def _one(imp, key: str, k: str, v: Any, block_mode: bool) -> None:
         imp.put("network.factor", int(v), sub, v)
     elif k in ("down_lr_weight", "up_lr_weight"):  # a preset name ("cosine+0.5") or comma-separated numbers
         imp.put(f"network.{k}", v if isinstance(v, str) else _numbers(v), sub, v)
-    elif k in ("mid_lr_weight", "block_lr_zero_threshold"):
+    elif k == "mid_lr_weight":  # one number, or SDXL's three (middle_block.0 / .1 / .2)
+        values = _numbers(v)
+        imp.put(f"network.{k}", values[0] if len(values) == 1 else values, sub, v)
+    elif k == "block_lr_zero_threshold":
         imp.put(f"network.{k}", float(v), sub, v)
     elif k in _OFF:
         off, why = _OFF[k]

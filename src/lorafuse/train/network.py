@@ -36,7 +36,7 @@ from lorafuse.lora.keys import UnetLayout, canonical_key, unet_to_sgm
 from lorafuse.lora.presets import detect_arch, resolve_layers
 from lorafuse.lora.state import LoraModule, LoraState
 from lorafuse.lora.targets import components_of
-from lorafuse.train.block_lr import block_lr_weights
+from lorafuse.train.block_lr import block_lr_weights, module_lr_weight
 from lorafuse.train.config import NetworkConfig
 from lorafuse.train.network_base import TrainableNetwork
 
@@ -114,29 +114,31 @@ def _denoiser_plan(denoiser: nn.Module, net: NetworkConfig, family: Family) -> d
         return {path: (net.network_dim, float(net.network_alpha))
                 for path in resolve_layers(denoiser, layers, family.name)}  # fmt: skip
     labels = block_labels(denoiser)
+    sizes = {len(labels), KOHYA_SDXL_BLOCKS} if len(labels) == 19 else {len(labels)}  # SDXL: kohya's 23 too
     for key in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"):
         values = getattr(net, key)
-        if values is not None and len(values) != len(labels):
+        if values is not None and len(values) not in sizes:
             raise UserInputError(
                 f"network.{key} has {len(values)} entries, this {family.name} UNet has {len(labels)} blocks "
                 f"({labels[0]}..{labels[-1]} in kohya's order IN.., MID, OUT..)"
+                + (f", or kohya's SDXL layout of {KOHYA_SDXL_BLOCKS}" if len(sizes) == 2 else "")
             )
     layout = UnetLayout.from_config(denoiser.config)
     lr_weights = block_lr_weights(net, labels) or {}
     targets: dict[str, tuple[int, float]] = {}
     for path in resolve_layers(denoiser, layers, family.name):
         block = block_of(path, layout)
-        if block is not None and lr_weights.get(block, 1.0) <= net.block_lr_zero_threshold:
+        if block is not None and module_lr_weight(lr_weights, block, _mid(path, layout)) <= net.block_lr_zero_threshold:
             continue  # kohya drops blocks whose LR weight is at or below the threshold
-        index = None if block is None else labels.index(block)
+        slot = None if block is None else _Slot(labels, block, _mid(path, layout))
         if _is_3x3(denoiser.get_submodule(path)) and (net.conv_dim or net.conv_block_dims):
-            rank, alpha = _conv_rank(net, index)
+            rank, alpha = _conv_rank(net, slot)
         else:  # as kohya: block_dims / block_alphas rank the Linear and 1x1 layers only
             rank, alpha = net.network_dim, net.network_alpha
-            if index is not None and net.block_dims is not None:
-                rank = net.block_dims[index]
-            if index is not None and net.block_alphas is not None:
-                alpha = net.block_alphas[index]
+            if slot is not None and net.block_dims is not None:
+                rank = slot.of(net.block_dims)
+            if slot is not None and net.block_alphas is not None:
+                alpha = slot.of(net.block_alphas)
         if rank:
             targets[path] = (int(rank), float(alpha))
     if not targets:
@@ -144,14 +146,40 @@ def _denoiser_plan(denoiser: nn.Module, net: NetworkConfig, family: Family) -> d
     return targets
 
 
-def _conv_rank(net: NetworkConfig, index: int | None) -> tuple[int, float]:
+KOHYA_SDXL_BLOCKS = 23  # kohya's SDXL lists: embeddings, IN00-08, middle_block 0-2, OUT00-08, out
+
+
+def _mid(path: str, layout: UnetLayout) -> int | None:
+    """N of middle_block.N (SGM) for a mid-block module, else None."""
+    sgm = unet_to_sgm(path, layout) or ""
+    return int(sgm.split(".")[1]) if sgm.startswith("middle_block.") else None
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """A module's entry in a per-block list: ours (one per label) or kohya's 23-entry SDXL layout."""
+
+    labels: list[str]
+    block: str
+    mid: int | None
+
+    def of(self, values):
+        if len(values) == len(self.labels):
+            return values[self.labels.index(self.block)]
+        if self.block == "MID":
+            return values[10 + (self.mid or 0)]
+        k = int(self.block[-2:])
+        return values[1 + k if self.block.startswith("IN") else 13 + k]
+
+
+def _conv_rank(net: NetworkConfig, slot: _Slot | None) -> tuple[int, float]:
     """A 3x3 conv's (rank, alpha): conv_block_dims / conv_block_alphas for its block, else conv_dim / conv_alpha."""
     alpha = net.conv_alpha if net.conv_alpha is not None else KOHYA_CONV_ALPHA
-    if net.conv_block_dims is None or index is None:
+    if net.conv_block_dims is None or slot is None:
         return net.conv_dim or 0, alpha
     if net.conv_block_alphas is not None:
-        alpha = net.conv_block_alphas[index]
-    return net.conv_block_dims[index], alpha
+        alpha = slot.of(net.conv_block_alphas)
+    return slot.of(net.conv_block_dims), alpha
 
 
 def _peft_config(targets: Mapping[str, tuple[int, float]], dropout: float):
@@ -296,7 +324,9 @@ def create_network(pipe: object, net: NetworkConfig, arch: str | None = None) ->
         block_weights = block_lr_weights(net, block_labels(comps["unet"]))
         if block_weights:
             layout = UnetLayout.from_config(comps["unet"].config)
-            network.lr_weights = {p: block_weights.get(block_of(p, layout) or "", 1.0) for p in plan["unet"]}
+            network.lr_weights = {
+                p: module_lr_weight(block_weights, block_of(p, layout), _mid(p, layout)) for p in plan["unet"]
+            }
     for param in network.named_parameters().values():
         param.data = param.data.float()
         param.requires_grad_(True)

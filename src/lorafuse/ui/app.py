@@ -4,6 +4,8 @@ plots and a login come with it, and its server is the same FastAPI/uvicorn stack
 
 from __future__ import annotations
 
+import threading
+
 import gradio as gr
 
 from lorafuse.ui.jobs import JobStore
@@ -15,11 +17,23 @@ THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
 TABS = ("Dataset", "Train", "LoRA tools", "Fuse", "Compare & report", "Jobs")
 
 
+def keep_worker(store: JobStore, every_s: float = 5.0, stop: threading.Event | None = None) -> None:
+    """While the page runs, a queue never waits for a worker that died (killed, or crashed in a library): one is
+    started again when jobs wait and none holds the workspace's worker lock."""
+    stop = stop or threading.Event()
+    while not stop.wait(every_s):
+        try:
+            store.ensure_worker()
+        except Exception as e:  # noqa: BLE001 - a full disk must not end the page; said in its log
+            print(f"lorafuse ui: could not start the job worker: {e}", flush=True)
+
+
 def build_app(ws: Workspace, *, max_upload: int) -> gr.Blocks:
     from lorafuse.ui import tab_compare, tab_dataset, tab_fuse, tab_jobs, tab_tools, tab_train
 
     store = JobStore(ws.root)
     store.ensure_worker()  # a queue left from an earlier session continues
+    threading.Thread(target=keep_worker, args=(store,), name="lorafuse-ui-keep-worker", daemon=True).start()
     with gr.Blocks(title="lorafuse", analytics_enabled=False) as app:
         gr.Markdown(f"## lorafuse &nbsp; <small>workspace `{ws.root}`</small>")
         with gr.Tabs():

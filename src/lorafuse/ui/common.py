@@ -44,7 +44,10 @@ def run_cli(argv: list[str], cwd: Path) -> CliResult:
     from lorafuse.ui.helper import HELPER
 
     argv = [str(a) for a in argv]
-    code, out, err = HELPER.call(tasks.run_cli, argv, str(cwd))
+    try:
+        code, out, err = HELPER.call(tasks.run_cli, argv, str(cwd))
+    except (UserInputError, RuntimeError) as e:  # the helper died or hit a bug: one line, as the CLI would say it
+        return CliResult(argv, 1, "", f"lorafuse {argv[0]}: error: {e}")
     lines = [ln for ln in err.splitlines() if ln.strip()]
     error = next((ln for ln in reversed(lines) if ": error:" in ln), lines[-1] if lines else "")
     return CliResult(argv, code, out, error if code else "")

@@ -20,7 +20,10 @@ def add_uploads(ws: Workspace, name: str, files: list[str], *, trigger: str, cls
     (`lorafuse dataset add`)."""
     root = ws.resolve(f"datasets/{name.strip()}")
     sources = [*files, *([ws.resolve(folder, must_exist=True)] if folder.strip() else [])]
-    added = api.add_images(root, sources, trigger=trigger, cls=cls, repeats=repeats, max_bytes=max_bytes)
+    # inside: the images of a workspace folder are read only if they really lie in the workspace (a symlinked
+    # image, or a symlink swapped in after `resolve`, is refused on the open file)
+    added = api.add_images(root, sources, trigger=trigger, cls=cls, repeats=repeats, max_bytes=max_bytes,
+                           inside=ws.root)  # fmt: skip
     shown = command("dataset", "add", ws.relative(root), *[Path(f).name for f in files],
                     *([ws.relative(sources[-1])] if folder.strip() else []), "--trigger", trigger, "--class", cls,
                     "--repeats", repeats, "--max-mb", f"{max_bytes / 2**20:g}")  # fmt: skip

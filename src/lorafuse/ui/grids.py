@@ -15,7 +15,7 @@ import tomli_w
 
 from lorafuse.errors import UserInputError
 from lorafuse.ui.jobs import Job, JobStore
-from lorafuse.ui.workspace import Workspace
+from lorafuse.ui.workspace import BUILTIN_BASES, Workspace, hidden
 from lorafuse.utils.atomic import atomic_write_text
 
 SCORE_COLUMNS = ("method", "checkpoint", "lora_weight", "steps", "base", "seed", "oracle_content", "oracle_style",
@@ -53,9 +53,10 @@ def write_grid(ws: Workspace, folder: str, name: str, *, prompt: str, axes: dict
     out = ws.resolve(f"{folder}/{name}")
     for key in ("checkpoint", "style_checkpoint"):
         if axes.get(key):
-            axes[key] = [os.path.relpath(ws.resolve(p, must_exist=True), config.parent) for p in axes[key]]
-            for p in axes[key]:
-                ws.check_pickle(config.parent / p)
+            axes[key] = [os.path.relpath(ws.root / ws.input_file(p, key), config.parent) for p in axes[key]]
+    # a base is a built-in name or a path in the workspace (relative to the config, as the LoRAs)
+    axes["base"] = [b if b in BUILTIN_BASES else os.path.relpath(ws.root / ws.base_model(b), config.parent)
+                    for b in axes.get("base") or ["world"]]  # fmt: skip
     doc = {"prompt": prompt, "scheduler": scheduler, "out": name, "allow_pickle": ws.allow_pickle, "axes": axes,
            "metrics": {k: v for k, v in metrics.items() if v not in (None, "")}}  # fmt: skip
     atomic_write_text(config, tomli_w.dumps(doc))
@@ -72,7 +73,7 @@ def submit_grid(ws: Workspace, store: JobStore, kind: str, title: str, config: s
 def results(ws: Workspace, out: str) -> dict[str, Any]:
     """What a finished (or partly finished) grid folder holds."""
     folder = ws.resolve(out)
-    pages = sorted(folder.glob("grid_p*.png"))
+    pages = sorted(p for p in folder.glob("grid_p*.png") if not hidden(p))
     table: list[list[Any]] = []
     header: list[str] = []
     csv_path = folder / "cells.csv"
@@ -83,7 +84,7 @@ def results(ws: Workspace, out: str) -> dict[str, Any]:
         extra = [c for c in (rows[0] if rows else {}) if c.startswith("oracle_") and c not in present]
         header = present + extra
         table = [[_short(r.get(c, "")) for c in header] for r in rows if r.get("kind", "fused") != "single"]
-    schedules = sorted(p for p in folder.rglob("*schedule*.png"))
+    schedules = sorted(p for p in folder.rglob("*schedule*.png") if not hidden(p, folder))
     report = folder / "report.html"
     return {"pages": pages, "header": header, "table": table, "schedule": schedules[0] if schedules else None,
             "report": report if report.is_file() else None}  # fmt: skip

@@ -12,7 +12,9 @@ writer, so the status can be read back by any process at any time, also after a 
     jobs/worker.pid    the worker's pid; jobs/worker.lock is locked while it runs
 
 Status is derived: rc present -> done / failed / stopped; started and its pid alive -> running; started and
-dead without rc -> interrupted (the machine went down); stop without start -> cancelled; else queued.
+dead without rc -> interrupted (the machine went down); stop without start -> cancelled; else queued. A job file
+that cannot be read (edited by hand, a disk that filled up) is listed as "unreadable" with the reason, never run,
+and never stops the page or the worker from reading the others.
 A training job stopped from the page receives SIGINT, as Ctrl-C in a terminal: `lorafuse train` saves a
 resumable state and exits; "continue" queues the same command with `--set training.resume=<that state>`.
 """
@@ -36,7 +38,7 @@ from lorafuse.errors import UserInputError
 from lorafuse.utils.atomic import atomic_write_text
 
 _ID = re.compile(r"\d{8}-\d{6}-\d{3}-\w+")
-FINISHED = ("done", "failed", "stopped", "cancelled", "interrupted")
+FINISHED = ("done", "failed", "stopped", "cancelled", "interrupted", "unreadable")
 # tqdm's text form: "desc:  40%|████      | 4/10 [00:01<00:02, ...]"
 _TQDM = re.compile(r"(?:([^\r\n|]*?):\s*)?(\d+)%\|[^|]*\|\s*(\d+)/(\d+)")
 
@@ -104,38 +106,69 @@ class JobStore:
     def load(self, job_id: str) -> Job:
         if not _ID.fullmatch(job_id or ""):
             raise UserInputError(f"{job_id!r}: not a job id")
+        path = self.path(job_id, "json")
         try:
-            data = json.loads(self.path(job_id, "json").read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
+            job = Job(**data)
         except FileNotFoundError:
             raise UserInputError(f"no job {job_id} in {self.dir}") from None
-        return Job(**data)
+        except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+            raise UserInputError(f"jobs/{path.name}: not a readable job file ({type(e).__name__}: {e})") from None
+        if job.id != job_id or not isinstance(job.argv, list) or not isinstance(job.outputs, dict):
+            raise UserInputError(f"jobs/{path.name}: not a readable job file (its fields do not match its name)")
+        return job
 
     def jobs(self) -> list[Job]:
-        """Every job, oldest first (ids start with their creation time)."""
-        return [self.load(p.stem) for p in sorted(self.dir.glob("*.json")) if _ID.fullmatch(p.stem)]
+        """Every job, oldest first (ids start with their creation time); an unreadable job file comes back as a
+        job of kind "unreadable" whose title says why (see `view`), so one bad file hides nothing else."""
+        found = []
+        for p in sorted(self.dir.glob("*.json")):
+            if not _ID.fullmatch(p.stem):
+                continue
+            try:
+                found.append(self.load(p.stem))
+            except UserInputError as e:
+                found.append(Job(p.stem, "unreadable", str(e), []))
+        return found
 
-    def _read_json(self, job_id: str, ext: str) -> dict[str, Any] | None:
+    def _read_json(self, job_id: str, ext: str, keys: tuple[str, ...]) -> dict[str, Any] | None:
+        """A small state file, or None if it is missing; one that is there but unreadable (or lacks `keys`)
+        comes back as {} so the caller can tell it from a missing one."""
         try:
-            return json.loads(self.path(job_id, ext).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            data = json.loads(self.path(job_id, ext).read_text(encoding="utf-8"))
+        except FileNotFoundError:
             return None
+        except (OSError, UnicodeDecodeError, ValueError):
+            return {}
+        return data if isinstance(data, dict) and all(k in data for k in keys) else {}
 
     def view(self, job: Job) -> JobView:
-        start = self._read_json(job.id, "start")
-        rc = self._read_json(job.id, "rc")
+        if job.kind == "unreadable":
+            return JobView(job, "unreadable", None, None, None, "", job.title)
+        start = self._read_json(job.id, "start", ("pid", "time"))
+        rc = self._read_json(job.id, "rc", ("returncode",))
         stop = self.path(job.id, "stop").exists()
-        pid = start["pid"] if start else None
+        pid = start.get("pid") if start else None
+        pid = pid if isinstance(pid, int) else None
+        error = ""
         if rc is not None:
-            code = rc["returncode"]
+            code = rc.get("returncode")
+            code = code if isinstance(code, int) else None
             status = "stopped" if stop else ("done" if code == 0 else "failed")
+            if code is None:
+                error = f"jobs/{job.id}.rc: unreadable exit status"
         elif start is not None:
-            status = "running" if pid_alive(pid) else "interrupted"
+            began = start.get("time")
+            status = "running" if pid_alive(pid, began if isinstance(began, (int, float)) else None) else "interrupted"
             code = None
         else:
             status, code = ("cancelled" if stop else "queued"), None
         log = self.log_tail(job.id)
-        return JobView(job, status, pid, start and start["time"], code, tqdm_progress(log),
-                       last_error(log) if status == "failed" else "")  # fmt: skip
+        if status == "failed" and not error:
+            error = rc.get("error") or last_error(log)
+        started = start.get("time") if start else None
+        return JobView(job, status, pid, started if isinstance(started, (int, float)) else None, code,
+                       tqdm_progress(log), error)  # fmt: skip
 
     def views(self) -> list[JobView]:
         return [self.view(j) for j in self.jobs()]
@@ -189,7 +222,9 @@ def job_env() -> dict[str, str]:
     return env
 
 
-def pid_alive(pid: int | None) -> bool:
+def pid_alive(pid: int | None, started: float | None = None) -> bool:
+    """Whether `pid` still runs the process that was started at `started` (epoch seconds): after a reboot the
+    same pid can belong to another program, which must not keep a job "running" (and the queue waiting)."""
     if not pid:
         return False
     try:
@@ -198,10 +233,17 @@ def pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    # a zombie (ended, not yet reaped by its parent) counts as ended
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if fields[0] == "Z":  # a zombie (ended, not yet reaped by its parent) counts as ended
+            return False
+        if started is not None:
+            boot = next(float(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines()
+                        if ln.startswith("btime "))  # fmt: skip
+            began = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+            # the job's start file is written just after its process starts: a process begun well after that
+            # is another program that got the pid
+            return began <= started + 5.0
     return True
 
 

@@ -163,7 +163,10 @@ def _buckets_section(ws: Workspace, chosen: gr.Dropdown) -> None:
     def on_preview(dataset, res, bs, enable_bucket, min_reso, max_reso):
         if not dataset:
             return "choose a dataset first"
-        ws.resolve(dataset, must_exist=True)
+        try:
+            dataset = ws.relative(ws.resolve(dataset, must_exist=True))
+        except UserInputError as e:
+            return f"error: {e}"
         argv = ["train", "--dry-run", "--pretrained_model_name_or_path", "world", "--train_data_dir", dataset,
                 "--resolution", str(int(res)), "--train_batch_size", str(int(bs)),
                 "--enable_bucket", str(bool(enable_bucket)).lower(),

@@ -18,7 +18,9 @@ def table(store: JobStore) -> list[list[str]]:
     rows = []
     for v in reversed(store.views()):
         started = time.strftime("%H:%M:%S", time.localtime(v.started)) if v.started else ""
-        rows.append([v.job.id, v.status, v.progress or v.error, v.job.title, v.job.command, started])
+        title = "(unreadable job file)" if v.status == "unreadable" else v.job.title
+        command = "" if v.status == "unreadable" else v.job.command
+        rows.append([v.job.id, v.status, v.progress or v.error, title, command, started])
     return rows
 
 

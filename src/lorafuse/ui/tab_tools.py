@@ -95,7 +95,7 @@ def build(ws: Workspace, store: JobStore) -> dict:
         return handler
 
     def base_arg(b):
-        return b if b in BASES else checked(ws, b)
+        return ws.base_model(b)
 
     ui["inspect"].click(guarded(lambda f, b: ["inspect", checked(ws, f), *(["--base", base_arg(b)] if b else []),
                                             *pickle_flag(ws)]), [lora, base], [result, output])  # fmt: skip

@@ -18,7 +18,7 @@ from lorafuse.ui import tasks
 from lorafuse.ui.common import choices_or, error_md
 from lorafuse.ui.helper import HELPER
 from lorafuse.ui.jobs import JobStore
-from lorafuse.ui.workspace import Workspace
+from lorafuse.ui.workspace import Workspace, hidden
 from lorafuse.utils.atomic import atomic_write_text
 
 PRESETS = {
@@ -31,6 +31,8 @@ PRESETS = {
 # what the page needs from every run: a CSV log for the chart, a state to continue from, samples per epoch
 # set by the page itself (dataset picker, run name, the continue button), so not in the form
 PAGE_SET = ("dataset.train_data_dir", "training.output_dir", "training.output_name", "training.resume")
+# options naming files or folders a run reads or writes besides those: each is confined to the workspace
+MODEL_FILES = ("model.ae", "model.clip_l", "model.t5xxl", "model.tokenizers")
 RUN_DEFAULTS = {"training.logging": "csv", "training.save_state": True, "training.sample_every_n_epochs": 1,
                 "training.save_every_n_epochs": 1}  # fmt: skip
 
@@ -102,6 +104,24 @@ def latest_state(run_dir: Path) -> Path | None:
     return Path(found) if found else None
 
 
+def checked_paths(ws: Workspace, opts: list[Option], over: dict[str, str]) -> dict[str, str]:
+    """The form's path options resolved inside the workspace (`..`, absolute paths and symlinks out refused, as
+    everywhere on the page), as workspace-relative paths; the base model may also be a built-in name."""
+    paths = {o.key for o in opts if "Path" in str(o.type)} | set(MODEL_FILES)
+    out = dict(over)
+    for key, value in over.items():
+        if key == "model.pretrained_model_name_or_path":
+            out[key] = ws.base_model(value, key)
+        elif key == "dataset.cache_dir":  # written by the run: may not exist yet
+            try:
+                out[key] = ws.relative(ws.resolve(value))
+            except UserInputError as e:
+                raise type(e)(f"{key}: {e}") from None
+        elif key in paths:
+            out[key] = ws.input_file(value, key)
+    return out
+
+
 def config_for(ws: Workspace, opts: list[Option], dataset: str, name: str, values: list) -> tuple[Path, str, str, str]:
     """(run folder, config path, config TOML, equivalent commands) of the form's values, checked as the CLI checks
     them (unknown keys, types, ranges) in the helper process."""
@@ -110,12 +130,11 @@ def config_for(ws: Workspace, opts: list[Option], dataset: str, name: str, value
     name = (name or "").strip()
     run = ws.resolve(f"runs/{name}")
     ws.resolve(dataset, must_exist=True)
-    over = overrides_from_form(opts, values)
+    over = checked_paths(ws, opts, overrides_from_form(opts, values))
     over.update({"dataset.train_data_dir": dataset, "training.output_dir": ws.relative(run),
                  "training.output_name": name})  # fmt: skip
-    text, model = HELPER.call(tasks.train_config_toml, over)
+    text, _model = HELPER.call(tasks.train_config_toml, over)
     path = f"{ws.relative(run)}/config.toml"
-    ws.check_pickle(Path(model))
     cmd = f"lorafuse train {path}\n# or, with kohya-named flags:\nlorafuse train {shlex.join(flags(over))}"
     return run, path, text, cmd
 
@@ -155,7 +174,10 @@ def _form(ws: Workspace, store: JobStore) -> dict:
         toml = gr.Code(label="config TOML", elem_id="train-toml")
 
     def on_apply(preset):
-        values = preset_values(preset)
+        try:
+            values = preset_values(preset)
+        except (UserInputError, RuntimeError, KeyError) as e:
+            raise gr.Error(f"error: {e}", print_exception=False) from None
         return [gr.update(value=shown(values[o.key]) if o.key in values else shown(o.default)) for o in opts]
 
     def on_show(dataset, name, *values):
@@ -260,5 +282,5 @@ def monitor(ws: Workspace, store: JobStore, job_id: str | None):
         loss, lr = frame(("loss", "loss_avg")), frame(("lr_unet", "lr_text_encoder"))
         text += f"  \nstep {int(rows[-1]['step'])}, loss {rows[-1]['loss']:.4f}"
     folder = ws.resolve(out["samples"])
-    grids = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    grids = sorted(p for p in folder.glob("*.png") if not hidden(p)) if folder.is_dir() else []
     return text, loss, lr, [(str(p), p.stem) for p in grids]

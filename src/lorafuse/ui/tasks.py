@@ -69,9 +69,11 @@ def latest_state(run_dir: str) -> str | None:
 
     best, step = None, -1
     for folder in Path(run_dir).glob("*-state"):
+        if folder.name.startswith("."):  # an atomic write's temporary folder
+            continue
         try:
             s = read_train_state(folder).progress.global_step
-        except UserInputError:  # half-written or from another version: not one to continue from
+        except (UserInputError, OSError):  # half-written, gone, or from another version: not one to continue from
             continue
         if s > step:
             best, step = folder, s

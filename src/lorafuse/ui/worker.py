@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -54,9 +55,23 @@ def run(root: Path) -> int:
             continue
         print(f"{time.strftime('%H:%M:%S')} starting {job.id}: {job.command}", flush=True)
         code = _fork_job(root, store, job) if forking else _spawn_job(root, store, job)
+        _record_kill(store, job, code)
         print(f"{time.strftime('%H:%M:%S')} ended {job.id}: {code}", flush=True)
         idle_since = time.monotonic()
     return 0
+
+
+def _record_kill(store: JobStore, job: Job, code: int) -> None:
+    """A job killed by a signal (the OOM killer, `kill -9`) never wrote its exit status: write it here, so the
+    page shows "failed" with the reason instead of a job that looks interrupted."""
+    if code >= 0 or store.path(job.id, "rc").exists():
+        return
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    error = f"the job's process was killed by {name} (out of memory, or killed by hand); its log has what it did"
+    atomic_write_text(store.path(job.id, "rc"), json.dumps({"returncode": code, "time": time.time(), "error": error}))
 
 
 def _spawn_job(root: Path, store: JobStore, job: Job) -> int:

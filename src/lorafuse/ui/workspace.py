@@ -8,6 +8,7 @@ size limit and a real image decode (the file's bytes, not its name, decide its t
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -18,6 +19,17 @@ DEFAULT_WORKSPACE = Path("lorafuse-workspace")
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a training image larger than this is almost surely not one
 # the folders the UI creates; users may add their own
 LAYOUT = ("datasets", "runs", "fuse", "grids", "loras", "jobs", "bases")
+# base models by name (`lorafuse.models.load.BUILTIN_BASES`, which imports torch: the page does not; a test
+# keeps the two equal); any other base is a folder or file in the workspace
+BUILTIN_BASES = ("world", "world-random", "sd15-tiny", "sdxl-tiny", "flux-tiny", "flux-schnell-tiny")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def hidden(path: Path, below: Path | None = None) -> bool:
+    """A dot-name on the way from `below` to `path`: an atomic write's `.lorafuse-tmp-*` file or folder (gone
+    again a moment later), or a file the user hid."""
+    parts = path.relative_to(below).parts if below is not None else (path.name,)
+    return any(part.startswith(".") for part in parts)
 
 
 class WorkspacePathError(UserInputError):
@@ -68,21 +80,29 @@ class Workspace:
         return Path(path).resolve().relative_to(self.root).as_posix()
 
     def list_files(self, folder: str, suffixes: tuple[str, ...], *, recursive: bool = True) -> list[str]:
-        """Workspace-relative paths of files under `folder` with one of `suffixes`, newest first."""
+        """Workspace-relative paths of files under `folder` with one of `suffixes`, newest first. Jobs write
+        while the page lists: hidden names (an atomic write's `.lorafuse-tmp-*` file) are not listed, and a file
+        that vanishes between the listing and its stat is left out instead of failing the page."""
         base = self.resolve(folder)
         if not base.is_dir():
             return []
         found = base.rglob("*") if recursive else base.iterdir()
-        files = [p for p in found if p.is_file() and p.suffix.lower() in suffixes and self._inside(p)]
-        files.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-        return [self.relative(p) for p in files]
+        dated = []
+        for p in found:
+            if p.suffix.lower() not in suffixes or hidden(p, base):
+                continue
+            with contextlib.suppress(OSError):  # gone, or unreadable: not listed
+                if p.is_file() and self._inside(p):
+                    dated.append((p.stat().st_mtime, p))
+        dated.sort(key=lambda t: t[0], reverse=True)
+        return [self.relative(p) for _, p in dated]
 
     def list_dirs(self, folder: str, *, containing: str | None = None) -> list[str]:
         """Workspace-relative sub-folders of `folder` (those holding a file named `containing`, if given)."""
         base = self.resolve(folder)
         if not base.is_dir():
             return []
-        dirs = [p for p in sorted(base.iterdir()) if p.is_dir() and self._inside(p)]
+        dirs = [p for p in sorted(base.iterdir()) if not p.name.startswith(".") and p.is_dir() and self._inside(p)]
         if containing:
             dirs = [p for p in dirs if (p / containing).exists()]
         return [self.relative(p) for p in dirs]
@@ -93,8 +113,28 @@ class Workspace:
 
     def check_pickle(self, path: Path) -> None:
         """Pickle-based weights run code when read: refused unless `lorafuse ui --allow-pickle` was given."""
-        if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin") and not self.allow_pickle:
+        if path.suffix.lower() in PICKLE_SUFFIXES and not self.allow_pickle:
             raise UserInputError(
                 f"{self.relative(path)}: pickle files can run code when loaded; refused (start "
                 "`lorafuse ui --allow-pickle` to read them, as the CLI's --allow-pickle)"
             )
+
+    def input_file(self, path: str, what: str) -> str:
+        """A file or folder the CLI will read, as a workspace-relative path: inside the workspace, present, and not
+        a pickle without the opt-in. `what` names the field in the message."""
+        if not (path or "").strip():
+            raise UserInputError(f"{what}: choose a file first")
+        try:
+            resolved = self.resolve(path, must_exist=True)
+        except UserInputError as e:
+            raise type(e)(f"{what}: {e}") from None
+        self.check_pickle(resolved)
+        return self.relative(resolved)
+
+    def base_model(self, name_or_path: str, what: str = "base") -> str:
+        """A base model for the CLI: a built-in name, or a folder / checkpoint inside the workspace (not a Hugging
+        Face id: that would read the cache outside the workspace; put the model under bases/ instead)."""
+        text = (name_or_path or "").strip()
+        if text in BUILTIN_BASES:
+            return text
+        return self.input_file(text, f"{what} (one of {', '.join(BUILTIN_BASES)}, or a path in the workspace)")

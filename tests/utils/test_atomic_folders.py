@@ -108,3 +108,17 @@ def test_created_folders_go_again_when_empty(tmp_path):
     atomic.discard_created_folders()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "kept"]
     assert (tmp_path / "kept" / "out" / "whole.png").is_file()
+
+
+@pytest.mark.skipif(atomic._started_at(os.getpid()) is None, reason="process start times come from Linux's /proc")
+def test_a_reused_pid_does_not_keep_a_dead_writers_temporary(tmp_path):
+    """After a restart a killed run's pid may belong to a running process: a temporary older than that process
+    cannot be its, and goes; one made since it started is kept."""
+    old = tmp_path / f"{TMP_PREFIX}{os.getpid()}-abcdef-out.safetensors"
+    old.write_bytes(b"left by a run killed before this process started")
+    started = atomic._started_at(os.getpid())
+    os.utime(old, (started - 3600, started - 3600))
+    live = tmp_path / f"{TMP_PREFIX}{os.getpid()}-123456-other.safetensors"
+    live.write_bytes(b"being written")
+    assert sweep_stale(tmp_path) == [old]
+    assert [p.name for p in tmp_path.iterdir()] == [live.name]

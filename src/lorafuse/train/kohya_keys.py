@@ -63,7 +63,7 @@ SAME_NAME: dict[str, str] = {
     "training": "max_train_epochs max_train_steps train_batch_size gradient_accumulation_steps "
     "gradient_checkpointing blocks_to_swap mixed_precision seed output_dir output_name save_every_n_epochs save_every_n_steps "
     "save_state save_precision save_model_as save_last_n_epochs save_last_n_steps save_last_n_epochs_state "
-    "save_last_n_steps_state sample_every_n_epochs sample_prompts validate_every_n_steps",
+    "save_last_n_steps_state sample_every_n_epochs sample_every_n_steps sample_prompts validate_every_n_steps",
 }
 
 _MEMORY = "memory and speed switch; PyTorch's scaled_dot_product_attention and accelerate choose here"
@@ -141,6 +141,7 @@ RULES: dict[str, Rule] = {
     "config_file": _note("this file is the config"),
     "wandb_run_name": _note("no wandb logging (see log_with)"),
     "cache_info": _note("image sizes are read once per run"),
+    "resize_interpolation": _note("images resize with LANCZOS (kohya's default for upscaling)"),
     # --- refused unless off
     "v2": _refuse(
         "SD 2.x bases are not supported (lorafuse trains SD1.5, SDXL and the built-in world model)"
@@ -207,7 +208,6 @@ RULES: dict[str, Rule] = {
     "lr_decay_steps": _refuse("warmup-stable-decay schedules are not implemented"),
     "lr_scheduler_timescale": _refuse("inverse-sqrt schedules are not implemented"),
     "lr_scheduler_min_lr_ratio": _refuse("min-LR schedules are not implemented"),
-    "sample_every_n_steps": _refuse("samples are rendered per epoch; use sample_every_n_epochs"),
     "save_n_epoch_ratio": _refuse("use save_every_n_epochs"),
     "resume": _refuse(
         "kohya's resume folders are accelerate states lorafuse cannot read; continue from the LoRA file with "
@@ -220,6 +220,7 @@ RULES: dict[str, Rule] = {
     ),
     "no_metadata": _refuse("lorafuse always writes kohya-style metadata (A1111 / ComfyUI read it)"),
     "debug_dataset": _refuse("use `lorafuse train --dry-run` to inspect the dataset"),
+    "dataset_class": _refuse("custom dataset classes are not supported; use train_data_dir or dataset_config"),
     "validate_every_n_epochs": _refuse("use validate_every_n_steps"),
     "max_validation_steps": _refuse("the validation loss always covers the whole held-out set"),
     "deepspeed": _refuse("DeepSpeed is not supported; use `accelerate launch` for several GPUs"),

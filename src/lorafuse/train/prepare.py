@@ -145,6 +145,16 @@ class Run:
         return self.cfg.training.gradient_accumulation_steps
 
 
+def _check_cache_folders(ds, index) -> None:
+    """Caches kept on disk are written beside the images (or in cache_dir): a read-only dataset must show before
+    the base loads, not at the first cache file."""
+    if not (ds.cache_latents_to_disk or ds.cache_text_encoder_outputs_to_disk):
+        return
+    folders = {ds.cache_dir} if ds.cache_dir is not None else {item.path.parent for item in index.items}
+    for folder in sorted(folders):
+        check_output(folder, kind="folder", what="disk cache (cache_*_to_disk)")
+
+
 def prepare(cfg: TrainConfig, progress_bar: bool = True) -> Run:
     """Steps 1-8 of the module docstring. User errors raise `UserInputError` before any model loads."""
     started = time.time()
@@ -152,6 +162,7 @@ def prepare(cfg: TrainConfig, progress_bar: bool = True) -> Run:
     check_settings(cfg)
     check_output(tc.output_dir, kind="folder", what="training.output_dir")
     index = scan_dataset(ds)
+    _check_cache_folders(ds, index)
     val_seed = ds.validation_seed if ds.validation_seed is not None else tc.seed
     index, val_index = split_validation(index, ds.validation_split, val_seed)
     saved = read_train_state(tc.resume) if tc.resume is not None else None

@@ -57,6 +57,34 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _started_at(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), from Linux's /proc; None elsewhere."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime, counted after the command's name
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))  # fmt: skip
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _writer_alive(pid: int, entry: Path) -> bool:
+    """Whether the process that made `entry` still runs: its pid is alive and was not reused since (after a
+    restart, container pids start again from 1, so a killed run's pid is soon someone else's). A process
+    cannot have made a file before it started; the 2 s cover /proc's clock-tick rounding."""
+    if not _pid_alive(pid):
+        return False
+    started = _started_at(pid)
+    if started is None:
+        return True
+    try:
+        made = entry.lstat().st_mtime
+    except OSError:
+        return True
+    return made >= started - 2.0
+
+
 def _tmp_owner(name: str) -> int | None:
     """The pid in `.lorafuse-tmp-<pid>-<random>-<name>`, or None if the name is not ours."""
     if not name.startswith(TMP_PREFIX):
@@ -82,8 +110,8 @@ def sweep_stale(folder: str | os.PathLike) -> list[Path]:
         return removed
     for entry in entries:
         pid = _tmp_owner(entry.name)
-        if pid is None or pid == os.getpid() or _pid_alive(pid):
-            continue  # not ours, or a running writer's (this process's own: nested writes)
+        if pid is None or _writer_alive(pid, entry):
+            continue  # not ours, or a running writer's (this process's own too: nested writes)
         aside = _ASIDE.match(entry.name[len(TMP_PREFIX) :])
         if aside and not (folder / aside["name"]).exists() and not (folder / aside["name"]).is_symlink():
             with contextlib.suppress(OSError):

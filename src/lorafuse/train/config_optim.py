@@ -26,9 +26,14 @@ class OptimizerConfig:
     # Adam betas
     betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float = 1.0  # 0 disables clipping, as in kohya
+    # LoRA+: the B (up) factors train at this times the LR (kohya's networks.lora; 16 is the paper's suggestion)
+    loraplus_lr_ratio: float | None = None
+    loraplus_unet_lr_ratio: float | None = None  # LoRA+ ratio of the denoiser (UNet / transformer) only
+    loraplus_text_encoder_lr_ratio: float | None = None  # LoRA+ ratio of the text encoders only
 
     def __post_init__(self) -> None:
-        _positive(self, "learning_rate", "unet_lr", "text_encoder_lr")
+        _positive(self, "learning_rate", "unet_lr", "text_encoder_lr", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+                  "loraplus_text_encoder_lr_ratio")  # fmt: skip
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise _bad(
                 "weight_decay",

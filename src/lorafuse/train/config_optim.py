@@ -82,6 +82,9 @@ class LossConfig:
     # how c changes with the timestep: constant, exponential, snr
     huber_schedule: Literal["constant", "exponential", "snr"] | None = None
     min_snr_gamma: float | None = None  # 5 is typical
+    # weight each sample's loss by 1/√SNR(t) (v-prediction: 1/(SNR+1)), SNR capped at 1000, as kohya's
+    # debiased_estimation_loss (Yu et al. 2024, "Debias the Training of Diffusion Models")
+    debiased_estimation_loss: bool = False
     # kohya's noise offset: a per-channel constant added to the noise (SDXL base used 0.0357)
     noise_offset: float = 0.0
     # smallest training timestep (inclusive)

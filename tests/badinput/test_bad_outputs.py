@@ -489,3 +489,23 @@ def test_an_os_write_error_outside_the_helpers_is_one_line(cli, tmp_path, monkey
     monkeypatch.setattr(Path, "rename", rename)
     cli.refused(["dataset", "subset", tmp_path / "ds", "10_sks dog", "--repeats", "5"],
                 str(tmp_path / "ds" / "10_sks dog"), "read-only file system", watch=tmp_path)  # fmt: skip
+
+
+def test_disk_full_while_appending_the_training_log(tmp_path, monkeypatch):
+    import builtins
+
+    from lorafuse.errors import OutputError
+    from lorafuse.train.run_log import RunLog
+
+    log = RunLog(tmp_path / "r.csv")
+    log.log({"step": 1, "epoch": 0, "loss": 0.5, "loss_avg": 0.5})
+    real_open = builtins.open
+
+    def full(path, mode="r", *args, **kwargs):
+        if "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full)
+    with pytest.raises(OutputError, match=r"r\.csv: the disk is full; the log ends before step 2"):
+        log.log({"step": 2, "epoch": 0, "loss": 0.4, "loss_avg": 0.45})

@@ -213,3 +213,28 @@ def test_a_step_limit_on_the_command_line_wins_over_the_guis_epoch(tmp_path):
     cfg, imp = load_train_config_any(cfg_file, {"training.max_train_steps": "3"})
     assert (cfg.training.max_train_steps, cfg.training.max_train_epochs) == (3, None)
     assert any(r.key == "epoch" and r.action == "no effect" for r in imp.rows)
+
+
+def test_sectioned_kohya_configs_are_read_flat_as_kohya_reads_them(tmp_path):
+    """kohya's read_config_from_file takes one level of tables ([model_arguments], [training_arguments], ...) as
+    flat keys: many shared configs are written that way."""
+    from lorafuse.train.kohya_import import load_train_config_any
+
+    path = tmp_path / "sectioned.toml"
+    path.write_text(
+        '[model_arguments]\npretrained_model_name_or_path = "sd15-tiny"\nv2 = false\n'
+        '[additional_network_arguments]\nnetwork_module = "networks.lora"\nnetwork_dim = 8\nnetwork_alpha = 4\n'
+        '[dataset_arguments]\ntrain_data_dir = "d"\nresolution = "512,512"\n'
+        '[training_arguments]\nmax_train_steps = 7\nsave_precision = "fp16"\nxformers = true\n'
+        '[sample_prompt_arguments]\nsample_every_n_epochs = 1\nsample_sampler = "ddim"\n'
+    )
+    cfg, imp = load_train_config_any(path)
+    assert (cfg.network.network_dim, cfg.network.network_alpha, cfg.training.max_train_steps) == (8, 4.0, 7)
+    assert cfg.training.save_precision == "fp16" and cfg.dataset.resolution == 512
+    # no prompt file: kohya logs it and trains without samples; here the same, said in the table
+    assert cfg.training.sample_every_n_epochs is None
+    (row,) = [r for r in imp.rows if r.key == "sample_every_n_epochs"]
+    assert row.action == "no effect" and "no sample_prompts" in row.detail
+    ours = tmp_path / "ours.toml"
+    ours.write_text('[model]\npretrained_model_name_or_path = "sd15-tiny"\n[dataset]\ntrain_data_dir = "d"\n')
+    assert load_train_config_any(ours)[1] is None  # our own tables stay ours

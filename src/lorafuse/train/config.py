@@ -22,6 +22,7 @@ from lorafuse.config.checks import check_rates as _rates
 from lorafuse.config.toml_io import load_config
 from lorafuse.train.config_optim import LossConfig, OptimizerConfig, SchedulerConfig
 from lorafuse.train.config_subsets import SubsetConfig
+from lorafuse.train.loraplus import ratios
 
 
 @dataclass(frozen=True)
@@ -386,10 +387,8 @@ class TrainingConfig:
         _positive(
             self, "max_train_epochs", "max_train_steps", "train_batch_size", "gradient_accumulation_steps"
         )
-        _positive(
-            self, "save_every_n_epochs", "save_every_n_steps", "sample_every_n_epochs", "sample_every_n_steps",
-            "sample_steps",
-        )  # fmt: skip
+        _positive(self, "save_every_n_epochs", "save_every_n_steps", "sample_every_n_epochs", "sample_every_n_steps",
+                  "sample_steps")  # fmt: skip
         _positive(self, "validate_every_n_steps")
         if self.seed < 0:
             raise _bad("seed", f"must be >= 0 (it seeds numpy's SeedSequence), got {self.seed}")
@@ -450,8 +449,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         ds = self.dataset
-        if self.training.lora_format != "kohya" and self.network.network_module == "lycoris.kohya":
-            raise _bad("training.lora_format", "LyCORIS networks are written in LyCORIS's own (kohya) layout")
+        if self.network.network_module == "lycoris.kohya":
+            if self.training.lora_format != "kohya":
+                raise _bad("training.lora_format", "LyCORIS networks are written in LyCORIS's own (kohya) layout")
+            if any(ratios(self.optimizer)):
+                raise _bad("optimizer.loraplus_lr_ratio", "LoRA+ is for networks.lora (LoRA's B factors)")
         if self.loss.masked_loss:
             _check_mask_sources(ds)
         if self.training.validate_every_n_steps and not ds.validation_split:

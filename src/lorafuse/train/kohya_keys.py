@@ -55,9 +55,11 @@ SAME_NAME: dict[str, str] = {
     "max_token_length validation_split validation_seed alpha_mask t5xxl_max_token_length",
     "network": "network_module network_dim network_alpha network_dropout network_weights dim_from_weights "
     "network_train_unet_only network_train_text_encoder_only",
-    "optimizer": "optimizer_type learning_rate unet_lr text_encoder_lr max_grad_norm",
+    "optimizer": "optimizer_type learning_rate unet_lr text_encoder_lr max_grad_norm loraplus_lr_ratio "
+    "loraplus_unet_lr_ratio loraplus_text_encoder_lr_ratio",
     "scheduler": "lr_scheduler lr_warmup_steps lr_scheduler_num_cycles lr_scheduler_power",
-    "loss": "loss_type huber_c huber_schedule min_snr_gamma noise_offset min_timestep max_timestep masked_loss "
+    "loss": "loss_type huber_c huber_schedule min_snr_gamma debiased_estimation_loss noise_offset min_timestep "
+    "max_timestep masked_loss "
     "timestep_sampling sigmoid_scale discrete_flow_shift model_prediction_type weighting_scheme logit_mean "
     "logit_std mode_scale",
     "training": "max_train_epochs max_train_steps train_batch_size gradient_accumulation_steps "
@@ -185,7 +187,6 @@ RULES: dict[str, Rule] = {
     "zero_terminal_snr": _refuse(_LOSS),
     "scale_v_pred_loss_like_noise_pred": _refuse(_LOSS),
     "v_pred_like_loss": _refuse(_LOSS),
-    "debiased_estimation_loss": _refuse(_LOSS),
     "huber_scale": _refuse(_LOSS, ok=(*INACTIVE, 1, 1.0)),
     "block_lr": _refuse(
         "per-block LRs of kohya's full SDXL fine-tune; for a LoRA use network_args down_lr_weight / mid_lr_weight "
@@ -200,9 +201,6 @@ RULES: dict[str, Rule] = {
         "a LoRA multiplier other than 1 during training is not supported", ok=(*INACTIVE, 1, 1.0)
     ),
     "stop_text_encoder_training": _refuse("stopping text-encoder training early is not implemented"),
-    "loraplus_lr_ratio": _refuse("LoRA+ is not implemented"),
-    "loraplus_unet_lr_ratio": _refuse("LoRA+ is not implemented"),
-    "loraplus_text_encoder_lr_ratio": _refuse("LoRA+ is not implemented"),
     "lr_scheduler_type": _refuse("custom scheduler classes are not supported; use lr_scheduler"),
     "lr_scheduler_args": _refuse("scheduler arguments are not supported"),
     "lr_decay_steps": _refuse("warmup-stable-decay schedules are not implemented"),

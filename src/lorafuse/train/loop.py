@@ -194,6 +194,7 @@ def _loss(
         v_prediction=run.v_pred,
         sample_weight=sample_weight,
         mask=mask,
+        debiased=c.debiased_estimation_loss,
     )
 
 

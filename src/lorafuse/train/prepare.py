@@ -22,6 +22,7 @@ from lorafuse.config.toml_io import config_to_dict, save_config
 from lorafuse.errors import UserInputError
 from lorafuse.families import Family, family_of
 from lorafuse.models.load import load_base_pipeline
+from lorafuse.train import loraplus
 from lorafuse.train.block_swap import BlockSwap, swapped_blocks, to_device_except
 from lorafuse.train.cache import LatentCache, TextEncoderCache, encode_latents, text_embeddings
 from lorafuse.train.checkpoint import (
@@ -366,9 +367,13 @@ def _build_optimizer(run: Run) -> None:
     the plain modules."""
     cfg, network, accelerator = run.cfg, run.network, run.accelerator
     o = cfg.optimizer
+    groups = network.param_groups(o.unet_lr or o.learning_rate, o.text_encoder_lr or o.learning_rate)
+    if any(loraplus.ratios(o)):
+        names = {id(p): n for n, p in network.named_parameters().items()}
+        groups = loraplus.split_groups(groups, names, *loraplus.ratios(o))
     optimizer = make_optimizer(
         o.optimizer_type,
-        network.param_groups(o.unet_lr or o.learning_rate, o.text_encoder_lr or o.learning_rate),
+        groups,
         lr=o.learning_rate,
         weight_decay=o.weight_decay,
         betas=o.betas,

@@ -445,3 +445,67 @@ def test_training_disk_full_at_a_later_save(cli, tmp_path, inputs, monkeypatch):
     code, _, err = cli(*argv, "--resume", out / "r-step00000001-state")
     assert code == 0, err
     assert load_lora(out / "r.safetensors").modules
+
+
+def test_bake_checks_the_space_for_the_bases_size_before_it_loads(cli, tmp_path, lora_files, no_model, monkeypatch):
+    base = tmp_path / "base"
+    (base / "unet").mkdir(parents=True)
+    (base / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 300_000)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
+    out = tmp_path / "baked"
+    cli.refused(["bake", "--base", base, "--lora", lora_files["sd15"], "--out", out], str(out),
+                "not enough disk space", "about 293 kB", watch=tmp_path)  # fmt: skip
+
+
+def test_a_read_only_dataset_with_disk_caches_is_refused_before_the_base_loads(cli, tmp_path, no_model, monkeypatch):
+    """cache_latents_to_disk writes beside the images: a dataset there is no writing to fails at the start."""
+    from lorafuse.world.dataset import write_subject_dataset
+
+    folder = write_subject_dataset("robot_09", tmp_path / "ds", n=1, repeats=1)
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if str(path).startswith(str(folder)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    argv = ["train", "--pretrained_model_name_or_path", "world-random", "--train_data_dir", tmp_path / "ds",
+            "--resolution", "64", "--max_train_steps", "1", "--output_dir", tmp_path / "out", "--cache_latents",
+            "--cache_latents_to_disk"]  # fmt: skip
+    cli.refused(argv, str(folder), "cannot write the disk cache", "read-only file system", watch=tmp_path)
+
+
+def test_an_os_write_error_outside_the_helpers_is_one_line(cli, tmp_path, monkeypatch):
+    """`dataset subset` renames the folder itself: a read-only dataset gives the OS's reason and the path."""
+    from pathlib import Path
+
+    (tmp_path / "ds" / "10_sks dog").mkdir(parents=True)
+
+    def rename(self, target):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "rename", rename)
+    cli.refused(["dataset", "subset", tmp_path / "ds", "10_sks dog", "--repeats", "5"],
+                str(tmp_path / "ds" / "10_sks dog"), "read-only file system", watch=tmp_path)  # fmt: skip
+
+
+def test_disk_full_while_appending_the_training_log(tmp_path, monkeypatch):
+    import builtins
+
+    from lorafuse.errors import OutputError
+    from lorafuse.train.run_log import RunLog
+
+    log = RunLog(tmp_path / "r.csv")
+    log.log({"step": 1, "epoch": 0, "loss": 0.5, "loss_avg": 0.5})
+    real_open = builtins.open
+
+    def full(path, mode="r", *args, **kwargs):
+        if "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full)
+    with pytest.raises(OutputError, match=r"r\.csv: the disk is full; the log ends before step 2"):
+        log.log({"step": 2, "epoch": 0, "loss": 0.4, "loss_avg": 0.45})

@@ -142,3 +142,155 @@ def test_kill_during_training_resumes_bit_identical_without_litter(tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after resume from {state.name} (seed {SEED})"
     assert _litter(killed_out) == [], f"litter after the resumed run: {_litter(killed_out)}"
+
+
+# kill -9 inside other writers: the driver kills its own process at the k-th write boundary (a temporary complete
+# but not yet renamed, or renamed and its folder not yet synced), or halfway through writing an image or a
+# safetensors file; k comes from the seeded generator
+KILLER = """
+import os, signal, sys
+import lorafuse.utils.atomic as atomic
+from PIL import Image
+mode, k = sys.argv[1], int(sys.argv[2])
+calls = [0]
+def count():
+    calls[0] += 1
+    return calls[0] == k
+real_fsync, real_st, real_save = atomic._fsync, atomic.safetensors_bytes_to, Image.Image.save
+def fsync(path):
+    real_fsync(path)
+    if mode == "boundary" and count():
+        os.kill(os.getpid(), signal.SIGKILL)
+def half(write):
+    def wrapped(*args, **kwargs):
+        if mode == "mid" and count():
+            target = args[1] if write is real_save else args[0]
+            data = b"x" * 50000
+            with open(target, "wb") as f:  # half a file, then the kill
+                f.write(data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        return write(*args, **kwargs)
+    return wrapped
+atomic._fsync = fsync
+atomic.safetensors_bytes_to = half(real_st)
+Image.Image.save = half(real_save)
+from lorafuse.cli.main import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _writer(name: str, out: Path, lora: Path, grid_toml: Path) -> list[str]:
+    return {
+        "bake": ["bake", "--base", "sd15-tiny", "--lora", str(lora), "--out", str(out)],
+        "grid": ["grid", str(grid_toml), "--out", str(out), "--no-progress"],
+        "fuse": ["fuse", "--content", str(lora), "--style", str(lora), "--prompt", "a dog", "--method", "direct",
+                 "--base", "sd15-tiny", "--steps", "2", "--num-images", "2", "--no-progress", "--out", str(out)],
+        "world dataset": ["world", "dataset", str(out), "--subject", "teapot_08", "--n", "3"],
+    }[name]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_sd15_lora(tmp_path_factory) -> tuple[Path, Path]:
+    """(a LoRA for the tiny SD1.5 base, a 4-cell grid config using it)."""
+    from lorafuse.lora.io import save_lora
+    from lorafuse.lora.state import LoraModule, LoraState
+    from lorafuse.lora.targets import base_modules
+    from lorafuse.models.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline("sd15", seed=0)
+    mods = base_modules(pipe).modules
+    g = torch.Generator().manual_seed(0)
+    keys = [k for k in sorted(mods) if k.endswith("attn2.to_k")][:2]
+    state = LoraState({k: LoraModule(torch.randn(2, mods[k].shape[1], generator=g) * 0.1,
+                                     torch.randn(mods[k].shape[0], 2, generator=g) * 0.1, 1.0) for k in keys})  # fmt: skip
+    folder = tmp_path_factory.mktemp("tiny")
+    lora = save_lora(state, folder / "tiny.safetensors", arch="sd15", base=pipe)
+    grid = folder / "grid.toml"
+    grid.write_text(f'prompt = "a dog"\n[axes]\nbase = ["sd15-tiny"]\ncheckpoint = ["{lora}"]\n'
+                    "lora_weight = [0.0, 0.5, 1.0, 1.5]\nsteps = [2]\n[metrics]\n")  # fmt: skip
+    return lora, grid
+
+
+def _whole(folder: Path) -> None:
+    """Every file under its final name reads back: images decode, safetensors and JSON parse."""
+    import json
+
+    from PIL import Image
+
+    for p in folder.rglob("*"):
+        if p.is_file() and not p.name.startswith(TMP_PREFIX) and TMP_PREFIX not in str(p.relative_to(folder)):
+            if p.suffix == ".png":
+                Image.open(p).load()
+            elif p.suffix == ".safetensors":
+                load_file(str(p))
+            elif p.suffix == ".json":
+                json.loads(p.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("writer", ["bake", "grid", "fuse", "world dataset"])
+def test_kill_inside_other_writers_leaves_whole_files_and_the_next_run_no_litter(tmp_path, tiny_sd15_lora, writer):
+    from lorafuse.cli.main import main
+
+    lora, grid = tiny_sd15_lora
+    rng = random.Random(f"{SEED}-{writer}")
+    mode, k = rng.choice(["boundary", "mid"]), rng.randint(1, 3)
+    out = tmp_path / "out"
+    argv = _writer(writer, out, lora, grid)
+    proc = subprocess.run([sys.executable, "-c", KILLER, mode, str(k), *argv], env=_env(), capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, (mode, k, proc.returncode, proc.stderr[-2000:])
+    if writer in ("bake", "world dataset"):  # a folder that appears whole or not at all
+        assert not out.exists() or (out / ("model_index.json" if writer == "bake" else "world_dataset.json")).is_file()
+    if out.exists():
+        _whole(out)
+    assert main(argv) == 0, (mode, k)  # the next run: done, and nothing of the killed one is left
+    _whole(out)
+    assert _litter(tmp_path) == [], (mode, k, _litter(tmp_path))
+
+
+INTERRUPTIBLE = """
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a backgrounded parent may have left SIGINT ignored
+from lorafuse.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _recorded_cells(out: Path) -> list[str]:
+    """The cells the grid's index records as done (a cell whose image is written but not yet recorded is not)."""
+    import json
+
+    try:
+        return list(json.loads((out / "index.json").read_text())["cells"])
+    except (OSError, ValueError):
+        return []
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_grid_is_one_line_and_the_grid_resumes(tmp_path, tiny_sd15_lora):
+    """SIGINT once the first cell is saved: exit 130, one line, no traceback, no temporaries; the next run
+    keeps the finished cell (same file) and does the rest."""
+    from lorafuse.cli.main import main
+
+    lora, grid = tiny_sd15_lora
+    out = tmp_path / "out"
+    argv = _writer("grid", out, lora, grid)
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTIBLE, *argv], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 300
+    while not _recorded_cells(out):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("lorafuse grid: interrupted (Ctrl-C)"), err
+    assert _litter(tmp_path) == []
+    done = {f"{cid}.png": (out / "cells" / f"{cid}.png").stat().st_mtime_ns for cid in _recorded_cells(out)}
+    assert 1 <= len(done) < 4, "the grid finished before the signal"
+    assert main(argv) == 0
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.png")}
+    assert len(after) == 4 and all(after[n] == t for n, t in done.items()), (done, after)
+    assert _litter(tmp_path) == []

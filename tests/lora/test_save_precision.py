@@ -1,13 +1,11 @@
 """save_precision: fp16 / bf16 LoRA files load everywhere the float32 file loads, at half the size.
 
-Checked per architecture: the same keys as the float32 file, ComfyUI's key rule (every kohya module has
-lora_down.weight, lora_up.weight and a scalar alpha under lora_unet_ / lora_te*_ names), our reader and
+Checked per architecture: the same keys as the float32 file, ComfyUI's loader logic (tests/lora/comfy_reference.py:
+every key consumed, each ΔW reshaping to its base weight), our reader and
 validate_lora, and diffusers' load_lora_weights giving the same ΔW as the float32 file up to the dtype's rounding.
 """
 
 from __future__ import annotations
-
-import re
 
 import pytest
 import torch
@@ -17,9 +15,9 @@ from lorafuse.lora.io import load_lora, save_lora
 from lorafuse.lora.validate import validate_lora
 from lorafuse.models.tiny import tiny_pipeline
 
-COMFY_KEY = re.compile(
-    r"^(lora_unet|lora_te|lora_te1|lora_te2)_[A-Za-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$"
-)
+from .comfy_reference import delta as comfy_delta
+from .comfy_reference import load as comfy_load
+
 EPS = {torch.float16: 1e-3, torch.bfloat16: 8e-3}  # relative rounding of one factor, with margin
 
 
@@ -28,15 +26,14 @@ def _tensors(path):
         return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
 
 
-def _comfy_check(tensors):
-    modules: dict[str, set[str]] = {}
-    for key in tensors:
-        assert COMFY_KEY.match(key), key
-        stem, _, part = key.partition(".")
-        modules.setdefault(stem, set()).add(part)
-    for stem, parts in modules.items():
-        assert parts == {"lora_down.weight", "lora_up.weight", "alpha"}, stem
-        assert tensors[f"{stem}.alpha"].numel() == 1
+def _comfy_check(tensors, pipe):
+    """ComfyUI's loader (tests/lora/comfy_reference.py, from its source): every key consumed, each module a
+    plain LoRA whose ΔW reshapes to its base weight."""
+    patches, not_loaded = comfy_load(tensors, pipe)
+    assert not not_loaded, sorted(not_loaded)[:5]
+    for (comp, path), (kind, parts, alpha) in patches.items():
+        assert kind == "lora" and alpha is not None
+        comfy_delta(kind, parts, alpha, getattr(pipe, comp).get_submodule(path).weight.shape)
 
 
 def _delta(layer):
@@ -55,7 +52,7 @@ def test_half_precision_file_loads_like_the_float32_one(arch, dtype, tmp_path, r
     assert set(t_full) == set(t_half)
     assert all(t.dtype == dtype for t in t_half.values())
     assert half.stat().st_size < 0.6 * full.stat().st_size
-    _comfy_check(t_half)
+    _comfy_check(t_half, pipe)
     for key, value in t_full.items():  # each tensor is the float32 one rounded once
         err = (t_half[key].float() - value).abs().max() / value.abs().max().clamp_min(1e-12)
         assert err <= EPS[dtype], key

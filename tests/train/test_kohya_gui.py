@@ -134,3 +134,107 @@ def test_gui_settings_files_are_refused_with_what_to_pass(tmp_path):
     other.write_text("[1, 2]")
     with pytest.raises(ConfigError, match="TOML files, not JSON"):
         load_train_config_any(other)
+
+
+CONFIG_README_EXAMPLE = """
+[general]
+shuffle_caption = true
+caption_extension = '.txt'
+keep_tokens = 1
+
+[[datasets]]
+resolution = 512
+batch_size = 4
+keep_tokens = 2
+
+  [[datasets.subsets]]
+  image_dir = 'C:\\\\hoge'
+  class_tokens = 'hoge girl'
+
+  [[datasets.subsets]]
+  image_dir = 'C:\\\\fuga'
+  class_tokens = 'fuga boy'
+  keep_tokens = 3
+
+  [[datasets.subsets]]
+  is_reg = true
+  image_dir = 'C:\\\\reg'
+  class_tokens = 'human'
+  keep_tokens = 1
+
+[[datasets]]
+resolution = [768, 768]
+batch_size = 2
+
+  [[datasets.subsets]]
+  image_dir = 'C:\\\\piyo'
+  metadata_file = 'C:\\\\piyo\\\\piyo_md.json'
+"""
+
+
+def test_kohya_config_readme_dataset_configs(tmp_path):
+    """The examples of kohya's docs/config_README: the first names its two settings lorafuse does not reproduce
+    (a fine-tuning metadata subset, two batch sizes); without them its DreamBooth part maps subset by subset."""
+    import json
+
+    first = tmp_path / "first.toml"
+    first.write_text(CONFIG_README_EXAMPLE)
+    imp = convert_flat({"pretrained_model_name_or_path": "sd15-tiny", "dataset_config": str(first)})
+    assert {r.key for r in imp.refused} == {"datasets[1].subsets[0].metadata_file", "batch_size"}
+    dreambooth = tmp_path / "db.toml"
+    dreambooth.write_text(CONFIG_README_EXAMPLE[: CONFIG_README_EXAMPLE.index("[[datasets]]\nresolution = [768")])
+    imp = convert_flat({"pretrained_model_name_or_path": "sd15-tiny", "dataset_config": str(dreambooth)})
+    assert not imp.refused, imp.table()
+    cfg = config_from_dict(TrainConfig, imp.data, "<readme>")
+    subsets = cfg.dataset.subsets
+    assert [s.keep_tokens for s in subsets] == [2, 3, 1] and [s.is_reg for s in subsets] == [False, False, True]
+    assert cfg.training.train_batch_size == 4 and cfg.dataset.caption_extension == ".txt"
+    # num_repeats in [general] (config_README: general, datasets or subset), a JSON dataset config, and two
+    # datasets of different resolutions (each subset keeps its own)
+    as_json = tmp_path / "ds.json"
+    as_json.write_text(json.dumps({"general": {"num_repeats": 3, "caption_extension": ".txt"}, "datasets": [
+        {"resolution": 512, "subsets": [{"image_dir": "a"}, {"image_dir": "b", "num_repeats": 5}]},
+        {"resolution": 768, "skip_image_resolution": 512, "subsets": [{"image_dir": "a"}]}]}))  # fmt: skip
+    imp = convert_flat({"pretrained_model_name_or_path": "sd15-tiny", "dataset_config": str(as_json)})
+    assert [r.key for r in imp.refused] == ["datasets[1].skip_image_resolution"]
+    imp.refused.clear()
+    cfg = config_from_dict(TrainConfig, imp.data, "<json>")
+    assert [s.num_repeats for s in cfg.dataset.subsets] == [3, 5, 3]
+    assert [s.resolution for s in cfg.dataset.subsets] == [512, 512, 768] and cfg.dataset.resolution == 512
+
+
+def test_a_step_limit_on_the_command_line_wins_over_the_guis_epoch(tmp_path):
+    from lorafuse.train.kohya_import import load_train_config_any
+
+    cfg_file = tmp_path / "gui.toml"
+    cfg_file.write_text('pretrained_model_name_or_path = "sd15-tiny"\ntrain_data_dir = "d"\nepoch = 10\n')
+    cfg, imp = load_train_config_any(cfg_file)
+    assert cfg.training.max_train_epochs == 10  # alone, the GUI's epoch count is the run's length
+    cfg, imp = load_train_config_any(cfg_file, {"training.max_train_steps": "3"})
+    assert (cfg.training.max_train_steps, cfg.training.max_train_epochs) == (3, None)
+    assert any(r.key == "epoch" and r.action == "no effect" for r in imp.rows)
+
+
+def test_sectioned_kohya_configs_are_read_flat_as_kohya_reads_them(tmp_path):
+    """kohya's read_config_from_file takes one level of tables ([model_arguments], [training_arguments], ...) as
+    flat keys: many shared configs are written that way."""
+    from lorafuse.train.kohya_import import load_train_config_any
+
+    path = tmp_path / "sectioned.toml"
+    path.write_text(
+        '[model_arguments]\npretrained_model_name_or_path = "sd15-tiny"\nv2 = false\n'
+        '[additional_network_arguments]\nnetwork_module = "networks.lora"\nnetwork_dim = 8\nnetwork_alpha = 4\n'
+        '[dataset_arguments]\ntrain_data_dir = "d"\nresolution = "512,512"\n'
+        '[training_arguments]\nmax_train_steps = 7\nsave_precision = "fp16"\nxformers = true\n'
+        '[sample_prompt_arguments]\nsample_every_n_epochs = 1\nsample_sampler = "ddim"\n'
+    )
+    cfg, imp = load_train_config_any(path)
+    assert (cfg.network.network_dim, cfg.network.network_alpha, cfg.training.max_train_steps) == (8, 4.0, 7)
+    assert cfg.training.save_precision == "fp16" and cfg.dataset.resolution == 512
+    # no prompt file: kohya logs it and trains without samples; here the same, said in the table
+    assert cfg.training.sample_every_n_epochs is None
+    (row,) = [r for r in imp.rows if r.key == "sample_every_n_epochs"]
+    assert row.action == "no effect" and "no sample_prompts" in row.detail
+    ours = tmp_path / "ours.toml"
+    ours.write_text('[model]\npretrained_model_name_or_path = "sd15-tiny"\n[dataset]\ntrain_data_dir = "d"\n')
+    assert load_train_config_any(ours)[1] is None  # our own tables stay ours

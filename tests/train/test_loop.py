@@ -129,6 +129,7 @@ def test_epoch_saves_samples_and_metadata(train_overrides):
                 "training.max_train_epochs": 3,  # 9 samples / batch 2 = 5 steps per epoch
                 "training.save_every_n_epochs": 1,
                 "training.sample_every_n_epochs": 3,  # the last epoch samples too
+                "training.sample_every_n_steps": 4,  # kohya's sample_every_n_steps beside it: steps 4, 8, 12
                 "training.sample_prompts": '["a photo of a sks robot", "a red mug, in flat style"]',
                 "training.sample_steps": 2,
                 "scheduler.lr_scheduler": "cosine_with_restarts",
@@ -143,7 +144,9 @@ def test_epoch_saves_samples_and_metadata(train_overrides):
         "run-000002.safetensors",
         "run.safetensors",
     ]
-    assert result.global_step == 15 and [p.name for p in result.samples] == ["run-e000003.png"]
+    assert result.global_step == 15 and [p.name for p in result.samples] == [
+        "run-s00000004.png", "run-s00000008.png", "run-s00000012.png", "run-e000003.png"
+    ]  # fmt: skip
     with Image.open(out / "samples" / "run-e000003.png") as grid:
         assert grid.width > 64 and grid.height > 2 * 64  # two prompts, upscaled tiles
     metas = [load_lora(p).metadata for p in result.saved]

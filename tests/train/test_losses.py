@@ -59,3 +59,28 @@ def test_diffusion_loss_l2_equals_mse_and_weights_apply():
 def test_warns_when_huber_options_are_inert():
     with pytest.warns(UserWarning, match="no effect"):
         warn_inert_huber("l2", 0.3, "snr")
+
+
+def test_debiased_estimation_weights_each_sample_by_one_over_root_snr():
+    """kohya's debiased_estimation_loss, from its definition: SNR = ᾱ/(1 − ᾱ) capped at 1000, weight 1/√SNR
+    (v-prediction 1/(SNR + 1)); a hand loop over the batch."""
+    from lorafuse.config.toml_io import config_from_dict
+    from lorafuse.train.config import TrainConfig
+    from lorafuse.train.kohya_import import convert_flat
+
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 10, 500, 999])
+    for v in (False, True):
+        got = diffusion_loss(pred, target, t, ALPHAS, debiased=True, v_prediction=v)
+        expected = 0.0
+        for i in range(4):
+            a = ALPHAS[t[i]].double()
+            snr = min(float(a / (1 - a)), 1000.0)
+            w = 1 / (snr + 1) if v else 1 / math.sqrt(snr)
+            expected += w * float(((pred[i] - target[i]) ** 2).mean()) / 4
+        assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert diffusion_loss(pred, target, t, ALPHAS).item() == pytest.approx(float(((pred - target) ** 2).mean()))
+    imp = convert_flat({"pretrained_model_name_or_path": "sd15-tiny", "train_data_dir": "d",
+                        "debiased_estimation_loss": True})  # fmt: skip
+    assert config_from_dict(TrainConfig, imp.data, "<kohya>").loss.debiased_estimation_loss

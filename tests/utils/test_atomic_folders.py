@@ -108,3 +108,37 @@ def test_created_folders_go_again_when_empty(tmp_path):
     atomic.discard_created_folders()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "kept"]
     assert (tmp_path / "kept" / "out" / "whole.png").is_file()
+
+
+@pytest.mark.skipif(atomic._started_at(os.getpid()) is None, reason="process start times come from Linux's /proc")
+def test_a_reused_pid_does_not_keep_a_dead_writers_temporary(tmp_path):
+    """After a restart a killed run's pid may belong to a running process: a temporary older than that process
+    cannot be its, and goes; one made since it started is kept."""
+    old = tmp_path / f"{TMP_PREFIX}{os.getpid()}-abcdef-out.safetensors"
+    old.write_bytes(b"left by a run killed before this process started")
+    started = atomic._started_at(os.getpid())
+    os.utime(old, (started - 3600, started - 3600))
+    live = tmp_path / f"{TMP_PREFIX}{os.getpid()}-123456-other.safetensors"
+    live.write_bytes(b"being written")
+    assert sweep_stale(tmp_path) == [old]
+    assert [p.name for p in tmp_path.iterdir()] == [live.name]
+
+
+def test_a_long_valid_name_gets_a_temporary_that_fits(tmp_path):
+    name = "x" * 250 + ".png"  # 254 bytes: allowed, but not with the temporary's prefix in front
+    atomic.atomic_write_bytes(tmp_path / name, b"png")
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    with pytest.raises(OutputError, match="name is 260 bytes long"):
+        check_output(tmp_path / ("y" * 256 + ".png"))
+
+
+def test_a_device_or_fifo_is_never_replaced(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(OutputError, match="a named pipe"):
+        check_output(fifo)
+    with pytest.raises(OutputError, match="is a named pipe"):
+        atomic.atomic_write_text(fifo, "x")
+    assert fifo.is_fifo()
+    with pytest.raises(OutputError, match="/dev/null: the output path is a character device"):
+        check_output("/dev/null")

@@ -27,7 +27,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from lorafuse.errors import ConfigError
     from lorafuse.train.config import TrainConfig
     from lorafuse.train.kohya_gui_preset import check_not_gui_settings
-    from lorafuse.train.kohya_import import convert_flat, looks_like_kohya, read_toml
+    from lorafuse.train.kohya_import import convert_flat, flatten_sections, looks_like_kohya, read_toml
     from lorafuse.utils.atomic import check_output
 
     check_not_gui_settings(args.kohya_config)
@@ -36,6 +36,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     check_output(args.out, what="config file")
     if not looks_like_kohya(data):
         raise ConfigError(f"{args.kohya_config}: already a lorafuse config (only tables at the top level)")
+    data = flatten_sections(data)
+    check_not_gui_settings(args.kohya_config, data)
     imported = convert_flat(data)
     print(imported.table())
     imported.check(str(args.kohya_config))

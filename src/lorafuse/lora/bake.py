@@ -31,7 +31,7 @@ def bake_loras(base: str, loras: Sequence[tuple[str | os.PathLike, float]], out:
         raise UserInputError("bake needs at least one LoRA file")
     if out.exists():
         raise UserInputError(f"{out}: already exists; choose a new folder (a baked model is never overwritten)")
-    check_output(out, kind="folder", what="baked model folder")
+    check_output(out, kind="folder", what="baked model folder", estimate=_weights_bytes(base))
     for path, _ in loras:  # a missing, unreadable or broken file must show before the base loads
         check_input_file(path, "LoRA file", LoraFormatError)
         check_lora_file(path, allow_pickle=allow_pickle)
@@ -49,3 +49,14 @@ def bake_loras(base: str, loras: Sequence[tuple[str | os.PathLike, float]], out:
                 shutil.copytree(source / sub, tmp / sub, dirs_exist_ok=True)
         (tmp / "lorafuse_bake.json").write_text(json.dumps({"base": base, "loras": record}, indent=1))
     return out
+
+
+def _weights_bytes(base: str) -> int:
+    """Bytes of the base's weight files on disk: about what the baked folder takes (0 for a built-in base)."""
+    path = Path(base)
+    if path.is_file() and path.suffix != ".toml":
+        return path.stat().st_size
+    if path.is_dir():
+        suffixes = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+        return sum(p.stat().st_size for p in path.rglob("*") if p.suffix in suffixes and p.is_file())
+    return 0

@@ -22,6 +22,7 @@ from lorafuse.config.checks import check_rates as _rates
 from lorafuse.config.toml_io import load_config
 from lorafuse.train.config_optim import LossConfig, OptimizerConfig, SchedulerConfig
 from lorafuse.train.config_subsets import SubsetConfig
+from lorafuse.train.loraplus import ratios
 
 
 @dataclass(frozen=True)
@@ -370,12 +371,11 @@ class TrainingConfig:
     save_last_n_epochs_state: int | None = None
     save_last_n_steps_state: int | None = None  # as save_last_n_steps, for state folders
     resume: Path | None = None  # a state folder written with save_state
-    # render sample_prompts every N epochs into samples/NAME-eNNNNNN.png
-    sample_every_n_epochs: int | None = None
+    sample_every_n_epochs: int | None = None  # render sample_prompts every N epochs: samples/NAME-eNNNNNN.png
+    sample_every_n_steps: int | None = None  # ... and every N optimizer steps: samples/NAME-sNNNNNNNN.png
     # prompts for the sample grids; "PROMPT --n NEGATIVE" gives a negative prompt (kohya's prompt-file option)
     sample_prompts: tuple[str, ...] = ()
-    # denoising steps per sample
-    sample_steps: int = 20
+    sample_steps: int = 20  # denoising steps per sample
     # compute the validation loss every N optimizer steps and at the end (needs validation_split; unset: at the
     # end only); fixed noise and timesteps
     validate_every_n_steps: int | None = None
@@ -387,7 +387,8 @@ class TrainingConfig:
         _positive(
             self, "max_train_epochs", "max_train_steps", "train_batch_size", "gradient_accumulation_steps"
         )
-        _positive(self, "save_every_n_epochs", "save_every_n_steps", "sample_every_n_epochs", "sample_steps")
+        _positive(self, "save_every_n_epochs", "save_every_n_steps", "sample_every_n_epochs", "sample_every_n_steps",
+                  "sample_steps")  # fmt: skip
         _positive(self, "validate_every_n_steps")
         if self.seed < 0:
             raise _bad("seed", f"must be >= 0 (it seeds numpy's SeedSequence), got {self.seed}")
@@ -418,8 +419,9 @@ class TrainingConfig:
             )
         if self.cpu_offload_checkpointing and not self.gradient_checkpointing:
             raise _bad("cpu_offload_checkpointing", "needs gradient_checkpointing = true (it offloads its checkpoints)")
-        if self.sample_every_n_epochs is not None and not self.sample_prompts:
-            raise _bad("sample_every_n_epochs", "is set but sample_prompts is empty")
+        for key in ("sample_every_n_epochs", "sample_every_n_steps"):
+            if getattr(self, key) is not None and not self.sample_prompts:
+                raise _bad(key, "is set but sample_prompts is empty")
 
     def optimizer_steps_per_epoch(self, steps_per_epoch: int) -> int:
         return math.ceil(steps_per_epoch / self.gradient_accumulation_steps)
@@ -447,8 +449,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         ds = self.dataset
-        if self.training.lora_format != "kohya" and self.network.network_module == "lycoris.kohya":
-            raise _bad("training.lora_format", "LyCORIS networks are written in LyCORIS's own (kohya) layout")
+        if self.network.network_module == "lycoris.kohya":
+            if self.training.lora_format != "kohya":
+                raise _bad("training.lora_format", "LyCORIS networks are written in LyCORIS's own (kohya) layout")
+            if any(ratios(self.optimizer)):
+                raise _bad("optimizer.loraplus_lr_ratio", "LoRA+ is for networks.lora (LoRA's B factors)")
         if self.loss.masked_loss:
             _check_mask_sources(ds)
         if self.training.validate_every_n_steps and not ds.validation_split:

@@ -26,9 +26,14 @@ class OptimizerConfig:
     # Adam betas
     betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float = 1.0  # 0 disables clipping, as in kohya
+    # LoRA+: the B (up) factors train at this times the LR (kohya's networks.lora; 16 is the paper's suggestion)
+    loraplus_lr_ratio: float | None = None
+    loraplus_unet_lr_ratio: float | None = None  # LoRA+ ratio of the denoiser (UNet / transformer) only
+    loraplus_text_encoder_lr_ratio: float | None = None  # LoRA+ ratio of the text encoders only
 
     def __post_init__(self) -> None:
-        _positive(self, "learning_rate", "unet_lr", "text_encoder_lr")
+        _positive(self, "learning_rate", "unet_lr", "text_encoder_lr", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+                  "loraplus_text_encoder_lr_ratio")  # fmt: skip
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise _bad(
                 "weight_decay",
@@ -77,6 +82,9 @@ class LossConfig:
     # how c changes with the timestep: constant, exponential, snr
     huber_schedule: Literal["constant", "exponential", "snr"] | None = None
     min_snr_gamma: float | None = None  # 5 is typical
+    # weight each sample's loss by 1/√SNR(t) (v-prediction: 1/(SNR+1)), SNR capped at 1000, as kohya's
+    # debiased_estimation_loss (Yu et al. 2024, "Debias the Training of Diffusion Models")
+    debiased_estimation_loss: bool = False
     # kohya's noise offset: a per-channel constant added to the noise (SDXL base used 0.0357)
     noise_offset: float = 0.0
     # smallest training timestep (inclusive)

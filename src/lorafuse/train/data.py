@@ -236,6 +236,7 @@ def scan_images(
         items.append(ImageItem(path, text, size, assignment, repeats, is_reg, source.subset, mask))
     masks.report_unmasked(folder, opaque)
     masks.report_orphan_masks(source.mask_dir, images)
+    _report_upscaled(folder, items, len(images))
     if uncaptioned:
         other = cap.other_caption_file(uncaptioned[0], source.caption_extension)
         hint = f" ({other.name} exists: is caption_extension right?)" if other else ""
@@ -249,6 +250,23 @@ def scan_images(
             hint,
         )
     return items
+
+
+# An image stretched more than this to cover its bucket trains as a blur of a few pixels (a 1x1 thumbnail, a
+# 4000x2 strip): legal, but never what the user meant, so it is named.
+MAX_UPSCALE = 4.0
+
+
+def _report_upscaled(folder: Path, items: list[ImageItem], total: int) -> None:
+    blown = [(it.assignment.resized[0] / it.size[0], it) for it in items]
+    blown = sorted(((f, it) for f, it in blown if f > MAX_UPSCALE), key=lambda x: -x[0])
+    if blown:
+        f, it = blown[0]
+        log.warning(
+            "%s: %d of %d images are upscaled more than %gx to fill their bucket (e.g. %s: %dx%d to %dx%d, %.0fx); "
+            "they will train as blurs. Use larger images or a lower resolution",
+            folder, len(blown), total, MAX_UPSCALE, it.path.name, *it.size, *it.assignment.resized, f,
+        )  # fmt: skip
 
 
 def balance_reg(reg: list[ImageItem], num_train: int) -> list[ImageItem]:

@@ -34,8 +34,9 @@ SUBSET_LEVEL = (
     "flip_aug",
     "random_crop",
     "alpha_mask",
+    "num_repeats",  # kohya's config_README: [general], [[datasets]] or a subset
 )
-SUBSET_ONLY = ("image_dir", "num_repeats", "class_tokens", "is_reg")
+SUBSET_ONLY = ("image_dir", "class_tokens", "is_reg")
 NOTED = {
     "cache_info": "image sizes are read once per run",
     "resize_interpolation": "images resize with LANCZOS",
@@ -55,6 +56,7 @@ REFUSED = {
     "metadata_file": "fine-tuning metadata subsets are not supported; use image_dir with captions beside the images",
     "network_multiplier": "a LoRA multiplier other than 1 during training is not supported",
     "custom_attributes": "not supported",
+    "skip_image_resolution": "skipping small source images per dataset is not implemented",
 }
 
 
@@ -91,24 +93,43 @@ def _handled(imp: KohyaImport, where: str, key: str, value: Any) -> bool:
     return True
 
 
+def _read(path: Path) -> dict[str, Any]:
+    """kohya reads a dataset config as JSON when its name ends in .json, else as TOML."""
+    if path.suffix.lower() != ".json":
+        return read_toml(path)
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable JSON dataset config: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a dataset config is an object with general / datasets, got {type(data).__name__}")
+    return data
+
+
 def convert_dataset_config(imp: KohyaImport, path: Path, flat: dict[str, Any]) -> None:
     if not path.is_file():
         imp.refuse("dataset_config", str(path), "file not found")
         return
-    cfg = read_toml(path)
+    cfg = _read(path)
     for key in cfg:
         if key not in ("general", "datasets"):
             imp.refuse(
                 f"dataset_config:{key}", cfg[key], "unknown table (kohya has [general] and [[datasets]])"
             )
     general = cfg.get("general", {})
+    general_repeats: dict[str, Any] = {}
     has_ext = "caption_extension" in general or "caption_extension" in flat
     batch_sizes, splits = set(), set()
     for key, value in general.items():
         where = "general."
         if _handled(imp, where, key, value):
             continue
-        if key in DATASET_LEVEL or key in SUBSET_LEVEL:
+        if key == "num_repeats":  # no [dataset] field: every subset carries it (unless it sets its own)
+            general_repeats = {key: value}
+            imp.rows.append(Row(f"{where}{key}", value, "mapped", f"dataset.subsets[].num_repeats = {value!r}"))
+        elif key in DATASET_LEVEL or key in SUBSET_LEVEL:
             imp.put(f"dataset.{key}", _value(key, value), f"{where}{key}", value)
         elif key == "batch_size":
             batch_sizes.add(value)
@@ -130,8 +151,11 @@ def convert_dataset_config(imp: KohyaImport, path: Path, flat: dict[str, Any]) -
         imp.put(
             f"dataset.{key}", _value(key, value), f"datasets[].{key}", value, "the same in every [[datasets]]"
         )
+    if "resolution" not in shared and "resolution" not in general and datasets and "resolution" in datasets[0]:
+        # datasets of different sizes: each subset keeps its own; [dataset] (samples, checks) takes the first's
+        imp.data.setdefault("dataset", {})["resolution"] = _value("resolution", datasets[0]["resolution"])
     for d, dataset in enumerate(datasets):
-        inherited = {}
+        inherited = dict(general_repeats)
         for key, value in dataset.items():
             where = f"datasets[{d}]."
             if key == "subsets" or key in shared or _handled(imp, where, key, value):

@@ -23,10 +23,24 @@ from lorafuse.train.kohya_keys import KOHYA_DEFAULTS, OPTIMIZER_FIXED_ARGS, OPTI
 from lorafuse.train.kohya_network_args import network_args as _network_args
 from lorafuse.train.kohya_network_args import split_args
 
+_OUR_TABLES = ("model", "dataset", "network", "optimizer", "scheduler", "loss", "training")
+
 
 def looks_like_kohya(data: Mapping[str, Any]) -> bool:
-    """kohya's config is flat (top-level values); ours has only tables ([model], [dataset], ...)."""
-    return any(not isinstance(v, Mapping) for v in data.values())
+    """kohya's config is flat (top-level values), or sections of flat values whose names are not our tables
+    ([model_arguments], [training_arguments], ...); ours has only tables ([model], [dataset], ...)."""
+    if any(not isinstance(v, Mapping) for v in data.values()):
+        return True
+    return bool(data) and not any(k in _OUR_TABLES for k in data)
+
+
+def flatten_sections(data: Mapping[str, Any]) -> dict[str, Any]:
+    """kohya's read_config_from_file reads one level of tables as if flat (the sectioned TOML that many shared
+    configs use: [model_arguments], [optimizer_arguments], ...); keys of a section win over flat ones, as there."""
+    flat = {k: v for k, v in data.items() if not isinstance(v, Mapping)}
+    for section in (v for v in data.values() if isinstance(v, Mapping)):
+        flat.update(section)
+    return flat
 
 
 def import_kohya_file(path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> KohyaImport:
@@ -34,7 +48,7 @@ def import_kohya_file(path: str | os.PathLike, extra: Mapping[str, Any] | None =
     from lorafuse.train.kohya_gui_preset import check_not_gui_settings
 
     check_not_gui_settings(path)
-    flat = {**read_toml(path), **(extra or {})}
+    flat = {**flatten_sections(read_toml(path)), **(extra or {})}
     check_not_gui_settings(path, flat)
     imp = convert_flat(flat)
     imp.check(str(path))
@@ -83,6 +97,12 @@ def convert_flat(flat: Mapping[str, Any], *, defaults: bool = True) -> KohyaImpo
     if defaults:
         _kohya_defaults(imp, flat)
     round_bucket_limits(imp)
+    training = imp.data.get("training", {})
+    if not training.get("sample_prompts") and "sample_prompts" not in flat:
+        for key in ("sample_every_n_epochs", "sample_every_n_steps"):
+            if training.pop(key, None) is not None:  # kohya logs that the prompt file is missing and trains on
+                imp.rows = [r for r in imp.rows if r.key != key]
+                imp.note(key, flat.get(key), "no sample_prompts: no samples (kohya skips them too)")
     return imp
 
 
@@ -320,8 +340,14 @@ def load_train_config_any(
     flags = {k: cli_value(v) for k, v in (kohya_flags or {}).items()}
     imp = None
     if path is not None and looks_like_kohya(data):
+        data = flatten_sections(data)
         check_not_gui_settings(path, data)
+        # the GUI's `epoch` counts only while no step / epoch limit is given, also on the command line
+        limits = {"training.max_train_steps", "training.max_train_epochs"} & set(overrides or {})
+        epoch = data.pop("epoch", None) if limits else None
         imp = convert_flat({**data, **flags})
+        if epoch is not None:
+            imp.note("epoch", epoch, f"the kohya_ss GUI's epoch count; {sorted(limits)[0]} on the command line decides")
         imp.check(f"{source} (kohya config)")
         data = imp.data
         source += " (kohya config)"

@@ -55,15 +55,17 @@ SAME_NAME: dict[str, str] = {
     "max_token_length validation_split validation_seed alpha_mask t5xxl_max_token_length",
     "network": "network_module network_dim network_alpha network_dropout network_weights dim_from_weights "
     "network_train_unet_only network_train_text_encoder_only",
-    "optimizer": "optimizer_type learning_rate unet_lr text_encoder_lr max_grad_norm",
+    "optimizer": "optimizer_type learning_rate unet_lr text_encoder_lr max_grad_norm loraplus_lr_ratio "
+    "loraplus_unet_lr_ratio loraplus_text_encoder_lr_ratio",
     "scheduler": "lr_scheduler lr_warmup_steps lr_scheduler_num_cycles lr_scheduler_power",
-    "loss": "loss_type huber_c huber_schedule min_snr_gamma noise_offset min_timestep max_timestep masked_loss "
+    "loss": "loss_type huber_c huber_schedule min_snr_gamma debiased_estimation_loss noise_offset min_timestep "
+    "max_timestep masked_loss "
     "timestep_sampling sigmoid_scale discrete_flow_shift model_prediction_type weighting_scheme logit_mean "
     "logit_std mode_scale",
     "training": "max_train_epochs max_train_steps train_batch_size gradient_accumulation_steps "
     "gradient_checkpointing blocks_to_swap mixed_precision seed output_dir output_name save_every_n_epochs save_every_n_steps "
     "save_state save_precision save_model_as save_last_n_epochs save_last_n_steps save_last_n_epochs_state "
-    "save_last_n_steps_state sample_every_n_epochs sample_prompts validate_every_n_steps",
+    "save_last_n_steps_state sample_every_n_epochs sample_every_n_steps sample_prompts validate_every_n_steps",
 }
 
 _MEMORY = "memory and speed switch; PyTorch's scaled_dot_product_attention and accelerate choose here"
@@ -141,6 +143,7 @@ RULES: dict[str, Rule] = {
     "config_file": _note("this file is the config"),
     "wandb_run_name": _note("no wandb logging (see log_with)"),
     "cache_info": _note("image sizes are read once per run"),
+    "resize_interpolation": _note("images resize with LANCZOS (kohya's default for upscaling)"),
     # --- refused unless off
     "v2": _refuse(
         "SD 2.x bases are not supported (lorafuse trains SD1.5, SDXL and the built-in world model)"
@@ -184,7 +187,6 @@ RULES: dict[str, Rule] = {
     "zero_terminal_snr": _refuse(_LOSS),
     "scale_v_pred_loss_like_noise_pred": _refuse(_LOSS),
     "v_pred_like_loss": _refuse(_LOSS),
-    "debiased_estimation_loss": _refuse(_LOSS),
     "huber_scale": _refuse(_LOSS, ok=(*INACTIVE, 1, 1.0)),
     "block_lr": _refuse(
         "per-block LRs of kohya's full SDXL fine-tune; for a LoRA use network_args down_lr_weight / mid_lr_weight "
@@ -199,15 +201,11 @@ RULES: dict[str, Rule] = {
         "a LoRA multiplier other than 1 during training is not supported", ok=(*INACTIVE, 1, 1.0)
     ),
     "stop_text_encoder_training": _refuse("stopping text-encoder training early is not implemented"),
-    "loraplus_lr_ratio": _refuse("LoRA+ is not implemented"),
-    "loraplus_unet_lr_ratio": _refuse("LoRA+ is not implemented"),
-    "loraplus_text_encoder_lr_ratio": _refuse("LoRA+ is not implemented"),
     "lr_scheduler_type": _refuse("custom scheduler classes are not supported; use lr_scheduler"),
     "lr_scheduler_args": _refuse("scheduler arguments are not supported"),
     "lr_decay_steps": _refuse("warmup-stable-decay schedules are not implemented"),
     "lr_scheduler_timescale": _refuse("inverse-sqrt schedules are not implemented"),
     "lr_scheduler_min_lr_ratio": _refuse("min-LR schedules are not implemented"),
-    "sample_every_n_steps": _refuse("samples are rendered per epoch; use sample_every_n_epochs"),
     "save_n_epoch_ratio": _refuse("use save_every_n_epochs"),
     "resume": _refuse(
         "kohya's resume folders are accelerate states lorafuse cannot read; continue from the LoRA file with "
@@ -220,6 +218,7 @@ RULES: dict[str, Rule] = {
     ),
     "no_metadata": _refuse("lorafuse always writes kohya-style metadata (A1111 / ComfyUI read it)"),
     "debug_dataset": _refuse("use `lorafuse train --dry-run` to inspect the dataset"),
+    "dataset_class": _refuse("custom dataset classes are not supported; use train_data_dir or dataset_config"),
     "validate_every_n_epochs": _refuse("use validate_every_n_steps"),
     "max_validation_steps": _refuse("the validation loss always covers the whole held-out set"),
     "deepspeed": _refuse("DeepSpeed is not supported; use `accelerate launch` for several GPUs"),

@@ -34,9 +34,6 @@ _OFF: dict[str, tuple[Any, str]] = {
     "unit": (None, "an option of kohya's DyLoRA (networks.dylora), which is not supported"),
     "train_t5xxl": (False, "T5-XXL LoRAs are not trained here (FLUX.1 trains the transformer and CLIP-L)"),
     "split_qkv": (False, "kohya lora_flux's split q/k/v LoRAs are not trained; the fused layout is written"),
-    "loraplus_lr_ratio": (None, "LoRA+ is not implemented"),
-    "loraplus_unet_lr_ratio": (None, "LoRA+ is not implemented"),
-    "loraplus_text_encoder_lr_ratio": (None, "LoRA+ is not implemented"),
 }
 _FLUX_BLOCK_ARGS = ("train_blocks", "train_double_block_indices", "train_single_block_indices")
 _FLUX_KINDS = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
@@ -123,6 +120,8 @@ def _one(imp, key: str, k: str, v: Any, block_mode: bool) -> None:
     elif k == "mid_lr_weight":  # one number, or SDXL's three (middle_block.0 / .1 / .2)
         values = _numbers(v)
         imp.put(f"network.{k}", values[0] if len(values) == 1 else values, sub, v)
+    elif k.startswith("loraplus_") and k.endswith("lr_ratio"):  # kohya reads them from network_args too
+        imp.put(f"optimizer.{k}", float(v), sub, v)
     elif k == "block_lr_zero_threshold":
         imp.put(f"network.{k}", float(v), sub, v)
     elif k in _OFF:

@@ -194,6 +194,7 @@ def _loss(
         v_prediction=run.v_pred,
         sample_weight=sample_weight,
         mask=mask,
+        debiased=c.debiased_estimation_loss,
     )
 
 
@@ -262,6 +263,8 @@ def on_step_end(run: Run, epoch: int, i: int) -> None:
         run.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{next(iter(lrs.values())):.2e}")
     run.result.losses.append(loss)
     run.group_loss = 0.0
+    if run.main and tc.sample_every_n_steps and step % tc.sample_every_n_steps == 0:
+        _samples(run, f"s{step:08d}", f"step {step}")
     if tc.save_every_n_steps and step % tc.save_every_n_steps == 0 and step < run.total_steps:
         run.accelerator.wait_for_everyone()
         stem = tc.output_dir / f"{tc.output_name}-step{step:08d}"
@@ -289,22 +292,26 @@ def on_epoch_end(run: Run, epoch: int) -> None:
             _save_state(run, tc.output_dir / f"{name}-{done:06d}-state")
             if run.main:
                 _forget(run.result.states, run.state_saves.add_epoch(done, run.result.states[-1]))
-    if not run.main:
-        return
-    if tc.sample_every_n_epochs and done % tc.sample_every_n_epochs == 0:
-        grid = sample_grid(
-            run.pipe,
-            tc.sample_prompts,
-            tc.output_dir / "samples" / f"{name}-e{done:06d}.png",
-            steps=tc.sample_steps,
-            seed=tc.seed,
-            resolution=run.cfg.dataset.resolution,
-            clip_skip=run.cfg.model.diffusers_clip_skip if run.family.uses_clip_skip else None,
-            title=f"{name} epoch {done}, step {run.global_step}",
-            autocast=run.accelerator.autocast(),
-            max_token_length=run.cfg.dataset.max_token_length,
-        )
-        run.result.samples.append(grid)
+    if run.main and tc.sample_every_n_epochs and done % tc.sample_every_n_epochs == 0:
+        _samples(run, f"e{done:06d}", f"epoch {done}, step {run.global_step}")
+
+
+def _samples(run: Run, tag: str, when: str) -> None:
+    """One sample grid of the prompts now: samples/NAME-TAG.png."""
+    tc = run.cfg.training
+    grid = sample_grid(
+        run.pipe,
+        tc.sample_prompts,
+        tc.output_dir / "samples" / f"{tc.output_name}-{tag}.png",
+        steps=tc.sample_steps,
+        seed=tc.seed,
+        resolution=run.cfg.dataset.resolution,
+        clip_skip=run.cfg.model.diffusers_clip_skip if run.family.uses_clip_skip else None,
+        title=f"{tc.output_name} {when}",
+        autocast=run.accelerator.autocast(),
+        max_token_length=run.cfg.dataset.max_token_length,
+    )
+    run.result.samples.append(grid)
 
 
 def finish(run: Run) -> TrainResult:

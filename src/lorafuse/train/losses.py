@@ -71,6 +71,16 @@ def min_snr_weight(
     return clipped / (snr + 1) if v_prediction else clipped / snr
 
 
+def debiased_weight(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, v_prediction: bool = False) -> torch.Tensor:
+    """1/√SNR (ε-prediction) or 1/(SNR + 1) (v-prediction), SNR capped at 1000 (t = 0 has SNR near infinity) (B,)."""
+    from types import SimpleNamespace
+
+    from diffusers.training_utils import compute_snr
+
+    snr = torch.clamp(compute_snr(SimpleNamespace(alphas_cumprod=alphas_cumprod), timesteps), max=1000)
+    return 1 / (snr + 1) if v_prediction else 1 / torch.sqrt(snr)
+
+
 def warn_inert_huber(loss_type: str, huber_c: float, huber_schedule: str, default_c: float = 0.1) -> None:
     if loss_type in ("l2", "l1") and (huber_c != default_c or huber_schedule != "snr"):
         warnings.warn(
@@ -92,9 +102,10 @@ def diffusion_loss(
     v_prediction: bool = False,
     sample_weight: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    debiased: bool = False,
 ) -> torch.Tensor:
     """Scalar loss: elementwise loss (× the pixel mask (B, 1, H, W) area-resized to the latents, train/masks.py),
-    mean per sample, × min-SNR weight, × sample weight (prior loss), mean."""
+    mean per sample, × min-SNR weight, × debiased-estimation weight, × sample weight (prior loss), mean."""
     c = None
     if loss_type in ("huber", "smooth_l1"):
         c = huber_c_for(timesteps, alphas_cumprod, huber_c, huber_schedule, len(alphas_cumprod))
@@ -106,6 +117,8 @@ def diffusion_loss(
     per_sample = loss.mean(dim=tuple(range(1, pred.dim())))
     if min_snr_gamma:
         per_sample = per_sample * min_snr_weight(timesteps, alphas_cumprod, min_snr_gamma, v_prediction)
+    if debiased:
+        per_sample = per_sample * debiased_weight(timesteps, alphas_cumprod, v_prediction)
     if sample_weight is not None:
         per_sample = per_sample * sample_weight
     return per_sample.mean()

@@ -225,6 +225,7 @@ class FlowMatchObjective:
 # [loss] settings each objective does not use, with their inactive values and why (a set value is refused)
 _DDPM_ONLY = {
     "min_snr_gamma": (None, "Min-SNR weighting needs a DDPM noise schedule (ᾱ_t)"),
+    "debiased_estimation_loss": (False, "its SNR weighting needs a DDPM noise schedule (ᾱ_t)"),
     "noise_offset": (0.0, "kohya's FLUX trainer adds no noise offset"),
     "min_timestep": (0, "σ is drawn by timestep_sampling"),
     "max_timestep": (1000, "σ is drawn by timestep_sampling"),

@@ -22,6 +22,7 @@ from lorafuse.config.toml_io import config_to_dict, save_config
 from lorafuse.errors import UserInputError
 from lorafuse.families import Family, family_of
 from lorafuse.models.load import load_base_pipeline
+from lorafuse.train import loraplus
 from lorafuse.train.block_swap import BlockSwap, swapped_blocks, to_device_except
 from lorafuse.train.cache import LatentCache, TextEncoderCache, encode_latents, text_embeddings
 from lorafuse.train.checkpoint import (
@@ -145,6 +146,16 @@ class Run:
         return self.cfg.training.gradient_accumulation_steps
 
 
+def _check_cache_folders(ds, index) -> None:
+    """Caches kept on disk are written beside the images (or in cache_dir): a read-only dataset must show before
+    the base loads, not at the first cache file."""
+    if not (ds.cache_latents_to_disk or ds.cache_text_encoder_outputs_to_disk):
+        return
+    folders = {ds.cache_dir} if ds.cache_dir is not None else {item.path.parent for item in index.items}
+    for folder in sorted(folders):
+        check_output(folder, kind="folder", what="disk cache (cache_*_to_disk)")
+
+
 def prepare(cfg: TrainConfig, progress_bar: bool = True) -> Run:
     """Steps 1-8 of the module docstring. User errors raise `UserInputError` before any model loads."""
     started = time.time()
@@ -152,6 +163,7 @@ def prepare(cfg: TrainConfig, progress_bar: bool = True) -> Run:
     check_settings(cfg)
     check_output(tc.output_dir, kind="folder", what="training.output_dir")
     index = scan_dataset(ds)
+    _check_cache_folders(ds, index)
     val_seed = ds.validation_seed if ds.validation_seed is not None else tc.seed
     index, val_index = split_validation(index, ds.validation_split, val_seed)
     saved = read_train_state(tc.resume) if tc.resume is not None else None
@@ -355,9 +367,13 @@ def _build_optimizer(run: Run) -> None:
     the plain modules."""
     cfg, network, accelerator = run.cfg, run.network, run.accelerator
     o = cfg.optimizer
+    groups = network.param_groups(o.unet_lr or o.learning_rate, o.text_encoder_lr or o.learning_rate)
+    if any(loraplus.ratios(o)):
+        names = {id(p): n for n, p in network.named_parameters().items()}
+        groups = loraplus.split_groups(groups, names, *loraplus.ratios(o))
     optimizer = make_optimizer(
         o.optimizer_type,
-        network.param_groups(o.unet_lr or o.learning_rate, o.text_encoder_lr or o.learning_rate),
+        groups,
         lr=o.learning_rate,
         weight_decay=o.weight_decay,
         betas=o.betas,

@@ -13,7 +13,8 @@ import io
 import json
 from pathlib import Path
 
-from lorafuse.utils.atomic import atomic_path, atomic_write_text
+from lorafuse.errors import OutputError
+from lorafuse.utils.atomic import atomic_path, atomic_write_text, is_disk_full
 
 COLUMNS = ("step", "epoch", "loss", "loss_avg", "lr_unet", "lr_text_encoder", "seconds", "val_loss")
 
@@ -47,11 +48,20 @@ class RunLog:
     def log(self, row: dict[str, float]) -> None:
         row = {k: row[k] for k in COLUMNS if row.get(k) is not None}
         self.rows.append(row)
-        with open(self.csv_path, "a", newline="") as fh:
-            csv.DictWriter(fh, fieldnames=COLUMNS).writerow(row)
-        if self.jsonl_path is not None:
-            with open(self.jsonl_path, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+        path = self.csv_path
+        try:
+            with open(path, "a", newline="") as fh:
+                csv.DictWriter(fh, fieldnames=COLUMNS).writerow(row)
+            if self.jsonl_path is not None:
+                path = self.jsonl_path
+                with open(path, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            raise OutputError(f"{path}: the disk is full; the log ends before step {int(row['step'])} (the LoRA "
+                              "files and states saved so far are whole). Free some space, then resume from the "
+                              "last state.") from None  # fmt: skip
 
     @property
     def losses(self) -> list[float]:

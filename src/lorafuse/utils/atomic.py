@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,6 +58,34 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _started_at(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), from Linux's /proc; None elsewhere."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime, counted after the command's name
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))  # fmt: skip
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _writer_alive(pid: int, entry: Path) -> bool:
+    """Whether the process that made `entry` still runs: its pid is alive and was not reused since (after a
+    restart, container pids start again from 1, so a killed run's pid is soon someone else's). A process
+    cannot have made a file before it started; the 2 s cover /proc's clock-tick rounding."""
+    if not _pid_alive(pid):
+        return False
+    started = _started_at(pid)
+    if started is None:
+        return True
+    try:
+        made = entry.lstat().st_mtime
+    except OSError:
+        return True
+    return made >= started - 2.0
+
+
 def _tmp_owner(name: str) -> int | None:
     """The pid in `.lorafuse-tmp-<pid>-<random>-<name>`, or None if the name is not ours."""
     if not name.startswith(TMP_PREFIX):
@@ -82,8 +111,8 @@ def sweep_stale(folder: str | os.PathLike) -> list[Path]:
         return removed
     for entry in entries:
         pid = _tmp_owner(entry.name)
-        if pid is None or pid == os.getpid() or _pid_alive(pid):
-            continue  # not ours, or a running writer's (this process's own: nested writes)
+        if pid is None or _writer_alive(pid, entry):
+            continue  # not ours, or a running writer's (this process's own too: nested writes)
         aside = _ASIDE.match(entry.name[len(TMP_PREFIX) :])
         if aside and not (folder / aside["name"]).exists() and not (folder / aside["name"]).is_symlink():
             with contextlib.suppress(OSError):
@@ -99,7 +128,14 @@ def sweep_stale(folder: str | os.PathLike) -> list[Path]:
 
 
 def tmp_name(final: Path, aside: bool = False) -> Path:
-    return final.with_name(f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(3)}{'.old' if aside else ''}-{final.name}")
+    head, name = f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(3)}", final.name
+    if len(os.fsencode(f"{head}.old-{name}")) <= _NAME_MAX:
+        return final.with_name(f"{head}{'.old' if aside else ''}-{name}")
+    # a long but valid name must not make the temporary too long; cut, it can no longer name the folder to put
+    # back, so an aside folder then carries no `.old` mark (the sweep deletes it)
+    while len(os.fsencode(f"{head}-{name}")) > _NAME_MAX:
+        name = name[1:]
+    return final.with_name(f"{head}-{name}")
 
 
 def resolve_link(path: str | os.PathLike) -> Path:
@@ -206,6 +242,7 @@ def check_output(path: str | os.PathLike, *, kind: str = "file", estimate: int =
     kind: "file" (replaced atomically if it exists) or "folder" (created if missing, reused if it exists).
     estimate: bytes the output will need; refused when the filesystem has less free (plus a small margin).
     """
+    _check_name(Path(path), what)
     given, path = Path(path), resolve_link(path)
     if kind not in ("file", "folder"):
         raise ValueError(f"kind must be 'file' or 'folder', got {kind!r}")
@@ -219,9 +256,36 @@ def check_output(path: str | os.PathLike, *, kind: str = "file", estimate: int =
     return path
 
 
+_NAME_MAX = 255  # bytes in one path component, on every common file system
+
+
+def _special(path: Path) -> str | None:
+    """What `path` is if it exists but is neither a regular file nor a folder (the rename that ends an atomic
+    write would put a regular file in place of a device such as /dev/null, or of a FIFO)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket")):  # fmt: skip
+        if test(mode):
+            return name
+    return None
+
+
+def _check_name(path: Path, what: str = "output") -> None:
+    size = len(os.fsencode(path.name))
+    if size > _NAME_MAX:
+        raise OutputError(f"{path.parent / path.name[:40]}…: the {what} name is {size} bytes long; file systems "
+                          f"allow {_NAME_MAX} per name; choose a shorter one")  # fmt: skip
+
+
 def _check_target(path: Path, kind: str, estimate: int, what: str) -> None:
     if kind == "file" and path.is_dir():
         raise OutputError(f"{path}: the {what} path is an existing folder; give a file name (e.g. {path / 'out'}…)")
+    special = _special(path)
+    if special:
+        raise OutputError(f"{path}: the {what} path is {special}, not a file or folder; give another name")
     if kind == "folder" and path.exists() and not path.is_dir():
         raise OutputError(f"{path}: the {what} path is an existing file, but a folder is needed; choose another name")
     anchor = _existing_ancestor(path if kind == "folder" else path.parent)
@@ -261,6 +325,9 @@ def _probe_writable(path: Path, folder: Path, what: str) -> None:
 
 def _prepare(final: Path, kind: str) -> None:
     """The checks every atomic write starts with: the name's kind, its folder (created), the stale sweep."""
+    special = _special(final)
+    if special:
+        raise OutputError(f"{final}: is {special}; an output is written as a new file or folder under its name")
     if kind == "file" and final.is_dir():
         raise OutputError(f"{final}: is an existing folder; cannot write a file under this name")
     if kind == "folder" and final.exists() and not final.is_dir():
@@ -295,6 +362,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     the permissions a plain open() would give (0666 minus umask), also when the writer (safetensors) replaced
     our temp file with its own 0600 one. A symbolic link `final` keeps pointing at the new file.
     """
+    _check_name(Path(final))
     user, final = Path(final), resolve_link(final)
     _prepare(final, "file")
     tmp = tmp_name(final)
@@ -357,6 +425,7 @@ def atomic_folder(final: str | os.PathLike) -> Iterator[Path]:
     moved aside first (`.lorafuse-tmp-<pid>-<hex>.old-<name>`) and deleted after, and a kill between the two
     renames leaves it aside, where the next sweep puts it back: the old folder or the new one, never neither.
     """
+    _check_name(Path(final))
     user, final = Path(final), resolve_link(final)
     _prepare(final, "folder")
     tmp = tmp_name(final)

@@ -50,6 +50,8 @@ def read_text(path: str | os.PathLike, what: str = "text file", error: type[User
     """UTF-8 text of `path`; a binary or wrongly encoded file is one error naming it and the byte offset."""
     path = check_input_file(path, what, error)
     data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # Windows Notepad's "Unicode"
+        raise error(f"{path}: {what} is UTF-16 text; save it as UTF-8")
     if b"\x00" in data[:8192]:
         raise error(f"{path}: {what} is a binary file, not UTF-8 text")
     try:

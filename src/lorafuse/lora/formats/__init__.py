@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from lorafuse.errors import LoraFormatError
 from lorafuse.lora.formats import bfl, diffusers, kohya
 
@@ -15,6 +17,10 @@ _NOT_LORA = (
     ),
     (("emb_params", "string_to_param", "clip_l", "clip_g"), "a textual-inversion embedding"),
 )
+
+
+_LORA_WORDS = re.compile(r"lora|hada_|lokr_|alpha|dora|oft_", re.IGNORECASE)
+_PLAIN = (".weight", ".bias", "running_mean", "running_var", "num_batches_tracked", "position_ids")
 
 
 def detect_format(keys: list[str], source: str) -> str:
@@ -33,9 +39,15 @@ def detect_format(keys: list[str], source: str) -> str:
         return "diffusers"
     if n_kohya and n_kohya + n_diffusers == len(keys):
         return _two_schemes(keys, source)
-    for prefixes, what in _NOT_LORA:
-        if sum(k.startswith(prefixes) for k in keys) > len(keys) // 2:
-            raise LoraFormatError(f"{source}: this looks like {what}, not a LoRA (e.g. key {keys[0]!r})")
+    what = next((w for prefixes, w in _NOT_LORA if sum(k.startswith(prefixes) for k in keys) > len(keys) // 2), None)
+    if what is None and not any(_LORA_WORDS.search(k) for k in keys) and all(k.endswith(_PLAIN) for k in keys):
+        what = "the weights of a whole model (a base model or one of its parts: no key names a LoRA factor)"
+    if what is not None:
+        use = "a base model goes in --base / pretrained_model_name_or_path" if "embedding" not in what else ""
+        raise LoraFormatError(
+            f"{source}: this looks like {what}, not a LoRA (e.g. key {keys[0]!r}); give a LoRA file here"
+            + (f" ({use})" if use else "")
+        )
     family, n = ("kohya", n_kohya) if n_kohya >= n_diffusers else ("diffusers", n_diffusers)
     is_family = kohya.is_kohya_key if family == "kohya" else diffusers.is_diffusers_key
     unknown = [k for k in keys if not is_family(k)]

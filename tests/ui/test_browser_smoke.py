@@ -153,8 +153,10 @@ def test_with_a_token_every_route_needs_the_login(browser, tmp_path, artifacts):
         page.get_by_label("username").fill("me")
         page.get_by_label("password").fill("s3cret-token-1")
         page.get_by_role("button", name="Login").click()
+        from playwright.sync_api import expect
+
         page.locator("#bucket-preview").click()  # a click that reaches the app (and needs no helper process)
-        page.get_by_text("choose a dataset first").first.wait_for()
+        expect(page.locator("#bucket-out textarea").first).to_have_value("choose a dataset first")
         context.close()
     finally:
         server.stop()

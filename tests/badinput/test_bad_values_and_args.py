@@ -58,7 +58,14 @@ def test_integer_too_large_for_a_float_field(tmp_path):
 def test_grid_seed_beyond_64_bits(cli, tmp_path):
     path = tmp_path / "grid.toml"
     path.write_text('prompt = "a"\n[axes]\nbase = ["world-random"]\nseed = [99999999999999999999]\n')
-    cli.refused(["grid", path, "--out", tmp_path / "out"], "axes.seed", "64-bit integer", watch=tmp_path)
+    cli.refused(["grid", path, "--out", tmp_path / "out"], str(path), "axes.seed", "64-bit integer", watch=tmp_path)
+
+
+@pytest.mark.parametrize("axis", ["steps = [-1]", "guidance = [inf]", "steps = []"])
+def test_grid_plan_errors_name_the_config_file(cli, tmp_path, axis):
+    path = tmp_path / "grid.toml"
+    path.write_text(f'prompt = "a"\n[axes]\nbase = ["world-random"]\n{axis}\n')
+    cli.refused(["grid", path, "--out", tmp_path / "out"], str(path), f"axes.{axis.split()[0]}", watch=tmp_path)
 
 
 def test_utf16_config_says_so(cli, tmp_path):

@@ -9,7 +9,7 @@ import dataclasses
 from pathlib import Path
 
 from lorafuse.cli.options import add_num_processes_argument, parse_sets
-from lorafuse.errors import UserInputError
+from lorafuse.errors import ConfigError, UserInputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,7 +46,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
         raise UserInputError(f"--num-processes {args.num_processes}: give 1 or more")
     if args.num_processes > 1 and not in_launched_process():
         return relaunch(args.num_processes, _grid_words(args))
-    result = run_grid(cfg, progress=not args.no_progress)
+    try:
+        result = run_grid(cfg, progress=not args.no_progress)
+    except ConfigError as e:  # the plan's checks name the key; the user also needs to know which file
+        raise ConfigError(str(e) if str(args.config) in str(e) else f"{args.config}: {e}") from None
     if not result.main:
         return 0
     print(

@@ -19,6 +19,7 @@ from lorafuse.errors import LoraFormatError, UserInputError
 from lorafuse.families import FAMILIES, get_family
 from lorafuse.lora.checks import check_magnitudes, check_tensors
 from lorafuse.lora.formats import WRITE_FORMATS, bfl, detect_format, diffusers, kohya
+from lorafuse.lora.formats.common import DAMAGED
 from lorafuse.lora.formats.metadata import build_metadata, to_str
 from lorafuse.lora.keys import ARCHS, KeyIndex, NameResolver, UnetLayout
 from lorafuse.lora.state import LoraState
@@ -128,10 +129,10 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
-        raise LoraFormatError(f"{path}: holds a {type(obj).__name__}, expected a dict of tensors")
+        raise LoraFormatError(f"{path}: holds a {type(obj).__name__}, expected a dict of tensors; {DAMAGED}")
     bad = [k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
     if bad:
-        raise LoraFormatError(f"{path}: entries that are not named tensors, e.g. {bad[:3]}")
+        raise LoraFormatError(f"{path}: entries that are not named tensors, e.g. {bad[:3]}; {DAMAGED}")
     return dict(obj)
 
 

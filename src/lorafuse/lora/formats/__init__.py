@@ -6,6 +6,7 @@ import re
 
 from lorafuse.errors import LoraFormatError
 from lorafuse.lora.formats import bfl, diffusers, kohya
+from lorafuse.lora.formats.common import DAMAGED
 
 READ_FAMILIES = ("kohya", "bfl", "diffusers")
 WRITE_FORMATS = ("kohya", "diffusers")
@@ -28,7 +29,7 @@ def detect_format(keys: list[str], source: str) -> str:
     diffusers, PEFT); else a clear error. BFL names are tried before diffusers: PEFT's `<module>.lora_A.weight`
     pattern would also match `double_blocks.0.img_attn.qkv.lora_A.weight`."""
     if not keys:
-        raise LoraFormatError(f"{source}: the file holds no tensors")
+        raise LoraFormatError(f"{source}: the file holds no tensors (an empty LoRA); {DAMAGED}")
     n_kohya = sum(kohya.is_kohya_key(k) for k in keys)
     if n_kohya == len(keys):
         return "kohya"

@@ -21,7 +21,7 @@ import torch
 from lorafuse.errors import LoraFormatError
 from lorafuse.families.flux import MLP_RATIO
 from lorafuse.lora.flux_keys import COMPONENT, bfl_target, from_bfl
-from lorafuse.lora.formats.common import lora_pair
+from lorafuse.lora.formats.common import DAMAGED, lora_pair
 from lorafuse.lora.keys import canonical_key
 from lorafuse.lora.state import LoraModule, LoraState
 
@@ -100,7 +100,7 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str
     for (component, path), roles in parts.items():
         where = f"{source}: {path}"
         if "down" not in roles or "up" not in roles:
-            raise LoraFormatError(f"{where}: needs both down (A) and up (B), has {', '.join(sorted(roles))}")
+            raise LoraFormatError(f"{where}: needs both down (A) and up (B), has {', '.join(sorted(roles))}; {DAMAGED}")
         alpha = float(roles["alpha"].item()) if "alpha" in roles else None
         module = lora_pair(roles["down"], roles["up"], alpha, where)
         if component != COMPONENT:

@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 import torch
 
 from lorafuse.errors import LoraFormatError
-from lorafuse.lora.formats.common import effective_alpha, lora_pair, require_low_rank
+from lorafuse.lora.formats.common import DAMAGED, effective_alpha, lora_pair, require_low_rank
 from lorafuse.lora.keys import COMPONENTS_ORDER, TEXT_ENCODERS, canonical_key, split_key, te_spellings
 from lorafuse.lora.state import LoraModule, LoraState
 
@@ -129,7 +129,7 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str
     for module, roles in parts.items():
         where = f"{source}: {module}"
         if "down" not in roles or "up" not in roles:
-            raise LoraFormatError(f"{where}: needs both down (A) and up (B), has {', '.join(sorted(roles))}")
+            raise LoraFormatError(f"{where}: needs both down (A) and up (B), has {', '.join(sorted(roles))}; {DAMAGED}")
         if "alpha" in roles:
             alpha = float(roles["alpha"].item()) or None  # 0 means none, as in kohya
         else:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from lorafuse.errors import LoraFormatError
+from lorafuse.lora.formats.common import DAMAGED
 
 LOHA_PARTS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha"}
 LOKR_PARTS = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"}
@@ -41,7 +42,7 @@ def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor
 def _need(parts: dict[str, torch.Tensor], names: tuple[str, ...], where: str) -> list[torch.Tensor]:
     missing = [n for n in names if n not in parts]
     if missing:
-        raise LoraFormatError(f"{where}: missing {', '.join(missing)}")
+        raise LoraFormatError(f"{where}: missing {', '.join(missing)}; {DAMAGED}")
     return [parts[n].float() for n in names]
 
 

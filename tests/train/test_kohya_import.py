@@ -102,7 +102,7 @@ def test_refused_keys_are_named_with_their_reasons_in_one_error(tmp_path):
     path.write_text(
         'pretrained_model_name_or_path = "sd15-tiny"\ntrain_data_dir = "d"\nv2 = true\ncolor_aug = true\n'
         'optimizer_type = "Lion"\nnetwork_args = ["conv_dim=4", "rank_dropout=0.1"]\nmy_own_key = 1\n'
-        "multires_noise_iterations = 6\n"
+        "ip_noise_gamma = 0.1\n"
     )
     with pytest.raises(ConfigError) as info:
         import_kohya_file(path)
@@ -114,7 +114,7 @@ def test_refused_keys_are_named_with_their_reasons_in_one_error(tmp_path):
         "optimizer_type = 'Lion': not supported",
         "network_args.rank_dropout",
         "my_own_key = 1: unknown kohya key",
-        "multires_noise_iterations = 6",
+        "ip_noise_gamma = 0.1",
     ):
         assert needle in message, needle
 
@@ -126,13 +126,12 @@ def test_off_values_of_refused_keys_are_accepted():
             "train_data_dir": "d",
             "v2": False,
             "color_aug": False,
-            "noise_offset_type": "Original",
             "huber_scale": 1,
             "lr_scheduler_args": [],
         }
     )
     assert not imp.refused
-    assert all(r.detail == "off" for r in imp.rows if r.key in ("v2", "color_aug", "noise_offset_type"))
+    assert all(r.detail == "off" for r in imp.rows if r.key in ("v2", "color_aug"))
 
 
 def test_kohya_defaults_where_they_differ_from_ours():

@@ -84,3 +84,31 @@ def test_debiased_estimation_weights_each_sample_by_one_over_root_snr():
     imp = convert_flat({"pretrained_model_name_or_path": "sd15-tiny", "train_data_dir": "d",
                         "debiased_estimation_loss": True})  # fmt: skip
     assert config_from_dict(TrainConfig, imp.data, "<kohya>").loss.debiased_estimation_loss
+
+
+def test_multires_noise_adds_low_frequencies_at_unit_std():
+    """kohya's multires (pyramid) noise: unit standard deviation, neighbouring latents correlated (plain noise:
+    not), more so with a larger discount; reproducible from the generator; mapped from kohya's keys."""
+    from lorafuse.config.toml_io import config_from_dict
+    from lorafuse.train.config import TrainConfig
+    from lorafuse.train.kohya_import import convert_flat
+    from lorafuse.train.timesteps import noise_like
+
+    x = torch.zeros(4, 4, 64, 64)
+
+    def neighbour_corr(n):
+        a, b = n[..., :, :-1].flatten(), n[..., :, 1:].flatten()
+        return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+    plain = noise_like(x, torch.Generator().manual_seed(0))
+    strong = noise_like(x, torch.Generator().manual_seed(0), multires=(6, 0.8))
+    weak = noise_like(x, torch.Generator().manual_seed(0), multires=(6, 0.1))
+    assert abs(neighbour_corr(plain)) < 0.02
+    assert neighbour_corr(strong) > 0.2 and abs(neighbour_corr(weak)) < 0.05  # discount 0.1: nearly plain
+    assert float(strong.std()) == pytest.approx(1.0, abs=1e-4)
+    assert torch.equal(strong, noise_like(x, torch.Generator().manual_seed(0), multires=(6, 0.8)))
+    imp = convert_flat({"pretrained_model_name_or_path": "sd15-tiny", "train_data_dir": "d", "noise_offset_type": "Multires",
+                        "multires_noise_iterations": 6, "multires_noise_discount": 0.3})  # fmt: skip
+    assert not imp.refused
+    loss = config_from_dict(TrainConfig, imp.data, "<kohya>").loss
+    assert (loss.multires_noise_iterations, loss.multires_noise_discount) == (6, 0.3)

@@ -87,6 +87,9 @@ class LossConfig:
     debiased_estimation_loss: bool = False
     # kohya's noise offset: a per-channel constant added to the noise (SDXL base used 0.0357)
     noise_offset: float = 0.0
+    # kohya's multires (pyramid) noise: levels of lower-resolution noise added (6-10 typical; 0 = off) ...
+    multires_noise_iterations: int = 0
+    multires_noise_discount: float = 0.3  # ... each level weighted by discount^level
     # smallest training timestep (inclusive)
     min_timestep: int = 0
     # largest training timestep (exclusive)
@@ -121,6 +124,8 @@ class LossConfig:
         _positive(self, "min_snr_gamma", "sigmoid_scale", "discrete_flow_shift", "logit_std")
         if self.noise_offset < 0:
             raise _bad("noise_offset", f"must be >= 0, got {self.noise_offset}")
+        if self.multires_noise_iterations < 0 or not 0 < self.multires_noise_discount <= 1:
+            raise _bad("multires_noise_iterations", "must be >= 0 and multires_noise_discount in (0, 1]")
         if not 0 <= self.min_timestep < self.max_timestep <= 1000:
             got = f"{self.min_timestep}, {self.max_timestep}"
             raise _bad("min_timestep", f"and max_timestep must satisfy 0 <= min < max <= 1000, got {got}")

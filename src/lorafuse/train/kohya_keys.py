@@ -58,7 +58,8 @@ SAME_NAME: dict[str, str] = {
     "optimizer": "optimizer_type learning_rate unet_lr text_encoder_lr max_grad_norm loraplus_lr_ratio "
     "loraplus_unet_lr_ratio loraplus_text_encoder_lr_ratio",
     "scheduler": "lr_scheduler lr_warmup_steps lr_scheduler_num_cycles lr_scheduler_power",
-    "loss": "loss_type huber_c huber_schedule min_snr_gamma debiased_estimation_loss noise_offset min_timestep "
+    "loss": "loss_type huber_c huber_schedule min_snr_gamma debiased_estimation_loss noise_offset "
+    "multires_noise_iterations multires_noise_discount min_timestep "
     "max_timestep masked_loss "
     "timestep_sampling sigmoid_scale discrete_flow_shift model_prediction_type weighting_scheme logit_mean "
     "logit_std mode_scale",
@@ -177,11 +178,9 @@ RULES: dict[str, Rule] = {
     ),
     "fp8_base": _map("model.quantize_base", "true -> fp8 (a CUDA GPU with float8; int8 runs everywhere)"),
     "fp8_base_unet": _map("model.quantize_base", "true -> fp8: only the denoiser is stored in 8 bits here anyway"),
-    "multires_noise_iterations": _refuse(_LOSS),
-    "multires_noise_discount": _refuse(_LOSS, ok=(*INACTIVE, 0.3)),
     "adaptive_noise_scale": _refuse(_LOSS),
     "noise_offset_random_strength": _refuse(_LOSS),
-    "noise_offset_type": _refuse(_LOSS + " (only 'Original' noise offset)", ok=(*INACTIVE, "Original")),
+    "noise_offset_type": _note("the kohya_ss GUI's choice; noise_offset and multires_noise_* decide"),
     "ip_noise_gamma": _refuse(_LOSS),
     "ip_noise_gamma_random_strength": _refuse(_LOSS),
     "zero_terminal_snr": _refuse(_LOSS),

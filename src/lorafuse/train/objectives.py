@@ -96,6 +96,7 @@ class DDPMObjective:
         t_max: int | None = None,
         bias: TimestepBias = "none",
         noise_offset: float = 0.0,
+        multires: tuple[int, float] = (0, 0.3),
     ) -> None:
         from diffusers import DDPMScheduler
 
@@ -103,7 +104,7 @@ class DDPMObjective:
         self.prediction_type: PredictionType = prediction_type or self.scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
-        self.t_min, self.bias, self.noise_offset = t_min, bias, noise_offset
+        self.t_min, self.bias, self.noise_offset, self.multires = t_min, bias, noise_offset, multires
         self.t_max = self.scheduler.config.num_train_timesteps if t_max is None else t_max
 
     @property
@@ -113,7 +114,7 @@ class DDPMObjective:
     def draw(self, x0: Tensor, generator: torch.Generator | None) -> Noised:
         t = sample_timesteps(x0.shape[0], generator, t_min=self.t_min, t_max=self.t_max, bias=self.bias)
         t = t.to(x0.device)
-        noise = noise_like(x0.float(), generator, self.noise_offset).to(x0.device, x0.dtype)
+        noise = noise_like(x0.float(), generator, self.noise_offset, self.multires).to(x0.device, x0.dtype)
         return self.noised(x0, noise, t)
 
     def noised(self, x0: Tensor, noise: Tensor, t: Tensor) -> Noised:
@@ -227,6 +228,7 @@ _DDPM_ONLY = {
     "min_snr_gamma": (None, "Min-SNR weighting needs a DDPM noise schedule (ᾱ_t)"),
     "debiased_estimation_loss": (False, "its SNR weighting needs a DDPM noise schedule (ᾱ_t)"),
     "noise_offset": (0.0, "kohya's FLUX trainer adds no noise offset"),
+    "multires_noise_iterations": (0, "kohya's FLUX trainer adds no multires noise"),
     "min_timestep": (0, "σ is drawn by timestep_sampling"),
     "max_timestep": (1000, "σ is drawn by timestep_sampling"),
     "timestep_bias": ("none", "σ is drawn by timestep_sampling"),
@@ -275,6 +277,7 @@ def objective_for(
         return DDPMObjective(
             scheduler_config, "v_prediction" if v_prediction else "epsilon", t_min=loss.min_timestep,
             t_max=loss.max_timestep, bias=loss.timestep_bias, noise_offset=loss.noise_offset,
+            multires=(loss.multires_noise_iterations, loss.multires_noise_discount),
         )  # fmt: skip
     raise ValueError(f"unknown training objective {name!r}")
 

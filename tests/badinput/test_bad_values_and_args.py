@@ -98,12 +98,30 @@ def test_other_scripts_and_brackets_stay_text(prompt):
 # --- command-line numbers ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("flag", "value", "says"), [("--seed", "99999999999999999999999", "seed"),
-                                                     ("--steps", "2000", "at most 1000")])  # fmt: skip
-def test_fuse_numbers_out_of_range(cli, tmp_path, lora_files, flag, value, says):
+def test_fuse_steps_above_the_schedulers_timesteps(cli, tmp_path, lora_files):
     argv = ["fuse", "--content", lora_files["sd15"], "--style", lora_files["sd15b"], "--prompt", "a dog",
-            "--method", "direct", "--base", "world-random", "--out", tmp_path / "out", flag, value]  # fmt: skip
-    cli.refused(argv, says, watch=tmp_path)
+            "--method", "direct", "--base", "world-random", "--out", tmp_path / "out", "--steps", "2000"]  # fmt: skip
+    cli.refused(argv, "steps must be at most 1000", watch=tmp_path)
+
+
+@pytest.mark.parametrize("command", [["fuse", "--content", "a", "--style", "b", "--prompt", "p", "--out", "o"],
+                                     ["world", "render", "teapot_08"], ["craft", "pairs", "--out", "o"]])  # fmt: skip
+@pytest.mark.parametrize("value", ["99999999999999999999999", "-5"])
+def test_seeds_out_of_range_are_usage_errors(capsys, command, value):
+    """numpy's generators refuse negative seeds and torch's overflow past 64 bits: both were tracebacks."""
+    from lorafuse.cli.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--seed", value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"seed {value} is out of range" in err and "Traceback" not in err
+
+
+def test_api_seed_out_of_range(lora_files):
+    from lorafuse.fusion.api import fuse
+
+    with pytest.raises(UserInputError, match="seeds .* must lie in"):
+        fuse(lora_files["sd15"], lora_files["sd15b"], prompt="a", method="direct", base="world-random", seed=2**70)
 
 
 def test_negative_conv_rank_is_refused_without_conv_modules(cli, tmp_path, lora_files):
@@ -216,3 +234,30 @@ def test_non_utf8_file_name_is_used(tmp_path, data, caplog):
     finally:
         os.unlink(odd)
     assert len(index.items) == 3
+
+
+def test_dataset_add_names_a_cut_image_and_a_bad_size_limit(cli, tmp_path, data):
+    cut = tmp_path / "cut.png"
+    cut.write_bytes((data / "2_sks dog" / "0.png").read_bytes()[:-200])
+    cli.refused(["dataset", "add", tmp_path / "ds", cut, "--class", "dog"], "cut.png", "damaged or cut short",
+                watch=tmp_path)  # fmt: skip
+    for value in ("-1", "nan"):
+        cli.refused(["dataset", "add", tmp_path / "ds", data / "2_sks dog" / "0.png", "--class", "dog", "--max-mb",
+                     value], f"--max-mb {float(value)}", watch=tmp_path)  # fmt: skip
+
+
+def test_craft_pairs_generate_checks_steps_before_the_base_loads(cli, tmp_path):
+    """--steps 0 was a ZeroDivisionError inside diffusers' scheduler, after the base had loaded."""
+    argv = ["craft", "pairs", "--out", tmp_path / "p", "--mode", "generate", "--base", "/nonexistent/base",
+            "--content", "a dog", "--style", "ink", "--steps", "0"]  # fmt: skip
+    cli.refused(argv, "steps must be an int >= 1, got 0", watch=tmp_path)
+
+
+def test_stray_top_level_key_does_not_switch_a_config_to_kohya(cli, tmp_path, data):
+    """One top-level key made a lorafuse config read as kohya's: its .caption extension (the .txt captions were
+    ignored) and its epoch count, with no error."""
+    path = tmp_path / "run.toml"
+    path.write_text(f'network_dim = 4\n[model]\npretrained_model_name_or_path = "world-random"\n[dataset]\n'
+                    f'train_data_dir = "{data}"\n[training]\noutput_dir = "{tmp_path / "out"}"\n')  # fmt: skip
+    cli.refused(["train", path, "--dry-run"], str(path), "top-level key 'network_dim'", "it belongs in [network]",
+                watch=tmp_path)  # fmt: skip

@@ -73,8 +73,9 @@ def wait_http_200(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> f
 
 
 class UiServer:
-    def __init__(self, workspace: Path, log: Path):
+    def __init__(self, workspace: Path, log: Path, extra: tuple[str, ...] = ()):
         self.workspace = workspace
+        self.extra = list(extra)  # more `lorafuse ui` options, e.g. --auth TOKEN
         self.log = open(log, "w")  # noqa: SIM115
         self._start()
 
@@ -83,7 +84,8 @@ class UiServer:
         self.url = f"http://127.0.0.1:{self.port}/"
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lorafuse", "ui", "--workspace", str(self.workspace), "--port", str(self.port)],
+            [sys.executable, "-m", "lorafuse", "ui", "--workspace", str(self.workspace), "--port", str(self.port),
+             *self.extra],
             stdout=self.log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
         self.startup_s = wait_http_200(self.url, self.proc)

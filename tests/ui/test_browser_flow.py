@@ -86,16 +86,23 @@ def shot(page, name: str, focus: str | None = None) -> None:
 
 def queue_training(page, preset: str, dataset: str, name: str, **fields) -> str:
     """Fill the Train form from a preset and queue it; returns the job id."""
+    from playwright.sync_api import expect
+
     tab(page, "Train")
     choose(page, "train-preset", preset)
     page.locator("#train-apply").click()
-    page.wait_for_timeout(1500)
+    # the preset's values come from the helper process; typing before they arrive would be overwritten
+    wait_text(page, "train-applied", rf"applied preset: {re.escape(preset)}", 120)
     type_choice(page, "train-dataset", dataset)
     fill(page, "train-name", name)
     for key, value in fields.items():
         fill(page, f"opt-training-{key}", value)
     page.locator("#train-queue").click()
-    return wait_text(page, "train-queued", rf"queued (\S+): lorafuse train runs/{name}/config.toml", 60).group(1)
+    job = wait_text(page, "train-queued", rf"queued (\S+): lorafuse train runs/{name}/config.toml", 60).group(1)
+    # the run monitor then switches to the new job in a reply of its own; a pick made before it lands would be
+    # overwritten (seen at load 6: the monitor stayed on the second run while the test waited for the first)
+    expect(page.locator("#run-pick input").first).to_have_value(job, timeout=60_000)
+    return job
 
 
 def wait_job(page, elem: str, status: str, command: str, timeout: float = 300.0) -> None:

@@ -75,8 +75,13 @@ def test_upload_caption_table_and_subset(page, ui_server, tmp_path, artifacts):
     page.locator("#caption-save").click()
     page.get_by_text("saved 1 captions").first.wait_for()
     assert (folder / "dog.txt").read_text() == "a photo of a sks dog on a red sofa\n"
-    # trigger word and repeats: the subset folder is renamed (kohya's layout), the table follows it
-    page.locator("#subset-trigger textarea, #subset-trigger input").first.fill("ohwx")
+    # trigger word and repeats: the subset folder is renamed (kohya's layout), the table follows it. Picking the
+    # subset fills these fields from its folder name in a reply of its own: wait for it, or it overwrites ours
+    from playwright.sync_api import expect
+
+    trigger = page.locator("#subset-trigger textarea, #subset-trigger input").first
+    expect(trigger).to_have_value("sks", timeout=60_000)
+    trigger.fill("ohwx")
     page.locator("#subset-repeats input").first.fill("3")
     page.locator("#subset-set").click()
     page.get_by_text("now 3_ohwx dog").first.wait_for()
@@ -115,3 +120,43 @@ def test_listen_without_token_refuses():
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2
     assert "refuses to start without a token" in proc.stderr
+
+
+def test_with_a_token_every_route_needs_the_login(browser, tmp_path, artifacts):
+    """`--auth TOKEN`: the page asks for the token; without the login cookie every route answers 401 (gradio's API,
+    files, uploads, and the routes gradio itself leaves open: cancel, heartbeat, the route list); with it the page
+    works."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from tests.ui.conftest import UiServer
+
+    server = UiServer(tmp_path / "ws", artifacts / "lorafuse-ui-auth.log", ("--auth", "s3cret-token-1"))
+    try:
+        (server.workspace / "inside.txt").write_text("inside")
+        for method, route in [("GET", "config"), ("GET", "gradio_api/info"), ("GET", "openapi.json"),
+                              ("GET", "gradio_api/heartbeat/x"), ("GET", "gradio_api/app_id"),
+                              ("GET", f"gradio_api/file={server.workspace / 'inside.txt'}"),
+                              ("POST", "gradio_api/queue/join"), ("POST", "gradio_api/upload"),
+                              ("POST", "gradio_api/cancel"), ("POST", "gradio_api/run/predict")]:  # fmt: skip
+            data = json.dumps({}).encode() if method == "POST" else None
+            request = urllib.request.Request(server.url + route, data=data, method=method,
+                                             headers={"Content-Type": "application/json"})  # fmt: skip
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=30)
+            assert refused.value.code == 401, route
+        context = browser.new_context()
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(server.url)
+        page.get_by_label("username").fill("me")
+        page.get_by_label("password").fill("s3cret-token-1")
+        page.get_by_role("button", name="Login").click()
+        from playwright.sync_api import expect
+
+        page.locator("#bucket-preview").click()  # a click that reaches the app (and needs no helper process)
+        expect(page.locator("#bucket-out textarea").first).to_have_value("choose a dataset first")
+        context.close()
+    finally:
+        server.stop()

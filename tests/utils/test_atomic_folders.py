@@ -142,3 +142,20 @@ def test_a_device_or_fifo_is_never_replaced(tmp_path):
     assert fifo.is_fifo()
     with pytest.raises(OutputError, match="/dev/null: the output path is a character device"):
         check_output("/dev/null")
+
+
+def test_another_hosts_temporaries_wait_a_day(tmp_path):
+    """On a folder shared between machines (NFS, one volume in two containers) a pid says nothing: another
+    host's temporary is kept while it may still be written, and swept once a day old."""
+    import time
+
+    other = "0000" if atomic.HOST != "0000" else "ffff"
+    young = tmp_path / f"{TMP_PREFIX}999999999-{other}abcdef-a.safetensors"
+    old = tmp_path / f"{TMP_PREFIX}999999999-{other}123456-b.safetensors"
+    ours = tmp_path / f"{TMP_PREFIX}999999999-{atomic.HOST}abcdef-c.safetensors"  # this host's, writer dead
+    for p in (young, old, ours):
+        p.write_bytes(b"x")
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    assert sorted(p.name for p in sweep_stale(tmp_path)) == sorted([old.name, ours.name])
+    assert [p.name for p in tmp_path.iterdir()] == [young.name]
+    assert atomic.tmp_name(tmp_path / "x").name.startswith(f"{TMP_PREFIX}{os.getpid()}-{atomic.HOST}")

@@ -138,11 +138,24 @@ def _join(content: str, style: str) -> str:
     return f"{content.rstrip(' ,')}, {style.lstrip(' ,')}"
 
 
+def check_generate_args(seed: int, steps: int) -> None:
+    """Steps >= 1 and seeds torch can take: the pairs draw noise seeded seed·1000 + k, k < 1000."""
+    from lorafuse.fusion.sampling import SEED_RANGE, check_counts
+
+    check_counts(1, steps)
+    if not SEED_RANGE[0] <= seed * 1000 <= SEED_RANGE[1] - 1000:
+        raise UserInputError(
+            f"seed {seed}: the pairs use seeds seed·1000 + k, which must lie in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]; "
+            "give a smaller seed"
+        )
+
+
 def generate_pairs(
     pipe: Any, contents: Sequence[str], styles: Sequence[str], *, seed: int = 0, steps: int = 25,
     guidance: float = 7.5, cutoff: float = CUTOFF, scheduler: str = "ddim", batch: int = 10,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """(content-fixed, style-fixed) images, each (N_c, N_s, H, W, 3) uint8, by two-branch frequency mixing."""
+    check_generate_args(seed, steps)
     jobs = []  # (kind, i, j, low prompt, high prompt, seed)
     for i, c in enumerate(contents):
         for j, s in enumerate(styles):
@@ -296,6 +309,7 @@ def build_pairs_dataset(
         content_fixed, style_fixed = render_pairs(names_c, names_s, seed)
         prompts_c, prompts_s = world_prompts(names_c, names_s)
     else:
+        check_generate_args(seed, steps)  # before the base loads
         if isinstance(base, str | Path):
             from lorafuse.models.load import load_base_pipeline
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lorafuse.cli.options import seed
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("craft", help="CRAFT-LoRA: contrastive pairs and the rank-limited backbone")
@@ -41,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="Y",
         help="a style reference (world style for render, prompt for generate); repeatable",
     )
-    pairs.add_argument("--seed", type=int, default=0)
+    pairs.add_argument("--seed", type=seed, default=0)
     pairs.add_argument("--steps", type=int, default=25)
     pairs.add_argument("--guidance", type=float, default=7.5)
     pairs.add_argument("--cutoff", type=float, default=0.35, help="Gaussian low-pass cutoff σ (normalised)")

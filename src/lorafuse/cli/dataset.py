@@ -13,6 +13,8 @@ from lorafuse.errors import UserInputError
 def _cmd_add(args: argparse.Namespace) -> int:
     from lorafuse.train.dataset_folders import add_images
 
+    if args.max_mb is not None and not args.max_mb > 0:  # also nan
+        raise UserInputError(f"--max-mb {args.max_mb}: give a size in MB above 0")
     max_bytes = int(args.max_mb * 2**20) if args.max_mb else None
     added = add_images(args.dataset, args.images, trigger=args.trigger, cls=args.cls, repeats=args.repeats,
                        caption=args.caption, max_bytes=max_bytes)  # fmt: skip

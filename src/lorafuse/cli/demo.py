@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lorafuse.cli.options import add_device_arguments
+from lorafuse.cli.options import add_device_arguments, seed
 from lorafuse.demo import DemoConfig, run_demo
 
 
@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--individual", default=d.individual, help=f"a world individual (default: {d.individual})")
     p.add_argument("--style", default=d.style, help=f"a world style (default: {d.style})")
     p.add_argument("--seeds", type=int, default=d.seeds, help=f"images per method (default: {d.seeds})")
-    p.add_argument("--seed", type=int, default=d.seed, help="first noise seed")
+    p.add_argument("--seed", type=seed, default=d.seed, help="first noise seed")
     p.add_argument("--steps", type=int, default=d.steps, help=f"sampling steps (default: {d.steps})")
     p.add_argument("--guidance", type=float, default=d.guidance)
     p.add_argument("--methods", default=None, help="comma-separated fusion methods (default: all)")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafuse.cli import options
-from lorafuse.cli.options import add_device_arguments
+from lorafuse.cli.options import add_device_arguments, seed
 from lorafuse.errors import ConfigError, LoraFormatError, UserInputError
 
 ALL = "all"
@@ -98,7 +98,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, help="CFG scale (default: the base's, 7.5 for SD, 1 = none for FLUX.1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument(
         "--scheduler", default="default", help="ddim (the SD default), euler or dpmpp; FLUX.1 uses its own flow-match Euler"
     )

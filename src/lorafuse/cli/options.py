@@ -37,3 +37,18 @@ def add_num_processes_argument(p: argparse.ArgumentParser, what: str, note: str)
         metavar="N",
         help=f"{what} (runs `accelerate launch --num_processes N`; GPUs, or CPUs on gloo); {note}",
     )
+
+
+MAX_SEED = 2**63 - 1 - 10**6  # torch and numpy take 64-bit seeds; each image or pair adds its index to the seed
+
+
+def seed(text: str) -> int:
+    """argparse type of every --seed: an int in [0, MAX_SEED] (numpy's generators refuse negative seeds, torch's
+    overflow past 64 bits), so a bad seed is a usage error, not a traceback after the model loaded."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: give a whole number") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"seed {value} is out of range: give a number from 0 to {MAX_SEED}")
+    return value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from lorafuse.cli.options import seed
 from lorafuse.errors import UserInputError
 
 
@@ -129,7 +130,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("individual", help="CLASS_NN, e.g. teapot_08")
     q.add_argument("--styles", nargs="+", default=["flat", "hatched", "watercolor", "neon"])
     q.add_argument("--n", type=int, default=2, help="poses (rows)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=seed, default=0)
     q.add_argument("--out", default="out/render.png")
     q.set_defaults(func=_cmd_render)
 
@@ -143,7 +144,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--subject-styles", nargs="+", default=None, metavar="STYLE",
                    help="seen styles a subject's images cycle through (default, as the demo's recipe: "
                         "striped pixel watercolor neon ink)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=seed, default=0)
     q.set_defaults(func=_cmd_dataset)
 
     q = ws.add_parser("train-oracle", help="train the oracle encoders (ground truth judges)")
@@ -170,5 +171,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--batch", type=int, default=32)
     q.add_argument("--pool", type=int, default=48000)
     q.add_argument("--oracle", default=None, help="oracle weights for the accuracy curve (default: shipped)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=seed, default=0)
     q.set_defaults(func=_cmd_pretrain)

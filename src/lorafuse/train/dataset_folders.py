@@ -119,8 +119,10 @@ def _open_image(path: Path, max_bytes: int | None, inside: Path | None):
             im.load()  # every pixel decoded: a truncated or corrupt file fails here, not in training
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise UserInputError(too_big) from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise UserInputError(f"{path.name}: not an image ({type(e).__name__}); give PNG, JPEG, WEBP or BMP") from None
+        except UnidentifiedImageError:
+            raise UserInputError(f"{path.name}: not an image; give PNG, JPEG, WEBP or BMP") from None
+        except (OSError, SyntaxError, ValueError) as e:  # it opened as an image, then failed to decode
+            raise UserInputError(f"{path.name}: not an image that decodes: damaged or cut short ({e}); save it again") from None
         yield im
 
 

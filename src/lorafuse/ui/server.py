@@ -62,6 +62,49 @@ def check_login(token: str):
     return check
 
 
+# what the login page itself loads before anyone has logged in (the app's script, styles, icons, and the config
+# route, which answers 401 itself and so tells the page to show the login form), and gradio's own start-up self-check;
+# every other route needs the login
+OPEN_PATHS = frozenset({"/", "/login", "/login/", "/config", "/config/", "/favicon.ico", "/manifest.json",
+                        "/theme.css", "/gradio_api/theme.css", "/robots.txt", "/gradio_api/login_check",
+                        "/gradio_api/startup-events"})  # fmt: skip
+OPEN_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon")
+
+
+class LoginGate:
+    """Deny by default: with a token, a request reaches gradio only with the login cookie, except for the login
+    page's own files. gradio checks the login on its API routes one by one, and a few (cancel, heartbeat, stream,
+    run history, the route list) had no check; this gate does not depend on gradio remembering each new route."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket") or self._allowed(scope):
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        body = b'{"detail":{"error":"Not authenticated","auth_message":"lorafuse: log in with the token"}}'
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})  # fmt: skip
+
+    @staticmethod
+    def _allowed(scope) -> bool:
+        from starlette.requests import cookie_parser
+
+        app = scope.get("app")
+        if getattr(app, "auth", None) is None:  # no token: nothing to guard (loopback only, see `binding`)
+            return True
+        path = scope.get("path", "")
+        if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+            return True
+        headers = dict(scope.get("headers") or [])
+        cookies = cookie_parser(headers.get(b"cookie", b"").decode("latin-1"))
+        cookie = cookies.get(f"access-token-{app.cookie_id}") or cookies.get(f"access-token-unsecure-{app.cookie_id}")
+        return bool(cookie) and cookie in app.tokens
+
+
 def free_port(host: str = LOCALHOST) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -91,6 +134,8 @@ def _announce_helper(since: float) -> None:
 
 def serve(app, bind: Binding, workspace, *, block: bool = True, max_upload: int) -> None:
     """Launch `app` (a gr.Blocks) as `bind` says; files are served from the workspace only."""
+    from starlette.middleware import Middleware
+
     from lorafuse.ui.app import THEME
 
     if bind.generated:
@@ -117,6 +162,7 @@ def serve(app, bind: Binding, workspace, *, block: bool = True, max_upload: int)
                 mcp_server=False,
                 footer_links=[],
                 theme=THEME,
+                app_kwargs={"middleware": [Middleware(LoginGate)]},
             )
             break
         except ValueError as e:

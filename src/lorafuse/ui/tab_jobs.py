@@ -3,6 +3,7 @@ and their logs; stop or cancel. Everything is read from WORKSPACE/jobs, so it su
 
 from __future__ import annotations
 
+import re
 import time
 
 import gradio as gr
@@ -11,6 +12,7 @@ from lorafuse.errors import UserInputError
 from lorafuse.ui.common import error_md
 from lorafuse.ui.jobs import JobStore
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 HEADERS = ["id", "status", "progress", "title", "command", "started"]
 
 
@@ -39,7 +41,8 @@ def build(store: JobStore) -> dict:
         if job_id:
             try:
                 store.load(job_id)
-                text = store.log_tail(job_id, 6000).replace("\r", "\n")
+                # tqdm's cursor moves (ESC[A) and colours are for terminals; the page shows the plain lines
+                text = _ANSI.sub("", store.log_tail(job_id, 6000)).replace("\r", "\n")
                 text = "\n".join(ln for ln in text.splitlines() if ln.strip())[-4000:]
             except UserInputError as e:
                 text = f"error: {e}"

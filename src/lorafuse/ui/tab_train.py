@@ -159,6 +159,7 @@ def _form(ws: Workspace, store: JobStore) -> dict:
                               allow_custom_value=True)  # fmt: skip
         run_name = gr.Textbox(value="my_lora", label="run name (runs/NAME)", elem_id="train-name")
         apply = gr.Button("Apply preset", elem_id="train-apply")
+    applied = gr.Markdown(elem_id="train-applied")
     components = []
     for table in dict.fromkeys(o.table for o in opts):
         with gr.Accordion(f"[{table}]", open=table == "training"):
@@ -178,7 +179,8 @@ def _form(ws: Workspace, store: JobStore) -> dict:
             values = preset_values(preset)
         except (UserInputError, RuntimeError, KeyError) as e:
             raise gr.Error(f"error: {e}", print_exception=False) from None
-        return [gr.update(value=shown(values[o.key]) if o.key in values else shown(o.default)) for o in opts]
+        updates = [gr.update(value=shown(values[o.key]) if o.key in values else shown(o.default)) for o in opts]
+        return [*updates, f"applied preset: {preset}"]  # said once the form holds its values
 
     def on_show(dataset, name, *values):
         try:
@@ -199,7 +201,7 @@ def _form(ws: Workspace, store: JobStore) -> dict:
         store.ensure_worker()
         return f"queued `{new.id}`: `{new.command}`", cmd, text, new.id
 
-    apply.click(on_apply, preset, components)
+    apply.click(on_apply, preset, [*components, applied])
     show.click(on_show, [dataset, run_name, *components], [command, toml])
     queued_event = queue.click(on_queue, [dataset, run_name, *components], [queued, command, toml, job])
     return {"dataset": dataset, "queued_event": queued_event, "job": job}

@@ -251,3 +251,13 @@ def test_craft_pairs_generate_checks_steps_before_the_base_loads(cli, tmp_path):
     argv = ["craft", "pairs", "--out", tmp_path / "p", "--mode", "generate", "--base", "/nonexistent/base",
             "--content", "a dog", "--style", "ink", "--steps", "0"]  # fmt: skip
     cli.refused(argv, "steps must be an int >= 1, got 0", watch=tmp_path)
+
+
+def test_stray_top_level_key_does_not_switch_a_config_to_kohya(cli, tmp_path, data):
+    """One top-level key made a lorafuse config read as kohya's: its .caption extension (the .txt captions were
+    ignored) and its epoch count, with no error."""
+    path = tmp_path / "run.toml"
+    path.write_text(f'network_dim = 4\n[model]\npretrained_model_name_or_path = "world-random"\n[dataset]\n'
+                    f'train_data_dir = "{data}"\n[training]\noutput_dir = "{tmp_path / "out"}"\n')  # fmt: skip
+    cli.refused(["train", path, "--dry-run"], str(path), "top-level key 'network_dim'", "it belongs in [network]",
+                watch=tmp_path)  # fmt: skip

@@ -34,6 +34,29 @@ def looks_like_kohya(data: Mapping[str, Any]) -> bool:
     return bool(data) and not any(k in _OUR_TABLES for k in data)
 
 
+def check_one_layout(data: Mapping[str, Any], source: str) -> None:
+    """Our tables and top-level values in one file: read as kohya's, one stray key would switch a lorafuse config
+    to kohya's defaults (its .caption extension, its epoch count) without a word; read as ours, it is unknown."""
+    import dataclasses
+    import typing
+
+    from lorafuse.train.config import TrainConfig
+
+    ours = [k for k, v in data.items() if k in _OUR_TABLES and isinstance(v, Mapping)]
+    flat = [k for k, v in data.items() if not isinstance(v, Mapping)]
+    if not (ours and flat):
+        return
+    hints = typing.get_type_hints(TrainConfig)
+    home = {f.name: t.name for t in dataclasses.fields(TrainConfig) if dataclasses.is_dataclass(hints[t.name])
+            for f in dataclasses.fields(hints[t.name])}  # fmt: skip
+    where = f"; it belongs in [{home[flat[0]]}]" if flat[0] in home else ""
+    raise ConfigError(
+        f"{source}: top-level key '{flat[0]}' next to lorafuse tables ([{ours[0]}]): a lorafuse config keeps every "
+        f"key in its table{where}, and a kohya config has no [{ours[0]}] table. Move the key, or convert the kohya "
+        "config with `lorafuse config`"
+    )
+
+
 def flatten_sections(data: Mapping[str, Any]) -> dict[str, Any]:
     """kohya's read_config_from_file reads one level of tables as if flat (the sectioned TOML that many shared
     configs use: [model_arguments], [optimizer_arguments], ...); keys of a section win over flat ones, as there."""
@@ -337,6 +360,7 @@ def load_train_config_any(
         check_not_gui_settings(path)
     data = read_toml(path) if path is not None else {}
     source = "<defaults>" if path is None else str(path)
+    check_one_layout(data, source)
     flags = {k: cli_value(v) for k, v in (kohya_flags or {}).items()}
     imp = None
     if path is not None and looks_like_kohya(data):

@@ -75,7 +75,19 @@ def test_kill_during_save_leaves_old_or_new_and_next_save_sweeps(tmp_path):
     assert _litter(tmp_path / "out") == [] and [p.name for p in (tmp_path / "out").iterdir()] == ["lora.safetensors"]
 
 
-# the driver slows each state save down (test code, not a hook in the trainer) so kills land inside saves too
+def _train_args(data: Path, out: Path) -> list[str]:
+    return ["--pretrained_model_name_or_path", "world-random", "--train_data_dir", str(data), "--resolution", "64",
+            "--network_dim", "4", "--network_alpha", "4", "--learning_rate", "1e-3", "--train_batch_size", "2",
+            "--max_train_steps", "4", "--save_every_n_steps", "1", "--save_state", "--output_dir", str(out),
+            "--output_name", "run", "--seed", "3", "--flip_aug"]  # fmt: skip
+
+
+def _latest_state(out: Path) -> Path | None:
+    states = sorted(out.glob("run-step*-state"))
+    return states[-1] if states else None
+
+
+# the killed run slows each state save down (test code, not a hook in the trainer) so kills land inside saves too
 DRIVER = """
 import sys, time
 import lorafuse.utils.atomic as atomic
@@ -90,51 +102,40 @@ sys.exit(main(["train", *sys.argv[2:], "--no-progress"]))
 """
 
 
-def _train_args(data: Path, out: Path) -> list[str]:
-    return ["--pretrained_model_name_or_path", "world-random", "--train_data_dir", str(data), "--resolution", "64",
-            "--network_dim", "4", "--network_alpha", "4", "--learning_rate", "1e-3", "--train_batch_size", "2",
-            "--max_train_steps", "4", "--save_every_n_steps", "1", "--save_state", "--output_dir", str(out),
-            "--output_name", "run", "--seed", "3", "--flip_aug"]  # fmt: skip
-
-
-def _latest_state(out: Path) -> Path | None:
-    states = sorted(out.glob("run-step*-state"))
-    return states[-1] if states else None
-
-
 @pytest.mark.slow
-def test_kill_during_training_resumes_bit_identical_without_litter(tmp_path):
+def test_kill_during_training_resumes_bit_identical_without_litter(tmp_path, capsys):
+    """The killed run is a process of its own; the resumed run and the uninterrupted one run here (no imports to
+    pay for), with one torch thread as the killed run has, so every sum is computed in the same order."""
+    from lorafuse.cli.main import main
     from lorafuse.world.dataset import write_subject_dataset
 
     data = tmp_path / "ds"
     write_subject_dataset("robot_09", data, n=1, repeats=2)
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    full = subprocess.Popen([sys.executable, str(driver), "0", *_train_args(data, tmp_path / "full")], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    killed_out = tmp_path / "killed"
-    killed = subprocess.Popen([sys.executable, str(driver), "0.5", *_train_args(data, killed_out)], env=_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    rng = random.Random(SEED)
-    target_step = rng.randint(1, 2)  # kill after this many states are saved, at a random moment after it
-    deadline = time.time() + 300
-    while len(list(killed_out.glob("run-step*-state"))) < target_step:
-        assert killed.poll() is None, killed.communicate()[0][-3000:]
-        assert time.time() < deadline, "no checkpoint after 300 s"
-        time.sleep(0.01)
-    time.sleep(rng.uniform(0.0, 0.5))
-    killed.send_signal(signal.SIGKILL)
-    killed.wait(timeout=60)
-    assert not (killed_out / "run.safetensors").exists(), "the run finished before the kill"
-    for folder in killed_out.glob("run-step*-state"):  # a state under its final name is always whole
-        assert all((folder / n).is_file() for n in ("lora.safetensors", "state.pt", "progress.json")), folder
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        killed_out = tmp_path / "killed"
+        killed = subprocess.Popen([sys.executable, "-c", DRIVER, "0.5", *_train_args(data, killed_out)],
+                                  env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        rng = random.Random(SEED)
+        target_step = rng.randint(1, 2)  # kill after this many states are saved, at a random moment after it
+        deadline = time.time() + 300
+        while len(list(killed_out.glob("run-step*-state"))) < target_step:
+            assert killed.poll() is None, killed.communicate()[0][-3000:]
+            assert time.time() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.5))
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=60)
+        assert not (killed_out / "run.safetensors").exists(), "the run finished before the kill"
+        for folder in killed_out.glob("run-step*-state"):  # a state under its final name is always whole
+            assert all((folder / n).is_file() for n in ("lora.safetensors", "state.pt", "progress.json")), folder
 
-    state = _latest_state(killed_out)
-    resumed = subprocess.run([sys.executable, str(driver), "0", *_train_args(data, killed_out), "--resume",
-                              str(state)], env=_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    out, _ = full.communicate(timeout=600)
-    assert full.returncode == 0, out[-3000:]
+        state = _latest_state(killed_out)
+        assert main(["train", *_train_args(data, killed_out), "--resume", str(state), "--no-progress"]) == 0
+        assert main(["train", *_train_args(data, tmp_path / "full"), "--no-progress"]) == 0, capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
 
     a = load_file(str(tmp_path / "full" / "run.safetensors"))
     b = load_file(str(killed_out / "run.safetensors"))
@@ -144,38 +145,52 @@ def test_kill_during_training_resumes_bit_identical_without_litter(tmp_path):
     assert _litter(killed_out) == [], f"litter after the resumed run: {_litter(killed_out)}"
 
 
-# kill -9 inside other writers: the driver kills its own process at the k-th write boundary (a temporary complete
-# but not yet renamed, or renamed and its folder not yet synced), or halfway through writing an image or a
-# safetensors file; k comes from the seeded generator
+# kill -9 inside other writers: a child kills itself at the k-th write boundary (a temporary complete but not yet
+# renamed, or renamed and its folder not yet synced), or halfway through writing an image or a safetensors file;
+# k comes from the seeded generator. One process imports everything once (with one thread: forking a process
+# whose OpenMP pool has threads can deadlock the child) and forks a child per run.
 KILLER = """
-import os, signal, sys
-import lorafuse.utils.atomic as atomic
+import json, os, signal, sys
+import torch
+torch.set_num_threads(1)
 from PIL import Image
-mode, k = sys.argv[1], int(sys.argv[2])
-calls = [0]
-def count():
-    calls[0] += 1
-    return calls[0] == k
-real_fsync, real_st, real_save = atomic._fsync, atomic.safetensors_bytes_to, Image.Image.save
-def fsync(path):
-    real_fsync(path)
-    if mode == "boundary" and count():
-        os.kill(os.getpid(), signal.SIGKILL)
-def half(write):
-    def wrapped(*args, **kwargs):
-        if mode == "mid" and count():
-            target = args[1] if write is real_save else args[0]
-            data = b"x" * 50000
-            with open(target, "wb") as f:  # half a file, then the kill
-                f.write(data[: len(data) // 2])
-            os.kill(os.getpid(), signal.SIGKILL)
-        return write(*args, **kwargs)
-    return wrapped
-atomic._fsync = fsync
-atomic.safetensors_bytes_to = half(real_st)
-Image.Image.save = half(real_save)
+import lorafuse.utils.atomic as atomic
 from lorafuse.cli.main import main
-sys.exit(main(sys.argv[3:]))
+
+def run_and_kill_itself(mode, k, argv):
+    calls = [0]
+    def hit():
+        calls[0] += 1
+        return calls[0] == k
+    real_fsync, real_st, real_save = atomic._fsync, atomic.safetensors_bytes_to, Image.Image.save
+    def fsync(path):
+        real_fsync(path)
+        if mode == "boundary" and hit():
+            os.kill(os.getpid(), signal.SIGKILL)
+    def half(write):
+        def wrapped(*args, **kwargs):
+            if mode == "mid" and hit():
+                with open(args[1] if write is real_save else args[0], "wb") as f:
+                    f.write(b"x" * 25000)  # half a file, then the kill
+                os.kill(os.getpid(), signal.SIGKILL)
+            return write(*args, **kwargs)
+        return wrapped
+    atomic._fsync, atomic.safetensors_bytes_to, Image.Image.save = fsync, half(real_st), half(real_save)
+    try:
+        main(argv)
+    finally:
+        os._exit(99)  # reached only if the kill never came: the test fails on the status
+
+statuses = []
+for mode, k, argv in json.loads(sys.argv[1]):
+    pid = os.fork()
+    if pid == 0:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        run_and_kill_itself(mode, k, argv)
+    statuses.append(os.waitpid(pid, 0)[1])
+print(json.dumps(statuses))
 """
 
 
@@ -230,23 +245,25 @@ def _whole(folder: Path) -> None:
 @pytest.mark.slow
 def test_kill_inside_other_writers_leaves_whole_files_and_the_next_run_no_litter(tmp_path, tiny_sd15_lora):
     """Bake (a pipeline folder), grid (resumable cells), fuse (images) and world dataset (a dataset folder), each
-    killed in its own process; the processes run side by side, since most of each one's time is imports."""
+    killed mid-write; then the same command finishes and leaves nothing of the kill."""
+    import json
+
     from lorafuse.cli.main import main
 
     lora, grid = tiny_sd15_lora
-    runs = {}
+    runs = []
     for writer in ("bake", "grid", "fuse", "world dataset"):
         rng = random.Random(f"{SEED}-{writer}")
         # diffusers writes a pipeline's weights itself: bake is killed at a boundary (inside its folder's write)
         mode, k = rng.choice(["boundary"] if writer == "bake" else ["boundary", "mid"]), rng.randint(1, 3)
         out = tmp_path / writer.replace(" ", "_") / "out"
-        argv = _writer(writer, out, lora, grid)
-        proc = subprocess.Popen([sys.executable, "-c", KILLER, mode, str(k), *argv], env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-        runs[writer] = (mode, k, out, argv, proc)
-    for writer, (mode, k, out, argv, proc) in runs.items():
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == -signal.SIGKILL, (writer, mode, k, proc.returncode, err[-2000:])
+        runs.append((writer, mode, k, out, _writer(writer, out, lora, grid)))
+    proc = subprocess.run([sys.executable, "-c", KILLER, json.dumps([(m, k, a) for _, m, k, _, a in runs])],
+                          env=_env(), capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    statuses = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (writer, mode, k, out, argv), status in zip(runs, statuses, strict=True):
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (writer, mode, k, status)
         if writer in ("bake", "world dataset"):  # a folder that appears whole or not at all
             marker = "model_index.json" if writer == "bake" else "world_dataset.json"
             assert not out.exists() or (out / marker).is_file(), (writer, mode, k)

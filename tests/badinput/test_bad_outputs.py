@@ -509,3 +509,20 @@ def test_disk_full_while_appending_the_training_log(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "open", full)
     with pytest.raises(OutputError, match=r"r\.csv: the disk is full; the log ends before step 2"):
         log.log({"step": 2, "epoch": 0, "loss": 0.4, "loss_avg": 0.45})
+
+
+def test_a_stopped_training_stops_the_command_that_asked_for_the_lora(tmp_path, monkeypatch):
+    """The demo trains its LoRAs through train_world_lora: Ctrl-C stops that training cleanly (a state is saved),
+    and must then stop the demo too, which carried on with a missing LoRA before."""
+    import lorafuse.train.loop as loop
+    from lorafuse.train.prepare import TrainResult
+    from lorafuse.train.world_personalize import subject_recipe, train_world_lora
+
+    def stopped(cfg, progress_bar=True):
+        result = TrainResult(lora_path=tmp_path / "x-step00000003.safetensors", global_step=3, total_steps=10)
+        result.stopped = True
+        return result
+
+    monkeypatch.setattr(loop, "train_lora", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train_world_lora(subject_recipe("teapot_08", epochs=1), tmp_path, progress=False)

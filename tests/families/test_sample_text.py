@@ -139,3 +139,21 @@ def test_kohya_prompt_file_negative_prompts_reach_the_sampler(pipe, tmp_path):
     with torch.no_grad():
         ref = sample_embeddings(toks, encs, ["sks dog on a beach", "blurry, (red:1.2)"])
     torch.testing.assert_close(kwargs["negative_prompt_embeds"].float(), ref["encoder_hidden_states"][1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sample_grid_with_a_half_precision_base_on_cpu(pipe, dtype, tmp_path):
+    """mixed_precision fp16 / bf16 on a CPU: the frozen UNet and text encoders in half precision hand half latents
+    to the float32 VAE decoder, and accelerate's autocast is off on a CPU for fp16 ('Input type (c10::Half) and
+    bias type (float) should be the same'); with CPU autocast (bf16) as well."""
+    from lorafuse.train.sampling_during_training import sample_grid
+
+    half = tiny_pipeline("sdxl" if hasattr(pipe, "text_encoder_2") else "sd15")
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        if getattr(half, name, None) is not None:
+            getattr(half, name).to(dtype)
+    out = sample_grid(half, ["sks dog --n blurry", "(red:1.2) cat"], tmp_path / "grid.png", steps=1, seed=0,
+                      resolution=64, autocast=None)  # fmt: skip
+    assert out.is_file() and half.vae.dtype == torch.float32
+    sample_grid(half, ["sks dog"], tmp_path / "grid2.png", steps=1, seed=0, resolution=64,
+                autocast=torch.autocast("cpu", dtype=dtype))  # fmt: skip

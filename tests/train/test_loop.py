@@ -328,3 +328,18 @@ def test_tensorboard_logging_needs_tensorboard(train_overrides, tmp_path):
     with pytest.raises(UserInputError, match="needs the tensorboard package"):
         _run(train_overrides(**{"training.logging": "tensorboard"}))
     _assert_nothing_written(tmp_path)
+
+
+def test_step_samples_alone_keep_the_vae_decoder_after_latent_caching(train_overrides):
+    result = _run(
+        train_overrides(
+            **{
+                "training.max_train_steps": 2,
+                "training.sample_every_n_steps": 2,
+                "training.sample_prompts": '["a photo of a sks robot"]',
+                "training.sample_steps": 1,
+                "dataset.cache_latents": True,
+            }
+        )
+    )
+    assert [p.name for p in result.samples] == ["run-s00000002.png"]

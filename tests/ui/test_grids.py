@@ -59,3 +59,17 @@ def test_a_grid_base_is_a_builtin_name_or_a_workspace_path(tmp_path):
                                  metrics={})  # fmt: skip
     cfg = load_grid_config(ws.root / config)
     assert cfg.axes.base == ["world", str(ws.root / "grids" / ".." / "bases" / "mine")]
+
+
+def test_unreadable_run_files_give_no_oracle_hint_not_an_error(tmp_path):
+    ws = Workspace.create(tmp_path / "ws")
+    run = ws.root / "runs" / "r"
+    run.mkdir()
+    (run / "r.safetensors").write_bytes(b"")
+    for text in ("[dataset\ntrain_data_dir = ", '[dataset]\ntrain_data_dir = "/etc"\n', "dataset = 3\n"):
+        (run / "config.toml").write_text(text)
+        assert grids.world_names(ws, "runs/r/r.safetensors") == {}
+    (ws.root / "datasets" / "d").mkdir()
+    (ws.root / "datasets" / "d" / "world_dataset.json").write_text('{"kind": "subject"')
+    (run / "config.toml").write_text('[dataset]\ntrain_data_dir = "datasets/d"\n')
+    assert grids.world_names(ws, "runs/r/r.safetensors") == {}

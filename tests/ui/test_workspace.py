@@ -121,3 +121,31 @@ def test_listings_survive_a_job_writing_at_the_same_time(ws, monkeypatch):
     assert len(seen) >= 2
     (ws.root / "datasets" / ".lorafuse-tmp-1-2-new").mkdir()
     assert ws.list_dirs("datasets") == []
+
+
+def test_a_folder_a_job_reads_has_no_symlink_out(ws, tmp_path):
+    """A dataset (or model folder) is read by the queued command, which follows symlinks: one inside it that leads
+    out of the workspace, at any depth, is refused before the job is queued; symlinks that stay inside are fine."""
+    from lorafuse.train.options import options
+    from lorafuse.ui.tab_train import PAGE_SET, config_for
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(b"x")
+    subset = ws.root / "datasets" / "dog" / "10_sks dog"
+    subset.mkdir(parents=True)
+    (subset / "a.png").write_bytes(b"x")
+    (ws.root / "photos").mkdir()
+    (ws.root / "photos" / "b.png").write_bytes(b"x")
+    (subset / "b.png").symlink_to(ws.root / "photos" / "b.png")  # inside: fine
+    assert ws.input_file("datasets/dog", "dataset") == "datasets/dog"
+    (ws.root / "photos" / "c.png").symlink_to(outside / "secret.png")
+    (subset / "more").symlink_to(ws.root / "photos")  # a folder inside that holds a symlink out
+    with pytest.raises(WorkspacePathError, match=r"^dataset: photos/c.png: a symlink leads outside"):
+        ws.input_file("datasets/dog", "dataset")
+    (subset / "more").unlink()
+    (subset / "deep").mkdir()
+    (subset / "deep" / "d.png").symlink_to(outside / "secret.png")
+    opts = [o for o in options() if o.key not in PAGE_SET]
+    with pytest.raises(WorkspacePathError, match=r"datasets/dog/10_sks dog/deep/d.png: a symlink leads outside"):
+        config_for(ws, opts, "datasets/dog", "run", [o.default for o in opts])  # refused before any work

@@ -48,6 +48,7 @@ RESUME_FREE_KEYS = {
         "save_every_n_steps",
         "save_state",
         "sample_every_n_epochs",
+        "sample_every_n_steps",
         "sample_prompts",
         "sample_steps",
         "logging",

@@ -251,7 +251,7 @@ def _estimate(
     params = list(named.values())
     te_lora = sum(p.numel() for c, p in named.items() if c.startswith("text_encoder"))
     te_trained = [comps[c] for c in network.plan if c.startswith("text_encoder")]
-    sampling = bool(tc.sample_every_n_epochs)
+    sampling = bool(tc.sample_every_n_epochs or tc.sample_every_n_steps)
     te_bytes = sum(_bytes(te, dtype) for te in encoders)
     free_te = ds.cache_text_encoder_outputs and not te_trained and not sampling
     vae_kept = (_bytes(vae.decoder) + _bytes(getattr(vae, "post_quant_conv", None))) if sampling else 0
@@ -303,8 +303,8 @@ _OPTIONS: list[tuple[str, dict[str, dict[str, Any]]]] = [
     ("training.blocks_to_swap = 18 (FLUX.1, with gradient_checkpointing)",
      {"training": {"gradient_checkpointing": True, "blocks_to_swap": 18}}),
     ("training.train_batch_size = 1", {"training": {"train_batch_size": 1}}),
-    ("no sample_every_n_epochs (frees the text encoders and the VAE after caching)",
-     {"training": {"sample_every_n_epochs": None}}),
+    ("no sample_every_n_epochs / _steps (frees the text encoders and the VAE after caching)",
+     {"training": {"sample_every_n_epochs": None, "sample_every_n_steps": None}}),
 ]  # fmt: skip
 
 

@@ -303,7 +303,7 @@ def _build_caches(run: Run) -> None:
     # Dropped now rather than at the end, so the training steps reuse their memory (for SD1.5 the VAE encoder and
     # CLIP are ~0.6 GB in fp32; kohya likewise moves the VAE off the GPU after caching). Samples during training
     # still need the text encoders and the VAE's decoder.
-    sampling = bool(run.cfg.training.sample_every_n_epochs)
+    sampling = bool(run.cfg.training.sample_every_n_epochs or run.cfg.training.sample_every_n_steps)
     if run.latent_cache is not None:
         run.latent_cache.release_vae()
         if sampling:

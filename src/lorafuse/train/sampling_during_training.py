@@ -51,6 +51,11 @@ def sample_grid(
     width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     images = []
+    # CPU autocast (mixed_precision fp16 / bf16 without CUDA) leaves convolutions uncast: the half-precision
+    # latents would meet the float32 VAE decoder; its entry modules take their input in their own dtype
+    vae = getattr(pipe, "vae", None)
+    entries = [m for m in (getattr(vae, "post_quant_conv", None), getattr(vae, "decoder", None)) if m is not None]
+    hooks = [m.register_forward_pre_hook(_in_own_dtype) for m in entries]
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad(), autocast or contextlib.nullcontext():
             for m in modules:
@@ -73,11 +78,18 @@ def sample_grid(
                 ).images[0]  # (H, W, 3) in [0, 1]
                 images.append(to_uint8(image))
     finally:
+        for hook in hooks:
+            hook.remove()
         for m, mode in zip(modules, modes, strict=True):
             m.train(mode)
     labels = [split_negative(p)[0] for p in prompts]
     labels = [p if len(p) <= 40 else p[:37] + "..." for p in labels]
     return save_image(labelled_grid([[img] for img in images], labels, ["sample"], title=title), out)
+
+
+def _in_own_dtype(module, args):
+    dtype = next(module.parameters()).dtype
+    return (args[0].to(dtype), *args[1:])
 
 
 def long_prompt_kwargs(

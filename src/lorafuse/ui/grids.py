@@ -35,11 +35,16 @@ def world_names(ws: Workspace, lora: str) -> dict[str, str]:
         config = folder / "config.toml"
         if not config.is_file():
             continue
-        data_dir = tomllib.loads(config.read_text()).get("dataset", {}).get("train_data_dir")
-        info = ws.resolve(data_dir) / "world_dataset.json" if data_dir else None
-        if info is not None and info.is_file():
-            meta = json.loads(info.read_text())
-            return {"individual": meta["individual"]} if meta["kind"] == "subject" else {"style": meta["style"]}
+        # only a hint for the oracle's "auto": a config or info file that cannot be read, or a dataset outside the
+        # workspace (a run trained from the command line), gives none, not an error
+        try:
+            data_dir = tomllib.loads(config.read_text()).get("dataset", {}).get("train_data_dir")
+            info = ws.resolve(data_dir) / "world_dataset.json" if isinstance(data_dir, str) and data_dir else None
+            if info is not None and info.is_file():
+                meta = json.loads(info.read_text())
+                return {"individual": meta["individual"]} if meta["kind"] == "subject" else {"style": meta["style"]}
+        except (UserInputError, OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
     return {}
 
 

@@ -164,7 +164,7 @@ def _buckets_section(ws: Workspace, chosen: gr.Dropdown) -> None:
         if not dataset:
             return "choose a dataset first"
         try:
-            dataset = ws.relative(ws.resolve(dataset, must_exist=True))
+            dataset = ws.input_file(dataset, "dataset")
         except UserInputError as e:
             return f"error: {e}"
         argv = ["train", "--dry-run", "--pretrained_model_name_or_path", "world", "--train_data_dir", dataset,

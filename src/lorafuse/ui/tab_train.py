@@ -129,7 +129,7 @@ def config_for(ws: Workspace, opts: list[Option], dataset: str, name: str, value
         raise UserInputError("choose a dataset first (Dataset tab)")
     name = (name or "").strip()
     run = ws.resolve(f"runs/{name}")
-    ws.resolve(dataset, must_exist=True)
+    dataset = ws.input_file(dataset, "dataset")  # also: no symlink inside it leads out
     over = checked_paths(ws, opts, overrides_from_form(opts, values))
     over.update({"dataset.train_data_dir": dataset, "training.output_dir": ws.relative(run),
                  "training.output_name": name})  # fmt: skip

@@ -126,10 +126,32 @@ class Workspace:
             raise UserInputError(f"{what}: choose a file first")
         try:
             resolved = self.resolve(path, must_exist=True)
+            self.check_tree(resolved)
         except UserInputError as e:
             raise type(e)(f"{what}: {e}") from None
         self.check_pickle(resolved)
         return self.relative(resolved)
+
+    def check_tree(self, folder: Path, _seen: set[Path] | None = None) -> None:
+        """A folder a job will read (a dataset, a model folder): no symlink inside it may lead out of the workspace.
+        The command that reads it follows symlinks and knows nothing of the workspace, so this is checked before
+        the job is queued (a symlink made after that is the job's to follow: see README, Safety)."""
+        seen = _seen if _seen is not None else set()
+        if not folder.is_dir() or folder in seen:
+            return
+        seen.add(folder)
+        for dirpath, dirnames, filenames in os.walk(folder):  # symlinked folders are listed, not walked into
+            for name in (*dirnames, *filenames):
+                entry = Path(dirpath) / name
+                if not entry.is_symlink():
+                    continue
+                real = entry.resolve()
+                if real != self.root and self.root not in real.parents:
+                    raise WorkspacePathError(
+                        f"{entry.relative_to(self.root).as_posix()}: a symlink leads outside the workspace (to {real}); "
+                        "refused"
+                    )
+                self.check_tree(real, seen)  # a symlink to another folder of the workspace: check what it holds
 
     def base_model(self, name_or_path: str, what: str = "base") -> str:
         """A base model for the CLI: a built-in name, or a folder / checkpoint inside the workspace (not a Hugging

@@ -26,7 +26,7 @@ PRESETS = {
     "style LoRA (world recipe)": ("style", {}),
     "CRAFT pair: content half (craft_content layers)": ("subject", {"layers": "craft"}),
     "CRAFT pair: style half (craft_style layers)": ("style", {"layers": "craft"}),
-    "B-LoRA (attention projections: both B-LoRA blocks)": ("subject", {"layers": "attn", "conv_rank": 0}),
+    "B-LoRA (one LoRA on both B-LoRA blocks, as the paper trains it)": ("subject", {"layers": "blora", "conv_rank": 0}),
 }
 # what the page needs from every run: a CSV log for the chart, a state to continue from, samples per epoch
 # set by the page itself (dataset picker, run name, the continue button), so not in the form

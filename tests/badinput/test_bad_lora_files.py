@@ -177,7 +177,9 @@ def test_broken_file_fails_before_the_base_loads(cli, work, monkeypatch, command
         "train": ["train", "--pretrained_model_name_or_path", "sd15-tiny", "--train_data_dir", work / "nowhere",
                   "--resolution", "64", "--output_dir", work / "out", "--network_weights", path, "--dry-run"],
     }[command]  # fmt: skip
-    cli.refused(argv, str(path), "cut short", watch=work)
+    msg = cli.refused(argv, str(path), "cut short", watch=work)
+    if command == "fuse":
+        assert "direct: style LoRA: " in msg  # which of the two files
 
 
 @pytest.mark.parametrize(

@@ -79,18 +79,19 @@ def test_lora_and_locon_files_load_in_comfyui_and_kohya(arch, dtype, tmp_path):
 
 
 LYCORIS = [
-    ("locon", {}),
-    ("loha", {}),
-    ("lokr", {"factor": 4}),
-    ("lokr", {"network_dim": 100000}),  # the kohya_ss GUI's LoKr preset: w2 stored whole, ComfyUI's scale 1
+    ("sd15", "locon", {}),
+    ("sd15", "loha", {}),
+    ("sd15", "lokr", {"factor": 4}),
+    ("sd15", "lokr", {"network_dim": 100000}),  # the kohya_ss GUI's LoKr preset: w2 stored whole, ComfyUI's scale 1
+    ("sdxl", "loha", {}),  # SGM names and both text encoders (lora_te1_ / lora_te2_)
+    ("sdxl", "lokr", {"factor": 4}),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("algo", "extra"), LYCORIS)
-def test_lycoris_files_load_in_comfyui_as_lycoris_applies_them(algo, extra, dtype, tmp_path):
+@pytest.mark.parametrize(("arch", "algo", "extra"), LYCORIS)
+def test_lycoris_files_load_in_comfyui_as_lycoris_applies_them(arch, algo, extra, dtype, tmp_path):
     pytest.importorskip("lycoris", reason="lycoris-lora is not installed (pip install 'lorafuse[lycoris]')")
-    arch = "sd15"
     pipe = tiny_pipeline(arch, seed=0)
     torch.manual_seed(0)
     cfg = {"network_dim": 4, "network_alpha": 2, "conv_dim": 2, "conv_alpha": 1, **extra}
@@ -107,7 +108,12 @@ def test_lycoris_files_load_in_comfyui_as_lycoris_applies_them(algo, extra, dtyp
     if extra.get("network_dim") == 100000:
         assert any("lokr_w2" in parts for _, parts, _ in patches.values())  # whole factors: no alpha scaling
     # the same paths in the training pipeline, whose modules LyCORIS wraps (its names are its own)
-    where = {id(m): (c, p) for c in ("unet", "text_encoder") for p, m in getattr(pipe, c).named_modules()}
+    where = {
+        id(m): (c, p)
+        for c in ("unet", "text_encoder", "text_encoder_2")
+        if getattr(pipe, c, None) is not None
+        for p, m in getattr(pipe, c).named_modules()
+    }
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _, module in modules:

@@ -51,7 +51,7 @@ def test_kohya_keys_map_and_lycoris_refuses_loraplus():
     opt = config_from_dict(TrainConfig, imp.data, "<kohya>").optimizer
     assert (opt.loraplus_lr_ratio, opt.loraplus_text_encoder_lr_ratio) == (16.0, 4.0)
     imp.data["network"] = {"network_module": "lycoris.kohya"}
-    with pytest.raises(ConfigError, match="LoRA\\+ is for networks.lora"):
+    with pytest.raises(ConfigError, match="scale_weight_norms are for networks.lora"):
         config_from_dict(TrainConfig, imp.data, "<kohya>")
 
 
@@ -59,7 +59,32 @@ def test_a_run_with_loraplus_trains(train_overrides):
     from lorafuse.train.config import load_train_config
     from lorafuse.train.loop import train_lora
 
-    cfg = load_train_config(None, train_overrides(**{"training.max_train_steps": 2,
-                                                     "optimizer.loraplus_lr_ratio": 16}))  # fmt: skip
+    cfg = load_train_config(None, train_overrides(**{"training.max_train_steps": 2, "optimizer.loraplus_lr_ratio": 16,
+                                                     "optimizer.scale_weight_norms": 1.0}))  # fmt: skip
     result = train_lora(cfg)
     assert result.global_step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_scale_weight_norms_caps_every_delta_norm_as_kohya():
+    """kohya's max-norm rule: a module with ‖ΔW‖_F > max_norm gets A and B each x √(max_norm / ‖ΔW‖), so its ΔW
+    norm becomes max_norm; a module below it is untouched."""
+    from lorafuse.train.max_norm import apply_max_norm
+
+    torch.manual_seed(0)
+    network = create_network(tiny_pipeline("sd15", seed=0), NetworkConfig(network_dim=4, network_alpha=4), "sd15")
+    with torch.no_grad():
+        for i, p in enumerate(network.named_parameters().values()):
+            p.copy_(torch.randn_like(p) * (0.5 if i % 4 < 2 else 0.01))  # some modules large, some small
+    before = {(c, path): layer.get_delta_weight(network.adapter).norm().item()
+              for c in network.plan for path, layer in network.layers(c)}  # fmt: skip
+    max_norm = sorted(before.values())[len(before) // 2]  # about half the modules above it
+    assert apply_max_norm(network, max_norm) == sum(n > max_norm for n in before.values())
+    for c in network.plan:
+        for path, layer in network.layers(c):
+            after = layer.get_delta_weight(network.adapter).norm().item()
+            expected = min(before[(c, path)], max_norm)
+            assert after == pytest.approx(expected, rel=1e-4), path
+    imp = convert_flat({"pretrained_model_name_or_path": "sd15-tiny", "train_data_dir": "d", "scale_weight_norms": 1.0})
+    assert config_from_dict(TrainConfig, imp.data, "<kohya>").optimizer.scale_weight_norms == 1.0
+    imp = convert_flat({"pretrained_model_name_or_path": "sd15-tiny", "train_data_dir": "d", "scale_weight_norms": 0})
+    assert config_from_dict(TrainConfig, imp.data, "<kohya>").optimizer.scale_weight_norms is None

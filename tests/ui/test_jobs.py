@@ -152,3 +152,28 @@ def test_a_job_killed_by_a_signal_says_so_and_a_dead_worker_is_replaced(tmp_path
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_a_symlink_out_made_while_a_job_waits_is_refused_when_it_starts(tmp_path):
+    """The page checks a job's inputs when it queues it; the runner checks them again just before the command
+    reads them, so a dataset turned into (or given) a symlink out of the workspace meanwhile is refused."""
+    from lorafuse.ui import runner
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    ws = tmp_path / "ws"
+    store = JobStore(ws)
+    (ws / "datasets" / "d").mkdir(parents=True)
+    job = store.submit("world", "list", ["world", "list"], inputs=["datasets/d"])
+    assert runner.run(ws, job.id) == 0  # unchanged: it runs
+    (ws / "datasets" / "d" / "secret.png").symlink_to(outside / "secret.png")
+    again = store.submit("world", "list", ["world", "list"], inputs=["datasets/d"])
+    with open(store.path(again.id, "log"), "wb") as log:  # as the worker runs it: output into the job's log
+        code = subprocess.run([sys.executable, "-m", "lorafuse.ui.runner", str(ws), again.id], stdout=log,
+                              stderr=subprocess.STDOUT, timeout=300).returncode  # fmt: skip
+    assert code == 2
+    view = store.view(again)
+    assert view.status == "failed" and view.error.startswith("lorafuse world: error: input: datasets/d/secret.png: "
+                                                             "a symlink leads outside the workspace")  # fmt: skip
+    assert view.error.endswith("(checked again as the job started)")
+    assert JobStore(ws).load(again.id).inputs == ["datasets/d"]

@@ -64,3 +64,40 @@ print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_the_login_gate_denies_by_default():
+    """With a token, only the login page's own files pass without the login cookie; every other route (also ones
+    gradio adds later) needs a cookie that gradio issued at login."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from lorafuse.ui.server import LoginGate
+
+    app = SimpleNamespace(auth=[("any", "t")], cookie_id="C", tokens={"good": "me"})
+    reached = []
+
+    async def inner(scope, receive, send):
+        reached.append(scope["path"])
+
+    def status(path, cookie=b""):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "path": path, "app": app, "headers": [(b"cookie", cookie)] if cookie else []}
+        asyncio.run(LoginGate(inner)(scope, None, send))
+        return 200 if reached and reached[-1] == path and not sent else sent[0]["status"]
+
+    for path in ("/", "/assets/index.js", "/theme.css", "/config", "/gradio_api/startup-events"):
+        assert status(path) == 200, path
+    for path in ("/gradio_api/cancel", "/gradio_api/heartbeat/x", "/openapi.json", "/gradio_api/queue/join",
+                 "/gradio_api/file=/ws/a.png", "/gradio_api/some-future-route", "/monitoring/x"):  # fmt: skip
+        assert status(path) == 401, path
+    assert status("/gradio_api/cancel", b"access-token-C=good") == 200
+    assert status("/gradio_api/cancel", b"access-token-unsecure-C=good") == 200
+    assert status("/gradio_api/cancel", b"access-token-C=forged") == 401
+    assert status("/gradio_api/cancel", b"access-token-OTHER=good") == 401
+    app.auth = None  # no token (loopback only): nothing to guard
+    assert status("/gradio_api/cancel") == 200

@@ -143,12 +143,11 @@ def _options_per_method(methods: list[str], sets: dict[str, str], config: Path |
 def cmd_fuse(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from lorafuse.fusion.api import fuse, load_base
+    from lorafuse.fusion.api import fuse, load_base, precheck_pair
     from lorafuse.fusion.klora_schedule import record_heatmap
     from lorafuse.fusion.markers import strip_markers
     from lorafuse.fusion.registry import make_config, method_names
     from lorafuse.fusion.sampling import check_counts
-    from lorafuse.lora.io import check_lora_file
     from lorafuse.utils.atomic import atomic_write_text, check_output
     from lorafuse.utils.images import labelled_grid, save_image
     from lorafuse.utils.inputs import check_input_file
@@ -177,7 +176,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     check_counts(args.num_images, args.steps, args.seed)
     for path in (args.content, args.style):
         check_input_file(path, "LoRA file", LoraFormatError)
-        check_lora_file(path, allow_pickle=args.allow_pickle)
+    precheck_pair(args.content, args.style, args.method, allow_pickle=args.allow_pickle)
     check_output(args.out, kind="folder", what="output folder")
     pipe = load_base(args.base, device=args.device, dtype=args.dtype)
     common = dict(

@@ -452,8 +452,8 @@ class TrainConfig:
         if self.network.network_module == "lycoris.kohya":
             if self.training.lora_format != "kohya":
                 raise _bad("training.lora_format", "LyCORIS networks are written in LyCORIS's own (kohya) layout")
-            if any(ratios(self.optimizer)):
-                raise _bad("optimizer.loraplus_lr_ratio", "LoRA+ is for networks.lora (LoRA's B factors)")
+            if any(ratios(self.optimizer)) or self.optimizer.scale_weight_norms:
+                raise _bad("optimizer.loraplus_lr_ratio", "and scale_weight_norms are for networks.lora (B·A factors)")
         if self.loss.masked_loss:
             _check_mask_sources(ds)
         if self.training.validate_every_n_steps and not ds.validation_split:

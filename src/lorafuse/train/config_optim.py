@@ -30,10 +30,12 @@ class OptimizerConfig:
     loraplus_lr_ratio: float | None = None
     loraplus_unet_lr_ratio: float | None = None  # LoRA+ ratio of the denoiser (UNet / transformer) only
     loraplus_text_encoder_lr_ratio: float | None = None  # LoRA+ ratio of the text encoders only
+    # after each step, scale down every LoRA whose ΔW has a Frobenius norm above this (kohya's max-norm; 1 typical)
+    scale_weight_norms: float | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "learning_rate", "unet_lr", "text_encoder_lr", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
-                  "loraplus_text_encoder_lr_ratio")  # fmt: skip
+                  "loraplus_text_encoder_lr_ratio", "scale_weight_norms")  # fmt: skip
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise _bad(
                 "weight_decay",

@@ -108,6 +108,27 @@ def _read(path: Path) -> dict[str, Any]:
     return data
 
 
+def _general(imp: KohyaImport, general: dict[str, Any], batch_sizes: set) -> dict[str, Any]:
+    """[general] into [dataset]; returns what every subset inherits from it (num_repeats, which [dataset] lacks)."""
+    inherited: dict[str, Any] = {}
+    for key, value in general.items():
+        where = "general."
+        if _handled(imp, where, key, value):
+            continue
+        if key == "num_repeats":  # no [dataset] field: every subset carries it (unless it sets its own)
+            inherited = {key: value}
+            imp.rows.append(Row(f"{where}{key}", value, "mapped", f"dataset.subsets[].num_repeats = {value!r}"))
+        elif key in DATASET_LEVEL or key in SUBSET_LEVEL:
+            imp.put(f"dataset.{key}", _value(key, value), f"{where}{key}", value)
+        elif key == "batch_size":
+            batch_sizes.add(value)
+        elif key in ("validation_split", "validation_seed"):
+            imp.put(f"dataset.{key}", value, f"{where}{key}", value)
+        else:
+            imp.refuse(f"{where}{key}", value, "unknown [general] key")
+    return inherited
+
+
 def convert_dataset_config(imp: KohyaImport, path: Path, flat: dict[str, Any]) -> None:
     if not path.is_file():
         imp.refuse("dataset_config", str(path), "file not found")
@@ -119,24 +140,9 @@ def convert_dataset_config(imp: KohyaImport, path: Path, flat: dict[str, Any]) -
                 f"dataset_config:{key}", cfg[key], "unknown table (kohya has [general] and [[datasets]])"
             )
     general = cfg.get("general", {})
-    general_repeats: dict[str, Any] = {}
     has_ext = "caption_extension" in general or "caption_extension" in flat
     batch_sizes, splits = set(), set()
-    for key, value in general.items():
-        where = "general."
-        if _handled(imp, where, key, value):
-            continue
-        if key == "num_repeats":  # no [dataset] field: every subset carries it (unless it sets its own)
-            general_repeats = {key: value}
-            imp.rows.append(Row(f"{where}{key}", value, "mapped", f"dataset.subsets[].num_repeats = {value!r}"))
-        elif key in DATASET_LEVEL or key in SUBSET_LEVEL:
-            imp.put(f"dataset.{key}", _value(key, value), f"{where}{key}", value)
-        elif key == "batch_size":
-            batch_sizes.add(value)
-        elif key in ("validation_split", "validation_seed"):
-            imp.put(f"dataset.{key}", value, f"{where}{key}", value)
-        else:
-            imp.refuse(f"{where}{key}", value, "unknown [general] key")
+    general_repeats = _general(imp, general, batch_sizes)
     subsets: list[dict[str, Any]] = []
     datasets = cfg.get("datasets", [])
     if not datasets:

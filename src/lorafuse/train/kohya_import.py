@@ -320,7 +320,16 @@ def _dataset_config(imp, key, value, flat):
     convert_dataset_config(imp, Path(value), flat)
 
 
+def _zero_is_off(imp, key, value, flat):
+    rule = RULES[key]
+    if value in (0, 0.0, None, False):
+        imp.note(key, value, "off")
+    else:
+        imp.put(rule.target, value, key, value)
+
+
 _HANDLERS = {
+    "scale_weight_norms": _zero_is_off,
     "resolution": _resolution,
     "text_encoder_lr": _lr,
     "unet_lr": _lr,

@@ -56,7 +56,7 @@ SAME_NAME: dict[str, str] = {
     "network": "network_module network_dim network_alpha network_dropout network_weights dim_from_weights "
     "network_train_unet_only network_train_text_encoder_only",
     "optimizer": "optimizer_type learning_rate unet_lr text_encoder_lr max_grad_norm loraplus_lr_ratio "
-    "loraplus_unet_lr_ratio loraplus_text_encoder_lr_ratio",
+    "loraplus_unet_lr_ratio loraplus_text_encoder_lr_ratio scale_weight_norms",
     "scheduler": "lr_scheduler lr_warmup_steps lr_scheduler_num_cycles lr_scheduler_power",
     "loss": "loss_type huber_c huber_schedule min_snr_gamma debiased_estimation_loss noise_offset "
     "multires_noise_iterations multires_noise_discount min_timestep "
@@ -191,7 +191,6 @@ RULES: dict[str, Rule] = {
         "per-block LRs of kohya's full SDXL fine-tune; for a LoRA use network_args down_lr_weight / mid_lr_weight "
         "/ up_lr_weight"
     ),
-    "scale_weight_norms": _refuse("max-norm regularisation is not implemented"),
     "base_weights": _refuse(
         "merging other LoRAs into the base before training is not supported; bake them first"
     ),

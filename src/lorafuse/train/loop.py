@@ -34,6 +34,7 @@ from lorafuse.train.cache import encode_latents
 from lorafuse.train.checkpoint import Progress, rng_state, save_train_state
 from lorafuse.train.config import TrainConfig
 from lorafuse.train.losses import diffusion_loss
+from lorafuse.train.max_norm import apply_max_norm
 from lorafuse.train.objectives import Noised
 from lorafuse.train.offload import saved_on_host
 from lorafuse.train.prepare import Run, TrainResult, caption_embeddings, prepare
@@ -226,6 +227,8 @@ def _optimizer_step(run: Run) -> None:
     if run.cfg.optimizer.max_grad_norm > 0:
         acc.clip_grad_norm_(run.params, run.cfg.optimizer.max_grad_norm)
     run.optimizer.step()
+    if run.cfg.optimizer.scale_weight_norms:
+        apply_max_norm(run.network, run.cfg.optimizer.scale_weight_norms)
     if not acc.optimizer_step_was_skipped:  # fp16 overflow: the schedule waits as well
         run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)

@@ -68,9 +68,12 @@ def write_grid(ws: Workspace, folder: str, name: str, *, prompt: str, axes: dict
     return ws.relative(config), ws.relative(out)
 
 
-def submit_grid(ws: Workspace, store: JobStore, kind: str, title: str, config: str, out: str) -> Job:
+def submit_grid(ws: Workspace, store: JobStore, kind: str, title: str, config: str, out: str,
+                inputs: list[str] = ()) -> Job:  # fmt: skip
+    """Queue `lorafuse grid CONFIG --report`; `inputs` (LoRAs, base folders) are checked again when it starts."""
     argv = ["grid", config, "--report"]
-    job = store.submit(kind, title, argv, {"dir": out, "config": config})
+    job = store.submit(kind, title, argv, {"dir": out, "config": config},
+                       inputs=[p for p in inputs if p not in BUILTIN_BASES])  # fmt: skip
     store.ensure_worker()
     return job
 

@@ -52,6 +52,8 @@ class Job:
     outputs: dict[str, str] = field(default_factory=dict)  # workspace-relative paths the page shows
     created: float = 0.0
     continue_of: str | None = None
+    # the workspace paths it reads, checked when queued and again when it starts (a symlink out made meanwhile)
+    inputs: list[str] = field(default_factory=list)
 
     @property
     def command(self) -> str:
@@ -80,13 +82,13 @@ class JobStore:
 
     # ----- writing (the page)
     def submit(self, kind: str, title: str, argv: list[str], outputs: dict[str, str] | None = None,
-               continue_of: str | None = None) -> Job:  # fmt: skip
+               continue_of: str | None = None, inputs: list[str] | None = None) -> Job:  # fmt: skip
         now = time.time()
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
         job_id = f"{stamp}-{int(now * 1000) % 1000:03d}-{kind}"
         while self.path(job_id, "json").exists():  # two jobs in the same millisecond
             job_id += "x"
-        job = Job(job_id, kind, title, [str(a) for a in argv], dict(outputs or {}), now, continue_of)
+        job = Job(job_id, kind, title, [str(a) for a in argv], dict(outputs or {}), now, continue_of, list(inputs or []))
         atomic_write_text(self.path(job_id, "json"), json.dumps(job.__dict__, indent=1))
         return job
 
@@ -114,7 +116,7 @@ class JobStore:
             raise UserInputError(f"no job {job_id} in {self.dir}") from None
         except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
             raise UserInputError(f"jobs/{path.name}: not a readable job file ({type(e).__name__}: {e})") from None
-        if job.id != job_id or not isinstance(job.argv, list) or not isinstance(job.outputs, dict):
+        if job.id != job_id or not all(isinstance(v, t) for v, t in ((job.argv, list), (job.outputs, dict), (job.inputs, list))):
             raise UserInputError(f"jobs/{path.name}: not a readable job file (its fields do not match its name)")
         return job
 

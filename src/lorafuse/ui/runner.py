@@ -9,8 +9,19 @@ import sys
 import time
 from pathlib import Path
 
-from lorafuse.ui.jobs import JobStore
+from lorafuse.errors import UserInputError
+from lorafuse.ui.jobs import Job, JobStore
 from lorafuse.utils.atomic import atomic_write_text
+
+
+def recheck(root: Path, job: Job) -> None:
+    """The job's inputs were checked when it was queued; a symlink out of the workspace made while it waited
+    (in a dataset, or as the file itself) is refused now, just before the command reads them."""
+    from lorafuse.ui.workspace import Workspace
+
+    ws = Workspace(root.resolve())
+    for path in job.inputs:
+        ws.input_file(path, "input")
 
 
 def run(root: Path, job_id: str) -> int:
@@ -21,7 +32,11 @@ def run(root: Path, job_id: str) -> int:
     from lorafuse.cli.main import main
 
     try:
+        recheck(root, job)
         code = main(job.argv)
+    except UserInputError as e:  # an input changed since it was queued
+        print(f"lorafuse {job.argv[0] if job.argv else 'job'}: error: {e} (checked again as the job started)", flush=True)
+        code = 2
     except KeyboardInterrupt:  # a stop request to a command that has no graceful stop of its own
         print("stopped", flush=True)
         code = 130

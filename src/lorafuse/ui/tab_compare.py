@@ -73,7 +73,8 @@ def _grid_section(ws: Workspace, store: JobStore) -> gr.Dropdown:
             config, out = grids.write_grid(ws, "grids", name, prompt=prompt, axes=axes, metrics=metrics)
         except UserInputError as e:
             raise gr.Error(f"error: {e}", print_exception=False) from None
-        job = grids.submit_grid(ws, store, "grid", f"grid {len(ckpts)} checkpoint(s)", config, out)
+        job = grids.submit_grid(ws, store, "grid", f"grid {len(ckpts)} checkpoint(s)", config, out,
+                                [*ckpts, *(style_ckpts or []), *(bases or [])])  # fmt: skip
         return gr.update(choices=fuse_jobs(store, "grid"), value=job.id)
 
     def on_tick(job_id):

@@ -58,7 +58,7 @@ def build(ws: Workspace, store: JobStore) -> dict:
                                            scheduler=scheduler)  # fmt: skip
         except UserInputError as e:
             raise gr.Error(f"error: {e}", print_exception=False) from None
-        job = grids.submit_grid(ws, store, "fuse", f"fuse {', '.join(chosen)}", config, out)
+        job = grids.submit_grid(ws, store, "fuse", f"fuse {', '.join(chosen)}", config, out, [content, style, base])
         return gr.update(choices=fuse_jobs(store), value=job.id)
 
     run.click(on_run, inputs, pick)

@@ -8,7 +8,7 @@ import gradio as gr
 from lorafuse.errors import UserInputError
 from lorafuse.ui.common import choices_or, error_md, run_cli, split_list
 from lorafuse.ui.jobs import JobStore
-from lorafuse.ui.workspace import Workspace
+from lorafuse.ui.workspace import BUILTIN_BASES, Workspace
 
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 BASES = ["world", "sd15-tiny", "sdxl-tiny"]
@@ -87,7 +87,9 @@ def build(ws: Workspace, store: JobStore) -> dict:
             except UserInputError as e:
                 return error_md(e), f"error: {e}"
             if argv[0] == "bake":
-                job = store.submit("bake", f"bake {argv[-1]}", argv, {"dir": argv[-1]})
+                inputs = [argv[argv.index("--lora") + 1], argv[argv.index("--base") + 1]]
+                job = store.submit("bake", f"bake {argv[-1]}", argv, {"dir": argv[-1]},
+                                   inputs=[p for p in inputs if p not in BUILTIN_BASES])  # fmt: skip
                 store.ensure_worker()
                 return f"queued `{job.id}`: `{job.command}`", ""
             return run(argv)

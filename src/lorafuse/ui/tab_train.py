@@ -18,7 +18,7 @@ from lorafuse.ui import tasks
 from lorafuse.ui.common import choices_or, error_md
 from lorafuse.ui.helper import HELPER
 from lorafuse.ui.jobs import JobStore
-from lorafuse.ui.workspace import Workspace, hidden
+from lorafuse.ui.workspace import BUILTIN_BASES, Workspace, hidden
 from lorafuse.utils.atomic import atomic_write_text
 
 PRESETS = {
@@ -26,7 +26,7 @@ PRESETS = {
     "style LoRA (world recipe)": ("style", {}),
     "CRAFT pair: content half (craft_content layers)": ("subject", {"layers": "craft"}),
     "CRAFT pair: style half (craft_style layers)": ("style", {"layers": "craft"}),
-    "B-LoRA (attention projections: both B-LoRA blocks)": ("subject", {"layers": "attn", "conv_rank": 0}),
+    "B-LoRA (one LoRA on both B-LoRA blocks, as the paper trains it)": ("subject", {"layers": "blora", "conv_rank": 0}),
 }
 # what the page needs from every run: a CSV log for the chart, a state to continue from, samples per epoch
 # set by the page itself (dataset picker, run name, the continue button), so not in the form
@@ -123,6 +123,10 @@ def checked_paths(ws: Workspace, opts: list[Option], over: dict[str, str]) -> di
 
 
 def config_for(ws: Workspace, opts: list[Option], dataset: str, name: str, values: list) -> tuple[Path, str, str, str]:
+    return _config_for(ws, opts, dataset, name, values)[:4]
+
+
+def _config_for(ws: Workspace, opts: list[Option], dataset: str, name: str, values: list):
     """(run folder, config path, config TOML, equivalent commands) of the form's values, checked as the CLI checks
     them (unknown keys, types, ranges) in the helper process."""
     if not dataset:
@@ -131,12 +135,20 @@ def config_for(ws: Workspace, opts: list[Option], dataset: str, name: str, value
     run = ws.resolve(f"runs/{name}")
     dataset = ws.input_file(dataset, "dataset")  # also: no symlink inside it leads out
     over = checked_paths(ws, opts, overrides_from_form(opts, values))
+    inputs = [dataset, *(v for k, v in over.items() if _is_input(opts, k, v))]
     over.update({"dataset.train_data_dir": dataset, "training.output_dir": ws.relative(run),
                  "training.output_name": name})  # fmt: skip
     text, _model = HELPER.call(tasks.train_config_toml, over)
     path = f"{ws.relative(run)}/config.toml"
     cmd = f"lorafuse train {path}\n# or, with kohya-named flags:\nlorafuse train {shlex.join(flags(over))}"
-    return run, path, text, cmd
+    return run, path, text, cmd, inputs
+
+
+def _is_input(opts: list[Option], key: str, value: str) -> bool:
+    """A path option the run reads (not the cache it writes, not a built-in base name)."""
+    if key == "model.pretrained_model_name_or_path":
+        return value not in BUILTIN_BASES
+    return key != "dataset.cache_dir" and (key in MODEL_FILES or any(o.key == key and "Path" in str(o.type) for o in opts))
 
 
 def build(ws: Workspace, store: JobStore, dataset_picker) -> dict:
@@ -191,13 +203,14 @@ def _form(ws: Workspace, store: JobStore) -> dict:
 
     def on_queue(dataset, name, *values):
         try:
-            run, path, text, cmd = config_for(ws, opts, dataset, name, list(values))
+            run, path, text, cmd, inputs = _config_for(ws, opts, dataset, name, list(values))
         except UserInputError as e:  # shown where the user looks, as the CLI prints it
             return error_md(e), gr.update(), gr.update(), ""
         atomic_write_text(run / "config.toml", text)
         rel = ws.relative(run)
         new = store.submit("train", f"train {run.name}", ["train", path],
-                           {"run": rel, "config": path, "csv": f"{rel}/logs/{run.name}.csv", "samples": f"{rel}/samples"})  # fmt: skip
+                           {"run": rel, "config": path, "csv": f"{rel}/logs/{run.name}.csv", "samples": f"{rel}/samples"},
+                           inputs=inputs)  # fmt: skip
         store.ensure_worker()
         return f"queued `{new.id}`: `{new.command}`", cmd, text, new.id
 
@@ -238,7 +251,8 @@ def _runs(ws: Workspace, store: JobStore) -> gr.Dropdown:
         except UserInputError as e:
             raise gr.Error(f"error: {e}", print_exception=False) from None
         argv = ["train", job.outputs["config"], "--set", f"training.resume={ws.relative(state)}"]
-        new = store.submit("train", f"{job.title} (continued)", argv, job.outputs, continue_of=job.id)
+        new = store.submit("train", f"{job.title} (continued)", argv, job.outputs, continue_of=job.id,
+                           inputs=[*job.inputs, ws.relative(state)])  # fmt: skip
         store.ensure_worker()
         return f"queued `{new.id}`: `{new.command}`", gr.update(choices=train_jobs(store), value=new.id)
 

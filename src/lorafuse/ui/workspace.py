@@ -134,8 +134,8 @@ class Workspace:
 
     def check_tree(self, folder: Path, _seen: set[Path] | None = None) -> None:
         """A folder a job will read (a dataset, a model folder): no symlink inside it may lead out of the workspace.
-        The command that reads it follows symlinks and knows nothing of the workspace, so this is checked before
-        the job is queued (a symlink made after that is the job's to follow: see README, Safety)."""
+        The command that reads it follows symlinks and knows nothing of the workspace, so this is checked when the
+        job is queued and again as it starts (`runner.recheck`); a symlink made while the command runs is not."""
         seen = _seen if _seen is not None else set()
         if not folder.is_dir() or folder in seen:
             return

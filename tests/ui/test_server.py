@@ -70,6 +70,7 @@ def test_the_login_gate_denies_by_default():
     """With a token, only the login page's own files pass without the login cookie; every other route (also ones
     gradio adds later) needs a cookie that gradio issued at login."""
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
     from types import SimpleNamespace
 
     from lorafuse.ui.server import LoginGate
@@ -87,7 +88,10 @@ def test_the_login_gate_denies_by_default():
             sent.append(message)
 
         scope = {"type": "http", "path": path, "app": app, "headers": [(b"cookie", cookie)] if cookie else []}
-        asyncio.run(LoginGate(inner)(scope, None, send))
+        # in a thread of its own: in the full suite the browser tests' session-wide playwright keeps an event loop
+        # running in this thread, where asyncio.run refuses to start another
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, LoginGate(inner)(scope, None, send)).result()
         return 200 if reached and reached[-1] == path and not sent else sent[0]["status"]
 
     for path in ("/", "/assets/index.js", "/theme.css", "/config", "/gradio_api/startup-events"):

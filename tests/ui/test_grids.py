@@ -73,3 +73,15 @@ def test_unreadable_run_files_give_no_oracle_hint_not_an_error(tmp_path):
     (ws.root / "datasets" / "d" / "world_dataset.json").write_text('{"kind": "subject"')
     (run / "config.toml").write_text('[dataset]\ntrain_data_dir = "datasets/d"\n')
     assert grids.world_names(ws, "runs/r/r.safetensors") == {}
+
+
+def test_grid_pages_open_in_the_preview_and_are_sent_only_when_they_change():
+    import gradio as gr
+
+    from lorafuse.ui.common import grid_pages
+
+    pages = ["grids/g/grid_p01.png", "grids/g/grid_p02.png"]
+    first = grid_pages(pages, None)
+    assert isinstance(first, gr.Gallery) and first.selected_index == 0  # the large view, not a cropped thumbnail
+    assert grid_pages(pages, pages) == gr.skip()  # unchanged: the page the user opened stays open
+    assert grid_pages([], pages).selected_index is None  # a job without pages yet empties the gallery

@@ -77,3 +77,14 @@ def choices_or(values: list[str], value: str | None = None) -> dict:
 
     keep = value if value in values else (values[0] if values else None)
     return gr.update(choices=values, value=keep)
+
+
+def grid_pages(pages: list[str], shown: list[str] | None):
+    """A grid-page gallery's update from a timer tick: the pages opened at the first in the large preview, since a
+    wide grid page in gallery's square thumbnail shows only its blank margin and caption; and nothing sent while
+    the pages are the ones already shown, so the tick neither flickers nor undoes the page the user chose."""
+    import gradio as gr
+
+    if pages == shown:
+        return gr.skip()
+    return gr.Gallery(value=pages, selected_index=0 if pages else None)

@@ -10,7 +10,7 @@ import gradio as gr
 
 from lorafuse.errors import UserInputError
 from lorafuse.ui import grids
-from lorafuse.ui.common import choices_or, split_list
+from lorafuse.ui.common import choices_or, grid_pages, split_list
 from lorafuse.ui.jobs import JobStore
 from lorafuse.ui.tab_fuse import fuse_jobs, method_catalog, show_grid
 from lorafuse.ui.tab_tools import BASES, lora_files
@@ -77,16 +77,18 @@ def _grid_section(ws: Workspace, store: JobStore) -> gr.Dropdown:
                                 [*ckpts, *(style_ckpts or []), *(bases or [])])  # fmt: skip
         return gr.update(choices=fuse_jobs(store, "grid"), value=job.id)
 
-    def on_tick(job_id):
+    shown = gr.State(None)  # the pages the gallery holds, so a tick sends them only when they change
+
+    def on_tick(job_id, last):
         text, page_list, table, _schedule, html = show_grid(ws, store, job_id)
-        return text, page_list, table, html
+        return text, grid_pages(page_list, last), table, html, page_list
 
     def on_refresh():
         names = lora_files(ws)
         return gr.update(choices=names), gr.update(choices=names)
 
     run.click(on_run, [ckpts, style_ckpts, weights, steps, bases, methods, seeds, prompt], pick)
-    gr.Timer(2.0).tick(on_tick, pick, [status, pages, scores, link])
+    gr.Timer(2.0).tick(on_tick, [pick, shown], [status, pages, scores, link, shown])
     refresh.click(on_refresh, None, [ckpts, style_ckpts])
     return methods
 

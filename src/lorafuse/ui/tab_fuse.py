@@ -11,7 +11,7 @@ import gradio as gr
 
 from lorafuse.errors import UserInputError
 from lorafuse.ui import grids, tasks
-from lorafuse.ui.common import choices_or, error_md, split_list
+from lorafuse.ui.common import choices_or, error_md, grid_pages, split_list
 from lorafuse.ui.helper import HELPER
 from lorafuse.ui.jobs import JobStore
 from lorafuse.ui.tab_tools import BASES, lora_files
@@ -128,7 +128,13 @@ def _results(ws: Workspace, store: JobStore) -> gr.Dropdown:
     with gr.Row():
         schedule = gr.Image(label="K-LoRA schedule (layers x steps)", elem_id="fuse-schedule", height=260)
         report = gr.HTML(elem_id="fuse-report")
-    gr.Timer(2.0).tick(lambda j: show_grid(ws, store, j), pick, [status, pages, scores, schedule, report])
+    shown = gr.State(None)  # the pages the gallery holds, so a tick sends them only when they change
+
+    def on_tick(job_id, last):
+        text, page_list, table, schedule_png, html = show_grid(ws, store, job_id)
+        return text, grid_pages(page_list, last), table, schedule_png, html, page_list
+
+    gr.Timer(2.0).tick(on_tick, [pick, shown], [status, pages, scores, schedule, report, shown])
     return pick
 
 

@@ -3,7 +3,7 @@
 Every `TrainConfig` field is also a flag named as in kohya (`--network_dim`), so a kohya
 command line mostly carries over; `--set table.key=value` reaches the same fields by dotted name. Precedence:
 the TOML file, then `--set`, then the flags. The help text of each flag is the comment beside (or above) its
-field in train/config.py and train/config_optim.py, so documenting a field there documents the CLI (and the web
+field in train/config.py, train/config_network.py and train/config_optim.py, so documenting a field there documents the CLI (and the web
 UI's training form, generated from the same `lorafuse.train.options`).
 """
 

@@ -106,6 +106,56 @@ def kohya_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="session")
+def inputs(tmp_path_factory, lora_files):
+    """What the writing commands read: a dataset, images, a run folder, a grid and a kohya config."""
+    import numpy as np
+    from PIL import Image
+
+    from lorafuse.world.dataset import write_subject_dataset
+
+    root = tmp_path_factory.mktemp("inputs")
+    write_subject_dataset("robot_09", root / "ds", n=1, repeats=1)
+    (root / "imgs").mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "imgs" / f"{k}.png")
+    (root / "run").mkdir()
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "run" / "grid.png")
+    (root / "grid.toml").write_text(f'prompt = "a dog"\n[axes]\nbase = ["sd15-tiny"]\ncheckpoint = '
+                                    f'["{lora_files["sd15"]}"]\nsteps = [2]\n[metrics]\n')  # fmt: skip
+    (root / "kohya.toml").write_text(
+        f'pretrained_model_name_or_path = "world-random"\ntrain_data_dir = "{root / "ds"}"\nresolution = "64,64"\n'
+        'network_module = "networks.lora"\nnetwork_dim = 4\nnetwork_alpha = 4\nmax_train_steps = 2\n'
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tmp_path_factory) -> Path:
+    """A LoRA that fits the tiny SD1.5 base (bake, fuse and grid apply it)."""
+    from lorafuse.lora.io import save_lora
+    from lorafuse.lora.state import LoraModule, LoraState
+    from lorafuse.lora.targets import base_modules
+    from lorafuse.models.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline("sd15", seed=0)
+    mods = base_modules(pipe).modules
+    g = torch.Generator().manual_seed(0)
+    keys = [k for k in sorted(mods) if k.endswith("attn2.to_k")][:2]
+    state = LoraState({k: LoraModule(torch.randn(2, mods[k].shape[1], generator=g) * 0.1,
+                                     torch.randn(mods[k].shape[0], 2, generator=g) * 0.1, 1.0) for k in keys})  # fmt: skip
+    return save_lora(state, tmp_path_factory.mktemp("tiny") / "tiny.safetensors", arch="sd15", base=pipe)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Refusals come before any model loads."""
+    import lorafuse.models.load as load
+
+    monkeypatch.setattr(load, "load_base_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+
+
+@pytest.fixture(scope="session")
 def h():
     """Helper functions (test modules cannot import conftest under --import-mode=importlib)."""
     import types

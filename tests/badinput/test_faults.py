@@ -205,25 +205,12 @@ def _writer(name: str, out: Path, lora: Path, grid_toml: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_sd15_lora(tmp_path_factory) -> tuple[Path, Path]:
+def tiny_sd15_lora(tmp_path_factory, tiny_lora) -> tuple[Path, Path]:
     """(a LoRA for the tiny SD1.5 base, a 4-cell grid config using it)."""
-    from lorafuse.lora.io import save_lora
-    from lorafuse.lora.state import LoraModule, LoraState
-    from lorafuse.lora.targets import base_modules
-    from lorafuse.models.tiny import tiny_pipeline
-
-    pipe = tiny_pipeline("sd15", seed=0)
-    mods = base_modules(pipe).modules
-    g = torch.Generator().manual_seed(0)
-    keys = [k for k in sorted(mods) if k.endswith("attn2.to_k")][:2]
-    state = LoraState({k: LoraModule(torch.randn(2, mods[k].shape[1], generator=g) * 0.1,
-                                     torch.randn(mods[k].shape[0], 2, generator=g) * 0.1, 1.0) for k in keys})  # fmt: skip
-    folder = tmp_path_factory.mktemp("tiny")
-    lora = save_lora(state, folder / "tiny.safetensors", arch="sd15", base=pipe)
-    grid = folder / "grid.toml"
-    grid.write_text(f'prompt = "a dog"\n[axes]\nbase = ["sd15-tiny"]\ncheckpoint = ["{lora}"]\n'
+    grid = tmp_path_factory.mktemp("grid") / "grid.toml"
+    grid.write_text(f'prompt = "a dog"\n[axes]\nbase = ["sd15-tiny"]\ncheckpoint = ["{tiny_lora}"]\n'
                     "lora_weight = [0.0, 0.5, 1.0, 1.5]\nsteps = [2]\n[metrics]\n")  # fmt: skip
-    return lora, grid
+    return tiny_lora, grid
 
 
 def _whole(folder: Path) -> None:

@@ -107,3 +107,15 @@ def delta(kind: str, parts: dict[str, torch.Tensor], alpha: float | None, shape)
         w1 = w1[:, :, None, None]
     scale = alpha / dim if alpha is not None and dim is not None else 1.0
     return torch.kron(w1, w2).reshape(shape) * scale
+
+
+def delta_output(org: torch.nn.Module, delta_weight: torch.Tensor, g: torch.Generator):
+    """(a random input for the base layer `org`, what a weight change `delta_weight` adds to its output): the
+    reference a network's forward difference `org(x) - org_forward(x)` is compared with."""
+    import torch.nn.functional as F
+
+    if isinstance(org, torch.nn.Conv2d):
+        x = torch.randn(1, org.in_channels, 8, 8, generator=g)
+        return x, F.conv2d(x, delta_weight, None, org.stride, org.padding, org.dilation, org.groups)
+    x = torch.randn(3, org.in_features, generator=g)
+    return x, F.linear(x, delta_weight)

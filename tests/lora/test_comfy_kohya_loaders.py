@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 
 from lorafuse.models.tiny import tiny_pipeline
 from lorafuse.train.config import NetworkConfig
 from lorafuse.train.network import create_network
 
-from .comfy_reference import delta, key_map, load
+from .comfy_reference import delta, delta_output, key_map, load
 
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}  # ΔW of two factors rounded once each
 
@@ -120,12 +119,7 @@ def test_lycoris_files_load_in_comfyui_as_lycoris_applies_them(arch, algo, extra
             org = module.org_module[0]
             kind, parts, alpha = patches[where[id(org)]]
             ours = delta(kind, parts, alpha, org.weight.shape)
-            if isinstance(org, torch.nn.Conv2d):
-                x = torch.randn(1, org.in_channels, 8, 8, generator=g)
-                expected = F.conv2d(x, ours, None, org.stride, org.padding, org.dilation, org.groups)
-            else:
-                x = torch.randn(3, org.in_features, generator=g)
-                expected = F.linear(x, ours)
+            x, expected = delta_output(org, ours, g)
             applied = org(x) - module.org_forward(x)  # what LyCORIS adds in its forward, from its fp32 weights
             tol = TOL[dtype] * applied.abs().max() + 1e-6
             assert (applied - expected).abs().max() <= tol, module.lora_name

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from tests.lora.comfy_reference import delta_output
 
 from lorafuse.lora.io import load_lora, read_tensors
 from lorafuse.lora.validate import validate_lora
@@ -61,12 +61,7 @@ def test_lycoris_file_reads_back_as_the_trained_delta(arch, algo, tmp_path):
                 if getattr(pipe, t.component).get_submodule(t.path) is org
             )
             ours = state.modules[key].delta_weight(tuple(org.weight.shape))
-            if isinstance(org, torch.nn.Conv2d):
-                x = torch.randn(1, org.in_channels, 8, 8, generator=g)
-                expected = F.conv2d(x, ours, None, org.stride, org.padding, org.dilation, org.groups)
-            else:
-                x = torch.randn(3, org.in_features, generator=g)
-                expected = F.linear(x, ours)
+            x, expected = delta_output(org, ours, g)
             applied = org(x) - module.org_forward(x)
             torch.testing.assert_close(applied, expected, rtol=1e-4, atol=1e-5, msg=key)
             checked += 1

@@ -1,7 +1,11 @@
 """LoRA+ (Hayou, Ghosh and Yu 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models", §3): the B factor
 (kohya's lora_up, peft's lora_B) of every LoRA module trains at `ratio` times the learning rate of its A factor.
 kohya's networks.lora options: loraplus_unet_lr_ratio / loraplus_text_encoder_lr_ratio per component, else
-loraplus_lr_ratio for both."""
+loraplus_lr_ratio for both.
+
+Written here rather than taken from peft's `create_loraplus_optimizer`: that builds its own optimizer from a model
+and one ratio, while these parameter groups already carry kohya's per-component and per-block learning rates and
+a per-component ratio, so each group is split in place."""
 
 from __future__ import annotations
 

@@ -177,3 +177,30 @@ def test_a_symlink_out_made_while_a_job_waits_is_refused_when_it_starts(tmp_path
                                                              "a symlink leads outside the workspace")  # fmt: skip
     assert view.error.endswith("(checked again as the job started)")
     assert JobStore(ws).load(again.id).inputs == ["datasets/d"]
+
+
+def test_a_job_started_with_sigint_ignored_can_still_be_stopped(tmp_path, monkeypatch):
+    """`nohup lorafuse ui &` leaves SIGINT ignored in the worker and every job it starts; the runner puts
+    Ctrl-C's usual meaning back, so the page's stop button interrupts a job that has no stop of its own."""
+    from lorafuse.cli import main as cli_main
+    from lorafuse.ui import runner
+
+    ws = tmp_path / "ws"
+    store = JobStore(ws)
+    job = store.submit("world", "list", ["world", "list"])
+    seen = {}
+
+    def interrupted_command(argv):
+        seen["handler"] = signal.getsignal(signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the stop button, while the command runs
+        time.sleep(5)  # the default handler raises KeyboardInterrupt long before this ends
+        return 0
+
+    monkeypatch.setattr(cli_main, "main", interrupted_command)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        code = runner.run(ws, job.id)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen["handler"] is signal.default_int_handler
+    assert code == 130 and store.view(store.load(job.id)).status != "done"

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +32,11 @@ def run(root: Path, job_id: str) -> int:
     os.chdir(root)
     print(f"$ {job.command}", flush=True)
     from lorafuse.cli.main import main
+
+    # `nohup lorafuse ui &` (or any shell without job control) starts us with SIGINT ignored, and children inherit
+    # that: the page's stop button would then do nothing to a fuse or grid job. Ctrl-C semantics are restored here.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     try:
         recheck(root, job)

@@ -51,7 +51,6 @@ def test_gui_network_args_import_without_refusals(lora_type):
         ("rank_dropout=0.1", "rank dropout is not implemented"),
         ("use_tucker=True", "Tucker decomposition"),
         ("dora_wd=True", "DoRA is not implemented"),
-        ("preset=attn-mlp", "only LyCORIS's default preset"),
         ("train_on_input=True", "IA3"),
         ("frobnicate=3", "unknown network argument"),
         ("factor=abc", "not a value kohya accepts"),

@@ -101,6 +101,10 @@ def check_settings(cfg: TrainConfig) -> None:
     if not cfg.model.part_files:  # FLUX.1's separate files are checked by their own loader
         check_base_name(str(cfg.model.pretrained_model_name_or_path))
     check_network_weights(cfg)  # family, modules and ranks against the base's configs
+    if cfg.network.network_module == "lycoris.kohya":
+        from lorafuse.train.network_lycoris import lycoris_preset
+
+        lycoris_preset(cfg.network.lycoris_preset)  # an unknown preset or a broken preset file
 
 
 @contextlib.contextmanager

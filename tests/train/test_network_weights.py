@@ -169,11 +169,18 @@ def test_text_encoder_modules_with_unet_only(tmp_path, capsys):
     assert "trains the text encoder, the config does not (network_train_unet_only)" in error
 
 
-def _lycoris_file(tmp_path, algo: str) -> Path:
+def _lycoris_file(tmp_path, algo: str, preset: str = "full") -> Path:
     pytest.importorskip("lycoris", reason="lycoris-lora is not installed (pip install 'lorafuse[lycoris]')")
     pipe = tiny_pipeline("sd15", seed=0)
     torch.manual_seed(0)
-    cfg = NetworkConfig(network_module="lycoris.kohya", algo=algo, network_dim=4, network_alpha=2, conv_dim=4)
+    cfg = NetworkConfig(
+        network_module="lycoris.kohya",
+        algo=algo,
+        network_dim=4,
+        network_alpha=2,
+        conv_dim=4,
+        lycoris_preset=preset,
+    )
     network = create_network(pipe, cfg, "sd15")
     with torch.no_grad():
         for p in network.named_parameters().values():
@@ -188,8 +195,18 @@ def test_a_lycoris_loha_file_is_refused_before_the_model_loads(tmp_path, capsys)
     assert re.search(r"loha\.safetensors: network_weights holds \d+ LyCORIS LoHa/LoKr modules", error)
 
 
-def test_a_lycoris_locon_file_continues_exactly(tmp_path):
-    path = _lycoris_file(tmp_path, "locon")
+def test_a_lycoris_locon_file_continues_exactly(tmp_path, capsys):
+    # LyCORIS's full preset also trains conv_in, conv_out and the time embedding, which networks.lora does not
+    error = _refused(capsys, tmp_path, "sd15-tiny", _lycoris_file(tmp_path, "locon"), "--network_dim", "4",
+                     "--network_args", "conv_dim=4")  # fmt: skip
+    assert re.search(r"lora_unet_(conv_in|conv_out|time_embedding_linear_\d) is not among the modules", error)
+    # a preset of kohya's own LoCon module set continues exactly
+    preset = tmp_path / "kohya_locon.toml"
+    preset.write_text(
+        'unet_target_module = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]\n'
+        'unet_target_name = []\ntext_encoder_target_module = ["CLIPAttention", "CLIPMLP"]\n'
+    )
+    path = _lycoris_file(tmp_path, "locon", str(preset))
     assert _dry_run(tmp_path, "sd15-tiny", path, "--network_dim", "4", "--network_args", "conv_dim=4") == 0
     pipe = tiny_pipeline("sd15", seed=0)
     cfg = NetworkConfig(network_dim=4, conv_dim=4, network_weights=path)

@@ -155,7 +155,8 @@ def _why_not(comp: str, path: str, comps: dict[str, nn.Module], net) -> str:
         return "the file trains the denoiser, the config does not (network_train_text_encoder_only)"
     if is_3x3_conv(comps[comp].get_submodule(path)) and not net.conv_dim:
         return "a 3x3 conv (LoCon) and conv_dim is not set"
-    return f"network.layers = {net.layers!r}" + (" with block_dims" if net.block_dims is not None else "")
+    blocks = " and block_dims" if net.block_dims is not None else ""
+    return f"network.layers = {net.layers!r}{blocks} do not select it"
 
 
 def _rank_setting(module: nn.Module, net) -> str:

@@ -49,3 +49,24 @@ def test_sigint_saves_state_and_resume_finishes_identically(base, tmp_path, trai
     assert any(v.abs().max() > 0 for k, v in a.items() if "lora_up" in k)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_the_cli_says_how_to_continue_and_exits_130(tmp_path, train_overrides, monkeypatch, capsys):
+    """A stopped run is unfinished (there is no final LoRA): the command ends with the shell's Ctrl-C status,
+    so `lorafuse train && lorafuse fuse` does not go on, and prints the command that continues it."""
+    from lorafuse.cli.main import main
+
+    original = loop.diffusion_loss
+
+    def interrupting(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "diffusion_loss", interrupting)
+    over = train_overrides(**{"training.max_train_steps": 3, "training.output_dir": tmp_path / "out"})
+    code = main(["train", "--no-progress", *(w for k, v in over.items() for w in ("--set", f"{k}={v}"))])
+    out = capsys.readouterr().out
+    assert code == 130
+    state = tmp_path / "out" / "run-step00000001-state"
+    assert f"stopped at step 1 of 3; state saved in {state}" in out
+    assert f"training.resume={state}" in out and not (tmp_path / "out" / "run.safetensors").exists()

@@ -73,16 +73,18 @@ def wait_http_200(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> f
 
 
 class UiServer:
-    def __init__(self, workspace: Path, log: Path, extra: tuple[str, ...] = ()):
+    def __init__(self, workspace: Path, log: Path, extra: tuple[str, ...] = (), env: dict[str, str] | None = None):
         self.workspace = workspace
-        self.extra = list(extra)  # more `lorafuse ui` options, e.g. --auth TOKEN
+        self.extra = list(extra)  # more `lorafuse ui` options, e.g. --auth-file PATH
+        self.env = dict(env or {})  # more environment variables, e.g. LORAFUSE_UI_TOKEN
         self.log = open(log, "w")  # noqa: SIM115
         self._start()
 
     def _start(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONUNBUFFERED": "1",
+               **self.env}  # fmt: skip
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lorafuse", "ui", "--workspace", str(self.workspace), "--port", str(self.port),
              *self.extra],

@@ -122,17 +122,25 @@ def test_listen_without_token_refuses():
     assert "refuses to start without a token" in proc.stderr
 
 
+def descendants(pid: int) -> list[int]:
+    found = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in map(int, children.read_text().split()):
+            found += [child, *descendants(child)]
+    return found
+
+
 def test_with_a_token_every_route_needs_the_login(browser, tmp_path, artifacts):
-    """`--auth TOKEN`: the page asks for the token; without the login cookie every route answers 401 (gradio's API,
-    files, uploads, and the routes gradio itself leaves open: cancel, heartbeat, the route list); with it the page
-    works."""
+    """A token from LORAFUSE_UI_TOKEN: the page asks for it; without the login cookie every route answers 401
+    (gradio's API, files, uploads, and the routes gradio itself leaves open: cancel, heartbeat, the route list);
+    with it the page works. The token is on no command line and in no child process's environment."""
     import json
     import urllib.error
     import urllib.request
 
     from tests.ui.conftest import UiServer
 
-    server = UiServer(tmp_path / "ws", artifacts / "lorafuse-ui-auth.log", ("--auth", "s3cret-token-1"))
+    server = UiServer(tmp_path / "ws", artifacts / "lorafuse-ui-auth.log", env={"LORAFUSE_UI_TOKEN": "s3cret-token-1"})
     try:
         (server.workspace / "inside.txt").write_text("inside")
         for method, route in [("GET", "config"), ("GET", "gradio_api/info"), ("GET", "openapi.json"),
@@ -158,5 +166,12 @@ def test_with_a_token_every_route_needs_the_login(browser, tmp_path, artifacts):
         page.locator("#bucket-preview").click()  # a click that reaches the app (and needs no helper process)
         expect(page.locator("#bucket-out textarea").first).to_have_value("choose a dataset first")
         context.close()
+        if Path("/proc/self/task").exists():  # the helper process is up once the page is served
+            children = descendants(server.proc.pid)
+            assert children
+            for pid in [server.proc.pid, *children]:
+                assert b"s3cret-token-1" not in Path(f"/proc/{pid}/cmdline").read_bytes(), pid
+            for pid in children:
+                assert b"s3cret-token-1" not in Path(f"/proc/{pid}/environ").read_bytes(), pid
     finally:
         server.stop()

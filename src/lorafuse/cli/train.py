@@ -223,7 +223,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"stopped at step {result.global_step} of {result.total_steps}; state saved in {state}")
         print(f"  lora   {result.lora_path}")
         print(f"continue with: {shlex.join(again)}" + (" (and the same options)" if args.overrides else ""))
-        return 0
+        # the run is unfinished (no final LoRA): 130, as any Ctrl-C'd command, so `train && fuse` stops here
+        return 130
     print(f"trained {result.global_step} steps in {result.seconds:.0f} s ({result.arch})")
     for path in result.saved:
         print(f"  lora   {path}")

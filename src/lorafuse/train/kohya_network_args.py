@@ -15,7 +15,6 @@ LYCORIS_ALGOS = ("locon", "loha", "lokr")
 
 # argument -> (its off value, why another value is refused)
 _OFF: dict[str, tuple[Any, str]] = {
-    "preset": ("full", "only LyCORIS's default preset (full); lorafuse trains kohya's LoCon module set with it"),
     "dropout": (0, "use network_dropout"),
     "rank_dropout": (0, "rank dropout is not implemented (network_dropout is)"),
     "module_dropout": (0, "module dropout is not implemented (network_dropout is)"),
@@ -113,6 +112,8 @@ def _one(imp, key: str, k: str, v: Any, block_mode: bool) -> None:
             imp.put("network.algo", v, sub, v)
         else:
             imp.refuse(sub, v, f"LyCORIS algorithm not supported; use one of {', '.join(LYCORIS_ALGOS)}")
+    elif k == "preset":  # a LyCORIS preset name or TOML file; NetworkConfig checks it goes with lycoris.kohya
+        imp.put("network.lycoris_preset", str(v), sub, v)
     elif k == "factor":
         imp.put("network.factor", int(v), sub, v)
     elif k in ("down_lr_weight", "up_lr_weight"):  # a preset name ("cosine+0.5") or comma-separated numbers
@@ -126,14 +127,16 @@ def _one(imp, key: str, k: str, v: Any, block_mode: bool) -> None:
         imp.put(f"network.{k}", float(v), sub, v)
     elif k in _OFF:
         off, why = _OFF[k]
-        if k == "preset" and _is_off(v, off):
-            imp.note(sub, v, "LyCORIS's default; lorafuse trains kohya's LoCon module set with it (README)")
-        elif _is_off(v, off):
+        if _is_off(v, off):
             imp.note(sub, v, "off / the default")
         else:
             imp.refuse(sub, v, why)
     else:
-        imp.refuse(sub, v, "unknown network argument (not one of networks.lora's or LyCORIS's as lorafuse knows them)")
+        imp.refuse(
+            sub,
+            v,
+            "unknown network argument (not one of networks.lora's or LyCORIS's as lorafuse knows them)",
+        )
 
 
 def network_args(imp, key: str, value: Any, flat) -> None:

@@ -217,7 +217,12 @@ class JobStore:
 
 
 def job_env() -> dict[str, str]:
+    """The environment of the job worker and its jobs: the page's, without the UI's login token (a job runs
+    whatever command line was queued and logs it; it has no use for the token)."""
+    from lorafuse.ui.auth import TOKEN_ENV
+
     env = dict(os.environ)
+    env.pop(TOKEN_ENV, None)
     env["PYTHONUNBUFFERED"] = "1"
     # one job at a time on a small machine: the job may use every core, the page stays responsive anyway
     env.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,8 +1,9 @@
 """Starting the web app: where it listens, who may use it, and the workspace it is confined to.
 
-By default it binds 127.0.0.1 only. `--listen` (any host may connect) needs a token: `--auth TOKEN`, or
-`--auth generate` for a random one that is printed once. With a token, the page asks for it as the password
-(any user name) and every route, files included, needs the login.
+By default it binds 127.0.0.1 only. `--listen` (any host may connect) needs a token: from LORAFUSE_UI_TOKEN,
+`--auth-file PATH`, `--auth TOKEN`, or `--auth generate` for a random one that is printed once (`auth.take_token`
+says where it comes from). With a token, the page asks for it as the password (any user name) and every route,
+files included, needs the login.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import time
 from dataclasses import dataclass
 
 from lorafuse.errors import UserInputError
+from lorafuse.ui.auth import GENERATE, MIN_TOKEN_CHARS, TOKEN_ENV
 
 LOCALHOST = "127.0.0.1"
-GENERATE = "generate"
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,11 @@ class Binding:
     generated: bool = False
 
 
-def binding(*, listen: bool, auth: str | None, port: int, host: str | None = None) -> Binding:
-    """Where to bind and which token to require; refuses to open to other hosts without a token."""
-    if auth is not None and auth != GENERATE and len(auth) < 8:
-        raise UserInputError("--auth: a token needs at least 8 characters (or use --auth generate)")
+def binding(*, listen: bool, auth: str | None, port: int, host: str | None = None, source: str = "--auth") -> Binding:
+    """Where to bind and which token to require (`auth`: a token, GENERATE or None; `source` names where it came
+    from, for the message); refuses to open to other hosts without a token."""
+    if auth is not None and auth != GENERATE and len(auth) < MIN_TOKEN_CHARS:
+        raise UserInputError(f"{source}: a token needs at least {MIN_TOKEN_CHARS} characters (or use --auth generate)")
     if not listen:
         if host not in (None, LOCALHOST, "localhost"):
             raise UserInputError(f"--host {host}: binding another address needs --listen (and --auth)")
@@ -40,8 +42,8 @@ def binding(*, listen: bool, auth: str | None, port: int, host: str | None = Non
         return Binding(LOCALHOST, port, token, generated)
     if auth is None:
         raise UserInputError(
-            "--listen opens the UI to other machines; it refuses to start without a token: give --auth TOKEN, "
-            "or --auth generate to have one made and printed"
+            f"--listen opens the UI to other machines; it refuses to start without a token: set {TOKEN_ENV}, "
+            "give --auth-file PATH (a file only you can read), or --auth generate to have one made and printed"
         )
     token, generated = _token(auth)
     return Binding(host or "0.0.0.0", port, token, generated)

@@ -97,7 +97,9 @@ def _fork_job(root: Path, store: JobStore, job: Job) -> int:
             os.dup2(log, 1)
             os.dup2(log, 2)
             os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-            os.environ.update(job_env())
+            env = job_env()  # replaces, not updates: what job_env leaves out (the login token) must go
+            os.environ.clear()
+            os.environ.update(env)
             code = runner.run(root, job.id)
         finally:
             os._exit(code)

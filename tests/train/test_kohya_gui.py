@@ -48,7 +48,7 @@ def test_gui_network_args_import_without_refusals(lora_type):
 @pytest.mark.parametrize(
     ("arg", "reason"),
     [
-        ("rank_dropout=0.1", "rank dropout is not implemented"),
+        ("rank_dropout=0.1", "rank dropout and module dropout are not implemented"),
         ("use_tucker=True", "Tucker decomposition"),
         ("dora_wd=True", "DoRA is not implemented"),
         ("train_on_input=True", "IA3"),

@@ -1,0 +1,127 @@
+"""Disk space: every heavy writer refuses a disk without room for its estimated output, with one line naming the
+user's path, before any model loads and before anything is written; and each estimate bounds what a small real
+run writes (checked where such a run takes a few seconds)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections import namedtuple
+
+import pytest
+
+_Usage = namedtuple("usage", "total used free")
+
+
+@pytest.fixture
+def no_render(monkeypatch):
+    """The built-in world's renderer fails the test: datasets and pairs are refused before any image is made."""
+    import lorafuse.world.dataset as dataset
+    import lorafuse.world.render as render
+
+    def rendered(*a, **k):
+        pytest.fail("an image was rendered before the disk-space check")
+
+    monkeypatch.setattr(render, "render", rendered)
+    monkeypatch.setattr(dataset, "render", rendered)
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """1000 bytes free everywhere: any positive estimate is refused."""
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: _Usage(10**9, 10**9 - 1000, 1000))
+
+
+def _argv(writer, out, inputs, lora):
+    return {
+        "train": ["train", "--pretrained_model_name_or_path", "world-random", "--train_data_dir", inputs / "ds",
+                  "--resolution", "64", "--network_dim", "4", "--max_train_steps", "2", "--output_dir", out,
+                  "--no-progress"],
+        "fuse": ["fuse", "--content", lora, "--style", lora, "--prompt", "a dog", "--method", "direct",
+                 "--base", "sd15-tiny", "--steps", "2", "--num-images", "1", "--no-progress", "--out", out],
+        "grid": ["grid", inputs / "grid.toml", "--out", out, "--no-progress"],
+        "world dataset": ["world", "dataset", out, "--subject", "teapot_08", "--n", "2"],
+        "craft pairs": ["craft", "pairs", "--out", out, "--content", "teapot_08", "--style", "ink"],
+    }[writer]  # fmt: skip
+
+
+WRITERS = ["train", "fuse", "grid", "world dataset", "craft pairs"]
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_no_space_for_the_estimate_is_refused_before_the_model_loads(cli, tmp_path, inputs, tiny_lora, no_model,
+                                                                     no_render, full_disk, writer):  # fmt: skip
+    out = tmp_path / "out"
+    msg = cli.refused(_argv(writer, out, inputs, tiny_lora), str(out), "not enough disk space", watch=tmp_path)
+    assert "needs about" in msg and "1000 bytes are free" in msg, msg
+
+
+def test_training_disk_caches_need_their_space_in_the_dataset_folder(cli, tmp_path, no_model, monkeypatch):
+    """Latents cached to disk go beside the images: with room for the run's outputs but not for the caches, the
+    dataset folder is the one named."""
+    from lorafuse.world.dataset import write_subject_dataset
+
+    concept = write_subject_dataset("robot_09", tmp_path / "ds", n=2, repeats=1)  # ds/<repeats>_<name>
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+
+    def usage(p):  # two "filesystems": lots of room for the outputs, none in the dataset
+        return _Usage(10**12, 0, 1000 if str(p).startswith(str(tmp_path / "ds")) else 10**12)
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    monkeypatch.setattr("lorafuse.train.disk_estimate.same_filesystem", lambda a, b: False)
+    argv = ["train", "--pretrained_model_name_or_path", "world-random", "--train_data_dir", tmp_path / "ds",
+            "--resolution", "64", "--max_train_steps", "1", "--output_dir", other / "out", "--cache_latents",
+            "--cache_latents_to_disk", "--no-progress"]  # fmt: skip
+    cli.refused(argv, f"{concept}: not enough disk space for the disk cache", watch=tmp_path)
+
+
+def _du(path) -> int:
+    return int(subprocess.check_output(["du", "-sb", str(path)]).split()[0])
+
+
+def test_the_training_estimate_bounds_a_real_run(cli, tmp_path, inputs, monkeypatch):
+    """A real tiny run with a periodic save, states and disk-cached latents: the estimate is at least what it
+    wrote, in output_dir and beside the images, and within 10x of it."""
+    import lorafuse.train.prepare as prepare
+
+    shutil.copytree(inputs / "ds", tmp_path / "ds")
+    seen = []
+    real = prepare.check_disk_space
+    monkeypatch.setattr(prepare, "check_disk_space", lambda *a: seen.append(real(*a)) or seen[-1])
+    out = tmp_path / "run"
+    argv = _argv("train", out, tmp_path, None)  # its own copy of the dataset: the caches go beside the images
+    code, _, err = cli(*argv, "--save_state", "--save_every_n_steps", "1", "--cache_latents",
+                       "--cache_latents_to_disk", "--flip_aug")  # fmt: skip
+    assert code == 0, err
+    (est,) = seen
+    assert est.output >= _du(out) and est.output <= 10 * _du(out), (est.parts, _du(out))
+    cached = sum(p.stat().st_size for p in (tmp_path / "ds").rglob("*.latents.safetensors"))
+    assert sum(est.caches.values()) >= cached > 0, (est.caches, cached)
+
+
+ESTIMATES = {  # writer -> its estimate (module, function)
+    "fuse": ("lorafuse.cli.fuse", "estimate_output_bytes"),
+    "grid": ("lorafuse.cli.grid", "estimate_output_bytes"),
+    "world dataset": ("lorafuse.world.dataset", "estimate_bytes"),
+    "craft pairs": ("lorafuse.backbone.pairs", "estimate_pairs_bytes"),
+}
+
+
+@pytest.mark.parametrize("writer", list(ESTIMATES))
+def test_the_estimate_bounds_a_real_run(cli, tmp_path, inputs, tiny_lora, monkeypatch, writer):
+    """Each writer's estimate is at least what a small real run of it writes (fuse with K-LoRA, the method with
+    the largest record and a heatmap)."""
+    import importlib
+
+    module, name = ESTIMATES[writer]
+    module = importlib.import_module(module)
+    seen, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: seen.append(real(*a)) or seen[-1])
+    out = tmp_path / "out"
+    (tmp_path / "grid.toml").write_text(f'prompt = "a dog"\n[axes]\nbase = ["sd15-tiny"]\ncheckpoint = ["{tiny_lora}"]\n'
+                                        'lora_weight = [0.5, 1.0]\nsteps = [2]\n[metrics]\n')  # fmt: skip
+    argv = [("klora" if a == "direct" else a) for a in _argv(writer, out, tmp_path, tiny_lora)]
+    code, _, err = cli(*argv)
+    assert code == 0, err
+    assert len(seen) == 1 and _du(out) <= seen[0], (seen, _du(out))

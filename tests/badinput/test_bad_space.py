@@ -15,8 +15,10 @@ _Usage = namedtuple("usage", "total used free")
 
 @pytest.fixture
 def no_render(monkeypatch):
-    """The built-in world's renderer fails the test: datasets and pairs are refused before any image is made."""
+    """The built-in world's renderer fails the test: datasets, pairs and render pools are refused before any
+    image is made."""
     import lorafuse.world.dataset as dataset
+    import lorafuse.world.pool as pool
     import lorafuse.world.render as render
 
     def rendered(*a, **k):
@@ -24,6 +26,7 @@ def no_render(monkeypatch):
 
     monkeypatch.setattr(render, "render", rendered)
     monkeypatch.setattr(dataset, "render", rendered)
+    monkeypatch.setattr(pool, "render_pool", rendered)
 
 
 @pytest.fixture
@@ -42,10 +45,15 @@ def _argv(writer, out, inputs, lora):
         "grid": ["grid", inputs / "grid.toml", "--out", out, "--no-progress"],
         "world dataset": ["world", "dataset", out, "--subject", "teapot_08", "--n", "2"],
         "craft pairs": ["craft", "pairs", "--out", out, "--content", "teapot_08", "--style", "ink"],
+        "craft expert": ["craft", "expert", "--out", out, "--pair", "teapot_08:crayon", "--work-dir", out.parent / "w"],
+        "demo": ["demo", "--out", out, "--seeds", "1", "--steps", "2", "--methods", "direct", "--no-progress"],
+        "world pretrain": ["world", "pretrain", "--work", out.parent / "w", "--out", out],
+        "world train-oracle": ["world", "train-oracle", "--work", out.parent / "w", "--out", out],
     }[writer]  # fmt: skip
 
 
-WRITERS = ["train", "fuse", "grid", "world dataset", "craft pairs"]
+WRITERS = ["train", "fuse", "grid", "world dataset", "craft pairs", "craft expert", "demo", "world pretrain",
+           "world train-oracle"]  # fmt: skip
 
 
 @pytest.mark.parametrize("writer", WRITERS)
@@ -125,3 +133,52 @@ def test_the_estimate_bounds_a_real_run(cli, tmp_path, inputs, tiny_lora, monkey
     code, _, err = cli(*argv)
     assert code == 0, err
     assert len(seen) == 1 and _du(out) <= seen[0], (seen, _du(out))
+
+
+def _backbone_config(tmp_path, out):
+    """A tiny backbone run: a 2 x 1 pairs dataset (rendered) and a config of 2 steps with a save after the first."""
+    from lorafuse.backbone import pairs as P
+
+    content, style = P.render_pairs(["teapot_08", "robot_09"], ["ink"])
+    data = P.write_pairs(tmp_path / "pairs", content, style, [["a teapot, ink"], ["a robot, ink"]],
+                         ["teapot_08", "robot_09"], ["ink"], {})  # fmt: skip
+    (tmp_path / "bb.toml").write_text(
+        f'pairs = "{data}"\noutput_dir = "{out}"\nbase = "sd15-tiny"\nsteps = 2\nbatch_size = 1\nwarmup_steps = 1\n'
+        'r_max = 4\nr_min = 1\nreference_width = 0\nfeatures = "none"\nlambda_p = 0\nsave_every_n_steps = 1\n'
+    )
+    return ["craft", "backbone", tmp_path / "bb.toml", "--no-progress"]
+
+
+def test_backbone_training_is_refused_before_the_base_loads(cli, tmp_path, no_model, monkeypatch):
+    argv = _backbone_config(tmp_path, tmp_path / "bb")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: _Usage(10**9, 10**9 - 1000, 1000))
+    cli.refused(argv, str(tmp_path / "bb"), "not enough disk space", watch=tmp_path)
+
+
+def test_the_backbone_estimate_bounds_a_real_run(cli, tmp_path, monkeypatch):
+    import lorafuse.backbone.train as train
+
+    argv = _backbone_config(tmp_path, tmp_path / "bb")
+    seen, real = [], train.estimate_backbone_bytes
+    monkeypatch.setattr(train, "estimate_backbone_bytes", lambda *a: seen.append(real(*a)) or seen[-1])
+    code, _, err = cli(*argv)
+    assert code == 0, err
+    assert len(seen) == 1 and _du(tmp_path / "bb") <= seen[0] <= 10 * _du(tmp_path / "bb"), (seen, _du(tmp_path / "bb"))
+
+
+def test_the_world_estimates_bound_the_shipped_artefacts_and_a_pool(tmp_path):
+    """`world train-oracle` and `world pretrain` wrote the shipped oracle and base; a render pool file is cheap."""
+    import argparse
+
+    from lorafuse.cli.world import oracle_file_bytes, pretrain_bytes
+    from lorafuse.models.world import default_base_path
+    from lorafuse.world.catalog import all_individuals
+    from lorafuse.world.oracle import default_oracle_path
+    from lorafuse.world.pool import pool_file_bytes, render_pool, save_pool
+
+    oracle = default_oracle_path().stat().st_size
+    assert oracle <= oracle_file_bytes() <= 2 * oracle
+    pipeline, _ = pretrain_bytes(argparse.Namespace(work=tmp_path, pool=8, caption_ft_steps=0))
+    assert _du(default_base_path()) <= pipeline <= 2 * _du(default_base_path())
+    save_pool(render_pool(3, all_individuals()[:2], ["ink", "flat"], seed=0), tmp_path / "pool.npz")
+    assert (tmp_path / "pool.npz").stat().st_size <= pool_file_bytes(3)

@@ -33,6 +33,8 @@ from lorafuse.utils.atomic import check_output, png_bytes, same_filesystem
 _HEADER_ENTRY = 128
 # what a LoRA save adds to the ss_* training record: ss_network_*, modelspec.*, base hashes, lr at the save
 _METADATA_EXTRA = 16 << 10
+# the ss_* training record less its dataset part (tags, folders): for a run planned before its dataset exists
+PLANNED_RECORD = 8 << 10
 # torch.save's zip record per tensor: local and central headers, the record name, 64-byte alignment
 _TORCH_RECORD = 512
 # progress.json's RNG streams: Python's and numpy's Mersenne Twister states (625 and 624 integers of up to
@@ -75,11 +77,19 @@ def lora_file_bytes(params: dict[str, Any], itemsize: int, metadata: int) -> int
     return tensors + header + metadata + _METADATA_EXTRA
 
 
-def _save_counts(cfg: TrainConfig, index: DatasetIndex) -> tuple[int, int, int, int]:
-    """(LoRA files, state folders, sample grids, log rows) of a run over `index`, counted for one process (the
-    most steps per epoch)."""
+def state_folder_bytes(params: dict[str, Any], optimizer: str, config: int, log: int) -> int:
+    """A `checkpoint.save_train_state` folder: the parameters in float32, the optimizer's state in torch.save's
+    records (its moments and a step per parameter), progress.json (the config of `config` characters, written
+    with indentation, and the RNG streams) and the log of `log` bytes."""
+    from lorafuse.train.estimate import optimizer_bytes
+
+    moments = optimizer_bytes(optimizer, list(params.values()))
+    return lora_file_bytes(params, 4, 0) + moments + 3 * _TORCH_RECORD * len(params) + 2 * config + _RNG_JSON + log
+
+
+def _save_counts(cfg: TrainConfig, batches: int) -> tuple[int, int, int, int]:
+    """(LoRA files, state folders, sample grids, log rows) of a run of `batches` micro-batches an epoch."""
     tc = cfg.training
-    batches = index.steps_per_epoch(tc.train_batch_size)
     total, epochs = tc.total_steps(batches), tc.num_epochs(batches)
     step_saves = (total - 1) // tc.save_every_n_steps if tc.save_every_n_steps else 0
     epoch_saves = (epochs - 1) // tc.save_every_n_epochs if tc.save_every_n_epochs else 0
@@ -98,34 +108,40 @@ def _save_counts(cfg: TrainConfig, index: DatasetIndex) -> tuple[int, int, int, 
 
 
 def estimate_disk(cfg: TrainConfig, index: DatasetIndex, comps: dict, network: Any) -> DiskEstimate:
-    """The run's disk use; `comps`: the base's components (on the meta device or loaded), `network`: its LoRA."""
-    from lorafuse.config.toml_io import config_to_dict
+    """The run's disk use; `comps`: the base's components (on the meta device or loaded), `network`: its LoRA.
+    Counted for one process (the most steps an epoch)."""
     from lorafuse.families import family_of
-    from lorafuse.train.estimate import optimizer_bytes
     from lorafuse.train.run_setup import training_metadata
+
+    tc = cfg.training
+    batches = index.steps_per_epoch(tc.train_batch_size)
+    record = training_metadata(cfg, index, tc.total_steps(batches), tc.num_epochs(batches), True,
+                               family_of(comps).objective)  # fmt: skip
+    est = estimate_outputs(cfg, batches, len(json.dumps({k: str(v) for k, v in record.items()})), network)
+    est.caches = _cache_bytes(cfg, index, comps)
+    return est
+
+
+def estimate_outputs(cfg: TrainConfig, batches: int, metadata: int, network: Any) -> DiskEstimate:
+    """output_dir's part of the estimate, for a run of `batches` micro-batches an epoch whose ss_* record takes
+    `metadata` bytes: also for planning a run whose dataset is not written yet (`demo`)."""
+    from lorafuse.config.toml_io import config_to_dict
     from lorafuse.train.saving import save_dtype
     from lorafuse.utils.images import grid_size
 
     tc, est = cfg.training, DiskEstimate()
-    loras, states, samples, steps = _save_counts(cfg, index)
+    loras, states, samples, steps = _save_counts(cfg, batches)
     params = network.named_parameters()
     config = len(json.dumps(config_to_dict(cfg), indent=1))
-    record = training_metadata(cfg, index, steps, tc.num_epochs(index.steps_per_epoch(tc.train_batch_size)), True,
-                               family_of(comps).objective)  # fmt: skip
-    metadata = len(json.dumps({k: str(v) for k, v in record.items()}))
     est.parts["LoRA files"] = loras * lora_file_bytes(params, save_dtype(tc.save_precision).itemsize, metadata)
     log = steps * (_TENSORBOARD_ROW if tc.logging == "tensorboard" else _LOG_ROW) if tc.logging != "none" else 0
     if states:
-        moments = optimizer_bytes(cfg.optimizer.optimizer_type, list(params.values()))
-        state = (lora_file_bytes(params, 4, 0) + moments + 3 * _TORCH_RECORD * len(params)
-                 + 2 * config + _RNG_JSON + log)  # fmt: skip
-        est.parts["states"] = states * state
+        est.parts["states"] = states * state_folder_bytes(params, cfg.optimizer.optimizer_type, config, log)
     if samples:
         w, h = cfg.dataset.size
         labels = [p if len(p) <= 40 else p[:40] for p in tc.sample_prompts]
         est.parts["samples"] = samples * png_bytes(*grid_size(len(labels), 1, (w, h), labels, title="t"))
     est.parts["logs"] = log + png_bytes(*_LOSS_PLOT) + config
-    est.caches = _cache_bytes(cfg, index, comps)
     return est
 
 

@@ -39,12 +39,12 @@ def _save_png(img: np.ndarray, path: Path) -> None:
 REFERENCES = 8  # clean renders in references/
 SIDE = 64  # pixels: the world base's image size
 # a caption ("a photo of a sks teapot, in ... style") and world_dataset.json are a few hundred bytes
-_CAPTION, _INFO = 1 << 10, 4 << 10
+CAPTION, _INFO = 1 << 10, 4 << 10
 
 
 def estimate_bytes(n: int) -> int:
     """An upper bound of a dataset of `n` images: their PNGs and captions, the references, the info file."""
-    return (n + REFERENCES) * png_bytes(SIDE, SIDE) + n * _CAPTION + _INFO
+    return (n + REFERENCES) * png_bytes(SIDE, SIDE) + n * CAPTION + _INFO
 
 
 def _new_output(out: str | Path, n: int) -> Path:

@@ -58,7 +58,7 @@ def lycoris_preset(name: str) -> dict:
         return copy.deepcopy(config.PRESET[name])
     path = Path(name).expanduser()
     builtin = ", ".join(n for n in config.PRESET if n != "ia3")
-    if not path.is_file():
+    if path.suffix.lower() != ".toml" or not path.is_file():
         raise UserInputError(
             f"network.lycoris_preset = {name!r}: neither one of LyCORIS's presets ({builtin}) nor a preset TOML file"
         )

@@ -223,6 +223,4 @@ def load_lycoris_weights(network, path: Path, arch: str, base: object) -> None:
     # LyCORIS's own load: its hooks set what the state dict does not hold (e.g. LoCon's scalar back to 1)
     unexpected = network.net.load_state_dict(renamed, strict=False).unexpected_keys
     assert not unexpected, unexpected  # every name was checked against the network above
-    log.info(
-        "network_weights %s: %d LyCORIS modules loaded", path, len({k.partition(".")[0] for k in tensors})
-    )
+    log.info("network_weights %s: %d LyCORIS modules loaded", path, len(stems))

@@ -101,6 +101,10 @@ def test_bad_preset_files_are_refused(tmp_path):
     bad.write_text('unet_target_modules = ["Transformer2DModel"]\n')  # a typo for unet_target_module
     with pytest.raises(UserInputError, match=r"bad\.toml: not a LyCORIS preset file: Unknown preset keys"):
         lycoris_preset(str(bad))
+    other = tmp_path / "preset.txt"  # a preset file is TOML: other files are never read (the web UI passes names)
+    other.write_text('unet_target_module = ["Transformer2DModel"]\n')
+    with pytest.raises(UserInputError, match="nor a preset TOML file"):
+        lycoris_preset(str(other))
     oft = tmp_path / "oft.toml"
     oft.write_text('[module_algo_map.Transformer2DModel]\nalgo = "diag-oft"\n')
     with pytest.raises(

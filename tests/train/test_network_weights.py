@@ -10,7 +10,7 @@ import torch
 
 from lorafuse.cli.main import main
 from lorafuse.errors import UserInputError
-from lorafuse.lora.io import load_lora, save_lora
+from lorafuse.lora.io import load_lora, read_tensors, save_lora
 from lorafuse.models.tiny import tiny_pipeline
 from lorafuse.train.config import NetworkConfig
 from lorafuse.train.kohya_import import load_train_config_any
@@ -169,30 +169,28 @@ def test_text_encoder_modules_with_unet_only(tmp_path, capsys):
     assert "trains the text encoder, the config does not (network_train_unet_only)" in error
 
 
-def _lycoris_file(tmp_path, algo: str, preset: str = "full") -> Path:
+def _lycoris_cfg(algo: str, preset: str = "full", **extra) -> NetworkConfig:
+    net = dict(network_module="lycoris.kohya", algo=algo, network_dim=4, network_alpha=2, conv_dim=4)
+    return NetworkConfig(**{**net, "lycoris_preset": preset, **extra})
+
+
+def _lycoris_file(tmp_path, algo: str, preset: str = "full", arch: str = "sd15") -> Path:
     pytest.importorskip("lycoris", reason="lycoris-lora is not installed (pip install 'lorafuse[lycoris]')")
-    pipe = tiny_pipeline("sd15", seed=0)
+    pipe = tiny_pipeline(arch, seed=0)
     torch.manual_seed(0)
-    cfg = NetworkConfig(
-        network_module="lycoris.kohya",
-        algo=algo,
-        network_dim=4,
-        network_alpha=2,
-        conv_dim=4,
-        lycoris_preset=preset,
-    )
-    network = create_network(pipe, cfg, "sd15")
+    cfg = _lycoris_cfg(algo, preset)
+    network = create_network(pipe, cfg, arch)
     with torch.no_grad():
         for p in network.named_parameters().values():
             p.add_(torch.randn_like(p) * 0.05)
-    return network.save(tmp_path / f"{algo}.safetensors", arch="sd15", base=pipe, training={}, metadata={},
+    return network.save(tmp_path / f"{algo}_{arch}.safetensors", arch=arch, base=pipe, training={}, metadata={},
                         dtype=torch.float32)  # fmt: skip
 
 
 def test_a_lycoris_loha_file_is_refused_before_the_model_loads(tmp_path, capsys):
     path = _lycoris_file(tmp_path, "loha")
     error = _refused(capsys, tmp_path, "sd15-tiny", path, "--network_dim", "4")
-    assert re.search(r"loha\.safetensors: network_weights holds \d+ LyCORIS LoHa/LoKr modules", error)
+    assert re.search(r"loha_sd15\.safetensors: network_weights holds \d+ LyCORIS LoHa/LoKr modules", error)
 
 
 def test_a_lycoris_locon_file_continues_exactly(tmp_path, capsys):
@@ -215,3 +213,44 @@ def test_a_lycoris_locon_file_continues_exactly(tmp_path, capsys):
     assert got.keys() >= saved.modules.keys()
     for k, m in saved.modules.items():
         torch.testing.assert_close(got[k], m.delta_weight(), rtol=1e-5, atol=1e-7)
+
+
+# --- network_module = lycoris.kohya continues from a LyCORIS file ------------------------------------------------
+
+
+@pytest.mark.parametrize("algo", ["locon", "loha", "lokr"])
+def test_lycoris_continues_exactly_where_its_file_stopped(algo, tmp_path):
+    path = _lycoris_file(tmp_path, algo)
+    pipe = tiny_pipeline("sd15", seed=0)
+    torch.manual_seed(1)  # another initialisation than the file's: every tensor must come from the file
+    network = create_network(pipe, _lycoris_cfg(algo, network_weights=path), "sd15")
+    ours, (theirs, _) = network.kohya_tensors("sd15", pipe), read_tensors(path)
+    assert ours.keys() == theirs.keys()
+    for key, tensor in theirs.items():
+        torch.testing.assert_close(ours[key], tensor, rtol=0, atol=0, msg=key)
+
+
+def test_lycoris_file_of_another_algo_or_rank_is_refused(tmp_path):
+    path = _lycoris_file(tmp_path, "loha")
+    with pytest.raises(
+        UserInputError, match=r"loha_sd15\.safetensors: (\d+) of \1 modules .* holds alpha, hada_w1_a.*\(lokr\)"
+    ):
+        create_network(tiny_pipeline("sd15", seed=0), _lycoris_cfg("lokr", network_weights=path), "sd15")
+    with pytest.raises(
+        UserInputError,
+        match=r"(\d+) of \1 modules .*hada_w1_a has shape \(64, 4\), the network \(64, 8\); set network_dim",
+    ):
+        cfg = _lycoris_cfg("loha", network_dim=8, conv_dim=8, network_weights=path)
+        create_network(tiny_pipeline("sd15", seed=0), cfg, "sd15")
+
+
+def test_lycoris_file_of_another_family_fails_the_dry_run(tmp_path, capsys):
+    path = _lycoris_file(tmp_path, "lokr", arch="sdxl")
+    error = _refused(capsys, tmp_path, "sd15-tiny", path, "--network_module", "lycoris.kohya",
+                     "--network_args", "algo=lokr")  # fmt: skip
+    assert re.search(
+        r"lokr_sdxl\.safetensors: network_weights is a LoRA for SDXL .*the base is SD1\.5", error
+    )
+    error = _refused(capsys, tmp_path, "sd15-tiny", path, "--network_module", "lycoris.kohya",
+                     "--network_args", "algo=lokr", "--dim_from_weights")  # fmt: skip
+    assert "not implemented in this version of lorafuse yet: network.dim_from_weights with" in error

@@ -58,7 +58,7 @@ def lycoris_preset(name: str) -> dict:
         return copy.deepcopy(config.PRESET[name])
     path = Path(name).expanduser()
     builtin = ", ".join(n for n in config.PRESET if n != "ia3")
-    if not path.is_file():
+    if path.suffix.lower() != ".toml" or not path.is_file():
         raise UserInputError(
             f"network.lycoris_preset = {name!r}: neither one of LyCORIS's presets ({builtin}) nor a preset TOML file"
         )
@@ -149,6 +149,15 @@ class LycorisNetwork(TrainableNetwork):
         """LyCORIS's tensors under the module names our kohya writer uses: LyCORIS names modules after the
         diffusers paths it sees (`lora_te_encoder_...` under transformers 5, diffusers-named SDXL UNet blocks),
         while A1111 / ComfyUI expect kohya's (`lora_te_text_model_encoder_...`, SGM-named SDXL UNet blocks)."""
+        rename = self.kohya_names(arch, base)
+        out = {}
+        for key, tensor in self.net.state_dict().items():
+            stem, _, part = key.partition(".")
+            out[f"{rename.get(stem, stem)}.{part}"] = tensor
+        return out
+
+    def kohya_names(self, arch: str, base: object) -> dict[str, str]:
+        """LyCORIS module name -> the kohya name files carry for it."""
         from lorafuse.lora.io import kohya_layout
         from lorafuse.lora.keys import canonical_key, kohya_name
 
@@ -162,11 +171,7 @@ class LycorisNetwork(TrainableNetwork):
         for _, module in self._modules():
             comp, path = paths[id(module.org_module[0])]
             rename[module.lora_name] = kohya_name(canonical_key(comp, path), arch, layout)
-        out = {}
-        for key, tensor in self.net.state_dict().items():
-            stem, _, part = key.partition(".")
-            out[f"{rename.get(stem, stem)}.{part}"] = tensor
-        return out
+        return rename
 
 
 def _te_component(name: str) -> str:
@@ -217,6 +222,11 @@ def create_lycoris_network(pipe: object, net: NetworkConfig, arch: str) -> Lycor
     if not plan:
         raise UserInputError("LyCORIS found no module to train in this base (network_module = lycoris.kohya)")
     network.components.update({c: comps[c] for c in plan})
+    if net.network_weights is not None:
+        from lorafuse.train.network_weights import load_lycoris_weights, read_weights
+
+        read_weights(net.network_weights, pipe, arch, lycoris=True)  # family and modules, as networks.lora's
+        load_lycoris_weights(network, net.network_weights, arch, pipe)
     for param in network.named_parameters().values():
         param.requires_grad_(True)
     return network

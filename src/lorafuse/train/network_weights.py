@@ -55,17 +55,17 @@ def check_network_weights(cfg) -> None:
         return  # a base known only once loaded (a hub name): create_network checks the file against it then
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the real load, against the loaded base, warns
-        state, where = read_weights(net.network_weights, comps, arch)
+        state, where = read_weights(net.network_weights, comps, arch, net.network_module == "lycoris.kohya")
     if net.network_module == "networks.lora" and not net.dim_from_weights:
         check_plan(state, where, plan_network(comps, net, arch), comps, net)
 
 
-def read_weights(path: Path, pipe: object, arch: str) -> tuple[LoraState, Where]:
+def read_weights(path: Path, pipe: object, arch: str, lycoris: bool = False) -> tuple[LoraState, Where]:
     """The file as a `LoraState` and, per key, the (component, module path) it lands on in `pipe` (a pipeline or
-    {component: module}, real or on the meta device)."""
+    {component: module}, real or on the meta device). LoHa / LoKr modules only for a LyCORIS network."""
     state = load_lora(path, base=pipe)
     dense = [k for k, m in state.modules.items() if m.down is None]
-    if dense:
+    if dense and not lycoris:
         raise UserInputError(
             f"{path}: network_weights holds {len(dense)} LyCORIS LoHa/LoKr modules (e.g. {_name(state, dense[0])}); "
             "networks.lora continues only from LoRA / LoCon files"
@@ -181,3 +181,46 @@ def copy_weights(network, state: LoraState, where: Where, source: Path) -> None:
     log.info(
         "network_weights %s: %d modules loaded, %d start fresh", source, len(where), len(layers) - len(where)
     )
+
+
+def load_lycoris_weights(network, path: Path, arch: str, base: object) -> None:
+    """network_module = lycoris.kohya: the file's tensors into the LyCORIS network's modules of the same names, as
+    kohya's non-strict load (modules the file lacks start fresh). Names, algorithm and shapes must agree: LyCORIS's
+    state dict holds each module's alpha too, so the continued ΔW is exactly the file's."""
+    from lorafuse.lora.io import read_tensors
+
+    tensors, _ = read_tensors(path)
+    ours = network.kohya_tensors(arch, base)  # the network's state dict under the names files carry
+    params: dict[str, set[str]] = {}
+    for key in ours:
+        stem, _, part = key.partition(".")
+        params.setdefault(stem, set()).add(part)
+    problems = []
+    stems = sorted({k.partition(".")[0] for k in tensors})
+    for stem in stems:
+        theirs = {k.partition(".")[2] for k in tensors if k.partition(".")[0] == stem}
+        if stem not in params:
+            problems.append(f"{stem} is not among the modules this network trains (lycoris_preset, conv_dim)")
+        elif theirs != params[stem]:
+            problems.append(
+                f"{stem} holds {', '.join(sorted(theirs))}, the network ({network.net_cfg.algo}) "
+                f"{', '.join(sorted(params[stem]))}: algo, network_dim / conv_dim or factor differ"
+            )
+        else:
+            bad = [k for k in (f"{stem}.{p}" for p in sorted(theirs)) if tensors[k].shape != ours[k].shape]
+            if bad:  # one line per module
+                problems.append(
+                    f"{bad[0]} has shape {tuple(tensors[bad[0]].shape)}, the network {tuple(ours[bad[0]].shape)}; "
+                    "set network_dim / conv_dim / factor to the file's"
+                )
+    if problems:
+        raise UserInputError(
+            f"{path}: {len(problems)} of {len(stems)} modules of network_weights do not fit the LyCORIS network: "
+            f"{problems[0]}"
+        )
+    lycoris_name = {kohya: lyco for lyco, kohya in network.kohya_names(arch, base).items()}
+    renamed = {f"{lycoris_name[k.partition('.')[0]]}.{k.partition('.')[2]}": t for k, t in tensors.items()}
+    # LyCORIS's own load: its hooks set what the state dict does not hold (e.g. LoCon's scalar back to 1)
+    unexpected = network.net.load_state_dict(renamed, strict=False).unexpected_keys
+    assert not unexpected, unexpected  # every name was checked against the network above
+    log.info("network_weights %s: %d LyCORIS modules loaded", path, len(stems))

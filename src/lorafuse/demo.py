@@ -96,12 +96,54 @@ def class_style_grid(pipe, classes, styles, steps: int, guidance: float, seed: i
     return np.stack(out)
 
 
+# the report page, scores.json and the tables: a row of scores per image, the settings, the timings
+_PAGE_PER_IMAGE, _PAGE = 2 << 10, 64 << 10
+_PLOT_DPI = 100  # `eval.report`'s plots
+
+
+def estimate_report_bytes(cfg: DemoConfig, methods: list[str], recipes: dict) -> int:
+    """An upper bound of the demo's output folder less its work folder: the side-by-side grid (a row per seed, a
+    column per method and up to five baselines; twice: the page's and summary.png's), the baselines, the class x
+    style grid, the training sets' pictures, the scores chart and a training plot per LoRA (plots of
+    `eval.report`, RGBA), the page and scores.json."""
+    from lorafuse.fusion.klora_schedule import heatmap_pixels
+    from lorafuse.utils.atomic import png_bytes
+    from lorafuse.utils.images import grid_size
+    from lorafuse.world.dataset import SIDE
+
+    def grid(rows: int, cols: int, labels: list[str]) -> int:
+        return png_bytes(*grid_size(rows, cols, (SIDE, SIDE), labels, title="t"))
+
+    seeds = [f"seed {cfg.seed + k}" for k in range(cfg.seeds)]
+    columns = len(methods) + 5
+    sets = [r.images for r in next(iter(recipes.values()))]  # the LoCon pair's training sets
+    pictures = grid(cfg.seeds, columns, seeds) + grid(cfg.seeds, 5, seeds) + sum(grid(1, n, ["content"]) for n in sets)
+    if cfg.class_grid:
+        pictures += grid(len(cfg.classes), len(cfg.styles), list(cfg.classes))
+    chart = (round(max(6.0, 0.75 * columns + 2) * _PLOT_DPI), round(3.2 * _PLOT_DPI))
+    side_by_side = grid_size(cfg.seeds, columns, (SIDE, SIDE), seeds, title="t")
+    summary = png_bytes(max(side_by_side[0], chart[0]), side_by_side[1] + chart[1])
+    training = png_bytes(10 * _PLOT_DPI, round(3.2 * _PLOT_DPI), channels=4)  # loss and learning rate, a LoRA
+    plots = png_bytes(*chart, channels=4) + 2 * len(recipes) * training
+    if "klora" in methods:  # its schedule: layers unknown before the LoRAs exist, so the plot's largest height
+        plots += png_bytes(*heatmap_pixels(1 << 20, cfg.steps), channels=4)
+    return pictures + summary + plots + columns * cfg.seeds * _PAGE_PER_IMAGE + _PAGE
+
+
+def estimate_work_bytes(cfg: DemoConfig, recipes: dict) -> int:
+    """An upper bound of what the work folder gains: each LoRA not trained yet, its dataset and run."""
+    from lorafuse.train.world_personalize import estimate_recipe_bytes
+
+    unique = dict.fromkeys(r for pair in recipes.values() for r in pair)
+    return sum(estimate_recipe_bytes(r, cfg.work_dir) for r in unique)
+
+
 def run_demo(cfg: DemoConfig) -> Path:
     """Run the demo (module docstring); returns the report's path."""
     import warnings
 
     from lorafuse.demo_report import write_demo_report
-    from lorafuse.eval.world_compare import compare_pair, train_pair_loras
+    from lorafuse.eval.world_compare import compare_pair, pair_recipes, train_pair_loras
     from lorafuse.fusion.api import load_base
     from lorafuse.fusion.registry import method_names
     from lorafuse.utils.atomic import atomic_write_text
@@ -112,14 +154,6 @@ def run_demo(cfg: DemoConfig) -> Path:
     methods = list(cfg.methods) if cfg.methods is not None else method_names()
     from lorafuse.utils.atomic import check_output
 
-    out = check_output(cfg.out, kind="folder", what="demo output folder")
-    check_output(cfg.work_dir, kind="folder", what="demo work folder")
-    out.mkdir(parents=True, exist_ok=True)
-    oracle = default_oracle()  # missing weights fail here, not after training
-    times: dict[str, float] = {}
-    t0 = time.perf_counter()
-
-    # 2. Datasets and LoRAs (cached by recipe under the work folder)
     settings: dict[str, dict] = {"content": {}, "style": {}}
     for role, epochs in (("content", cfg.content_epochs), ("style", cfg.style_epochs)):
         if epochs is not None:
@@ -128,6 +162,17 @@ def run_demo(cfg: DemoConfig) -> Path:
             settings[role]["repeats"] = cfg.repeats
         if cfg.base is not None:
             settings[role]["base"] = cfg.base
+    recipes = pair_recipes(cfg.individual, cfg.style, methods=methods, content_settings=settings["content"],
+                           style_settings=settings["style"])  # fmt: skip
+    out = check_output(cfg.out, kind="folder", what="demo output folder",
+                       estimate=estimate_report_bytes(cfg, methods, recipes))  # fmt: skip
+    check_output(cfg.work_dir, kind="folder", what="demo work folder", estimate=estimate_work_bytes(cfg, recipes))
+    out.mkdir(parents=True, exist_ok=True)
+    oracle = default_oracle()  # missing weights fail here, not after training
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    # 2. Datasets and LoRAs (cached by recipe under the work folder)
     loras = train_pair_loras(cfg.individual, cfg.style, cfg.work_dir, methods=methods,
                              content_settings=settings["content"], style_settings=settings["style"],
                              progress=cfg.progress)  # fmt: skip

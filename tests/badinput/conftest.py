@@ -149,10 +149,16 @@ def tiny_lora(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def no_model(monkeypatch):
-    """Refusals come before any model loads."""
+    """Refusals come before any model loads. `train.prepare` binds load_base_pipeline when it is imported: it is
+    imported here first (so it never keeps this fixture's stand-in after the test) and its name replaced too."""
     import lorafuse.models.load as load
+    import lorafuse.train.prepare as prepare
 
-    monkeypatch.setattr(load, "load_base_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    def loaded(*a, **k):
+        pytest.fail("a model was loaded")
+
+    monkeypatch.setattr(load, "load_base_pipeline", loaded)
+    monkeypatch.setattr(prepare, "load_base_pipeline", loaded)
 
 
 @pytest.fixture(scope="session")

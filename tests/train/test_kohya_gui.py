@@ -11,7 +11,7 @@ from lorafuse.lora.keys import UnetLayout
 from lorafuse.models.tiny import tiny_pipeline
 from lorafuse.train.config import NetworkConfig, TrainConfig
 from lorafuse.train.kohya_import import convert_flat
-from lorafuse.train.network import _is_3x3, block_labels, block_of, plan_network
+from lorafuse.train.network import block_labels, block_of, is_3x3_conv, plan_network
 
 BASE = {"pretrained_model_name_or_path": "sd15-tiny", "train_data_dir": "d", "resolution": "512,512"}
 # the GUI's f-strings for each LoRA type, after its .replace('"', "").split() (kohya_gui/lora_gui.py)
@@ -48,10 +48,9 @@ def test_gui_network_args_import_without_refusals(lora_type):
 @pytest.mark.parametrize(
     ("arg", "reason"),
     [
-        ("rank_dropout=0.1", "rank dropout is not implemented"),
+        ("rank_dropout=0.1", "rank dropout and module dropout are not implemented"),
         ("use_tucker=True", "Tucker decomposition"),
         ("dora_wd=True", "DoRA is not implemented"),
-        ("preset=attn-mlp", "only LyCORIS's default preset"),
         ("train_on_input=True", "IA3"),
         ("frobnicate=3", "unknown network argument"),
         ("factor=abc", "not a value kohya accepts"),
@@ -76,7 +75,7 @@ def _ranks(net: NetworkConfig):
     pipe = tiny_pipeline("sd15", seed=0)
     plan = plan_network(pipe, net, "sd15")["unet"]
     layout = UnetLayout.from_config(pipe.unet.config)
-    conv = {p: v for p, v in plan.items() if _is_3x3(pipe.unet.get_submodule(p))}
+    conv = {p: v for p, v in plan.items() if is_3x3_conv(pipe.unet.get_submodule(p))}
     lin = {p: v for p, v in plan.items() if p not in conv}
     return pipe, layout, conv, lin
 

@@ -39,6 +39,8 @@ from lorafuse.utils.images import to_uint8
 
 MANIFEST = "pairs.json"
 CUTOFF = 0.35
+RENDER_SIDE = 64  # pixels of a rendered pair's images (the world base's size)
+_MANIFEST_PER_PAIR = 1 << 10  # a pair's entry in pairs.json: its indices, image paths and caption
 
 
 # --- frequency split --------------------------------------------------------------------------------------
@@ -191,7 +193,7 @@ def world_prompts(individuals: Sequence[str], styles: Sequence[str]) -> tuple[li
     return contents, [f"in {style_phrase(s)} style" for s in styles]
 
 
-def render_pairs(individuals: Sequence[str], styles: Sequence[str], seed: int = 0, size: int = 64
+def render_pairs(individuals: Sequence[str], styles: Sequence[str], seed: int = 0, size: int = RENDER_SIDE
                  ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """(content-fixed, style-fixed) exact world renders, each (N_c, N_s, size, size, 3) uint8."""
     from lorafuse.world.catalog import check_style, parse_individual
@@ -226,11 +228,24 @@ def write_pairs(
     return final
 
 
-def _check_pairs_folder(folder: Path) -> Path:
+def estimate_pairs_bytes(rows: Sequence[str], cols: Sequence[str], side: int, caption: int) -> int:
+    """An upper bound of a pairs folder of contents `rows` x styles `cols` at `side` pixels, captions of at most
+    `caption` characters: two PNGs and a manifest entry per pair, and the contact sheet."""
+    from lorafuse.utils.atomic import png_bytes
+    from lorafuse.utils.images import grid_size
+
+    pairs = len(rows) * len(cols)
+    captions = pairs * 12 * caption  # json.dumps writes a non-ASCII character as up to 12 bytes (\ud83d\ude00)
+    labels = [f"{name} c-fix" for name in rows]
+    sheet = grid_size(2 * len(rows), len(cols), (side, side), labels, 1 if side >= 128 else 2, title="t")
+    return pairs * (2 * png_bytes(side, side) + _MANIFEST_PER_PAIR) + captions + png_bytes(*sheet)
+
+
+def _check_pairs_folder(folder: Path, estimate: int = 0) -> Path:
     """A new, empty or previous pairs folder (replaced whole); anything else is refused, not overwritten."""
     from lorafuse.utils.atomic import check_output
 
-    folder = check_output(folder, kind="folder", what="pairs dataset folder")
+    folder = check_output(folder, kind="folder", what="pairs dataset folder", estimate=estimate)
     if folder.is_dir() and any(folder.iterdir()) and not (folder / MANIFEST).is_file():
         raise UserInputError(f"{folder}: exists, is not empty and holds no {MANIFEST} (not a pairs dataset); "
                              "choose a new folder")  # fmt: skip
@@ -285,6 +300,29 @@ def read_pairs(folder: str | Path) -> list[Pair]:
     return pairs
 
 
+def _pairs_estimate(mode: str, base: Any, contents: Sequence[str] | None, styles: Sequence[str] | None) -> int:
+    """The disk estimate before any image is made or a base loads: rendered pairs are named by individual and
+    style and captioned in world words; generated ones are named by their prompts (the world references' when
+    none are given) and made at the base's size."""
+    names = world_references()
+    if mode == "render":
+        names = (list(contents or names[0]), list(styles or names[1]))
+        prompts, side = world_prompts(*names), RENDER_SIDE
+    else:
+        world = world_prompts(*names)
+        names = prompts = (list(contents or world[0]), list(styles or world[1]))
+        if isinstance(base, str | Path):
+            from lorafuse.models.meta import sample_side
+
+            side = sample_side(str(base))
+        else:
+            from lorafuse.families import family_of
+
+            side = family_of(base).sample_size(base)
+    caption = max(map(len, prompts[0]), default=0) + max(map(len, prompts[1]), default=0) + 8
+    return estimate_pairs_bytes(*names, side, caption)
+
+
 def build_pairs_dataset(
     folder: str | Path, *, mode: str = "render", base: Any = "world", contents: Sequence[str] | None = None,
     styles: Sequence[str] | None = None, seed: int = 0, steps: int = 25, guidance: float = 7.5,
@@ -301,7 +339,8 @@ def build_pairs_dataset(
         raise UserInputError(
             f"unknown pairs mode {mode!r}; choose render (world, exact) or generate (any base)"
         )
-    _check_pairs_folder(Path(folder))  # before any image is rendered or a base loads
+    # before any image is rendered or a base loads
+    _check_pairs_folder(Path(folder), _pairs_estimate(mode, base, contents, styles))
     settings: dict[str, Any] = {"mode": mode, "seed": seed}
     if mode == "render":
         default_c, default_s = world_references()

@@ -249,11 +249,13 @@ def train_backbone(config: BackboneConfig, *, pipe: Any = None, progress: bool =
 
     # 1. Check inputs and load: pairs, base, feature network
     read_pairs(config.pairs)  # a missing or broken dataset fails before any model loads
-    out = check_output(config.output_dir, kind="folder", what="backbone output_dir")
+    out, sized = _check_output_dir(config, pipe)
     if pipe is None:
         from lorafuse.models.load import load_base_pipeline
 
         pipe = load_base_pipeline(str(config.base))
+    if not sized:  # a base whose configs do not tell its shapes: sized now, before any step
+        check_output(out, kind="folder", what=OUTPUT, estimate=estimate_backbone_bytes(config, pipe.components))
     features = load_features(_feature_spec(config.features, pipe)) if config.lambda_p > 0 else None
     for module in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
         if module is not None:
@@ -316,6 +318,50 @@ def train_backbone(config: BackboneConfig, *, pipe: Any = None, progress: bool =
     )
     info = {"base": str(config.base), "steps": step, "ranks": ranks, "settings": current}
     return save_backbone(pipe, out / "backbone", info)
+
+
+# a saved pipeline's files beside its weights: configs, the scheduler, a CLIP tokenizer's vocab and merges
+_PIPELINE_FILES = 4 << 20
+_LOG_ROW = 128  # a log.csv row: step, lr and three losses
+
+
+OUTPUT = "backbone output_dir"
+
+
+def _check_output_dir(config: BackboneConfig, pipe: Any) -> tuple[Path, bool]:
+    """`check_output` of output_dir with the estimate from the given pipeline, or from the base built on the
+    meta device; (the folder, False when the base's configs cannot tell its shapes: sized once it loads)."""
+    from lorafuse.models.meta import meta_components
+
+    comps = dict(pipe.components) if pipe is not None else None
+    if comps is None:
+        try:
+            comps = meta_components(str(config.base))
+        except UserInputError:
+            pass
+    estimate = 0 if comps is None else estimate_backbone_bytes(config, comps)
+    return check_output(config.output_dir, kind="folder", what=OUTPUT, estimate=estimate), comps is not None
+
+
+def estimate_backbone_bytes(config: BackboneConfig, comps: dict[str, Any]) -> int:
+    """An upper bound of output_dir: the saved pipeline (every component's weights and buffers, W' baked in
+    keeps the UNet's size, and its small files), bases.safetensors, the resumable states save_every_n_steps
+    writes (all kept) and the log. The bases (two d_out x r_l matrices per tuned layer) come from the ranks
+    `para.layer_ranks` gives the UNet's shapes."""
+    from torch import nn
+
+    from lorafuse.train.disk_estimate import lora_file_bytes, state_folder_bytes
+
+    weights = sum(t.numel() * t.dtype.itemsize for m in comps.values() if isinstance(m, nn.Module)
+                  for t in (*m.parameters(), *m.buffers()))  # fmt: skip
+    unet = comps["unet"]
+    ranks = para.layer_ranks(unet, config.para_options())
+    params = {f"{path}.{kind}": torch.empty(unet.get_submodule(path).weight.shape[0], r, device="meta")
+              for path, r in ranks.items() if r for kind in ("content", "style")}  # fmt: skip
+    log = config.steps * _LOG_ROW
+    saves = (config.steps - 1) // config.save_every_n_steps if config.save_every_n_steps else 0
+    state = state_folder_bytes(params, "AdamW", len(json.dumps(_config_dict(config), default=str)), log)
+    return weights + _PIPELINE_FILES + lora_file_bytes(params, 4, 0) + saves * state + log
 
 
 def _feature_spec(spec: str, pipe: Any) -> str:

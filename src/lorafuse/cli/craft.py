@@ -108,9 +108,36 @@ def cmd_expert(args: argparse.Namespace) -> int:
     pairs = [parse_pair(p) for p in args.pair]  # every pair checked before any LoRA trains
     from lorafuse.utils.atomic import check_output
 
-    check_output(args.out, what="expert file")
-    check_output(args.work_dir, kind="folder", what="LoRA work folder")
+    check_output(args.out, what="expert file", estimate=estimate_expert_bytes(pairs))
+    check_output(args.work_dir, kind="folder", what="LoRA work folder",
+                 estimate=estimate_loras_bytes(pairs, args.work_dir))  # fmt: skip
     path, _ = train_world_expert(pairs, args.work_dir, args.out, grid=lambda_grid(values), seeds=args.seeds,
                                  steps=args.steps, guidance=args.guidance, expert_steps=args.expert_steps)  # fmt: skip
     print(path)
     return 0
+
+
+def estimate_loras_bytes(pairs: list[tuple[str, str]], work_dir) -> int:
+    """An upper bound of what the work folder gains: CRAFT's content and style LoRA of each pair not trained yet
+    (the recipes `train_world_expert` trains), with their datasets."""
+    from lorafuse.train.world_personalize import estimate_recipe_bytes, style_recipe, subject_recipe
+
+    recipes = {r for i, s in pairs for r in (subject_recipe(i, layers="craft"), style_recipe(s, layers="craft"))}
+    return sum(estimate_recipe_bytes(r, work_dir) for r in recipes)
+
+
+def estimate_expert_bytes(pairs: list[tuple[str, str]]) -> int:
+    """The expert file: the encoder's parameters (float32) over the world base's text width, one id per individual,
+    and a header and config."""
+    import torch
+
+    from lorafuse.fusion.craft.expert import ExpertEncoder
+    from lorafuse.models.meta import meta_components
+
+    width = sum(c.config.hidden_size for k, c in meta_components("world").items() if k.startswith("text_encoder"))
+    with torch.device("meta"):
+        model = ExpertEncoder(width, num_ids=len({i for i, _ in pairs}))
+    return sum(4 * p.numel() for p in model.parameters()) + _EXPERT_HEADER
+
+
+_EXPERT_HEADER = 64 << 10  # the file's header: a dozen tensor entries and the encoder's config as metadata

@@ -177,7 +177,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     for path in (args.content, args.style):
         check_input_file(path, "LoRA file", LoraFormatError)
     precheck_pair(args.content, args.style, args.method, allow_pickle=args.allow_pickle)
-    check_output(args.out, kind="folder", what="output folder")
+    check_output(args.out, kind="folder", what="output folder", estimate=estimate_output_bytes(args, methods))
     pipe = load_base(args.base, device=args.device, dtype=args.dtype)
     common = dict(
         prompt=args.prompt, base=pipe, negative_prompt=args.negative_prompt, num_images=args.num_images,
@@ -217,6 +217,56 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     atomic_write_text(args.out / "record.json", json.dumps(record, indent=1, ensure_ascii=False))
     print(f"wrote {len(rows) * len(rows[0])} images, grid.png and record.json to {args.out}")
     return 0
+
+
+# a record's fixed part (method settings, sampling, the LoRAs' paths, timings; the largest seen is under 2 kB)
+_RECORD_BASE = 16 << 10
+# a record's part per (layer, step): K-LoRA's schedule holds "true,"/"false," on an indented line
+_RECORD_PER_STEP = 8
+
+
+def _lora_modules(path: Path) -> set[str]:
+    """The module names of a LoRA file, from its tensor names (the header alone for safetensors): a name less
+    its factor and ".weight" ("X.lora_down.weight", "X.lora_A.weight", "X.alpha", "X.hada_w1_a" -> "X")."""
+    from lorafuse.lora.io import read_tensors
+
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    else:
+        keys = list(read_tensors(path, allow_pickle=True)[0])
+    return {k.rsplit(".", 2 if k.endswith(".weight") else 1)[0] for k in keys}
+
+
+def record_bytes(method: str, content: Path, style: Path, steps: int) -> int:
+    """An upper bound of one fused sample's JSON record: its fixed part, and for K-LoRA (the one method with a
+    per-layer record) per layer the names twice (a kohya name is at most 40 characters longer than the file's
+    module name), k / top_c / top_s and the schedule; the layers are bounded by the two LoRAs' modules."""
+    if method != "klora":
+        return _RECORD_BASE
+    modules = _lora_modules(content) | _lora_modules(style)
+    name = max((len(k) for k in modules), default=0)
+    return _RECORD_BASE + len(modules) * (2 * (name + 40) + 3 * 32 + steps * _RECORD_PER_STEP)
+
+
+def estimate_output_bytes(args: argparse.Namespace, methods: list[str]) -> int:
+    """An upper bound of what this command writes into --out, from the inputs alone (before the base loads):
+    per method its images and record, K-LoRA's schedule heatmap, and the grid of all."""
+    from lorafuse.fusion.klora_schedule import heatmap_pixels
+    from lorafuse.models.meta import sample_side
+    from lorafuse.utils.atomic import png_bytes
+    from lorafuse.utils.images import grid_size
+
+    side = sample_side(args.base)
+    total = png_bytes(*grid_size(len(methods), args.num_images, (side, side), methods, title="t"))
+    for method in methods:
+        total += args.num_images * png_bytes(side, side) + record_bytes(method, args.content, args.style, args.steps)
+    if "klora" in methods:
+        layers = len(_lora_modules(args.content) | _lora_modules(args.style))
+        total += png_bytes(*heatmap_pixels(layers, args.steps), channels=4)
+    return total
 
 
 def _pil(image):

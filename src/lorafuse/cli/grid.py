@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 from lorafuse.cli.options import add_num_processes_argument, parse_sets
@@ -38,8 +39,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, out=args.out)
     from lorafuse.utils.atomic import check_output
 
-    if cfg.out is not None:
-        check_output(cfg.out, kind="folder", what="grid output folder")  # before any model loads
+    if cfg.out is not None:  # before any model loads
+        check_output(cfg.out, kind="folder", what="grid output folder", estimate=estimate_output_bytes(cfg))
     from lorafuse.utils.launch import in_launched_process, relaunch
 
     if args.num_processes < 1:
@@ -61,6 +62,42 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
         print(write_report(result.out))
     return 0
+
+
+# a cell's row in index.json, cells.json and cells.csv beyond its settings: image path, kind, scores
+_ROW_EXTRA = 1 << 10
+# a plain (unfused) cell's record beyond its settings: the sampling settings
+_SAMPLING_RECORD = 4 << 10
+
+
+def estimate_output_bytes(cfg) -> int:
+    """An upper bound of what the grid writes into its folder, from the config alone (before any base loads):
+    each cell not done yet (its PNG and record), the pages (every cell's tile with a full label margin: no page
+    layout needs more), the tables (a row per cell in three of them) and the config."""
+    from lorafuse.cli.fuse import record_bytes
+    from lorafuse.config.toml_io import config_to_dict
+    from lorafuse.eval.grid import CellStore, _label
+    from lorafuse.eval.grid_config import plan_grid
+    from lorafuse.models.meta import sample_side
+    from lorafuse.utils.atomic import png_bytes
+    from lorafuse.utils.images import grid_size
+
+    plan = plan_grid(cfg)
+    store = CellStore(Path(cfg.out)) if Path(cfg.out).is_dir() else None
+    sizes = {b: (w, h) if h else (sample_side(b),) * 2 for b, (h, w) in plan.sizes.items()}
+    total = 0
+    for cell in plan.all_cells():
+        settings = len(json.dumps(cell.settings(), default=str))
+        total += 3 * (settings + _ROW_EXTRA)
+        if store is not None and store.done(plan.cell_id(cell)):
+            continue
+        fused = record_bytes(cell.method, Path(cell.content), Path(cell.style), cell.steps) if cell.method else 0
+        total += png_bytes(*sizes[cell.base]) + settings + (fused or _SAMPLING_RECORD)
+    labels = [_label(a, v) for c in plan.coords for a, v in c.items()]
+    scale = cfg.layout.scale or 2  # `_pages` scales tiles of up to 128 pixels by 2, larger ones by 1
+    for cell in plan.cells:
+        total += png_bytes(*grid_size(1, 1, sizes[cell.base], labels, scale, title="t"))
+    return total + len(json.dumps(config_to_dict(cfg), default=str))
 
 
 def _grid_words(args: argparse.Namespace) -> list[str]:

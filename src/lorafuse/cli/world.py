@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from lorafuse.cli.options import seed
 from lorafuse.errors import UserInputError
@@ -20,16 +21,18 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_render(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from lorafuse.utils.atomic import check_output
-    from lorafuse.utils.images import labelled_grid, save_image
+    from lorafuse.utils.atomic import check_output, png_bytes
+    from lorafuse.utils.images import grid_size, labelled_grid, save_image
     from lorafuse.world.catalog import check_style, parse_individual
+    from lorafuse.world.dataset import SIDE
     from lorafuse.world.render import render
 
     ind = parse_individual(args.individual)
     styles = [check_style(s) for s in args.styles]
-    check_output(args.out, what="picture")
-    tiles = [[render(ind, s, np.random.default_rng([args.seed, k])) for s in styles] for k in range(args.n)]
-    path = save_image(labelled_grid(tiles, [f"seed {args.seed}.{k}" for k in range(args.n)], styles), args.out)
+    labels = [f"seed {args.seed}.{k}" for k in range(args.n)]
+    check_output(args.out, what="picture", estimate=png_bytes(*grid_size(args.n, len(styles), (SIDE, SIDE), labels)))
+    tiles = [[render(ind, s, np.random.default_rng([args.seed, k]), size=SIDE) for s in styles] for k in range(args.n)]
+    path = save_image(labelled_grid(tiles, labels, styles), args.out)
     print(path)
     return 0
 
@@ -61,19 +64,24 @@ def _cmd_train_oracle(args: argparse.Namespace) -> int:
     from lorafuse.utils.atomic import check_output
     from lorafuse.world.catalog import STYLE_NAMES, all_individuals
     from lorafuse.world.oracle_train import decoded_pool, train_oracle
-    from lorafuse.world.pool import Pool, cached_pool, load_pool, save_pool
+    from lorafuse.world.pool import Pool, cached_pool, cached_pool_bytes, load_pool, save_pool
 
-    check_output(args.out, what="oracle file")
-    work = check_output(args.work, kind="folder", what="work folder")
-    pools = [cached_pool(work / ("oracle_pool.npz" if k == 0 else f"oracle_pool{2 * k + 1}.npz"), args.pool,
-                         all_individuals(), list(STYLE_NAMES), seed=2 * k + 1) for k in range(1 + args.extra_pools)]
+    work = Path(args.work)
+    names = [work / ("oracle_pool.npz" if k == 0 else f"oracle_pool{2 * k + 1}.npz") for k in range(1 + args.extra_pools)]
+    decoded = work / f"oracle_pool_decoded{args.decoded}.npz"  # keyed by size only: delete it if the base changes
+    pools_bytes = sum(cached_pool_bytes(p, args.pool) for p in names)
+    if args.decoded:
+        pools_bytes += cached_pool_bytes(decoded, args.decoded)
+    check_output(args.out, what="oracle file", estimate=oracle_file_bytes())
+    check_output(work, kind="folder", what="work folder", estimate=pools_bytes)
+    pools = [cached_pool(path, args.pool, all_individuals(), list(STYLE_NAMES), seed=2 * k + 1)
+             for k, path in enumerate(names)]  # fmt: skip
     if args.decoded:
         from lorafuse.models.world import load_world_pipeline
 
-        path = work / f"oracle_pool_decoded{args.decoded}.npz"  # keyed by size only: delete it if the base changes
-        if not path.exists():
-            save_pool(decoded_pool(pools[0], load_world_pipeline(args.decoded_by).vae, args.decoded), path)
-        pools.append(load_pool(path))
+        if not decoded.exists():
+            save_pool(decoded_pool(pools[0], load_world_pipeline(args.decoded_by).vae, args.decoded), decoded)
+        pools.append(load_pool(decoded))
     pool = Pool(*(np.concatenate([getattr(p, f) for p in pools]) for f in
                   ("images", "individual", "style", "caption_template")))
     print(train_oracle(pool, args.out, steps=args.steps, lr=args.lr, init=args.init))
@@ -95,8 +103,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from lorafuse.world.oracle import Oracle
     from lorafuse.world.pool import cached_pool
 
-    check_output(args.out, kind="folder", what="pipeline folder")
-    work = check_output(args.work, kind="folder", what="work folder")
+    pipeline, work_bytes = pretrain_bytes(args)
+    check_output(args.out, kind="folder", what="pipeline folder", estimate=pipeline)
+    work = check_output(args.work, kind="folder", what="work folder", estimate=work_bytes)
     cfg = PretrainConfig(work_dir=str(work), vae_steps=args.vae_steps, unet_steps=args.unet_steps,
                          unet_batch=args.batch, seed=args.seed, caption_ft_steps=args.caption_ft_steps)
     pool = cached_pool(work / "base_pool.npz", args.pool, all_individuals(held_out=False), list(SEEN_STYLES), seed=2)
@@ -104,13 +113,50 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     latents, scale = cache_latents(cfg, vae, pool)
     # the decoder fine-tune leaves the encoder (hence the cached latents) alone; doing it before the UNet
     # stages means their oracle curves judge samples through the decoder that ships
-    everything = cached_pool(work / "all_pool.npz", 39000, all_individuals(), list(STYLE_NAMES), seed=1)
+    everything = cached_pool(work / "all_pool.npz", ALL_POOL, all_individuals(), list(STYLE_NAMES), seed=1)
     finetune_decoder(cfg, vae, everything, steps=args.decoder_steps)
     oracle = Oracle.load(args.oracle) if args.oracle or _has_default_oracle() else None
     for stage in unet_stages(cfg):
         train_unet(cfg, pool, latents, scale, oracle=oracle, vae=vae, stage=stage)
     print(f"pipeline folder: {finalize(cfg, args.out)}")
     return 0
+
+
+ALL_POOL = 39000  # renders of every individual and style the decoder fine-tune sees
+# a saved pipeline's files beside its weights: configs, the scheduler, the CLIP tokenizer's vocab and merges
+_PIPELINE_FILES = 4 << 20
+# a safetensors file's header (tensor entries) for a model of a few hundred tensors
+_HEADER = 256 << 10
+
+
+def oracle_file_bytes() -> int:
+    """The oracle weights file: every parameter and buffer in float32, and the header."""
+    from lorafuse.world.oracle import OracleModel
+
+    model = OracleModel()
+    return sum(4 * t.numel() for t in (*model.parameters(), *model.buffers())) + _HEADER
+
+
+def pretrain_bytes(args: argparse.Namespace) -> tuple[int, int]:
+    """(the pipeline folder, what the work folder gains): upper bounds from the world base's component sizes
+    (built on the meta device). Work: the two render pools, the VAE and its fine-tuned decoder, the cached
+    latents (float16), per UNet stage a checkpoint (UNet and text encoder, their EMA copies and AdamW's two
+    moments; twice while a save replaces the previous one) and an exported pipeline, and the tokenizer."""
+    from lorafuse.models.meta import meta_components
+    from lorafuse.world.pool import cached_pool_bytes
+
+    comps = meta_components("world-random")
+    size = {k: sum(t.numel() * t.dtype.itemsize for t in (*m.parameters(), *m.buffers())) for k, m in comps.items()}
+    pipeline = sum(size.values()) + _PIPELINE_FILES + len(comps) * _HEADER
+    work = Path(args.work)
+    vae = comps["vae"].config
+    latent = vae.latent_channels * (64 // 2 ** (len(vae.block_out_channels) - 1)) ** 2 * 2
+    stages = 1 + (args.caption_ft_steps > 0)
+    trained = size["unet"] + size["text_encoder"]
+    total = cached_pool_bytes(work / "base_pool.npz", args.pool) + cached_pool_bytes(work / "all_pool.npz", ALL_POOL)
+    total += 2 * (size["vae"] + _HEADER) + args.pool * latent + _PIPELINE_FILES
+    total += stages * (4 * trained + pipeline) + 4 * trained  # and the second copy of a checkpoint in a save
+    return pipeline, total
 
 
 def _has_default_oracle() -> bool:

@@ -90,15 +90,11 @@ def input_sets_of(runs: Sequence[Run]) -> list[str]:
     return list(dict.fromkeys([LOCON, *(r[3] for r in runs)]))
 
 
-def train_pair_loras(individual: str, style: str, work_dir: str | Path, *, methods: Sequence[str],
-                     content_settings: Mapping[str, Any] | None = None,
-                     style_settings: Mapping[str, Any] | None = None, progress: bool = True,
-                     input_sets: Sequence[str] | None = None) -> PairLoras:  # fmt: skip
-    """Write the datasets and train (or reuse, keyed by recipe) the LoRAs of every input set: the LoCon pair
-    always (the baselines), and the set each of `methods` declares (`lora_layers`, e.g. CRAFT's disjoint sets);
-    `input_sets` names them explicitly instead (keys of `INPUT_RECIPES`). `*_settings` override recipe fields
-    (e.g. epochs=1 for a smoke run)."""
-    from lorafuse.train.world_personalize import recipe_paths, style_recipe, subject_recipe, train_world_lora
+def pair_recipes(individual: str, style: str, *, methods: Sequence[str], content_settings: Mapping[str, Any] | None = None,
+                 style_settings: Mapping[str, Any] | None = None, input_sets: Sequence[str] | None = None
+                 ) -> dict[str, tuple[Any, Any]]:  # fmt: skip
+    """{input set: (content recipe, style recipe)} that `train_pair_loras` trains, the LoCon pair first."""
+    from lorafuse.train.world_personalize import style_recipe, subject_recipe
 
     wanted = list(input_sets) if input_sets is not None else input_sets_of(default_runs(methods))
     unknown = sorted(set(wanted) - set(INPUT_RECIPES))
@@ -109,6 +105,21 @@ def train_pair_loras(individual: str, style: str, work_dir: str | Path, *, metho
         change = INPUT_RECIPES[inputs]
         recipes[inputs] = (subject_recipe(individual, **{**dict(content_settings or {}), **change}),
                            style_recipe(style, **{**dict(style_settings or {}), **change}))  # fmt: skip
+    return recipes
+
+
+def train_pair_loras(individual: str, style: str, work_dir: str | Path, *, methods: Sequence[str],
+                     content_settings: Mapping[str, Any] | None = None,
+                     style_settings: Mapping[str, Any] | None = None, progress: bool = True,
+                     input_sets: Sequence[str] | None = None) -> PairLoras:  # fmt: skip
+    """Write the datasets and train (or reuse, keyed by recipe) the LoRAs of every input set: the LoCon pair
+    always (the baselines), and the set each of `methods` declares (`lora_layers`, e.g. CRAFT's disjoint sets);
+    `input_sets` names them explicitly instead (keys of `INPUT_RECIPES`). `*_settings` override recipe fields
+    (e.g. epochs=1 for a smoke run)."""
+    from lorafuse.train.world_personalize import recipe_paths, train_world_lora
+
+    recipes = pair_recipes(individual, style, methods=methods, content_settings=content_settings,
+                           style_settings=style_settings, input_sets=input_sets)  # fmt: skip
     files = {k: tuple(train_world_lora(r, work_dir, progress=progress) for r in pair) for k, pair in recipes.items()}
     c_recipe, s_recipe = recipes[LOCON]
     return PairLoras(

@@ -165,6 +165,21 @@ def official_table(
     return table
 
 
+HEATMAP_DPI = 100
+
+
+def _heatmap_inches(layers: int, steps: int) -> tuple[float, float]:
+    """The heatmap's figure size: a column per step and a row per layer, within readable bounds."""
+    return min(max(5.0, 2 + 0.25 * steps), 14), min(max(3.0, 1.5 + 0.06 * layers), 12)
+
+
+def heatmap_pixels(layers: int, steps: int) -> tuple[int, int]:
+    """(width, height) of `schedule_heatmap`'s PNG for a table of layers x steps (an RGBA image): for the disk
+    estimate of `lorafuse fuse` before anything samples."""
+    w, h = _heatmap_inches(layers, steps)
+    return round(w * HEATMAP_DPI), round(h * HEATMAP_DPI)
+
+
 def schedule_heatmap(
     table: torch.Tensor, path: str | Path, *, layers: Sequence[str] | None = None, title: str | None = None
 ) -> Path:
@@ -179,9 +194,7 @@ def schedule_heatmap(
 
     n, steps = table.shape
     colors = ("#3cb371", "#1f5fbf")  # style (False), content (True)
-    fig, ax = plt.subplots(
-        figsize=(min(max(5.0, 2 + 0.25 * steps), 14), min(max(3.0, 1.5 + 0.06 * n), 12)), dpi=100
-    )
+    fig, ax = plt.subplots(figsize=_heatmap_inches(n, steps), dpi=HEATMAP_DPI)
     ax.imshow(table.to(torch.uint8).numpy(), aspect="auto", interpolation="nearest",
               cmap=ListedColormap(colors), vmin=0, vmax=1)  # fmt: skip
     ax.set_xlabel("denoising step i (0 = noisiest)")

@@ -93,3 +93,23 @@ def _from_folder(folder: Path) -> dict[str, nn.Module]:
 
                 out[name] = cls(AutoConfig.from_pretrained(folder / name))
     return out
+
+
+# the largest default image side of the families (SDXL, FLUX.1): the size assumed for a base not readable here
+LARGEST_SIDE = 1024
+
+
+def sample_side(name_or_path: str) -> int:
+    """The default image side in pixels a base samples at, from its configs (for disk-space estimates before
+    it loads); `LARGEST_SIDE` when its architecture cannot be read without loading it."""
+    from types import SimpleNamespace
+
+    from lorafuse.families import family_of
+
+    try:
+        comps = meta_components(name_or_path)
+    except UserInputError:
+        return LARGEST_SIDE
+    # what `Family.sample_size` reads of a pipeline: its components and the VAE's downsampling factor
+    factor = 2 ** (len(comps["vae"].config.block_out_channels) - 1)
+    return family_of(comps).sample_size(SimpleNamespace(**comps, vae_scale_factor=factor))

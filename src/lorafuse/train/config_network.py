@@ -24,6 +24,9 @@ class NetworkConfig:
     algo: Literal["locon", "loha", "lokr"] = "locon"
     # LoKr's Kronecker factor (-1: as balanced as the shape allows)
     factor: int = -1
+    # which modules LyCORIS trains (kohya's preset=): full, full-lin, attn-mlp, attn-only, unet-only,
+    # unet-transformer-only, unet-convblock-only, or the path of a LyCORIS preset TOML file
+    lycoris_preset: str = "full"
     # start from this LoRA file's weights (same layers and ranks, or set dim_from_weights)
     network_weights: Path | None = None
     # take ranks and alphas from network_weights instead of network_dim / network_alpha
@@ -71,11 +74,13 @@ class NetworkConfig:
         ):
             raise _bad(
                 "network_module",
-                "lycoris.kohya chooses its modules itself (kohya's LoCon set); layers / block_dims / block_alphas / "
-                "conv_block_dims / conv_block_alphas are for networks.lora",
+                "lycoris.kohya chooses its modules by its preset (lycoris_preset); layers / block_dims / "
+                "block_alphas / conv_block_dims / conv_block_alphas are for networks.lora",
             )
         if self.network_module == "networks.lora" and (self.algo != "locon" or self.factor != -1):
             raise _bad("algo", "and factor are LyCORIS settings: set network_module = 'lycoris.kohya'")
+        if self.network_module == "networks.lora" and self.lycoris_preset != "full":
+            raise _bad("lycoris_preset", "is a LyCORIS setting: set network_module = 'lycoris.kohya'")
         if self.dim_from_weights and self.network_weights is None:
             raise _bad("dim_from_weights", "needs network_weights (the file to take ranks and alphas from)")
         _rates(self, "network_dropout")
@@ -123,7 +128,8 @@ class NetworkConfig:
     def block_mode(self) -> bool:
         """kohya's networks.lora works per block when block_dims or a block LR weight is set."""
         return any(
-            getattr(self, k) is not None for k in ("block_dims", "down_lr_weight", "mid_lr_weight", "up_lr_weight")
+            getattr(self, k) is not None
+            for k in ("block_dims", "down_lr_weight", "mid_lr_weight", "up_lr_weight")
         )
 
     @property

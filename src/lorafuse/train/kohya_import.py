@@ -304,6 +304,11 @@ def _data_dir(imp, key, value, flat):
 def _sample_prompts(imp, key, value, flat):
     from lorafuse.train.kohya_prompts import read_prompt_file
 
+    sampling = any(flat.get(k) for k in ("sample_every_n_epochs", "sample_every_n_steps", "sample_at_first"))
+    if not sampling and not Path(str(value)).exists():
+        # the GUI always names the prompt file it writes beside the outputs; kohya opens it only to sample
+        imp.note(key, value, "not read: no sample_every_n_epochs / _steps, so no samples are made (as kohya)")
+        return
     try:
         prompts, dropped = read_prompt_file(value)
     except ConfigError as e:

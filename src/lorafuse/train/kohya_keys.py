@@ -94,11 +94,11 @@ RULES: dict[str, Rule] = {
     "optimizer_args": _map("optimizer.weight_decay", "weight_decay=, betas=; optimizer defaults accepted"),
     "network_args": _map(
         "network.conv_dim",
-        "conv_dim, conv_alpha, algo, factor, block_dims, block_alphas, conv_block_dims, conv_block_alphas, "
-        "down_lr_weight, mid_lr_weight, up_lr_weight, block_lr_zero_threshold; FLUX.1: train_blocks, "
-        "train_double_block_indices, train_single_block_indices (to network.layers); the GUI's LyCORIS arguments "
-        "at their off values (preset=full, rank_dropout=0, use_tucker=False, ...) accepted, other values refused "
-        "by name",
+        "conv_dim, conv_alpha, algo, factor, preset (network.lycoris_preset), block_dims, block_alphas, "
+        "conv_block_dims, conv_block_alphas, down_lr_weight, mid_lr_weight, up_lr_weight, block_lr_zero_threshold; "
+        "FLUX.1: train_blocks, train_double_block_indices, train_single_block_indices (to network.layers); the "
+        "GUI's other LyCORIS arguments at their off values (rank_dropout=0, use_tucker=False, ...) accepted, other "
+        "values refused by name",
     ),
     "log_with": _map("training.logging", "tensorboard; wandb is refused"),
     "save_state_on_train_end": _map(

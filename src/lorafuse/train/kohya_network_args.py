@@ -13,28 +13,27 @@ from typing import Any
 
 LYCORIS_ALGOS = ("locon", "loha", "lokr")
 
-# argument -> (its off value, why another value is refused)
-_OFF: dict[str, tuple[Any, str]] = {
-    "preset": ("full", "only LyCORIS's default preset (full); lorafuse trains kohya's LoCon module set with it"),
-    "dropout": (0, "use network_dropout"),
-    "rank_dropout": (0, "rank dropout is not implemented (network_dropout is)"),
-    "module_dropout": (0, "module dropout is not implemented (network_dropout is)"),
-    "rank_dropout_scale": (False, "rank dropout is not implemented"),
-    "use_tucker": (False, "Tucker decomposition of conv LyCORIS modules is not implemented"),
-    "use_cp": (False, "CP decomposition of conv LyCORIS modules is not implemented"),
-    "use_scalar": (False, "LyCORIS's trainable scalar is not implemented"),
-    "train_norm": (False, "training norm layers is not implemented"),
-    "bypass_mode": (False, "LyCORIS bypass mode (for quantised bases) is not implemented"),
-    "dora_wd": (False, "DoRA is not implemented"),
-    "decompose_both": (False, "LoKr with both factors decomposed is not implemented"),
-    "rescaled": (False, "an option of LyCORIS's Diag-OFT / BOFT, which are not supported"),
-    "constrain": (0, "an option of LyCORIS's Diag-OFT / BOFT, which are not supported"),
-    "train_on_input": (None, "an option of LyCORIS's IA3, which is not supported"),
-    "block_size": (None, "an option of LyCORIS's DyLoRA, which is not supported"),
-    "unit": (None, "an option of kohya's DyLoRA (networks.dylora), which is not supported"),
-    "train_t5xxl": (False, "T5-XXL LoRAs are not trained here (FLUX.1 trains the transformer and CLIP-L)"),
-    "split_qkv": (False, "kohya lora_flux's split q/k/v LoRAs are not trained; the fused layout is written"),
-}
+# Arguments lorafuse does not implement, grouped by why a value other than their off value (0, False, None) is
+# refused; the GUI writes most of them at that value, which passes.
+_REFUSED_BY_REASON: dict[str, tuple[str, ...]] = {
+    "use network_dropout": ("dropout",),
+    "rank dropout and module dropout are not implemented (network_dropout is)": (
+        "rank_dropout", "module_dropout", "rank_dropout_scale",
+    ),
+    "Tucker decomposition of conv LyCORIS modules (use_tucker, or use_cp as older LyCORIS calls it) is not implemented": ("use_tucker", "use_cp"),
+    "LyCORIS's trainable scalar is not implemented": ("use_scalar",),
+    "training norm layers is not implemented": ("train_norm",),
+    "LyCORIS bypass mode (for quantised bases) is not implemented": ("bypass_mode",),
+    "DoRA is not implemented": ("dora_wd",),
+    "LoKr with both factors decomposed is not implemented": ("decompose_both",),
+    "an option of LyCORIS's Diag-OFT / BOFT, which are not supported": ("rescaled", "constrain"),
+    "an option of LyCORIS's IA3, which is not supported": ("train_on_input",),
+    "an option of LyCORIS's DyLoRA, which is not supported": ("block_size",),
+    "an option of kohya's DyLoRA (networks.dylora), which is not supported": ("unit",),
+    "T5-XXL LoRAs are not trained here (FLUX.1 trains the transformer and CLIP-L)": ("train_t5xxl",),
+    "kohya lora_flux's split q/k/v LoRAs are not trained; the fused layout is written": ("split_qkv",),
+}  # fmt: skip
+_REFUSED = {arg: why for why, args in _REFUSED_BY_REASON.items() for arg in args}
 _FLUX_BLOCK_ARGS = ("train_blocks", "train_double_block_indices", "train_single_block_indices")
 _FLUX_KINDS = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
 _NUMBER_LISTS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
@@ -56,10 +55,11 @@ def split_args(value: Any) -> list[tuple[str, Any]]:
     return out
 
 
-def _is_off(value: Any, off: Any) -> bool:
-    if isinstance(value, str) and value.strip().lower() in ("false", "none", "0", ""):
-        return True
-    return value == off or value in (None, "", 0, False)
+def _is_off(value: Any) -> bool:
+    """0, False, None or an empty value, also as the strings the GUI writes ("False", "None")."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("false", "none", "0", "")
+    return value in (None, 0, False)
 
 
 def flux_layers(args: dict) -> str | list[str]:
@@ -113,6 +113,8 @@ def _one(imp, key: str, k: str, v: Any, block_mode: bool) -> None:
             imp.put("network.algo", v, sub, v)
         else:
             imp.refuse(sub, v, f"LyCORIS algorithm not supported; use one of {', '.join(LYCORIS_ALGOS)}")
+    elif k == "preset":  # a LyCORIS preset name or TOML file; NetworkConfig checks it goes with lycoris.kohya
+        imp.put("network.lycoris_preset", str(v), sub, v)
     elif k == "factor":
         imp.put("network.factor", int(v), sub, v)
     elif k in ("down_lr_weight", "up_lr_weight"):  # a preset name ("cosine+0.5") or comma-separated numbers
@@ -124,16 +126,17 @@ def _one(imp, key: str, k: str, v: Any, block_mode: bool) -> None:
         imp.put(f"optimizer.{k}", float(v), sub, v)
     elif k == "block_lr_zero_threshold":
         imp.put(f"network.{k}", float(v), sub, v)
-    elif k in _OFF:
-        off, why = _OFF[k]
-        if k == "preset" and _is_off(v, off):
-            imp.note(sub, v, "LyCORIS's default; lorafuse trains kohya's LoCon module set with it (README)")
-        elif _is_off(v, off):
+    elif k in _REFUSED:
+        if _is_off(v):
             imp.note(sub, v, "off / the default")
         else:
-            imp.refuse(sub, v, why)
+            imp.refuse(sub, v, _REFUSED[k])
     else:
-        imp.refuse(sub, v, "unknown network argument (not one of networks.lora's or LyCORIS's as lorafuse knows them)")
+        imp.refuse(
+            sub,
+            v,
+            "unknown network argument (not one of networks.lora's or LyCORIS's as lorafuse knows them)",
+        )
 
 
 def network_args(imp, key: str, value: Any, flat) -> None:

@@ -74,7 +74,7 @@ def block_of(path: str, layout: UnetLayout) -> str | None:
     return f"{'IN' if m.group(1) == 'input_blocks' else 'OUT'}{int(m.group(2)):02d}"
 
 
-def _is_3x3(module: nn.Module) -> bool:
+def is_3x3_conv(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
 
 
@@ -131,7 +131,7 @@ def _denoiser_plan(denoiser: nn.Module, net: NetworkConfig, family: Family) -> d
         if block is not None and module_lr_weight(lr_weights, block, _mid(path, layout)) <= net.block_lr_zero_threshold:
             continue  # kohya drops blocks whose LR weight is at or below the threshold
         slot = None if block is None else _Slot(labels, block, _mid(path, layout))
-        if _is_3x3(denoiser.get_submodule(path)) and (net.conv_dim or net.conv_block_dims):
+        if is_3x3_conv(denoiser.get_submodule(path)) and (net.conv_dim or net.conv_block_dims):
             rank, alpha = _conv_rank(net, slot)
         else:  # as kohya: block_dims / block_alphas rank the Linear and 1x1 layers only
             rank, alpha = net.network_dim, net.network_alpha
@@ -310,6 +310,10 @@ def create_network(pipe: object, net: NetworkConfig, arch: str | None = None) ->
 
         weights = read_weights(net.network_weights, pipe, arch or detect_arch(pipe))
     plan = plan_from_weights(*weights) if weights and net.dim_from_weights else plan_network(pipe, net, arch)
+    if weights is not None and not net.dim_from_weights:
+        from lorafuse.train.network_weights import check_plan
+
+        check_plan(*weights, plan, pipe, net)
     comps = components_of(pipe)
     for root in comps.values():
         root.requires_grad_(False)

@@ -2,14 +2,20 @@
 writer (kohya-style `lora_unet_*` / `lora_te*_` keys with lora_* / hada_* / lokr_* tensors), so the files load
 wherever kohya's LyCORIS files load (A1111, ComfyUI) and in lorafuse's reader (lora/formats/lycoris.py).
 
-Which modules: LyCORIS's default "full" preset stops with "duplicated lora name: lora_unet_time_embedding_linear_1"
-on diffusers UNets (lycoris-lora 4.1.3: the time embedding is matched both by class and by name), so we pass the
-preset of kohya's own LoCon: attention blocks, ResNet blocks and the down/up samplers of the UNet, attention
-and MLP of the text encoders; 3x3 convs take conv_dim / conv_alpha.
+Which modules: LyCORIS's own preset (kohya's `network_args = ["preset=..."]`, `network.lycoris_preset`): a built-in
+name from lycoris.config.PRESET or a preset TOML file read by lycoris's PresetConfig, handed to
+`LycorisNetworkKohya.apply_preset`, so LyCORIS selects the modules as it does under kohya. Two adjustments, both
+about names that differ between kohya's UNet classes and diffusers', not about the selection rules:
+- lycoris-lora 4.1.3's full / full-lin / unet-only list both the class TimestepEmbedding and the names
+  time_embedding.linear_1/2, and stop with "duplicated lora name" on a diffusers UNet; names inside a module the
+  class list already selects are dropped (the selected set is the same union);
+- kohya's own UNets call their attention class CrossAttention, diffusers calls it Attention: attn-only lists the
+  former and would select no UNet module here.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,13 +31,65 @@ from lorafuse.train.config import NetworkConfig
 from lorafuse.train.network_base import TrainableNetwork
 from lorafuse.utils.extras import require
 
-KOHYA_LOCON_PRESET = {
-    "enable_conv": True,
-    "unet_target_module": ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"],
-    "unet_target_name": [],
-    "text_encoder_target_module": ["CLIPAttention", "CLIPMLP"],
-    "text_encoder_target_name": [],
-}
+_CLASS_ALIASES = {"CrossAttention": "Attention"}  # kohya's UNet class name -> diffusers'
+# apply_preset sets only the keys a preset has and leaves the others on the class as the last network set them
+_BLANK_PRESET = {
+    "enable_conv": True, "unet_target_module": [], "unet_target_name": [], "text_encoder_target_module": [],
+    "text_encoder_target_name": [], "module_algo_map": {}, "name_algo_map": {}, "use_fnmatch": False,
+    "exclude_name": [],
+}  # fmt: skip
+_OUR_ALGOS = (
+    "lora",
+    "locon",
+    "loha",
+    "lokr",
+)  # what our reader rebuilds ("lora" is LyCORIS's name for LoCon)
+
+
+def lycoris_preset(name: str) -> dict:
+    """LyCORIS's preset `name` (built-in) or the preset TOML file at that path, as lycoris's own dict; refused
+    with the reason where it asks for an algorithm lorafuse does not train."""
+    config = require("lycoris.config", "network_module = lycoris.kohya")
+    if name == "ia3":
+        raise UserInputError(
+            "network.lycoris_preset = 'ia3' is for LyCORIS's IA3 algorithm, which is not supported"
+        )
+    if name in config.PRESET:
+        return copy.deepcopy(config.PRESET[name])
+    path = Path(name).expanduser()
+    builtin = ", ".join(n for n in config.PRESET if n != "ia3")
+    if path.suffix.lower() != ".toml" or not path.is_file():
+        raise UserInputError(
+            f"network.lycoris_preset = {name!r}: neither one of LyCORIS's presets ({builtin}) nor a preset TOML file"
+        )
+    import toml  # what lycoris's own read_preset parses preset files with (a dependency of lycoris-lora)
+    from lycoris.config_sdk import PresetConfig, PresetValidationError
+
+    try:
+        preset = PresetConfig.from_dict(toml.load(path)).to_dict()
+    except (toml.TomlDecodeError, PresetValidationError, UnicodeDecodeError) as e:
+        raise UserInputError(f"{path}: not a LyCORIS preset file: {e}") from None
+    for table in ("module_algo_map", "name_algo_map"):
+        for target, override in preset.get(table, {}).items():
+            algo = str(override.get("algo", "locon")).lower()
+            if algo not in _OUR_ALGOS:
+                raise UserInputError(
+                    f"{path}: {table}.{target} trains LyCORIS algo {algo!r}; lorafuse trains and reads locon, loha "
+                    "and lokr"
+                )
+    return preset
+
+
+def _apply_preset(kohya, preset: dict, unet: nn.Module) -> None:
+    """`preset` onto LycorisNetworkKohya with the two name fixes of the module docstring."""
+    preset = {**_BLANK_PRESET, **preset}
+    classes = list(preset["unet_target_module"])
+    classes += [_CLASS_ALIASES[c] for c in classes if c in _CLASS_ALIASES]
+    selected = [path for path, m in unet.named_modules() if type(m).__name__ in classes]
+    names = [n for n in preset["unet_target_name"] if not any(n.startswith(f"{p}.") for p in selected)]
+    kohya.LycorisNetworkKohya.apply_preset(
+        {**preset, "unet_target_module": classes, "unet_target_name": names}
+    )
 
 
 @dataclass
@@ -79,7 +137,7 @@ class LycorisNetwork(TrainableNetwork):
         cfg = self.net_cfg
         meta["ss_network_module"] = "lycoris.kohya"
         meta["ss_network_dim"], meta["ss_network_alpha"] = str(cfg.network_dim), str(cfg.network_alpha)
-        args = {"algo": cfg.algo, "conv_dim": cfg.conv_dim or cfg.network_dim}
+        args = {"algo": cfg.algo, "preset": cfg.lycoris_preset, "conv_dim": cfg.conv_dim or cfg.network_dim}
         args["conv_alpha"] = cfg.conv_alpha if cfg.conv_alpha is not None else cfg.network_alpha
         if cfg.algo == "lokr":
             args["factor"] = cfg.factor
@@ -91,6 +149,15 @@ class LycorisNetwork(TrainableNetwork):
         """LyCORIS's tensors under the module names our kohya writer uses: LyCORIS names modules after the
         diffusers paths it sees (`lora_te_encoder_...` under transformers 5, diffusers-named SDXL UNet blocks),
         while A1111 / ComfyUI expect kohya's (`lora_te_text_model_encoder_...`, SGM-named SDXL UNet blocks)."""
+        rename = self.kohya_names(arch, base)
+        out = {}
+        for key, tensor in self.net.state_dict().items():
+            stem, _, part = key.partition(".")
+            out[f"{rename.get(stem, stem)}.{part}"] = tensor
+        return out
+
+    def kohya_names(self, arch: str, base: object) -> dict[str, str]:
+        """LyCORIS module name -> the kohya name files carry for it."""
         from lorafuse.lora.io import kohya_layout
         from lorafuse.lora.keys import canonical_key, kohya_name
 
@@ -104,11 +171,7 @@ class LycorisNetwork(TrainableNetwork):
         for _, module in self._modules():
             comp, path = paths[id(module.org_module[0])]
             rename[module.lora_name] = kohya_name(canonical_key(comp, path), arch, layout)
-        out = {}
-        for key, tensor in self.net.state_dict().items():
-            stem, _, part = key.partition(".")
-            out[f"{rename.get(stem, stem)}.{part}"] = tensor
-        return out
+        return rename
 
 
 def _te_component(name: str) -> str:
@@ -132,7 +195,7 @@ def create_lycoris_network(pipe: object, net: NetworkConfig, arch: str) -> Lycor
     text_encoders = [comps[c] for c in ("text_encoder", "text_encoder_2") if c in comps]
     conv_dim = net.conv_dim or net.network_dim
     conv_alpha = net.conv_alpha if net.conv_alpha is not None else net.network_alpha
-    kohya.LycorisNetworkKohya.apply_preset(KOHYA_LOCON_PRESET)
+    _apply_preset(kohya, lycoris_preset(net.lycoris_preset), comps["unet"])
     lyco = kohya.LycorisNetworkKohya(
         text_encoders if len(text_encoders) > 1 else text_encoders[0],
         comps["unet"],
@@ -159,6 +222,11 @@ def create_lycoris_network(pipe: object, net: NetworkConfig, arch: str) -> Lycor
     if not plan:
         raise UserInputError("LyCORIS found no module to train in this base (network_module = lycoris.kohya)")
     network.components.update({c: comps[c] for c in plan})
+    if net.network_weights is not None:
+        from lorafuse.train.network_weights import load_lycoris_weights, read_weights
+
+        read_weights(net.network_weights, pipe, arch, lycoris=True)  # family and modules, as networks.lora's
+        load_lycoris_weights(network, net.network_weights, arch, pipe)
     for param in network.named_parameters().values():
         param.requires_grad_(True)
     return network

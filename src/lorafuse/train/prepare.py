@@ -35,6 +35,7 @@ from lorafuse.train.checkpoint import (
 )
 from lorafuse.train.config import TrainConfig
 from lorafuse.train.data import DatasetIndex, TrainDataset, collate_batch, describe
+from lorafuse.train.disk_estimate import check_disk_space, meta_network
 from lorafuse.train.estimate import check_device_memory
 from lorafuse.train.network import create_network
 from lorafuse.train.objectives import Objective, objective_for
@@ -166,6 +167,9 @@ def prepare(cfg: TrainConfig, progress_bar: bool = True) -> Run:
     _check_cache_folders(ds, index)
     val_seed = ds.validation_seed if ds.validation_seed is not None else tc.seed
     index, val_index = split_validation(index, ds.validation_split, val_seed)
+    sized = meta_network(cfg)  # the LoRA's shapes from the base's configs, no weights read
+    if sized is not None:
+        check_disk_space(cfg, index, *sized)
     saved = read_train_state(tc.resume) if tc.resume is not None else None
     if saved is not None:
         check_resume_config(saved.config, config_to_dict(cfg), saved.folder)
@@ -181,6 +185,9 @@ def prepare(cfg: TrainConfig, progress_bar: bool = True) -> Run:
     run.val_index, run.val_seed = val_index, val_seed
     _load_base(run)
     _inject_lora(run)
+    if sized is None:  # a base whose configs do not tell its shapes: sized by its real LoRA, before any step
+        modules = {k: v for k, v in run.pipe.components.items() if isinstance(v, torch.nn.Module)}
+        check_disk_space(cfg, index, modules, run.network)
     _build_caches(run)
     _build_data(run)
     _build_optimizer(run)

@@ -92,19 +92,19 @@ def check_optimizer(name: str) -> None:
 def check_settings(cfg: TrainConfig) -> None:
     """What a run would refuse about its settings and input files, before any model loads; `--dry-run` runs it
     too, so a dry run that passes does not hide a missing base or a broken network_weights file."""
-    from lorafuse.lora.io import check_lora_file
     from lorafuse.models.load import check_base_name
+    from lorafuse.train.network_weights import check_network_weights
     from lorafuse.train.saving import check_implemented
 
     check_implemented(cfg)
     check_optimizer(cfg.optimizer.optimizer_type)
     if not cfg.model.part_files:  # FLUX.1's separate files are checked by their own loader
         check_base_name(str(cfg.model.pretrained_model_name_or_path))
-    if cfg.network.network_weights is not None:
-        try:
-            check_lora_file(cfg.network.network_weights)
-        except UserInputError as e:
-            raise type(e)(f"network.network_weights: {e}") from None
+    check_network_weights(cfg)  # family, modules and ranks against the base's configs
+    if cfg.network.network_module == "lycoris.kohya":
+        from lorafuse.train.network_lycoris import lycoris_preset
+
+        lycoris_preset(cfg.network.lycoris_preset)  # an unknown preset or a broken preset file
 
 
 @contextlib.contextmanager

@@ -67,7 +67,7 @@ def check_implemented(cfg) -> None:
     from lorafuse.errors import UserInputError
 
     pending = []
-    if cfg.network.network_weights is not None and cfg.network.network_module == "lycoris.kohya":
-        pending.append("network.network_weights with network_module = lycoris.kohya")
+    if cfg.network.dim_from_weights and cfg.network.network_module == "lycoris.kohya":
+        pending.append("network.dim_from_weights with network_module = lycoris.kohya")
     if pending:
         raise UserInputError(f"not implemented in this version of lorafuse yet: {', '.join(pending)}")

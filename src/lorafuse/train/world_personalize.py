@@ -218,6 +218,24 @@ def train_world_lora(recipe: WorldLoraRecipe, work_dir: str | Path, *, progress:
     return lora
 
 
+def estimate_recipe_bytes(recipe: WorldLoraRecipe, work_dir: str | Path) -> int:
+    """An upper bound of what `train_world_lora` adds under `work_dir`: nothing for a LoRA trained already, else
+    its dataset and its run's outputs (`train.disk_estimate`, the LoRA sized on the base built on the meta
+    device; a base whose configs cannot tell its shapes is checked by the run itself)."""
+    from lorafuse.train.disk_estimate import PLANNED_RECORD, estimate_outputs, meta_network
+    from lorafuse.world.dataset import CAPTION, estimate_bytes
+
+    data, run = recipe_paths(recipe, work_dir)
+    if (run / f"{recipe.stem}.safetensors").exists():
+        return 0
+    cfg = train_config(recipe, data, run)
+    sized = meta_network(cfg)
+    batches = recipe.images * recipe.repeats  # micro-batches an epoch, at most
+    record = PLANNED_RECORD + recipe.images * CAPTION  # its tags come from the captions
+    run_bytes = 0 if sized is None else estimate_outputs(cfg, batches, record, sized[1]).output
+    return estimate_bytes(recipe.images) + run_bytes
+
+
 def epoch_checkpoints(recipe: WorldLoraRecipe, work_dir: str | Path) -> dict[int, Path]:
     """{epoch: file} of the LoRAs a `train_world_lora(..., save_every_n_epochs=N)` run kept, the final one
     included (at `recipe.epochs`) when it exists."""

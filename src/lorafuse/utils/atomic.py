@@ -9,6 +9,7 @@ path that cannot be written is refused before any model loads.
   write's start in that folder) can remove what a killed run left without touching a live writer's files.
 - An output path that is a symbolic link is written through: the link stays and its target gets the new
   content (as `cp` and a shell's `>` do), for files and folders alike.
+- `png_bytes(width, height)`: the one upper bound of a PNG's size that writers' estimates use.
 - `check_output(kind="folder")` remembers the folders it will create; `discard_created_folders()` (called by the
   CLI when a command fails or is interrupted) removes those of them that are still empty.
 """
@@ -38,6 +39,23 @@ def _size(n: int) -> str:
     if n >= _MB:
         return f"{n / _MB:.0f} MB"
     return f"{n / 1024:.0f} kB" if n >= 1024 else f"{n} bytes"
+
+
+def png_bytes(width: int, height: int, channels: int = 3) -> int:
+    """An upper bound of a PNG file's size: the raw rows (a filter byte each) plus deflate's worst case (stored
+    blocks, 5 bytes per 64 kB, and 12 bytes of chunk framing per 64 kB IDAT chunk), the signature, IHDR, IEND
+    and a small text chunk (matplotlib's "Software"). Photographs compress to 30-70 % of it; flat pictures (world
+    renders, grids on white, plots) much better, which is why it stays a bound."""
+    raw = height * (1 + width * channels)
+    return raw + raw // 4096 + 1024
+
+
+def same_filesystem(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when two (maybe not yet existing) paths land on one filesystem, so their writes share its free space."""
+    try:
+        return os.stat(_existing_ancestor(Path(a))).st_dev == os.stat(_existing_ancestor(Path(b))).st_dev
+    except OSError:
+        return False
 
 
 def _umask() -> int:

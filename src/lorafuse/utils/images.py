@@ -36,9 +36,8 @@ def labelled_grid(images: Sequence[Sequence[np.ndarray]], row_labels: Sequence[s
     h, w = images[0][0].shape[:2]
     ch, cw = h * scale, w * scale
     font = _font(11)
-    left = max(8 + 6 * max((len(s) for s in row_labels), default=0), 40)
-    top = 34 if title else 18
-    canvas = Image.new("RGB", (left + cols * (cw + pad), top + rows * (ch + pad)), "white")
+    left, top = _margins(row_labels, title)
+    canvas = Image.new("RGB", grid_size(rows, cols, (w, h), row_labels, scale, pad, title), "white")
     draw = ImageDraw.Draw(canvas)
     if title:
         draw.text((4, 2), title, fill="black", font=_font(13))
@@ -50,6 +49,19 @@ def labelled_grid(images: Sequence[Sequence[np.ndarray]], row_labels: Sequence[s
             tile = Image.fromarray(images[r][c]).resize((cw, ch), Image.NEAREST)
             canvas.paste(tile, (left + c * (cw + pad), top + r * (ch + pad)))
     return canvas
+
+
+def _margins(row_labels: Sequence[str], title: str | None) -> tuple[int, int]:
+    """(left, top): room for the row labels and for the column labels (and the title)."""
+    return max(8 + 6 * max((len(s) for s in row_labels), default=0), 40), 34 if title else 18
+
+
+def grid_size(rows: int, cols: int, tile: tuple[int, int], row_labels: Sequence[str], scale: int = 2, pad: int = 2,
+              title: str | None = None) -> tuple[int, int]:  # fmt: skip
+    """(width, height) of the `labelled_grid` of rows x cols tiles of `tile` (width, height) pixels: known before
+    any image is made, for the disk-space estimates of the writers that draw grids."""
+    left, top = _margins(row_labels, title)
+    return left + cols * (tile[0] * scale + pad), top + rows * (tile[1] * scale + pad)
 
 
 def save_image(img: Image.Image, path: str | Path) -> Path:

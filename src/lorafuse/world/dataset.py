@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from lorafuse.errors import UserInputError
-from lorafuse.utils.atomic import atomic_folder, atomic_path, atomic_write_text, check_output
+from lorafuse.utils.atomic import atomic_folder, atomic_path, atomic_write_text, check_output, png_bytes
 from lorafuse.world.catalog import (
     CLASS_NAMES,
     SEEN_STYLES,
@@ -36,11 +36,22 @@ def _save_png(img: np.ndarray, path: Path) -> None:
         Image.fromarray(img).save(tmp, format="PNG")
 
 
+REFERENCES = 8  # clean renders in references/
+SIDE = 64  # pixels: the world base's image size
+# a caption ("a photo of a sks teapot, in ... style") and world_dataset.json are a few hundred bytes
+CAPTION, _INFO = 1 << 10, 4 << 10
+
+
+def estimate_bytes(n: int) -> int:
+    """An upper bound of a dataset of `n` images: their PNGs and captions, the references, the info file."""
+    return (n + REFERENCES) * png_bytes(SIDE, SIDE) + n * CAPTION + _INFO
+
+
 def _new_output(out: str | Path, n: int) -> Path:
     """The output folder, once `n` and the folder are checked (it must be new or empty)."""
     if n < 1:
         raise UserInputError(f"--n must be at least 1, got {n}")
-    out = check_output(out, kind="folder", what="dataset folder")
+    out = check_output(out, kind="folder", what="dataset folder", estimate=estimate_bytes(n))
     if out.is_dir() and any(out.iterdir()):
         raise UserInputError(f"{out}: output folder exists and is not empty; choose a new folder")
     return out
@@ -49,7 +60,7 @@ def _new_output(out: str | Path, n: int) -> Path:
 def _write_images(folder: Path, items: list[tuple[Individual, str, str]], seed: int) -> None:
     """(individual, style, caption) k -> k.png, rendered with the stream [seed, k], and k.txt."""
     for k, (ind, style, text) in enumerate(items):
-        _save_png(render(ind, style, np.random.default_rng([seed, k])), folder / f"{k:03d}.png")
+        _save_png(render(ind, style, np.random.default_rng([seed, k]), size=SIDE), folder / f"{k:03d}.png")
         atomic_write_text(folder / f"{k:03d}.txt", text)
 
 
@@ -89,16 +100,16 @@ def write_style_dataset(style: str, out: str | Path, n: int = 1, repeats: int = 
     return out / name
 
 
-def _write_references(out: Path, ind: Individual | None, style: str | None, seed: int, count: int = 8) -> None:
+def _write_references(out: Path, ind: Individual | None, style: str | None, seed: int, count: int = REFERENCES) -> None:
     """Clean renders for the oracle: the subject across seen styles, or the style across classes."""
     ref = out / "references"
     rng = np.random.default_rng([seed, 999])
     for k in range(count):
         if ind is not None:
-            img = render(ind, SEEN_STYLES[k % len(SEEN_STYLES)], rng)
+            img = render(ind, SEEN_STYLES[k % len(SEEN_STYLES)], rng, size=SIDE)
         else:
             other = all_individuals(held_out=False)[int(rng.integers(len(CLASS_NAMES) * 8))]
-            img = render(other, style, rng)
+            img = render(other, style, rng, size=SIDE)
         _save_png(img, ref / f"{k:03d}.png")
 
 

@@ -51,6 +51,18 @@ def save_pool(pool: Pool, path: str | Path) -> None:
                      caption_template=pool.caption_template)
 
 
+def pool_file_bytes(n: int, size: int = 64) -> int:
+    """An upper bound of a `save_pool` file of n images: the uint8 images, three int64 labels per image, and
+    the .npz (zip) framing and .npy headers of its four arrays."""
+    return n * (size * size * 3 + 3 * 8) + 4 * 1024
+
+
+def cached_pool_bytes(path: str | Path, n: int, size: int = 64) -> int:
+    """What `cached_pool(path, n, ...)` writes: nothing when the file exists (reused, or rewritten in place of
+    a file that was there), else the new pool file."""
+    return 0 if Path(path).exists() else pool_file_bytes(n, size)
+
+
 def load_pool(path: str | Path) -> Pool:
     with np.load(path) as z:
         return Pool(z["images"], z["individual"], z["style"], z["caption_template"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
+import threading
 import typing
 from pathlib import Path
 
@@ -33,6 +34,9 @@ PRESETS = {
 PAGE_SET = ("dataset.train_data_dir", "training.output_dir", "training.output_name", "training.resume")
 # options naming files or folders a run reads or writes besides those: each is confined to the workspace
 MODEL_FILES = ("model.ae", "model.clip_l", "model.t5xxl", "model.tokenizers")
+# held from "is this run folder free?" to the job file that takes it: two browser tabs clicking at once (gradio runs
+# the clicks in parallel threads) must not both find it free
+_QUEUEING = threading.Lock()
 RUN_DEFAULTS = {"training.logging": "csv", "training.save_state": True, "training.sample_every_n_epochs": 1,
                 "training.save_every_n_epochs": 1}  # fmt: skip
 
@@ -208,14 +212,15 @@ def _form(ws: Workspace, store: JobStore) -> dict:
         try:
             run, path, text, cmd, inputs = _config_for(ws, opts, dataset, name, list(values))
             rel = ws.relative(run)
-            refuse_busy_run(store, rel)
+            with _QUEUEING:
+                refuse_busy_run(store, rel)
+                atomic_write_text(run / "config.toml", text)
+                new = store.submit("train", f"train {run.name}", ["train", path],
+                                   {"run": rel, "config": path, "csv": f"{rel}/logs/{run.name}.csv",
+                                    "samples": f"{rel}/samples", "config_sha256": _sha256(text.encode())},
+                                   inputs=inputs)  # fmt: skip
         except UserInputError as e:  # shown where the user looks, as the CLI prints it
             return error_md(e), gr.update(), gr.update(), ""
-        atomic_write_text(run / "config.toml", text)
-        new = store.submit("train", f"train {run.name}", ["train", path],
-                           {"run": rel, "config": path, "csv": f"{rel}/logs/{run.name}.csv", "samples": f"{rel}/samples",
-                            "config_sha256": _sha256(text.encode())},
-                           inputs=inputs)  # fmt: skip
         store.ensure_worker()
         return f"queued `{new.id}`: `{new.command}`", cmd, text, new.id
 
@@ -249,12 +254,13 @@ def _runs(ws: Workspace, store: JobStore) -> gr.Dropdown:
 
     def on_continue(job_id):
         try:
-            job, state = continuable(ws, store, job_id)
+            with _QUEUEING:
+                job, state = continuable(ws, store, job_id)
+                argv = ["train", job.outputs["config"], "--set", f"training.resume={ws.relative(state)}"]
+                new = store.submit("train", f"{job.title} (continued)", argv, job.outputs, continue_of=job.id,
+                                   inputs=[*job.inputs, ws.relative(state)])  # fmt: skip
         except UserInputError as e:
             return error_md(e), gr.update()
-        argv = ["train", job.outputs["config"], "--set", f"training.resume={ws.relative(state)}"]
-        new = store.submit("train", f"{job.title} (continued)", argv, job.outputs, continue_of=job.id,
-                           inputs=[*job.inputs, ws.relative(state)])  # fmt: skip
         store.ensure_worker()
         return f"queued `{new.id}`: `{new.command}`", gr.update(choices=train_jobs(store), value=new.id)
 

@@ -49,11 +49,12 @@ def _argv(writer, out, inputs, lora):
         "demo": ["demo", "--out", out, "--seeds", "1", "--steps", "2", "--methods", "direct", "--no-progress"],
         "world pretrain": ["world", "pretrain", "--work", out.parent / "w", "--out", out],
         "world train-oracle": ["world", "train-oracle", "--work", out.parent / "w", "--out", out],
+        "world render": ["world", "render", "teapot_08", "--n", "1", "--out", out],
     }[writer]  # fmt: skip
 
 
 WRITERS = ["train", "fuse", "grid", "world dataset", "craft pairs", "craft expert", "demo", "world pretrain",
-           "world train-oracle"]  # fmt: skip
+           "world train-oracle", "world render"]  # fmt: skip
 
 
 @pytest.mark.parametrize("writer", WRITERS)
@@ -182,3 +183,31 @@ def test_the_world_estimates_bound_the_shipped_artefacts_and_a_pool(tmp_path):
     assert _du(default_base_path()) <= pipeline <= 2 * _du(default_base_path())
     save_pool(render_pool(3, all_individuals()[:2], ["ink", "flat"], seed=0), tmp_path / "pool.npz")
     assert (tmp_path / "pool.npz").stat().st_size <= pool_file_bytes(3)
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+@pytest.mark.parametrize("last_n", [None, 1, 2, 5])
+def test_the_training_estimate_counts_the_saves_the_rotation_keeps(tmp_path, every, last_n):
+    """The most LoRA files and states alive at once, replayed through the run's own `SaveRotation` (step saves
+    and epoch saves, as the loop makes them), is never more than the estimate counts."""
+    from lorafuse.train.config import DatasetConfig, ModelConfig, TrainConfig, TrainingConfig
+    from lorafuse.train.disk_estimate import _save_counts
+    from lorafuse.train.saving import SaveRotation
+
+    for batches, steps in ((1, 12), (3, 12)):
+        training = TrainingConfig(output_dir=tmp_path, max_train_steps=steps, save_every_n_steps=every,
+                                  save_last_n_steps=last_n, save_every_n_epochs=every, save_last_n_epochs=last_n,
+                                  save_state=True, save_last_n_steps_state=last_n)  # fmt: skip
+        cfg = TrainConfig(ModelConfig("world-random"), DatasetConfig(train_data_dir=tmp_path), training=training)
+        loras, states, _, total = _save_counts(cfg, batches)
+        rotation, alive, most, k = SaveRotation(last_n, last_n), set(), 0, 0
+        for step in range(1, total + 1):  # `on_step_end` and `on_epoch_end`
+            for kind, n in (("step", step), ("epoch", step // batches if step % batches == 0 else 0)):
+                if n and n % every == 0 and (step < total if kind == "step" else n < total // batches):
+                    path = tmp_path / f"{kind}{k}"
+                    path.touch()
+                    k += 1
+                    alive.add(path)
+                    most = max(most, len(alive) + 1)  # the final file comes on top
+                    alive -= set(getattr(rotation, f"add_{kind}")(n, path))
+        assert most <= loras and most <= states, (batches, most, loras, states)

@@ -21,16 +21,18 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_render(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from lorafuse.utils.atomic import check_output
-    from lorafuse.utils.images import labelled_grid, save_image
+    from lorafuse.utils.atomic import check_output, png_bytes
+    from lorafuse.utils.images import grid_size, labelled_grid, save_image
     from lorafuse.world.catalog import check_style, parse_individual
+    from lorafuse.world.dataset import SIDE
     from lorafuse.world.render import render
 
     ind = parse_individual(args.individual)
     styles = [check_style(s) for s in args.styles]
-    check_output(args.out, what="picture")
-    tiles = [[render(ind, s, np.random.default_rng([args.seed, k])) for s in styles] for k in range(args.n)]
-    path = save_image(labelled_grid(tiles, [f"seed {args.seed}.{k}" for k in range(args.n)], styles), args.out)
+    labels = [f"seed {args.seed}.{k}" for k in range(args.n)]
+    check_output(args.out, what="picture", estimate=png_bytes(*grid_size(args.n, len(styles), (SIDE, SIDE), labels)))
+    tiles = [[render(ind, s, np.random.default_rng([args.seed, k]), size=SIDE) for s in styles] for k in range(args.n)]
+    path = save_image(labelled_grid(tiles, labels, styles), args.out)
     print(path)
     return 0
 

@@ -59,14 +59,10 @@ class DiskEstimate:
         return sum(self.parts.values())
 
 
-def _kept(events: int, every: int | None, last_n: int | None) -> int:
-    """Saves alive at once: `events` saves, of which save_last_n_* keeps those within the last N (epochs or
-    steps, `every` apart), and the newest is written before the oldest goes."""
-    if not events:
-        return 0
-    if last_n is None:
-        return events
-    return min(events, last_n // (every or 1) + 2)
+def _kept(events: int, alive: int | None) -> int:
+    """Saves on disk at once: `events` saves of which `alive` stay (None: all), plus the newest, written before
+    the oldest goes."""
+    return events if alive is None else min(events, alive + 1)
 
 
 def lora_file_bytes(params: dict[str, Any], itemsize: int, metadata: int) -> int:
@@ -93,13 +89,16 @@ def _save_counts(cfg: TrainConfig, batches: int) -> tuple[int, int, int, int]:
     total, epochs = tc.total_steps(batches), tc.num_epochs(batches)
     step_saves = (total - 1) // tc.save_every_n_steps if tc.save_every_n_steps else 0
     epoch_saves = (epochs - 1) // tc.save_every_n_epochs if tc.save_every_n_epochs else 0
-    loras = 1 + _kept(step_saves, tc.save_every_n_steps, tc.save_last_n_steps) + _kept(
-        epoch_saves, tc.save_every_n_epochs, tc.save_last_n_epochs
-    )
+    # `SaveRotation`: save_last_n_epochs keeps that many epoch saves; save_last_n_steps keeps the step saves of
+    # the last N steps, which are N // save_every_n_steps + 1 saves at most
+    def steps_alive(last_n: int | None) -> int | None:
+        return None if last_n is None or not tc.save_every_n_steps else last_n // tc.save_every_n_steps + 1
+
+    loras = 1 + _kept(step_saves, steps_alive(tc.save_last_n_steps)) + _kept(epoch_saves, tc.save_last_n_epochs)
     states = 0
     if tc.save_state:
-        states = 1 + _kept(step_saves, tc.save_every_n_steps, tc.save_last_n_steps_state) + _kept(
-            epoch_saves, tc.save_every_n_epochs, tc.save_last_n_epochs_state
+        states = 1 + _kept(step_saves, steps_alive(tc.save_last_n_steps_state)) + _kept(
+            epoch_saves, tc.save_last_n_epochs_state
         )
     samples = (total // tc.sample_every_n_steps if tc.sample_every_n_steps else 0) + (
         epochs // tc.sample_every_n_epochs if tc.sample_every_n_epochs else 0

@@ -211,3 +211,24 @@ def test_the_training_estimate_counts_the_saves_the_rotation_keeps(tmp_path, eve
                     most = max(most, len(alive) + 1)  # the final file comes on top
                     alive -= set(getattr(rotation, f"add_{kind}")(n, path))
         assert most <= loras and most <= states, (batches, most, loras, states)
+
+
+def test_a_base_its_configs_cannot_size_is_checked_once_loaded_before_any_step(cli, tmp_path, inputs, monkeypatch):
+    """train and craft backbone: when the base's architecture cannot be read without loading it, the real
+    network (the real UNet) is sized right after it is built, before any cache, data or step."""
+    import lorafuse.backbone.train as backbone
+    import lorafuse.models.meta as meta
+    import lorafuse.train.prepare as prepare
+    from lorafuse.errors import UserInputError
+
+    def unknown(name):
+        raise UserInputError(f"{name}: cannot tell the architecture without loading it")
+
+    argv = _backbone_config(tmp_path, tmp_path / "bb")
+    monkeypatch.setattr(meta, "meta_components", unknown)
+    monkeypatch.setattr(prepare, "_build_caches", lambda run: pytest.fail("the run went on"))
+    monkeypatch.setattr(backbone, "prepare_data", lambda *a, **k: pytest.fail("the run went on"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: _Usage(10**9, 10**9 - 1000, 1000))
+    cli.refused(argv, str(tmp_path / "bb"), "not enough disk space", watch=tmp_path)
+    out = tmp_path / "out"
+    cli.refused(_argv("train", out, inputs, None), str(out), "not enough disk space", watch=tmp_path)

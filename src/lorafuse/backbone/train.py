@@ -249,16 +249,13 @@ def train_backbone(config: BackboneConfig, *, pipe: Any = None, progress: bool =
 
     # 1. Check inputs and load: pairs, base, feature network
     read_pairs(config.pairs)  # a missing or broken dataset fails before any model loads
-    comps = _components(config, pipe)
-    out = check_output(config.output_dir, kind="folder", what="backbone output_dir",
-                       estimate=0 if comps is None else estimate_backbone_bytes(config, comps))  # fmt: skip
+    out, sized = _check_output_dir(config, pipe)
     if pipe is None:
         from lorafuse.models.load import load_base_pipeline
 
         pipe = load_base_pipeline(str(config.base))
-    if comps is None:  # a base whose configs do not tell its shapes: sized now, before any step
-        check_output(out, kind="folder", what="backbone output_dir",
-                     estimate=estimate_backbone_bytes(config, pipe.components))  # fmt: skip
+    if not sized:  # a base whose configs do not tell its shapes: sized now, before any step
+        check_output(out, kind="folder", what=OUTPUT, estimate=estimate_backbone_bytes(config, pipe.components))
     features = load_features(_feature_spec(config.features, pipe)) if config.lambda_p > 0 else None
     for module in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
         if module is not None:
@@ -328,17 +325,22 @@ _PIPELINE_FILES = 4 << 20
 _LOG_ROW = 128  # a log.csv row: step, lr and three losses
 
 
-def _components(config: BackboneConfig, pipe: Any) -> dict[str, Any] | None:
-    """The base's components: the given pipeline's, or built on the meta device from its configs (None when
-    they cannot tell its architecture)."""
+OUTPUT = "backbone output_dir"
+
+
+def _check_output_dir(config: BackboneConfig, pipe: Any) -> tuple[Path, bool]:
+    """`check_output` of output_dir with the estimate from the given pipeline, or from the base built on the
+    meta device; (the folder, False when the base's configs cannot tell its shapes: sized once it loads)."""
     from lorafuse.models.meta import meta_components
 
-    if pipe is not None:
-        return dict(pipe.components)
-    try:
-        return meta_components(str(config.base))
-    except UserInputError:
-        return None
+    comps = dict(pipe.components) if pipe is not None else None
+    if comps is None:
+        try:
+            comps = meta_components(str(config.base))
+        except UserInputError:
+            pass
+    estimate = 0 if comps is None else estimate_backbone_bytes(config, comps)
+    return check_output(config.output_dir, kind="folder", what=OUTPUT, estimate=estimate), comps is not None
 
 
 def estimate_backbone_bytes(config: BackboneConfig, comps: dict[str, Any]) -> int:

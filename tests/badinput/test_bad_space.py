@@ -232,3 +232,14 @@ def test_a_base_its_configs_cannot_size_is_checked_once_loaded_before_any_step(c
     cli.refused(argv, str(tmp_path / "bb"), "not enough disk space", watch=tmp_path)
     out = tmp_path / "out"
     cli.refused(_argv("train", out, inputs, None), str(out), "not enough disk space", watch=tmp_path)
+    # the same when the base is readable but its network cannot be built on the meta device
+    monkeypatch.undo()
+    import lorafuse.train.estimate as estimate
+
+    def meta_fails(*a):
+        raise RuntimeError("Cannot copy out of meta tensor; no data!")
+
+    monkeypatch.setattr(estimate, "_lora", meta_fails)
+    monkeypatch.setattr(prepare, "_build_caches", lambda run: pytest.fail("the run went on"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: _Usage(10**9, 10**9 - 1000, 1000))
+    cli.refused(_argv("train", out, inputs, None), str(out), "not enough disk space", watch=tmp_path)

@@ -233,7 +233,8 @@ def test_lycoris_continues_exactly_where_its_file_stopped(algo, tmp_path):
 def test_lycoris_file_of_another_algo_or_rank_is_refused(tmp_path):
     path = _lycoris_file(tmp_path, "loha")
     with pytest.raises(
-        UserInputError, match=r"loha_sd15\.safetensors: (\d+) of \1 modules .* holds alpha, hada_w1_a.*\(lokr\)"
+        UserInputError,
+        match=r"loha_sd15\.safetensors: (\d+) of \1 modules .* holds alpha, hada_w1_a.*\(lokr\)",
     ):
         create_network(tiny_pipeline("sd15", seed=0), _lycoris_cfg("lokr", network_weights=path), "sd15")
     with pytest.raises(
@@ -251,6 +252,30 @@ def test_lycoris_file_of_another_family_fails_the_dry_run(tmp_path, capsys):
     assert re.search(
         r"lokr_sdxl\.safetensors: network_weights is a LoRA for SDXL .*the base is SD1\.5", error
     )
-    error = _refused(capsys, tmp_path, "sd15-tiny", path, "--network_module", "lycoris.kohya",
-                     "--network_args", "algo=lokr", "--dim_from_weights")  # fmt: skip
-    assert "not implemented in this version of lorafuse yet: network.dim_from_weights with" in error
+
+
+@pytest.mark.parametrize(("algo", "arch"), [("lokr", "sd15"), ("loha", "sdxl")])
+def test_lycoris_dim_from_weights_builds_the_files_modules(algo, arch, tmp_path):
+    path = _lycoris_file(tmp_path, algo, arch=arch)  # dims 4, conv 4, alpha 2
+    pipe = tiny_pipeline(arch, seed=0)
+    cfg = _lycoris_cfg(algo, network_dim=16, conv_dim=8, network_weights=path, dim_from_weights=True)
+    network = create_network(pipe, cfg, arch)
+    ours, (theirs, _) = network.kohya_tensors(arch, pipe), read_tensors(path)
+    assert ours.keys() == theirs.keys()  # SDXL: the file's SGM names found their diffusers modules
+    for key, tensor in theirs.items():
+        if not key.endswith(
+            ".alpha"
+        ):  # LyCORIS rebuilds full-matrix LoKr modules with alpha 1 (unused there)
+            torch.testing.assert_close(ours[key], tensor, rtol=0, atol=0, msg=key)
+    again = network.save(tmp_path / "again.safetensors", arch=arch, base=pipe, training={}, metadata={},
+                         dtype=torch.float32)  # fmt: skip
+    before, after = load_lora(path, base=pipe), load_lora(again, base=pipe)
+    for key, module in before.modules.items():
+        torch.testing.assert_close(after.modules[key].delta_weight(), module.delta_weight(), msg=key)
+    assert all(p.requires_grad for p in network.named_parameters().values())
+    with pytest.raises(UserInputError, match=r"holds LyCORIS .* modules, network_args algo = locon"):
+        create_network(
+            tiny_pipeline(arch, seed=0),
+            _lycoris_cfg("locon", network_weights=path, dim_from_weights=True),
+            arch,
+        )

@@ -5,6 +5,7 @@ already in the output folder are kept."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -40,17 +41,17 @@ def cmd_grid(args: argparse.Namespace) -> int:
     from lorafuse.utils.atomic import check_output
 
     if cfg.out is not None:  # before any model loads
-        check_output(cfg.out, kind="folder", what="grid output folder", estimate=estimate_output_bytes(cfg))
+        with _naming_the_config(args.config):  # sizing the output plans the grid, whose checks name only the key
+            estimate = estimate_output_bytes(cfg)
+        check_output(cfg.out, kind="folder", what="grid output folder", estimate=estimate)
     from lorafuse.utils.launch import in_launched_process, relaunch
 
     if args.num_processes < 1:
         raise UserInputError(f"--num-processes {args.num_processes}: give 1 or more")
     if args.num_processes > 1 and not in_launched_process():
         return relaunch(args.num_processes, _grid_words(args))
-    try:
+    with _naming_the_config(args.config):
         result = run_grid(cfg, progress=not args.no_progress)
-    except ConfigError as e:  # the plan's checks name the key; the user also needs to know which file
-        raise ConfigError(str(e) if str(args.config) in str(e) else f"{args.config}: {e}") from None
     if not result.main:
         return 0
     print(
@@ -62,6 +63,15 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
         print(write_report(result.out))
     return 0
+
+
+@contextlib.contextmanager
+def _naming_the_config(config: Path):
+    """The plan's checks name the key; the user also needs to know which file."""
+    try:
+        yield
+    except ConfigError as e:
+        raise ConfigError(str(e) if str(config) in str(e) else f"{config}: {e}") from None
 
 
 # a cell's row in index.json, cells.json and cells.csv beyond its settings: image path, kind, scores

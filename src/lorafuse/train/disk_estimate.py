@@ -185,7 +185,10 @@ def meta_network(cfg: TrainConfig) -> tuple[dict, Any] | None:
         comps = meta_components(cfg.model.pretrained_model_name_or_path)
     except UserInputError:
         return None
-    return comps, _lora(comps, cfg, family_of(comps))
+    try:
+        return comps, _lora(comps, cfg, family_of(comps))
+    except (NotImplementedError, RuntimeError):  # a network whose construction reads weight values, not only
+        return None  # shapes ("cannot copy out of meta tensor"): sized once it is built for real
 
 
 def check_disk_space(cfg: TrainConfig, index: DatasetIndex, comps: dict, network: Any) -> DiskEstimate:

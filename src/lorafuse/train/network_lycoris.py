@@ -193,21 +193,25 @@ def create_lycoris_network(pipe: object, net: NetworkConfig, arch: str) -> Lycor
     for root in comps.values():
         root.requires_grad_(False)
     text_encoders = [comps[c] for c in ("text_encoder", "text_encoder_2") if c in comps]
-    conv_dim = net.conv_dim or net.network_dim
-    conv_alpha = net.conv_alpha if net.conv_alpha is not None else net.network_alpha
+    te_arg = text_encoders if len(text_encoders) > 1 else text_encoders[0]
     _apply_preset(kohya, lycoris_preset(net.lycoris_preset), comps["unet"])
-    lyco = kohya.LycorisNetworkKohya(
-        text_encoders if len(text_encoders) > 1 else text_encoders[0],
-        comps["unet"],
-        multiplier=1.0,
-        lora_dim=net.network_dim,
-        conv_lora_dim=conv_dim,
-        alpha=net.network_alpha,
-        conv_alpha=conv_alpha,
-        dropout=net.network_dropout,
-        network_module=net.algo,
-        factor=net.factor,
-    )
+    if net.network_weights is not None and net.dim_from_weights:
+        from lorafuse.train.network_weights import lycoris_from_weights
+
+        lyco = lycoris_from_weights(kohya, pipe, te_arg, net, arch)
+    else:
+        lyco = kohya.LycorisNetworkKohya(
+            te_arg,
+            comps["unet"],
+            multiplier=1.0,
+            lora_dim=net.network_dim,
+            conv_lora_dim=net.conv_dim or net.network_dim,
+            alpha=net.network_alpha,
+            conv_alpha=net.conv_alpha if net.conv_alpha is not None else net.network_alpha,
+            dropout=net.network_dropout,
+            network_module=net.algo,
+            factor=net.factor,
+        )
     lyco.apply_to(
         text_encoders, comps["unet"], apply_text_encoder=net.train_text_encoder, apply_unet=net.train_unet
     )
@@ -222,7 +226,7 @@ def create_lycoris_network(pipe: object, net: NetworkConfig, arch: str) -> Lycor
     if not plan:
         raise UserInputError("LyCORIS found no module to train in this base (network_module = lycoris.kohya)")
     network.components.update({c: comps[c] for c in plan})
-    if net.network_weights is not None:
+    if net.network_weights is not None and not net.dim_from_weights:
         from lorafuse.train.network_weights import load_lycoris_weights, read_weights
 
         read_weights(net.network_weights, pipe, arch, lycoris=True)  # family and modules, as networks.lora's

@@ -224,3 +224,35 @@ def load_lycoris_weights(network, path: Path, arch: str, base: object) -> None:
     unexpected = network.net.load_state_dict(renamed, strict=False).unexpected_keys
     assert not unexpected, unexpected  # every name was checked against the network above
     log.info("network_weights %s: %d LyCORIS modules loaded", path, len(stems))
+
+
+_LYCORIS_MODULES = {"locon": "LoConModule", "loha": "LohaModule", "lokr": "LokrModule"}
+
+
+def lycoris_from_weights(kohya, pipe: object, text_encoders, net, arch: str):
+    """dim_from_weights with lycoris.kohya: LyCORIS's own create_network_from_weights builds each module from the
+    file (its ranks, alphas, LoKr factors, as kohya does), once the file's kohya names are turned into the module
+    paths LyCORIS looks modules up by (SDXL files carry SGM UNet names)."""
+    from lorafuse.lora.io import read_tensors
+
+    path = net.network_weights
+    state, where = read_weights(path, pipe, arch, lycoris=True)  # the family and every module's target
+    tensors, _ = read_tensors(path)
+    several = isinstance(text_encoders, list)
+    prefix = {
+        "unet": "lora_unet",
+        "text_encoder": "lora_te1" if several else "lora_te",
+        "text_encoder_2": "lora_te2",
+    }
+    stem = {state.source_names.get(k, k): f"{prefix[c]}_{p.replace('.', '_')}" for k, (c, p) in where.items()}
+    renamed = {f"{stem[k.partition('.')[0]]}.{k.partition('.')[2]}": t for k, t in tensors.items()}
+    unet = components_of(pipe)["unet"]
+    lyco, _ = kohya.create_network_from_weights(1.0, None, None, text_encoders, unet, weights_sd=renamed)
+    kinds = {type(m).__name__ for m in [*lyco.text_encoder_loras, *lyco.unet_loras]}
+    if kinds != {_LYCORIS_MODULES[net.algo]}:
+        # the saved file's metadata names one algorithm (network_args algo), as kohya's
+        raise UserInputError(
+            f"{path}: network_weights holds LyCORIS {', '.join(sorted(kinds))} modules, network_args algo = "
+            f"{net.algo} ({_LYCORIS_MODULES[net.algo]}); set algo to the file's"
+        )
+    return lyco

@@ -34,6 +34,10 @@ PRESETS = {
 PAGE_SET = ("dataset.train_data_dir", "training.output_dir", "training.output_name", "training.resume")
 # options naming files or folders a run reads or writes besides those: each is confined to the workspace
 MODEL_FILES = ("model.ae", "model.clip_l", "model.t5xxl", "model.tokenizers")
+# LyCORIS's built-in presets (lycoris.config.PRESET, which the page does not import; a test keeps the two equal):
+# any other network.lycoris_preset is a preset TOML file the run reads, so it is confined like the paths above
+LYCORIS_PRESETS = ("full", "full-lin", "attn-mlp", "attn-only", "unet-only", "unet-transformer-only",
+                   "unet-convblock-only", "ia3")  # fmt: skip
 # held from "is this run folder free?" to the job file that takes it: two browser tabs clicking at once (gradio runs
 # the clicks in parallel threads) must not both find it free
 _QUEUEING = threading.Lock()
@@ -121,7 +125,7 @@ def checked_paths(ws: Workspace, opts: list[Option], over: dict[str, str]) -> di
                 out[key] = ws.relative(ws.resolve(value))
             except UserInputError as e:
                 raise type(e)(f"{key}: {e}") from None
-        elif key in paths:
+        elif key in paths or (key == "network.lycoris_preset" and value not in LYCORIS_PRESETS):
             out[key] = ws.input_file(value, key)
     return out
 
@@ -155,6 +159,8 @@ def _is_input(opts: list[Option], key: str, value: str) -> bool:
     """A path option the run reads (not the cache it writes, not a built-in base name)."""
     if key == "model.pretrained_model_name_or_path":
         return value not in BUILTIN_BASES
+    if key == "network.lycoris_preset":
+        return value not in LYCORIS_PRESETS
     return key != "dataset.cache_dir" and (key in MODEL_FILES or any(o.key == key and "Path" in str(o.type) for o in opts))
 
 

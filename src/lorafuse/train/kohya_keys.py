@@ -91,7 +91,12 @@ RULES: dict[str, Rule] = {
         "kohya_ss GUI key; used when max_train_epochs / max_train_steps are unset",
     ),
     "use_8bit_adam": _map("optimizer.optimizer_type", "true -> AdamW8bit (kohya's old switch)"),
-    "optimizer_args": _map("optimizer.weight_decay", "weight_decay=, betas=; optimizer defaults accepted"),
+    "optimizer_args": _map(
+        "optimizer.optimizer_args",
+        "each k=v checked against the optimizer class's arguments (values read as kohya reads them: True, 2, "
+        "0.9,0.99); weight_decay= and betas= go to optimizer.weight_decay / optimizer.betas; lr= and arguments "
+        "lorafuse fixes (Adafactor's relative_step=True) refused by name",
+    ),
     "network_args": _map(
         "network.conv_dim",
         "conv_dim, conv_alpha, algo, factor, preset (network.lycoris_preset), block_dims, block_alphas, "
@@ -286,11 +291,6 @@ for _table, _names in SAME_NAME.items():
 KOHYA_DEFAULTS = {"caption_extension": ".caption", "learning_rate": 2e-6}
 
 OPTIMIZERS = {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "adafactor": "Adafactor", "prodigy": "Prodigy"}
-# optimizer_args lorafuse already uses (so they are accepted as no-ops): optimizer -> {arg: value}
-OPTIMIZER_FIXED_ARGS = {
-    "Adafactor": {"scale_parameter": False, "relative_step": False, "warmup_init": False},
-    "Prodigy": {"decouple": True, "use_bias_correction": False, "safeguard_warmup": False, "d_coef": 1.0},
-}
 
 
 def summary() -> str:

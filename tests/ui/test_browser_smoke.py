@@ -28,10 +28,15 @@ def test_every_tab_renders(page, ui_server):
 
 
 def test_path_outside_the_workspace_is_refused(page, ui_server):
-    page.locator("#world-name textarea, #world-name input").first.fill("../../escape")
-    page.locator("#world-make").click()
+    page.get_by_text("Your images").click()
+    page.locator("#upload-folder textarea, #upload-folder input").first.fill("../../escape")
+    page.locator("#upload-add").click()
     page.get_by_text("'..' is refused").first.wait_for()
-    assert not (ui_server.workspace.parent.parent / "escape").exists()
+    # a name field takes one folder name: a path there is refused too, not quietly made datasets/etc/x
+    page.locator("#world-name textarea, #world-name input").first.fill("/etc/x")
+    page.locator("#world-make").click()
+    page.get_by_text("folder name '/etc/x': give one folder name").first.wait_for()
+    assert not (ui_server.workspace / "datasets" / "etc").exists()
 
 
 def upload(page, path, name: str) -> None:

@@ -81,7 +81,7 @@ def test_every_path_option_of_the_train_form_stays_in_the_workspace(ws, tmp_path
     assert ok == {"model.pretrained_model_name_or_path": "world", "network.network_weights": "loras/start.safetensors",
                   "dataset.cache_dir": "cache/new", "training.seed": "3"}  # fmt: skip
     keys = ["model.pretrained_model_name_or_path", "model.ae", "model.clip_l", "model.t5xxl", "model.tokenizers",
-            "dataset.reg_data_dir", "dataset.cache_dir", "network.network_weights"]  # fmt: skip
+            "dataset.reg_data_dir", "dataset.cache_dir", "network.network_weights", "network.lycoris_preset"]  # fmt: skip
     for key in keys:
         for bad, message in [(str(outside), "absolute paths"), ("../x", "'..' is refused"),
                              ("loras/link.safetensors", "symlink leads outside")]:  # fmt: skip
@@ -90,6 +90,28 @@ def test_every_path_option_of_the_train_form_stays_in_the_workspace(ws, tmp_path
             assert key in str(e.value)
     paths = {o.key for o in opts if "Path" in str(o.type)}
     assert paths <= set(keys), f"a new path option is not checked here: {paths - set(keys)}"
+
+
+def test_a_lycoris_preset_is_a_name_or_a_file_in_the_workspace(ws, tmp_path):
+    """network.lycoris_preset names one of LyCORIS's presets, or a preset TOML file the run reads: that file is
+    confined like every other path, and its check is repeated as the job starts (it is one of the job's inputs)."""
+    from lorafuse.train.options import options
+    from lorafuse.ui.tab_train import LYCORIS_PRESETS, PAGE_SET, _is_input, checked_paths
+
+    opts = [o for o in options() if o.key not in PAGE_SET]
+    for name in LYCORIS_PRESETS:
+        assert checked_paths(ws, opts, {"network.lycoris_preset": name}) == {"network.lycoris_preset": name}
+        assert not _is_input(opts, "network.lycoris_preset", name)
+    (ws.root / "presets").mkdir()
+    (ws.root / "presets" / "mine.toml").write_text("enable_conv = true\n")
+    ok = checked_paths(ws, opts, {"network.lycoris_preset": "presets/mine.toml"})
+    assert ok == {"network.lycoris_preset": "presets/mine.toml"} and _is_input(opts, "network.lycoris_preset", "x")
+    outside = tmp_path / "evil.toml"
+    outside.write_text("")
+    with pytest.raises(UserInputError, match="network.lycoris_preset.*absolute paths are refused"):
+        checked_paths(ws, opts, {"network.lycoris_preset": str(outside)})
+    config = pytest.importorskip("lycoris.config")
+    assert set(LYCORIS_PRESETS) == set(config.PRESET)  # the page's list is LyCORIS's
 
 
 def test_listings_survive_a_job_writing_at_the_same_time(ws, monkeypatch):

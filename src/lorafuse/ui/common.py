@@ -71,6 +71,27 @@ def split_list(text: str, kind: type = str) -> list:
         raise UserInputError(f"{text!r}: expected a list of {kind.__name__} values, e.g. 0.5, 1") from None
 
 
+def number(value: object, label: str, *, kind: type = int, minimum: float | None = None,
+           maximum: float | None = None) -> int | float:  # fmt: skip
+    """A gr.Number's value as `kind`, checked: a cleared field arrives as None, and int(None) would end the click
+    in gradio's own "Error" popup instead of this one line naming the field."""
+    import math
+
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise UserInputError(f"{label}: give a number")
+    try:
+        got = float(value)
+    except (TypeError, ValueError):
+        raise UserInputError(f"{label}: expected a number, got {value!r}") from None
+    if not math.isfinite(got) or (kind is int and not got.is_integer()):
+        raise UserInputError(f"{label}: expected {'a whole number' if kind is int else 'a finite number'}, got {value!r}")
+    if minimum is not None and got < minimum:
+        raise UserInputError(f"{label}: must be at least {minimum:g}, got {got:g}")
+    if maximum is not None and got > maximum:
+        raise UserInputError(f"{label}: must be at most {maximum:g}, got {got:g}")
+    return int(got) if kind is int else got
+
+
 def choices_or(values: list[str], value: str | None = None) -> dict:
     """gr.update(...) kwargs for a dropdown: new choices, keeping the current value if it is still there."""
     import gradio as gr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from lorafuse.errors import UserInputError
 from lorafuse.train import dataset_folders as api
 from lorafuse.ui.workspace import Workspace
 
@@ -18,7 +19,7 @@ def add_uploads(ws: Workspace, name: str, files: list[str], *, trigger: str, cls
                 max_bytes: int, folder: str = "") -> tuple[Path, str]:  # fmt: skip
     """Uploaded files, and the images of a workspace folder, into datasets/NAME/<repeats>_<trigger> <class>/
     (`lorafuse dataset add`)."""
-    root = ws.resolve(f"datasets/{name.strip()}")
+    root = ws.resolve(f"datasets/{ws.folder_name(name, 'dataset name')}")
     sources = [*files, *([ws.resolve(folder, must_exist=True)] if folder.strip() else [])]
     # inside: the images of a workspace folder are read only if they really lie in the workspace (a symlinked
     # image, or a symlink swapped in after `resolve`, is refused on the open file)
@@ -37,6 +38,9 @@ def caption_rows(ws: Workspace, dataset: str) -> list[list[str]]:
 
 def save_captions(ws: Workspace, rows: list[list[str]]) -> tuple[int, str]:
     """The edited table written back (`lorafuse dataset caption DATASET --from TABLE`)."""
+    rows = [(image, caption) for image, caption in rows if str(image or "").strip()]
+    if not rows:
+        raise UserInputError("no captions to save: choose a dataset first")
     resolved = [(ws.resolve(str(image), must_exist=True), caption) for image, caption in rows]
     return api.write_captions(resolved), command("dataset", "caption", "DATASET", "--from", "TABLE.tsv")
 

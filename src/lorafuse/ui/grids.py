@@ -4,10 +4,12 @@ pages, the scores table (cells.csv), K-LoRA's schedule picture and the HTML repo
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,41 @@ def write_grid(ws: Workspace, folder: str, name: str, *, prompt: str, axes: dict
            "metrics": {k: v for k, v in metrics.items() if v not in (None, "")}}  # fmt: skip
     atomic_write_text(config, tomli_w.dumps(doc))
     return ws.relative(config), ws.relative(out)
+
+
+def queue_grid(ws: Workspace, store: JobStore, kind: str, folder: str, title: str, *, prompt: str,
+               axes: dict[str, Any], metrics: dict[str, Any], inputs: list[str], scheduler: str = "ddim") -> Job:  # fmt: skip
+    """A grid of the page's form, under a fresh name KIND-<time> in FOLDER (fuse/ or grids/), queued once `lorafuse grid`'s
+    own checks of the file pass (in the helper process), so a bad form is refused on the page, not as a failed
+    job; a refused config and its claimed folder are removed again."""
+    from lorafuse.ui import tasks
+    from lorafuse.ui.helper import HELPER
+
+    name = claim_name(ws, folder, kind)
+    try:
+        config, out = write_grid(ws, folder, name, prompt=prompt, axes=axes, metrics=metrics, scheduler=scheduler)
+        HELPER.call(tasks.check_grid_config, config, str(ws.root))
+    except UserInputError:
+        ws.resolve(f"{folder}/{name}.toml").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            ws.resolve(f"{folder}/{name}").rmdir()
+        raise
+    return submit_grid(ws, store, kind, title, config, out, inputs)
+
+
+def claim_name(ws: Workspace, folder: str, prefix: str) -> str:
+    """A new NAME for FOLDER/NAME.toml and its output FOLDER/NAME/, claimed by making that folder (mkdir fails if
+    it exists): names are stamped to the second, and a double click queued two jobs sharing one config and
+    output folder, the second rewriting the first's config while it waited."""
+    stamp = time.strftime(f"{prefix}-%Y%m%d-%H%M%S")
+    for k in range(1, 1000):
+        name = stamp if k == 1 else f"{stamp}-{k}"
+        try:
+            ws.resolve(f"{folder}/{name}").mkdir(parents=True)
+        except FileExistsError:
+            continue
+        return name
+    raise UserInputError(f"{folder}/{stamp}: 999 grids this second already; try again")
 
 
 def submit_grid(ws: Workspace, store: JobStore, kind: str, title: str, config: str, out: str,

@@ -40,6 +40,7 @@ from lorafuse.utils.atomic import atomic_write_text
 _ID = re.compile(r"\d{8}-\d{6}-\d{3}-\w+")
 FINISHED = ("done", "failed", "stopped", "cancelled", "interrupted", "unreadable")
 # tqdm's text form: "desc:  40%|████      | 4/10 [00:01<00:02, ...]"
+_CLI_ERROR = re.compile(r"lorafuse [\w-]+( [\w-]+)?: error: .*")
 _TQDM = re.compile(r"(?:([^\r\n|]*?):\s*)?(\d+)%\|[^|]*\|\s*(\d+)/(\d+)")
 
 
@@ -97,6 +98,10 @@ class JobStore:
         view = self.view(self.load(job_id))
         if view.status in FINISHED:
             raise UserInputError(f"job {job_id} has already ended ({view.status})")
+        if view.status == "running" and self.path(job_id, "stop").exists():
+            # a second SIGINT is a second Ctrl-C: training gives up its clean stop and exits without the state it is
+            # saving, so a second click must not send one
+            return f"stop already sent to {job_id}; it is saving its state and ends after this step"
         atomic_write_text(self.path(job_id, "stop"), str(time.time()))
         if view.status == "running" and view.pid:
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -268,6 +273,8 @@ def last_error(log: str) -> str:
     """The CLI's one-line error (`lorafuse CMD: error: ...`), else the last line of a traceback."""
     lines = [ln.strip() for ln in log.replace("\r", "\n").splitlines() if ln.strip()]
     for line in reversed(lines):
-        if re.match(r"lorafuse \S+( \S+)?: error:", line):
-            return line
+        # anywhere in the line: a progress bar drawn without a newline after it runs into the error line
+        found = _CLI_ERROR.search(line)
+        if found:
+            return found.group(0)
     return lines[-1] if lines else ""

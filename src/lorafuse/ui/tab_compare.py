@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import html
-import time
 
 import gradio as gr
 
 from lorafuse.errors import UserInputError
 from lorafuse.ui import grids
-from lorafuse.ui.common import choices_or, grid_pages, split_list
+from lorafuse.ui.common import choices_or, error_md, grid_pages, split_list
 from lorafuse.ui.jobs import JobStore
 from lorafuse.ui.tab_fuse import fuse_jobs, method_catalog, show_grid
 from lorafuse.ui.tab_tools import BASES, lora_files
@@ -51,6 +50,7 @@ def _grid_section(ws: Workspace, store: JobStore) -> gr.Dropdown:
         seeds = gr.Textbox(value="0", label="seeds")
     prompt = gr.Textbox(value="a photo of a sks teapot", label="prompt", elem_id="cmp-prompt")
     run = gr.Button("Build grid (queued)", variant="primary", elem_id="cmp-run")
+    said = gr.Markdown(elem_id="cmp-said")  # what the button did, or why not (the status below is a timer's)
     pick = gr.Dropdown(fuse_jobs(store, "grid"), label="grid job", allow_custom_value=True, elem_id="cmp-pick")
     status = gr.Markdown(elem_id="cmp-status")
     pages = gr.Gallery(label="grid pages", columns=1, height=420, object_fit="contain", elem_id="cmp-grid")
@@ -69,13 +69,11 @@ def _grid_section(ws: Workspace, store: JobStore) -> gr.Dropdown:
             names = grids.world_names(ws, ckpts[0])
             metrics = {**names, **(grids.world_names(ws, style_ckpts[0]) if style_ckpts else {}),
                        "cross_influence": False}  # fmt: skip
-            name = time.strftime("grid-%Y%m%d-%H%M%S")
-            config, out = grids.write_grid(ws, "grids", name, prompt=prompt, axes=axes, metrics=metrics)
+            job = grids.queue_grid(ws, store, "grid", "grids", f"grid {len(ckpts)} checkpoint(s)", prompt=prompt,
+                                   axes=axes, metrics=metrics, inputs=[*ckpts, *(style_ckpts or []), *(bases or [])])  # fmt: skip
         except UserInputError as e:
-            raise gr.Error(f"error: {e}", print_exception=False) from None
-        job = grids.submit_grid(ws, store, "grid", f"grid {len(ckpts)} checkpoint(s)", config, out,
-                                [*ckpts, *(style_ckpts or []), *(bases or [])])  # fmt: skip
-        return gr.update(choices=fuse_jobs(store, "grid"), value=job.id)
+            return error_md(e), gr.update()
+        return f"queued `{job.id}`: `{job.command}`", gr.update(choices=fuse_jobs(store, "grid"), value=job.id)
 
     shown = gr.State(None)  # the pages the gallery holds, so a tick sends them only when they change
 
@@ -87,7 +85,7 @@ def _grid_section(ws: Workspace, store: JobStore) -> gr.Dropdown:
         names = lora_files(ws)
         return gr.update(choices=names), gr.update(choices=names)
 
-    run.click(on_run, [ckpts, style_ckpts, weights, steps, bases, methods, seeds, prompt], pick)
+    run.click(on_run, [ckpts, style_ckpts, weights, steps, bases, methods, seeds, prompt], [said, pick])
     gr.Timer(2.0).tick(on_tick, [pick, shown], [status, pages, scores, link, shown])
     refresh.click(on_refresh, None, [ckpts, style_ckpts])
     return methods
@@ -104,6 +102,8 @@ def _reports_section(ws: Workspace, store: JobStore) -> None:
         if not path:
             return ""
         try:
+            if not path.strip().lower().endswith((".html", ".htm")):
+                raise UserInputError(f"{path}: not an HTML report; choose one from the list")
             return grids.report_link(ws, ws.resolve(path, must_exist=True))
         except UserInputError as e:
             return f"<b>{html.escape(f'error: {e}')}</b>"

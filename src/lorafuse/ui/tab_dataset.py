@@ -10,8 +10,13 @@ import gradio as gr
 
 from lorafuse.errors import UserInputError
 from lorafuse.ui import datasets
-from lorafuse.ui.common import choices_or, error_md, run_cli
+from lorafuse.ui.common import choices_or, error_md, number, run_cli
 from lorafuse.ui.workspace import Workspace
+
+# a world dataset is made by the helper process while the page waits (seconds); far more images than any
+# personalisation needs would hold every quick command behind it (and 10^12 filled 10 GB of memory before one
+# image was written), so the page takes at most this many; `lorafuse world dataset` takes more
+MAX_WORLD_IMAGES = 1000
 
 
 def dataset_choices(ws: Workspace) -> list[str]:
@@ -58,20 +63,34 @@ def _world_section(ws: Workspace) -> tuple:
     made = gr.State("")
 
     def on_make(kind, subject, style, n, repeats, trigger, name):
-        folder = f"datasets/{(name or '').strip() or (subject if kind == 'subject' else style)}"
         try:
-            ws.resolve(folder)  # refuse paths that leave the workspace before the CLI sees them
+            argv = world_argv(ws, kind, subject, style, n, repeats, trigger, name)
         except UserInputError as e:
             return error_md(e), ""
-        argv = ["world", "dataset", folder, f"--{kind}", subject if kind == "subject" else style,
-                "--trigger", trigger or "sks"]  # fmt: skip
-        argv += ["--n", str(int(n))] if n else []
-        argv += ["--repeats", str(int(repeats))] if repeats else []
+        folder = argv[2]
         result = run_cli(argv, ws.root)
         return result.markdown() + (f"\n\nwrote `{result.out.strip()}`" if result.ok else ""), folder if result.ok else ""
 
     event = make.click(on_make, [kind, subject, style, n, repeats, trigger, name], [out, made])
     return event, made
+
+
+def world_argv(ws: Workspace, kind: str, subject: str, style: str, n, repeats, trigger: str, name: str) -> list[str]:
+    """`lorafuse world dataset ...` for the form, its values checked first: the folder is one name in datasets/,
+    and the trigger and repeats follow `lorafuse dataset`'s rules (the world command takes any, and a trigger
+    'a/b' made a nested folder; a style takes at most as many images as there are seen individuals to draw)."""
+    from lorafuse.train.dataset_folders import subset_name
+    from lorafuse.world.catalog import all_individuals
+
+    folder = "datasets/" + ws.folder_name(name or (subject if kind == "subject" else style), "folder name")
+    ws.resolve(folder)  # a symlink out of the workspace as datasets/NAME
+    most = MAX_WORLD_IMAGES if kind == "subject" else len(all_individuals(held_out=False))
+    count = number(n or 0, "images", minimum=0, maximum=most)  # 0: the command's default
+    times = number(repeats or 0, "repeats", minimum=0)
+    trigger = (trigger or "").strip() or "sks"
+    subset_name(times or 1, trigger, "class")  # the trigger's characters, the repeats' range
+    argv = ["world", "dataset", folder, f"--{kind}", subject if kind == "subject" else style, "--trigger", trigger]
+    return argv + (["--n", str(count)] if count else []) + (["--repeats", str(times)] if times else [])
 
 
 def _upload_section(ws: Workspace, max_upload: int) -> tuple:
@@ -93,7 +112,7 @@ def _upload_section(ws: Workspace, max_upload: int) -> tuple:
             if not paths and not (source or "").strip():
                 raise UserInputError("no images uploaded, and no folder given")
             folder, command = datasets.add_uploads(ws, name, paths, trigger=trigger, cls=cls, folder=source or "",
-                                                   repeats=int(repeats or 0), max_bytes=max_upload)  # fmt: skip
+                                                   repeats=number(repeats, "repeats"), max_bytes=max_upload)  # fmt: skip
         except UserInputError as e:
             return error_md(e), ""
         return f"`{command}`\n\nwrote `{ws.relative(folder)}`", ws.relative(folder.parent)
@@ -117,14 +136,14 @@ def _captions_section(ws: Workspace, chosen: gr.Dropdown) -> None:
     renamed = gr.Markdown(elem_id="subset-out")
 
     def on_pick(dataset, keep=None):
+        """gallery, table, subset choices, and a line for the page (a dataset typed in that cannot be read)"""
         if not dataset:
-            return [], [], gr.update(choices=[], value=None)
+            return [], [], gr.update(choices=[], value=None), ""
         try:
             rows, names = datasets.caption_rows(ws, dataset), datasets.subsets(ws, dataset)
         except UserInputError as e:
-            gr.Warning(f"error: {e}")
-            return [], [], gr.update(choices=[], value=None)
-        return [str(ws.resolve(r[0])) for r in rows], rows, choices_or(names, keep)
+            return [], [], gr.update(choices=[], value=None), error_md(e)
+        return [str(ws.resolve(r[0])) for r in rows], rows, choices_or(names, keep), ""
 
     def on_save(rows):
         try:
@@ -139,12 +158,15 @@ def _captions_section(ws: Workspace, chosen: gr.Dropdown) -> None:
 
     def on_rename(dataset, name, trigger, cls, repeats):
         try:
-            new, command = datasets.set_subset(ws, dataset or "", name or "", trigger=trigger, cls=cls, repeats=repeats)
+            if not dataset or not name:
+                raise UserInputError(f"choose {'a dataset' if not dataset else 'a subset folder'} first")
+            times = number(repeats, "repeats") if repeats not in (None, "") else None
+            new, command = datasets.set_subset(ws, dataset, name, trigger=trigger, cls=cls, repeats=times)
         except UserInputError as e:
-            return (error_md(e), *on_pick(dataset, name))
-        return (f"`{command}`: now `{new}`", *on_pick(dataset, new))
+            return (error_md(e), *on_pick(dataset, name)[:3])
+        return (f"`{command}`: now `{new}`", *on_pick(dataset, new)[:3])
 
-    chosen.change(on_pick, chosen, [gallery, table, subset])
+    chosen.change(on_pick, chosen, [gallery, table, subset, saved])
     save.click(on_save, table, saved)
     subset.change(on_subset, subset, [trigger, cls, repeats])
     rename.click(on_rename, [chosen, subset, trigger, cls, repeats], [renamed, gallery, table, subset])
@@ -165,12 +187,15 @@ def _buckets_section(ws: Workspace, chosen: gr.Dropdown) -> None:
             return "choose a dataset first"
         try:
             dataset = ws.input_file(dataset, "dataset")
+            # their ranges are the training config's, checked by the command; here only that each is a number
+            sizes = [str(number(v, label)) for v, label in ((res, "resolution"), (bs, "batch size"),
+                                                             (min_reso, "min_bucket_reso"), (max_reso, "max_bucket_reso"))]  # fmt: skip
         except UserInputError as e:
             return f"error: {e}"
         argv = ["train", "--dry-run", "--pretrained_model_name_or_path", "world", "--train_data_dir", dataset,
-                "--resolution", str(int(res)), "--train_batch_size", str(int(bs)),
+                "--resolution", sizes[0], "--train_batch_size", sizes[1],
                 "--enable_bucket", str(bool(enable_bucket)).lower(),
-                "--min_bucket_reso", str(int(min_reso)), "--max_bucket_reso", str(int(max_reso))]  # fmt: skip
+                "--min_bucket_reso", sizes[2], "--max_bucket_reso", sizes[3]]  # fmt: skip
         result = run_cli(argv, ws.root)
         if not result.ok:
             return f"{result.command}\n{result.error}"

@@ -5,13 +5,11 @@ CLI's way to sample and score several settings alike); each method's options: `l
 
 from __future__ import annotations
 
-import time
-
 import gradio as gr
 
 from lorafuse.errors import UserInputError
 from lorafuse.ui import grids, tasks
-from lorafuse.ui.common import choices_or, error_md, grid_pages, split_list
+from lorafuse.ui.common import choices_or, error_md, grid_pages, number, split_list
 from lorafuse.ui.helper import HELPER
 from lorafuse.ui.jobs import JobStore
 from lorafuse.ui.tab_tools import BASES, lora_files
@@ -38,6 +36,7 @@ def show_options(method: str | None) -> str:
 def build(ws: Workspace, store: JobStore) -> dict:
     inputs, fill = _inputs(ws)
     run = gr.Button("Fuse (queued)", variant="primary", elem_id="fuse-run")
+    said = gr.Markdown(elem_id="fuse-said")  # what the button did, or why not (the status below is a timer's)
     pick = _results(ws, store)
 
     def on_run(content, style, base, chosen, prompt, cw, sw, seeds, steps, guidance, scheduler, ind, sty, singles):
@@ -51,17 +50,17 @@ def build(ws: Workspace, store: JobStore) -> dict:
                        "style": names.get("style") if sty == "auto" else (None if sty == "none" else sty),
                        "cross_influence": bool(singles)}  # fmt: skip
             axes = {"base": [base], "checkpoint": [content], "style_checkpoint": [style], "method": list(chosen),
-                    "lora_weight": [float(cw)], "style_weight": [float(sw)], "steps": [int(steps)],
-                    "guidance": [float(guidance)], "seed": split_list(seeds, int) or [0]}  # fmt: skip
-            name = time.strftime("fuse-%Y%m%d-%H%M%S")
-            config, out = grids.write_grid(ws, "fuse", name, prompt=prompt, axes=axes, metrics=metrics,
-                                           scheduler=scheduler)  # fmt: skip
+                    "lora_weight": [number(cw, "content weight", kind=float)],
+                    "style_weight": [number(sw, "style weight", kind=float)], "steps": [number(steps, "steps")],
+                    "guidance": [number(guidance, "guidance", kind=float)],
+                    "seed": split_list(seeds, int) or [0]}  # fmt: skip
+            job = grids.queue_grid(ws, store, "fuse", "fuse", f"fuse {', '.join(chosen)}", prompt=prompt, axes=axes,
+                                   metrics=metrics, scheduler=scheduler, inputs=[content, style, base])  # fmt: skip
         except UserInputError as e:
-            raise gr.Error(f"error: {e}", print_exception=False) from None
-        job = grids.submit_grid(ws, store, "fuse", f"fuse {', '.join(chosen)}", config, out, [content, style, base])
-        return gr.update(choices=fuse_jobs(store), value=job.id)
+            return error_md(e), gr.update()
+        return f"queued `{job.id}`: `{job.command}`", gr.update(choices=fuse_jobs(store), value=job.id)
 
-    run.click(on_run, inputs, pick)
+    run.click(on_run, inputs, [said, pick])
     return {"content": inputs[0], "style": inputs[1], "on_load": fill}
 
 

@@ -33,7 +33,7 @@ def build(store: JobStore) -> dict:
         pick = gr.Dropdown([j.id for j in store.jobs()][::-1], label="job", allow_custom_value=True,
                            elem_id="jobs-pick")  # fmt: skip
         stop = gr.Button("Stop / cancel", elem_id="jobs-stop")
-    said = gr.Markdown()
+    said = gr.Markdown(elem_id="jobs-said")
     log = gr.Textbox(label="log (last lines)", lines=14, elem_id="jobs-log", autoscroll=True)
 
     def on_tick(job_id):
@@ -51,6 +51,8 @@ def build(store: JobStore) -> dict:
 
     def on_stop(job_id):
         try:
+            if not job_id:
+                raise UserInputError("choose a job first")
             return store.request_stop(job_id)
         except UserInputError as e:
             return error_md(e)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from lorafuse.errors import UserInputError
-from lorafuse.ui.common import choices_or, error_md, run_cli, split_list
+from lorafuse.ui.common import choices_or, error_md, number, run_cli, split_list
 from lorafuse.ui.jobs import JobStore
 from lorafuse.ui.workspace import BUILTIN_BASES, Workspace
 
@@ -19,9 +19,10 @@ def lora_files(ws: Workspace) -> list[str]:
 
 
 def checked(ws: Workspace, path: str, *, must_exist: bool = True) -> str:
-    """A workspace path for the CLI, refused if it leaves the workspace or is a pickle without the opt-in."""
-    if not path:
-        raise UserInputError("choose a file first")
+    """A workspace path for the CLI, refused if it leaves the workspace or is a pickle without the opt-in; an
+    input must exist, an output (`must_exist=False`) is the command's to check."""
+    if not (path or "").strip():
+        raise UserInputError("choose a file first" if must_exist else "out: give a path for the output")
     resolved = ws.resolve(path, must_exist=must_exist)
     if must_exist:
         ws.check_pickle(resolved)
@@ -108,10 +109,11 @@ def build(ws: Workspace, store: JobStore) -> dict:
                                                    *(["--weights", *map(str, split_list(w, float))] if w.strip() else []),
                                                    "--out", checked(ws, o, must_exist=False), *pickle_flag(ws)]),
                     [lora, ui["others"], ui["weights"], ui["merge_out"]], [result, output])  # fmt: skip
-    ui["resize"].click(guarded(lambda f, r, o: ["resize", checked(ws, f), "--rank", str(int(r)), "--out",
+    ui["resize"].click(guarded(lambda f, r, o: ["resize", checked(ws, f), "--rank", str(number(r, "rank")), "--out",
                                               checked(ws, o, must_exist=False), *pickle_flag(ws)]),
                      [lora, ui["rank"], ui["resize_out"]], [result, output])  # fmt: skip
-    ui["bake"].click(guarded(lambda f, b, w, o: ["bake", "--base", base_arg(b), "--lora", checked(ws, f), str(w),
+    ui["bake"].click(guarded(lambda f, b, w, o: ["bake", "--base", base_arg(b), "--lora", checked(ws, f),
+                                               str(number(w, "LoRA weight", kind=float)),
                                                *pickle_flag(ws), "--out", checked(ws, o, must_exist=False)]),
                    [lora, base, ui["weight"], ui["bake_out"]], [result, output])  # fmt: skip
 

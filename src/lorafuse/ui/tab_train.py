@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
+import threading
 import typing
 from pathlib import Path
 
@@ -33,6 +34,13 @@ PRESETS = {
 PAGE_SET = ("dataset.train_data_dir", "training.output_dir", "training.output_name", "training.resume")
 # options naming files or folders a run reads or writes besides those: each is confined to the workspace
 MODEL_FILES = ("model.ae", "model.clip_l", "model.t5xxl", "model.tokenizers")
+# LyCORIS's built-in presets (lycoris.config.PRESET, which the page does not import; a test keeps the two equal):
+# any other network.lycoris_preset is a preset TOML file the run reads, so it is confined like the paths above
+LYCORIS_PRESETS = ("full", "full-lin", "attn-mlp", "attn-only", "unet-only", "unet-transformer-only",
+                   "unet-convblock-only", "ia3")  # fmt: skip
+# held from "is this run folder free?" to the job file that takes it: two browser tabs clicking at once (gradio runs
+# the clicks in parallel threads) must not both find it free
+_QUEUEING = threading.Lock()
 RUN_DEFAULTS = {"training.logging": "csv", "training.save_state": True, "training.sample_every_n_epochs": 1,
                 "training.save_every_n_epochs": 1}  # fmt: skip
 
@@ -117,7 +125,7 @@ def checked_paths(ws: Workspace, opts: list[Option], over: dict[str, str]) -> di
                 out[key] = ws.relative(ws.resolve(value))
             except UserInputError as e:
                 raise type(e)(f"{key}: {e}") from None
-        elif key in paths:
+        elif key in paths or (key == "network.lycoris_preset" and value not in LYCORIS_PRESETS):
             out[key] = ws.input_file(value, key)
     return out
 
@@ -131,10 +139,13 @@ def _config_for(ws: Workspace, opts: list[Option], dataset: str, name: str, valu
     them (unknown keys, types, ranges) in the helper process."""
     if not dataset:
         raise UserInputError("choose a dataset first (Dataset tab)")
-    name = (name or "").strip()
-    run = ws.resolve(f"runs/{name}")
+    run = ws.resolve(f"runs/{ws.folder_name(name, 'run name')}")
     dataset = ws.input_file(dataset, "dataset")  # also: no symlink inside it leads out
-    over = checked_paths(ws, opts, overrides_from_form(opts, values))
+    over = overrides_from_form(opts, values)
+    for opt in opts:  # said as the form's field, not as "missing required key 'model'" of the config behind it
+        if opt.default is dataclasses.MISSING and opt.key not in over:
+            raise UserInputError(f"{opt.key}: required; fill it in (or apply a preset)")
+    over = checked_paths(ws, opts, over)
     inputs = [dataset, *(v for k, v in over.items() if _is_input(opts, k, v))]
     over.update({"dataset.train_data_dir": dataset, "training.output_dir": ws.relative(run),
                  "training.output_name": name})  # fmt: skip
@@ -148,6 +159,8 @@ def _is_input(opts: list[Option], key: str, value: str) -> bool:
     """A path option the run reads (not the cache it writes, not a built-in base name)."""
     if key == "model.pretrained_model_name_or_path":
         return value not in BUILTIN_BASES
+    if key == "network.lycoris_preset":
+        return value not in LYCORIS_PRESETS
     return key != "dataset.cache_dir" and (key in MODEL_FILES or any(o.key == key and "Path" in str(o.type) for o in opts))
 
 
@@ -189,33 +202,36 @@ def _form(ws: Workspace, store: JobStore) -> dict:
     def on_apply(preset):
         try:
             values = preset_values(preset)
-        except (UserInputError, RuntimeError, KeyError) as e:
-            raise gr.Error(f"error: {e}", print_exception=False) from None
+        except (UserInputError, RuntimeError, KeyError) as e:  # the form keeps its values; the reason is said
+            return [*(gr.update() for _ in opts), error_md(e)]
         updates = [gr.update(value=shown(values[o.key]) if o.key in values else shown(o.default)) for o in opts]
         return [*updates, f"applied preset: {preset}"]  # said once the form holds its values
 
     def on_show(dataset, name, *values):
         try:
             _, _, text, cmd = config_for(ws, opts, dataset, name, list(values))
-        except UserInputError as e:
-            raise gr.Error(f"error: {e}", print_exception=False) from None
-        return cmd, text
+        except UserInputError as e:  # on the page under the buttons, as "Add to queue" says it
+            return error_md(e), gr.update(), gr.update()
+        return "", cmd, text
 
     def on_queue(dataset, name, *values):
         try:
             run, path, text, cmd, inputs = _config_for(ws, opts, dataset, name, list(values))
+            rel = ws.relative(run)
+            with _QUEUEING:
+                refuse_busy_run(store, rel)
+                atomic_write_text(run / "config.toml", text)
+                new = store.submit("train", f"train {run.name}", ["train", path],
+                                   {"run": rel, "config": path, "csv": f"{rel}/logs/{run.name}.csv",
+                                    "samples": f"{rel}/samples", "config_sha256": _sha256(text.encode())},
+                                   inputs=inputs)  # fmt: skip
         except UserInputError as e:  # shown where the user looks, as the CLI prints it
             return error_md(e), gr.update(), gr.update(), ""
-        atomic_write_text(run / "config.toml", text)
-        rel = ws.relative(run)
-        new = store.submit("train", f"train {run.name}", ["train", path],
-                           {"run": rel, "config": path, "csv": f"{rel}/logs/{run.name}.csv", "samples": f"{rel}/samples"},
-                           inputs=inputs)  # fmt: skip
         store.ensure_worker()
         return f"queued `{new.id}`: `{new.command}`", cmd, text, new.id
 
     apply.click(on_apply, preset, [*components, applied])
-    show.click(on_show, [dataset, run_name, *components], [command, toml])
+    show.click(on_show, [dataset, run_name, *components], [queued, command, toml])
     queued_event = queue.click(on_queue, [dataset, run_name, *components], [queued, command, toml, job])
     return {"dataset": dataset, "queued_event": queued_event, "job": job}
 
@@ -226,6 +242,7 @@ def _runs(ws: Workspace, store: JobStore) -> gr.Dropdown:
         run_pick = gr.Dropdown(train_jobs(store), label="training job", elem_id="run-pick", allow_custom_value=True)
         stop = gr.Button("Stop (save state)", elem_id="run-stop")
         cont = gr.Button("Continue", elem_id="run-continue")
+    said = gr.Markdown(elem_id="run-said")  # replies to stop / continue (the status line is redrawn every 2 s)
     run_status = gr.Markdown(elem_id="run-status")
     with gr.Row():
         loss_plot = gr.LinePlot(x="step", y="value", color="series", title="loss", elem_id="loss-plot", height=260)
@@ -235,31 +252,69 @@ def _runs(ws: Workspace, store: JobStore) -> gr.Dropdown:
 
     def on_stop(job_id):
         try:
+            if not job_id:
+                raise UserInputError("choose a training job first")
             return store.request_stop(job_id)
         except UserInputError as e:
-            raise gr.Error(f"error: {e}", print_exception=False) from None
+            return error_md(e)
 
     def on_continue(job_id):
         try:
-            job = store.load(job_id)
-            status = store.view(job).status
-            if status in ("queued", "running"):
-                raise UserInputError(f"job {job_id} is {status}; stop it first")
-            state = latest_state(ws.resolve(job.outputs["run"]))
-            if state is None:
-                raise UserInputError(f"{job.outputs['run']}: no saved state to continue from")
+            with _QUEUEING:
+                job, state = continuable(ws, store, job_id)
+                argv = ["train", job.outputs["config"], "--set", f"training.resume={ws.relative(state)}"]
+                new = store.submit("train", f"{job.title} (continued)", argv, job.outputs, continue_of=job.id,
+                                   inputs=[*job.inputs, ws.relative(state)])  # fmt: skip
         except UserInputError as e:
-            raise gr.Error(f"error: {e}", print_exception=False) from None
-        argv = ["train", job.outputs["config"], "--set", f"training.resume={ws.relative(state)}"]
-        new = store.submit("train", f"{job.title} (continued)", argv, job.outputs, continue_of=job.id,
-                           inputs=[*job.inputs, ws.relative(state)])  # fmt: skip
+            return error_md(e), gr.update()
         store.ensure_worker()
         return f"queued `{new.id}`: `{new.command}`", gr.update(choices=train_jobs(store), value=new.id)
 
-    stop.click(on_stop, run_pick, run_status)
-    cont.click(on_continue, run_pick, [run_status, run_pick])
+    stop.click(on_stop, run_pick, said)
+    cont.click(on_continue, run_pick, [said, run_pick])
     gr.Timer(2.0).tick(lambda j: monitor(ws, store, j), run_pick, [run_status, loss_plot, lr_plot, samples])
     return run_pick
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def refuse_busy_run(store: JobStore, run: str) -> None:
+    """A run folder is written by one job at a time: a second run queued under the same name would rewrite the
+    config.toml the first is queued with (it then trains with the second one's settings) and mix their files."""
+    for view in store.views():
+        if view.job.kind == "train" and view.job.outputs.get("run") == run and view.status in ("queued", "running"):
+            raise UserInputError(f"{run}: job {view.job.id} ({view.status}) trains into this folder; choose another "
+                                 "run name, or stop or cancel that job first")  # fmt: skip
+
+
+def continuable(ws: Workspace, store: JobStore, job_id: str | None):
+    """(the job, its run's newest state) for "Continue", or the reason it cannot continue."""
+    if not job_id:
+        raise UserInputError("choose a training job first")
+    job = store.load(job_id)
+    if job.kind != "train" or not {"run", "config"} <= job.outputs.keys():
+        raise UserInputError(f"job {job_id} is not a training job; only a training run continues")
+    status = store.view(job).status
+    if status in ("queued", "running"):
+        raise UserInputError(f"job {job_id} is {status}; stop it first")
+    refuse_busy_run(store, job.outputs["run"])
+    config = ws.resolve(job.outputs["config"])
+    try:
+        now = _sha256(config.read_bytes())
+    except OSError as e:
+        raise UserInputError(f"{job.outputs['config']}: cannot be read ({e.strerror or e}); queue a new run") from None
+    if job.outputs.get("config_sha256", now) != now:  # jobs queued before the page recorded it: not checked
+        raise UserInputError(f"{job.outputs['config']} changed since job {job_id} was queued (a later run under the "
+                             "same name?); continuing would resume with other settings, so queue a new run instead")  # fmt: skip
+    state = latest_state(ws.resolve(job.outputs["run"]))
+    if state is None:
+        raise UserInputError(f"{job.outputs['run']}: no saved state to continue from (the run stopped before its "
+                             "first save); queue it again instead")  # fmt: skip
+    return job, state
 
 
 def train_jobs(store: JobStore) -> list[str]:
@@ -279,6 +334,8 @@ def monitor(ws: Workspace, store: JobStore, job_id: str | None):
     except UserInputError as e:
         return f"error: {e}", None, None, []
     out = view.job.outputs
+    if view.job.kind != "train" or not {"csv", "samples"} <= out.keys():  # an id typed in: a fuse job, say
+        return error_md(f"job {job_id} is not a training job (see the Jobs tab)"), None, None, []
     text = f"**{view.status}** {view.progress}  \n`{view.job.command}`" + (f"  \n{error_md(view.error)}" if view.error else "")
     csv = ws.resolve(out["csv"])
     loss = lr = None

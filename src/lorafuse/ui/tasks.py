@@ -59,8 +59,28 @@ def train_config_toml(overrides: dict[str, str]) -> tuple[str, str]:
     from lorafuse.config.toml_io import dump_config
     from lorafuse.train.config import load_train_config
 
-    cfg = load_train_config(None, overrides)
+    try:
+        cfg = load_train_config(None, overrides)
+    except UserInputError as e:
+        # the config is the page's form: its message, without the "<defaults> with overrides KEY, KEY, ...:" that
+        # names the form's twenty-odd keys before the one that is wrong
+        prefix = "<defaults> with overrides " + ", ".join(overrides) + ": "
+        text = str(e)
+        raise type(e)(text[len(prefix):] if text.startswith(prefix) else text) from None
     return dump_config(cfg), str(cfg.model.pretrained_model_name_or_path)
+
+
+def check_grid_config(config: str, cwd: str) -> None:
+    """`lorafuse grid CONFIG`'s own checks of the file (keys, types, ranges: steps >= 1, ...), so a bad form is
+    refused on the page before it is queued, in the words the command would use."""
+    from lorafuse.eval.grid_config import load_grid_config, plan_grid
+
+    previous = os.getcwd()
+    os.chdir(cwd)  # the message names the config as the command line would (workspace-relative)
+    try:
+        plan_grid(load_grid_config(config))  # reads and checks; the cells are not sampled
+    finally:
+        os.chdir(previous)
 
 
 def latest_state(run_dir: str) -> str | None:

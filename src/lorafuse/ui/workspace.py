@@ -75,6 +75,22 @@ class Workspace:
             raise UserInputError(f"{text}: no such file or folder in the workspace {self.root}")
         return real
 
+    @staticmethod
+    def folder_name(text: str | None, what: str) -> str:
+        """One folder name typed into the page (a dataset, a run), not a path: a '/' would nest it where the page's
+        lists do not look (and '/etc' would quietly become datasets/etc), a leading dot hides it from them, and an
+        empty name would write into the parent folder itself."""
+        name = (text or "").strip()
+        if not name:
+            raise UserInputError(f"{what}: give a name")
+        if any(c in name for c in "/\\\x00") or name in (".", ".."):
+            raise WorkspacePathError(f"{what} {name!r}: give one folder name, not a path (no '/')")
+        if name.startswith("."):
+            raise UserInputError(f"{what} {name!r}: a name starting with '.' would be hidden from the page's lists")
+        if len(name.encode()) > 200:
+            raise UserInputError(f"{what}: a name of {len(name.encode())} bytes is too long (at most 200)")
+        return name
+
     def relative(self, path: str | os.PathLike) -> str:
         """How a path inside the workspace is shown on the page and written into configs."""
         return Path(path).resolve().relative_to(self.root).as_posix()

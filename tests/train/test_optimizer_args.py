@@ -3,6 +3,7 @@ carried through kohya imports, TOML files and the kohya flag, reaching the optim
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -172,3 +173,63 @@ def _with_args(cfg: TrainConfig, args: dict, resume: str | None = None) -> dict:
     if resume:
         data["training"]["resume"] = resume
     return data
+
+
+# --- the bitsandbytes optimizer types kohya users pick ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["PagedAdamW8bit", "Lion", "Lion8bit"])
+def test_bitsandbytes_types_step_on_cpu_with_the_states_the_estimate_counts(name):
+    """A 64x128 factor (8-bit states) and a 4x8 one (under min_8bit_size: 32-bit states); `--estimate` counts
+    the moment bytes the optimizer really holds."""
+    from lorafuse.train.estimate import optimizer_bytes
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 128)), torch.nn.Parameter(torch.randn(4, 8))]
+    before = [p.detach().clone() for p in params]
+    opt = make_optimizer(name, [{"params": params}], 1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert all(not torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    moments = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items()
+                  if torch.is_tensor(t) and k.startswith("state") and t.numel() > 1)  # fmt: skip
+    assert optimizer_bytes(name, params) == moments
+    big = opt.state[params[0]]
+    assert big["state1"].dtype == (torch.float32 if name == "Lion" else torch.uint8)
+
+
+def test_bitsandbytes_lion_is_the_papers_update():
+    """Chen et al. 2023, Algorithm 2, written out: c = β1 m + (1-β1) g; θ -= lr (sign(c) + λ θ); m = β2 m + (1-β2) g."""
+    lr, wd, (b1, b2) = 1e-2, 0.1, (0.9, 0.99)
+    torch.manual_seed(1)
+    p = torch.nn.Parameter(torch.randn(32, 16))
+    theta, m = p.detach().clone(), torch.zeros(32, 16)
+    opt = make_optimizer("Lion", [{"params": [p]}], lr, weight_decay=wd, betas=(b1, b2))
+    for _ in range(3):
+        g = torch.randn(32, 16)
+        p.grad = g.clone()
+        opt.step()
+        theta = theta * (1 - lr * wd) - lr * torch.sign(b1 * m + (1 - b1) * g)
+        m = b2 * m + (1 - b2) * g
+    torch.testing.assert_close(p.detach(), theta, rtol=0, atol=1e-6)
+
+
+def test_kohya_lion_imports_with_the_class_defaults(tmp_path):
+    from lorafuse.train.kohya_import import convert_flat
+    from lorafuse.train.optim import CLASS_DEFAULTS, optimizer_class, settable_args
+
+    base = {"pretrained_model_name_or_path": "world-random", "train_data_dir": "d"}
+    imp = convert_flat({**base, "optimizer_type": "lion8bit", "optimizer_args": ["min_8bit_size=1024"]})
+    assert not imp.refused
+    o = config_from_dict(TrainConfig, imp.data).optimizer
+    assert (o.optimizer_type, o.weight_decay, o.betas) == ("Lion8bit", 0.0, (0.9, 0.99))
+    assert o.optimizer_args == {"min_8bit_size": 1024}
+    switched = convert_flat({**base, "use_lion_optimizer": True}).data
+    assert config_from_dict(TrainConfig, switched).optimizer.optimizer_type == "Lion"
+    for name, defaults in CLASS_DEFAULTS.items():  # the table the import uses is what the classes say
+        params = inspect.signature(optimizer_class(name)).parameters
+        assert {k: params[k].default for k in defaults} == defaults, name
+    assert "min_8bit_size" in settable_args("Lion8bit")
+    refused = convert_flat({**base, "optimizer_type": "SGDNesterov"}).refused
+    assert refused and "PagedAdamW8bit, Lion, Lion8bit" in refused[0].detail

@@ -16,8 +16,9 @@ HUBER_SCHEDULE_DEFAULT = "snr"  # kohya's default huber_schedule
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    # AdamW (torch), AdamW8bit (bitsandbytes), Adafactor (transformers), Prodigy (prodigyopt)
-    optimizer_type: Literal["AdamW", "AdamW8bit", "Adafactor", "Prodigy"] = "AdamW"
+    # AdamW (torch), AdamW8bit / PagedAdamW8bit / Lion / Lion8bit (bitsandbytes), Adafactor (transformers), Prodigy
+    # (prodigyopt); Lion takes a 3-10x smaller learning_rate than AdamW and betas (0.9, 0.99) in its paper
+    optimizer_type: Literal["AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion", "Lion8bit", "Adafactor", "Prodigy"] = "AdamW"
     # peak learning rate (of both parts unless unet_lr / text_encoder_lr are set)
     learning_rate: float = 1e-4
     unet_lr: float | None = None  # None: learning_rate

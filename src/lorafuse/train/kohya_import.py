@@ -148,17 +148,14 @@ def _kohya_defaults(imp: KohyaImport, flat: Mapping[str, Any]) -> None:
             "kohya's default",
             action="default",
         )
+    from lorafuse.train.optim import CLASS_DEFAULTS
+
     optimizer = imp.data.get("optimizer", {}).get("optimizer_type", "AdamW")
-    if optimizer in ("Adafactor", "Prodigy") and "weight_decay" not in imp.data.get("optimizer", {}):
-        # kohya passes only optimizer_args, so these optimizers run with their own default of 0
-        imp.put(
-            "optimizer.weight_decay",
-            0.0,
-            "optimizer_args.weight_decay",
-            None,
-            f"{optimizer}'s own default, as kohya runs it",
-            action="default",
-        )
+    for arg, value in CLASS_DEFAULTS.get(optimizer, {}).items():
+        if arg not in imp.data.get("optimizer", {}):  # kohya passes only optimizer_args: the class's own default
+            shown = list(value) if isinstance(value, tuple) else value
+            imp.put(f"optimizer.{arg}", shown, f"optimizer_args.{arg}", None, f"{optimizer}'s own default, as kohya runs it",
+                    action="default")  # fmt: skip
     if "seed" not in flat:
         imp.note("seed", None, "kohya draws a random seed; lorafuse uses training.seed = 42 so runs repeat")
 
@@ -205,9 +202,12 @@ def _optimizer_type(imp, key, value, flat):
         imp.put("optimizer.optimizer_type", name, key, value)
 
 
-def _use_8bit_adam(imp, key, value, flat):
-    if value and "optimizer_type" not in flat:
-        imp.put("optimizer.optimizer_type", "AdamW8bit", key, value)
+def _old_switch(imp, key, value, flat):
+    """kohya's use_8bit_adam / use_lion_optimizer, which count only without an optimizer_type, as there."""
+    if value and "optimizer_type" not in flat and flat.get("use_8bit_adam") and flat.get("use_lion_optimizer"):
+        imp.refuse(key, value, "use_8bit_adam and use_lion_optimizer both on; kohya refuses that too")
+    elif value and "optimizer_type" not in flat:
+        imp.put("optimizer.optimizer_type", {"use_8bit_adam": "AdamW8bit"}.get(key, "Lion"), key, value)
     else:
         imp.note(key, value, "optimizer_type decides" if value else "off")
 
@@ -365,7 +365,8 @@ _HANDLERS = {
     "text_encoder_lr": _lr,
     "unet_lr": _lr,
     "optimizer_type": _optimizer_type,
-    "use_8bit_adam": _use_8bit_adam,
+    "use_8bit_adam": _old_switch,
+    "use_lion_optimizer": _old_switch,
     "fp8_base": _fp8_base,
     "cpu_offload_checkpointing": _checkpointing,
     "gradient_checkpointing": _checkpointing,

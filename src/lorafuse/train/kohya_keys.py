@@ -225,9 +225,7 @@ RULES: dict[str, Rule] = {
     "validate_every_n_epochs": _refuse("use validate_every_n_steps"),
     "max_validation_steps": _refuse("the validation loss always covers the whole held-out set"),
     "deepspeed": _refuse("DeepSpeed is not supported; use `accelerate launch` for several GPUs"),
-    "use_lion_optimizer": _refuse(
-        "Lion is not supported; optimizer_type AdamW, AdamW8bit, Adafactor or Prodigy"
-    ),
+    "use_lion_optimizer": _map("optimizer.optimizer_type", "true -> Lion (kohya's old switch)"),
     "wandb_api_key": _refuse(_UPLOAD),
     "huggingface_repo_id": _refuse(_UPLOAD),
     "huggingface_token": _refuse(_UPLOAD),
@@ -268,7 +266,9 @@ CONVERTED = {
     "text_encoder_lr": "a number or the GUI's list (one value, or equal values for SDXL's two encoders); 0 "
     "means network_train_unet_only",
     "unet_lr": "0 or unset: learning_rate",
-    "optimizer_type": "case-insensitive: AdamW, AdamW8bit, Adafactor, Prodigy (others refused)",
+    "optimizer_type": "case-insensitive: AdamW, AdamW8bit, PagedAdamW8bit, Lion (bitsandbytes' 32-bit Lion, the "
+    "update of kohya's lion-pytorch one), Lion8bit, Adafactor, Prodigy (others refused: lorafuse does not carry "
+    "their packages or classes)",
     "network_module": "networks.lora, networks.lora_flux (as networks.lora) or lycoris.kohya (others refused)",
     "sample_prompts": "kohya's .txt prompt file is read, --n negative prompts kept; the other per-prompt options "
     "(--w, --s, --d, ...) are listed as dropped",
@@ -290,7 +290,9 @@ for _table, _names in SAME_NAME.items():
 # kohya's defaults where they differ from ours: applied when a kohya config leaves the key out.
 KOHYA_DEFAULTS = {"caption_extension": ".caption", "learning_rate": 2e-6}
 
-OPTIMIZERS = {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "adafactor": "Adafactor", "prodigy": "Prodigy"}
+OPTIMIZERS = {
+    n.lower(): n for n in ("AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion", "Lion8bit", "Adafactor", "Prodigy")
+}
 
 
 def summary() -> str:

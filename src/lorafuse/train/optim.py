@@ -1,6 +1,7 @@
 """Optimisers and learning-rate schedules by kohya's names, on maintained implementations.
 
-AdamW: torch. AdamW8bit: bitsandbytes. Adafactor: transformers. Prodigy: prodigyopt. Schedules: diffusers'
+AdamW: torch. AdamW8bit, PagedAdamW8bit, Lion, Lion8bit: bitsandbytes. Adafactor: transformers. Prodigy:
+prodigyopt. Schedules: diffusers'
 `get_scheduler` (constant, constant_with_warmup, linear, cosine, cosine_with_restarts with hard restarts,
 polynomial). Warm-up is given as steps, or as a ratio of the total when < 1 (kohya accepts both).
 
@@ -20,7 +21,11 @@ import torch
 from lorafuse.errors import UserInputError
 from lorafuse.utils.extras import require
 
-OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor", "Prodigy")
+OPTIMIZERS = ("AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion", "Lion8bit", "Adafactor", "Prodigy")
+# kohya's bitsandbytes optimizer_types. kohya's "Lion" is lion-pytorch's class; bitsandbytes' 32-bit Lion makes the
+# same update (Chen et al. 2023, Algorithm 2: sign of the interpolated momentum, decoupled weight decay) and is
+# already a dependency, so it stands in (tests/train/test_optimizer_args.py checks it against the paper's rule).
+BNB_OPTIMIZERS = ("AdamW8bit", "PagedAdamW8bit", "Lion", "Lion8bit")
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 # Constructor arguments lorafuse fills from its own fields. An optimizer argument of the same name is refused, not
@@ -41,6 +46,14 @@ FIXED_ARGS: dict[str, dict[str, tuple[Any, str]]] = {
         "warmup_init": (False, "it works only with relative_step"),
     },
 }  # fmt: skip
+# The classes' own weight_decay / betas where they differ from OptimizerConfig's defaults (0.01, (0.9, 0.999)):
+# kohya passes neither unless optimizer_args does, so a kohya import sets these (a test checks the signatures).
+CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "Adafactor": {"weight_decay": 0.0},
+    "Prodigy": {"weight_decay": 0.0},
+    "Lion": {"weight_decay": 0.0, "betas": (0.9, 0.99)},
+    "Lion8bit": {"weight_decay": 0.0, "betas": (0.9, 0.99)},
+}
 # lorafuse's defaults where they differ from the class's; an optimizer argument overrides them.
 DEFAULT_ARGS: dict[str, dict[str, Any]] = {"Adafactor": {"scale_parameter": False}}
 
@@ -49,8 +62,8 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     """The class behind a kohya optimizer_type; a missing optional package is one error naming its extra."""
     if name == "AdamW":
         return torch.optim.AdamW
-    if name == "AdamW8bit":
-        return require("bitsandbytes", f"optimizer_type {name}").optim.AdamW8bit
+    if name in BNB_OPTIMIZERS:
+        return getattr(require("bitsandbytes", f"optimizer_type {name}").optim, name)
     if name == "Adafactor":
         from transformers.optimization import Adafactor
 

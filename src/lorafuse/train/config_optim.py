@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from lorafuse.config.checks import bad as _bad
 from lorafuse.config.checks import check_positive as _positive
+from lorafuse.errors import UserInputError
 
 HUBER_C_DEFAULT = 0.1  # kohya's default huber_c
 HUBER_SCHEDULE_DEFAULT = "snr"  # kohya's default huber_schedule
@@ -15,8 +16,9 @@ HUBER_SCHEDULE_DEFAULT = "snr"  # kohya's default huber_schedule
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    # AdamW (torch), AdamW8bit (bitsandbytes), Adafactor (transformers), Prodigy (prodigyopt)
-    optimizer_type: Literal["AdamW", "AdamW8bit", "Adafactor", "Prodigy"] = "AdamW"
+    # AdamW (torch), AdamW8bit / PagedAdamW8bit / Lion / Lion8bit (bitsandbytes), Adafactor (transformers), Prodigy
+    # (prodigyopt); Lion takes a 3-10x smaller learning_rate than AdamW and betas (0.9, 0.99) in its paper
+    optimizer_type: Literal["AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion", "Lion8bit", "Adafactor", "Prodigy"] = "AdamW"
     # peak learning rate (of both parts unless unet_lr / text_encoder_lr are set)
     learning_rate: float = 1e-4
     unet_lr: float | None = None  # None: learning_rate
@@ -32,6 +34,10 @@ class OptimizerConfig:
     loraplus_text_encoder_lr_ratio: float | None = None  # LoRA+ ratio of the text encoders only
     # after each step, scale down every LoRA whose ΔW has a Frobenius norm above this (kohya's max-norm; 1 typical)
     scale_weight_norms: float | None = None
+    # further constructor arguments of the optimizer (kohya's optimizer_args), e.g. Prodigy's
+    # {decouple = true, d_coef = 2, use_bias_correction = true, safeguard_warmup = true}; checked against the class;
+    # lr, weight_decay and betas are the fields above
+    optimizer_args: dict[str, bool | int | float | str | list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _positive(self, "learning_rate", "unet_lr", "text_encoder_lr", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
@@ -43,9 +49,25 @@ class OptimizerConfig:
             )
         if not all(0 <= b < 1 for b in self.betas):
             raise _bad("betas", f"must each be in [0, 1), got {list(self.betas)}")
+        self._check_optimizer_args()
         if self.optimizer_type == "Prodigy" and self.learning_rate < 0.1:
             # Prodigy estimates the step size itself; its lr is a multiplier that should stay near 1.
             warnings.warn(f"Prodigy expects learning_rate near 1.0, got {self.learning_rate}", stacklevel=3)
+
+    def _check_optimizer_args(self) -> None:
+        """Against the optimizer's signature now, so a bad argument fails with the config file named and before
+        any model loads (kohya's would fail in the optimizer's constructor or, for a wrong type, mid-step)."""
+        if not self.optimizer_args:
+            return
+        from lorafuse.train.optim import checked_optimizer_args
+        from lorafuse.utils.extras import MissingExtraError
+
+        try:
+            checked_optimizer_args(self.optimizer_type, self.optimizer_args)
+        except MissingExtraError:
+            pass  # the run's optimizer check names the extra to install, before any model loads
+        except UserInputError as e:
+            raise _bad("optimizer_args", str(e)) from None
 
 
 @dataclass(frozen=True)

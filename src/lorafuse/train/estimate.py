@@ -4,8 +4,9 @@
                   with quantize_base (plus one scale per output row); text encoders in the compute dtype unless
                   freed after caching; the VAE in float32 (it keeps its dtype) unless freed after caching
     LoRA          factors and their gradients, float32 (4 + 4 bytes per parameter)
-    optimizer     AdamW 8 bytes per LoRA parameter; AdamW8bit 2 (bitsandbytes keeps tensors under 4096
-                  elements in 32 bits); Prodigy 16; Adafactor a row and a column per matrix
+    optimizer     AdamW 8 bytes per LoRA parameter; AdamW8bit and PagedAdamW8bit 2 (bitsandbytes keeps tensors
+                  under 4096 elements in 32 bits); Lion 4; Lion8bit 1; Prodigy 16; Adafactor a row and a column
+                  per matrix
     activations   measured on fake tensors (`train/memory_probe.py`): one step's saved tensors and transients
                   at the batch size and resolution, in the compute dtype, with checkpointing and its offload
     caches        latents and text-encoder outputs in memory (float32); in host memory, on the device only
@@ -108,8 +109,12 @@ def optimizer_bytes(name: str, params: list[nn.Parameter]) -> int:
     n = sum(p.numel() for p in params)
     if name == "AdamW":
         return 8 * n
-    if name == "AdamW8bit":  # 2 uint8 states; 32-bit ones below bitsandbytes' min_8bit_size (4096 elements)
+    if name in ("AdamW8bit", "PagedAdamW8bit"):  # 2 uint8 states; 32-bit below bitsandbytes' min_8bit_size (4096)
         return sum(2 * p.numel() if p.numel() >= 4096 else 8 * p.numel() for p in params)
+    if name == "Lion":  # one momentum
+        return 4 * n
+    if name == "Lion8bit":  # one uint8 momentum; 32-bit below min_8bit_size
+        return sum(p.numel() if p.numel() >= 4096 else 4 * p.numel() for p in params)
     if name == "Prodigy":  # exp_avg, exp_avg_sq, s, p0
         return 16 * n
     if name == "Adafactor":  # factored second moment of matrices, no first moment (beta1 None)

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from lorafuse.errors import ConfigError
-from lorafuse.train.kohya_common import KohyaImport, parse_resolution, read_toml, round_bucket_limits
+from lorafuse.train.kohya_common import KohyaImport, Row, parse_resolution, read_toml, round_bucket_limits
 from lorafuse.train.kohya_dataset import convert_dataset_config
-from lorafuse.train.kohya_keys import KOHYA_DEFAULTS, OPTIMIZER_FIXED_ARGS, OPTIMIZERS, RULES, Rule
+from lorafuse.train.kohya_keys import KOHYA_DEFAULTS, OPTIMIZERS, RULES, Rule
 from lorafuse.train.kohya_network_args import network_args as _network_args
 from lorafuse.train.kohya_network_args import split_args
 
@@ -148,17 +148,14 @@ def _kohya_defaults(imp: KohyaImport, flat: Mapping[str, Any]) -> None:
             "kohya's default",
             action="default",
         )
+    from lorafuse.train.optim import CLASS_DEFAULTS
+
     optimizer = imp.data.get("optimizer", {}).get("optimizer_type", "AdamW")
-    if optimizer in ("Adafactor", "Prodigy") and "weight_decay" not in imp.data.get("optimizer", {}):
-        # kohya passes only optimizer_args, so these optimizers run with their own default of 0
-        imp.put(
-            "optimizer.weight_decay",
-            0.0,
-            "optimizer_args.weight_decay",
-            None,
-            f"{optimizer}'s own default, as kohya runs it",
-            action="default",
-        )
+    for arg, value in CLASS_DEFAULTS.get(optimizer, {}).items():
+        if arg not in imp.data.get("optimizer", {}):  # kohya passes only optimizer_args: the class's own default
+            shown = list(value) if isinstance(value, tuple) else value
+            imp.put(f"optimizer.{arg}", shown, f"optimizer_args.{arg}", None, f"{optimizer}'s own default, as kohya runs it",
+                    action="default")  # fmt: skip
     if "seed" not in flat:
         imp.note("seed", None, "kohya draws a random seed; lorafuse uses training.seed = 42 so runs repeat")
 
@@ -205,9 +202,12 @@ def _optimizer_type(imp, key, value, flat):
         imp.put("optimizer.optimizer_type", name, key, value)
 
 
-def _use_8bit_adam(imp, key, value, flat):
-    if value and "optimizer_type" not in flat:
-        imp.put("optimizer.optimizer_type", "AdamW8bit", key, value)
+def _old_switch(imp, key, value, flat):
+    """kohya's use_8bit_adam / use_lion_optimizer, which count only without an optimizer_type, as there."""
+    if value and "optimizer_type" not in flat and flat.get("use_8bit_adam") and flat.get("use_lion_optimizer"):
+        imp.refuse(key, value, "use_8bit_adam and use_lion_optimizer both on; kohya refuses that too")
+    elif value and "optimizer_type" not in flat:
+        imp.put("optimizer.optimizer_type", {"use_8bit_adam": "AdamW8bit"}.get(key, "Lion"), key, value)
     else:
         imp.note(key, value, "optimizer_type decides" if value else "off")
 
@@ -232,7 +232,11 @@ def _fp8_base(imp, key, value, flat):
 
 
 def _optimizer_args(imp, key, value, flat):
-    name = OPTIMIZERS.get(str(flat.get("optimizer_type", "")).strip().lower() or "adamw", "AdamW")
+    """One row per argument: weight_decay= / betas= to our fields (kohya users write them here, as kohya's
+    Prodigy and Adafactor take them no other way), the rest to optimizer.optimizer_args, checked against the
+    optimizer class when the config names it (flags alone may go with a lorafuse config that names another: then
+    the config's own check decides)."""
+    name = OPTIMIZERS.get(str(flat.get("optimizer_type", "")).strip().lower())
     try:
         args = split_args(value)
     except ValueError as e:
@@ -240,14 +244,36 @@ def _optimizer_args(imp, key, value, flat):
         return
     for k, v in args:
         sub = f"{key}.{k}"
-        if k == "weight_decay":
-            imp.put("optimizer.weight_decay", float(v), sub, v)
-        elif k == "betas" and isinstance(v, (tuple, list)) and len(v) == 2:
-            imp.put("optimizer.betas", [float(b) for b in v], sub, v)
-        elif k in OPTIMIZER_FIXED_ARGS.get(name, {}) and OPTIMIZER_FIXED_ARGS[name][k] == v:
-            imp.note(sub, v, f"what lorafuse's {name} already uses")
+        if k == "weight_decay" and _is_number(v):
+            imp.put("optimizer.weight_decay", float(v), sub, v, "lorafuse's field for it")
+        elif k == "betas" and isinstance(v, (tuple, list)) and len(v) == 2 and all(map(_is_number, v)):
+            imp.put("optimizer.betas", [float(b) for b in v], sub, v, "lorafuse's field for it")
+        elif k in ("weight_decay", "betas"):
+            imp.refuse(sub, v, "expected a number" if k == "weight_decay" else "expected two numbers, e.g. 0.9,0.99")
+        elif name is not None and (why := _arg_problem(name, k, v)) is not None:
+            imp.refuse(sub, v, why)
         else:
-            imp.refuse(sub, v, f"optimizer argument not supported for {name} (weight_decay and betas are)")
+            imp.data.setdefault("optimizer", {}).setdefault("optimizer_args", {})[k] = _toml_value(v)
+            imp.rows.append(Row(sub, v, "mapped", f"optimizer.optimizer_args.{k} = {_toml_value(v)!r}"))
+
+
+def _arg_problem(name: str, k: str, v: Any) -> str | None:
+    from lorafuse.train.optim import arg_problem
+    from lorafuse.utils.extras import MissingExtraError
+
+    try:
+        return arg_problem(name, k, v)
+    except MissingExtraError:
+        return None  # the run names the package to install before any model loads
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _toml_value(v: Any) -> Any:
+    """kohya's literal_eval'd value as TOML holds it: a tuple (betas=0.9,0.99) as an array."""
+    return list(v) if isinstance(v, tuple) else v
 
 
 def _network_module(imp, key, value, flat):
@@ -339,7 +365,8 @@ _HANDLERS = {
     "text_encoder_lr": _lr,
     "unet_lr": _lr,
     "optimizer_type": _optimizer_type,
-    "use_8bit_adam": _use_8bit_adam,
+    "use_8bit_adam": _old_switch,
+    "use_lion_optimizer": _old_switch,
     "fp8_base": _fp8_base,
     "cpu_offload_checkpointing": _checkpointing,
     "gradient_checkpointing": _checkpointing,

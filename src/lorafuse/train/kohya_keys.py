@@ -91,7 +91,12 @@ RULES: dict[str, Rule] = {
         "kohya_ss GUI key; used when max_train_epochs / max_train_steps are unset",
     ),
     "use_8bit_adam": _map("optimizer.optimizer_type", "true -> AdamW8bit (kohya's old switch)"),
-    "optimizer_args": _map("optimizer.weight_decay", "weight_decay=, betas=; optimizer defaults accepted"),
+    "optimizer_args": _map(
+        "optimizer.optimizer_args",
+        "each k=v checked against the optimizer class's arguments (values read as kohya reads them: True, 2, "
+        "0.9,0.99); weight_decay= and betas= go to optimizer.weight_decay / optimizer.betas; lr= and arguments "
+        "lorafuse fixes (Adafactor's relative_step=True) refused by name",
+    ),
     "network_args": _map(
         "network.conv_dim",
         "conv_dim, conv_alpha, algo, factor, preset (network.lycoris_preset), block_dims, block_alphas, "
@@ -220,9 +225,7 @@ RULES: dict[str, Rule] = {
     "validate_every_n_epochs": _refuse("use validate_every_n_steps"),
     "max_validation_steps": _refuse("the validation loss always covers the whole held-out set"),
     "deepspeed": _refuse("DeepSpeed is not supported; use `accelerate launch` for several GPUs"),
-    "use_lion_optimizer": _refuse(
-        "Lion is not supported; optimizer_type AdamW, AdamW8bit, Adafactor or Prodigy"
-    ),
+    "use_lion_optimizer": _map("optimizer.optimizer_type", "true -> Lion (kohya's old switch)"),
     "wandb_api_key": _refuse(_UPLOAD),
     "huggingface_repo_id": _refuse(_UPLOAD),
     "huggingface_token": _refuse(_UPLOAD),
@@ -263,7 +266,9 @@ CONVERTED = {
     "text_encoder_lr": "a number or the GUI's list (one value, or equal values for SDXL's two encoders); 0 "
     "means network_train_unet_only",
     "unet_lr": "0 or unset: learning_rate",
-    "optimizer_type": "case-insensitive: AdamW, AdamW8bit, Adafactor, Prodigy (others refused)",
+    "optimizer_type": "case-insensitive: AdamW, AdamW8bit, PagedAdamW8bit, Lion (bitsandbytes' 32-bit Lion, the "
+    "update of kohya's lion-pytorch one), Lion8bit, Adafactor, Prodigy (others refused: lorafuse does not carry "
+    "their packages or classes)",
     "network_module": "networks.lora, networks.lora_flux (as networks.lora) or lycoris.kohya (others refused)",
     "sample_prompts": "kohya's .txt prompt file is read, --n negative prompts kept; the other per-prompt options "
     "(--w, --s, --d, ...) are listed as dropped",
@@ -285,11 +290,8 @@ for _table, _names in SAME_NAME.items():
 # kohya's defaults where they differ from ours: applied when a kohya config leaves the key out.
 KOHYA_DEFAULTS = {"caption_extension": ".caption", "learning_rate": 2e-6}
 
-OPTIMIZERS = {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "adafactor": "Adafactor", "prodigy": "Prodigy"}
-# optimizer_args lorafuse already uses (so they are accepted as no-ops): optimizer -> {arg: value}
-OPTIMIZER_FIXED_ARGS = {
-    "Adafactor": {"scale_parameter": False, "relative_step": False, "warmup_init": False},
-    "Prodigy": {"decouple": True, "use_bias_correction": False, "safeguard_warmup": False, "d_coef": 1.0},
+OPTIMIZERS = {
+    n.lower(): n for n in ("AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion", "Lion8bit", "Adafactor", "Prodigy")
 }
 
 

@@ -33,7 +33,8 @@ class Option:
 
 def options() -> list[Option]:
     """Every field of every table of `TrainConfig`, in declaration order; arrays of tables ([[dataset.subsets]])
-    are not flat options (no flag, no form field): they live in the TOML file only."""
+    and tables of values (optimizer.optimizer_args) are not flat options (no flag, no form field): they live in
+    the TOML file only."""
     from lorafuse.config.toml_io import table_array_type
     from lorafuse.train.config import TrainConfig
 
@@ -43,8 +44,8 @@ def options() -> list[Option]:
         cls = hints[table.name]
         sub_hints, docs = typing.get_type_hints(cls), field_docs(cls)
         for f in dataclasses.fields(cls):
-            if table_array_type(sub_hints[f.name]) is not None:
-                continue
+            if table_array_type(sub_hints[f.name]) is not None or typing.get_origin(sub_hints[f.name]) is dict:
+                continue  # tables in the TOML file only; kohya's --optimizer_args flag fills optimizer_args
             default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
             out.append(Option(table.name, f.name, sub_hints[f.name], default, docs.get(f.name, "")))
     return out

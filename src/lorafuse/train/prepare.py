@@ -384,6 +384,7 @@ def _build_optimizer(run: Run) -> None:
         lr=o.learning_rate,
         weight_decay=o.weight_decay,
         betas=o.betas,
+        optimizer_args=o.optimizer_args,
     )
     run.lr_scheduler = make_lr_scheduler(
         cfg.scheduler.lr_scheduler,

@@ -84,9 +84,10 @@ def denoiser_joins_after_caching(cfg: TrainConfig) -> bool:
     return (ds.cache_latents or ds.cache_text_encoder_outputs) and cfg.model.quantize_base != "fp8"
 
 
-def check_optimizer(name: str) -> None:
-    # An optimizer on a dummy parameter: a missing package (bitsandbytes, prodigyopt) fails here, not after loading.
-    make_optimizer(name, [{"params": [torch.zeros(1, requires_grad=True)]}], lr=1e-4)
+def check_optimizer(name: str, optimizer_args: dict | None = None) -> None:
+    # An optimizer on a dummy parameter: a missing package (bitsandbytes, prodigyopt) or a value the class's own
+    # checks refuse (optimizer_args) fails here, not after loading.
+    make_optimizer(name, [{"params": [torch.zeros(1, requires_grad=True)]}], lr=1e-4, optimizer_args=optimizer_args)
 
 
 def check_settings(cfg: TrainConfig) -> None:
@@ -97,7 +98,7 @@ def check_settings(cfg: TrainConfig) -> None:
     from lorafuse.train.saving import check_implemented
 
     check_implemented(cfg)
-    check_optimizer(cfg.optimizer.optimizer_type)
+    check_optimizer(cfg.optimizer.optimizer_type, cfg.optimizer.optimizer_args)
     if not cfg.model.part_files:  # FLUX.1's separate files are checked by their own loader
         check_base_name(str(cfg.model.pretrained_model_name_or_path))
     check_network_weights(cfg)  # family, modules and ranks against the base's configs
@@ -177,7 +178,9 @@ def training_metadata(
         gradient_accumulation_steps=tc.gradient_accumulation_steps,
         lr_scheduler=cfg.scheduler.lr_scheduler,
         lr_warmup_steps=cfg.scheduler.warmup_steps(total_steps),
-        optimizer=o.optimizer_type,
+        # kohya's ss_optimizer spells the arguments out the same way: "Prodigy(decouple=True,d_coef=2)"
+        optimizer=o.optimizer_type + (f"({','.join(f'{k}={v}' for k, v in o.optimizer_args.items())})"
+                                      if o.optimizer_args else ""),  # fmt: skip
         mixed_precision=tc.mixed_precision,
         seed=tc.seed,
         noise_offset=cfg.loss.noise_offset,

@@ -131,7 +131,11 @@ def test_continue_refuses_what_would_resume_something_else(ws, monkeypatch):
     monkeypatch.setattr(tab_train, "latest_state", lambda run: None)
     store = JobStore(ws.root)
     job = _train_job(ws, store)
-    store.request_stop(job.id)
+    store.request_stop(job.id)  # cancelled before it started
+    with pytest.raises(UserInputError, match="cancelled: it never ran"):
+        tab_train.continuable(ws, store, job.id)
+    atomic_write_text(store.path(job.id, "start"), json.dumps({"pid": 1, "time": time.time()}))
+    atomic_write_text(store.path(job.id, "rc"), json.dumps({"returncode": 130, "time": time.time()}))  # stopped
     with pytest.raises(UserInputError, match="no saved state to continue from"):
         tab_train.continuable(ws, store, job.id)
     (ws.root / "runs" / "t1" / "config.toml").write_text("[training]\nseed = 3\n")  # a later run, same name
@@ -183,3 +187,10 @@ def test_each_click_gets_its_own_grid_and_a_refused_one_leaves_nothing(ws, monke
         grids.queue_grid(ws, store, "grid", "grids", "g", prompt="p", metrics={}, inputs=[],
                          axes={"base": ["world"], "checkpoint": ["loras/c.safetensors"], "steps": [-1], "seed": [0]})  # fmt: skip
     assert set((ws.root / "grids").iterdir()) == before and store.jobs() == []
+
+
+def test_the_equivalent_flags_survive_text_that_looks_like_a_list():
+    from lorafuse.ui.tab_train import flags
+
+    assert flags({"training.sample_prompts": '["a", "b"]'}) == ["--sample_prompts", "a", "b"]
+    assert flags({"model.quantize_base": "[abc"}) == ["--quantize_base", "[abc"]  # not a JSON error

@@ -102,8 +102,19 @@ def flags(overrides: dict[str, str]) -> list[str]:
     argv = []
     for key, value in overrides.items():
         name = key.split(".", 1)[1]
-        argv += [f"--{name}", *(json.loads(value) if value.startswith("[") else [value])]
+        argv += [f"--{name}", *_list_or_text(value)]
     return [str(a) for a in argv]
+
+
+def _list_or_text(value: str) -> list:
+    """A list field's JSON text as its items; a text field that merely starts with '[' stays one value."""
+    if value.startswith("["):
+        try:
+            items = json.loads(value)
+        except ValueError:
+            return [value]
+        return items if isinstance(items, list) else [value]
+    return [value]
 
 
 def latest_state(run_dir: Path) -> Path | None:
@@ -301,6 +312,9 @@ def continuable(ws: Workspace, store: JobStore, job_id: str | None):
     status = store.view(job).status
     if status in ("queued", "running"):
         raise UserInputError(f"job {job_id} is {status}; stop it first")
+    if status in ("cancelled", "unreadable"):  # it never ran: a state in its folder would be another run's
+        raise UserInputError(f"job {job_id} is {status}: it never ran, so there is nothing of it to continue; "
+                             "queue the run again instead")  # fmt: skip
     refuse_busy_run(store, job.outputs["run"])
     config = ws.resolve(job.outputs["config"])
     try:

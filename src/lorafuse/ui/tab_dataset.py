@@ -110,7 +110,8 @@ def _upload_section(ws: Workspace, max_upload: int) -> tuple:
         paths = [f if isinstance(f, str) else f.name for f in files or []]
         try:
             if not paths and not (source or "").strip():
-                raise UserInputError("no images uploaded, and no folder given")
+                raise UserInputError(f"no images uploaded (a file over the {max_upload / 2**20:g} MB limit is not "
+                                     "uploaded), and no folder given")  # fmt: skip
             folder, command = datasets.add_uploads(ws, name, paths, trigger=trigger, cls=cls, folder=source or "",
                                                    repeats=number(repeats, "repeats"), max_bytes=max_upload)  # fmt: skip
         except UserInputError as e:

@@ -233,3 +233,23 @@ def test_kohya_lion_imports_with_the_class_defaults(tmp_path):
     assert "min_8bit_size" in settable_args("Lion8bit")
     refused = convert_flat({**base, "optimizer_type": "SGDNesterov"}).refused
     assert refused and "PagedAdamW8bit, Lion, Lion8bit" in refused[0].detail
+
+
+def test_a_resumed_prodigy_run_with_arguments_ends_bit_identical(tmp_path, train_overrides):
+    """The state folder holds Prodigy's d estimate and the arguments in its param_groups; 1 step + resume + 1 step
+    must equal 2 uninterrupted steps."""
+    from safetensors.torch import load_file
+
+    from lorafuse.train.loop import train_lora
+
+    args = {"d_coef": 2, "use_bias_correction": True, "safeguard_warmup": True}
+    over = train_overrides(**{"training.max_train_steps": 2, "training.save_every_n_steps": 1,
+                              "training.save_state": True, "network.network_train_unet_only": True})  # fmt: skip
+    data = _with_args(load_train_config(None, over), args)
+    data["optimizer"].update(optimizer_type="Prodigy", learning_rate=1.0)
+    whole = train_lora(config_from_dict(TrainConfig, data), progress_bar=False)
+    data["training"].update(output_dir=str(tmp_path / "resumed"), resume=str(whole.states[0]))
+    resumed = train_lora(config_from_dict(TrainConfig, data), progress_bar=False)
+    assert resumed.global_step == 2
+    a, b = load_file(str(whole.lora_path)), load_file(str(resumed.lora_path))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

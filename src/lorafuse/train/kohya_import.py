@@ -151,8 +151,10 @@ def _kohya_defaults(imp: KohyaImport, flat: Mapping[str, Any]) -> None:
     from lorafuse.train.optim import CLASS_DEFAULTS
 
     optimizer = imp.data.get("optimizer", {}).get("optimizer_type", "AdamW")
+    given = {r.key for r in imp.rows}  # also a refused one: its row already says what is wrong
     for arg, value in CLASS_DEFAULTS.get(optimizer, {}).items():
-        if arg not in imp.data.get("optimizer", {}):  # kohya passes only optimizer_args: the class's own default
+        # kohya passes only optimizer_args: without the argument, the class's own default
+        if arg not in imp.data.get("optimizer", {}) and f"optimizer_args.{arg}" not in given:
             shown = list(value) if isinstance(value, tuple) else value
             imp.put(f"optimizer.{arg}", shown, f"optimizer_args.{arg}", None, f"{optimizer}'s own default, as kohya runs it",
                     action="default")  # fmt: skip

@@ -101,7 +101,8 @@ class JobStore:
         if view.status == "running" and self.path(job_id, "stop").exists():
             # a second SIGINT is a second Ctrl-C: training gives up its clean stop and exits without the state it is
             # saving, so a second click must not send one
-            return f"stop already sent to {job_id}; it is saving its state and ends after this step"
+            return (f"stop already sent to {job_id}; it is saving its state and ends after this step (to end it at "
+                    f"once, without that state: kill {view.pid})")  # fmt: skip
         atomic_write_text(self.path(job_id, "stop"), str(time.time()))
         if view.status == "running" and view.pid:
             with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -237,7 +237,7 @@ def test_override_errors_name_the_key(tmp_path):
     path = _write(tmp_path, SEED_002)
     with pytest.raises(
         ConfigError,
-        match=r"override: unknown key 'network\.dim' \(did you mean 'block_dims' or 'conv_dim' or 'network_dim'\?\)",
+        match=r"command line: unknown key 'network\.dim' \(did you mean 'block_dims' or 'conv_dim' or 'network_dim'\?\)",
     ):
         load_train_config(path, {"network.dim": "8"})
     with pytest.raises(ConfigError, match=r"network\.network_dim: expected int, got 'eight'"):

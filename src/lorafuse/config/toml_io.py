@@ -179,21 +179,35 @@ def _unknown_key_message(source: str, key: str, allowed: list[str]) -> str:
     return f"{source}: unknown key '{key}'{hint}; allowed keys here: {', '.join(allowed)}"
 
 
+NO_FILE = "<defaults>"  # the source of a config built from defaults and command-line options only
+
+
+def _origin(source: str, key: str, cli_keys: frozenset[str]) -> str:
+    """Where the value of `key` came from, as the start of a message: the file; "command line" for an option that
+    overrides a file's value; nothing without a file (the key names the option, and listing every option given
+    before the problem buried it)."""
+    if key in cli_keys:
+        return "" if source == NO_FILE else "command line: "
+    return "" if source == NO_FILE else f"{source}: "
+
+
 def _build(cls: type[T], data: Any, source: str, prefix: str, cli_keys: frozenset[str] = frozenset()) -> T:
-    where = prefix or "top level"
+    where = prefix.rstrip(".") or "top level"
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: {where}: expected a table, got {data!r}")
+        raise ConfigError(f"{_origin(source, where, cli_keys)}{where}: expected a table, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
-            raise ConfigError(_unknown_key_message(source, f"{prefix}{key}", sorted(fields)))
+            raise ConfigError(_unknown_key_message(source, f"{prefix}{key}", sorted(fields)))  # only a file's
     kwargs: dict[str, Any] = {}
     for name, field in fields.items():
         dotted = f"{prefix}{name}"
         if name not in data:
             if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{source}: missing required key '{dotted}' ({type_name(hints[name])})")
+                todo = "; give it in a config file or as a command-line option" if source == NO_FILE else ""
+                raise ConfigError(f"{_origin(source, dotted, cli_keys)}missing required key '{dotted}' "
+                                  f"({type_name(hints[name])}){todo}")  # fmt: skip
             continue
         tp, value = hints[name], data[name]
         if dataclasses.is_dataclass(tp):
@@ -202,24 +216,26 @@ def _build(cls: type[T], data: Any, source: str, prefix: str, cli_keys: frozense
         if table_array_type(tp) is not None:
             kwargs[name] = _build_array(table_array_type(tp), value, source, dotted, cli_keys)
             continue
+        origin = _origin(source, dotted, cli_keys)
         try:
             # Strings are coerced only where they came from the CLI: a quoted "8" in a file is a type error.
             kwargs[name] = _convert(value, tp, from_cli=dotted in cli_keys)
         except _NotFinite:
             raise ConfigError(
-                f"{source}: {dotted}: must be a finite number, got {value!r}; inf and nan are not settings"
+                f"{origin}{dotted}: must be a finite number, got {value!r}; inf and nan are not settings"
             ) from None
         except _TooLarge:
             raise ConfigError(
-                f"{source}: {dotted}: {value} does not fit in a 64-bit integer, the most TOML allows "
+                f"{origin}{dotted}: {value} does not fit in a 64-bit integer, the most TOML allows "
                 f"([{INT64[0]}, {INT64[1]}])"
             ) from None
         except _Mismatch:
-            raise ConfigError(f"{source}: {dotted}: expected {type_name(tp)}, got {value!r}") from None
+            raise ConfigError(f"{origin}{dotted}: expected {type_name(tp)}, got {value!r}") from None
     try:
         return cls(**kwargs)
-    except ConfigError as e:  # __post_init__ validation names the field; add the file and section
-        raise ConfigError(f"{source}: {prefix}{e}") from None
+    except ConfigError as e:  # __post_init__ validation starts with the field's name; add where it came from
+        key = prefix + str(e).split(":", 1)[0].split(" ", 1)[0]
+        raise ConfigError(f"{_origin(source, key, cli_keys)}{prefix}{e}") from None
 
 
 def table_array_type(tp: Any) -> type | None:
@@ -232,7 +248,8 @@ def table_array_type(tp: Any) -> type | None:
 
 def _build_array(cls: type, value: Any, source: str, dotted: str, cli_keys: frozenset[str]) -> tuple:
     if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"{source}: {dotted}: expected an array of tables ([[{dotted}]]), got {value!r}")
+        origin = _origin(source, dotted, cli_keys)
+        raise ConfigError(f"{origin}{dotted}: expected an array of tables ([[{dotted}]]), got {value!r}")
     return tuple(_build(cls, item, source, f"{dotted}[{i}].", cli_keys) for i, item in enumerate(value))
 
 
@@ -244,7 +261,7 @@ def _merge_overrides(cls: type, data: dict[str, Any], overrides: Mapping[str, An
         for depth, part in enumerate(parts):
             names = sorted(f.name for f in dataclasses.fields(node_cls) if f.init)
             if part not in names:
-                raise ConfigError(_unknown_key_message("override", ".".join(parts[: depth + 1]), names))
+                raise ConfigError(_unknown_key_message("command line", ".".join(parts[: depth + 1]), names))
             tp = typing.get_type_hints(node_cls)[part]
             if depth == len(parts) - 1:
                 target[part] = value
@@ -252,7 +269,7 @@ def _merge_overrides(cls: type, data: dict[str, Any], overrides: Mapping[str, An
                 target = target.setdefault(part, {})
                 node_cls = tp
             else:
-                raise ConfigError(f"override: '{'.'.join(parts[: depth + 1])}' is a value, not a table")
+                raise ConfigError(f"command line: '{'.'.join(parts[: depth + 1])}' is a value, not a table")
 
 
 def read_toml(path: str | os.PathLike, what: str = "config file") -> dict[str, Any]:
@@ -277,7 +294,7 @@ def load_config(
 
     Override values may be strings ("8", "true", "0.5", "a,b", '["a", "b"]'); they are coerced to the field type.
     """
-    source = "<defaults>" if path is None else str(path)
+    source = NO_FILE if path is None else str(path)
     data: dict[str, Any] = {}
     if path is not None:
         data = read_toml(path)
@@ -287,10 +304,10 @@ def load_config(
 def build_config(
     cls: type[T], data: dict[str, Any], source: str, overrides: Mapping[str, Any] | None = None
 ) -> T:
-    """`cls` from TOML-like `data` (changed in place by the overrides), errors naming `source`."""
+    """`cls` from TOML-like `data` (changed in place by the overrides), errors naming `source` (`NO_FILE`: no
+    file) or the command line, whichever gave the value."""
     if overrides:
         _merge_overrides(cls, data, overrides)
-        source += " with overrides " + ", ".join(overrides)
     return _build(cls, data, source, "", frozenset(overrides or ()))
 
 

@@ -19,6 +19,7 @@ from lorafuse.config.checks import bad as _bad
 from lorafuse.config.checks import check_positive as _positive
 from lorafuse.config.checks import check_rates as _rates
 from lorafuse.config.toml_io import load_config
+from lorafuse.train import config_limits as lim
 from lorafuse.train.config_network import NetworkConfig
 from lorafuse.train.config_optim import LossConfig, OptimizerConfig, SchedulerConfig
 from lorafuse.train.config_subsets import SubsetConfig
@@ -157,6 +158,9 @@ class DatasetConfig:
                 "resolution",
                 f"must be a positive multiple of 8 (the VAE works in 8x8 cells), got {self.resolution}",
             )
+        lim.check_at_most(self, lim.MAX_SIDE, lim.SIDE_WHY, "resolution", "min_bucket_reso", "max_bucket_reso",
+                          "bucket_reso_steps", hint=lim.SIDE_HINT)  # fmt: skip
+        lim.check_at_most(self, lim.MAX_T5_TOKENS, "FluxPipeline's T5 caption length", "t5xxl_max_token_length")
         if self.keep_tokens < 0:
             raise _bad("keep_tokens", f"must be >= 0, got {self.keep_tokens}")
         if not self.caption_extension.startswith(".") or len(self.caption_extension) < 2:
@@ -268,6 +272,13 @@ class TrainingConfig:
         _positive(self, "save_every_n_epochs", "save_every_n_steps", "sample_every_n_epochs", "sample_every_n_steps",
                   "sample_steps")  # fmt: skip
         _positive(self, "validate_every_n_steps")
+        lim.check_at_most(self, lim.MAX_STEPS, "the 8-digit step numbers in saved file names can count",
+                          "max_train_steps")  # fmt: skip
+        lim.check_at_most(self, lim.MAX_EPOCHS, "the 6-digit epoch numbers in saved file names can count",
+                          "max_train_epochs")  # fmt: skip
+        lim.check_at_most(self, lim.MAX_BATCH, "any accelerator's memory holds", "train_batch_size",
+                          hint="; `lorafuse train --estimate` shows what a batch size needs")  # fmt: skip
+        lim.check_at_most(self, lim.MAX_SAMPLE_STEPS, "the training timesteps a sampler can walk", "sample_steps")
         if self.seed < 0:
             raise _bad("seed", f"must be >= 0 (it seeds numpy's SeedSequence), got {self.seed}")
         if not self.output_name or "/" in self.output_name:

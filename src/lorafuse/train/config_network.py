@@ -12,6 +12,7 @@ from lorafuse.config.checks import as_paths
 from lorafuse.config.checks import bad as _bad
 from lorafuse.config.checks import check_positive as _positive
 from lorafuse.config.checks import check_rates as _rates
+from lorafuse.train import config_limits as lim
 
 _BLOCK_LISTS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
 
@@ -69,6 +70,11 @@ class NetworkConfig:
     def __post_init__(self) -> None:
         as_paths(self, "network_weights")
         _positive(self, "network_dim", "network_alpha", "conv_dim", "conv_alpha")
+        # not LoKr's: LyCORIS takes a dim past half a factor's side as "full matrix" (the kohya_ss GUI writes
+        # conv_dim=100000 for it), so there the dim allocates nothing
+        if not (self.network_module == "lycoris.kohya" and self.algo == "lokr"):
+            lim.check_at_most(self, lim.MAX_RANK, "the widest layer of any base", "network_dim", "conv_dim",
+                              "block_dims", "conv_block_dims", hint="; a rank beyond a layer's width adds nothing")
         if self.network_module == "lycoris.kohya" and (
             self.layers != "default" or any(getattr(self, k) is not None for k in _BLOCK_LISTS)
         ):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lorafuse.config.checks import as_paths
 from lorafuse.config.checks import bad as _bad
+from lorafuse.train import config_limits as lim
 from lorafuse.train.dataset_folders import MAX_REPEATS
 
 
@@ -48,6 +49,8 @@ class SubsetConfig:
         as_paths(self, "image_dir", "mask_dir")
         if not 1 <= self.num_repeats <= MAX_REPEATS:
             raise _bad("num_repeats", f"must be in [1, {MAX_REPEATS}], got {self.num_repeats}")
+        lim.check_at_most(self, lim.MAX_SIDE, lim.SIDE_WHY, "resolution", "min_bucket_reso",
+                          "max_bucket_reso", "bucket_reso_steps", hint=lim.SIDE_HINT)  # fmt: skip
         if self.keep_tokens is not None and self.keep_tokens < 0:
             raise _bad("keep_tokens", f"must be >= 0, got {self.keep_tokens}")
         for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):

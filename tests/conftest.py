@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,11 @@ import pytest
 # benchmarks/ is a folder of scripts beside the package, not installed: make `import benchmarks` work in every
 # test (the slow reference implementations live there, beside the benchmarks that time them)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# No downloads at run time, even when `make test` runs without .ci/run's environment: importing diffusers or peft
+# imports bitsandbytes (a dev dependency), which on CPUs with AVX512-BF16 asks the Hub for a kernel at import.
+# Set before anything imports huggingface_hub, which reads it once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")

@@ -63,3 +63,17 @@ def test_demo_bad_input_fails_before_training(tmp_path) -> None:
         run_demo(tiny(tmp_path, seeds=0))
     assert not (tmp_path / "demo" / "work").exists()
     assert main(["demo", "--out", str(tmp_path / "x"), "--methods", "nope", "--no-progress"]) == 2
+
+
+def test_demo_runs_offline_whatever_the_shell_says(tmp_path, monkeypatch) -> None:
+    """The demo reads only built-in files: it sets the Hub's offline mode itself before anything imports
+    huggingface_hub (bitsandbytes, imported with diffusers, would otherwise ask the Hub for a kernel)."""
+    import os
+
+    import lorafuse.cli.demo as cli_demo
+
+    seen = {}
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(cli_demo, "run_demo", lambda cfg: seen.setdefault("offline", os.environ.get("HF_HUB_OFFLINE")))
+    assert main(["demo", "--out", str(tmp_path / "d"), "--no-progress"]) == 0
+    assert seen == {"offline": "1"}

@@ -35,7 +35,10 @@ class Cli:
 
     def __call__(self, *argv: object) -> tuple[int, str, str]:
         self.capsys.readouterr()
-        code = main([str(a) for a in argv])
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:  # argparse's usage errors (a bad option value) exit from inside main
+            code = e.code
         out, err = self.capsys.readouterr()
         return code, out, err
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from lorafuse.cli.options import add_device_arguments, seed
 from lorafuse.demo import DemoConfig, run_demo
@@ -34,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(a: argparse.Namespace) -> int:
+    # the demo reads only built-in or local files; offline mode also stops bitsandbytes (imported with diffusers
+    # when installed) from asking the Hub for a CPU kernel at import. Before anything imports huggingface_hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     methods = tuple(m.strip() for m in a.methods.split(",") if m.strip()) if a.methods is not None else None
     run_demo(DemoConfig(out=a.out, individual=a.individual, style=a.style, seeds=a.seeds, seed=a.seed,
                         steps=a.steps, guidance=a.guidance, methods=methods, content_epochs=a.content_epochs,

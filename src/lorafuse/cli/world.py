@@ -3,10 +3,42 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from lorafuse.cli.options import seed
 from lorafuse.errors import UserInputError
+
+# A contact sheet of poses: 256 rows of 64 px is already a 16k-pixel-tall PNG; far more only exhausts memory
+# (every tile is rendered before the grid is drawn)
+MAX_RENDER_ROWS = 256
+
+
+def count(low: int, high: int | None = None):
+    """argparse type: a whole number in [low, high], so a bad count is a usage error naming its option."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid number {text!r}: give a whole number") from None
+        if value < low or (high is not None and value > high):
+            bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give a number {bound}")
+        return value
+
+    return parse
+
+
+def positive(text: str) -> float:
+    """argparse type of a learning rate: a finite number above 0 (nan, inf or 0 would train to nothing)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: give a finite number above 0")
+    return value
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -45,15 +77,20 @@ def _cmd_dataset(args: argparse.Namespace) -> int:
         raise UserInputError("give exactly one of --subject NAME or --style NAME")
     if args.subject_styles and not args.subject:
         raise UserInputError("--subject-styles goes with --subject (a style dataset renders seen individuals)")
+    # `is None`, not `or`: an explicit --n 0 or --repeats 0 is refused, not silently replaced by the default
     if args.subject:
-        folder = write_subject_dataset(args.subject, args.out, n=args.n or 5, repeats=args.repeats or 10,
+        folder = write_subject_dataset(args.subject, args.out, n=_given(args.n, 5), repeats=_given(args.repeats, 10),
                                        trigger=args.trigger, styles=tuple(args.subject_styles or SUBJECT_STYLES),
                                        seed=args.seed)
     else:
-        folder = write_style_dataset(args.style, args.out, n=args.n or 1, repeats=args.repeats or 20,
+        folder = write_style_dataset(args.style, args.out, n=_given(args.n, 1), repeats=_given(args.repeats, 20),
                                      trigger=args.trigger, seed=args.seed)
     print(folder)
     return 0
+
+
+def _given(value: int | None, default: int) -> int:
+    return default if value is None else value
 
 
 def _cmd_train_oracle(args: argparse.Namespace) -> int:
@@ -175,7 +212,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = ws.add_parser("render", help="render an individual in some styles to a PNG grid")
     q.add_argument("individual", help="CLASS_NN, e.g. teapot_08")
     q.add_argument("--styles", nargs="+", default=["flat", "hatched", "watercolor", "neon"])
-    q.add_argument("--n", type=int, default=2, help="poses (rows)")
+    q.add_argument("--n", type=count(1, MAX_RENDER_ROWS), default=2, help=f"poses (rows, at most {MAX_RENDER_ROWS})")
     q.add_argument("--seed", type=seed, default=0)
     q.add_argument("--out", default="out/render.png")
     q.set_defaults(func=_cmd_render)
@@ -184,8 +221,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("out", help="output folder (must be new or empty)")
     q.add_argument("--subject", help="individual, e.g. teapot_08")
     q.add_argument("--style", help="style, e.g. crayon")
-    q.add_argument("--n", type=int, default=None, help="images (default 5 for a subject, 1 for a style)")
-    q.add_argument("--repeats", type=int, default=None, help="kohya repeats (folder prefix)")
+    q.add_argument("--n", type=count(1), default=None, help="images (default 5 for a subject, 1 for a style)")
+    q.add_argument("--repeats", type=count(1), default=None, help="kohya repeats (folder prefix)")
     q.add_argument("--trigger", default="sks")
     q.add_argument("--subject-styles", nargs="+", default=None, metavar="STYLE",
                    help="seen styles a subject's images cycle through (default, as the demo's recipe: "
@@ -196,26 +233,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = ws.add_parser("train-oracle", help="train the oracle encoders (ground truth judges)")
     q.add_argument("--work", default="out/world_work")
     q.add_argument("--out", default="out/world_work/oracle.safetensors")
-    q.add_argument("--steps", type=int, default=1400)
-    q.add_argument("--pool", type=int, default=39000, help="rendered images per pool")
-    q.add_argument("--extra-pools", type=int, default=0, help="more pools of fresh renders (seeds 3, 5, ...)")
-    q.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one cycle)")
+    q.add_argument("--steps", type=count(1), default=1400)
+    q.add_argument("--pool", type=count(1), default=39000, help="rendered images per pool")
+    q.add_argument("--extra-pools", type=count(0), default=0, help="more pools of fresh renders (seeds 3, 5, ...)")
+    q.add_argument("--lr", type=positive, default=2e-3, help="peak learning rate (one cycle)")
     q.add_argument("--init", default=None, help="continue from these oracle weights instead of from scratch")
-    q.add_argument("--decoded", type=int, default=0,
+    q.add_argument("--decoded", type=count(0), default=0,
                    help="add this many renders sent through the base model's VAE (the codec every sample goes through)")
     q.add_argument("--decoded-by", default=None, help="pipeline folder whose VAE decodes them (default: shipped)")
     q.set_defaults(func=_cmd_train_oracle)
 
     q = ws.add_parser("pretrain", help="pretrain the built-in base model (VAE, text encoder, UNet); resumable")
     q.add_argument("--work", default="out/world_work", help="work folder: caches, checkpoints, logs")
-    q.add_argument("--vae-steps", type=int, default=1200)
-    q.add_argument("--unet-steps", type=int, default=7000)
-    q.add_argument("--decoder-steps", type=int, default=1200, help="decoder-only fine-tune on every style")
-    q.add_argument("--caption-ft-steps", type=int, default=1500,
+    q.add_argument("--vae-steps", type=count(1), default=1200)
+    q.add_argument("--unet-steps", type=count(1), default=7000)
+    q.add_argument("--decoder-steps", type=count(1), default=1200, help="decoder-only fine-tune on every style")
+    q.add_argument("--caption-ft-steps", type=count(0), default=1500,
                    help="stage 3b: continue the UNet with colour-free captions mixed in (0 skips it)")
     q.add_argument("--out", default="out/world_work/base", help="where the finished pipeline folder goes")
-    q.add_argument("--batch", type=int, default=32)
-    q.add_argument("--pool", type=int, default=48000)
+    q.add_argument("--batch", type=count(1), default=32)
+    q.add_argument("--pool", type=count(1), default=48000)
     q.add_argument("--oracle", default=None, help="oracle weights for the accuracy curve (default: shipped)")
     q.add_argument("--seed", type=seed, default=0)
     q.set_defaults(func=_cmd_pretrain)

@@ -20,6 +20,7 @@ content_weight / style_weight). Relative paths are relative to the config file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -311,6 +312,45 @@ def native_size(base: str) -> tuple[int, int] | None:
     return s, s
 
 
+def base_limits(base: str) -> tuple[int | None, int | None]:
+    """(timesteps the base was trained with, the multiple its image sides must be), read from configs without
+    loading weights, so `sample`'s checks on steps, height and width run for every cell before the first one
+    samples; None where a base does not say (single-file checkpoints, hub ids)."""
+    if base in WORLD_BASES:
+        from lorafuse.models import world
+
+        return world.scheduler_config()["num_train_timesteps"], 2 ** (len(world.vae_config()["block_out_channels"]) - 1)
+    if base in ("sd15-tiny", "sdxl-tiny"):
+        from lorafuse.models import tiny
+
+        arch = base.removesuffix("-tiny")
+        factor = 2 ** (len(tiny.vae_config(arch)["block_out_channels"]) - 1)
+        return tiny.scheduler_config(arch)["num_train_timesteps"], factor
+    folder = Path(base)
+    timesteps = factor = None
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        timesteps = int(json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["num_train_timesteps"])
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        factor = 2 ** (len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+        factor *= 2 if (folder / "transformer").is_dir() else 1  # FLUX packs latents in 2x2 patches
+    return timesteps, factor
+
+
+def _check_base_limits(cfg: GridConfig, bases: list[str]) -> None:
+    """Every steps value against every base's trained timesteps (diffusers' set_timesteps refuses more), and a
+    set height/width against the base's VAE: refused now, not at the first cell that has them."""
+    for base in bases:
+        timesteps, factor = base_limits(base)
+        too_many = [s for s in cfg.axes.steps or [] if timesteps is not None and s > timesteps]
+        if too_many:
+            raise ConfigError(f"axes.steps: {too_many[0]} steps for base {base}: give at most {timesteps}, the "
+                              "timesteps it was trained with")  # fmt: skip
+        for name in ("height", "width"):
+            value = getattr(cfg, name)
+            if value is not None and factor is not None and value % factor:
+                raise ConfigError(f"{name} {value}: base {base} needs a multiple of {factor} (its VAE's scale)")
+
+
 def _sizes(cfg: GridConfig, bases: list[str]) -> dict[str, tuple[int, int]]:
     if cfg.height is not None and cfg.width is not None:
         return {b: (cfg.height, cfg.width) for b in bases}
@@ -341,6 +381,7 @@ def plan_grid(cfg: GridConfig) -> GridPlan:
     _check_numbers(cfg)
     values = _axis_values(cfg)
     _check_files(cfg, values["base"])
+    _check_base_limits(cfg, values["base"])
     check_scheduler_name(cfg.scheduler)
     resolve_device(cfg.device)
     resolve_dtype(cfg.dtype)

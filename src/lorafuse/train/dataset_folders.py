@@ -23,47 +23,18 @@ from pathlib import Path
 
 from lorafuse.errors import UserInputError
 from lorafuse.utils.atomic import atomic_path, atomic_write_text, check_output
+from lorafuse.utils.kohya_names import (  # the naming rule, shared with the world's datasets; kept importable here
+    FOLDER_PATTERN,
+    FOLDER_RE,
+    parse_subset_folder,
+    subset_name,
+)
+from lorafuse.utils.kohya_names import (  # re-exported: the train config's subset check reads it from here
+    MAX_REPEATS as MAX_REPEATS,
+)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # what training reads
 ADD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # what `add_images` accepts (decoded, not judged by the name)
-FOLDER_PATTERN = "<repeats>_<trigger> <class>"
-FOLDER_RE = re.compile(r"^([0-9]+)_(\S.*)$")
-# An epoch lists every image `repeats` times; real datasets use 1 to a few hundred. Far above that is a typo,
-# and a number like 99999999999999999999 would otherwise build a list of that length and hang the run.
-MAX_REPEATS = 10_000
-_WORD = re.compile(r"^\w[\w .-]*$")
-
-
-def parse_subset_folder(folder: Path) -> tuple[int, str]:
-    """'10_sks dog' -> (10, 'sks dog'); anything else is an error naming the folder and the pattern."""
-    m = FOLDER_RE.match(folder.name)
-    if m is None or int(m.group(1)) < 1:
-        raise UserInputError(
-            f"{folder}: folder name must be '{FOLDER_PATTERN}' with repeats >= 1 (e.g. '10_sks dog'), got '{folder.name}'"
-        )
-    check_repeats(int(m.group(1)), str(folder))
-    return int(m.group(1)), m.group(2).strip()
-
-
-def check_repeats(repeats: int, where: str) -> None:
-    if repeats > MAX_REPEATS:
-        raise UserInputError(
-            f"{where}: {repeats} repeats is more than {MAX_REPEATS}, which no dataset needs (an epoch shows each image "
-            "that many times); use a smaller number and set max_train_epochs or max_train_steps for a longer run"
-        )
-
-
-def subset_name(repeats: int, trigger: str, cls: str) -> str:
-    """kohya's folder name: (10, 'sks', 'dog') -> '10_sks dog'. Trigger and class become the caption's subject."""
-    if int(repeats) < 1:
-        raise UserInputError(f"repeats must be >= 1, got {repeats}")
-    check_repeats(int(repeats), "repeats")
-    for label, value in (("trigger", trigger), ("class", cls)):
-        if not _WORD.match(value.strip()):
-            raise UserInputError(f"{label} {value!r}: use letters, digits, spaces, '.', '-' or '_'")
-    return f"{int(repeats)}_{trigger.strip()} {cls.strip()}"
-
-
 MAX_PIXELS = 8192 * 8192  # larger than any training resolution needs; a "decompression bomb" claims far more
 
 

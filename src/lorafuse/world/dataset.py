@@ -16,6 +16,7 @@ from PIL import Image
 
 from lorafuse.errors import UserInputError
 from lorafuse.utils.atomic import atomic_folder, atomic_path, atomic_write_text, check_output, png_bytes
+from lorafuse.utils.kohya_names import subset_name
 from lorafuse.world.catalog import (
     CLASS_NAMES,
     SEEN_STYLES,
@@ -40,6 +41,9 @@ REFERENCES = 8  # clean renders in references/
 SIDE = 64  # pixels: the world base's image size
 # a caption ("a photo of a sks teapot, in ... style") and world_dataset.json are a few hundred bytes
 CAPTION, _INFO = 1 << 10, 4 << 10
+# Personalisation needs a handful of images (the web UI offers up to 1000). 100k is far past any use yet stays a
+# few GB of 64 px PNGs and a list of captions that fits in memory; a typo like 10**12 would hang building that list.
+MAX_IMAGES = 100_000
 
 
 def estimate_bytes(n: int) -> int:
@@ -47,10 +51,18 @@ def estimate_bytes(n: int) -> int:
     return (n + REFERENCES) * png_bytes(SIDE, SIDE) + n * CAPTION + _INFO
 
 
-def _new_output(out: str | Path, n: int) -> Path:
-    """The output folder, once `n` and the folder are checked (it must be new or empty)."""
+def check_count(n: int, most: int = MAX_IMAGES, why: str = "a personalisation dataset needs a handful") -> int:
+    """`n` if it is a number of images this writer makes, else one error naming --n, the limit and `why`."""
     if n < 1:
         raise UserInputError(f"--n must be at least 1, got {n}")
+    if n > most:
+        raise UserInputError(f"--n {n}: give at most {most} images ({why})")
+    return n
+
+
+def _new_output(out: str | Path, n: int) -> Path:
+    """The output folder, once `n` and the folder are checked (it must be new or empty)."""
+    check_count(n)
     out = check_output(out, kind="folder", what="dataset folder", estimate=estimate_bytes(n))
     if out.is_dir() and any(out.iterdir()):
         raise UserInputError(f"{out}: output folder exists and is not empty; choose a new folder")
@@ -70,8 +82,9 @@ def write_subject_dataset(name: str, out: str | Path, n: int = 5, repeats: int =
     ind = parse_individual(name)
     for s in styles:
         check_style(s)
+    name = subset_name(repeats, trigger, ind.cls)  # one path component, repeats in range, before any output
+    trigger = trigger.strip()  # as in the folder name, so captions and folder agree
     out = _new_output(out, n)
-    name = f"{repeats}_{trigger} {ind.cls}"
     subject, per_image = f"{trigger} {ind.cls}", [styles[k % len(styles)] for k in range(n)]
     with atomic_folder(out) as tmp:  # the dataset appears whole or not at all
         _write_images(tmp / name, [(ind, st, caption(ind, st, k, subject=subject)) for k, st in enumerate(per_image)],
@@ -86,10 +99,13 @@ def write_style_dataset(style: str, out: str | Path, n: int = 1, repeats: int = 
                         seed: int = 0) -> Path:
     """n images in `style` of different seen individuals; captions 'a photo of a red mug, in sks style'."""
     check_style(style)
-    out = _new_output(out, n)
-    name = f"{repeats}_{trigger} style"
-    rng = np.random.default_rng(seed)
     seen = all_individuals(held_out=False)
+    # each image shows a different seen individual (sampled without replacement), so there are at most len(seen)
+    check_count(n, len(seen), f"a style dataset shows each of the {len(seen)} seen individuals at most once")
+    name = subset_name(repeats, trigger, "style")
+    trigger = trigger.strip()  # as in the folder name, so captions and folder agree
+    out = _new_output(out, n)
+    rng = np.random.default_rng(seed)
     picks = [seen[int(i)] for i in rng.choice(len(seen), size=n, replace=False)]
     with atomic_folder(out) as tmp:  # the dataset appears whole or not at all
         _write_images(tmp / name, [(ind, style, f"a photo of a {ind.colour_names[0]} {ind.cls}, in {trigger} style")

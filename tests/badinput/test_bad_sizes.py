@@ -105,3 +105,30 @@ def test_message_names_where_the_value_came_from(cli, tmp_path, data, no_model):
     from_cli = cli.refused(["train", path, "--dry-run", "--resolution", "512", "--network_dim", "0"],
                            "error: command line: network.network_dim: must be positive, got 0", watch=tmp_path)  # fmt: skip
     assert str(path) not in from_cli and "resolution" not in from_cli, from_cli
+
+
+@pytest.mark.parametrize("alloc", ["torch", "python"])
+def test_running_out_of_memory_is_one_error(cli, tmp_path, data, monkeypatch, alloc):
+    """Below the limits a run can still exceed this machine (on a CPU no estimate runs first): torch's allocator
+    error or Python's MemoryError is one line naming the options, the size tried and what to change."""
+    import torch
+
+    import lorafuse.train.loop as loop
+
+    def train_lora(*a, **k):
+        return torch.empty(2**50, dtype=torch.uint8) if alloc == "torch" else bytearray(2**60)
+
+    monkeypatch.setattr(loop, "train_lora", train_lora)
+    argv = ["train", "--pretrained_model_name_or_path", "world-random", "--train_data_dir", data, "--output_dir",
+            tmp_path / "out", "--no-progress"]  # fmt: skip
+    tried = ["(it tried to allocate 1048576.00 GiB at once)"] if alloc == "torch" else []
+    cli.refused(argv, "command-line options: the run ran out of memory", *tried, "lorafuse train --estimate",
+                "dataset.resolution")  # fmt: skip
+
+
+def test_out_of_memory_reads_cuda_and_leaves_other_errors():
+    from lorafuse.cli.train import out_of_memory
+
+    cuda = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB")
+    assert "(it tried to allocate 2.00 GiB at once)" in str(out_of_memory(cuda, None))
+    assert out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), None) is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import typing
 from pathlib import Path
 
@@ -177,6 +178,30 @@ def _estimate(cfg, device_memory: float | None) -> int:
     return 0
 
 
+# torch's CPU allocator ("DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes") and CUDA's
+# OutOfMemoryError ("CUDA out of memory. Tried to allocate 2.00 GiB ...") raise RuntimeError
+_OOM = re.compile(r"can't allocate memory|out of memory", re.IGNORECASE)
+_TRIED = re.compile(r"tried to allocate (\d+) bytes|tried to allocate ([\d.]+ [KMGT]iB)", re.IGNORECASE)
+
+
+def out_of_memory(error: BaseException, config: Path | None) -> UserInputError | None:
+    """A run that ran out of memory as one error naming the config and what to change (the config's size limits
+    stop absurd values before any work; a plausible value can still exceed this machine, and on a CPU no estimate
+    runs first); None for any other error."""
+    if isinstance(error, RuntimeError) and not _OOM.search(str(error)):
+        return None
+    tried = _TRIED.search(str(error))
+    size = ""
+    if tried:
+        amount = f"{int(tried[1]) / 1024**3:.2f} GiB" if tried[1] else tried[2]
+        size = f" (it tried to allocate {amount} at once)"
+    where = str(config) if config is not None else "command-line options"
+    return UserInputError(
+        f"{where}: the run ran out of memory{size}; `lorafuse train --estimate` shows what it needs: lower "
+        "dataset.resolution or training.train_batch_size, or set training.gradient_checkpointing = true"
+    )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import sys
 
@@ -214,7 +239,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         return relaunch(args.num_processes, words + (["--no-progress"] if args.no_progress else []))
     from lorafuse.train.loop import train_lora
 
-    result = train_lora(cfg, progress_bar=not args.no_progress)
+    try:
+        result = train_lora(cfg, progress_bar=not args.no_progress)
+    except (MemoryError, RuntimeError) as e:
+        refusal = out_of_memory(e, args.config)
+        if refusal is None:
+            raise
+        raise refusal from None
     if result.stopped:
         import shlex
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lorafuse.errors import ConfigError
+from lorafuse.errors import ConfigError, UserInputError
 from lorafuse.train import config_limits as lim
 
 TRAIN = ["train", "--dry-run", "--pretrained_model_name_or_path", "world-random"]
@@ -36,6 +36,8 @@ BIG = [
     (["--block_dims", "4", "99999"], "network.block_dims", "99999", lim.MAX_RANK),
     (["--train_batch_size", "100000"], "training.train_batch_size", "100000", lim.MAX_BATCH),
     (["--sample_steps", "5000"], "training.sample_steps", "5000", lim.MAX_SAMPLE_STEPS),
+    (["--gradient_checkpointing", "--blocks_to_swap", str(10**18)], "training.blocks_to_swap", str(10**18),
+     lim.MAX_BLOCKS_TO_SWAP),
     (["--max_train_steps", "1000000000"], "training.max_train_steps", "1000000000", lim.MAX_STEPS),
     (["--max_train_epochs", "10000000"], "training.max_train_epochs", "10000000", lim.MAX_EPOCHS),
 ]
@@ -58,7 +60,8 @@ def test_limits_themselves_are_accepted():
         "model": {"pretrained_model_name_or_path": "w"},
         "dataset": {"train_data_dir": "d", "resolution": lim.MAX_SIDE, "t5xxl_max_token_length": lim.MAX_T5_TOKENS},
         "network": {"network_dim": lim.MAX_RANK},
-        "training": {"train_batch_size": lim.MAX_BATCH, "sample_steps": lim.MAX_SAMPLE_STEPS,
+        "training": {"train_batch_size": lim.MAX_BATCH, "blocks_to_swap": lim.MAX_BLOCKS_TO_SWAP,
+                     "gradient_checkpointing": True, "sample_steps": lim.MAX_SAMPLE_STEPS,
                      "max_train_steps": lim.MAX_STEPS, "max_train_epochs": lim.MAX_EPOCHS},
     })  # fmt: skip
     assert cfg.dataset.size == (lim.MAX_SIDE, lim.MAX_SIDE)
@@ -83,6 +86,11 @@ def test_limits_follow_the_bases():
     assert lim.MAX_SIDE == 8 * max(f.default_resolution for f in FAMILIES.values())
     width = flux.TRANSFORMER["num_attention_heads"] * flux.TRANSFORMER["attention_head_dim"]
     assert width <= lim.MAX_RANK < 2 * width
+    from lorafuse.train.block_swap import swap_counts
+
+    swap_counts(lim.MAX_BLOCKS_TO_SWAP, flux.TRANSFORMER["num_layers"], flux.TRANSFORMER["num_single_layers"])
+    with pytest.raises(UserInputError, match=f"at most {lim.MAX_BLOCKS_TO_SWAP}"):
+        swap_counts(lim.MAX_BLOCKS_TO_SWAP + 1, flux.TRANSFORMER["num_layers"], flux.TRANSFORMER["num_single_layers"])
 
 
 def test_subset_resolution_in_a_file_names_the_file(cli, tmp_path, data, no_model):

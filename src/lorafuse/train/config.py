@@ -278,6 +278,7 @@ class TrainingConfig:
                           "max_train_epochs")  # fmt: skip
         lim.check_at_most(self, lim.MAX_BATCH, "any accelerator's memory holds", "train_batch_size",
                           hint="; `lorafuse train --estimate` shows what a batch size needs")  # fmt: skip
+        lim.check_at_most(self, lim.MAX_BLOCKS_TO_SWAP, "FLUX.1's transformer has to swap", "blocks_to_swap")
         lim.check_at_most(self, lim.MAX_SAMPLE_STEPS, "the training timesteps a sampler can walk", "sample_steps")
         if self.seed < 0:
             raise _bad("seed", f"must be >= 0 (it seeds numpy's SeedSequence), got {self.seed}")

@@ -32,6 +32,10 @@ MAX_SAMPLE_STEPS = 1000
 # T5 tokens of a FLUX.1 caption: FluxPipeline refuses a max_sequence_length above 512.
 MAX_T5_TOKENS = 512
 
+# Transformer blocks swapped to host memory: only FLUX.1 swaps, and kohya's split (n // 2 of its 19 double
+# blocks, 2 (n - n // 2) of its 38 single blocks) runs out at 38.
+MAX_BLOCKS_TO_SWAP = 38
+
 # Step and epoch saves are named NAME-step%08d / NAME-%06d: beyond these the names stop sorting by number
 # (and 10^8 steps at one a second is three years).
 MAX_STEPS = 10**8 - 1

@@ -31,6 +31,7 @@ BIG = [
     (["--max_bucket_reso", "100000"], "dataset.max_bucket_reso", "100000", lim.MAX_SIDE),  # buckets off too
     (["--bucket_reso_steps", "16384"], "dataset.bucket_reso_steps", "16384", lim.MAX_SIDE),
     (["--t5xxl_max_token_length", "100000"], "dataset.t5xxl_max_token_length", "100000", lim.MAX_T5_TOKENS),
+    (["--clip_skip", "1000"], "model.clip_skip", "1000", lim.MAX_CLIP_SKIP),
     (["--network_dim", "100000"], "network.network_dim", "100000", lim.MAX_RANK),
     (["--conv_dim", "5000"], "network.conv_dim", "5000", lim.MAX_RANK),
     (["--block_dims", "4", "99999"], "network.block_dims", "99999", lim.MAX_RANK),
@@ -57,7 +58,7 @@ def test_limits_themselves_are_accepted():
     from lorafuse.train.config import TrainConfig
 
     cfg = config_from_dict(TrainConfig, {
-        "model": {"pretrained_model_name_or_path": "w"},
+        "model": {"pretrained_model_name_or_path": "w", "clip_skip": lim.MAX_CLIP_SKIP},
         "dataset": {"train_data_dir": "d", "resolution": lim.MAX_SIDE, "t5xxl_max_token_length": lim.MAX_T5_TOKENS},
         "network": {"network_dim": lim.MAX_RANK},
         "training": {"train_batch_size": lim.MAX_BATCH, "blocks_to_swap": lim.MAX_BLOCKS_TO_SWAP,

@@ -61,6 +61,8 @@ class ModelConfig:
             raise _bad("quantize_base", f"must be none, int8 or fp8, got {self.quantize_base!r}")
         if self.clip_skip < 1:
             raise _bad("clip_skip", f"must be >= 1 (kohya numbering, 1 = last layer), got {self.clip_skip}")
+        lim.check_at_most(self, lim.MAX_CLIP_SKIP, "the layers of any base's text encoder", "clip_skip",
+                          hint="; 1 is the last layer, 2 the penultimate (kohya numbering)")  # fmt: skip
         _positive(self, "guidance_scale")
 
     @property

@@ -32,6 +32,10 @@ MAX_SAMPLE_STEPS = 1000
 # T5 tokens of a FLUX.1 caption: FluxPipeline refuses a max_sequence_length above 512.
 MAX_T5_TOKENS = 512
 
+# kohya's clip_skip (1 = last layer): SD2.x's OpenCLIP ViT-H text encoder, the deepest one clip_skip applies to
+# (SDXL and FLUX.1 ignore it), has 24 layers; past that no transformer layer is left.
+MAX_CLIP_SKIP = 24
+
 # Transformer blocks swapped to host memory: only FLUX.1 swaps, and kohya's split (n // 2 of its 19 double
 # blocks, 2 (n - n // 2) of its 38 single blocks) runs out at 38.
 MAX_BLOCKS_TO_SWAP = 38

@@ -11,8 +11,8 @@ from __future__ import annotations
 from lorafuse.config.checks import bad
 
 # Pixels per image side (resolution, bucket sizes). The largest default size of the families is 1024 (SDXL,
-# FLUX.1; `Family.default_resolution`); 8 times that side is 64 times the pixels, and `--estimate` already puts
-# one such SD1.5 image's activations past an 80 GB GPU.
+# FLUX.1; `Family.default_resolution`); 8 times that side is 64 times the pixels, and `--estimate` puts one such
+# SD1.5 image (bf16, gradient checkpointing) at 163 GB, past any 80 GB GPU.
 MAX_SIDE = 8 * 1024
 SIDE_WHY = "any base's training size in pixels"
 SIDE_HINT = "; the bases train at 512 (SD1.5) or 1024 (SDXL, FLUX.1)"
@@ -22,7 +22,7 @@ SIDE_HINT = "; the bases train at 512 (SD1.5) or 1024 (SDXL, FLUX.1)"
 MAX_RANK = 4096
 
 # Images per batch per process. `--estimate` puts 1024 SD1.5 images at 256 px, bf16, gradient checkpointing at
-# 163 GB of activations; 4096 (~650 GB) is past any single accelerator.
+# 163 GB (linear in the batch: 4096 would be ~650 GB, past any single accelerator).
 MAX_BATCH = 4096
 
 # Denoising steps of a sample: every sampler of the SD bases walks at most the 1000 training timesteps

@@ -141,3 +141,18 @@ def test_out_of_memory_reads_cuda_and_leaves_other_errors():
     cuda = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB")
     assert "(it tried to allocate 2.00 GiB at once)" in str(out_of_memory(cuda, None))
     assert out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), None) is None
+
+
+def test_clip_skip_past_this_bases_encoder_is_refused_once_it_loads(cli, tmp_path, data):
+    """The config's limit is the deepest encoder of any base; the base's own depth is checked as it loads, before
+    any cache or step (one past it trained on the token embeddings alone, without a word; further past, an
+    IndexError inside the first step). The largest usable value still trains."""
+    from lorafuse.models.load import load_base_pipeline
+
+    layers = load_base_pipeline("world-random").text_encoder.config.num_hidden_layers
+    run = [*TRAIN[:1], *TRAIN[2:], "--train_data_dir", str(data), "--resolution", "32", "--max_train_steps", "1",
+           "--no-progress", "--output_dir"]  # fmt: skip
+    message = cli.refused([*run, tmp_path / "deep", "--clip_skip", str(layers + 1)], "model.clip_skip",
+                          f"{layers + 1} skips every layer", f"give at most {layers}")  # fmt: skip
+    assert "Traceback" not in message
+    assert cli(*run, tmp_path / "ok", "--clip_skip", str(layers))[0] == 0

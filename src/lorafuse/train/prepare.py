@@ -211,6 +211,7 @@ def _load_base(run: Run) -> None:
         t for t in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if t is not None
     ]
     family.check_text_options(cfg.dataset.max_token_length, cfg.dataset.t5xxl_max_token_length)
+    _check_clip_skip(cfg, family, pipe)
     run.v_pred = cfg.model.v_parameterization or pipe.scheduler.config.get("prediction_type") == "v_prediction"
     run.objective = objective_for(
         family.objective, pipe.scheduler.config, cfg.loss, v_prediction=run.v_pred, label=family.label
@@ -233,6 +234,19 @@ def _load_base(run: Run) -> None:
         module.to(accelerator.device, **cast)
     run.vae.requires_grad_(False)
     run.clip_skip = cfg.model.clip_skip if family.uses_clip_skip else 1  # SDXL and FLUX fix their layers
+
+
+def _check_clip_skip(cfg: TrainConfig, family: Family, pipe) -> None:
+    """The config bounds clip_skip by the deepest encoder of any base; this base's own depth is known only once
+    it loads (one past its first layer conditions on the token embeddings alone; further, an IndexError in a step)."""
+    if not family.uses_clip_skip:
+        return
+    largest = family.max_clip_skip(pipe) + 1  # kohya numbering: diffusers' count plus one
+    if cfg.model.clip_skip > largest:
+        raise UserInputError(
+            f"model.clip_skip: {cfg.model.clip_skip} skips every layer of this {family.label} base's text encoder; "
+            f"give at most {largest} (2, the penultimate layer, is the usual choice)"
+        )
 
 
 def _denoiser_to_device(run: Run) -> None:

@@ -54,8 +54,8 @@ def run_cli(argv: list[str], cwd: Path) -> CliResult:
 
 
 def error_md(text: object) -> str:
-    """An error line for a Markdown component: bold, HTML-escaped (messages such as '<defaults> with overrides
-    ...' would otherwise be read as a tag and vanish)."""
+    """An error line for a Markdown component: bold, HTML-escaped (a message quoting '<c>', '<s>' or a file
+    name in angle brackets would otherwise be read as a tag and vanish)."""
     import html
 
     line = str(text)

@@ -59,14 +59,7 @@ def train_config_toml(overrides: dict[str, str]) -> tuple[str, str]:
     from lorafuse.config.toml_io import dump_config
     from lorafuse.train.config import load_train_config
 
-    try:
-        cfg = load_train_config(None, overrides)
-    except UserInputError as e:
-        # the config is the page's form: its message, without the "<defaults> with overrides KEY, KEY, ...:" that
-        # names the form's twenty-odd keys before the one that is wrong
-        prefix = "<defaults> with overrides " + ", ".join(overrides) + ": "
-        text = str(e)
-        raise type(e)(text[len(prefix):] if text.startswith(prefix) else text) from None
+    cfg = load_train_config(None, overrides)  # with no file, its errors name only the key and the problem
     return dump_config(cfg), str(cfg.model.pretrained_model_name_or_path)
 
 

@@ -172,3 +172,19 @@ def h():
     return types.SimpleNamespace(
         snapshot=snapshot, make_state=make_state, write_tensors=write_tensors, kohya_tensors=kohya_tensors
     )
+
+
+@pytest.fixture
+def data(tmp_path_factory):
+    """A kohya folder of two captioned 32-pixel images, for train commands refused or run at tiny size."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("ds")
+    sub = folder / "2_sks dog"
+    sub.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(sub / f"{k}.png")
+        (sub / f"{k}.txt").write_text("a sks dog")
+    return folder

@@ -5,24 +5,12 @@ command line, not a list of every option given."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from lorafuse.errors import ConfigError, UserInputError
 from lorafuse.train import config_limits as lim
 
 TRAIN = ["train", "--dry-run", "--pretrained_model_name_or_path", "world-random"]
-
-
-@pytest.fixture
-def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ds")
-    sub = folder / "1_sks dog"
-    sub.mkdir()
-    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(sub / "0.png")
-    return folder
-
 
 BIG = [
     (["--resolution", "1000000000"], "dataset.resolution", "1000000000", lim.MAX_SIDE),

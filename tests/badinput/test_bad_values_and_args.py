@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -16,18 +15,6 @@ from lorafuse.train.config import DatasetConfig
 from lorafuse.train.scan import scan_dataset
 
 TRAIN = ["train", "--dry-run", "--resolution", "32"]
-
-
-@pytest.fixture
-def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ds")
-    sub = folder / "2_sks dog"
-    sub.mkdir()
-    rng = np.random.default_rng(0)
-    for k in range(2):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(sub / f"{k}.png")
-        (sub / f"{k}.txt").write_text("a sks dog")
-    return folder
 
 
 # --- configs -------------------------------------------------------------------------------------------------

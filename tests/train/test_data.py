@@ -131,7 +131,7 @@ def test_missing_caption_falls_back_to_folder_tokens(subject, caplog):
         index = scan_dataset(_cfg(subject))
     assert index.items[1].caption == "sks robot"
     assert "1 of 3 images have no .txt caption, using 'sks robot'" in caplog.text
-    assert "references: ignored" in caplog.text  # kohya skips folders without a repeats prefix
+    assert "references" not in caplog.text  # the world dataset's own references/ (see the test below)
 
 
 def test_reg_images_are_balanced_and_weighted(subject, tmp_path):
@@ -174,3 +174,17 @@ def test_bad_image_fails_or_is_skipped(subject, caplog):
     with caplog.at_level(logging.WARNING):
         index = scan_dataset(_cfg(subject, on_bad_image="skip"))
     assert len(index.items) == 3 and index.skipped[0][0] == bad and "bad.png: skipped" in caplog.text
+
+
+def test_a_world_datasets_references_are_skipped_quietly_any_other_folder_is_named(tmp_path, caplog):
+    """references/ beside a `lorafuse world dataset` folder holds clean renders for the oracle, not data: no
+    warning for it (the demo's own datasets printed two). A user's folder without a repeats prefix is named."""
+    write_subject_dataset("robot_09", tmp_path / "ds", n=2, repeats=1)
+    with caplog.at_level(logging.WARNING, logger="lorafuse"):
+        index = scan_dataset(_cfg(tmp_path / "ds"))
+    assert index.num_train_samples == 2 and caplog.records == []
+    shutil.copytree(tmp_path / "ds", tmp_path / "mine")
+    (tmp_path / "mine" / "world_dataset.json").unlink()  # a user's own folder that happens to be called references
+    with caplog.at_level(logging.WARNING, logger="lorafuse"):
+        scan_dataset(_cfg(tmp_path / "mine"))
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [str(tmp_path / "mine" / "references")]

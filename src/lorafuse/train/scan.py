@@ -14,6 +14,7 @@ from lorafuse.errors import UserInputError
 from lorafuse.train.buckets import BucketManager, BucketSpec
 from lorafuse.train.data import Augment, DatasetIndex, ImageItem, ImageSource, balance_reg, scan_images
 from lorafuse.train.dataset_folders import FOLDER_PATTERN, IMAGE_EXTENSIONS, parse_subset_folder
+from lorafuse.utils.kohya_names import REFERENCES_FOLDER, WORLD_DATASET_INFO
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,10 @@ def _subset_folders(root: Path, role: str) -> list[Path]:
         if not p.is_dir() or p.name.startswith("."):
             continue
         if not p.name[:1].isdigit():
-            # As kohya: a folder without a repeats prefix (e.g. the world dataset's references/) is not data.
-            log.warning("%s: ignored, its name does not start with '<repeats>_' (%s)", p, FOLDER_PATTERN)
+            # As kohya: a folder without a repeats prefix is not data. The user hears of it (a forgotten prefix
+            # would drop their images), unless it is the references/ that `lorafuse world dataset` writes.
+            if not (p.name == REFERENCES_FOLDER and (root / WORLD_DATASET_INFO).is_file()):
+                log.warning("%s: ignored, its name does not start with '<repeats>_' (%s)", p, FOLDER_PATTERN)
             continue
         parse_subset_folder(p)  # a name that starts like one but is malformed is an error
         folders.append(p)

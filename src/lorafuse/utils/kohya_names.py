@@ -14,6 +14,10 @@ from lorafuse.errors import UserInputError
 
 FOLDER_PATTERN = "<repeats>_<trigger> <class>"
 FOLDER_RE = re.compile(r"^([0-9]+)_(\S.*)$")
+# `lorafuse world dataset` writes this file beside its kohya folder and a references/ folder of clean renders
+# (not training data): a dataset scan that finds it skips references/ without a warning
+WORLD_DATASET_INFO = "world_dataset.json"
+REFERENCES_FOLDER = "references"
 # An epoch lists every image `repeats` times; real datasets use 1 to a few hundred. Far above that is a typo,
 # and a number like 99999999999999999999 would otherwise build a list of that length and hang the run.
 MAX_REPEATS = 10_000

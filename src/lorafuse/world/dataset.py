@@ -16,7 +16,7 @@ from PIL import Image
 
 from lorafuse.errors import UserInputError
 from lorafuse.utils.atomic import atomic_folder, atomic_path, atomic_write_text, check_output, png_bytes
-from lorafuse.utils.kohya_names import subset_name
+from lorafuse.utils.kohya_names import REFERENCES_FOLDER, WORLD_DATASET_INFO, subset_name
 from lorafuse.world.catalog import (
     CLASS_NAMES,
     SEEN_STYLES,
@@ -118,7 +118,7 @@ def write_style_dataset(style: str, out: str | Path, n: int = 1, repeats: int = 
 
 def _write_references(out: Path, ind: Individual | None, style: str | None, seed: int, count: int = REFERENCES) -> None:
     """Clean renders for the oracle: the subject across seen styles, or the style across classes."""
-    ref = out / "references"
+    ref = out / REFERENCES_FOLDER
     rng = np.random.default_rng([seed, 999])
     for k in range(count):
         if ind is not None:
@@ -130,4 +130,4 @@ def _write_references(out: Path, ind: Individual | None, style: str | None, seed
 
 
 def _write_info(out: Path, info: dict) -> None:
-    atomic_write_text(out / "world_dataset.json", json.dumps(info, indent=1))
+    atomic_write_text(out / WORLD_DATASET_INFO, json.dumps(info, indent=1))
